@@ -1,0 +1,114 @@
+"""Settings, read once from `VIVARIUM_*` environment variables.
+
+Every host-local path derives from one state directory, so a second instance (tests, a
+staging node) only needs its own `VIVARIUM_STATE_DIR`, slot prefix and slot range.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vivarium.errors import ConfigError
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"VIVARIUM_{name}", default)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = _env(name, str(default))
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"VIVARIUM_{name}={raw!r} is not a whole number") from None
+
+
+def _env_list(name: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in _env(name, "").split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path = Path("/var/lib/vivarium")
+    # Templates are large and slow to build; instances may share one template directory.
+    template_dir: Path | None = None
+    api_host: str = "127.0.0.1"
+    api_port: int = 3000
+    # Network slots: names are prefixed so several instances can share a host.
+    slot_prefix: str = "viv"
+    slot_cidr: str = "10.231.0.0/18"
+    slot_prewarm: int = 4
+    max_sandboxes: int = 128
+    # Destinations a sandbox with internet access may reach even though they are private
+    # or host addresses (an internal package mirror, say). Empty by default.
+    egress_allow: tuple[str, ...] = field(default_factory=tuple)
+    default_timeout_s: int = 300
+    max_timeout_s: int = 24 * 3600
+    default_memory_mb: int = 1024
+    default_cpus: float = 1.0
+    default_pids: int = 512
+    runsc_path: str = "runsc"
+    runsc_platform: str = ""  # empty: probe
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        settings = cls(
+            state_dir=Path(_env("STATE_DIR", "/var/lib/vivarium")),
+            template_dir=Path(t) if (t := _env("TEMPLATE_DIR", "")) else None,
+            api_host=_env("API_HOST", "127.0.0.1"),
+            api_port=_env_int("API_PORT", 3000),
+            slot_prefix=_env("SLOT_PREFIX", "viv"),
+            slot_cidr=_env("SLOT_CIDR", "10.231.0.0/18"),
+            slot_prewarm=_env_int("SLOT_PREWARM", 4),
+            max_sandboxes=_env_int("MAX_SANDBOXES", 128),
+            egress_allow=_env_list("EGRESS_ALLOW"),
+            default_timeout_s=_env_int("DEFAULT_TIMEOUT", 300),
+            max_timeout_s=_env_int("MAX_TIMEOUT", 24 * 3600),
+            default_memory_mb=_env_int("DEFAULT_MEMORY_MB", 1024),
+            default_pids=_env_int("DEFAULT_PIDS", 512),
+            runsc_path=_env("RUNSC", "runsc"),
+            runsc_platform=_env("RUNSC_PLATFORM", ""),
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not (1 <= len(self.slot_prefix) <= 4 and self.slot_prefix.isalnum()):
+            # Interface names are limited to 15 bytes: prefix + "h-" + slot number.
+            raise ConfigError("VIVARIUM_SLOT_PREFIX must be 1-4 letters or digits")
+        try:
+            net = ipaddress.ip_network(self.slot_cidr)
+        except ValueError as exc:
+            raise ConfigError(f"VIVARIUM_SLOT_CIDR: {exc}") from None
+        if net.version != 4 or net.prefixlen > 28:
+            raise ConfigError("VIVARIUM_SLOT_CIDR must be an IPv4 range of /28 or larger")
+        for cidr in self.egress_allow:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"VIVARIUM_EGRESS_ALLOW: {exc}") from None
+        if self.max_sandboxes < 1:
+            raise ConfigError("VIVARIUM_MAX_SANDBOXES must be at least 1")
+
+    @property
+    def templates_root(self) -> Path:
+        return self.template_dir or self.state_dir / "templates"
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.state_dir / "sandboxes"
+
+    @property
+    def runsc_root(self) -> Path:
+        return self.state_dir / "runsc"
+
+    @property
+    def node_socket(self) -> Path:
+        return self.state_dir / "node.sock"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.state_dir / "cache"

@@ -1,0 +1,62 @@
+"""Errors that reach a user. Each carries a stable code and, where one exists, what to do."""
+
+from __future__ import annotations
+
+
+class VivariumError(Exception):
+    """Base error: `code` is machine-readable, the message says what happened and what to do."""
+
+    code = "internal"
+    http_status = 500
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+    def to_json(self) -> dict[str, object]:
+        body: dict[str, object] = {"code": self.http_status, "message": str(self)}
+        body["error_code"] = self.code
+        return body
+
+
+class ConfigError(VivariumError):
+    code = "config"
+    http_status = 500
+
+
+class InvalidArgument(VivariumError):
+    code = "invalid_argument"
+    http_status = 400
+
+
+class NotFound(VivariumError):
+    code = "not_found"
+    http_status = 404
+
+
+class Conflict(VivariumError):
+    code = "conflict"
+    http_status = 409
+
+
+class CapacityExhausted(VivariumError):
+    code = "resource_exhausted"
+    http_status = 429
+
+
+class HostNotReady(VivariumError):
+    """The host lacks something (root, runsc, a kernel feature): the hint says how to fix it."""
+
+    code = "host_not_ready"
+    http_status = 503
+
+
+class RuntimeFailure(VivariumError):
+    """runsc or a network command failed; the message carries its stderr."""
+
+    code = "runtime"
+    http_status = 500

@@ -1,0 +1,104 @@
+"""Egress policy, enforced outside the sandbox: in the slot's router namespace and the root one.
+
+Layers, so one mistake does not open everything:
+- router ns: forwarding from the sandbox is dropped unless the sandbox has internet access;
+  traffic from the host into the sandbox is always let through (DNAT to the sandbox address).
+- root ns: anything arriving from a slot for the host itself is dropped (INPUT); forwarded
+  traffic to private, link-local and other reserved ranges is dropped, which also separates
+  sandboxes from each other; the rest is masqueraded out of the host.
+Operator-listed `egress_allow` ranges pass both root-ns checks for sandboxes with internet.
+"""
+
+from __future__ import annotations
+
+from vivarium.network.addressing import BLOCKED_RANGES, GATEWAY_IF, SANDBOX_IP, UPLINK_IF, Slot
+from vivarium.proc import run
+
+
+def router_rules(allow_internet: bool) -> str:
+    """The full iptables ruleset of a slot's router namespace (for iptables-restore)."""
+    egress = "-A EGRESS -j ACCEPT\n" if allow_internet else ""
+    return (
+        "*nat\n"
+        ":PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+        ":POSTROUTING ACCEPT [0:0]\n"
+        f"-A PREROUTING -i {UPLINK_IF} -j DNAT --to-destination {SANDBOX_IP}\n"
+        f"-A POSTROUTING -o {UPLINK_IF} -j MASQUERADE\n"
+        "COMMIT\n"
+        "*filter\n"
+        ":INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n:EGRESS - [0:0]\n"
+        "-A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n"
+        "-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n"
+        f"-A FORWARD -i {UPLINK_IF} -o {GATEWAY_IF} -j ACCEPT\n"
+        f"-A FORWARD -i {GATEWAY_IF} -o {UPLINK_IF} -j EGRESS\n"
+        f"{egress}"
+        "COMMIT\n"
+    )
+
+
+async def apply_router_rules(slot: Slot, allow_internet: bool) -> None:
+    await run(
+        ["nsenter", f"--net=/var/run/netns/{slot.router_ns}", "iptables-restore"],
+        stdin=router_rules(allow_internet).encode(),
+    )
+
+
+class HostFirewall:
+    """Our chains in the root namespace, named after the slot prefix so instances coexist."""
+
+    def __init__(self, prefix: str, slot_cidr: str, egress_allow: tuple[str, ...]) -> None:
+        self.prefix = prefix
+        self.slot_cidr = slot_cidr
+        self.egress_allow = egress_allow
+        self.in_chain = f"VIV-{prefix.upper()}-IN"
+        self.fwd_chain = f"VIV-{prefix.upper()}-FWD"
+        self.nat_chain = f"VIV-{prefix.upper()}-NAT"
+        self.slot_ifs = f"{prefix}h-+"
+
+    def chain_rules(self) -> dict[tuple[str, str], list[list[str]]]:
+        allow = [["-d", cidr, "-j", "ACCEPT"] for cidr in self.egress_allow]
+        established = ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"]
+        return {
+            ("filter", self.in_chain): [established, *allow, ["-j", "DROP"]],
+            ("filter", self.fwd_chain): [
+                established,
+                *allow,
+                *[["-d", cidr, "-j", "DROP"] for cidr in BLOCKED_RANGES],
+                ["-j", "ACCEPT"],
+            ],
+            ("nat", self.nat_chain): [
+                ["-s", self.slot_cidr, "-d", self.slot_cidr, "-j", "RETURN"],
+                ["-s", self.slot_cidr, "-j", "MASQUERADE"],
+            ],
+        }
+
+    def jumps(self) -> list[tuple[str, str, list[str]]]:
+        return [
+            ("filter", "INPUT", ["-i", self.slot_ifs, "-j", self.in_chain]),
+            ("filter", "FORWARD", ["-i", self.slot_ifs, "-j", self.fwd_chain]),
+            # Nothing from outside may open a connection to a slot address.
+            ("filter", "FORWARD", ["-o", self.slot_ifs, "-m", "conntrack", "!", "--ctstate",
+                                   "ESTABLISHED,RELATED", "-j", "DROP"]),
+            ("nat", "POSTROUTING", ["-j", self.nat_chain]),
+        ]  # fmt: skip
+
+    async def install(self) -> None:
+        await run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        for (table, chain), rules in self.chain_rules().items():
+            exists = await run(["iptables", "-w", "-t", table, "-n", "-L", chain], check=False)
+            if not exists.ok:
+                await run(["iptables", "-w", "-t", table, "-N", chain])
+            await run(["iptables", "-w", "-t", table, "-F", chain])
+            for rule in rules:
+                await run(["iptables", "-w", "-t", table, "-A", chain, *rule])
+        for table, chain, rule in self.jumps():
+            present = await run(["iptables", "-w", "-t", table, "-C", chain, *rule], check=False)
+            if not present.ok:
+                await run(["iptables", "-w", "-t", table, "-I", chain, "1", *rule])
+
+    async def uninstall(self) -> None:
+        for table, chain, rule in self.jumps():
+            await run(["iptables", "-w", "-t", table, "-D", chain, *rule], check=False)
+        for table, chain in self.chain_rules():
+            await run(["iptables", "-w", "-t", table, "-F", chain], check=False)
+            await run(["iptables", "-w", "-t", table, "-X", chain], check=False)

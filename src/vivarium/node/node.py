@@ -1,0 +1,257 @@
+"""The node agent: everything host-local about sandboxes (runsc containers, network slots,
+template checkpoints, timeouts). It is the only component that changes the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vivarium.config import Settings
+from vivarium.errors import CapacityExhausted, InvalidArgument, NotFound
+from vivarium.network.addressing import Slot
+from vivarium.network.pool import SlotPool
+from vivarium.proc import Result
+from vivarium.runtime.bundle import Resources, for_sandbox, write_bundle
+from vivarium.runtime.runsc import Runsc, open_runtime
+from vivarium.templates.store import TemplateStore
+from vivarium.node.records import RecordStore, SandboxRecord, new_sandbox_id, valid_sandbox_id
+
+log = logging.getLogger(__name__)
+
+REAPER_INTERVAL_S = 0.5
+MAX_EXEC_TIMEOUT_S = 3600
+USERS = {"root": ("0:0", "/root"), "user": ("1000:1000", "/home/user")}
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    template: str = "base"
+    timeout_s: int | None = None
+    metadata: dict[str, str] | None = None
+    env_vars: dict[str, str] | None = None
+    allow_internet: bool = True
+    memory_mb: int | None = None
+    cpus: float | None = None
+
+
+class Node:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.templates = TemplateStore(settings.templates_root)
+        self.records = RecordStore(settings.sandboxes_dir)
+        self.pool = SlotPool(
+            settings.slot_prefix, settings.slot_cidr, settings.egress_allow,
+            settings.slot_prewarm, settings.max_sandboxes,
+        )  # fmt: skip
+        self.runtime: Runsc | None = None
+        self.sandboxes: dict[str, SandboxRecord] = {}
+        self.lost: list[dict[str, Any]] = []
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._creating = 0
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self.runtime = await asyncio.to_thread(
+            open_runtime, self.settings.runsc_path, self.settings.state_dir,
+            self.settings.runsc_root, self.settings.runsc_platform,
+        )  # fmt: skip
+        await self._reconcile()
+        await self.pool.start({r.slot_index for r in self.sandboxes.values()})
+        self._reaper = asyncio.create_task(self._reap_expired())
+        log.info("node ready: %d sandbox(es) adopted, runsc %s (%s)", len(self.sandboxes),
+                 self.runtime.probe.runsc_version, self.runtime.probe.platform)
+
+    async def stop(self) -> None:
+        """Stop managing; running sandboxes keep running and are adopted by the next start."""
+        if self._reaper:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
+        await self.pool.stop(destroy_free=True)
+
+    async def _reconcile(self) -> None:
+        """Adopt sandboxes still running after a restart or crash; remove what was left over."""
+        runtime = self._rt()
+        records, strays = self.records.load_all()
+        containers = {c.id: c for c in await runtime.list()}
+        for record in records:
+            container = containers.pop(record.sandbox_id, None)
+            if container is not None and container.status == "running":
+                self.sandboxes[record.sandbox_id] = record
+                continue
+            log.warning("sandbox %s was lost while the node was down (container %s)",
+                        record.sandbox_id, container.status if container else "missing")
+            self.lost.append({"sandboxID": record.sandbox_id, "template": record.template,
+                              "reason": "container not running after node restart"})
+            await runtime.delete(record.sandbox_id)
+            shutil.rmtree(self.records.sandbox_dir(record.sandbox_id), ignore_errors=True)
+        for cid in containers:
+            log.warning("removing orphaned container %s", cid)
+            await runtime.delete(cid)
+        for stray in strays:
+            shutil.rmtree(stray, ignore_errors=True)
+
+    def _rt(self) -> Runsc:
+        if self.runtime is None:
+            raise RuntimeError("node not started")
+        return self.runtime
+
+    @asynccontextmanager
+    async def _locked(self, sandbox_id: str) -> AsyncIterator[SandboxRecord]:
+        lock = self._locks.setdefault(sandbox_id, asyncio.Lock())
+        async with lock:
+            yield self.get(sandbox_id)
+
+    # -- sandboxes ---------------------------------------------------------------------------
+
+    def get(self, sandbox_id: str) -> SandboxRecord:
+        record = self.sandboxes.get(sandbox_id) if valid_sandbox_id(sandbox_id) else None
+        if record is None:
+            raise NotFound(f"sandbox {sandbox_id!r} not found")
+        return record
+
+    def list(self) -> list[SandboxRecord]:
+        return sorted(self.sandboxes.values(), key=lambda r: r.started_at)
+
+    def _timeout(self, timeout_s: int | None) -> int:
+        value = self.settings.default_timeout_s if timeout_s is None else timeout_s
+        if not 1 <= value <= self.settings.max_timeout_s:
+            raise InvalidArgument(f"timeout {value}s is out of range",
+                                  f"use 1..{self.settings.max_timeout_s} seconds")
+        return value
+
+    async def create(self, req: CreateRequest) -> SandboxRecord:
+        s = self.settings
+        resources = Resources(req.memory_mb or s.default_memory_mb, req.cpus or s.default_cpus,
+                              s.default_pids)  # fmt: skip
+        resources.validate()
+        timeout_s = self._timeout(req.timeout_s)
+        template = self.templates.get(req.template)
+        if len(self.sandboxes) + self._creating >= s.max_sandboxes:
+            raise CapacityExhausted(f"this node runs its maximum of {s.max_sandboxes} sandboxes",
+                                    "kill some, or raise VIVARIUM_MAX_SANDBOXES")
+        self._creating += 1
+        try:
+            return await self._restore(req, template.name, template.build_id,
+                                       template.spec, template.checkpoint, resources, timeout_s)
+        finally:
+            self._creating -= 1
+
+    async def _restore(
+        self, req: CreateRequest, template: str, build_id: str, spec: dict[str, Any],
+        image: Path, resources: Resources, timeout_s: int,
+    ) -> SandboxRecord:  # fmt: skip
+        runtime = self._rt()
+        sandbox_id = new_sandbox_id()
+        directory = self.records.sandbox_dir(sandbox_id)
+        slot = await self.pool.acquire(req.allow_internet)
+        try:
+            bundle = write_bundle(directory / "bundle",
+                                  for_sandbox(spec, Path(slot.netns_path), resources))
+            await runtime.restore(sandbox_id, bundle, image, directory / "console.log")
+            now = time.time()
+            record = SandboxRecord(
+                sandbox_id=sandbox_id, template=template, build_id=build_id,
+                slot_index=slot.index, slot_address=slot.router_ip, started_at=now,
+                end_at=now + timeout_s, memory_mb=resources.memory_mb, cpus=resources.cpus,
+                pids=resources.pids, allow_internet=req.allow_internet,
+                metadata=dict(req.metadata or {}), env_vars=dict(req.env_vars or {}),
+            )  # fmt: skip
+            self.records.save(record)
+        except BaseException:
+            await runtime.delete(sandbox_id)
+            await self.pool.release(slot)
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        self.sandboxes[sandbox_id] = record
+        return record
+
+    async def kill(self, sandbox_id: str) -> None:
+        async with self._locked(sandbox_id) as record:
+            await self._destroy(record)
+
+    async def _destroy(self, record: SandboxRecord) -> None:
+        await self._rt().delete(record.sandbox_id)
+        self.sandboxes.pop(record.sandbox_id, None)
+        await self.pool.release(self.pool.range.slot(record.slot_index))
+        shutil.rmtree(self.records.sandbox_dir(record.sandbox_id), ignore_errors=True)
+        self._locks.pop(record.sandbox_id, None)
+
+    async def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
+        async with self._locked(sandbox_id) as record:
+            record.end_at = time.time() + self._timeout(timeout_s)
+            self.records.save(record)
+            return record
+
+    def slot_of(self, record: SandboxRecord) -> Slot:
+        return self.pool.range.slot(record.slot_index)
+
+    async def exec(
+        self,
+        sandbox_id: str,
+        cmd: list[str],
+        *,
+        user: str = "user",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float = 60.0,
+    ) -> Result:
+        if not cmd or not all(isinstance(part, str) and part for part in cmd):
+            raise InvalidArgument("cmd must be a non-empty list of non-empty strings")
+        if user not in USERS:
+            raise InvalidArgument(f"unknown user {user!r}", f"use one of {', '.join(USERS)}")
+        if not 0 < timeout_s <= MAX_EXEC_TIMEOUT_S:
+            raise InvalidArgument(f"exec timeout must be in (0, {MAX_EXEC_TIMEOUT_S}] seconds")
+        record = self.get(sandbox_id)
+        uid_gid, home = USERS[user]
+        merged = {
+            "HOME": home, "USER": user, "LOGNAME": user, "LANG": "C.UTF-8",
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "E2B_SANDBOX": "true", "E2B_SANDBOX_ID": record.sandbox_id,
+            "E2B_TEMPLATE_ID": record.template,
+            **record.env_vars, **(env or {}),
+        }  # fmt: skip
+        try:
+            return await self._rt().exec(
+                sandbox_id, cmd, user=uid_gid, cwd=cwd or home, timeout=timeout_s,
+                env=[f"{k}={v}" for k, v in merged.items()],
+            )  # fmt: skip
+        except TimeoutError:
+            raise InvalidArgument(f"command did not finish within {timeout_s:g}s") from None
+
+    async def _reap_expired(self) -> None:
+        while True:
+            await asyncio.sleep(REAPER_INTERVAL_S)
+            now = time.time()
+            for record in [r for r in self.sandboxes.values() if r.end_at <= now]:
+                log.info("sandbox %s timed out; killing it", record.sandbox_id)
+                try:
+                    await self.kill(record.sandbox_id)
+                except NotFound:
+                    pass
+                except Exception:
+                    log.exception("could not kill expired sandbox %s", record.sandbox_id)
+
+    def info(self) -> dict[str, Any]:
+        probe = self._rt().probe
+        return {
+            "runsc_version": probe.runsc_version,
+            "platform": probe.platform,
+            "netns_workaround": probe.netns_workaround,
+            "statx_shim": probe.statx_shim,
+            "sandboxes": len(self.sandboxes),
+            "max_sandboxes": self.settings.max_sandboxes,
+            "slots_in_use": self.pool.in_use,
+            "templates": self.templates.names(),
+            "lost": self.lost,
+        }

@@ -1,0 +1,83 @@
+"""The node's own record of each sandbox it runs, one JSON file per sandbox.
+
+A record is written only once the sandbox runs, and removed only after its container and slot
+are gone; on start the node reconciles records with what runsc actually runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import string
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ID_ALPHABET = string.ascii_lowercase + string.digits
+ID_LENGTH = 20
+
+
+def new_sandbox_id() -> str:
+    """E2B's id shape: 20 characters of [a-z0-9], starting with a letter."""
+    return "i" + "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LENGTH - 1))
+
+
+def valid_sandbox_id(value: str) -> bool:
+    return 1 <= len(value) <= 64 and all(c in ID_ALPHABET for c in value)
+
+
+@dataclass
+class SandboxRecord:
+    sandbox_id: str
+    template: str
+    build_id: str
+    slot_index: int
+    slot_address: str
+    started_at: float
+    end_at: float
+    memory_mb: int
+    cpus: float
+    pids: int
+    allow_internet: bool
+    metadata: dict[str, str] = field(default_factory=dict)
+    env_vars: dict[str, str] = field(default_factory=dict)
+    state: str = "running"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SandboxRecord:
+        return cls(**data)
+
+
+class RecordStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def sandbox_dir(self, sandbox_id: str) -> Path:
+        return self.root / sandbox_id
+
+    def save(self, record: SandboxRecord) -> None:
+        directory = self.sandbox_dir(record.sandbox_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / "record.json.tmp"
+        with tmp.open("w") as f:
+            json.dump(record.to_json(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.rename(directory / "record.json")
+
+    def load_all(self) -> tuple[list[SandboxRecord], list[Path]]:
+        """Readable records, and directories holding none (left by a crash mid-create)."""
+        records: list[SandboxRecord] = []
+        strays: list[Path] = []
+        for directory in sorted(self.root.iterdir()):
+            path = directory / "record.json"
+            try:
+                records.append(SandboxRecord.from_json(json.loads(path.read_text())))
+            except (OSError, ValueError, TypeError):
+                strays.append(directory)
+        return records, strays

@@ -1,0 +1,109 @@
+"""OCI bundle specs for sandboxes.
+
+A restore needs a spec that matches the checkpointed one (same rootfs path, same mounts), so
+every sandbox of a template is described by the template's spec plus only what may differ:
+the network namespace and the resource limits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vivarium.errors import InvalidArgument
+
+PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Docker's default set: enough for sudo, apt and package managers to work as root inside.
+DEFAULT_CAPS = [
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+]  # fmt: skip
+
+MIN_MEMORY_MB = 64
+MAX_MEMORY_MB = 64 * 1024
+MAX_CPUS = 64
+MIN_PIDS = 16
+MAX_PIDS = 65536
+CPU_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class Resources:
+    memory_mb: int
+    cpus: float
+    pids: int
+
+    def validate(self) -> None:
+        if not MIN_MEMORY_MB <= self.memory_mb <= MAX_MEMORY_MB:
+            raise InvalidArgument(
+                f"memory_mb={self.memory_mb} is out of range",
+                f"use {MIN_MEMORY_MB}..{MAX_MEMORY_MB}",
+            )
+        if not 0.1 <= self.cpus <= MAX_CPUS:
+            raise InvalidArgument(f"cpus={self.cpus} is out of range", f"use 0.1..{MAX_CPUS}")
+        if not MIN_PIDS <= self.pids <= MAX_PIDS:
+            raise InvalidArgument(f"pids={self.pids} is out of range", f"use {MIN_PIDS}..{MAX_PIDS}")
+
+    def to_oci(self) -> dict[str, Any]:
+        return {
+            "memory": {"limit": self.memory_mb * 1024 * 1024},
+            "cpu": {"quota": int(self.cpus * CPU_PERIOD_US), "period": CPU_PERIOD_US},
+            "pids": {"limit": self.pids},
+        }
+
+
+def base_spec(rootfs: Path, args: list[str], env: list[str], hostname: str) -> dict[str, Any]:
+    """The spec a template is booted with; restores reuse it with `for_sandbox`."""
+    caps = list(DEFAULT_CAPS)
+    return {
+        "ociVersion": "1.0.0",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": [PATH_ENV, *env],
+            "cwd": "/",
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
+            "noNewPrivileges": False,
+        },
+        "root": {"path": str(rootfs), "readonly": False},
+        "hostname": hostname,
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts"},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm"},
+            {
+                "destination": "/sys",
+                "type": "sysfs",
+                "source": "sysfs",
+                "options": ["nosuid", "noexec", "nodev", "ro"],
+            },
+        ],
+        "linux": {
+            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")],
+            "resources": {},
+        },
+    }
+
+
+def for_sandbox(spec: dict[str, Any], netns: Path, resources: Resources) -> dict[str, Any]:
+    out = json.loads(json.dumps(spec))
+    namespaces = [ns for ns in out["linux"]["namespaces"] if ns["type"] != "network"]
+    namespaces.append({"type": "network", "path": str(netns)})
+    out["linux"]["namespaces"] = namespaces
+    out["linux"]["resources"] = resources.to_oci()
+    return out
+
+
+def write_bundle(directory: Path, spec: dict[str, Any]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "config.json.tmp"
+    tmp.write_text(json.dumps(spec, indent=1))
+    tmp.rename(directory / "config.json")
+    return directory

@@ -1,0 +1,120 @@
+"""The runsc driver: the only code that invokes gVisor.
+
+Commands that start a sandbox (run, restore) go through the /proc/sys work-around when the probe
+asked for it. `checkpoint --leave-running` is not used: it restores in the foreground and stays
+the container's parent, so fork is done as checkpoint + N restores instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vivarium.errors import RuntimeFailure
+from vivarium.proc import Result, run
+from vivarium.runtime import procsys
+from vivarium.runtime.probe import Probe, detect
+
+START_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    id: str
+    status: str  # created | running | paused | stopped
+    pid: int
+    bundle: str
+
+
+class Runsc:
+    def __init__(self, binary: str, root: Path, probe: Probe, procsys_copy: Path) -> None:
+        self.binary = binary
+        self.root = root
+        self.probe = probe
+        self.procsys_copy = procsys_copy
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _argv(self, *args: str) -> list[str]:
+        return [
+            self.binary,
+            "--root", str(self.root),
+            f"--platform={self.probe.platform}",
+            "--network=sandbox",
+            self.probe.overlay_flag,
+            *args,
+        ]  # fmt: skip
+
+    def _starting(self, argv: list[str]) -> list[str]:
+        return procsys.wrap(argv, self.procsys_copy) if self.probe.netns_workaround else argv
+
+    async def start(self, cid: str, bundle: Path, console_log: Path) -> None:
+        """Boot a container; its stdout/stderr (and runsc's errors) go to `console_log`."""
+        argv = self._starting(self._argv("run", "--detach", "--bundle", str(bundle), cid))
+        await run(argv, timeout=START_TIMEOUT_S, log=console_log)
+
+    async def restore(self, cid: str, bundle: Path, image: Path, console_log: Path) -> None:
+        argv = self._argv(
+            "restore", "--detach", "--image-path", str(image), "--bundle", str(bundle), cid
+        )
+        await run(self._starting(argv), timeout=START_TIMEOUT_S, log=console_log)
+
+    async def checkpoint(self, cid: str, image: Path) -> None:
+        """Save memory and the overlay to `image`; the container is left stopped."""
+        image.mkdir(parents=True, exist_ok=True)
+        await run(self._argv("checkpoint", "--image-path", str(image), cid), timeout=600)
+
+    async def exec(
+        self,
+        cid: str,
+        argv: list[str],
+        *,
+        user: str = "0:0",
+        env: list[str] | None = None,
+        cwd: str = "/",
+        timeout: float = 60.0,
+    ) -> Result:
+        args = ["exec", "--user", user, "--cwd", cwd]
+        for item in env or []:
+            args += ["--env", item]
+        return await run(self._argv(*args, cid, *argv), check=False, timeout=timeout)
+
+    async def kill(self, cid: str, signal: str = "KILL") -> None:
+        await run(self._argv("kill", "--all", cid, signal), check=False)
+
+    async def delete(self, cid: str) -> None:
+        res = await run(self._argv("delete", "--force", cid), check=False)
+        if not res.ok and "does not exist" not in res.stderr + res.stdout:
+            raise RuntimeFailure(f"runsc delete {cid} failed: {res.stderr.strip()[-300:]}")
+
+    async def state(self, cid: str) -> ContainerState | None:
+        res = await run(self._argv("state", cid), check=False)
+        if not res.ok:
+            return None
+        return _parse_state(json.loads(res.stdout))
+
+    async def list(self) -> list[ContainerState]:
+        res = await run(self._argv("list", "--format=json"), check=False)
+        if not res.ok or not res.stdout.strip():
+            return []
+        data = json.loads(res.stdout) or []
+        return [_parse_state(item) for item in data]
+
+
+def _parse_state(item: dict[str, Any]) -> ContainerState:
+    return ContainerState(
+        id=str(item.get("id", "")),
+        status=str(item.get("status", "unknown")),
+        pid=int(item.get("pid", -1) or -1),
+        bundle=str(item.get("bundle", "")),
+    )
+
+
+def open_runtime(binary: str, state_dir: Path, root: Path, platform: str = "") -> Runsc:
+    """Probe the host (cached) and return a driver whose containers live under `root`."""
+    probe = detect(binary, state_dir, platform)
+    copy = state_dir / "procsys"
+    if probe.netns_workaround:
+        procsys.make_copy(copy)  # refreshed every start: sysctl values may change across boots
+    return Runsc(binary, root, probe, copy)

@@ -1,0 +1,68 @@
+"""`vivarium serve`: the embedded default, api + node in one process.
+
+One asyncio loop runs the node and both listeners; SIGINT/SIGTERM stop the listeners, then the
+node (running sandboxes are left running and adopted by the next start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from contextlib import nullcontext
+from typing import Any
+
+import uvicorn
+
+from vivarium.api.app import create_app as create_api_app
+from vivarium.config import Settings
+from vivarium.node.node import Node
+from vivarium.node.server import create_app as create_node_app
+
+log = logging.getLogger("vivarium")
+
+
+class _Server(uvicorn.Server):
+    # We install one signal handler for all listeners instead of uvicorn's per-server ones.
+    def capture_signals(self) -> Any:
+        return nullcontext()
+
+
+async def serve(settings: Settings) -> None:
+    node = Node(settings)
+    await node.start()
+    socket_path = settings.node_socket
+    socket_path.unlink(missing_ok=True)
+    servers = [
+        _Server(uvicorn.Config(create_node_app(node), uds=str(socket_path), log_level="warning",
+                               lifespan="off")),
+        _Server(uvicorn.Config(create_api_app(), host=settings.api_host, port=settings.api_port,
+                               log_level="warning", lifespan="off")),
+    ]  # fmt: skip
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        log.info("stopping")
+        for server in servers:
+            server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    old_umask = os.umask(0o077)  # the node socket is for root only
+    try:
+        tasks = [asyncio.create_task(s.serve()) for s in servers]
+        while not all(s.started for s in servers):
+            if any(t.done() for t in tasks):
+                break
+            await asyncio.sleep(0.05)
+        os.umask(old_umask)
+        if all(s.started for s in servers):
+            log.info("vivarium ready: api http://%s:%d, node socket %s",
+                     settings.api_host, settings.api_port, socket_path)
+        await asyncio.gather(*tasks)
+    finally:
+        os.umask(old_umask)
+        await node.stop()
+        socket_path.unlink(missing_ok=True)
+        log.info("stopped")

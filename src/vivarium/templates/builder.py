@@ -1,0 +1,185 @@
+"""Building a template: root filesystem -> boot under runsc in a network slot -> checkpoint.
+
+The checkpoint is the template: every sandbox is a restore of it, so whatever runs at checkpoint
+time (the guest daemon) is already running in a new sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from vivarium.config import Settings
+from vivarium.errors import HostNotReady, NotFound, RuntimeFailure
+from vivarium.network.addressing import SlotRange
+from vivarium.network.pool import create_slot, destroy_slot
+from vivarium.proc import run_sync
+from vivarium.runtime.bundle import Resources, base_spec, for_sandbox, write_bundle
+from vivarium.runtime.probe import Probe
+from vivarium.runtime.runsc import Runsc, open_runtime
+from vivarium.templates.recipe import GUEST_DIR, GUEST_PREFIX, RECIPES, SHIM_SOURCE, Recipe
+from vivarium.templates.store import Template, TemplateStore, dir_size, sha256_dir
+
+Report = Callable[[str], None]
+READY_TIMEOUT_S = 60.0
+SHIM_PATH = "/usr/local/lib/vivarium/statx_shim.so"
+
+
+class Stopwatch:
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        self.t0 = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        self.report(f"[{time.monotonic() - self.t0:6.1f}s] {message}")
+
+
+async def debootstrap(recipe: Recipe, cache_dir: Path, say: Stopwatch) -> Path:
+    """A pristine rootfs for the recipe's suite and packages, cached across builds."""
+    cached = cache_dir / f"debootstrap-{recipe.suite}-{recipe.debootstrap_key()}"
+    if (cached / "etc" / "debian_version").exists():
+        say(f"using cached {recipe.suite} root filesystem")
+        return cached
+    if not shutil.which("debootstrap"):
+        raise HostNotReady("debootstrap not found", "apt-get install debootstrap (make run does)")
+    partial = cached.with_name(cached.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    say(f"downloading Debian {recipe.suite} ({len(recipe.packages)} extra packages)...")
+    proc = await asyncio.create_subprocess_exec(
+        "debootstrap", "--variant=minbase", f"--include={','.join(recipe.packages)}",
+        recipe.suite, str(partial), recipe.mirror,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    counts = {"Retrieving": 0, "Validating": 0, "Extracting": 0, "Unpacking": 0,
+              "Configuring": 0}  # fmt: skip
+    tail: list[str] = []
+    last_phase = ""
+    async for raw in proc.stdout:
+        line = raw.decode(errors="replace").strip()
+        tail = (tail + [line])[-20:]
+        words = line.split()
+        phase = words[1] if len(words) > 1 and words[0] == "I:" else ""
+        if phase in counts:
+            counts[phase] += 1
+            if phase != last_phase or counts[phase] % 25 == 0:
+                say(f"debootstrap: {phase.lower()} packages ({counts[phase]} so far)")
+            last_phase = phase
+        elif line.startswith(("E:", "W:")):
+            say(f"debootstrap: {line}")
+    if await proc.wait() != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise RuntimeFailure("debootstrap failed: " + " | ".join(tail[-5:]),
+                             "check access to the Debian mirror and free disk space")
+    partial.rename(cached)
+    say("debootstrap: done")
+    return cached
+
+
+def customize(recipe: Recipe, rootfs: Path, probe: Probe, say: Stopwatch) -> None:
+    guest = rootfs / GUEST_PREFIX.lstrip("/") / "guest"
+    guest.mkdir(parents=True, exist_ok=True)
+    for source in GUEST_DIR.glob("*.py"):
+        shutil.copy2(source, guest / source.name)
+    preload = rootfs / "etc" / "ld.so.preload"
+    if probe.statx_shim:
+        say("installing the statx shim (this runsc rejects AT_NO_AUTOMOUNT)")
+        target = rootfs / SHIM_PATH.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        run_sync(["gcc", "-O2", "-shared", "-fPIC", "-o", str(target), str(SHIM_SOURCE)])
+        preload.write_text(SHIM_PATH + "\n")
+    elif preload.exists():
+        preload.unlink()
+    for step in recipe.steps:
+        say(f"run: {step[:70]}")
+        res = run_sync(["chroot", str(rootfs), "/bin/sh", "-c", step], check=False)
+        if not res.ok:
+            raise RuntimeFailure(f"template step failed: {step}: {res.stderr.strip()[-300:]}")
+
+
+async def wait_ready(runtime: Runsc, cid: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        res = await runtime.exec(cid, ["/usr/bin/test", "-f", "/run/vivarium-ready"], timeout=10)
+        if res.ok:
+            return
+        await asyncio.sleep(0.2)
+    raise RuntimeFailure(f"template init did not become ready within {READY_TIMEOUT_S:.0f}s")
+
+
+async def boot_and_checkpoint(
+    settings: Settings, recipe: Recipe, build_dir: Path, runtime: Runsc, say: Stopwatch
+) -> None:
+    spec = base_spec(build_dir / "rootfs", list(recipe.init), list(recipe.env), "sandbox")
+    (build_dir / "spec.json").write_text(json.dumps(spec, indent=1))
+    slots = SlotRange(settings.slot_prefix, settings.slot_cidr)
+    slot = slots.slot(slots.capacity - 1)  # reserved for builds
+    cid = f"build-{recipe.name}-{build_dir.name}"
+    await destroy_slot(slot.prefix, slot.index)
+    await create_slot(slot)
+    bundle = build_dir / "bundle"
+    try:
+        resources = Resources(settings.default_memory_mb, settings.default_cpus,
+                              settings.default_pids)  # fmt: skip
+        write_bundle(bundle, for_sandbox(spec, Path(slot.netns_path), resources))
+        say("booting under runsc")
+        await runtime.start(cid, bundle, build_dir / "build-console.log")
+        await wait_ready(runtime, cid)
+        say("checkpointing")
+        await runtime.checkpoint(cid, build_dir / "checkpoint")
+    finally:
+        await runtime.delete(cid)
+        await destroy_slot(slot.prefix, slot.index)
+        shutil.rmtree(bundle, ignore_errors=True)
+
+
+async def build(
+    settings: Settings, name: str, *, force: bool = False, report: Report = print
+) -> Template:
+    recipe = RECIPES.get(name)
+    if recipe is None:
+        raise NotFound(f"no recipe for template {name!r}", f"known: {', '.join(RECIPES)}")
+    say = Stopwatch(report)
+    runtime = open_runtime(settings.runsc_path, settings.state_dir,
+                           settings.state_dir / "runsc-build", settings.runsc_platform)  # fmt: skip
+    store = TemplateStore(settings.templates_root)
+    recipe_hash = recipe.recipe_hash(runtime.probe)
+    current = store.current(name)
+    if current and current.manifest.get("recipe_hash") == recipe_hash and not force:
+        say(f"template {name!r} is up to date (build {current.build_id})")
+        return current
+
+    build_id = f"{datetime.now(UTC):%Y%m%d%H%M%S}-{recipe_hash[:8]}"
+    build_dir = store.builds_dir(name) / build_id
+    build_dir.mkdir(parents=True)
+    try:
+        pristine = await debootstrap(recipe, settings.cache_dir, say)
+        say("copying root filesystem")
+        run_sync(["cp", "-a", "--reflink=auto", str(pristine), str(build_dir / "rootfs")])
+        customize(recipe, build_dir / "rootfs", runtime.probe, say)
+        await boot_and_checkpoint(settings, recipe, build_dir, runtime, say)
+        manifest = {
+            "name": name,
+            "build_id": build_id,
+            "recipe_hash": recipe_hash,
+            "runsc_version": runtime.probe.runsc_version,
+            "platform": runtime.probe.platform,
+            "created_at": datetime.now(UTC).isoformat(),
+            "rootfs_bytes": dir_size(build_dir / "rootfs"),
+            "checkpoint_bytes": dir_size(build_dir / "checkpoint"),
+            "checkpoint_sha256": sha256_dir(build_dir / "checkpoint"),
+        }
+        (build_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    except BaseException:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise
+    store.publish(name, build_dir)
+    say(f"template {name!r} built: {build_id} (checkpoint {manifest['checkpoint_bytes']>>20} MiB)")
+    return Template(name, build_dir, manifest)

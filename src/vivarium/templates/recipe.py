@@ -1,0 +1,58 @@
+"""Template recipes: what goes into a template's root filesystem, and a hash that says when a
+built template is stale (recipe, guest code, runsc version and probes all count)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from vivarium.runtime.probe import Probe
+
+GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
+SHIM_SOURCE = Path(__file__).resolve().parent / "statx_shim.c"
+# Inside the template: our code lives apart from the user's Python environment.
+GUEST_PREFIX = "/opt/vivarium"
+
+BASE_PACKAGES = (
+    "python3", "python3-pip", "python3-venv", "curl", "git", "procps", "iproute2",
+    "ca-certificates", "sudo", "less", "nano", "wget", "unzip", "xz-utils", "locales",
+)  # fmt: skip
+
+USER_SETUP = (
+    "id -u user >/dev/null 2>&1 || useradd --create-home --uid 1000 --shell /bin/bash user",
+    "echo 'user ALL=(ALL:ALL) NOPASSWD: ALL' > /etc/sudoers.d/user && chmod 0440 /etc/sudoers.d/user",
+    "printf 'nameserver 8.8.8.8\\nnameserver 1.1.1.1\\n' > /etc/resolv.conf",
+    "printf '127.0.0.1 localhost\\n::1 localhost\\n' > /etc/hosts",
+    "sed -i 's/^# *C.UTF-8/C.UTF-8/' /etc/locale.gen 2>/dev/null || true",
+    "apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin",
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    suite: str = "bookworm"
+    mirror: str = "http://deb.debian.org/debian"
+    packages: tuple[str, ...] = BASE_PACKAGES
+    steps: tuple[str, ...] = USER_SETUP
+    init: tuple[str, ...] = ("/usr/bin/python3", f"{GUEST_PREFIX}/guest/init.py")
+    env: tuple[str, ...] = ("LANG=C.UTF-8", "HOME=/root")
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def recipe_hash(self, probe: Probe) -> str:
+        h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
+        for path in sorted(GUEST_DIR.rglob("*.py")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+        h.update(SHIM_SOURCE.read_bytes())
+        h.update(f"{probe.runsc_version}|{probe.platform}|{probe.statx_shim}".encode())
+        return h.hexdigest()[:16]
+
+    def debootstrap_key(self) -> str:
+        raw = f"{self.suite}|{self.mirror}|{','.join(sorted(self.packages))}"
+        return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+RECIPES: dict[str, Recipe] = {"base": Recipe(name="base")}
