@@ -69,8 +69,12 @@ async def run(
         with log.open("rb") as f:
             f.seek(offset)
             err = f.read(64 * 1024)
-    result = Result(tuple(args), proc.returncode or 0, (out or b"").decode(errors="replace"),
-                    (err or b"").decode(errors="replace"))
+    result = Result(
+        tuple(args),
+        proc.returncode or 0,
+        (out or b"").decode(errors="replace"),
+        (err or b"").decode(errors="replace"),
+    )
     if check and not result.ok:
         raise _failure(result)
     return result
@@ -87,8 +91,12 @@ def run_sync(
         timeout=timeout,
         start_new_session=True,
     )
-    result = Result(tuple(args), completed.returncode, completed.stdout.decode(errors="replace"),
-                    completed.stderr.decode(errors="replace"))
+    result = Result(
+        tuple(args),
+        completed.returncode,
+        completed.stdout.decode(errors="replace"),
+        completed.stderr.decode(errors="replace"),
+    )
     if check and not result.ok:
         raise _failure(result)
     return result

@@ -58,8 +58,12 @@ async def serve(settings: Settings) -> None:
             await asyncio.sleep(0.05)
         os.umask(old_umask)
         if all(s.started for s in servers):
-            log.info("vivarium ready: api http://%s:%d, node socket %s",
-                     settings.api_host, settings.api_port, socket_path)
+            log.info(
+                "vivarium ready: api http://%s:%d, node socket %s",
+                settings.api_host,
+                settings.api_port,
+                socket_path,
+            )
         await asyncio.gather(*tasks)
     finally:
         os.umask(old_umask)

@@ -141,7 +141,7 @@ def sandbox_create(
 def sandbox_list(as_json: bool) -> None:
     """List running sandboxes."""
     with _client() as client:
-        records = client.list()
+        records = client.list_sandboxes()
     if as_json:
         click.echo(json.dumps(records, indent=1))
         return

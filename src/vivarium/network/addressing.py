@@ -73,14 +73,14 @@ class SlotRange:
         """The slot index a namespace name belongs to, if it is one of ours."""
         for kind in ("sb", "rt"):
             head = f"{self.prefix}-{kind}-"
-            if name.startswith(head) and name[len(head):].isdigit():
-                return int(name[len(head):])
+            if name.startswith(head) and name[len(head) :].isdigit():
+                return int(name[len(head) :])
         return None
 
     def index_of_host_if(self, name: str) -> int | None:
         head = f"{self.prefix}h-"
-        if name.startswith(head) and name[len(head):].isdigit():
-            return int(name[len(head):])
+        if name.startswith(head) and name[len(head) :].isdigit():
+            return int(name[len(head) :])
         return None
 
     def overlaps(self, cidr: str) -> bool:

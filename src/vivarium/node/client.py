@@ -59,7 +59,7 @@ class NodeClient:
         data: dict[str, Any] = self._call("POST", "/sandboxes", body)
         return data
 
-    def list(self) -> list[dict[str, Any]]:
+    def list_sandboxes(self) -> list[dict[str, Any]]:
         data: list[dict[str, Any]] = self._call("GET", "/sandboxes")
         return data
 

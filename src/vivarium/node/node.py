@@ -18,15 +18,18 @@ from vivarium.config import Settings
 from vivarium.errors import CapacityExhausted, InvalidArgument, NotFound
 from vivarium.network.addressing import Slot
 from vivarium.network.pool import SlotPool
+from vivarium.node.records import RecordStore, SandboxRecord, new_sandbox_id, valid_sandbox_id
 from vivarium.proc import Result
 from vivarium.runtime.bundle import Resources, for_sandbox, write_bundle
+from vivarium.runtime.cgroups import memory_stats
 from vivarium.runtime.runsc import Runsc, open_runtime
 from vivarium.templates.store import TemplateStore
-from vivarium.node.records import RecordStore, SandboxRecord, new_sandbox_id, valid_sandbox_id
 
 log = logging.getLogger(__name__)
 
 REAPER_INTERVAL_S = 0.5
+LIVENESS_EVERY = 4  # reaper ticks between checks that every container still runs
+MAX_EVENTS = 100
 MAX_EXEC_TIMEOUT_S = 3600
 USERS = {"root": ("0:0", "/root"), "user": ("1000:1000", "/home/user")}
 
@@ -53,7 +56,8 @@ class Node:
         )  # fmt: skip
         self.runtime: Runsc | None = None
         self.sandboxes: dict[str, SandboxRecord] = {}
-        self.lost: list[dict[str, Any]] = []
+        # Sandboxes that ended without being killed through us (OOM, crash, lost in a restart).
+        self.events: list[dict[str, Any]] = []
         self._locks: dict[str, asyncio.Lock] = {}
         self._creating = 0
         self._reaper: asyncio.Task[None] | None = None
@@ -69,8 +73,12 @@ class Node:
         await self._reconcile()
         await self.pool.start({r.slot_index for r in self.sandboxes.values()})
         self._reaper = asyncio.create_task(self._reap_expired())
-        log.info("node ready: %d sandbox(es) adopted, runsc %s (%s)", len(self.sandboxes),
-                 self.runtime.probe.runsc_version, self.runtime.probe.platform)
+        log.info(
+            "node ready: %d sandbox(es) adopted, runsc %s (%s)",
+            len(self.sandboxes),
+            self.runtime.probe.runsc_version,
+            self.runtime.probe.platform,
+        )
 
     async def stop(self) -> None:
         """Stop managing; running sandboxes keep running and are adopted by the next start."""
@@ -89,10 +97,8 @@ class Node:
             if container is not None and container.status == "running":
                 self.sandboxes[record.sandbox_id] = record
                 continue
-            log.warning("sandbox %s was lost while the node was down (container %s)",
-                        record.sandbox_id, container.status if container else "missing")
-            self.lost.append({"sandboxID": record.sandbox_id, "template": record.template,
-                              "reason": "container not running after node restart"})
+            state = container.status if container else "missing"
+            self._event(record, f"not running after node restart (container {state})")
             await runtime.delete(record.sandbox_id)
             shutil.rmtree(self.records.sandbox_dir(record.sandbox_id), ignore_errors=True)
         for cid in containers:
@@ -120,14 +126,15 @@ class Node:
             raise NotFound(f"sandbox {sandbox_id!r} not found")
         return record
 
-    def list(self) -> list[SandboxRecord]:
+    def list_sandboxes(self) -> list[SandboxRecord]:
         return sorted(self.sandboxes.values(), key=lambda r: r.started_at)
 
     def _timeout(self, timeout_s: int | None) -> int:
         value = self.settings.default_timeout_s if timeout_s is None else timeout_s
         if not 1 <= value <= self.settings.max_timeout_s:
-            raise InvalidArgument(f"timeout {value}s is out of range",
-                                  f"use 1..{self.settings.max_timeout_s} seconds")
+            raise InvalidArgument(
+                f"timeout {value}s is out of range", f"use 1..{self.settings.max_timeout_s} seconds"
+            )
         return value
 
     async def create(self, req: CreateRequest) -> SandboxRecord:
@@ -138,12 +145,21 @@ class Node:
         timeout_s = self._timeout(req.timeout_s)
         template = self.templates.get(req.template)
         if len(self.sandboxes) + self._creating >= s.max_sandboxes:
-            raise CapacityExhausted(f"this node runs its maximum of {s.max_sandboxes} sandboxes",
-                                    "kill some, or raise VIVARIUM_MAX_SANDBOXES")
+            raise CapacityExhausted(
+                f"this node runs its maximum of {s.max_sandboxes} sandboxes",
+                "kill some, or raise VIVARIUM_MAX_SANDBOXES",
+            )
         self._creating += 1
         try:
-            return await self._restore(req, template.name, template.build_id,
-                                       template.spec, template.checkpoint, resources, timeout_s)
+            return await self._restore(
+                req,
+                template.name,
+                template.build_id,
+                template.spec,
+                template.checkpoint,
+                resources,
+                timeout_s,
+            )
         finally:
             self._creating -= 1
 
@@ -156,8 +172,10 @@ class Node:
         directory = self.records.sandbox_dir(sandbox_id)
         slot = await self.pool.acquire(req.allow_internet)
         try:
-            bundle = write_bundle(directory / "bundle",
-                                  for_sandbox(spec, Path(slot.netns_path), resources))
+            bundle = write_bundle(
+                directory / "bundle",
+                for_sandbox(spec, Path(slot.netns_path), resources, sandbox_id),
+            )
             await runtime.restore(sandbox_id, bundle, image, directory / "console.log")
             now = time.time()
             record = SandboxRecord(
@@ -229,9 +247,40 @@ class Node:
         except TimeoutError:
             raise InvalidArgument(f"command did not finish within {timeout_s:g}s") from None
 
+    def _event(self, record: SandboxRecord, reason: str) -> None:
+        log.warning("sandbox %s ended: %s", record.sandbox_id, reason)
+        self.events.append({"sandbox_id": record.sandbox_id, "template": record.template,
+                            "reason": reason, "at": time.time()})  # fmt: skip
+        del self.events[:-MAX_EVENTS]
+
+    async def _check_alive(self) -> None:
+        """Clean up sandboxes whose container stopped on its own, and say why."""
+        running = {c.id for c in await self._rt().list() if c.status == "running"}
+        for record in [r for r in self.sandboxes.values() if r.sandbox_id not in running]:
+            lock = self._locks.setdefault(record.sandbox_id, asyncio.Lock())
+            if lock.locked():
+                continue  # being created, killed or changed right now
+            async with lock:
+                if record.sandbox_id not in self.sandboxes:
+                    continue
+                stats = memory_stats(record.sandbox_id)
+                if stats and stats.oom_kills:
+                    reason = f"out of memory: exceeded its {record.memory_mb} MiB limit"
+                else:
+                    reason = "stopped unexpectedly (its init process exited)"
+                self._event(record, reason)
+                await self._destroy(record)
+
     async def _reap_expired(self) -> None:
+        tick = 0
         while True:
             await asyncio.sleep(REAPER_INTERVAL_S)
+            tick += 1
+            if tick % LIVENESS_EVERY == 0:
+                try:
+                    await self._check_alive()
+                except Exception:
+                    log.exception("liveness check failed")
             now = time.time()
             for record in [r for r in self.sandboxes.values() if r.end_at <= now]:
                 log.info("sandbox %s timed out; killing it", record.sandbox_id)
@@ -253,5 +302,5 @@ class Node:
             "max_sandboxes": self.settings.max_sandboxes,
             "slots_in_use": self.pool.in_use,
             "templates": self.templates.names(),
-            "lost": self.lost,
+            "events": self.events,
         }

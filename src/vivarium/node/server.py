@@ -56,7 +56,9 @@ async def json_body(request: Request) -> dict[str, Any]:
     return data
 
 
-def _typed(data: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+def _typed(
+    data: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = None
+) -> Any:
     value = data.get(key, default)
     if value is None:
         return default
@@ -100,7 +102,7 @@ def create_app(node: Node) -> Starlette:
 
     @guarded
     async def list_sandboxes(request: Request) -> Response:
-        return JSONResponse([r.to_json() for r in node.list()])
+        return JSONResponse([r.to_json() for r in node.list_sandboxes()])
 
     @guarded
     async def get_sandbox(request: Request) -> Response:

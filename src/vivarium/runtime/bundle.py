@@ -46,7 +46,9 @@ class Resources:
         if not 0.1 <= self.cpus <= MAX_CPUS:
             raise InvalidArgument(f"cpus={self.cpus} is out of range", f"use 0.1..{MAX_CPUS}")
         if not MIN_PIDS <= self.pids <= MAX_PIDS:
-            raise InvalidArgument(f"pids={self.pids} is out of range", f"use {MIN_PIDS}..{MAX_PIDS}")
+            raise InvalidArgument(
+                f"pids={self.pids} is out of range", f"use {MIN_PIDS}..{MAX_PIDS}"
+            )
 
     def to_oci(self) -> dict[str, Any]:
         return {
@@ -92,8 +94,19 @@ def base_spec(rootfs: Path, args: list[str], env: list[str], hostname: str) -> d
     }
 
 
-def for_sandbox(spec: dict[str, Any], netns: Path, resources: Resources) -> dict[str, Any]:
-    out = json.loads(json.dumps(spec))
+CGROUP_PARENT = "vivarium"
+
+
+def cgroup_path(container_id: str) -> str:
+    """Where the host cgroup of a sandbox lives, below each controller's hierarchy."""
+    return f"/{CGROUP_PARENT}/{container_id}"
+
+
+def for_sandbox(
+    spec: dict[str, Any], netns: Path, resources: Resources, container_id: str
+) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(json.dumps(spec))
+    out["linux"]["cgroupsPath"] = cgroup_path(container_id)
     namespaces = [ns for ns in out["linux"]["namespaces"] if ns["type"] != "network"]
     namespaces.append({"type": "network", "path": str(netns)})
     out["linux"]["namespaces"] = namespaces

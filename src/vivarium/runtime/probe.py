@@ -104,8 +104,10 @@ def detect(runsc: str, state_dir: Path, platform_override: str = "") -> Probe:
 
     ok, out = _probe_container(runsc, [*base_flags, "--network=none"], ["/bin/ls", "/"], None, None)
     if not ok and "Invalid argument" not in out:
-        raise HostNotReady(f"runsc cannot start a container here: {out.strip()[-300:]}",
-                           "run `vivarium doctor` for details")
+        raise HostNotReady(
+            f"runsc cannot start a container here: {out.strip()[-300:]}",
+            "run `vivarium doctor` for details",
+        )
     statx_shim = not ok
 
     netns_workaround = False

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from vivarium.config import Settings
 from vivarium.errors import HostNotReady, NotFound, RuntimeFailure
@@ -76,8 +77,10 @@ async def debootstrap(recipe: Recipe, cache_dir: Path, say: Stopwatch) -> Path:
             say(f"debootstrap: {line}")
     if await proc.wait() != 0:
         shutil.rmtree(partial, ignore_errors=True)
-        raise RuntimeFailure("debootstrap failed: " + " | ".join(tail[-5:]),
-                             "check access to the Debian mirror and free disk space")
+        raise RuntimeFailure(
+            "debootstrap failed: " + " | ".join(tail[-5:]),
+            "check access to the Debian mirror and free disk space",
+        )
     partial.rename(cached)
     say("debootstrap: done")
     return cached
@@ -128,7 +131,7 @@ async def boot_and_checkpoint(
     try:
         resources = Resources(settings.default_memory_mb, settings.default_cpus,
                               settings.default_pids)  # fmt: skip
-        write_bundle(bundle, for_sandbox(spec, Path(slot.netns_path), resources))
+        write_bundle(bundle, for_sandbox(spec, Path(slot.netns_path), resources, cid))
         say("booting under runsc")
         await runtime.start(cid, bundle, build_dir / "build-console.log")
         await wait_ready(runtime, cid)
@@ -165,7 +168,7 @@ async def build(
         run_sync(["cp", "-a", "--reflink=auto", str(pristine), str(build_dir / "rootfs")])
         customize(recipe, build_dir / "rootfs", runtime.probe, say)
         await boot_and_checkpoint(settings, recipe, build_dir, runtime, say)
-        manifest = {
+        manifest: dict[str, Any] = {
             "name": name,
             "build_id": build_id,
             "recipe_hash": recipe_hash,
@@ -181,5 +184,7 @@ async def build(
         shutil.rmtree(build_dir, ignore_errors=True)
         raise
     store.publish(name, build_dir)
-    say(f"template {name!r} built: {build_id} (checkpoint {manifest['checkpoint_bytes']>>20} MiB)")
+    say(
+        f"template {name!r} built: {build_id} (checkpoint {manifest['checkpoint_bytes'] >> 20} MiB)"
+    )
     return Template(name, build_dir, manifest)

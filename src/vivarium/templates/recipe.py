@@ -22,7 +22,8 @@ BASE_PACKAGES = (
 
 USER_SETUP = (
     "id -u user >/dev/null 2>&1 || useradd --create-home --uid 1000 --shell /bin/bash user",
-    "echo 'user ALL=(ALL:ALL) NOPASSWD: ALL' > /etc/sudoers.d/user && chmod 0440 /etc/sudoers.d/user",
+    "echo 'user ALL=(ALL:ALL) NOPASSWD: ALL' > /etc/sudoers.d/user",
+    "chmod 0440 /etc/sudoers.d/user",
     "printf 'nameserver 8.8.8.8\\nnameserver 1.1.1.1\\n' > /etc/resolv.conf",
     "printf '127.0.0.1 localhost\\n::1 localhost\\n' > /etc/hosts",
     "sed -i 's/^# *C.UTF-8/C.UTF-8/' /etc/locale.gen 2>/dev/null || true",

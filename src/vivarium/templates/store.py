@@ -70,8 +70,9 @@ def dir_size(directory: Path) -> int:
 
 def validate_name(name: str) -> str:
     if not NAME_RE.match(name):
-        raise InvalidArgument(f"invalid template name {name!r}",
-                              "use lowercase letters, digits, '.', '_' or '-'")
+        raise InvalidArgument(
+            f"invalid template name {name!r}", "use lowercase letters, digits, '.', '_' or '-'"
+        )
     return name
 
 
@@ -98,8 +99,10 @@ class TemplateStore:
         template = self.current(name)
         if template is None:
             known = ", ".join(self.names()) or "none"
-            raise NotFound(f"template {name!r} not found (available: {known})",
-                           "build it with `vivarium template build NAME`")
+            raise NotFound(
+                f"template {name!r} not found (available: {known})",
+                "build it with `vivarium template build NAME`",
+            )
         if template.build_dir not in self._verified:
             actual = sha256_dir(template.checkpoint)
             if actual != template.manifest.get("checkpoint_sha256"):

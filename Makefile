@@ -1,0 +1,48 @@
+# Everything installs itself: `make run` and `make test` work on a fresh Debian 12 host as root.
+SHELL := /bin/bash
+PYTHON ?= python3
+BIN := .venv/bin
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON := $(shell command -v $(PYTHON))
+
+APT_PACKAGES := runsc debootstrap iproute2 iptables util-linux gcc libc6-dev curl
+DEPS_STAMP := .venv/.deps-$(shell cat pyproject.toml uv.lock | sha1sum | cut -c1-12)
+
+.PHONY: run test bench soak lint fmt system-deps python-deps template clean-state
+
+run: template
+	$(BIN)/vivarium serve
+
+test: template lint
+	$(BIN)/pytest tests
+
+bench: template
+	$(BIN)/python bench/run.py
+
+lint: python-deps
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+
+fmt: python-deps
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+system-deps:
+	@[ "$$(id -u)" = 0 ] || { echo "vivarium needs root (network namespaces, runsc): use sudo" >&2; exit 1; }
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+python-deps: $(DEPS_STAMP)
+
+$(DEPS_STAMP): pyproject.toml uv.lock
+	@command -v uv >/dev/null || $(PYTHON) -m pip install --quiet --root-user-action=ignore uv
+	uv sync --frozen --quiet
+	@rm -f .venv/.deps-*; touch $@
+
+# Built once and cached in the state directory; rebuilt when its recipe changes.
+template: system-deps python-deps
+	$(BIN)/vivarium template build base

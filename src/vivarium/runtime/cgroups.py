@@ -1,0 +1,60 @@
+"""Reading a sandbox's host cgroup: memory use and whether the kernel OOM-killed it.
+
+runsc creates the cgroup from the spec's cgroupsPath (see bundle.cgroup_path); v1 (per-controller
+hierarchies) and v2 (unified) hosts lay the files out differently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vivarium.runtime.bundle import cgroup_path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    usage_bytes: int
+    limit_bytes: int
+    oom_kills: int
+
+
+def _read_int(path: Path) -> int:
+    try:
+        raw = path.read_text().strip()
+    except OSError:
+        return 0
+    return int(raw) if raw.isdigit() else 0
+
+
+def _read_keyed(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def memory_stats(container_id: str, root: Path = CGROUP_ROOT) -> MemoryStats | None:
+    rel = cgroup_path(container_id).lstrip("/")
+    v1 = root / "memory" / rel
+    if v1.is_dir():
+        return MemoryStats(
+            usage_bytes=_read_int(v1 / "memory.usage_in_bytes"),
+            limit_bytes=_read_int(v1 / "memory.limit_in_bytes"),
+            # oom_kill appears in memory.oom_control on 4.13+; failcnt is the fallback signal.
+            oom_kills=_read_keyed(v1 / "memory.oom_control", "oom_kill"),
+        )
+    v2 = root / rel
+    if (v2 / "memory.current").exists():
+        return MemoryStats(
+            usage_bytes=_read_int(v2 / "memory.current"),
+            limit_bytes=_read_int(v2 / "memory.max"),
+            oom_kills=_read_keyed(v2 / "memory.events", "oom_kill"),
+        )
+    return None
