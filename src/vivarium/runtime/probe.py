@@ -30,6 +30,7 @@ class Probe:
     overlay_flag: str
     netns_workaround: bool
     statx_shim: bool
+    setuid_blocked: bool  # NO_NEW_PRIVS forced on every process: setuid sudo cannot work
 
     @property
     def cache_key(self) -> str:
@@ -63,13 +64,22 @@ def _flags_help(runsc: str) -> str:
     return res.stdout + res.stderr
 
 
+NNP_CHECK = "import ctypes; raise SystemExit(ctypes.CDLL(None).prctl(39, 0, 0, 0, 0))"
+
+
 def _probe_container(
-    runsc: str, flags: list[str], args: list[str], netns: str | None, wrap_dir: Path | None
+    runsc: str,
+    flags: list[str],
+    args: list[str],
+    netns: str | None,
+    wrap_dir: Path | None,
+    uid: int = 0,
 ) -> tuple[bool, str]:
     """Run `args` in a throw-away container over the host's root, read-only."""
     with tempfile.TemporaryDirectory(prefix="vivarium-probe-") as tmp:
         spec = base_spec(Path("/"), args, [], "probe")
         spec["root"]["readonly"] = True
+        spec["process"]["user"] = {"uid": uid, "gid": uid}
         if netns:
             spec["linux"]["namespaces"].append({"type": "network", "path": netns})
         bundle = write_bundle(Path(tmp) / "bundle", spec)
@@ -110,6 +120,14 @@ def detect(runsc: str, state_dir: Path, platform_override: str = "") -> Probe:
         )
     statx_shim = not ok
 
+    # prctl(PR_GET_NO_NEW_PRIVS) as an unprivileged user; without a host python3, assume forced.
+    setuid_blocked = True
+    if Path("/usr/bin/python3").exists():
+        nnp_args = ["/usr/bin/python3", "-I", "-c", NNP_CHECK]
+        ok, _ = _probe_container(runsc, [*base_flags, "--network=none"], nnp_args, None, None,
+                                 uid=65534)  # fmt: skip
+        setuid_blocked = not ok
+
     netns_workaround = False
     netns_name = f"vivarium-probe-{os.getpid()}"
     run_sync(["ip", "netns", "add", netns_name])
@@ -130,7 +148,7 @@ def detect(runsc: str, state_dir: Path, platform_override: str = "") -> Probe:
     finally:
         run_sync(["ip", "netns", "del", netns_name], check=False)
 
-    probe = Probe(version, kernel, plat, overlay, netns_workaround, statx_shim)
+    probe = Probe(version, kernel, plat, overlay, netns_workaround, statx_shim, setuid_blocked)
     state_dir.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(asdict(probe), indent=1))
     return probe

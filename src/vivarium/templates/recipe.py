@@ -22,6 +22,7 @@ BASE_PACKAGES = (
 
 USER_SETUP = (
     "id -u user >/dev/null 2>&1 || useradd --create-home --uid 1000 --shell /bin/bash user",
+    "usermod -aG sudo user",
     "echo 'user ALL=(ALL:ALL) NOPASSWD: ALL' > /etc/sudoers.d/user",
     "chmod 0440 /etc/sudoers.d/user",
     "printf 'nameserver 8.8.8.8\\nnameserver 1.1.1.1\\n' > /etc/resolv.conf",
@@ -49,6 +50,7 @@ class Recipe:
             h.update(path.read_bytes())
         h.update(SHIM_SOURCE.read_bytes())
         h.update(f"{probe.runsc_version}|{probe.platform}|{probe.statx_shim}".encode())
+        h.update(f"{probe.setuid_blocked}".encode())
         return h.hexdigest()[:16]
 
     def debootstrap_key(self) -> str:

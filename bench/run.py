@@ -1,0 +1,687 @@
+"""Benchmark: sandbox create and exec latency, memory and scale, each beside a floor.
+
+Floors are measured in the same run, on the same host: a native process spawn, a bare
+`runsc restore` of the base template into a ready network slot, and a bare `runsc exec`. The
+node's figures are reported as ratios to them, so results can be compared across machines.
+
+The system under test is a `vivarium serve` of our own (fresh state dir, slot prefix `vb`, its
+own slot range and API port), so the bench runs beside a developer's server. Everything it
+creates is removed at the end, also on failure or Ctrl-C, and the removal is verified.
+
+Run as root with the base template built: `make bench`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+import httpx
+
+from vivarium.network.firewall import HostFirewall
+from vivarium.network.pool import SlotPool, create_slot, destroy_slot, reset_sandbox_side
+from vivarium.network.addressing import SlotRange
+from vivarium.node.client import NodeClient, NodeError
+from vivarium.runtime.bundle import CGROUP_PARENT, Resources, cgroup_path, for_sandbox, write_bundle
+from vivarium.runtime.cgroups import CGROUP_ROOT, memory_stats
+from vivarium.runtime.probe import runsc_version
+from vivarium.runtime.runsc import Runsc, open_runtime
+from vivarium.templates.store import Template, TemplateStore
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "latest.json"
+VIVARIUM = Path(sys.executable).parent / "vivarium"
+TEMPLATE_DIR = Path("/var/lib/vivarium/templates")
+TEMPLATE = "base"
+RUNSC = "runsc"
+
+# The server under test: names and addresses no other instance on this host uses.
+SLOT_PREFIX = "vb"
+SLOT_CIDR = "10.233.0.0/18"
+API_PORT = 3200
+MAX_SANDBOXES = 64
+PREWARM = 12
+# The raw-restore floor's own slot, outside the server's range.
+RAW_PREFIX = "vr"
+RAW_CIDR = "10.234.0.0/24"
+RAW_RESOURCES = Resources(memory_mb=1024, cpus=1.0, pids=512)  # the node's defaults
+
+SPAWN_RUNS = 50
+RESTORE_RUNS = 20
+EXEC_RUNS = 20
+SEQUENTIAL_CREATES = 20
+CONCURRENT_CREATES = 10  # also the sandboxes whose idle memory is measured
+IDLE_WAIT_S = 3.0
+SCALE_TOTAL = 50
+SCALE_BATCH = 10
+# Longer than the whole run, so no sandbox expires in the middle of a measurement.
+SANDBOX_TIMEOUT_S = 1800
+START_TIMEOUT_S = 120.0  # the server prewarms its slots before it listens
+STOP_TIMEOUT_S = 60.0
+CREATE_TARGET_RATIO = 1.5
+
+MIB = 1024 * 1024
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# -- statistics and results ------------------------------------------------------------------
+
+
+def p50(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def p95(values: list[float]) -> float:
+    """Nearest-rank: with 20 samples this is the 19th, an observed value, not interpolated."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def elapsed_ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    metric: str
+    value: float
+    unit: str
+    floor: float | None = None
+    floor_of: str = ""  # what the floor is, shown beside it
+    max_ratio: float | None = None  # target: value / floor at most this
+    min_value: float | None = None  # target: value at least this
+    samples: tuple[float, ...] = ()
+
+    @property
+    def ratio(self) -> float | None:
+        return self.value / self.floor if self.floor else None
+
+    @property
+    def met(self) -> bool | None:
+        if self.max_ratio is not None:
+            return self.ratio is not None and self.ratio <= self.max_ratio
+        if self.min_value is not None:
+            return self.value >= self.min_value
+        return None
+
+    def target_text(self) -> str:
+        if self.max_ratio is not None:
+            goal = f"ratio <= {self.max_ratio:g}"
+        elif self.min_value is not None:
+            goal = f">= {fmt(self.min_value, self.unit)}"
+        else:
+            return "-"
+        return f"{goal} ({'ok' if self.met else 'MISSED'})"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "metric": self.metric, "value": round(self.value, 3), "unit": self.unit,
+            "floor": None if self.floor is None else round(self.floor, 3),
+            "floor_of": self.floor_of or None,
+            "ratio": None if self.ratio is None else round(self.ratio, 3),
+            "target": None if self.met is None else self.target_text().split(" (")[0],
+            "met": self.met,
+        }  # fmt: skip
+        if self.samples:
+            out["samples"] = [round(s, 3) for s in self.samples]
+        return out
+
+
+def fmt(value: float, unit: str) -> str:
+    if unit == "count":
+        return f"{value:.0f}"
+    return f"{value:.2f} {unit}" if unit == "s" else f"{value:.1f} {unit}"
+
+
+def print_table(rows: list[Row]) -> None:
+    table = [("metric", "value", "floor", "ratio", "target")]
+    for row in rows:
+        floor = "-" if row.floor is None else f"{fmt(row.floor, row.unit)} ({row.floor_of})"
+        ratio = "-" if row.ratio is None else f"{row.ratio:.2f}x"
+        table.append((row.metric, fmt(row.value, row.unit), floor, ratio, row.target_text()))
+    widths = [max(len(line[i]) for line in table) for i in range(5)]
+    for n, line in enumerate(table):
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Memory:
+    cgroup_bytes: int  # memory.usage_in_bytes: charged pages, including page cache
+    pss_bytes: int  # what the sandbox's processes map, shared pages split between sharers
+    pids: int
+
+
+def _tgid(tid: int) -> int:
+    try:
+        for line in Path(f"/proc/{tid}/status").read_text().splitlines():
+            if line.startswith("Tgid:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return tid
+
+
+def cgroup_pids(container_id: str) -> set[int]:
+    """Processes in the sandbox's memory cgroup (v1 or v2).
+
+    `tasks` lists threads; a process can have threads in the cgroup without its leader, so
+    both files are read and threads are mapped to their process.
+    """
+    rel = cgroup_path(container_id).lstrip("/")
+    base = CGROUP_ROOT / "memory" / rel
+    if not base.is_dir():
+        base = CGROUP_ROOT / rel
+    pids: set[int] = set()
+    for name in ("cgroup.procs", "tasks", "cgroup.threads"):
+        try:
+            ids = [int(x) for x in (base / name).read_text().split()]
+        except (OSError, ValueError):
+            continue
+        pids.update(_tgid(i) for i in ids)
+    return pids
+
+
+def pss_bytes(pids: set[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        for line in text.splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+                break
+    return total
+
+
+def sandbox_memory(container_id: str) -> Memory:
+    stats = memory_stats(container_id)
+    if stats is None:
+        raise RuntimeError(f"no memory cgroup found for {container_id}")
+    pids = cgroup_pids(container_id)
+    return Memory(stats.usage_bytes, pss_bytes(pids), len(pids))
+
+
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable missing from /proc/meminfo")
+
+
+# -- floors ----------------------------------------------------------------------------------
+
+
+def measure_spawn() -> list[float]:
+    samples = []
+    for _ in range(SPAWN_RUNS):
+        start = time.perf_counter()
+        subprocess.run(["true"], check=True)
+        samples.append(elapsed_ms(start))
+    return samples
+
+
+@dataclass
+class RawFloor:
+    platform: str = ""
+    restore_ms: list[float] = field(default_factory=list)
+    exec_ms: list[float] = field(default_factory=list)
+    memory: Memory | None = None
+
+
+async def _probe_container(runtime: Runsc, cid: str, raw: RawFloor) -> None:
+    """Idle memory, then exec round trips, of one bare restored container."""
+    await asyncio.sleep(IDLE_WAIT_S)
+    raw.memory = sandbox_memory(cid)
+    for _ in range(EXEC_RUNS):
+        start = time.perf_counter()
+        result = await runtime.exec(cid, ["true"])
+        raw.exec_ms.append(elapsed_ms(start))
+        if not result.ok:
+            raise RuntimeError(f"runsc exec true failed: {result.stderr.strip()[-300:]}")
+
+
+def raw_cid(run: int) -> str:
+    return f"vbraw-{os.getpid()}-{run}"
+
+
+async def measure_raw(template: Template, work: Path) -> RawFloor:
+    """Restores done directly with runsc, into one slot of our own reused for every run."""
+    runtime = await asyncio.to_thread(open_runtime, RUNSC, work, work / "runsc-raw")
+    raw = RawFloor(platform=runtime.probe.platform)
+    slot = SlotRange(RAW_PREFIX, RAW_CIDR).slot(0)
+    spec = template.spec
+    await destroy_slot(slot.prefix, slot.index)  # one left behind by an interrupted run
+    live: str | None = None
+    try:
+        await create_slot(slot)
+        for i in range(RESTORE_RUNS):
+            cid = raw_cid(i)
+            config = for_sandbox(spec, Path(slot.netns_path), RAW_RESOURCES, cid)
+            bundle = write_bundle(work / "raw" / cid, config)
+            live = cid
+            start = time.perf_counter()
+            await runtime.restore(cid, bundle, template.checkpoint, work / "raw" / f"{cid}.log")
+            raw.restore_ms.append(elapsed_ms(start))
+            if i == RESTORE_RUNS - 1:
+                await _probe_container(runtime, cid, raw)
+            await runtime.delete(cid)
+            live = None
+            await reset_sandbox_side(slot)  # as the node does when a slot goes back to its pool
+    finally:
+        try:
+            if live is not None:
+                await runtime.delete(live)
+        finally:
+            await destroy_slot(slot.prefix, slot.index)
+    return raw
+
+
+# -- the server under test -------------------------------------------------------------------
+
+
+class Server:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.socket = state_dir / "node.sock"
+        self.log_path = state_dir / "serve.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.env = {
+            **os.environ,
+            "VIVARIUM_STATE_DIR": str(state_dir),
+            "VIVARIUM_TEMPLATE_DIR": str(TEMPLATE_DIR),
+            "VIVARIUM_SLOT_PREFIX": SLOT_PREFIX,
+            "VIVARIUM_SLOT_CIDR": SLOT_CIDR,
+            "VIVARIUM_API_PORT": str(API_PORT),
+            "VIVARIUM_MAX_SANDBOXES": str(MAX_SANDBOXES),
+            "VIVARIUM_SLOT_PREWARM": str(PREWARM),
+        }
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as out:
+            # A session of its own: a Ctrl-C meant for the bench must not stop the server
+            # before the bench has killed its sandboxes through it.
+            self.proc = subprocess.Popen(
+                [str(VIVARIUM), "serve"], env=self.env, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+            if self.healthy():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not answer within {START_TIMEOUT_S:g}s:\n{self.tail()}")
+
+    def healthy(self) -> bool:
+        if not self.socket.exists():
+            return False
+        transport = httpx.HTTPTransport(uds=str(self.socket))
+        try:
+            with httpx.Client(transport=transport, base_url="http://node", timeout=2) as http:
+                return http.get("/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log("server ignored SIGTERM; killing it")
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def tail(self, lines: int = 30) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass(frozen=True)
+class Created:
+    sandbox_id: str
+    start: float  # perf_counter stamps, so concurrent calls share a time base
+    end: float
+
+    @property
+    def ms(self) -> float:
+        return (self.end - self.start) * 1000
+
+
+class Fleet:
+    """Creates sandboxes and remembers those still alive, so cleanup can find them."""
+
+    def __init__(self, socket: Path) -> None:
+        self.socket = socket
+        self.alive: set[str] = set()
+        self.ever: set[str] = set()  # to check afterwards that none left a cgroup behind
+        self._lock = threading.Lock()
+
+    def client(self) -> NodeClient:
+        return NodeClient(self.socket)
+
+    def create(self, client: NodeClient) -> Created:
+        start = time.perf_counter()
+        data = client.create(template=TEMPLATE, timeout=SANDBOX_TIMEOUT_S)
+        end = time.perf_counter()
+        with self._lock:
+            self.alive.add(data["sandbox_id"])
+            self.ever.add(data["sandbox_id"])
+        return Created(data["sandbox_id"], start, end)
+
+    def kill(self, client: NodeClient, sandbox_id: str) -> None:
+        client.kill(sandbox_id)
+        with self._lock:
+            self.alive.discard(sandbox_id)
+
+    def create_concurrently(self, n: int) -> list[Created | Exception]:
+        """n creates released together, each on its own connection."""
+        barrier = threading.Barrier(n, timeout=30)
+
+        def one() -> Created:
+            with self.client() as client:
+                barrier.wait()
+                return self.create(client)
+
+        return _run_parallel([one] * n)
+
+    def kill_all(self) -> None:
+        """Kill what we created, then anything else the server holds (it is ours alone)."""
+        with self.client() as client:
+            leftover = set(self.alive) | {s["sandbox_id"] for s in client.list_sandboxes()}
+            for sandbox_id in sorted(leftover):
+                try:
+                    self.kill(client, sandbox_id)
+                except NodeError as exc:
+                    if exc.http_status != 404:
+                        raise
+
+
+T = TypeVar("T")
+
+
+def _run_parallel(calls: list[Callable[[], T]]) -> list[T | Exception]:
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        out: list[T | Exception] = []
+        for future in futures:
+            try:
+                out.append(future.result())
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+
+def _all_created(results: list[Created | Exception]) -> list[Created]:
+    errors = [r for r in results if isinstance(r, Exception)]
+    if errors:
+        raise RuntimeError(f"{len(errors)} create(s) failed, first: {errors[0]!r}")
+    return [r for r in results if isinstance(r, Created)]
+
+
+# -- node measurements -----------------------------------------------------------------------
+
+
+@dataclass
+class NodeFigures:
+    sequential_ms: list[float] = field(default_factory=list)
+    concurrent_ms: list[float] = field(default_factory=list)
+    concurrent_wall_ms: float = 0.0
+    exec_ms: list[float] = field(default_factory=list)
+    idle: list[Memory] = field(default_factory=list)
+    scale_ok: int = 0
+    scale_errors: list[str] = field(default_factory=list)
+    scale_create_s: float = 0.0
+    scale_wall_s: float = 0.0
+    scale_mem_delta_bytes: int = 0
+
+
+def measure_sequential(fleet: Fleet, figures: NodeFigures) -> None:
+    with fleet.client() as client:
+        for _ in range(SEQUENTIAL_CREATES):
+            created = fleet.create(client)
+            figures.sequential_ms.append(created.ms)
+            fleet.kill(client, created.sandbox_id)  # not timed
+
+
+def measure_concurrent_idle_exec(fleet: Fleet, figures: NodeFigures) -> None:
+    """10 concurrent creates; the same sandboxes then serve the idle-memory and exec runs."""
+    created = _all_created(fleet.create_concurrently(CONCURRENT_CREATES))
+    figures.concurrent_ms = [c.ms for c in created]
+    figures.concurrent_wall_ms = (max(c.end for c in created) - min(c.start for c in created)) * 1e3
+    time.sleep(IDLE_WAIT_S)  # let restore-time activity settle before reading memory
+    figures.idle = [sandbox_memory(c.sandbox_id) for c in created]
+    with fleet.client() as client:
+        target = created[0].sandbox_id
+        for _ in range(EXEC_RUNS):
+            start = time.perf_counter()
+            result = client.exec(target, ["true"], user="root", timeout=30)
+            figures.exec_ms.append(elapsed_ms(start))
+            if result["exit_code"] != 0:
+                raise RuntimeError(f"exec true exited {result['exit_code']}: {result['stderr']}")
+        for c in created:
+            fleet.kill(client, c.sandbox_id)
+
+
+def _answers(fleet: Fleet, sandbox_id: str) -> bool:
+    with fleet.client() as client:
+        return client.exec(sandbox_id, ["true"], user="root", timeout=60)["exit_code"] == 0
+
+
+def measure_scale(fleet: Fleet, figures: NodeFigures) -> None:
+    available_before = mem_available()
+    start = time.perf_counter()
+    created: list[Created] = []
+    for _ in range(SCALE_TOTAL // SCALE_BATCH):
+        for result in fleet.create_concurrently(SCALE_BATCH):
+            if isinstance(result, Created):
+                created.append(result)
+            else:
+                figures.scale_errors.append(f"create: {result!r}")
+    figures.scale_create_s = time.perf_counter() - start
+    checks = [functools.partial(_answers, fleet, c.sandbox_id) for c in created]
+    for batch in range(0, len(checks), SCALE_BATCH):
+        for outcome in _run_parallel(checks[batch : batch + SCALE_BATCH]):
+            if outcome is True:
+                figures.scale_ok += 1
+            else:
+                figures.scale_errors.append(f"exec: {outcome!r}")
+    figures.scale_wall_s = time.perf_counter() - start
+    figures.scale_mem_delta_bytes = available_before - mem_available()
+    fleet.kill_all()
+
+
+def measure_node(fleet: Fleet) -> NodeFigures:
+    figures = NodeFigures()
+    try:
+        log(f"node: {SEQUENTIAL_CREATES} sequential creates")
+        measure_sequential(fleet, figures)
+        log(f"node: {CONCURRENT_CREATES} concurrent creates, idle memory, exec")
+        measure_concurrent_idle_exec(fleet, figures)
+        log(f"node: scale to {SCALE_TOTAL} sandboxes")
+        measure_scale(fleet, figures)
+    finally:
+        fleet.kill_all()
+    return figures
+
+
+# -- cleanup ---------------------------------------------------------------------------------
+
+
+async def sweep(work: Path, server_state: Path) -> list[str]:
+    """Remove whatever this run may have left, idempotently; return what could not be removed."""
+    problems: list[str] = []
+    for root in (work / "runsc-raw", server_state / "runsc"):
+        if not root.is_dir():
+            continue
+        runtime = await asyncio.to_thread(open_runtime, RUNSC, work, root)
+        for container in await runtime.list():
+            try:
+                await runtime.delete(container.id)
+            except Exception as exc:  # keep sweeping; it is reported below
+                log(f"could not delete container {container.id}: {exc}")
+        problems += [f"runsc container {c.id} in {root}" for c in await runtime.list()]
+    for prefix, cidr in ((RAW_PREFIX, RAW_CIDR), (SLOT_PREFIX, SLOT_CIDR)):
+        pool = SlotPool(prefix, cidr, (), 0, 1)  # used only to find slots by name
+        for index in await pool.existing_indexes():
+            await destroy_slot(prefix, index)
+        problems += [f"network slot {prefix}-{i}" for i in await pool.existing_indexes()]
+    await HostFirewall(SLOT_PREFIX, SLOT_CIDR, ()).uninstall()
+    return problems
+
+
+def leftover_cgroups(container_ids: set[str]) -> list[str]:
+    """Cgroups runsc should have removed with the containers, in any hierarchy (v1 or v2)."""
+    parents = [CGROUP_ROOT / CGROUP_PARENT] + [d / CGROUP_PARENT for d in CGROUP_ROOT.iterdir()]
+    return [f"cgroup {p / cid}" for p in parents for cid in container_ids if (p / cid).is_dir()]
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row]:
+    restore50, restore95 = p50(raw.restore_ms), p95(raw.restore_ms)
+    rexec50 = p50(raw.exec_ms)
+    assert raw.memory is not None
+    raw_cg, raw_pss = raw.memory.cgroup_bytes / MIB, raw.memory.pss_bytes / MIB
+    idle_cg = statistics.mean(m.cgroup_bytes for m in node.idle) / MIB
+    idle_pss = statistics.mean(m.pss_bytes for m in node.idle) / MIB
+    serial_s = SCALE_TOTAL * (restore50 + rexec50) / 1000
+    delta = node.scale_mem_delta_bytes / MIB
+    return [
+        Row("spawn_p50_ms", "native spawn `true` p50", p50(spawn), "ms", samples=tuple(spawn)),
+        Row("spawn_p95_ms", "native spawn `true` p95", p95(spawn), "ms"),
+        Row("raw_restore_p50_ms", "raw runsc restore p50", restore50, "ms",
+            samples=tuple(raw.restore_ms)),
+        Row("raw_restore_p95_ms", "raw runsc restore p95", restore95, "ms"),
+        Row("raw_exec_p50_ms", "raw runsc exec `true` p50", rexec50, "ms", p50(spawn),
+            "native spawn p50", samples=tuple(raw.exec_ms)),
+        Row("create_seq_p50_ms", "create p50 (sequential)", p50(node.sequential_ms), "ms",
+            restore50, "raw restore p50", max_ratio=CREATE_TARGET_RATIO,
+            samples=tuple(node.sequential_ms)),
+        Row("create_seq_p95_ms", "create p95 (sequential)", p95(node.sequential_ms), "ms",
+            restore95, "raw restore p95"),
+        Row("create_conc_p50_ms", f"create p50 ({CONCURRENT_CREATES} concurrent)",
+            p50(node.concurrent_ms), "ms", restore50, "raw restore p50",
+            samples=tuple(node.concurrent_ms)),
+        Row("create_conc_p95_ms", f"create p95 ({CONCURRENT_CREATES} concurrent)",
+            p95(node.concurrent_ms), "ms", restore95, "raw restore p95"),
+        Row("create_conc_wall_ms", f"create wall ({CONCURRENT_CREATES} concurrent)",
+            node.concurrent_wall_ms, "ms", CONCURRENT_CREATES * restore50,
+            f"{CONCURRENT_CREATES} x raw restore p50"),
+        Row("exec_p50_ms", "node exec `true` p50", p50(node.exec_ms), "ms", rexec50,
+            "raw runsc exec p50", samples=tuple(node.exec_ms)),
+        Row("idle_cgroup_mib", "idle memory/sandbox (cgroup usage)", idle_cg, "MiB", raw_cg,
+            "raw restored container"),
+        Row("idle_pss_mib", "idle memory/sandbox (Pss)", idle_pss, "MiB", raw_pss,
+            "raw restored container"),
+        Row("scale_ok", "scale: sandboxes answering exec", node.scale_ok, "count",
+            SCALE_TOTAL, "requested", min_value=SCALE_TOTAL),
+        Row("scale_wall_s", f"scale: wall, create+verify {SCALE_TOTAL}", node.scale_wall_s, "s",
+            serial_s, f"{SCALE_TOTAL} x (raw restore+exec p50)"),
+        Row("scale_host_mem_mib", "scale: host MemAvailable drop", delta, "MiB",
+            max(node.scale_ok, 1) * raw_cg, "n x raw container cgroup"),
+    ]  # fmt: skip
+
+
+def write_json(rows: list[Row], machine: dict[str, Any], node: NodeFigures) -> None:
+    results: dict[str, Any] = {row.key: row.to_json() for row in rows}
+    results["details"] = {
+        "idle_pids_per_sandbox": [m.pids for m in node.idle],
+        "scale_create_s": round(node.scale_create_s, 3),
+        "scale_errors": node.scale_errors,
+        "targets_met": all(row.met is not False for row in rows),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def _interrupted(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM takes the same path as Ctrl-C, so every finally block below runs.
+    raise KeyboardInterrupt
+
+
+def run(work: Path) -> int:
+    server_state = work / "server"
+    server_state.mkdir()
+    template = TemplateStore(TEMPLATE_DIR).get(TEMPLATE)
+    server = Server(server_state)
+    fleet = Fleet(server.socket)
+    failed = True
+    try:
+        log(f"floor: {SPAWN_RUNS} native spawns")
+        spawn = measure_spawn()
+        log(f"floor: {RESTORE_RUNS} raw runsc restores")
+        raw = asyncio.run(measure_raw(template, work))
+        log("starting the server under test")
+        server.start()
+        node = measure_node(fleet)
+        failed = False
+    finally:
+        if failed and server.proc is not None:
+            log(f"server log tail:\n{server.tail()}")
+        server.stop()
+        problems = asyncio.run(sweep(work, server_state))
+        problems += leftover_cgroups(fleet.ever | {raw_cid(i) for i in range(RESTORE_RUNS)})
+        if problems:
+            log("cleanup left: " + "; ".join(problems))
+    machine = {"nproc": os.cpu_count(), "kernel": platform.release(),
+               "runsc_version": runsc_version(RUNSC), "runsc_platform": raw.platform}  # fmt: skip
+    rows = build_rows(spawn, raw, node)
+    print_table(rows)
+    write_json(rows, machine, node)
+    missed = [row.metric for row in rows if row.met is False]
+    print(f"\ntargets: {'all met' if not missed else 'missed: ' + ', '.join(missed)}")
+    print(f"results: {RESULTS.relative_to(REPO)}")
+    return 1 if problems else 0
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("the bench runs real sandboxes and needs root", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _interrupted)
+    work = Path(tempfile.mkdtemp(prefix="vivarium-bench-"))
+    try:
+        return run(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

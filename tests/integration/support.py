@@ -1,0 +1,129 @@
+"""Helpers for integration tests: real `vivarium serve` processes, real runsc sandboxes.
+
+Each server instance gets its own state directory, slot prefix, slot range and API port, so the
+suite can run beside a developer's `make run`. The base template is shared (built by `make`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from vivarium.node.client import NodeClient
+
+REPO = Path(__file__).resolve().parents[2]
+VIVARIUM = str(Path(sys.executable).parent / "vivarium")
+TEMPLATE_DIR = os.environ.get("VIVARIUM_TEST_TEMPLATE_DIR", "/var/lib/vivarium/templates")
+
+# A "host on the internet" for egress tests: its own netns on this machine, reached through the
+# root namespace like any outside address. ALLOWED is listed in VIVARIUM_EGRESS_ALLOW; OTHER is
+# a private address that is not, so it must stay unreachable.
+INET_NS = "vt-inet"
+INET_HOST_IF = "vt-inet0"
+INET_GATEWAY = "10.239.0.1"
+INET_ALLOWED = "10.239.0.2"
+INET_OTHER = "10.239.0.3"
+INET_PORT = 8080
+
+
+@dataclass
+class Server:
+    name: str
+    env: dict[str, str]
+    state_dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.state_dir / "node.sock"
+
+    def start(self, timeout: float = 60.0) -> None:
+        log = (self.state_dir / "serve.log").open("ab")
+        self.proc = subprocess.Popen(
+            [VIVARIUM, "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server {self.name} exited:\n{self.log_tail()}")
+            try:
+                with NodeClient(self.socket, timeout=2) as client:
+                    client.info()
+                return
+            except Exception:
+                time.sleep(0.1)
+        raise RuntimeError(f"server {self.name} did not start:\n{self.log_tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self.proc = None
+        return code
+
+    def log_tail(self, lines: int = 30) -> str:
+        path = self.state_dir / "serve.log"
+        return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else ""
+
+    def client(self) -> NodeClient:
+        return NodeClient(self.socket)
+
+    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([VIVARIUM, *args], env=self.env, capture_output=True, text=True,
+                              check=check, timeout=120)  # fmt: skip
+
+
+def make_server(name: str, prefix: str, cidr: str, api_port: int, **extra: str) -> Server:
+    state_dir = Path(tempfile.mkdtemp(prefix=f"vivarium-{name}-"))
+    env = {
+        **os.environ,
+        "VIVARIUM_STATE_DIR": str(state_dir),
+        "VIVARIUM_TEMPLATE_DIR": TEMPLATE_DIR,
+        "VIVARIUM_SLOT_PREFIX": prefix,
+        "VIVARIUM_SLOT_CIDR": cidr,
+        "VIVARIUM_API_PORT": str(api_port),
+        **{f"VIVARIUM_{k.upper()}": v for k, v in extra.items()},
+    }
+    return Server(name, env, state_dir)
+
+
+def netns_names(prefix: str) -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.startswith(f"{prefix}-")}
+
+
+def host_links(prefix: str) -> set[str]:
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    names = {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+    return {n for n in names if n.startswith(f"{prefix}h-")}
+
+
+def containers(state_dir: Path) -> list[str]:
+    out = subprocess.run(["runsc", "--root", str(state_dir / "runsc"), "list", "-quiet"],
+                         capture_output=True, text=True).stdout  # fmt: skip
+    return out.split()
+
+
+def sh(client: NodeClient, sandbox_id: str, script: str, user: str = "root",
+       timeout: float = 60) -> dict[str, Any]:  # fmt: skip
+    return client.exec(sandbox_id, ["/bin/sh", "-c", script], user=user, timeout=timeout)
+
+
+def http_code(client: NodeClient, sandbox_id: str, url: str) -> str:
+    """HTTP status a sandbox gets for `url`, or "000" when it cannot connect."""
+    result = sh(client, sandbox_id, f"curl -s -m 3 -o /dev/null -w '%{{http_code}}' {url}")
+    return str(result["stdout"]).strip()
+
+
+def api_health(port: int) -> int:
+    return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code
