@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +36,9 @@ from typing import Any, TypeVar
 
 import httpx
 
+from vivarium.network.addressing import SlotRange
 from vivarium.network.firewall import HostFirewall
 from vivarium.network.pool import SlotPool, create_slot, destroy_slot, reset_sandbox_side
-from vivarium.network.addressing import SlotRange
 from vivarium.node.client import NodeClient, NodeError
 from vivarium.runtime.bundle import CGROUP_PARENT, Resources, cgroup_path, for_sandbox, write_bundle
 from vivarium.runtime.cgroups import CGROUP_ROOT, memory_stats
@@ -48,6 +48,7 @@ from vivarium.templates.store import Template, TemplateStore
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "latest.json"
+SERVER_LOG = RESULTS.with_name("latest-serve.log")  # kept: the server's state dir is removed
 VIVARIUM = Path(sys.executable).parent / "vivarium"
 TEMPLATE_DIR = Path("/var/lib/vivarium/templates")
 TEMPLATE = "base"
@@ -81,8 +82,11 @@ CREATE_TARGET_RATIO = 1.5
 MIB = 1024 * 1024
 
 
+T0 = time.monotonic()
+
+
 def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
+    print(f"[bench {time.monotonic() - T0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 # -- statistics and results ------------------------------------------------------------------
@@ -432,7 +436,7 @@ class Fleet:
 T = TypeVar("T")
 
 
-def _run_parallel(calls: list[Callable[[], T]]) -> list[T | Exception]:
+def _run_parallel(calls: Sequence[Callable[[], T]]) -> list[T | Exception]:
     with ThreadPoolExecutor(max_workers=len(calls)) as pool:
         futures = [pool.submit(call) for call in calls]
         out: list[T | Exception] = []
@@ -466,6 +470,7 @@ class NodeFigures:
     scale_create_s: float = 0.0
     scale_wall_s: float = 0.0
     scale_mem_delta_bytes: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)  # sandboxes that ended by themselves
 
 
 def measure_sequential(fleet: Fleet, figures: NodeFigures) -> None:
@@ -495,9 +500,14 @@ def measure_concurrent_idle_exec(fleet: Fleet, figures: NodeFigures) -> None:
             fleet.kill(client, c.sandbox_id)
 
 
-def _answers(fleet: Fleet, sandbox_id: str) -> bool:
+def _check(fleet: Fleet, sandbox_id: str) -> str | None:
+    """None if the sandbox runs `true` successfully, else what went wrong."""
     with fleet.client() as client:
-        return client.exec(sandbox_id, ["true"], user="root", timeout=60)["exit_code"] == 0
+        result = client.exec(sandbox_id, ["true"], user="root", timeout=60)
+    if result["exit_code"] == 0:
+        return None
+    detail = (str(result["stderr"]) or str(result["stdout"])).strip()[-300:]
+    return f"{sandbox_id}: exit {result['exit_code']}: {detail}"
 
 
 def measure_scale(fleet: Fleet, figures: NodeFigures) -> None:
@@ -511,10 +521,10 @@ def measure_scale(fleet: Fleet, figures: NodeFigures) -> None:
             else:
                 figures.scale_errors.append(f"create: {result!r}")
     figures.scale_create_s = time.perf_counter() - start
-    checks = [functools.partial(_answers, fleet, c.sandbox_id) for c in created]
+    checks = [functools.partial(_check, fleet, c.sandbox_id) for c in created]
     for batch in range(0, len(checks), SCALE_BATCH):
         for outcome in _run_parallel(checks[batch : batch + SCALE_BATCH]):
-            if outcome is True:
+            if outcome is None:
                 figures.scale_ok += 1
             else:
                 figures.scale_errors.append(f"exec: {outcome!r}")
@@ -532,6 +542,8 @@ def measure_node(fleet: Fleet) -> NodeFigures:
         measure_concurrent_idle_exec(fleet, figures)
         log(f"node: scale to {SCALE_TOTAL} sandboxes")
         measure_scale(fleet, figures)
+        with fleet.client() as client:
+            figures.events = client.info()["events"]
     finally:
         fleet.kill_all()
     return figures
@@ -622,6 +634,7 @@ def write_json(rows: list[Row], machine: dict[str, Any], node: NodeFigures) -> N
         "idle_pids_per_sandbox": [m.pids for m in node.idle],
         "scale_create_s": round(node.scale_create_s, 3),
         "scale_errors": node.scale_errors,
+        "node_events": node.events,
         "targets_met": all(row.met is not False for row in rows),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -650,16 +663,23 @@ def run(work: Path) -> int:
         raw = asyncio.run(measure_raw(template, work))
         log("starting the server under test")
         server.start()
+        log("server ready")
         node = measure_node(fleet)
         failed = False
     finally:
         if failed and server.proc is not None:
             log(f"server log tail:\n{server.tail()}")
+        log("stopping the server and cleaning up")
         server.stop()
+        if server.log_path.exists():
+            SERVER_LOG.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(server.log_path, SERVER_LOG)
         problems = asyncio.run(sweep(work, server_state))
         problems += leftover_cgroups(fleet.ever | {raw_cid(i) for i in range(RESTORE_RUNS)})
         if problems:
             log("cleanup left: " + "; ".join(problems))
+        else:
+            log("cleanup verified: no containers, slots or cgroups left")
     machine = {"nproc": os.cpu_count(), "kernel": platform.release(),
                "runsc_version": runsc_version(RUNSC), "runsc_platform": raw.platform}  # fmt: skip
     rows = build_rows(spawn, raw, node)

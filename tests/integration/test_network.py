@@ -3,7 +3,6 @@ slot addresses, the host's slot-side addresses and the test "internet" host in i
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -78,9 +77,7 @@ def test_sandbox_cannot_reach_host_services(
         assert http_code(client, online, f"http://{address}:{api_port}/health") == "000"
 
 
-def test_sandboxes_cannot_reach_each_other(
-    client: NodeClient, sandbox: Callable[..., str]
-) -> None:
+def test_sandboxes_cannot_reach_each_other(client: NodeClient, sandbox: Callable[..., str]) -> None:
     a = sandbox(allow_internet_access=True)
     b = sandbox(allow_internet_access=True)
     started = sh(client, b, "nohup python3 -m http.server 8000 --bind 0.0.0.0 "
@@ -106,7 +103,7 @@ def _wait_http(url: str, attempts: int = 30) -> int:
     for _ in range(attempts):
         try:
             return httpx.get(url, timeout=2).status_code
-        except (httpx.TransportError, socket.error):
+        except (OSError, httpx.TransportError):
             import time
 
             time.sleep(0.2)

@@ -21,7 +21,7 @@ from vivarium.network.pool import SlotPool
 from vivarium.node.records import RecordStore, SandboxRecord, new_sandbox_id, valid_sandbox_id
 from vivarium.proc import Result
 from vivarium.runtime.bundle import Resources, for_sandbox, write_bundle
-from vivarium.runtime.cgroups import memory_stats
+from vivarium.runtime.cgroups import memory_stats, pids_limit_hits
 from vivarium.runtime.runsc import Runsc, open_runtime
 from vivarium.templates.store import TemplateStore
 
@@ -139,8 +139,11 @@ class Node:
 
     async def create(self, req: CreateRequest) -> SandboxRecord:
         s = self.settings
-        resources = Resources(req.memory_mb or s.default_memory_mb, req.cpus or s.default_cpus,
-                              s.default_pids)  # fmt: skip
+        resources = Resources(
+            s.default_memory_mb if req.memory_mb is None else req.memory_mb,
+            s.default_cpus if req.cpus is None else req.cpus,
+            s.default_pids,
+        )
         resources.validate()
         timeout_s = self._timeout(req.timeout_s)
         template = self.templates.get(req.template)
@@ -266,6 +269,8 @@ class Node:
                 stats = memory_stats(record.sandbox_id)
                 if stats and stats.oom_kills:
                     reason = f"out of memory: exceeded its {record.memory_mb} MiB limit"
+                elif pids_limit_hits(record.sandbox_id):
+                    reason = f"hit its limit of {record.pids} processes (fork bomb?)"
                 else:
                     reason = "stopped unexpectedly (its init process exited)"
                 self._event(record, reason)

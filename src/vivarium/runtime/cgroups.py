@@ -40,6 +40,15 @@ def _read_keyed(path: Path, key: str) -> int:
     return 0
 
 
+def pids_limit_hits(container_id: str, root: Path = CGROUP_ROOT) -> int:
+    """How often the sandbox hit its process limit (a fork bomb, typically)."""
+    rel = cgroup_path(container_id).lstrip("/")
+    for events in (root / "pids" / rel / "pids.events", root / rel / "pids.events"):
+        if events.exists():
+            return _read_keyed(events, "max")
+    return 0
+
+
 def memory_stats(container_id: str, root: Path = CGROUP_ROOT) -> MemoryStats | None:
     rel = cgroup_path(container_id).lstrip("/")
     v1 = root / "memory" / rel

@@ -107,8 +107,10 @@ def customize(recipe: Recipe, rootfs: Path, probe: Probe, say: Stopwatch) -> Non
             f'#!/bin/sh\nexec /usr/bin/python3 -I {GUEST_PREFIX}/guest/sudo.py "$@"\n'
         )
         wrapper.chmod(0o755)
-        steps: tuple[str, ...] = ("dpkg-divert --local --rename --divert /usr/bin/sudo.setuid --add /usr/bin/sudo",
-                 "ln -sf /usr/local/bin/sudo /usr/bin/sudo")  # fmt: skip
+        steps: tuple[str, ...] = (
+            "dpkg-divert --local --rename --divert /usr/bin/sudo.setuid --add /usr/bin/sudo",
+            "ln -sf /usr/local/bin/sudo /usr/bin/sudo",
+        )
     else:
         steps = ()
     for step in (*recipe.steps, *steps):
