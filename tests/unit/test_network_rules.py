@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import pytest
+
+from vivarium.network.addressing import BLOCKED_RANGES, SlotRange
+from vivarium.network.firewall import HostFirewall, router_rules
+
+
+def test_slot_addresses_are_consecutive_slash30s() -> None:
+    slots = SlotRange("viv", "10.231.0.0/18")
+    assert slots.capacity == 4096
+    first, second = slots.slot(0), slots.slot(1)
+    assert (first.host_ip, first.router_ip) == ("10.231.0.1", "10.231.0.2")
+    assert (second.host_ip, second.router_ip) == ("10.231.0.5", "10.231.0.6")
+    last = slots.slot(slots.capacity - 1)
+    assert last.router_ip == "10.231.63.254"
+    with pytest.raises(ValueError):
+        slots.slot(slots.capacity)
+
+
+def test_slot_names_fit_interface_limits() -> None:
+    slot = SlotRange("abcd", "10.0.0.0/8").slot(4_000_000)
+    assert len(slot.host_if) <= 15
+    assert slot.sandbox_ns == "abcd-sb-4000000"
+    assert slot.netns_path == "/var/run/netns/abcd-sb-4000000"
+
+
+def test_names_map_back_to_indexes_only_for_our_prefix() -> None:
+    slots = SlotRange("viv", "10.231.0.0/18")
+    assert slots.index_of_netns("viv-sb-12") == 12
+    assert slots.index_of_netns("viv-rt-3") == 3
+    assert slots.index_of_netns("vt-sb-3") is None
+    assert slots.index_of_netns("viv-sb-x") is None
+    assert slots.index_of_host_if("vivh-7") == 7
+    assert slots.index_of_host_if("vivh-") is None
+
+
+def test_overlap_detection() -> None:
+    slots = SlotRange("viv", "10.231.0.0/18")
+    assert slots.overlaps("10.0.0.0/8")
+    assert slots.overlaps("10.231.5.0/24")
+    assert not slots.overlaps("10.232.0.0/16")
+    assert not slots.overlaps("fd00::/8")
+
+
+def test_router_rules_drop_sandbox_egress_unless_allowed() -> None:
+    closed = router_rules(allow_internet=False)
+    opened = router_rules(allow_internet=True)
+    assert ":FORWARD DROP" in closed and ":INPUT DROP" in closed
+    assert "-A EGRESS -j ACCEPT" not in closed
+    assert "-A EGRESS -j ACCEPT" in opened
+    # Inbound from the host always reaches the sandbox address.
+    for rules in (closed, opened):
+        assert "-A PREROUTING -i up0 -j DNAT --to-destination 169.254.0.21" in rules
+        assert "-A FORWARD -i up0 -o gw0 -j ACCEPT" in rules
+
+
+def test_host_firewall_blocks_private_ranges_after_operator_allows() -> None:
+    fw = HostFirewall("viv", "10.231.0.0/18", ("10.9.9.9/32",))
+    forward = fw.chain_rules()[("filter", fw.fwd_chain)]
+    flat = [" ".join(rule) for rule in forward]
+    allow_at = flat.index("-d 10.9.9.9/32 -j ACCEPT")
+    for cidr in BLOCKED_RANGES:
+        assert flat.index(f"-d {cidr} -j DROP") > allow_at
+    assert flat[-1] == "-j ACCEPT"
+    host_input = [" ".join(rule) for rule in fw.chain_rules()[("filter", fw.in_chain)]]
+    assert host_input[-1] == "-j DROP"
+    assert "-d 10.9.9.9/32 -j ACCEPT" in host_input
+
+
+def test_every_private_and_link_local_range_is_blocked() -> None:
+    for cidr in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
+                 "127.0.0.0/8", "100.64.0.0/10"):  # fmt: skip
+        assert cidr in BLOCKED_RANGES

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vivarium.config import Settings
+from vivarium.errors import ConfigError, InvalidArgument
+from vivarium.node.records import RecordStore, SandboxRecord, new_sandbox_id, valid_sandbox_id
+from vivarium.runtime import procsys
+from vivarium.runtime.bundle import Resources, base_spec, for_sandbox
+from vivarium.runtime.cgroups import memory_stats, pids_limit_hits
+from vivarium.runtime.probe import Probe
+from vivarium.templates.recipe import Recipe
+
+
+def test_sandbox_spec_changes_only_netns_resources_and_cgroup() -> None:
+    spec = base_spec(Path("/t/rootfs"), ["/init"], ["A=1"], "sandbox")
+    out = for_sandbox(spec, Path("/var/run/netns/x"), Resources(256, 0.5, 100), "iabc")
+    assert out["root"] == spec["root"] and out["mounts"] == spec["mounts"]
+    assert out["process"] == spec["process"]
+    assert {"type": "network", "path": "/var/run/netns/x"} in out["linux"]["namespaces"]
+    assert out["linux"]["resources"] == {
+        "memory": {"limit": 256 * 1024 * 1024},
+        "cpu": {"quota": 50_000, "period": 100_000},
+        "pids": {"limit": 100},
+    }
+    assert out["linux"]["cgroupsPath"] == "/vivarium/iabc"
+    assert "cgroupsPath" not in spec["linux"]  # the template's spec is not modified
+
+
+@pytest.mark.parametrize(
+    "resources", [Resources(10, 1, 100), Resources(512, 0, 100), Resources(512, 1, 1)]
+)
+def test_resources_out_of_range_are_rejected(resources: Resources) -> None:
+    with pytest.raises(InvalidArgument):
+        resources.validate()
+
+
+def test_procsys_copy_hides_only_rmem_default(tmp_path: Path) -> None:
+    source = tmp_path / "sys"
+    (source / "net" / "core").mkdir(parents=True)
+    (source / "vm").mkdir()
+    (source / "net" / "core" / "rmem_default").write_text("212992\n")
+    (source / "net" / "core" / "somaxconn").write_text("4096\n")
+    (source / "vm" / "mmap_min_addr").write_text("65536\n")
+    copy = procsys.make_copy(tmp_path / "copy", source)
+    assert not (copy / "net" / "core" / "rmem_default").exists()
+    assert (copy / "net" / "core" / "somaxconn").read_text() == "4096\n"
+    assert (copy / "vm" / "mmap_min_addr").read_text() == "65536\n"
+    wrapped = procsys.wrap(["runsc", "run", "x"], copy)
+    assert wrapped[:3] == ["unshare", "-m", "sh"]
+    assert wrapped[-3:] == ["runsc", "run", "x"]
+
+
+def test_cgroup_readers_handle_v1_layout(tmp_path: Path) -> None:
+    memory = tmp_path / "memory" / "vivarium" / "iabc"
+    memory.mkdir(parents=True)
+    (memory / "memory.usage_in_bytes").write_text("1048576\n")
+    (memory / "memory.limit_in_bytes").write_text("134217728\n")
+    (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+    pids = tmp_path / "pids" / "vivarium" / "iabc"
+    pids.mkdir(parents=True)
+    (pids / "pids.events").write_text("max 17\n")
+    stats = memory_stats("iabc", tmp_path)
+    assert stats is not None
+    assert (stats.usage_bytes, stats.limit_bytes, stats.oom_kills) == (1048576, 134217728, 1)
+    import vivarium.runtime.cgroups as cgroups
+
+    assert cgroups.pids_limit_hits("iabc", tmp_path) == 17
+    assert memory_stats("missing", tmp_path) is None
+    assert pids_limit_hits("missing", tmp_path) == 0
+
+
+def test_sandbox_ids_have_e2b_shape() -> None:
+    ids = {new_sandbox_id() for _ in range(200)}
+    assert len(ids) == 200
+    for value in ids:
+        assert len(value) == 20 and value[0] == "i" and valid_sandbox_id(value)
+    assert not valid_sandbox_id("../etc")
+    assert not valid_sandbox_id("")
+
+
+def test_record_store_round_trip_and_strays(tmp_path: Path) -> None:
+    store = RecordStore(tmp_path)
+    record = SandboxRecord("iabc", "base", "b1", 3, "10.0.0.14", 1.0, 2.0, 512, 1.0, 100, True,
+                           {"k": "v"}, {"E": "1"})  # fmt: skip
+    store.save(record)
+    (tmp_path / "ihalf").mkdir()
+    (tmp_path / "ibroken").mkdir()
+    (tmp_path / "ibroken" / "record.json").write_text("{")
+    records, strays = store.load_all()
+    assert records == [record]
+    assert sorted(p.name for p in strays) == ["ibroken", "ihalf"]
+    assert json.loads((tmp_path / "iabc" / "record.json").read_text())["metadata"] == {"k": "v"}
+
+
+def test_recipe_hash_tracks_recipe_and_runsc() -> None:
+    probe = Probe("v1", "k", "ptrace", "--overlay", True, True, True)
+    base = Recipe(name="base")
+    assert base.recipe_hash(probe) == Recipe(name="base").recipe_hash(probe)
+    assert base.recipe_hash(probe) != Recipe(name="base", packages=("python3",)).recipe_hash(probe)
+    newer = Probe("v2", "k", "ptrace", "--overlay", True, True, True)
+    assert base.recipe_hash(probe) != base.recipe_hash(newer)
+
+
+def test_settings_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VIVARIUM_SLOT_PREFIX", "toolong")
+    with pytest.raises(ConfigError, match="SLOT_PREFIX"):
+        Settings.from_env()
+    monkeypatch.setenv("VIVARIUM_SLOT_PREFIX", "viv")
+    monkeypatch.setenv("VIVARIUM_SLOT_CIDR", "10.0.0.0/30")
+    with pytest.raises(ConfigError, match="SLOT_CIDR"):
+        Settings.from_env()
+    monkeypatch.setenv("VIVARIUM_SLOT_CIDR", "10.231.0.0/18")
+    monkeypatch.setenv("VIVARIUM_API_PORT", "http")
+    with pytest.raises(ConfigError, match="API_PORT"):
+        Settings.from_env()
+    monkeypatch.setenv("VIVARIUM_API_PORT", "3000")
+    monkeypatch.setenv("VIVARIUM_EGRESS_ALLOW", "10.1.2.3/32, not-a-cidr")
+    with pytest.raises(ConfigError, match="EGRESS_ALLOW"):
+        Settings.from_env()
+    monkeypatch.setenv("VIVARIUM_EGRESS_ALLOW", "10.1.2.3/32")
+    assert Settings.from_env().egress_allow == ("10.1.2.3/32",)
