@@ -61,7 +61,7 @@ API_PORT = 3200
 MAX_SANDBOXES = 64
 PREWARM = 12
 # The raw-restore floor's own slot, outside the server's range.
-RAW_PREFIX = "vr"
+RAW_PREFIX = "vbr"
 RAW_CIDR = "10.234.0.0/24"
 RAW_RESOURCES = Resources(memory_mb=1024, cpus=1.0, pids=512)  # the node's defaults
 
@@ -73,6 +73,8 @@ CONCURRENT_CREATES = 10  # also the sandboxes whose idle memory is measured
 IDLE_WAIT_S = 3.0
 SCALE_TOTAL = 50
 SCALE_BATCH = 10
+KILL_PARALLEL = 10
+SETTLE_TIMEOUT_S = 60.0
 # Longer than the whole run, so no sandbox expires in the middle of a measurement.
 SANDBOX_TIMEOUT_S = 1800
 START_TIMEOUT_S = 120.0  # the server prewarms its slots before it listens
@@ -258,6 +260,7 @@ class RawFloor:
     platform: str = ""
     restore_ms: list[float] = field(default_factory=list)
     exec_ms: list[float] = field(default_factory=list)
+    delete_ms: list[float] = field(default_factory=list)
     memory: Memory | None = None
 
 
@@ -274,7 +277,8 @@ async def _probe_container(runtime: Runsc, cid: str, raw: RawFloor) -> None:
 
 
 def raw_cid(run: int) -> str:
-    return f"vbraw-{os.getpid()}-{run}"
+    # Fixed width: runsc accepts unique id prefixes, so "-1" must not be a prefix of "-10".
+    return f"vbraw-{os.getpid()}-{run:03d}"
 
 
 async def measure_raw(template: Template, work: Path) -> RawFloor:
@@ -297,7 +301,9 @@ async def measure_raw(template: Template, work: Path) -> RawFloor:
             raw.restore_ms.append(elapsed_ms(start))
             if i == RESTORE_RUNS - 1:
                 await _probe_container(runtime, cid, raw)
+            start = time.perf_counter()
             await runtime.delete(cid)
+            raw.delete_ms.append(elapsed_ms(start))
             live = None
             await reset_sandbox_side(slot)  # as the node does when a slot goes back to its pool
     finally:
@@ -421,23 +427,47 @@ class Fleet:
 
         return _run_parallel([one] * n)
 
+    def _kill_quietly(self, sandbox_id: str) -> None:
+        with self.client() as client:
+            try:
+                self.kill(client, sandbox_id)
+            except NodeError as exc:
+                if exc.http_status != 404:
+                    raise
+            with self._lock:
+                self.alive.discard(sandbox_id)  # after a 404 too: it is gone already
+
+    def settle(self) -> None:
+        """Wait until the node has finished tearing down killed sandboxes (it may do that in
+        the background), so one phase's cleanup does not weigh on the next one's figures."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        with self.client() as client:
+            while time.monotonic() < deadline:
+                if client.info()["slots_in_use"] <= len(self.alive):
+                    return
+                time.sleep(0.2)
+        log(f"the node still held slots of killed sandboxes after {SETTLE_TIMEOUT_S:g}s")
+
     def kill_all(self) -> None:
-        """Kill what we created, then anything else the server holds (it is ours alone)."""
+        """Kill what we created, then anything else the server holds (it is ours alone).
+
+        In parallel: a kill can take seconds (`runsc delete`), and this is cleanup, not a
+        measurement.
+        """
         with self.client() as client:
             leftover = set(self.alive) | {s["sandbox_id"] for s in client.list_sandboxes()}
-            for sandbox_id in sorted(leftover):
-                try:
-                    self.kill(client, sandbox_id)
-                except NodeError as exc:
-                    if exc.http_status != 404:
-                        raise
+        calls = [functools.partial(self._kill_quietly, sid) for sid in sorted(leftover)]
+        errors = [r for r in _run_parallel(calls, KILL_PARALLEL) if isinstance(r, Exception)]
+        if errors:
+            raise RuntimeError(f"{len(errors)} kill(s) failed, first: {errors[0]!r}")
 
 
 T = TypeVar("T")
 
 
-def _run_parallel(calls: Sequence[Callable[[], T]]) -> list[T | Exception]:
-    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+def _run_parallel(calls: Sequence[Callable[[], T]], workers: int = 0) -> list[T | Exception]:
+    """Results (or the exception raised) in call order; `workers` 0 runs all at once."""
+    with ThreadPoolExecutor(max_workers=max(1, workers or len(calls))) as pool:
         futures = [pool.submit(call) for call in calls]
         out: list[T | Exception] = []
         for future in futures:
@@ -461,6 +491,7 @@ def _all_created(results: list[Created | Exception]) -> list[Created]:
 @dataclass
 class NodeFigures:
     sequential_ms: list[float] = field(default_factory=list)
+    kill_ms: list[float] = field(default_factory=list)
     concurrent_ms: list[float] = field(default_factory=list)
     concurrent_wall_ms: float = 0.0
     exec_ms: list[float] = field(default_factory=list)
@@ -478,7 +509,9 @@ def measure_sequential(fleet: Fleet, figures: NodeFigures) -> None:
         for _ in range(SEQUENTIAL_CREATES):
             created = fleet.create(client)
             figures.sequential_ms.append(created.ms)
-            fleet.kill(client, created.sandbox_id)  # not timed
+            start = time.perf_counter()
+            fleet.kill(client, created.sandbox_id)  # not part of the create figure
+            figures.kill_ms.append(elapsed_ms(start))
 
 
 def measure_concurrent_idle_exec(fleet: Fleet, figures: NodeFigures) -> None:
@@ -496,8 +529,7 @@ def measure_concurrent_idle_exec(fleet: Fleet, figures: NodeFigures) -> None:
             figures.exec_ms.append(elapsed_ms(start))
             if result["exit_code"] != 0:
                 raise RuntimeError(f"exec true exited {result['exit_code']}: {result['stderr']}")
-        for c in created:
-            fleet.kill(client, c.sandbox_id)
+    fleet.kill_all()
 
 
 def _check(fleet: Fleet, sandbox_id: str) -> str | None:
@@ -522,12 +554,11 @@ def measure_scale(fleet: Fleet, figures: NodeFigures) -> None:
                 figures.scale_errors.append(f"create: {result!r}")
     figures.scale_create_s = time.perf_counter() - start
     checks = [functools.partial(_check, fleet, c.sandbox_id) for c in created]
-    for batch in range(0, len(checks), SCALE_BATCH):
-        for outcome in _run_parallel(checks[batch : batch + SCALE_BATCH]):
-            if outcome is None:
-                figures.scale_ok += 1
-            else:
-                figures.scale_errors.append(f"exec: {outcome!r}")
+    for outcome in _run_parallel(checks, SCALE_BATCH):
+        if outcome is None:
+            figures.scale_ok += 1
+        else:
+            figures.scale_errors.append(f"exec: {outcome!r}")
     figures.scale_wall_s = time.perf_counter() - start
     figures.scale_mem_delta_bytes = available_before - mem_available()
     fleet.kill_all()
@@ -538,8 +569,10 @@ def measure_node(fleet: Fleet) -> NodeFigures:
     try:
         log(f"node: {SEQUENTIAL_CREATES} sequential creates")
         measure_sequential(fleet, figures)
+        fleet.settle()
         log(f"node: {CONCURRENT_CREATES} concurrent creates, idle memory, exec")
         measure_concurrent_idle_exec(fleet, figures)
+        fleet.settle()
         log(f"node: scale to {SCALE_TOTAL} sandboxes")
         measure_scale(fleet, figures)
         with fleet.client() as client:
@@ -552,19 +585,25 @@ def measure_node(fleet: Fleet) -> NodeFigures:
 # -- cleanup ---------------------------------------------------------------------------------
 
 
+async def _sweep_containers(runtime: Runsc) -> list[str]:
+    try:
+        for container in await runtime.list():
+            try:
+                await runtime.delete(container.id)
+            except Exception as exc:  # keep sweeping; what stays is reported below
+                log(f"could not delete container {container.id}: {exc}")
+        return [f"runsc container {c.id} in {runtime.root}" for c in await runtime.list()]
+    except Exception as exc:  # `runsc list` failing must not stop the rest of the cleanup
+        return [f"runsc list in {runtime.root} failed: {exc}"]
+
+
 async def sweep(work: Path, server_state: Path) -> list[str]:
     """Remove whatever this run may have left, idempotently; return what could not be removed."""
     problems: list[str] = []
     for root in (work / "runsc-raw", server_state / "runsc"):
-        if not root.is_dir():
-            continue
-        runtime = await asyncio.to_thread(open_runtime, RUNSC, work, root)
-        for container in await runtime.list():
-            try:
-                await runtime.delete(container.id)
-            except Exception as exc:  # keep sweeping; it is reported below
-                log(f"could not delete container {container.id}: {exc}")
-        problems += [f"runsc container {c.id} in {root}" for c in await runtime.list()]
+        if root.is_dir():
+            runtime = await asyncio.to_thread(open_runtime, RUNSC, work, root)
+            problems += await _sweep_containers(runtime)
     for prefix, cidr in ((RAW_PREFIX, RAW_CIDR), (SLOT_PREFIX, SLOT_CIDR)):
         pool = SlotPool(prefix, cidr, (), 0, 1)  # used only to find slots by name
         for index in await pool.existing_indexes():
@@ -600,6 +639,8 @@ def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row
         Row("raw_restore_p95_ms", "raw runsc restore p95", restore95, "ms"),
         Row("raw_exec_p50_ms", "raw runsc exec `true` p50", rexec50, "ms", p50(spawn),
             "native spawn p50", samples=tuple(raw.exec_ms)),
+        Row("raw_delete_p50_ms", "raw runsc delete p50", p50(raw.delete_ms), "ms",
+            samples=tuple(raw.delete_ms)),
         Row("create_seq_p50_ms", "create p50 (sequential)", p50(node.sequential_ms), "ms",
             restore50, "raw restore p50", max_ratio=CREATE_TARGET_RATIO,
             samples=tuple(node.sequential_ms)),
@@ -613,6 +654,8 @@ def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row
         Row("create_conc_wall_ms", f"create wall ({CONCURRENT_CREATES} concurrent)",
             node.concurrent_wall_ms, "ms", CONCURRENT_CREATES * restore50,
             f"{CONCURRENT_CREATES} x raw restore p50"),
+        Row("kill_seq_p50_ms", "kill p50 (sequential)", p50(node.kill_ms), "ms",
+            p50(raw.delete_ms), "raw runsc delete p50, full teardown", samples=tuple(node.kill_ms)),
         Row("exec_p50_ms", "node exec `true` p50", p50(node.exec_ms), "ms", rexec50,
             "raw runsc exec p50", samples=tuple(node.exec_ms)),
         Row("idle_cgroup_mib", "idle memory/sandbox (cgroup usage)", idle_cg, "MiB", raw_cg,
@@ -670,11 +713,13 @@ def run(work: Path) -> int:
         if failed and server.proc is not None:
             log(f"server log tail:\n{server.tail()}")
         log("stopping the server and cleaning up")
-        server.stop()
-        if server.log_path.exists():
-            SERVER_LOG.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(server.log_path, SERVER_LOG)
-        problems = asyncio.run(sweep(work, server_state))
+        try:
+            server.stop()
+            if server.log_path.exists():
+                SERVER_LOG.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(server.log_path, SERVER_LOG)
+        finally:
+            problems = asyncio.run(sweep(work, server_state))
         problems += leftover_cgroups(fleet.ever | {raw_cid(i) for i in range(RESTORE_RUNS)})
         if problems:
             log("cleanup left: " + "; ".join(problems))
@@ -685,6 +730,10 @@ def run(work: Path) -> int:
     rows = build_rows(spawn, raw, node)
     print_table(rows)
     write_json(rows, machine, node)
+    for problem in node.scale_errors:
+        print(f"scale error: {problem}")
+    for event in node.events:
+        print(f"node event: sandbox {event['sandbox_id']} {event['reason']}")
     missed = [row.metric for row in rows if row.met is False]
     print(f"\ntargets: {'all met' if not missed else 'missed: ' + ', '.join(missed)}")
     print(f"results: {RESULTS.relative_to(REPO)}")

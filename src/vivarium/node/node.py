@@ -60,6 +60,8 @@ class Node:
         self.events: list[dict[str, Any]] = []
         self._locks: dict[str, asyncio.Lock] = {}
         self._creating = 0
+        self._suspects: set[str] = set()
+        self._cleanups: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -85,6 +87,7 @@ class Node:
         if self._reaper:
             self._reaper.cancel()
             await asyncio.gather(self._reaper, return_exceptions=True)
+        await self._drain_cleanups()
         await self.pool.stop(destroy_free=True)
 
     async def _reconcile(self) -> None:
@@ -147,6 +150,8 @@ class Node:
         resources.validate()
         timeout_s = self._timeout(req.timeout_s)
         template = self.templates.get(req.template)
+        if len(self.sandboxes) + self._creating + len(self._cleanups) >= s.max_sandboxes:
+            await self._drain_cleanups()  # slots of just-killed sandboxes come back first
         if len(self.sandboxes) + self._creating >= s.max_sandboxes:
             raise CapacityExhausted(
                 f"this node runs its maximum of {s.max_sandboxes} sandboxes",
@@ -202,11 +207,33 @@ class Node:
             await self._destroy(record)
 
     async def _destroy(self, record: SandboxRecord) -> None:
-        await self._rt().delete(record.sandbox_id)
+        """Stop the sandbox now; delete its container and free its slot in the background.
+
+        `runsc delete` takes over a second (it waits for the cgroup to drain), while killing
+        every process takes milliseconds. Removing the record first is crash-safe: a container
+        or slot without a record is cleaned up by the next start.
+        """
+        await self._rt().kill(record.sandbox_id)
         self.sandboxes.pop(record.sandbox_id, None)
-        await self.pool.release(self.pool.range.slot(record.slot_index))
-        shutil.rmtree(self.records.sandbox_dir(record.sandbox_id), ignore_errors=True)
         self._locks.pop(record.sandbox_id, None)
+        directory = self.records.sandbox_dir(record.sandbox_id)
+        (directory / "record.json").unlink(missing_ok=True)
+        task = asyncio.create_task(self._finish_destroy(record, directory))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _finish_destroy(self, record: SandboxRecord, directory: Path) -> None:
+        try:
+            await self._rt().delete(record.sandbox_id)
+            await self.pool.release(self.pool.range.slot(record.slot_index))
+            shutil.rmtree(directory, ignore_errors=True)
+        except Exception:
+            log.exception("cleanup of sandbox %s failed; the next start retries it",
+                          record.sandbox_id)  # fmt: skip
+
+    async def _drain_cleanups(self) -> None:
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
 
     async def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
         async with self._locked(sandbox_id) as record:
@@ -258,8 +285,18 @@ class Node:
 
     async def _check_alive(self) -> None:
         """Clean up sandboxes whose container stopped on its own, and say why."""
-        running = {c.id for c in await self._rt().list() if c.status == "running"}
+        runtime = self._rt()
+        suspects, self._suspects = self._suspects, set()
+        running = {c.id for c in await runtime.list() if c.status == "running"}
         for record in [r for r in self.sandboxes.values() if r.sandbox_id not in running]:
+            # `runsc list` can miss a container whose state file is being rewritten: ask it
+            # directly, and act only when a sandbox looked dead in two checks in a row.
+            state = await runtime.state(record.sandbox_id)
+            if state is not None and state.status == "running":
+                continue
+            if record.sandbox_id not in suspects:
+                self._suspects.add(record.sandbox_id)
+                continue
             lock = self._locks.setdefault(record.sandbox_id, asyncio.Lock())
             if lock.locked():
                 continue  # being created, killed or changed right now

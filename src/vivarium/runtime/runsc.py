@@ -95,8 +95,9 @@ class Runsc:
         return _parse_state(json.loads(res.stdout))
 
     async def list(self) -> list[ContainerState]:
-        res = await run(self._argv("list", "--format=json"), check=False)
-        if not res.ok or not res.stdout.strip():
+        """Every container under our root; raises when runsc cannot say (never guesses [])."""
+        res = await run(self._argv("list", "--format=json"))
+        if not res.stdout.strip():
             return []
         data = json.loads(res.stdout) or []
         return [_parse_state(item) for item in data]
