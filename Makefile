@@ -39,8 +39,8 @@ system-deps:
 python-deps: $(DEPS_STAMP)
 
 $(DEPS_STAMP): pyproject.toml uv.lock
-	@command -v uv >/dev/null || $(PYTHON) -m pip install --quiet --root-user-action=ignore uv
-	uv sync --frozen --quiet
+	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --root-user-action=ignore uv
+	$(PYTHON) -m uv sync --frozen --quiet
 	@rm -f .venv/.deps-*; touch $@
 
 # Built once and cached in the state directory; rebuilt when its recipe changes.

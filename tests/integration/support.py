@@ -22,7 +22,11 @@ from vivarium.node.client import NodeClient
 
 REPO = Path(__file__).resolve().parents[2]
 VIVARIUM = str(Path(sys.executable).parent / "vivarium")
-TEMPLATE_DIR = os.environ.get("VIVARIUM_TEST_TEMPLATE_DIR", "/var/lib/vivarium/templates")
+# The template `make test` built: in the state directory make used.
+TEMPLATE_DIR = os.environ.get(
+    "VIVARIUM_TEMPLATE_DIR",
+    os.path.join(os.environ.get("VIVARIUM_STATE_DIR", "/var/lib/vivarium"), "templates"),
+)
 
 # A "host on the internet" for egress tests: its own netns on this machine, reached through the
 # root namespace like any outside address. ALLOWED is listed in VIVARIUM_EGRESS_ALLOW; OTHER is
