@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from vivarium.config import Settings
 from vivarium.network.addressing import SlotRange
 from vivarium.network.firewall import HostFirewall
 from vivarium.network.pool import SlotPool, create_slot, destroy_slot, reset_sandbox_side
@@ -50,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "latest.json"
 SERVER_LOG = RESULTS.with_name("latest-serve.log")  # kept: the server's state dir is removed
 VIVARIUM = Path(sys.executable).parent / "vivarium"
-TEMPLATE_DIR = Path("/var/lib/vivarium/templates")
+TEMPLATE_DIR = Settings.from_env().templates_root  # where `make` built the template
 TEMPLATE = "base"
 RUNSC = "runsc"
 
