@@ -1,5 +1,5 @@
-"""PID 1 of every sandbox until envd takes its place: reap orphans, serve the sudo broker,
-stop on SIGTERM.
+"""PID 1 of every sandbox: start and supervise envd and the sudo broker, reap orphans, stop on
+SIGTERM.
 
 Guest code: runs inside the sandbox with the template's python3; imports nothing from the host
 package and only the standard library.
@@ -139,6 +139,26 @@ def _sudo_broker() -> None:
         threading.Thread(target=_serve_one, args=(conn,), daemon=True).start()
 
 
+GUEST_LIB = "/opt/vivarium/lib"
+# -I: the user's PYTHONPATH, site-packages and current directory never reach envd.
+ENVD_ARGV = [
+    "/usr/bin/python3", "-I", "-c",
+    f"import sys, runpy; sys.path.insert(0, {GUEST_LIB!r}); "
+    "runpy.run_module('envd', run_name='__main__', alter_sys=True)",
+]  # fmt: skip
+RESTART_BACKOFF_S = 1.0
+
+
+def _start_envd() -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.execv(ENVD_ARGV[0], ENVD_ARGV)
+        finally:
+            os._exit(127)
+    return pid
+
+
 def _start_broker() -> int:
     """Fork the broker before any thread exists; its children are its own to wait for."""
     pid = os.fork()
@@ -155,13 +175,14 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     broker = _start_broker()
+    envd = _start_envd()
     deadline = time.monotonic() + 10
     while not os.path.exists(SUDO_SOCKET) and time.monotonic() < deadline:
         time.sleep(0.01)
     os.makedirs(os.path.dirname(READY_FILE), exist_ok=True)
     with open(READY_FILE, "w") as f:
         f.write(str(time.time()))
-    while True:  # reap every orphan; restart the broker if it ever dies
+    while True:  # reap every orphan; restart envd or the broker if one dies
         try:
             pid, _status = os.waitpid(-1, 0)
         except ChildProcessError:
@@ -170,7 +191,11 @@ def main() -> None:
         except InterruptedError:
             continue
         if pid == broker:
+            time.sleep(RESTART_BACKOFF_S)
             broker = _start_broker()
+        elif pid == envd:
+            time.sleep(RESTART_BACKOFF_S)
+            envd = _start_envd()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from vivarium.config import Settings
 from vivarium.errors import CapacityExhausted, InvalidArgument, NotFound
 from vivarium.network.addressing import Slot
 from vivarium.network.pool import SlotPool
+from vivarium.node.envd_init import init_envd
 from vivarium.node.records import RecordStore, SandboxRecord, new_sandbox_id, valid_sandbox_id
 from vivarium.proc import Result
 from vivarium.runtime.bundle import Resources, for_sandbox, write_bundle
@@ -185,6 +186,8 @@ class Node:
                 for_sandbox(spec, Path(slot.netns_path), resources, sandbox_id),
             )
             await runtime.restore(sandbox_id, bundle, image, directory / "console.log")
+            await init_envd(slot.router_ip, sandbox_id=sandbox_id, template_id=template,
+                            env_vars=dict(req.env_vars or {}))  # fmt: skip
             now = time.time()
             record = SandboxRecord(
                 sandbox_id=sandbox_id, template=template, build_id=build_id,

@@ -10,14 +10,18 @@ import asyncio
 import json
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from vivarium.config import Settings
 from vivarium.errors import HostNotReady, NotFound, RuntimeFailure
+from vivarium.guest.envd import PORT as ENVD_PORT
 from vivarium.network.addressing import SlotRange
 from vivarium.network.pool import create_slot, destroy_slot
 from vivarium.proc import run_sync
@@ -86,11 +90,23 @@ async def debootstrap(recipe: Recipe, cache_dir: Path, say: Stopwatch) -> Path:
     return cached
 
 
-def customize(recipe: Recipe, rootfs: Path, probe: Probe, say: Stopwatch) -> None:
-    guest = rootfs / GUEST_PREFIX.lstrip("/") / "guest"
+def install_guest(recipe: Recipe, rootfs: Path, say: Stopwatch) -> None:
+    """Our in-sandbox code and its dependencies, apart from the user's Python environment."""
+    prefix = rootfs / GUEST_PREFIX.lstrip("/")
+    guest, lib = prefix / "guest", prefix / "lib"
     guest.mkdir(parents=True, exist_ok=True)
     for source in GUEST_DIR.glob("*.py"):
         shutil.copy2(source, guest / source.name)
+    say(f"vendoring {len(recipe.guest_packages)} packages for envd")
+    run_sync([sys.executable, "-m", "uv", "pip", "install", "--quiet", "--no-deps",
+              "--target", str(lib), "--python-version", "3.11", "--only-binary", ":all:",
+              *recipe.guest_packages])  # fmt: skip
+    shutil.copytree(GUEST_DIR / "envd", lib / "envd", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+
+
+def customize(recipe: Recipe, rootfs: Path, probe: Probe, say: Stopwatch) -> None:
+    install_guest(recipe, rootfs, say)
     preload = rootfs / "etc" / "ld.so.preload"
     if probe.statx_shim:
         say("installing the statx shim (this runsc rejects AT_NO_AUTOMOUNT)")
@@ -120,14 +136,19 @@ def customize(recipe: Recipe, rootfs: Path, probe: Probe, say: Stopwatch) -> Non
             raise RuntimeFailure(f"template step failed: {step}: {res.stderr.strip()[-300:]}")
 
 
-async def wait_ready(runtime: Runsc, cid: str) -> None:
+async def wait_ready(address: str) -> None:
+    """Until envd answers on the slot address: what is checkpointed must be serving."""
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        res = await runtime.exec(cid, ["/usr/bin/test", "-f", "/run/vivarium-ready"], timeout=10)
-        if res.ok:
-            return
-        await asyncio.sleep(0.2)
-    raise RuntimeFailure(f"template init did not become ready within {READY_TIMEOUT_S:.0f}s")
+    async with httpx.AsyncClient(timeout=2) as http:
+        while time.monotonic() < deadline:
+            try:
+                if (await http.get(f"http://{address}:{ENVD_PORT}/health")).is_success:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeFailure(f"envd did not become ready within {READY_TIMEOUT_S:.0f}s",
+                         "see build-console.log in the build directory")  # fmt: skip
 
 
 async def boot_and_checkpoint(
@@ -147,7 +168,7 @@ async def boot_and_checkpoint(
         write_bundle(bundle, for_sandbox(spec, Path(slot.netns_path), resources, cid))
         say("booting under runsc")
         await runtime.start(cid, bundle, build_dir / "build-console.log")
-        await wait_ready(runtime, cid)
+        await wait_ready(slot.router_ip)
         say("checkpointing")
         await runtime.checkpoint(cid, build_dir / "checkpoint")
     finally:

@@ -20,6 +20,14 @@ BASE_PACKAGES = (
     "ca-certificates", "sudo", "less", "nano", "wget", "unzip", "xz-utils", "locales",
 )  # fmt: skip
 
+# envd's dependencies, vendored into GUEST_PREFIX/lib (pure Python, fetched on the host at build
+# time: a template build never needs network access from inside a sandbox). Pinned with their
+# dependencies so every build of a recipe gets the same code.
+GUEST_PACKAGES = (
+    "starlette==1.10.0", "uvicorn==0.54.0", "h11==0.16.0", "click==8.5.1", "anyio==4.16.0",
+    "idna==3.20", "typing_extensions==4.16.0", "python-multipart==0.0.20",
+)  # fmt: skip
+
 USER_SETUP = (
     "id -u user >/dev/null 2>&1 || useradd --create-home --uid 1000 --shell /bin/bash user",
     "usermod -aG sudo user",
@@ -39,6 +47,7 @@ class Recipe:
     mirror: str = "http://deb.debian.org/debian"
     packages: tuple[str, ...] = BASE_PACKAGES
     steps: tuple[str, ...] = USER_SETUP
+    guest_packages: tuple[str, ...] = GUEST_PACKAGES
     init: tuple[str, ...] = ("/usr/bin/python3", f"{GUEST_PREFIX}/guest/init.py")
     env: tuple[str, ...] = ("LANG=C.UTF-8", "HOME=/root")
     extra: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,8 @@
+"""envd: the daemon inside every sandbox, speaking E2B's process and filesystem protocol.
+
+Guest code: it runs inside sandboxes, imports only the standard library and the packages the
+template vendors into /opt/vivarium/lib, and never imports host code (relative imports only).
+"""
+
+ENVD_VERSION = "0.6.13"  # the E2B envd version whose protocol we implement
+PORT = 49983

@@ -1,0 +1,112 @@
+"""envd's HTTP app: plain endpoints (/health, /init, /envs, /metrics, /files) and the Connect
+services (process.Process, filesystem.Filesystem)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from . import files, filesystem, process
+from .auth import token_ok
+from .state import EnvdState
+
+OPEN_PATHS = ("/health", "/init")
+
+
+class AccessToken:
+    """Once /init set a token, every other request must carry it in X-Access-Token."""
+
+    def __init__(self, app: ASGIApp, state: EnvdState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        guarded = scope["type"] == "http" and scope["path"] not in OPEN_PATHS
+        if guarded and self.state.access_token and not token_ok(Request(scope), self.state):
+            response = JSONResponse(
+                {"code": "unauthenticated", "message": "missing or wrong X-Access-Token"},
+                status_code=401,
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _metrics() -> dict[str, Any]:
+    meminfo = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            meminfo[key] = int(rest.split()[0]) * 1024
+    total = meminfo.get("MemTotal", 0)
+    available = meminfo.get("MemAvailable", meminfo.get("MemFree", 0))
+    cache = meminfo.get("Cached", 0)
+    disk = os.statvfs("/")
+    cpu_count = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return {
+        "ts": int(time.time()),
+        "cpu_count": cpu_count,
+        "cpu_used_pct": round(min(100.0, 100.0 * load / cpu_count), 2),
+        "mem_total": total,
+        "mem_used": total - available,
+        "mem_cache": cache,
+        "mem_total_mib": total >> 20,
+        "mem_used_mib": (total - available) >> 20,
+        "disk_used": (disk.f_blocks - disk.f_bfree) * disk.f_frsize,
+        "disk_total": disk.f_blocks * disk.f_frsize,
+    }
+
+
+def create_app(state: EnvdState) -> Starlette:
+    async def health(request: Request) -> Response:
+        return Response(status_code=204)
+
+    async def init(request: Request) -> Response:
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError:
+            return JSONResponse({"code": 400, "message": "malformed JSON"}, status_code=400)
+        if not isinstance(body, dict):
+            return JSONResponse({"code": 400, "message": "body must be an object"},
+                                status_code=400)  # fmt: skip
+        env_vars = body.get("envVars") or {}
+        if isinstance(env_vars, dict):
+            state.env_vars.update({str(k): str(v) for k, v in env_vars.items()})
+        if body.get("accessToken"):
+            state.access_token = str(body["accessToken"])
+        for key, attr in (
+            ("defaultUser", "default_user"),
+            ("defaultWorkdir", "default_workdir"),
+            ("sandboxId", "sandbox_id"),
+            ("templateId", "template_id"),
+        ):
+            if isinstance(body.get(key), str) and body[key]:
+                setattr(state, attr, body[key])
+        return Response(status_code=204)
+
+    async def envs(request: Request) -> Response:
+        return JSONResponse(state.process_env())
+
+    async def metrics(request: Request) -> Response:
+        return JSONResponse(_metrics())
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/init", init, methods=["POST"]),
+        Route("/envs", envs, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        *files.routes(state),
+        *process.routes(state),
+        *filesystem.routes(state),
+    ]
+    return Starlette(routes=routes, middleware=[Middleware(AccessToken, state=state)])

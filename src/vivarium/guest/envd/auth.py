@@ -1,0 +1,56 @@
+"""Who a request acts as: the user from HTTP Basic auth (`user:` with no password, as the E2B
+clients send it), else the default user; and the access token check."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import pwd
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from .connect import ConnectError
+from .state import EnvdState
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+
+
+def lookup_user(name: str) -> User:
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ConnectError("permission_denied", f"user {name!r} does not exist") from None
+    return User(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir,
+                entry.pw_shell or "/bin/sh")  # fmt: skip
+
+
+def user_name(request: Request, state: EnvdState) -> str:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("basic "):
+        try:
+            decoded = base64.b64decode(header[6:].strip()).decode()
+        except ValueError:
+            raise ConnectError("invalid_argument", "malformed Authorization header") from None
+        name = decoded.split(":", 1)[0]
+        if name:
+            return name
+    return state.default_user
+
+
+def request_user(request: Request, state: EnvdState) -> User:
+    return lookup_user(user_name(request, state))
+
+
+def token_ok(request: Request, state: EnvdState) -> bool:
+    if not state.access_token:
+        return True
+    sent = request.headers.get("x-access-token", "")
+    return hmac.compare_digest(sent.encode(), state.access_token.encode())

@@ -1,0 +1,174 @@
+"""The Connect protocol (JSON codec) over Starlette: what the official clients speak to envd.
+
+- unary: `POST /pkg.Service/Method`, `application/json` body -> JSON body; errors are a non-2xx
+  status with `{"code": "not_found", "message": "..."}`.
+- streaming (server, client or both): `application/connect+json`; each message is an envelope
+  (1 flag byte, 4-byte big-endian length, JSON); the response ends with an end-of-stream envelope
+  (flag 0x02) holding `{}` or `{"error": {...}}`.
+
+Guest code: imports only the standard library and the template's vendored packages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+MAX_MESSAGE = 16 * 1024 * 1024
+FLAG_END_STREAM = 0x02
+FLAG_COMPRESSED = 0x01
+
+STATUS = {
+    "canceled": 499, "unknown": 500, "invalid_argument": 400, "deadline_exceeded": 504,
+    "not_found": 404, "already_exists": 409, "permission_denied": 403,
+    "resource_exhausted": 429, "failed_precondition": 400, "aborted": 409, "out_of_range": 400,
+    "unimplemented": 501, "internal": 500, "unavailable": 503, "data_loss": 500,
+    "unauthenticated": 401,
+}  # fmt: skip
+
+Message = dict[str, Any]
+Unary = Callable[[Request, Message], Awaitable[Message]]
+ServerStream = Callable[[Request, Message], AsyncIterator[Message]]
+ClientStream = Callable[[Request, AsyncIterator[Message]], Awaitable[Message]]
+
+
+class ConnectError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        assert code in STATUS, code
+        self.code = code
+        self.message = message
+
+    def to_json(self) -> Message:
+        return {"code": self.code, "message": self.message}
+
+
+def envelope(message: Message, flags: int = 0) -> bytes:
+    payload = json.dumps(message, separators=(",", ":")).encode()
+    return struct.pack(">BI", flags, len(payload)) + payload
+
+
+async def read_envelopes(request: Request) -> AsyncIterator[Message]:
+    """Decode the enveloped messages of a streaming request as its chunks arrive."""
+    buffer = bytearray()
+    async for chunk in request.stream():
+        buffer += chunk
+        while len(buffer) >= 5:
+            flags, length = struct.unpack(">BI", buffer[:5])
+            if length > MAX_MESSAGE:
+                raise ConnectError("resource_exhausted", f"message of {length} bytes is too large")
+            if len(buffer) < 5 + length:
+                break
+            payload = bytes(buffer[5 : 5 + length])
+            del buffer[: 5 + length]
+            if flags & FLAG_COMPRESSED:
+                raise ConnectError("unimplemented", "compressed messages are not supported")
+            if flags & FLAG_END_STREAM:
+                return
+            yield _decode(payload)
+    if buffer:
+        raise ConnectError("invalid_argument", "request ended in the middle of a message")
+
+
+def _decode(payload: bytes) -> Message:
+    if not payload:
+        return {}
+    try:
+        message = json.loads(payload)
+    except ValueError as exc:
+        raise ConnectError("invalid_argument", f"malformed JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise ConnectError("invalid_argument", "message must be a JSON object")
+    return message
+
+
+def _unary_error(exc: ConnectError) -> Response:
+    return JSONResponse(exc.to_json(), status_code=STATUS[exc.code])
+
+
+async def _unary_body(request: Request) -> Message:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_MESSAGE:
+            raise ConnectError("resource_exhausted", "request is too large")
+    return _decode(bytes(body))
+
+
+def _is_streaming(request: Request) -> bool:
+    return request.headers.get("content-type", "").startswith("application/connect+")
+
+
+def unary(handler: Unary) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        if _is_streaming(request):
+            return _stream_error(ConnectError("invalid_argument", "this method is unary"))
+        try:
+            return JSONResponse(await handler(request, await _unary_body(request)))
+        except ConnectError as exc:
+            return _unary_error(exc)
+
+    return endpoint
+
+
+def _stream_error(exc: ConnectError) -> Response:
+    return Response(
+        envelope({"error": exc.to_json()}, FLAG_END_STREAM),
+        media_type="application/connect+json",
+    )
+
+
+def server_stream(handler: ServerStream) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            first = None
+            async for message in read_envelopes(request):
+                first = message
+                break
+            if first is None:
+                raise ConnectError("invalid_argument", "missing request message")
+        except ConnectError as exc:
+            return _stream_error(exc)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for message in handler(request, first):
+                    yield envelope(message)
+                yield envelope({}, FLAG_END_STREAM)
+            except ConnectError as exc:
+                yield envelope({"error": exc.to_json()}, FLAG_END_STREAM)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the client must always get an end of stream
+                yield envelope({"error": {"code": "internal", "message": str(exc)}},
+                               FLAG_END_STREAM)  # fmt: skip
+
+        return StreamingResponse(body(), media_type="application/connect+json")
+
+    return endpoint
+
+
+def client_stream(handler: ClientStream) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            reply = await handler(request, read_envelopes(request))
+        except ConnectError as exc:
+            return _stream_error(exc)
+        return Response(
+            envelope(reply) + envelope({}, FLAG_END_STREAM),
+            media_type="application/connect+json",
+        )
+
+    return endpoint
+
+
+def timeout_s(request: Request) -> float | None:
+    """The client's deadline (`Connect-Timeout-Ms`), if it sent one."""
+    raw = request.headers.get("connect-timeout-ms", "")
+    return int(raw) / 1000 if raw.isdigit() else None

@@ -1,0 +1,45 @@
+"""The node's one call into a fresh sandbox: envd's POST /init (identity, env vars, token).
+
+envd is already running in the template checkpoint, so it answers within milliseconds of the
+restore; the retries only cover the restored network stack's first moments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+from vivarium.errors import RuntimeFailure
+from vivarium.guest.envd import PORT as ENVD_PORT
+
+INIT_TIMEOUT_S = 10.0
+
+
+async def init_envd(
+    address: str,
+    *,
+    sandbox_id: str,
+    template_id: str,
+    env_vars: dict[str, str],
+    access_token: str | None = None,
+) -> None:
+    body: dict[str, object] = {"sandboxId": sandbox_id, "templateId": template_id,
+                               "envVars": env_vars, "timestamp": time.time()}  # fmt: skip
+    if access_token:
+        body["accessToken"] = access_token
+    deadline = time.monotonic() + INIT_TIMEOUT_S
+    last_error = ""
+    async with httpx.AsyncClient(timeout=2) as http:
+        while time.monotonic() < deadline:
+            try:
+                response = await http.post(f"http://{address}:{ENVD_PORT}/init", json=body)
+                if response.is_success:
+                    return
+                last_error = f"HTTP {response.status_code}: {response.text[:200]}"
+            except httpx.TransportError as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+            await asyncio.sleep(0.02)
+    raise RuntimeFailure(f"envd in sandbox {sandbox_id} did not answer /init ({last_error})",
+                         "the template may be broken: rebuild it with --force")  # fmt: skip

@@ -1,0 +1,76 @@
+"""envd on the host: a real `python -m vivarium.guest.envd` process on a free localhost port, and
+the official `e2b` client pointed at it.
+
+The client runs in debug mode (`E2B_DEBUG=true`): `Sandbox.create()` then makes no control-plane
+call, and `E2B_SANDBOX_URL` sends all sandbox traffic to our envd. envd runs as whoever runs the
+tests; processes it starts switch to the request's user, so the suite expects root.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from e2b import Sandbox
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+            return bool(200 <= response.status < 300)
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def envd_url() -> Iterator[str]:
+    if os.geteuid() != 0:
+        pytest.fail("envd tests start processes as other users and need root (`make test`)")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    # envd's own output goes to a file so a failing start can show why.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vivarium.guest.envd", "--host", "127.0.0.1",
+             "--port", str(port), "--default-user", "root"],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 20
+            while not _healthy(url):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    pytest.fail(f"envd did not come up:\n{log.read().decode(errors='replace')}")
+                time.sleep(0.05)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def sbx(envd_url: str, monkeypatch: pytest.MonkeyPatch) -> Sandbox:
+    monkeypatch.setenv("E2B_DEBUG", "true")
+    monkeypatch.setenv("E2B_SANDBOX_URL", envd_url)
+    monkeypatch.setenv("E2B_API_KEY", "test")
+    return Sandbox.create()
