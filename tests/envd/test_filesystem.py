@@ -191,8 +191,7 @@ def test_gzip_both_ways(sbx: Sandbox, envd_url: str, work: Path) -> None:
 
 
 def test_metadata_is_stored_as_xattrs(sbx: Sandbox, work: Path) -> None:
-    if not _xattrs_supported(work):
-        pytest.skip("no user xattrs on this filesystem")
+    assert _xattrs_supported(work), "the test directory's filesystem must support user xattrs"
     info = sbx.files.write(f"{work}/m.txt", "x", metadata={"Owner": "alice", "k": "v"})
     assert info.metadata == {"owner": "alice", "k": "v"}
     assert sbx.files.get_info(f"{work}/m.txt").metadata == {"owner": "alice", "k": "v"}
@@ -338,8 +337,9 @@ def test_get_info_exists_make_dir_rename_remove(sbx: Sandbox, work: Path) -> Non
 
 def test_rename_across_filesystems(sbx: Sandbox, work: Path) -> None:
     # /dev/shm is a tmpfs, so rename(2) from there says EXDEV and envd copies instead.
-    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == work.stat().st_dev:
-        pytest.skip("no second filesystem to move across")
+    assert os.path.isdir("/dev/shm") and os.stat("/dev/shm").st_dev != work.stat().st_dev, (
+        "needs /dev/shm on a filesystem other than the test directory's"
+    )
     src = Path(tempfile.mkdtemp(dir="/dev/shm"))
     try:
         (src / "sub").mkdir()
