@@ -44,12 +44,17 @@ def envd_url() -> Iterator[str]:
         pytest.fail("envd tests start processes as other users and need root (`make test`)")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    # envd spawns every process through the helper templates compile from guest/spawn.c.
+    helper = Path(tempfile.mkdtemp(prefix="vivarium-spawn-")) / "vivarium-spawn"
+    subprocess.run(["gcc", "-O2", "-o", str(helper), str(REPO / "src/vivarium/guest/spawn.c")],
+                   check=True)  # fmt: skip
     # envd's own output goes to a file so a failing start can show why.
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vivarium.guest.envd", "--host", "127.0.0.1",
              "--port", str(port), "--default-user", "root"],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "VIVARIUM_SPAWN_HELPER": str(helper)},
         )  # fmt: skip
         try:
             deadline = time.monotonic() + 20

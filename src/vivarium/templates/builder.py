@@ -103,6 +103,9 @@ def install_guest(recipe: Recipe, rootfs: Path, say: Stopwatch) -> None:
               *recipe.guest_packages])  # fmt: skip
     shutil.copytree(GUEST_DIR / "envd", lib / "envd", dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    (prefix / "bin").mkdir(exist_ok=True)
+    run_sync(["gcc", "-O2", "-o", str(prefix / "bin" / "vivarium-spawn"),
+              str(GUEST_DIR / "spawn.c")])  # fmt: skip
 
 
 def customize(recipe: Recipe, rootfs: Path, probe: Probe, say: Stopwatch) -> None:

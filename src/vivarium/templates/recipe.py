@@ -36,6 +36,8 @@ USER_SETUP = (
     "printf 'nameserver 8.8.8.8\\nnameserver 1.1.1.1\\n' > /etc/resolv.conf",
     "printf '127.0.0.1 localhost\\n::1 localhost\\n' > /etc/hosts",
     "sed -i 's/^# *C.UTF-8/C.UTF-8/' /etc/locale.gen 2>/dev/null || true",
+    # Every command runs in `bash -l`; spare it a fork + exec of `id` (bash knows $EUID).
+    """sed -i 's/"$(id -u)"/"${EUID:-$(id -u)}"/g' /etc/profile""",
     "apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin",
 )
 
@@ -54,7 +56,7 @@ class Recipe:
 
     def recipe_hash(self, probe: Probe) -> str:
         h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
-        for path in sorted(GUEST_DIR.rglob("*.py")):
+        for path in sorted([*GUEST_DIR.rglob("*.py"), *GUEST_DIR.rglob("*.c")]):
             h.update(path.name.encode())
             h.update(path.read_bytes())
         h.update(SHIM_SOURCE.read_bytes())
