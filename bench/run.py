@@ -35,6 +35,7 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import httpx
+from e2b import Sandbox
 
 from vivarium.config import Settings
 from vivarium.network.addressing import SlotRange
@@ -69,6 +70,10 @@ RAW_RESOURCES = Resources(memory_mb=1024, cpus=1.0, pids=512)  # the node's defa
 SPAWN_RUNS = 50
 RESTORE_RUNS = 20
 EXEC_RUNS = 20
+SDK_FILE_RUNS = 10
+SDK_FILE_BYTES = 1024 * 1024
+SDK_CMD_TARGET_RATIO = 0.5  # commands.run("true") at most half of a raw `runsc exec true`
+ENVD_PORT = 49983
 SEQUENTIAL_CREATES = 20
 CONCURRENT_CREATES = 10  # also the sandboxes whose idle memory is measured
 IDLE_WAIT_S = 3.0
@@ -496,6 +501,8 @@ class NodeFigures:
     concurrent_ms: list[float] = field(default_factory=list)
     concurrent_wall_ms: float = 0.0
     exec_ms: list[float] = field(default_factory=list)
+    sdk_cmd_ms: list[float] = field(default_factory=list)
+    sdk_file_ms: list[float] = field(default_factory=list)
     idle: list[Memory] = field(default_factory=list)
     scale_ok: int = 0
     scale_errors: list[str] = field(default_factory=list)
@@ -530,7 +537,28 @@ def measure_concurrent_idle_exec(fleet: Fleet, figures: NodeFigures) -> None:
             figures.exec_ms.append(elapsed_ms(start))
             if result["exit_code"] != 0:
                 raise RuntimeError(f"exec true exited {result['exit_code']}: {result['stderr']}")
+        address = client.get(target)["slot_address"]
+    measure_sdk(target, address, figures)
     fleet.kill_all()
+
+
+def measure_sdk(sandbox_id: str, address: str, figures: NodeFigures) -> None:
+    """The official client straight at the sandbox's envd (debug mode, no API or proxy)."""
+    sbx = Sandbox.connect(sandbox_id, debug=True, api_key="bench",
+                          sandbox_url=f"http://{address}:{ENVD_PORT}")  # fmt: skip
+    sbx.commands.run("true")  # first use opens the connection
+    for _ in range(EXEC_RUNS):
+        start = time.perf_counter()
+        sbx.commands.run("true")
+        figures.sdk_cmd_ms.append(elapsed_ms(start))
+    payload = os.urandom(SDK_FILE_BYTES)
+    for _ in range(SDK_FILE_RUNS):
+        start = time.perf_counter()
+        sbx.files.write("/home/user/bench.bin", payload)
+        back = sbx.files.read("/home/user/bench.bin", format="bytes")
+        figures.sdk_file_ms.append(elapsed_ms(start))
+        if bytes(back) != payload:
+            raise RuntimeError("1 MB file read back differently")
 
 
 def _check(fleet: Fleet, sandbox_id: str) -> str | None:
@@ -659,6 +687,12 @@ def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row
             p50(raw.delete_ms), "raw runsc delete p50, full teardown", samples=tuple(node.kill_ms)),
         Row("exec_p50_ms", "node exec `true` p50", p50(node.exec_ms), "ms", rexec50,
             "raw runsc exec p50", samples=tuple(node.exec_ms)),
+        Row("sdk_cmd_p50_ms", "SDK commands.run('true') p50", p50(node.sdk_cmd_ms), "ms", rexec50,
+            "raw runsc exec p50", max_ratio=SDK_CMD_TARGET_RATIO, samples=tuple(node.sdk_cmd_ms)),
+        Row("sdk_cmd_p95_ms", "SDK commands.run('true') p95", p95(node.sdk_cmd_ms), "ms",
+            p95(raw.exec_ms), "raw runsc exec p95"),
+        Row("sdk_file_p50_ms", "SDK 1 MB write+read p50", p50(node.sdk_file_ms), "ms", rexec50,
+            "raw runsc exec p50", samples=tuple(node.sdk_file_ms)),
         Row("idle_cgroup_mib", "idle memory/sandbox (cgroup usage)", idle_cg, "MiB", raw_cg,
             "raw restored container"),
         Row("idle_pss_mib", "idle memory/sandbox (Pss)", idle_pss, "MiB", raw_pss,

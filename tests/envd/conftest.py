@@ -8,7 +8,9 @@ tests; processes it starts switch to the request's user, so the suite expects ro
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,8 +40,9 @@ def _healthy(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def envd_url() -> Iterator[str]:
+@contextlib.contextmanager
+def run_envd() -> Iterator[str]:
+    """A fresh envd process on a free port; yields its base URL."""
     if os.geteuid() != 0:
         pytest.fail("envd tests start processes as other users and need root (`make test`)")
     port = _free_port()
@@ -71,6 +74,13 @@ def envd_url() -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            shutil.rmtree(helper.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def envd_url() -> Iterator[str]:
+    with run_envd() as url:
+        yield url
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import files, filesystem, process
-from .auth import token_ok
+from .auth import signature_ok, token_ok
 from .state import EnvdState
 
 OPEN_PATHS = ("/health", "/init")
@@ -30,8 +30,7 @@ class AccessToken:
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        guarded = scope["type"] == "http" and scope["path"] not in OPEN_PATHS
-        if guarded and self.state.access_token and not token_ok(Request(scope), self.state):
+        if self._rejected(scope):
             response = JSONResponse(
                 {"code": "unauthenticated", "message": "missing or wrong X-Access-Token"},
                 status_code=401,
@@ -39,6 +38,12 @@ class AccessToken:
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    def _rejected(self, scope: Scope) -> bool:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or not self.state.access_token:
+            return False
+        request = Request(scope)
+        return not token_ok(request, self.state) and not signature_ok(request, self.state)
 
 
 def _metrics() -> dict[str, Any]:

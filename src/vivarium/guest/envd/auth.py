@@ -4,8 +4,10 @@ clients send it), else the default user; and the access token check."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import pwd
+import time
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -54,3 +56,24 @@ def token_ok(request: Request, state: EnvdState) -> bool:
         return True
     sent = request.headers.get("x-access-token", "")
     return hmac.compare_digest(sent.encode(), state.access_token.encode())
+
+
+def file_signature(path: str, operation: str, user: str, token: str, expiration: str) -> str:
+    """The v1 signature of pre-signed /files URLs (`download_url()` / `upload_url()`)."""
+    raw = f"{path}:{operation}:{user}:{token}" + (f":{expiration}" if expiration else "")
+    digest = hashlib.sha256(raw.encode()).digest()
+    return "v1_" + base64.b64encode(digest).rstrip(b"=").decode()
+
+
+def signature_ok(request: Request, state: EnvdState) -> bool:
+    """A /files request without the token header may carry a signature made with it instead."""
+    if not state.access_token or request.url.path != "/files":
+        return False
+    query = request.query_params
+    sent, expiration = query.get("signature", ""), query.get("signature_expiration", "")
+    if not sent or (expiration and (not expiration.isdigit() or int(expiration) < time.time())):
+        return False
+    operation = "read" if request.method == "GET" else "write"
+    expected = file_signature(query.get("path", ""), operation, query.get("username", ""),
+                              state.access_token, expiration)  # fmt: skip
+    return hmac.compare_digest(sent.encode(), expected.encode())
