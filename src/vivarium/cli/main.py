@@ -57,6 +57,7 @@ def serve(log_level: str) -> None:
     from vivarium.serve import serve as run_server
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per envd call is noise
     asyncio.run(run_server(_settings()))
 
 
