@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 from e2b import CommandExitException, PtySize, Sandbox
-from e2b.exceptions import SandboxException
+from e2b.exceptions import FileNotFoundException, InvalidArgumentException, SandboxException
 
 from vivarium.node.client import NodeClient
 
@@ -157,3 +161,43 @@ def _wait_for(condition: Callable[[], bool], seconds: float = 10) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.05)
+
+
+def test_bad_input_gets_connect_errors_and_envd_keeps_serving(
+    client: NodeClient, sandbox: Callable[..., str]
+) -> None:
+    sandbox_id = sandbox()
+    base = f"http://{client.get(sandbox_id)['slot_address']}:49983"
+    sbx = Sandbox.connect(sandbox_id, debug=True, sandbox_url=base, api_key="test")
+    unary = {"content-type": "application/json", "connect-protocol-version": "1"}
+    with httpx.Client(base_url=base, timeout=10) as http:
+        bad_json = http.post("/filesystem.Filesystem/Stat", content=b"{nope", headers=unary)
+        assert (bad_json.status_code, bad_json.json()["code"]) == (400, "invalid_argument")
+        wrong_type = http.post("/filesystem.Filesystem/Stat", json={"path": 5}, headers=unary)
+        assert wrong_type.json()["code"] == "invalid_argument"
+        unknown = http.post("/process.Process/Teleport", json={}, headers=unary)
+        assert (unknown.status_code, unknown.json()["code"]) == (501, "unimplemented")
+        huge = http.post("/process.Process/Start", content=b"\x00\xff\xff\xff\xff",
+                         headers={"content-type": "application/connect+json"})  # fmt: skip
+        assert b"resource_exhausted" in huge.content
+
+    # A client that hangs up in the middle of a stream.
+    with socket.create_connection((base.split("//")[1].split(":")[0], 49983), timeout=5) as raw:
+        message = json.dumps({"process": {"cmd": "/bin/sleep", "args": ["30"]}}).encode()
+        frame = struct.pack(">BI", 0, len(message)) + message
+        raw.sendall(
+            b"POST /process.Process/Start HTTP/1.1\r\nHost: envd\r\n"
+            b"Content-Type: application/connect+json\r\n"
+            b"Content-Length: " + str(len(frame)).encode() + b"\r\n\r\n" + frame
+        )
+        assert raw.recv(1024).startswith(b"HTTP/1.1 200")
+
+    with pytest.raises(CommandExitException) as excinfo:
+        sbx.commands.run("no-such-command")
+    assert excinfo.value.exit_code == 127
+    with pytest.raises(FileNotFoundException):
+        sbx.files.read("/home/user/missing.txt")
+    with pytest.raises(InvalidArgumentException):
+        sbx.files.list("/etc/hostname")  # a file, not a directory
+    assert "sleep 30" in sbx.commands.run("ps -eo args").stdout  # outlived its client
+    assert sbx.commands.run("echo still serving").stdout == "still serving\n"

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import files, filesystem, process
 from .auth import signature_ok, token_ok
+from .connect import unknown_method
 from .state import EnvdState
 
 OPEN_PATHS = ("/health", "/init")
@@ -113,5 +114,6 @@ def create_app(state: EnvdState) -> Starlette:
         *files.routes(state),
         *process.routes(state),
         *filesystem.routes(state),
+        Route("/{service}/{method}", unknown_method, methods=["POST"]),
     ]
     return Starlette(routes=routes, middleware=[Middleware(AccessToken, state=state)])

@@ -168,6 +168,22 @@ def client_stream(handler: ClientStream) -> Callable[[Request], Awaitable[Respon
     return endpoint
 
 
+def string_field(message: Message, key: str, default: str = "") -> str:
+    """A string field of a request message; any other JSON type is the caller's mistake."""
+    value = message.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise ConnectError("invalid_argument", f"{key} must be a string")
+    return value
+
+
+async def unknown_method(request: Request) -> Response:
+    """Connect's answer for a procedure this server does not have."""
+    error = ConnectError("unimplemented", f"{request.url.path.lstrip('/')} is not implemented")
+    return JSONResponse(error.to_json(), status_code=STATUS[error.code])
+
+
 def timeout_s(request: Request) -> float | None:
     """The client's deadline (`Connect-Timeout-Ms`), if it sent one."""
     raw = request.headers.get("connect-timeout-ms", "")

@@ -43,7 +43,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from .auth import User, request_user
-from .connect import ConnectError, Message, server_stream, unary
+from .connect import ConnectError, Message, server_stream, string_field, unary
 from .state import EnvdState
 
 P = ParamSpec("P")
@@ -700,7 +700,7 @@ async def _open_watch(
     fail: Callable[[str], None],
 ) -> DirWatch:  # fmt: skip
     user = request_user(request, state)
-    path = resolve_path(str(message.get("path", "")), user, state.default_workdir)
+    path = resolve_path(string_field(message, "path"), user, state.default_workdir)
     access = Access(user)
 
     def check() -> None:
@@ -913,7 +913,7 @@ def routes(state: EnvdState) -> list[Route]:
         return user, Access(user)
 
     def resolve(user: User, message: Message, key: str = "path") -> str:
-        return resolve_path(str(message.get(key, "")), user, state.default_workdir)
+        return resolve_path(string_field(message, key), user, state.default_workdir)
 
     async def stat_(request: Request, message: Message) -> Message:
         user, access = context(request)
