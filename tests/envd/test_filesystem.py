@@ -29,6 +29,7 @@ from e2b import (
 )
 from e2b.sandbox.filesystem.watch_handle import FilesystemEvent, FilesystemEventType
 
+from tests.envd.connect_wire import connect_stream
 from vivarium.guest.envd.files import accept_gzip, part_filename
 from vivarium.guest.envd.filesystem import DirWatch, go_mode_string, rfc3339
 
@@ -488,30 +489,19 @@ def test_watch_dir_stream_recursive_with_entries(
 
 def test_watch_dir_stream_keepalive_and_start(envd_url: str, work: Path) -> None:
     """Raw stream: the start event comes first, then keepalives at the client's interval."""
-    import json
-    import struct
-
-    body = json.dumps({"path": str(work)}).encode()
     frames: list[dict[str, object]] = []
-    with httpx.Client(base_url=envd_url, timeout=10) as client, client.stream(
-        "POST", "/filesystem.Filesystem/WatchDir",
-        content=struct.pack(">BI", 0, len(body)) + body,
-        headers={"Content-Type": "application/connect+json", "Connect-Protocol-Version": "1",
-                 "Keepalive-Ping-Interval": "1"},
-    ) as response:  # fmt: skip
-        buffer = b""
-        for chunk in response.iter_bytes():
-            buffer += chunk
-            while len(buffer) >= 5:
-                _, length = struct.unpack(">BI", buffer[:5])
-                if len(buffer) < 5 + length:
-                    break
-                frames.append(json.loads(buffer[5 : 5 + length]))
-                buffer = buffer[5 + length :]
-                if len(frames) == 1:
-                    (work / "poke").write_text("")
-            if len(frames) >= 4:
-                break
+    stream = connect_stream(
+        envd_url,
+        "/filesystem.Filesystem/WatchDir",
+        {"path": str(work)},
+        {"Connect-Protocol-Version": "1", "Keepalive-Ping-Interval": "1"},
+    )
+    for frame in stream:
+        frames.append(frame)
+        if len(frames) == 1:
+            (work / "poke").write_text("")
+        if len(frames) >= 4:
+            break
     assert frames[0] == {"start": {}}
     assert {"filesystem": {"name": "poke", "type": "EVENT_TYPE_CREATE"}} in frames
     assert {"keepalive": {}} in frames

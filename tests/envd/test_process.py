@@ -8,7 +8,6 @@ import json
 import os
 import re
 import socket
-import struct
 import threading
 import time
 import uuid
@@ -27,6 +26,8 @@ from e2b import (
 )
 from e2b.sandbox.commands.command_handle import PtySize
 from e2b.sandbox_sync.commands.command_handle import CommandHandle
+
+from tests.envd.connect_wire import connect_stream, envelope
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -365,29 +366,10 @@ def test_resize_and_close_stdin_mismatches(sbx: Sandbox) -> None:
 # --- raw Connect: wire details the client does not surface --------------------------------------
 
 
-def _envelope(message: dict[str, Any]) -> bytes:
-    payload = json.dumps(message).encode()
-    return struct.pack(">BI", 0, len(payload)) + payload
-
-
 def _stream(
     url: str, method: str, message: dict[str, Any], headers: dict[str, str] | None = None
 ) -> Iterator[dict[str, Any]]:
-    """Yield a server stream's messages; the last one is the end-of-stream frame."""
-    with httpx.Client(timeout=20) as client, client.stream(
-        "POST", f"{url}/process.Process/{method}", content=_envelope(message),
-        headers={"content-type": "application/connect+json", **(headers or {})},
-    ) as response:  # fmt: skip
-        buffer = b""
-        for chunk in response.iter_bytes():
-            buffer += chunk
-            while len(buffer) >= 5:
-                flags, length = struct.unpack(">BI", buffer[:5])
-                if len(buffer) < 5 + length:
-                    break
-                frame = json.loads(buffer[5 : 5 + length])
-                buffer = buffer[5 + length :]
-                yield {"end_of_stream": frame} if flags & 2 else frame
+    return connect_stream(url, f"/process.Process/{method}", message, headers)
 
 
 def _unary(url: str, method: str, message: dict[str, Any]) -> httpx.Response:
@@ -446,11 +428,11 @@ def test_a_stalled_client_holds_the_process_back_until_it_leaves(envd_url: str) 
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         sock.connect((host, int(port)))
-        envelope = _envelope(json.loads(body))
+        request_frame = envelope(json.loads(body))
         sock.sendall(
             b"POST /process.Process/Start HTTP/1.1\r\nHost: envd\r\n"
             b"Content-Type: application/connect+json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(envelope), envelope)
+            b"Content-Length: %d\r\n\r\n%s" % (len(request_frame), request_frame)
         )
         head = b""
         while b'"pid":' not in head or b"}}}" not in head:
