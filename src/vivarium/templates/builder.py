@@ -104,7 +104,8 @@ def install_guest(recipe: Recipe, rootfs: Path, say: Stopwatch) -> None:
     shutil.copytree(GUEST_DIR / "envd", lib / "envd", dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
     (prefix / "bin").mkdir(exist_ok=True)
-    run_sync(["gcc", "-O2", "-o", str(prefix / "bin" / "vivarium-spawn"),
+    # Static: no dynamic loader (and no preloaded shim) to run on every command start.
+    run_sync(["gcc", "-O2", "-static", "-o", str(prefix / "bin" / "vivarium-spawn"),
               str(GUEST_DIR / "spawn.c")])  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from vivarium.runtime.probe import Probe
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
 SHIM_SOURCE = Path(__file__).resolve().parent / "statx_shim.c"
+BUILDER_SOURCE = Path(__file__).resolve().parent / "builder.py"
 # Inside the template: our code lives apart from the user's Python environment.
 GUEST_PREFIX = "/opt/vivarium"
 
@@ -60,6 +61,7 @@ class Recipe:
             h.update(path.name.encode())
             h.update(path.read_bytes())
         h.update(SHIM_SOURCE.read_bytes())
+        h.update(BUILDER_SOURCE.read_bytes())  # how a template is built is part of what it is
         h.update(f"{probe.runsc_version}|{probe.platform}|{probe.statx_shim}".encode())
         h.update(f"{probe.setuid_blocked}".encode())
         return h.hexdigest()[:16]
