@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from vivarium.node.client import NodeClient
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,7 +125,3 @@ def http_code(client: NodeClient, sandbox_id: str, url: str) -> str:
     """HTTP status a sandbox gets for `url`, or "000" when it cannot connect."""
     result = sh(client, sandbox_id, f"curl -s -m 3 -o /dev/null -w '%{{http_code}}' {url}")
     return str(result["stdout"]).strip()
-
-
-def api_health(port: int) -> int:
-    return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code

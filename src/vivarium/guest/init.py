@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 
-READY_FILE = "/run/vivarium-ready"
 SUDO_SOCKET = "/run/vivarium/sudo.sock"
 SUDO_GROUPS = ("sudo",)
 SECURE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -176,12 +175,6 @@ def main() -> None:
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     broker = _start_broker()
     envd = _start_envd()
-    deadline = time.monotonic() + 10
-    while not os.path.exists(SUDO_SOCKET) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.makedirs(os.path.dirname(READY_FILE), exist_ok=True)
-    with open(READY_FILE, "w") as f:
-        f.write(str(time.time()))
     while True:  # reap every orphan; restart envd or the broker if one dies
         try:
             pid, _status = os.waitpid(-1, 0)

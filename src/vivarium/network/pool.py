@@ -200,11 +200,11 @@ class SlotPool:
             return
         self._free.append(slot)
 
-    async def stop(self, destroy_free: bool = True) -> None:
-        if destroy_free:
-            while self._free:
-                slot = self._free.pop()
-                await destroy_slot(slot.prefix, slot.index)
+    async def stop(self) -> None:
+        """Remove the unused slots; slots of running sandboxes stay for the next start."""
+        while self._free:
+            slot = self._free.pop()
+            await destroy_slot(slot.prefix, slot.index)
 
     @property
     def in_use(self) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 from vivarium.config import Settings
 from vivarium.errors import CapacityExhausted, InvalidArgument, NotFound
-from vivarium.network.addressing import Slot
+from vivarium.guest.envd.state import EnvdState
 from vivarium.network.pool import SlotPool
 from vivarium.node.envd_init import init_envd
 from vivarium.node.records import RecordStore, SandboxRecord, new_sandbox_id, valid_sandbox_id
@@ -89,7 +89,7 @@ class Node:
             self._reaper.cancel()
             await asyncio.gather(self._reaper, return_exceptions=True)
         await self._drain_cleanups()
-        await self.pool.stop(destroy_free=True)
+        await self.pool.stop()
 
     async def _reconcile(self) -> None:
         """Adopt sandboxes still running after a restart or crash; remove what was left over."""
@@ -244,9 +244,6 @@ class Node:
             self.records.save(record)
             return record
 
-    def slot_of(self, record: SandboxRecord) -> Slot:
-        return self.pool.range.slot(record.slot_index)
-
     async def exec(
         self,
         sandbox_id: str,
@@ -265,13 +262,10 @@ class Node:
             raise InvalidArgument(f"exec timeout must be in (0, {MAX_EXEC_TIMEOUT_S}] seconds")
         record = self.get(sandbox_id)
         uid_gid, home = USERS[user]
-        merged = {
-            "HOME": home, "USER": user, "LOGNAME": user, "LANG": "C.UTF-8",
-            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "E2B_SANDBOX": "true", "E2B_SANDBOX_ID": record.sandbox_id,
-            "E2B_TEMPLATE_ID": record.template,
-            **record.env_vars, **(env or {}),
-        }  # fmt: skip
+        # The same environment envd gives its processes (guest code may be imported, not import).
+        sandbox_env = EnvdState(sandbox_id=record.sandbox_id, template_id=record.template,
+                                env_vars=record.env_vars).process_env()  # fmt: skip
+        merged = {"HOME": home, "USER": user, "LOGNAME": user, **sandbox_env, **(env or {})}
         try:
             return await self._rt().exec(
                 sandbox_id, cmd, user=uid_gid, cwd=cwd or home, timeout=timeout_s,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 
@@ -28,7 +27,3 @@ class EnvdState:
             env["E2B_TEMPLATE_ID"] = self.template_id
         env.update(self.env_vars)
         return env
-
-
-def running_as_root() -> bool:
-    return os.geteuid() == 0
