@@ -106,7 +106,10 @@ def test_conflicting_slot_range_is_refused() -> None:
 
 def test_not_root_is_told_to_use_sudo() -> None:
     result = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", VIVARIUM, "doctor"],
+        # An unprivileged user who can read the checkout wherever it is (CI may clone into a
+        # private directory): not root, only allowed to read and search files.
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", VIVARIUM, "doctor"],
         capture_output=True, text=True, timeout=60,
         env={**os.environ, "VIVARIUM_STATE_DIR": "/tmp/vivarium-nobody"},
     )  # fmt: skip
