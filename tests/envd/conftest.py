@@ -24,6 +24,7 @@ import pytest
 from e2b import Sandbox
 
 REPO = Path(__file__).resolve().parents[2]
+ENVD_PIDS: dict[str, int] = {}  # base URL -> pid of the envd serving it
 
 
 def _free_port() -> int:
@@ -66,8 +67,10 @@ def run_envd() -> Iterator[str]:
                     log.seek(0)
                     pytest.fail(f"envd did not come up:\n{log.read().decode(errors='replace')}")
                 time.sleep(0.05)
+            ENVD_PIDS[url] = proc.pid
             yield url
         finally:
+            ENVD_PIDS.pop(url, None)
             proc.terminate()
             try:
                 proc.wait(10)

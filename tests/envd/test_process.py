@@ -27,6 +27,7 @@ from e2b import (
 from e2b.sandbox.commands.command_handle import PtySize
 from e2b.sandbox_sync.commands.command_handle import CommandHandle
 
+from tests.envd.conftest import ENVD_PIDS, run_envd
 from tests.envd.connect_wire import connect_stream, envelope
 
 pytestmark = pytest.mark.timeout(60)
@@ -462,3 +463,55 @@ def test_start_errors_are_connect_errors(envd_url: str) -> None:
     assert list(sleeper)[-1] == {"end_of_stream": {}}
     no_selector = _unary(envd_url, "SendSignal", {"signal": "SIGNAL_SIGKILL"})
     assert no_selector.json()["code"] == "invalid_argument"
+
+
+def test_commands_get_default_signal_dispositions(sbx: Sandbox) -> None:
+    # envd's Python ignores SIGPIPE; its children must not inherit that, or `yes | head` fails.
+    result = sbx.commands.run("yes | head -1; trap -p")
+    assert result.stdout.strip() == "y" and result.stderr == ""
+
+
+def test_exec_failures_are_reported_as_the_user(envd_url: str) -> None:
+    script = f"/tmp/envd-root-only-{uuid.uuid4().hex[:8]}"
+    with open(script, "w") as f:
+        f.write("#!/bin/sh\necho hi\n")
+    os.chmod(script, 0o700)  # root may run it, nobody may not
+    as_nobody = {"Authorization": "Basic " + base64.b64encode(b"nobody:").decode()}
+    try:
+        request = {"process": {"cmd": script, "cwd": "/tmp"}, "stdin": False}
+        frames = list(_stream(envd_url, "Start", request, as_nobody))
+        error = frames[-1]["end_of_stream"]["error"]
+        assert error["code"] == "invalid_argument" and "permission denied" in error["message"]
+        frames = list(_stream(envd_url, "Start", request))  # as root: runs
+        assert frames[0]["event"]["start"]["pid"] > 0
+        request = {"process": {"cmd": "no-such-command-xyz", "cwd": "/tmp"}, "stdin": False}
+        error = list(_stream(envd_url, "Start", request))[-1]["end_of_stream"]["error"]
+        assert "no such file or directory" in error["message"]
+        locked = {"process": {"cmd": "true", "cwd": "/root"}, "stdin": False}
+        error = list(_stream(envd_url, "Start", locked, as_nobody))[-1]["end_of_stream"]["error"]
+        assert error["code"] == "permission_denied" and "/root" in error["message"]
+    finally:
+        os.unlink(script)
+
+
+def test_a_lost_spawner_is_replaced_and_its_processes_still_end() -> None:
+    with run_envd() as url:
+        sleeper = _stream(url, "Start", {"process": {"cmd": "sleep", "args": ["1"]}})
+        pid = next(sleeper)["event"]["start"]["pid"]
+        envd = ENVD_PIDS[url]
+        helpers = [p for p in _running("vivarium-spawn") if _parent(p) == envd]
+        assert len(helpers) == 1
+        os.kill(helpers[0], 9)
+        # The running command still ends (its exit status is lost with the spawner) ...
+        end = [f for f in sleeper if "event" in f][-1]["event"]["end"]
+        assert end["status"] == "exit status unknown"
+        assert pid not in _running("sleep")
+        # ... and the next command gets a new spawner.
+        frames = list(_stream(url, "Start", {"process": {"cmd": "echo", "args": ["back"]}}))
+        stdout = [f["event"]["data"]["stdout"] for f in frames if "data" in f.get("event", {})]
+        assert base64.b64decode("".join(stdout)) == b"back\n"
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])

@@ -37,6 +37,9 @@ USER_SETUP = (
     "printf 'nameserver 8.8.8.8\\nnameserver 1.1.1.1\\n' > /etc/resolv.conf",
     "printf '127.0.0.1 localhost\\n::1 localhost\\n' > /etc/hosts",
     "sed -i 's/^# *C.UTF-8/C.UTF-8/' /etc/locale.gen 2>/dev/null || true",
+    # LANG=C.UTF-8 from the archive: one mmap at every program start instead of ~50 syscalls
+    # over 12 locale files (~3 ms per `bash -l` under ptrace).
+    "localedef --add-to-archive /usr/lib/locale/C.utf8",
     # Every command runs in `bash -l`; spare it a fork + exec of `id` (bash knows $EUID).
     """sed -i 's/"$(id -u)"/"${EUID:-$(id -u)}"/g' /etc/profile""",
     "apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin",

@@ -3,9 +3,11 @@ services (process.Process, filesystem.Filesystem)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
@@ -18,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from . import files, filesystem, process
 from .auth import signature_ok, token_ok
 from .connect import unknown_method
+from .spawner import Spawner
 from .state import EnvdState
 
 OPEN_PATHS = ("/health", "/init")
@@ -73,7 +76,9 @@ def _metrics() -> dict[str, Any]:
     }
 
 
-def create_app(state: EnvdState) -> Starlette:
+def create_app(state: EnvdState, spawner: Spawner | None = None) -> Starlette:
+    spawner = spawner or Spawner()
+
     async def health(request: Request) -> Response:
         return Response(status_code=204)
 
@@ -112,8 +117,16 @@ def create_app(state: EnvdState) -> Starlette:
         Route("/envs", envs, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *files.routes(state),
-        *process.routes(state),
+        *process.routes(state, spawner),
         *filesystem.routes(state),
         Route("/{service}/{method}", unknown_method, methods=["POST"]),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(AccessToken, state=state)])
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        spawner.ensure_started()  # with envd, so a template's checkpoint already holds it
+        yield
+        spawner.close()
+
+    return Starlette(routes=routes, middleware=[Middleware(AccessToken, state=state)],
+                     lifespan=lifespan)  # fmt: skip

@@ -18,7 +18,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 MAX_MESSAGE = 16 * 1024 * 1024
 FLAG_END_STREAM = 0x02
@@ -124,6 +125,53 @@ def _stream_error(exc: ConnectError) -> Response:
     )
 
 
+class _StreamResponse(Response):
+    """A streamed Connect response that stops its producer as soon as the client leaves (a
+    process stream must not stay subscribed, and hold the process back, for nobody).
+
+    Starlette's StreamingResponse does the same through an anyio task group; plain asyncio costs
+    far fewer system calls per request, which shows under gVisor (every asyncio task lookup is a
+    getpid() there)."""
+
+    def __init__(self, body: AsyncIterator[bytes]) -> None:
+        self.body_iterator = body
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [(b"content-type", b"application/connect+json")]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stream = asyncio.current_task()
+        assert stream is not None
+        left = False
+
+        async def watch_disconnect() -> None:
+            nonlocal left
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            left = True
+            stream.cancel()
+
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect())
+        try:
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not left:
+                raise
+            stream.uncancel()  # our own cancel: the client is gone, nothing more to do
+        finally:
+            watcher.cancel()
+            await _close(self.body_iterator)
+
+
+async def _close(body: AsyncIterator[bytes]) -> None:
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 def server_stream(handler: ServerStream) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         try:
@@ -149,7 +197,7 @@ def server_stream(handler: ServerStream) -> Callable[[Request], Awaitable[Respon
                 yield envelope({"error": {"code": "internal", "message": str(exc)}},
                                FLAG_END_STREAM)  # fmt: skip
 
-        return StreamingResponse(body(), media_type="application/connect+json")
+        return _StreamResponse(body())
 
     return endpoint
 

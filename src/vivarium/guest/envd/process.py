@@ -24,14 +24,13 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import errno
 import fcntl
 import itertools
 import os
-import shutil
 import signal
 import struct
 import termios
-import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -41,6 +40,7 @@ from starlette.routing import Route
 
 from .auth import User, request_user
 from .connect import ConnectError, Message, client_stream, server_stream, timeout_s, unary
+from .spawner import Launch, Spawner, SpawnError
 from .state import EnvdState
 
 CHUNK = 32 * 1024  # one read from a pipe / the PTY; also the largest data event
@@ -99,51 +99,15 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-# Every process starts through this small C helper (templates compile guest/spawn.c into it):
-# it calls setsid, takes the PTY as controlling terminal (job control, ^C, SIGWINCH), drops to
-# the user and execs. Doing that in Python between fork and exec would force a full fork of envd
-# (~45 ms under gVisor's ptrace platform); with nothing to run in the child, posix_spawn vforks.
-SPAWN_HELPER = os.environ.get("VIVARIUM_SPAWN_HELPER", "/opt/vivarium/bin/vivarium-spawn")
-
-
-class Spawned:
-    """A child started with posix_spawn (vfork + exec in glibc: cheap however large envd is)."""
-
-    def __init__(self, argv: list[str], stdin: int, stdout: int, stderr: int,
-                 env: dict[str, str]) -> None:  # fmt: skip
-        # Our own descriptors are close-on-exec; dup2 makes these three the child's 0, 1, 2.
-        actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
-                   (os.POSIX_SPAWN_DUP2, stderr, 2)]  # fmt: skip
-        self.pid = os.posix_spawn(argv[0], argv, env, file_actions=actions)
-
-    def wait(self) -> int:
-        """Exit code, or minus the signal number, as subprocess reports it."""
-        while True:
-            try:
-                _, status = os.waitpid(self.pid, 0)
-            except InterruptedError:
-                continue
-            return os.waitstatus_to_exitcode(status)
-
-
-def _spawn(user: User, cwd: str, cmd: str, args: list[str], env: dict[str, str],
-           stdio: tuple[int, int, int], ctty: bool) -> Spawned:  # fmt: skip
-    groups = ",".join(str(g) for g in os.getgrouplist(user.name, user.gid)) or "-"
-    argv = [SPAWN_HELPER, str(user.uid), str(user.gid), groups, "1" if ctty else "0", cwd, "--",
-            cmd, *args]  # fmt: skip
-    return Spawned(argv, *stdio, env)
-
-
-def _require_executable(cmd: str, path: str) -> None:
-    """Fail like exec would, but before spawning: the helper can only report through exit 127."""
-    found = cmd if "/" in cmd else shutil.which(cmd, path=path)
-    if not found or not os.path.isfile(found):
-        raise ConnectError(
-            "invalid_argument", f"error starting process '{cmd}': no such file or directory"
-        )
-    if not os.access(found, os.X_OK):
-        raise ConnectError("invalid_argument",
-                           f"error starting process '{cmd}': permission denied")  # fmt: skip
+def _start_error(cmd: str, cwd: str, exc: Exception) -> ConnectError:
+    if isinstance(exc, SpawnError) and exc.stage == "cwd":
+        code = "permission_denied" if exc.errno == errno.EACCES else "invalid_argument"
+        return ConnectError(code, f"cwd '{cwd}': {os.strerror(exc.errno).lower()}")
+    if isinstance(exc, SpawnError | OSError) and exc.errno:
+        detail = os.strerror(exc.errno).lower()
+    else:
+        detail = str(exc)
+    return ConnectError("invalid_argument", f"error starting process '{cmd}': {detail}")
 
 
 class Subscriber:
@@ -157,11 +121,11 @@ class Subscriber:
 class Proc:
     """A started process, its output fan-out and its input side."""
 
-    def __init__(self, popen: Spawned, config: Message, tag: str | None,
-                 master: int | None, stdin: int | None, outputs: list[tuple[int, str]],
+    def __init__(self, pid: int, exit: asyncio.Future[int | None], config: Message,
+                 tag: str | None, master: int | None, stdin: int | None,
+                 outputs: list[tuple[int, str]],
                  on_end: Callable[[Proc], None]) -> None:  # fmt: skip
-        self.popen = popen
-        self.pid = popen.pid
+        self.pid = pid
         self.started = next(_sequence)
         self.config = config
         self.tag = tag
@@ -179,22 +143,13 @@ class Proc:
         self._waiting: set[asyncio.Future[None]] = set()
         self._deadline: asyncio.TimerHandle | None = None
         loop = asyncio.get_running_loop()
-        self._exit: asyncio.Future[int] = loop.create_future()
+        self._exit = exit  # the spawner resolves it when the process exits
         self._pumps = [loop.create_task(self._pump(fd, kind)) for fd, kind in outputs]
         self._supervisor = loop.create_task(self._supervise())
-        # A thread per process blocks in waitpid: no reliance on SIGCHLD handlers or pidfds
-        # (which the sandbox kernel may lack), and no wait-all that could steal other children.
-        threading.Thread(target=self._wait, args=(loop,), daemon=True,
-                         name=f"envd-wait-{self.pid}").start()  # fmt: skip
 
     @property
     def running(self) -> bool:
         return self.end is None
-
-    def _wait(self, loop: asyncio.AbstractEventLoop) -> None:
-        code = self.popen.wait()
-        with contextlib.suppress(RuntimeError):  # the loop is gone: envd is shutting down
-            loop.call_soon_threadsafe(self._exit.set_result, code)
 
     # --- output ---------------------------------------------------------------------------
 
@@ -294,8 +249,10 @@ class Proc:
                     os.close(fd)
             self.stdin = None
             self.master = None
-        if code >= 0:
-            end: Message = {"exitCode": code, "exited": True, "status": f"exit status {code}"}
+        if code is None:  # its spawner was lost, and with it the exit status
+            end: Message = {"exitCode": -1, "status": "exit status unknown"}
+        elif code >= 0:
+            end = {"exitCode": code, "exited": True, "status": f"exit status {code}"}
         else:  # killed by a signal: Go's os.ProcessState wording, which envd reports
             name = (signal.strsignal(-code) or f"signal {-code}").lower()
             end = {"exitCode": -1, "status": f"signal: {name}"}
@@ -383,8 +340,9 @@ class Proc:
 class Registry:
     """Processes by pid; finished ones linger ENDED_TTL_S for late Connect calls."""
 
-    def __init__(self, state: EnvdState) -> None:
+    def __init__(self, state: EnvdState, spawner: Spawner) -> None:
         self.state = state
+        self.spawner = spawner
         self.procs: dict[int, Proc] = {}
 
     def find(self, selector: Any, *, running: bool = True) -> Proc:
@@ -414,7 +372,7 @@ class Registry:
 
         asyncio.get_running_loop().call_later(ENDED_TTL_S, drop)
 
-    def start(self, user: User, msg: Message) -> Proc:
+    async def start(self, user: User, msg: Message) -> Proc:
         config = msg.get("process")
         if not isinstance(config, dict):
             raise ConnectError("invalid_argument", "process config is required")
@@ -445,7 +403,6 @@ class Registry:
             raise ConnectError(
                 "permission_denied", f"envd is not root and cannot run commands as {user.name!r}"
             )
-        _require_executable(cmd, env.get("PATH", ""))
 
         pty = msg.get("pty")
         child_fds: list[int] = []
@@ -457,7 +414,7 @@ class Registry:
                 parent_fds.append(master)
                 child_fds.append(slave)
                 fcntl.ioctl(master, termios.TIOCSWINSZ, _winsize(rows, cols))
-                popen = _spawn(user, workdir, cmd, args, env, (slave, slave, slave), ctty=True)
+                stdio = (slave, slave, slave)
                 stdin_w: int | None = None
                 outputs = [(master, "pty")]
             else:
@@ -474,23 +431,27 @@ class Registry:
                 if stdin_r is None:
                     stdin_r = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
                     child_fds.append(stdin_r)
-                popen = _spawn(user, workdir, cmd, args, env, (stdin_r, out_w, err_w), ctty=False)
+                stdio = (stdin_r, out_w, err_w)
                 master = None
                 outputs = [(out_r, "stdout"), (err_r, "stderr")]
-        except (OSError, ValueError) as exc:
+            launch = Launch([cmd, *args], env, user.uid, user.gid, user.groups, workdir, stdio,
+                            ctty=pty is not None)  # fmt: skip
+            pid, exited = await self.spawner.spawn(launch)
+        except (OSError, ValueError, SpawnError) as exc:
             for fd in parent_fds:
                 os.close(fd)
-            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise ConnectError(
-                "invalid_argument", f"error starting process '{cmd}': {detail}"
-            ) from None
+            raise _start_error(cmd, workdir, exc) from None
+        except BaseException:  # the client left while it started: it runs on, unattached
+            for fd in parent_fds:
+                os.close(fd)
+            raise
         finally:
             for fd in child_fds:
                 os.close(fd)  # the child has its copies; ours would hide EOF
         for fd in parent_fds:
             _set_nonblocking(fd)
 
-        proc = Proc(popen, config, tag, master, stdin_w, outputs, self._forget)
+        proc = Proc(pid, exited, config, tag, master, stdin_w, outputs, self._forget)
         self.procs[proc.pid] = proc
         return proc
 
@@ -544,11 +505,11 @@ def _input(msg: Any) -> tuple[bytes, bool]:
     raise ConnectError("invalid_argument", "input needs stdin or pty bytes")
 
 
-def routes(state: EnvdState) -> list[Route]:
-    registry = Registry(state)
+def routes(state: EnvdState, spawner: Spawner) -> list[Route]:
+    registry = Registry(state, spawner)
 
     async def start(request: Request, msg: Message) -> AsyncIterator[Message]:
-        proc = registry.start(request_user(request, state), msg)
+        proc = await registry.start(request_user(request, state), msg)
         # Subscribe before yielding to the loop, so no output can come before this stream.
         sub = proc.subscribe()
         deadline = timeout_s(request)
