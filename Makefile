@@ -5,7 +5,8 @@ BIN := .venv/bin
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(shell command -v $(PYTHON))
 
-APT_PACKAGES := runsc debootstrap iproute2 iptables util-linux gcc libc6-dev curl
+# postgresql: the test suite runs the control plane against a real PostgreSQL server too.
+APT_PACKAGES := runsc debootstrap iproute2 iptables util-linux gcc libc6-dev curl postgresql
 DEPS_STAMP := .venv/.deps-$(shell cat pyproject.toml uv.lock | sha1sum | cut -c1-12)
 
 .PHONY: run test bench soak lint fmt system-deps python-deps template clean-state

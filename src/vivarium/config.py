@@ -37,6 +37,14 @@ class Settings:
     template_dir: Path | None = None
     api_host: str = "127.0.0.1"
     api_port: int = 3000
+    # Sandbox traffic (E2B_SANDBOX_URL): one listener, routed by headers or by Host under domain.
+    proxy_host: str = "127.0.0.1"
+    proxy_port: int = 3001
+    proxy_domain: str = ""
+    # SQL state of the control plane; empty: a SQLite file in the state directory.
+    database_url: str = ""
+    # Sandboxes one team may run at once (E2B's per-team concurrency limit).
+    team_max_sandboxes: int = 20
     # Network slots: names are prefixed so several instances can share a host.
     slot_prefix: str = "viv"
     slot_cidr: str = "10.231.0.0/18"
@@ -60,6 +68,11 @@ class Settings:
             template_dir=Path(t) if (t := _env("TEMPLATE_DIR", "")) else None,
             api_host=_env("API_HOST", "127.0.0.1"),
             api_port=_env_int("API_PORT", 3000),
+            proxy_host=_env("PROXY_HOST", "127.0.0.1"),
+            proxy_port=_env_int("PROXY_PORT", 3001),
+            proxy_domain=_env("PROXY_DOMAIN", ""),
+            database_url=_env("DATABASE_URL", ""),
+            team_max_sandboxes=_env_int("TEAM_MAX_SANDBOXES", 20),
             slot_prefix=_env("SLOT_PREFIX", "viv"),
             slot_cidr=_env("SLOT_CIDR", "10.231.0.0/18"),
             slot_prewarm=_env_int("SLOT_PREWARM", 4),
@@ -90,6 +103,8 @@ class Settings:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError as exc:
                 raise ConfigError(f"VIVARIUM_EGRESS_ALLOW: {exc}") from None
+        if self.team_max_sandboxes < 1:
+            raise ConfigError("VIVARIUM_TEAM_MAX_SANDBOXES must be at least 1")
         if self.max_sandboxes < 1:
             raise ConfigError("VIVARIUM_MAX_SANDBOXES must be at least 1")
 
@@ -108,6 +123,20 @@ class Settings:
     @property
     def node_socket(self) -> Path:
         return self.state_dir / "node.sock"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.state_dir / 'vivarium.db'}"
+
+    @property
+    def secret_file(self) -> Path:
+        """Seed for per-sandbox envd tokens (HMAC); several API hosts must share it."""
+        return self.state_dir / "secret.key"
+
+    @property
+    def admin_key_file(self) -> Path:
+        """The first API key, kept for the local CLI (root-only)."""
+        return self.state_dir / "admin.key"
 
     @property
     def cache_dir(self) -> Path:

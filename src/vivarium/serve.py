@@ -16,6 +16,7 @@ from typing import Any
 import uvicorn
 
 from vivarium.api.app import create_app as create_api_app
+from vivarium.api.control import ControlPlane
 from vivarium.config import Settings
 from vivarium.node.node import Node
 from vivarium.node.server import create_app as create_node_app
@@ -29,16 +30,35 @@ class _Server(uvicorn.Server):
         return nullcontext()
 
 
+def _announce_key(key: str | None, settings: Settings) -> None:
+    if key is not None:
+        print(
+            "\nFirst start: created team 'default' and its API key (shown once; also saved in"
+            f" {settings.admin_key_file}, readable by root only):\n\n    {key}\n\n"
+            f"    export E2B_API_KEY={key}\n"
+            f"    export E2B_API_URL=http://{settings.api_host}:{settings.api_port}\n"
+            f"    export E2B_SANDBOX_URL=http://{settings.proxy_host}:{settings.proxy_port}\n",
+            flush=True,
+        )
+
+
 async def serve(settings: Settings) -> None:
     node = Node(settings)
     await node.start()
+    control = ControlPlane(settings, node)
+    try:
+        first_key = await control.start()
+    except BaseException:
+        await node.stop()
+        raise
+    _announce_key(first_key, settings)
     socket_path = settings.node_socket
     socket_path.unlink(missing_ok=True)
     servers = [
         _Server(uvicorn.Config(create_node_app(node), uds=str(socket_path), log_level="warning",
                                lifespan="off")),
-        _Server(uvicorn.Config(create_api_app(), host=settings.api_host, port=settings.api_port,
-                               log_level="warning", lifespan="off")),
+        _Server(uvicorn.Config(create_api_app(control), host=settings.api_host,
+                               port=settings.api_port, log_level="warning", lifespan="off")),
     ]  # fmt: skip
     loop = asyncio.get_running_loop()
 
@@ -67,6 +87,7 @@ async def serve(settings: Settings) -> None:
         await asyncio.gather(*tasks)
     finally:
         os.umask(old_umask)
+        await control.stop()
         await node.stop()
         socket_path.unlink(missing_ok=True)
         log.info("stopped")

@@ -1,18 +1,187 @@
-"""The public control-plane listener (default 127.0.0.1:3000).
+"""The public control-plane listener (default 127.0.0.1:3000): E2B's REST API.
 
-For now it answers `GET /health`; the E2B-compatible REST API is built on this app.
+Every route but `/health` and `/openapi.json` needs `X-API-Key`; a team sees only its own
+sandboxes (others' answer 404, exactly like unknown ones).
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from vivarium.api import shapes
+from vivarium.api.control import ControlPlane
+from vivarium.api.openapi import document
+from vivarium.errors import InvalidArgument, VivariumError
+from vivarium.guest.envd import ENVD_VERSION
+from vivarium.httpjson import guarded, json_body, typed
 
-def create_app() -> Starlette:
+Row = dict[str, Any]
+TeamHandler = Callable[[Request, Row], Awaitable[Response]]
+
+
+class Unauthenticated(VivariumError):
+    code = "unauthenticated"
+    http_status = 401
+
+
+def create_app(control: ControlPlane) -> Starlette:
+    client_id = control.node_id
+    default_timeout = control.settings.default_timeout_s
+
+    def authed(handler: TeamHandler) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            key = request.headers.get("x-api-key", "")
+            team = await control.team_for_key(key) if key else None
+            if team is None:
+                raise Unauthenticated(
+                    "Invalid API key" if key else "missing API key",
+                    "send a key from `vivarium keys create` in the X-API-Key header",
+                )
+            return await handler(request, team)
+
+        return guarded(endpoint)
+
+    def sid(request: Request) -> str:
+        return str(request.path_params["sandbox_id"])
+
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    return Starlette(routes=[Route("/health", health)])
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document())
+
+    async def create_v1(request: Request, team: Row) -> Response:
+        return await _create(request, team, v1=True)
+
+    async def create_v2(request: Request, team: Row) -> Response:
+        return await _create(request, team, v1=False)
+
+    async def _create(request: Request, team: Row, *, v1: bool) -> Response:
+        new = shapes.new_sandbox(await json_body(request), default_timeout, v1=v1)
+        row = await control.create(team, new)
+        return JSONResponse(shapes.sandbox(row, control.envd_token(row), client_id), 201)
+
+    async def list_v2(request: Request, team: Row) -> Response:
+        states, metadata, limit, token = shapes.list_query(request.query_params)
+        rows = await control.list_sandboxes(team, states)
+        rows = [r for r in rows if shapes.matches(r, metadata)]
+        template = request.query_params.get("template")
+        if template:
+            rows = [r for r in rows if r["template_id"] == template]
+        if after := request.query_params.get("startedAfter"):
+            since = shapes.parse_time(after, "startedAfter")
+            rows = [r for r in rows if r["started_at"] > since]
+        if request.query_params.get("order") == "asc":
+            rows.reverse()
+        chunk, next_token = shapes.page(rows, limit, token)
+        headers = {"x-next-token": next_token} if next_token else {}
+        return JSONResponse([shapes.listed(r, client_id) for r in chunk], headers=headers)
+
+    async def list_v1(request: Request, team: Row) -> Response:
+        _, metadata, _, _ = shapes.list_query({"metadata": request.query_params.get("metadata")})
+        rows = await control.list_sandboxes(team, ["running"])
+        return JSONResponse([shapes.listed(r, client_id) for r in rows
+                             if shapes.matches(r, metadata)])  # fmt: skip
+
+    async def get_sandbox(request: Request, team: Row) -> Response:
+        row = await control.get(team, sid(request))
+        return JSONResponse(shapes.detail(row, control.envd_token(row), client_id))
+
+    async def kill(request: Request, team: Row) -> Response:
+        await control.kill(team, sid(request))
+        return Response(status_code=204)
+
+    async def set_timeout(request: Request, team: Row) -> Response:
+        timeout = typed(await json_body(request), "timeout", int)
+        if timeout is None:
+            raise InvalidArgument("timeout is required (seconds from now)")
+        await control.set_timeout(team, sid(request), timeout)
+        return Response(status_code=204)
+
+    async def refresh(request: Request, team: Row) -> Response:
+        duration = typed(await json_body(request), "duration", int, 0)
+        await control.refresh(team, sid(request), duration)
+        return Response(status_code=204)
+
+    async def connect(request: Request, team: Row) -> Response:
+        timeout = typed(await json_body(request), "timeout", int, default_timeout)
+        row, resumed = await control.connect(team, sid(request), timeout)
+        body = shapes.sandbox(row, control.envd_token(row), client_id)
+        return JSONResponse(body, status_code=201 if resumed else 200)
+
+    async def metrics(request: Request, team: Row) -> Response:
+        return JSONResponse([shapes.metric(await control.metrics(team, sid(request)))])
+
+    async def logs(request: Request, team: Row) -> Response:
+        return JSONResponse(shapes.log_lines(await control.logs(team, sid(request))))
+
+    async def templates(request: Request, team: Row) -> Response:
+        rows = []
+        for name in control.node.templates.names():
+            template = control.node.templates.get(name)
+            rows.append({"templateID": name, "buildID": template.build_id, "aliases": [name],
+                         "names": [name], "public": True, "buildStatus": "ready",
+                         "cpuCount": max(1, round(control.settings.default_cpus)),
+                         "memoryMB": control.settings.default_memory_mb, "diskSizeMB": 0,
+                         "envdVersion": ENVD_VERSION})  # fmt: skip
+        return JSONResponse(rows)
+
+    async def list_keys(request: Request, team: Row) -> Response:
+        return JSONResponse([shapes.team_key(r) for r in await control.list_keys(team)])
+
+    async def create_key(request: Request, team: Row) -> Response:
+        name = typed(await json_body(request), "name", str)
+        if not name or len(name) > 200:
+            raise InvalidArgument("name is required (1-200 characters)")
+        key, row = await control.create_key(team, name)
+        return JSONResponse({**shapes.team_key(row), "key": key}, status_code=201)
+
+    async def create_team(request: Request, team: Row) -> Response:
+        data = await json_body(request)
+        name = typed(data, "name", str)
+        if not name or len(name) > 200:
+            raise InvalidArgument("name is required (1-200 characters)")
+        limit = typed(data, "maxSandboxes", int)
+        if limit is not None and not 1 <= limit <= 100_000:
+            raise InvalidArgument("maxSandboxes must be 1..100000")
+        new_team, key = await control.create_team(team, name, limit)
+        body = {"teamID": new_team["id"], "name": name, "apiKey": key,
+                "maxSandboxes": new_team["max_sandboxes"]}  # fmt: skip
+        return JSONResponse(body, status_code=201)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        message = {404: f"{request.url.path} was not found on this server",
+                   405: f"{request.method} is not allowed on {request.url.path}"}  # fmt: skip
+        return JSONResponse({"code": status, "message": message.get(status, "error")}, status)
+
+    sandbox = "/sandboxes/{sandbox_id}"
+    routes = [
+        Route("/health", health),
+        Route("/openapi.json", openapi),
+        Route("/sandboxes", authed(create_v1), methods=["POST"]),
+        Route("/v2/sandboxes", authed(create_v2), methods=["POST"]),
+        Route("/sandboxes", authed(list_v1), methods=["GET"]),
+        Route("/v2/sandboxes", authed(list_v2), methods=["GET"]),
+        Route(sandbox, authed(get_sandbox), methods=["GET"]),
+        Route(sandbox, authed(kill), methods=["DELETE"]),
+        Route(sandbox + "/timeout", authed(set_timeout), methods=["POST"]),
+        Route(sandbox + "/refreshes", authed(refresh), methods=["POST"]),
+        Route(sandbox + "/connect", authed(connect), methods=["POST"]),
+        Route("/v2" + sandbox + "/connect", authed(connect), methods=["POST"]),
+        Route(sandbox + "/metrics", authed(metrics), methods=["GET"]),
+        Route(sandbox + "/logs", authed(logs), methods=["GET"]),
+        Route("/v2" + sandbox + "/logs", authed(logs), methods=["GET"]),
+        Route("/templates", authed(templates), methods=["GET"]),
+        Route("/api-keys", authed(list_keys), methods=["GET"]),
+        Route("/api-keys", authed(create_key), methods=["POST"]),
+        Route("/teams", authed(create_team), methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

@@ -8,14 +8,17 @@ import asyncio
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from vivarium.config import Settings
-from vivarium.errors import CapacityExhausted, InvalidArgument, NotFound
+from vivarium.errors import CapacityExhausted, InvalidArgument, NotFound, RuntimeFailure
+from vivarium.guest.envd import PORT as ENVD_PORT
 from vivarium.guest.envd.state import EnvdState
 from vivarium.network.pool import SlotPool
 from vivarium.node.envd_init import init_envd
@@ -35,9 +38,15 @@ MAX_EXEC_TIMEOUT_S = 3600
 USERS = {"root": ("0:0", "/root"), "user": ("1000:1000", "/home/user")}
 
 
+ON_TIMEOUT = ("kill", "pause")
+
+
 @dataclass(frozen=True)
 class CreateRequest:
     template: str = "base"
+    sandbox_id: str | None = None  # chosen by the control plane; else the node picks one
+    access_token: str | None = None  # envd then requires it (X-Access-Token)
+    on_timeout: str = "kill"
     timeout_s: int | None = None
     metadata: dict[str, str] | None = None
     env_vars: dict[str, str] | None = None
@@ -64,6 +73,9 @@ class Node:
         self._suspects: set[str] = set()
         self._cleanups: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
+        # Told when a sandbox ends other than by kill(): (sandbox id, reason). The control
+        # plane keeps its catalog in step through it.
+        self.on_ended: Callable[[str, str], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -150,6 +162,12 @@ class Node:
         )
         resources.validate()
         timeout_s = self._timeout(req.timeout_s)
+        if req.on_timeout not in ON_TIMEOUT:
+            raise InvalidArgument(f"on_timeout must be one of {', '.join(ON_TIMEOUT)}")
+        if req.sandbox_id is not None and (
+            not valid_sandbox_id(req.sandbox_id) or req.sandbox_id in self.sandboxes
+        ):
+            raise InvalidArgument(f"sandbox id {req.sandbox_id!r} is invalid or in use")
         template = self.templates.get(req.template)
         if len(self.sandboxes) + self._creating + len(self._cleanups) >= s.max_sandboxes:
             await self._drain_cleanups()  # slots of just-killed sandboxes come back first
@@ -177,7 +195,7 @@ class Node:
         image: Path, resources: Resources, timeout_s: int,
     ) -> SandboxRecord:  # fmt: skip
         runtime = self._rt()
-        sandbox_id = new_sandbox_id()
+        sandbox_id = req.sandbox_id or new_sandbox_id()
         directory = self.records.sandbox_dir(sandbox_id)
         slot = await self.pool.acquire(req.allow_internet)
         try:
@@ -187,7 +205,8 @@ class Node:
             )
             await runtime.restore(sandbox_id, bundle, image, directory / "console.log")
             await init_envd(slot.router_ip, sandbox_id=sandbox_id, template_id=template,
-                            env_vars=dict(req.env_vars or {}))  # fmt: skip
+                            env_vars=dict(req.env_vars or {}),
+                            access_token=req.access_token)  # fmt: skip
             now = time.time()
             record = SandboxRecord(
                 sandbox_id=sandbox_id, template=template, build_id=build_id,
@@ -195,6 +214,7 @@ class Node:
                 end_at=now + timeout_s, memory_mb=resources.memory_mb, cpus=resources.cpus,
                 pids=resources.pids, allow_internet=req.allow_internet,
                 metadata=dict(req.metadata or {}), env_vars=dict(req.env_vars or {}),
+                on_timeout=req.on_timeout, access_token=req.access_token,
             )  # fmt: skip
             self.records.save(record)
         except BaseException:
@@ -274,11 +294,45 @@ class Node:
         except TimeoutError:
             raise InvalidArgument(f"command did not finish within {timeout_s:g}s") from None
 
+    def logs(self, sandbox_id: str, limit: int = 1000) -> list[tuple[float, str]]:
+        """The sandbox's console output (its init and envd), newest `limit` lines, each with the
+        time the log file was last written (runsc does not timestamp console lines)."""
+        self.get(sandbox_id)
+        path = self.records.sandbox_dir(sandbox_id) / "console.log"
+        try:
+            stamp = path.stat().st_mtime
+            lines = path.read_text(errors="replace").splitlines()[-limit:]
+        except OSError:
+            return []
+        return [(stamp, line) for line in lines]
+
+    async def metrics(self, sandbox_id: str) -> dict[str, Any]:
+        """envd's view of CPU, memory and disk inside the sandbox, right now."""
+        record = self.get(sandbox_id)
+        headers = {"X-Access-Token": record.access_token} if record.access_token else {}
+        url = f"http://{record.slot_address}:{ENVD_PORT}/metrics"
+        try:
+            async with httpx.AsyncClient(timeout=5) as http:
+                response = await http.get(url, headers=headers)
+            response.raise_for_status()
+            data: dict[str, Any] = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise RuntimeFailure(f"sandbox {sandbox_id} did not report metrics: {exc}") from None
+        return data
+
     def _event(self, record: SandboxRecord, reason: str) -> None:
         log.warning("sandbox %s ended: %s", record.sandbox_id, reason)
         self.events.append({"sandbox_id": record.sandbox_id, "template": record.template,
                             "reason": reason, "at": time.time()})  # fmt: skip
         del self.events[:-MAX_EVENTS]
+        self._tell_ended(record.sandbox_id, reason)
+
+    def _tell_ended(self, sandbox_id: str, reason: str) -> None:
+        if self.on_ended is not None:
+            try:
+                self.on_ended(sandbox_id, reason)
+            except Exception:
+                log.exception("on_ended listener failed for sandbox %s", sandbox_id)
 
     async def _check_alive(self) -> None:
         """Clean up sandboxes whose container stopped on its own, and say why."""
@@ -322,13 +376,19 @@ class Node:
                     log.exception("liveness check failed")
             now = time.time()
             for record in [r for r in self.sandboxes.values() if r.end_at <= now]:
-                log.info("sandbox %s timed out; killing it", record.sandbox_id)
-                try:
-                    await self.kill(record.sandbox_id)
-                except NotFound:
-                    pass
-                except Exception:
-                    log.exception("could not kill expired sandbox %s", record.sandbox_id)
+                await self._expire(record)
+
+    async def _expire(self, record: SandboxRecord) -> None:
+        # on_timeout "pause" is honoured once pause exists; until then it ends like "kill".
+        log.info("sandbox %s timed out; killing it", record.sandbox_id)
+        try:
+            await self.kill(record.sandbox_id)
+        except NotFound:
+            return
+        except Exception:
+            log.exception("could not kill expired sandbox %s", record.sandbox_id)
+            return
+        self._tell_ended(record.sandbox_id, "timeout")
 
     def info(self) -> dict[str, Any]:
         probe = self._rt().probe

@@ -43,6 +43,8 @@ class SandboxRecord:
     metadata: dict[str, str] = field(default_factory=dict)
     env_vars: dict[str, str] = field(default_factory=dict)
     state: str = "running"
+    on_timeout: str = "kill"
+    access_token: str | None = None  # envd's X-Access-Token (records are root-only files)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,0 +1,256 @@
+"""The control plane: E2B's sandbox lifecycle on top of the catalog (SQL) and the node.
+
+It owns teams, keys, the sandbox catalog and the lifecycle rules (limits, timeouts, who may see
+what); the node owns the containers. Today the node runs in the same process; everything here
+goes through `self.node`'s methods so that a remote node can take its place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from vivarium.api import keys, store
+from vivarium.api.db.engine import migrate, open_engine
+from vivarium.config import Settings
+from vivarium.errors import CapacityExhausted, Conflict, InvalidArgument, NotFound
+from vivarium.guest.envd import ENVD_VERSION
+from vivarium.node.node import CreateRequest, Node
+from vivarium.node.records import new_sandbox_id
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+DISK_MB = 0  # the root filesystem lives in the sandbox's memory (overlay), not on a disk
+MIN_REFRESH_S = 15
+
+
+@dataclass(frozen=True)
+class NewSandbox:
+    """A validated create request (E2B's NewSandbox / NewSandboxV2)."""
+
+    template: str
+    timeout_s: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    env_vars: dict[str, str] = field(default_factory=dict)
+    auto_pause: bool = False
+    allow_internet: bool = True
+    secure: bool = True
+
+
+class ControlPlane:
+    def __init__(self, settings: Settings, node: Node, node_id: str = "local") -> None:
+        self.settings = settings
+        self.node = node
+        self.node_id = node_id
+        self.engine: AsyncEngine = open_engine(settings.db_url)
+        self.seed = b""
+        self._team_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- start and stop ------------------------------------------------------------------------
+
+    async def start(self) -> str | None:
+        """Migrate, load the token seed, make the first team and key on a fresh database
+        (returned, to be shown once), and reconcile the catalog with what the node runs."""
+        await migrate(self.engine)
+        self.seed = _load_or_make_secret(self.settings.secret_file)
+        first_key = None
+        if await store.team_count(self.engine) == 0:
+            limit = self.settings.team_max_sandboxes
+            team = await store.create_team(self.engine, "default", limit, is_admin=True)
+            first_key, _ = await store.create_key(self.engine, team["id"], "default")
+            _write_private(self.settings.admin_key_file, first_key + "\n")
+        await self._reconcile()
+        self.node.on_ended = self._node_ended
+        return first_key
+
+    async def stop(self) -> None:
+        self.node.on_ended = None
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.engine.dispose()
+
+    async def _reconcile(self) -> None:
+        """After a restart: catalog rows whose sandbox the node no longer runs have ended."""
+        running = {r.sandbox_id for r in self.node.list_sandboxes()}
+        for row in await store.node_sandboxes(self.engine, self.node_id, store.LIVE):
+            if row["id"] not in running:
+                await store.end_sandbox(self.engine, row["id"], "not running after restart")
+
+    def _node_ended(self, sandbox_id: str, reason: str) -> None:
+        task = asyncio.get_running_loop().create_task(
+            store.end_sandbox(self.engine, sandbox_id, reason)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- auth ----------------------------------------------------------------------------------
+
+    async def team_for_key(self, key: str) -> Row | None:
+        if not key.startswith(keys.PREFIX):
+            return None
+        return await store.team_for_key(self.engine, key)
+
+    def envd_token(self, row: Row) -> str | None:
+        return keys.envd_token(self.seed, row["id"]) if row["secure"] else None
+
+    # -- sandboxes -----------------------------------------------------------------------------
+
+    async def create(self, team: Row, new: NewSandbox) -> Row:
+        self._check_timeout(new.timeout_s)
+        template = self.node.templates.get(new.template)  # NotFound for unknown templates
+        sandbox_id = new_sandbox_id()
+        now = time.time()
+        row: Row = {
+            "id": sandbox_id, "team_id": team["id"], "template_id": template.name,
+            "build_id": template.build_id, "node_id": self.node_id, "state": "starting",
+            "metadata": new.metadata, "cpu_count": max(1, round(self.settings.default_cpus)),
+            "memory_mb": self.settings.default_memory_mb, "disk_mb": DISK_MB,
+            "auto_pause": new.auto_pause, "allow_internet": new.allow_internet,
+            "secure": new.secure, "envd_version": ENVD_VERSION, "started_at": now,
+            "end_at": now + new.timeout_s, "created_at": now, "ended_at": None,
+            "end_reason": None,
+        }  # fmt: skip
+        async with self._team_locks[team["id"]]:
+            if not await store.reserve_sandbox(self.engine, team, row):
+                raise CapacityExhausted(
+                    "you have reached the maximum number of concurrent sandboxes "
+                    f"({team['max_sandboxes']})",
+                    "kill a sandbox first, or ask the operator to raise the team's limit",
+                )
+        request = CreateRequest(
+            template=template.name, sandbox_id=sandbox_id, access_token=self.envd_token(row),
+            timeout_s=new.timeout_s, metadata=new.metadata, env_vars=new.env_vars,
+            allow_internet=new.allow_internet, on_timeout="pause" if new.auto_pause else "kill",
+        )  # fmt: skip
+        try:
+            record = await self.node.create(request)
+        except BaseException as exc:
+            await store.end_sandbox(self.engine, sandbox_id, f"create failed: {exc}")
+            raise
+        # The clock starts when the sandbox is ready, as in E2B: start time is not charged.
+        started = time.time()
+        values = {"state": "running", "started_at": started, "end_at": record.end_at,
+                  "cpu_count": max(1, round(record.cpus)),
+                  "memory_mb": record.memory_mb}  # fmt: skip
+        await store.update_sandbox(self.engine, sandbox_id, **values)
+        return {**row, **values}
+
+    async def get(self, team: Row, sandbox_id: str, *, live: bool = True) -> Row:
+        """The team's sandbox; other teams' sandboxes do not exist for it (404, not 403)."""
+        row = await store.get_sandbox(self.engine, sandbox_id)
+        if row is None or row["team_id"] != team["id"] or (live and row["state"] == "killed"):
+            raise NotFound(f"sandbox {sandbox_id!r} was not found")
+        return row
+
+    async def list_sandboxes(self, team: Row, states: list[str]) -> list[Row]:
+        return await store.team_sandboxes(self.engine, team["id"], states)
+
+    async def kill(self, team: Row, sandbox_id: str) -> None:
+        row = await self.get(team, sandbox_id)
+        with contextlib.suppress(NotFound):  # it ended on its own: the catalog follows
+            await self.node.kill(sandbox_id)
+        await store.end_sandbox(self.engine, row["id"], "killed")
+
+    async def set_timeout(self, team: Row, sandbox_id: str, timeout_s: int,
+                          *, extend_only: bool = False) -> Row:  # fmt: skip
+        """E2B's timeout rules: seconds from now, capped by the maximum lifetime counted from
+        the (last) start; `extend_only` (refresh, connect) never shortens."""
+        row = await self.get(team, sandbox_id)
+        if row["state"] != "running":
+            raise Conflict(f"sandbox {sandbox_id!r} is not running")
+        if timeout_s < 0:
+            raise InvalidArgument("timeout must not be negative")
+        now = time.time()
+        remaining_life = self.settings.max_timeout_s - (now - row["started_at"])
+        if remaining_life <= 0:
+            most = self.settings.max_timeout_s
+            raise InvalidArgument("Max instance length exceeded", f"a sandbox runs at most {most}s")
+        end_at = now + min(timeout_s, remaining_life)
+        if extend_only and end_at <= row["end_at"]:
+            return row
+        record = await self.node.set_timeout(sandbox_id, max(1, round(end_at - now)))
+        await store.update_sandbox(self.engine, sandbox_id, end_at=record.end_at)
+        return {**row, "end_at": record.end_at}
+
+    async def connect(self, team: Row, sandbox_id: str, timeout_s: int) -> tuple[Row, bool]:
+        """(the sandbox, whether it was resumed). A running sandbox only gets a longer timeout;
+        resuming a paused one arrives with pause."""
+        row = await self.get(team, sandbox_id)
+        if row["state"] == "starting":
+            raise Conflict(f"sandbox {sandbox_id!r} is still starting", "retry in a moment")
+        if row["state"] != "running":
+            raise Conflict(f"sandbox {sandbox_id!r} is {row['state']}")
+        self._check_timeout(timeout_s)
+        return await self.set_timeout(team, sandbox_id, timeout_s, extend_only=True), False
+
+    async def refresh(self, team: Row, sandbox_id: str, duration_s: int) -> None:
+        await self.set_timeout(team, sandbox_id, max(duration_s, MIN_REFRESH_S), extend_only=True)
+
+    async def metrics(self, team: Row, sandbox_id: str) -> dict[str, Any]:
+        await self._running(team, sandbox_id)
+        return await self.node.metrics(sandbox_id)
+
+    async def logs(self, team: Row, sandbox_id: str) -> list[tuple[float, str]]:
+        await self._running(team, sandbox_id)
+        return self.node.logs(sandbox_id)
+
+    async def _running(self, team: Row, sandbox_id: str) -> Row:
+        row = await self.get(team, sandbox_id)
+        if row["state"] != "running":
+            raise Conflict(f"sandbox {sandbox_id!r} is {row['state']}")
+        return row
+
+    def _check_timeout(self, timeout_s: int) -> None:
+        if not 1 <= timeout_s <= self.settings.max_timeout_s:
+            raise InvalidArgument(f"timeout {timeout_s}s is out of range",
+                                  f"use 1..{self.settings.max_timeout_s} seconds")  # fmt: skip
+
+    # -- teams and keys ------------------------------------------------------------------------
+
+    async def create_team(
+        self, caller: Row, name: str, max_sandboxes: int | None
+    ) -> tuple[Row, str]:
+        if not caller["is_admin"]:
+            raise NotFound("not found")  # non-admins do not learn that the route exists
+        if await store.team_by_name(self.engine, name) is not None:
+            raise Conflict(f"team {name!r} already exists")
+        limit = self.settings.team_max_sandboxes if max_sandboxes is None else max_sandboxes
+        team = await store.create_team(self.engine, name, limit)
+        key, _ = await store.create_key(self.engine, team["id"], "default")
+        return team, key
+
+    async def create_key(self, team: Row, name: str) -> tuple[str, Row]:
+        return await store.create_key(self.engine, team["id"], name)
+
+    async def list_keys(self, team: Row) -> list[Row]:
+        return await store.list_keys(self.engine, team["id"])
+
+
+def _write_private(path: Any, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _load_or_make_secret(path: Any) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            seed = f.read().strip()
+        if seed:
+            return seed
+    except FileNotFoundError:
+        pass
+    seed = secrets.token_hex(32).encode()
+    _write_private(path, seed.decode() + "\n")
+    return seed

@@ -1,0 +1,69 @@
+"""Tables. Times are Unix seconds (floats): the same on SQLite and PostgreSQL, no time zones."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+teams = Table(
+    "teams",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("max_sandboxes", Integer, nullable=False),
+    # May create teams; the team `vivarium serve` makes on first start.
+    Column("is_admin", Boolean, nullable=False, default=False),
+    Column("created_at", Float, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("team_id", String(36), ForeignKey("teams.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("prefix", String(16), nullable=False),  # shown in listings, identifies a key
+    Column("key_hash", String(64), nullable=False, unique=True),  # sha256 hex, never the key
+    Column("created_at", Float, nullable=False),
+    Column("last_used_at", Float, nullable=True),
+    Index("ix_api_keys_team_id", "team_id"),
+)
+
+sandboxes = Table(
+    "sandboxes",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("team_id", String(36), ForeignKey("teams.id", ondelete="CASCADE"), nullable=False),
+    Column("template_id", String(200), nullable=False),
+    Column("build_id", String(64), nullable=False, default=""),
+    Column("node_id", String(64), nullable=False),
+    # starting -> running -> (paused ->) killed; killed rows are kept for a while for logs.
+    Column("state", String(16), nullable=False),
+    Column("metadata", JSON, nullable=False),
+    Column("cpu_count", Integer, nullable=False),
+    Column("memory_mb", Integer, nullable=False),
+    Column("disk_mb", Integer, nullable=False),
+    Column("auto_pause", Boolean, nullable=False, default=False),
+    Column("allow_internet", Boolean, nullable=False, default=True),
+    Column("secure", Boolean, nullable=False, default=True),
+    Column("envd_version", String(32), nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("end_at", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("ended_at", Float, nullable=True),
+    Column("end_reason", Text, nullable=True),
+    Index("ix_sandboxes_team_state", "team_id", "state"),
+)

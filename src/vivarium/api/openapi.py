@@ -1,0 +1,141 @@
+"""The OpenAPI 3.0 document served at `/openapi.json`: the E2B subset this server implements.
+
+Field names follow E2B's published spec; the fuzz test (tests/compat/test_fuzz_api.py) drives
+the API from this document, so it must stay true to the routes in app.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Schema = dict[str, Any]
+
+STR_MAP: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
+ERROR: Schema = {
+    "type": "object",
+    "required": ["code", "message"],
+    "properties": {"code": {"type": "integer"}, "message": {"type": "string"},
+                   "error_code": {"type": "string"}},
+}  # fmt: skip
+NEW_SANDBOX: Schema = {
+    "type": "object",
+    "required": ["templateID"],
+    "properties": {
+        "templateID": {"type": "string"},
+        "timeout": {"type": "integer"},
+        "autoPause": {"type": "boolean"},
+        "allow_internet_access": {"type": "boolean"},
+        "secure": {"type": "boolean"},
+        "metadata": STR_MAP,
+        "envVars": STR_MAP,
+    },
+}
+SANDBOX: Schema = {
+    "type": "object",
+    "required": ["templateID", "sandboxID", "clientID", "envdVersion"],
+    "properties": {
+        "templateID": {"type": "string"}, "sandboxID": {"type": "string"},
+        "clientID": {"type": "string"}, "envdVersion": {"type": "string"},
+        "alias": {"type": "string"}, "envdAccessToken": {"type": "string", "nullable": True},
+        "trafficAccessToken": {"type": "string", "nullable": True},
+        "domain": {"type": "string", "nullable": True},
+    },
+}  # fmt: skip
+LISTED: Schema = {
+    "type": "object",
+    "required": ["templateID", "sandboxID", "clientID", "startedAt", "endAt", "cpuCount",
+                 "memoryMB", "diskSizeMB", "state", "envdVersion"],
+    "properties": {
+        "templateID": {"type": "string"}, "sandboxID": {"type": "string"},
+        "clientID": {"type": "string"}, "startedAt": {"type": "string", "format": "date-time"},
+        "endAt": {"type": "string", "format": "date-time"}, "cpuCount": {"type": "integer"},
+        "memoryMB": {"type": "integer"}, "diskSizeMB": {"type": "integer"},
+        "state": {"type": "string", "enum": ["running", "paused"]},
+        "envdVersion": {"type": "string"}, "metadata": STR_MAP, "alias": {"type": "string"},
+    },
+}  # fmt: skip
+ID = {"name": "sandbox_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _json(schema: Schema) -> Schema:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Schema]:
+    return {str(c): {"description": "error", **_json(ERROR)} for c in (400, 401, *codes)}
+
+
+def _op(
+    summary: str, ok: dict[str, Schema], *, body: Schema | None = None,
+    params: list[Schema] | None = None, errors: tuple[int, ...] = (404,),
+) -> Schema:  # fmt: skip
+    op: Schema = {"summary": summary, "responses": {**ok, **_errors(*errors)}}
+    if body is not None:
+        op["requestBody"] = {"required": False, **_json(body)}
+    if params:
+        op["parameters"] = params
+    return op
+
+
+def _no_content() -> dict[str, Schema]:
+    return {"204": {"description": "done"}}
+
+
+def document() -> Schema:
+    timeout_body = {"type": "object", "properties": {"timeout": {"type": "integer"}}}
+    created = {"201": {"description": "created", **_json(SANDBOX)}}
+    listing = {"200": {"description": "sandboxes", **_json({"type": "array", "items": LISTED})}}
+    list_params = [
+        {"name": "state", "in": "query", "schema": {"type": "string"}},
+        {"name": "metadata", "in": "query", "schema": {"type": "string"}},
+        {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+        {"name": "nextToken", "in": "query", "schema": {"type": "string"}},
+        {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"]}},
+    ]
+    sandbox = "/sandboxes/{sandbox_id}"
+    paths: Schema = {
+        "/health": {"get": {"summary": "liveness", "security": [],
+                            "responses": {"200": {"description": "ok"}}}},
+        "/sandboxes": {
+            "post": _op("create (v1)", created, body=NEW_SANDBOX, errors=(404, 429)),
+            "get": _op("list running (v1)", listing, params=list_params[1:2], errors=()),
+        },
+        "/v2/sandboxes": {
+            "post": _op("create", created, body=NEW_SANDBOX, errors=(404, 429)),
+            "get": _op("list", listing, params=list_params, errors=()),
+        },
+        sandbox: {
+            "get": _op("details", {"200": {"description": "sandbox", **_json(LISTED)}},
+                       params=[ID]),
+            "delete": _op("kill", _no_content(), params=[ID]),
+        },
+        sandbox + "/timeout": {"post": _op("set timeout", _no_content(), body=timeout_body,
+                                           params=[ID], errors=(404, 409))},
+        sandbox + "/refreshes": {"post": _op(
+            "extend timeout", _no_content(), params=[ID], errors=(404, 409),
+            body={"type": "object", "properties": {"duration": {"type": "integer"}}})},
+        sandbox + "/connect": {"post": _op("connect (v1)", {"200": created["201"], **created},
+                                           body=timeout_body, params=[ID], errors=(404, 409))},
+        "/v2" + sandbox + "/connect": {"post": _op(
+            "connect", {"200": created["201"], **created}, body=timeout_body, params=[ID],
+            errors=(404, 409))},
+        sandbox + "/metrics": {"get": _op("metrics", {"200": {"description": "samples"}},
+                                          params=[ID], errors=(404, 409))},
+        sandbox + "/logs": {"get": _op("logs", {"200": {"description": "logs"}}, params=[ID],
+                                       errors=(404, 409))},
+        "/templates": {"get": _op("templates", {"200": {"description": "templates"}}, errors=())},
+        "/api-keys": {
+            "get": _op("list keys", {"200": {"description": "keys"}}, errors=()),
+            "post": _op("create a key", {"201": {"description": "the key, shown once"}},
+                        body={"type": "object", "required": ["name"],
+                              "properties": {"name": {"type": "string"}}}, errors=()),
+        },
+    }  # fmt: skip
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "vivarium (E2B-compatible API)", "version": "1"},
+        "components": {"securitySchemes": {
+            "ApiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}},
+        "security": [{"ApiKeyAuth": []}],
+        "paths": paths,
+    }  # fmt: skip

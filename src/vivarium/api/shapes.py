@@ -1,0 +1,154 @@
+"""E2B's JSON shapes: request bodies in (validated, with errors that name the field) and
+catalog rows out (`Sandbox`, `SandboxDetail`, `ListedSandbox`, `SandboxMetric`)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import urllib.parse
+from datetime import UTC, datetime
+from typing import Any
+
+from vivarium.api.control import NewSandbox
+from vivarium.errors import InvalidArgument
+from vivarium.httpjson import str_map, typed
+
+Row = dict[str, Any]
+MAX_METADATA = 64  # entries; E2B does not publish one, this keeps rows small
+MAX_LIMIT = 100
+STATES = ("running", "paused")
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(value: str, what: str) -> float:
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise InvalidArgument(
+            f"{what} must be an RFC 3339 time, e.g. 2026-01-02T15:04:05Z"
+        ) from None
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+
+def new_sandbox(data: dict[str, Any], default_timeout: int, *, v1: bool) -> NewSandbox:
+    template = typed(data, "templateID", str)
+    if not template:
+        raise InvalidArgument("templateID is required")
+    timeout = typed(data, "timeout", int, default_timeout)
+    metadata = str_map(data, "metadata")
+    if len(metadata) > MAX_METADATA:
+        raise InvalidArgument(f"metadata has more than {MAX_METADATA} entries")
+    _unsupported(data, "mcp", "MCP gateways")
+    _unsupported(data, "volumeMounts", "volume mounts")
+    network = typed(data, "network", dict, {})
+    for key in ("allowOut", "denyOut", "rules", "egressProxy"):
+        _unsupported(network, key, f"network.{key}")
+    if network.get("allowPublicTraffic") is False:
+        raise InvalidArgument("network.allowPublicTraffic=false is not supported yet")
+    auto_resume = typed(data, "autoResume", dict, {})
+    if typed(auto_resume, "enabled", bool, False):
+        raise InvalidArgument("autoResume is not supported yet")
+    return NewSandbox(
+        template=template,
+        timeout_s=timeout,
+        metadata=metadata,
+        env_vars=str_map(data, "envVars"),
+        auto_pause=typed(data, "autoPause", bool, False),
+        allow_internet=typed(data, "allow_internet_access", bool, True),
+        # v2 sandboxes always secure envd; v1 clients could opt out.
+        secure=typed(data, "secure", bool, True) if v1 else True,
+    )
+
+
+def _unsupported(data: dict[str, Any], key: str, what: str) -> None:
+    if data.get(key):
+        raise InvalidArgument(f"{what} are not supported by this server")
+
+
+def list_query(params: Any) -> tuple[list[str], dict[str, str], int, str | None]:
+    """(states, metadata filter, limit, next token) from `GET /v2/sandboxes`' query."""
+    states = [s for s in (params.get("state") or "running,paused").split(",") if s]
+    for state in states:
+        if state not in STATES:
+            raise InvalidArgument(f"unknown state {state!r}", "use running or paused")
+    metadata = dict(urllib.parse.parse_qsl(params.get("metadata") or "", keep_blank_values=True))
+    raw_limit = params.get("limit") or str(MAX_LIMIT)
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+        raise InvalidArgument(f"limit must be 1..{MAX_LIMIT}")
+    return states, metadata, int(raw_limit), params.get("nextToken") or None
+
+
+def page(rows: list[Row], limit: int, token: str | None) -> tuple[list[Row], str | None]:
+    """Keyset paging over rows sorted newest first: the token names the last row returned."""
+    if token:
+        try:
+            started, _, last_id = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
+            cursor = (-float(started), last_id)
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            raise InvalidArgument("nextToken is not valid: pass the x-next-token you got") from None
+        rows = [r for r in rows if (-r["started_at"], r["id"]) > cursor]
+    chunk = rows[:limit]
+    if len(rows) <= limit:
+        return chunk, None
+    last = chunk[-1]
+    return chunk, base64.urlsafe_b64encode(f"{last['started_at']!r}|{last['id']}".encode()).decode()
+
+
+def matches(row: Row, metadata: dict[str, str]) -> bool:
+    return all(row["metadata"].get(k) == v for k, v in metadata.items())
+
+
+# -- responses ---------------------------------------------------------------------------------
+
+
+def sandbox(row: Row, token: str | None, client_id: str) -> Row:
+    """`Sandbox`: what create and connect answer."""
+    return {"templateID": row["template_id"], "sandboxID": row["id"], "clientID": client_id,
+            "envdVersion": row["envd_version"], "alias": row["template_id"],
+            "envdAccessToken": token, "trafficAccessToken": None, "domain": None}  # fmt: skip
+
+
+def listed(row: Row, client_id: str) -> Row:
+    """`ListedSandbox`."""
+    return {"templateID": row["template_id"], "alias": row["template_id"], "sandboxID": row["id"],
+            "clientID": client_id, "startedAt": rfc3339(row["started_at"]),
+            "endAt": rfc3339(row["end_at"]), "cpuCount": row["cpu_count"],
+            "memoryMB": row["memory_mb"], "diskSizeMB": row["disk_mb"], "state": row["state"],
+            "envdVersion": row["envd_version"], "metadata": row["metadata"]}  # fmt: skip
+
+
+def detail(row: Row, token: str | None, client_id: str) -> Row:
+    """`SandboxDetail`."""
+    return {**listed(row, client_id), "envdAccessToken": token, "domain": None,
+            "allowInternetAccess": row["allow_internet"],
+            "lifecycle": {"autoResume": False,
+                          "onTimeout": "pause" if row["auto_pause"] else "kill"}}  # fmt: skip
+
+
+def metric(data: dict[str, Any]) -> Row:
+    """envd's /metrics -> `SandboxMetric`."""
+    ts = float(data.get("ts") or time.time())
+    return {"timestamp": rfc3339(ts), "timestampUnix": int(ts),
+            "cpuCount": int(data.get("cpu_count", 0)),
+            "cpuUsedPct": float(data.get("cpu_used_pct", 0.0)),
+            "memUsed": int(data.get("mem_used", 0)), "memTotal": int(data.get("mem_total", 0)),
+            "memCache": int(data.get("mem_cache", 0)), "diskUsed": int(data.get("disk_used", 0)),
+            "diskTotal": int(data.get("disk_total", 0))}  # fmt: skip
+
+
+def log_lines(lines: list[tuple[float, str]]) -> Row:
+    return {"logs": [{"timestamp": rfc3339(ts), "line": line} for ts, line in lines],
+            "logEntries": [{"timestamp": rfc3339(ts), "message": line, "level": "info",
+                            "fields": {}} for ts, line in lines]}  # fmt: skip
+
+
+def team_key(row: Row) -> Row:
+    return {"id": row["id"], "name": row["name"], "mask": {"prefix": row["prefix"]},
+            "createdAt": rfc3339(row["created_at"]),
+            "lastUsed": rfc3339(row["last_used_at"]) if row["last_used_at"] else None}  # fmt: skip

@@ -1,0 +1,132 @@
+"""Queries on the catalog. Every function takes the engine and returns plain rows (dicts)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from vivarium.api import keys
+from vivarium.api.db.schema import api_keys, sandboxes, teams
+
+Row = dict[str, Any]
+LIVE = ("starting", "running")  # counted against a team's concurrency limit
+
+
+def _row(result: Any) -> Row | None:
+    row = result.mappings().first()
+    return dict(row) if row is not None else None
+
+
+# -- teams and keys ------------------------------------------------------------------------
+
+
+async def team_count(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.execute(select(func.count()).select_from(teams))).scalar_one())
+
+
+async def create_team(engine: AsyncEngine, name: str, max_sandboxes: int,
+                      is_admin: bool = False) -> Row:  # fmt: skip
+    row = {"id": str(uuid.uuid4()), "name": name, "max_sandboxes": max_sandboxes,
+           "is_admin": is_admin, "created_at": time.time()}  # fmt: skip
+    async with engine.begin() as conn:
+        await conn.execute(insert(teams).values(**row))
+    return row
+
+
+async def team_by_name(engine: AsyncEngine, name: str) -> Row | None:
+    async with engine.connect() as conn:
+        return _row(await conn.execute(select(teams).where(teams.c.name == name)))
+
+
+async def create_key(engine: AsyncEngine, team_id: str, name: str) -> tuple[str, Row]:
+    """A new key for the team: (the key, shown once; its stored row)."""
+    key = keys.new_key()
+    row = {"id": str(uuid.uuid4()), "team_id": team_id, "name": name,
+           "prefix": keys.shown_prefix(key), "key_hash": keys.key_hash(key),
+           "created_at": time.time(), "last_used_at": None}  # fmt: skip
+    async with engine.begin() as conn:
+        await conn.execute(insert(api_keys).values(**row))
+    return key, row
+
+
+async def list_keys(engine: AsyncEngine, team_id: str) -> list[Row]:
+    query = select(api_keys).where(api_keys.c.team_id == team_id).order_by(api_keys.c.created_at)
+    async with engine.connect() as conn:
+        return [dict(r) for r in (await conn.execute(query)).mappings()]
+
+
+async def team_for_key(engine: AsyncEngine, key: str) -> Row | None:
+    query = (
+        select(teams)
+        .join(api_keys, api_keys.c.team_id == teams.c.id)
+        .where(api_keys.c.key_hash == keys.key_hash(key))
+    )
+    async with engine.connect() as conn:
+        return _row(await conn.execute(query))
+
+
+# -- sandboxes -----------------------------------------------------------------------------
+
+
+async def reserve_sandbox(engine: AsyncEngine, team: Row, row: Row) -> bool:
+    """Insert a `starting` row unless the team already runs its maximum. The team row is
+    locked for the check (PostgreSQL), so concurrent creates cannot both slip under it."""
+    async with engine.begin() as conn:
+        await conn.execute(select(teams.c.id).where(teams.c.id == team["id"]).with_for_update())
+        if await _live_count(conn, team["id"]) >= team["max_sandboxes"]:
+            return False
+        await conn.execute(insert(sandboxes).values(**row))
+    return True
+
+
+async def _live_count(conn: AsyncConnection, team_id: str) -> int:
+    query = (
+        select(func.count())
+        .select_from(sandboxes)
+        .where(sandboxes.c.team_id == team_id, sandboxes.c.state.in_(LIVE))
+    )
+    return int((await conn.execute(query)).scalar_one())
+
+
+async def get_sandbox(engine: AsyncEngine, sandbox_id: str) -> Row | None:
+    async with engine.connect() as conn:
+        return _row(await conn.execute(select(sandboxes).where(sandboxes.c.id == sandbox_id)))
+
+
+async def update_sandbox(engine: AsyncEngine, sandbox_id: str, **values: Any) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(update(sandboxes).where(sandboxes.c.id == sandbox_id).values(**values))
+
+
+async def end_sandbox(engine: AsyncEngine, sandbox_id: str, reason: str) -> None:
+    """Mark it killed (if it was not already): kept for logs, never listed."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(sandboxes)
+            .where(sandboxes.c.id == sandbox_id, sandboxes.c.state != "killed")
+            .values(state="killed", ended_at=time.time(), end_reason=reason)
+        )
+
+
+async def team_sandboxes(engine: AsyncEngine, team_id: str, states: Sequence[str]) -> list[Row]:
+    query = (
+        select(sandboxes)
+        .where(sandboxes.c.team_id == team_id, sandboxes.c.state.in_(list(states)))
+        .order_by(sandboxes.c.started_at.desc(), sandboxes.c.id)
+    )
+    async with engine.connect() as conn:
+        return [dict(r) for r in (await conn.execute(query)).mappings()]
+
+
+async def node_sandboxes(engine: AsyncEngine, node_id: str, states: Sequence[str]) -> list[Row]:
+    query = select(sandboxes).where(
+        sandboxes.c.node_id == node_id, sandboxes.c.state.in_(list(states))
+    )
+    async with engine.connect() as conn:
+        return [dict(r) for r in (await conn.execute(query)).mappings()]
