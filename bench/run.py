@@ -59,6 +59,7 @@ RUNSC = "runsc"
 # The server under test: names and addresses no other instance on this host uses.
 SLOT_PREFIX = "vb"
 SLOT_CIDR = "10.233.0.0/18"
+PROXY_PORT = 4200
 API_PORT = 3200
 MAX_SANDBOXES = 64
 PREWARM = 12
@@ -338,6 +339,7 @@ class Server:
             "VIVARIUM_SLOT_PREFIX": SLOT_PREFIX,
             "VIVARIUM_SLOT_CIDR": SLOT_CIDR,
             "VIVARIUM_API_PORT": str(API_PORT),
+            "VIVARIUM_PROXY_PORT": str(PROXY_PORT),
             "VIVARIUM_MAX_SANDBOXES": str(MAX_SANDBOXES),
             "VIVARIUM_SLOT_PREWARM": str(PREWARM),
         }

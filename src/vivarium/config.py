@@ -50,6 +50,7 @@ class Settings:
     slot_cidr: str = "10.231.0.0/18"
     slot_prewarm: int = 4
     max_sandboxes: int = 128
+    max_starting: int = 4  # sandboxes restoring at once; more wait (2 cores: more only thrash)
     # Destinations a sandbox with internet access may reach even though they are private
     # or host addresses (an internal package mirror, say). Empty by default.
     egress_allow: tuple[str, ...] = field(default_factory=tuple)
@@ -77,6 +78,7 @@ class Settings:
             slot_cidr=_env("SLOT_CIDR", "10.231.0.0/18"),
             slot_prewarm=_env_int("SLOT_PREWARM", 4),
             max_sandboxes=_env_int("MAX_SANDBOXES", 128),
+            max_starting=_env_int("MAX_STARTING", 4),
             egress_allow=_env_list("EGRESS_ALLOW"),
             default_timeout_s=_env_int("DEFAULT_TIMEOUT", 300),
             max_timeout_s=_env_int("MAX_TIMEOUT", 24 * 3600),
@@ -105,6 +107,8 @@ class Settings:
                 raise ConfigError(f"VIVARIUM_EGRESS_ALLOW: {exc}") from None
         if self.team_max_sandboxes < 1:
             raise ConfigError("VIVARIUM_TEAM_MAX_SANDBOXES must be at least 1")
+        if self.max_starting < 1:
+            raise ConfigError("VIVARIUM_MAX_STARTING must be at least 1")
         if self.max_sandboxes < 1:
             raise ConfigError("VIVARIUM_MAX_SANDBOXES must be at least 1")
 

@@ -7,6 +7,7 @@ node (running sandboxes are left running and adopted by the next start).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -20,6 +21,8 @@ from vivarium.api.control import ControlPlane
 from vivarium.config import Settings
 from vivarium.node.node import Node
 from vivarium.node.server import create_app as create_node_app
+from vivarium.proc import raise_priority
+from vivarium.proxy import SandboxProxy, Upstream
 
 log = logging.getLogger("vivarium")
 
@@ -43,6 +46,7 @@ def _announce_key(key: str | None, settings: Settings) -> None:
 
 
 async def serve(settings: Settings) -> None:
+    raise_priority()  # the API answers promptly even while the host is busy starting sandboxes
     node = Node(settings)
     await node.start()
     control = ControlPlane(settings, node)
@@ -52,6 +56,25 @@ async def serve(settings: Settings) -> None:
         await node.stop()
         raise
     _announce_key(first_key, settings)
+
+    def upstream(sandbox_id: str) -> Upstream | None:
+        record = node.sandboxes.get(sandbox_id)
+        if record is None:
+            return None
+        # Slot addresses are reused: the start time tells this instance from an earlier one.
+        return Upstream(record.slot_address, f"{sandbox_id}:{record.started_at}")
+
+    # Everything loaded so far lives as long as the server: keep it out of the collector's
+    # full passes, which otherwise grow with it and pause the event loop.
+    gc.freeze()
+    proxy = SandboxProxy(upstream, domain=settings.proxy_domain or None)
+    node.on_destroyed.append(proxy.forget)
+    try:
+        await proxy.start(settings.proxy_host, settings.proxy_port)
+    except BaseException:
+        await control.stop()
+        await node.stop()
+        raise
     socket_path = settings.node_socket
     socket_path.unlink(missing_ok=True)
     servers = [
@@ -78,15 +101,13 @@ async def serve(settings: Settings) -> None:
             await asyncio.sleep(0.05)
         os.umask(old_umask)
         if all(s.started for s in servers):
-            log.info(
-                "vivarium ready: api http://%s:%d, node socket %s",
-                settings.api_host,
-                settings.api_port,
-                socket_path,
-            )
+            log.info("vivarium ready: api http://%s:%d, sandbox proxy http://%s:%d, node socket %s",
+                     settings.api_host, settings.api_port, settings.proxy_host,
+                     settings.proxy_port, socket_path)  # fmt: skip
         await asyncio.gather(*tasks)
     finally:
         os.umask(old_umask)
+        await proxy.stop()
         await control.stop()
         await node.stop()
         socket_path.unlink(missing_ok=True)

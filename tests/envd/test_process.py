@@ -225,9 +225,10 @@ def test_list_shows_running_commands(sbx: Sandbox) -> None:
         assert info.tag is None
     finally:
         assert handle.kill()
+    # Kill answers once the process is gone: a List right after does not show it.
+    assert handle.pid not in [p.pid for p in sbx.commands.list()]
     with pytest.raises(CommandExitException):
         handle.wait()
-    assert handle.pid not in [p.pid for p in sbx.commands.list()]
 
 
 def test_kill_takes_the_whole_process_group(sbx: Sandbox) -> None:

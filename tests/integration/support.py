@@ -94,6 +94,7 @@ def make_server(name: str, prefix: str, cidr: str, api_port: int, **extra: str) 
         "VIVARIUM_SLOT_PREFIX": prefix,
         "VIVARIUM_SLOT_CIDR": cidr,
         "VIVARIUM_API_PORT": str(api_port),
+        "VIVARIUM_PROXY_PORT": str(api_port + 1000),
         **{f"VIVARIUM_{k.upper()}": v for k, v in extra.items()},
     }
     return Server(name, env, state_dir)

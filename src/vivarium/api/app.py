@@ -77,7 +77,7 @@ def create_app(control: ControlPlane) -> Starlette:
             rows = [r for r in rows if r["template_id"] == template]
         if after := request.query_params.get("startedAfter"):
             since = shapes.parse_time(after, "startedAfter")
-            rows = [r for r in rows if r["started_at"] > since]
+            rows = [r for r in rows if r["started_at"] >= since]
         if request.query_params.get("order") == "asc":
             rows.reverse()
         chunk, next_token = shapes.page(rows, limit, token)

@@ -7,21 +7,19 @@ import json
 import logging
 import sys
 import time
+import urllib.parse
+from datetime import datetime
 from typing import Any
 
 import click
 
+from vivarium.cli.api_client import ApiClient, ApiError, Endpoints
 from vivarium.config import Settings
 from vivarium.errors import VivariumError
-from vivarium.node.client import NodeClient
 
 
 def _settings() -> Settings:
     return Settings.from_env()
-
-
-def _client() -> NodeClient:
-    return NodeClient(_settings().node_socket)
 
 
 def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
@@ -110,7 +108,11 @@ def template_list() -> None:
 
 @main.group()
 def sandbox() -> None:
-    """Create, list, run commands in and kill sandboxes."""
+    """Create, list, run commands in and kill sandboxes (through the API, like any client)."""
+
+
+def _api() -> ApiClient:
+    return ApiClient(Endpoints.resolve(_settings()))
 
 
 @sandbox.command("create")
@@ -119,47 +121,59 @@ def sandbox() -> None:
 @click.option("--metadata", "-m", multiple=True, help="KEY=VALUE, repeatable.")
 @click.option("--env", "-e", multiple=True, help="KEY=VALUE, repeatable.")
 @click.option("--internet/--no-internet", default=True, show_default=True)
-@click.option("--memory-mb", type=int)
-@click.option("--cpus", type=float)
 def sandbox_create(
     template: str, timeout: int | None, metadata: tuple[str, ...], env: tuple[str, ...],
-    internet: bool, memory_mb: int | None, cpus: float | None,
+    internet: bool,
 ) -> None:  # fmt: skip
     """Create a sandbox; its id is the last line printed."""
+    body: dict[str, Any] = {
+        "templateID": template, "metadata": _pairs(metadata, "--metadata"),
+        "envVars": _pairs(env, "--env"), "allow_internet_access": internet,
+    }  # fmt: skip
+    if timeout is not None:
+        body["timeout"] = timeout
     t0 = time.monotonic()
-    with _client() as client:
-        record = client.create(
-            template=template, timeout=timeout, metadata=_pairs(metadata, "--metadata"),
-            env_vars=_pairs(env, "--env"), allow_internet_access=internet,
-            memory_mb=memory_mb, cpus=cpus,
-        )  # fmt: skip
-    click.echo(f"created in {time.monotonic() - t0:.2f}s at {record['slot_address']}", err=True)
-    click.echo(record["sandbox_id"])
+    with _api() as api:
+        created = api.call("POST", "/v2/sandboxes", body)
+    click.echo(f"created in {time.monotonic() - t0:.2f}s", err=True)
+    click.echo(created["sandboxID"])
 
 
 @sandbox.command("list")
 @click.option("--json", "as_json", is_flag=True)
-def sandbox_list(as_json: bool) -> None:
-    """List running sandboxes."""
-    with _client() as client:
-        records = client.list_sandboxes()
+@click.option("--state", default="running,paused", show_default=True)
+@click.option("--metadata", "-m", multiple=True, help="KEY=VALUE filter, repeatable.")
+def sandbox_list(as_json: bool, state: str, metadata: tuple[str, ...]) -> None:
+    """List sandboxes."""
+    params = {"state": state, "metadata": urllib.parse.urlencode(_pairs(metadata, "--metadata"))}
+    rows: list[dict[str, Any]] = []
+    with _api() as api:
+        while True:
+            page = api.call("GET", "/v2/sandboxes", params=params)
+            rows += page
+            token = api.last_next_token
+            if not token:
+                break
+            params["nextToken"] = token
     if as_json:
-        click.echo(json.dumps(records, indent=1))
+        click.echo(json.dumps(rows, indent=1))
         return
-    click.echo(f"{'SANDBOX ID':<22}{'TEMPLATE':<12}{'ADDRESS':<16}{'ENDS IN':>8}  METADATA")
-    for r in records:
-        left = max(0, int(r["end_at"] - time.time()))
-        meta = ",".join(f"{k}={v}" for k, v in r["metadata"].items())
-        click.echo(f"{r['sandbox_id']:<22}{r['template']:<12}{r['slot_address']:<16}"
-                   f"{left:>7}s  {meta}")  # fmt: skip
+    click.echo(f"{'SANDBOX ID':<22}{'TEMPLATE':<12}{'STATE':<9}{'ENDS IN':>8}  METADATA")
+    for r in rows:
+        ends = datetime.fromisoformat(r["endAt"].replace("Z", "+00:00")).timestamp()
+        meta = ",".join(f"{k}={v}" for k, v in (r.get("metadata") or {}).items())
+        click.echo(f"{r['sandboxID']:<22}{r['templateID']:<12}{r['state']:<9}"
+                   f"{max(0, int(ends - time.time())):>7}s  {meta}")  # fmt: skip
 
 
 @sandbox.command("info")
 @click.argument("sandbox_id")
 def sandbox_info(sandbox_id: str) -> None:
     """Show one sandbox as JSON."""
-    with _client() as client:
-        click.echo(json.dumps(client.get(sandbox_id), indent=1))
+    with _api() as api:
+        detail = api.call("GET", f"/sandboxes/{sandbox_id}")
+    detail.pop("envdAccessToken", None)  # a secret; the CLI fetches it when it needs it
+    click.echo(json.dumps(detail, indent=1))
 
 
 @sandbox.command("exec", context_settings={"ignore_unknown_options": True})
@@ -168,27 +182,55 @@ def sandbox_info(sandbox_id: str) -> None:
 @click.option("--user", "-u", default="user", show_default=True)
 @click.option("--cwd")
 @click.option("--env", "-e", multiple=True, help="KEY=VALUE, repeatable.")
-@click.option("--timeout", type=float, default=60, show_default=True)
+@click.option("--timeout", type=float, default=60, show_default=True, help="0: none.")
 def sandbox_exec(
     sandbox_id: str, cmd: tuple[str, ...], user: str, cwd: str | None, env: tuple[str, ...],
     timeout: float,
 ) -> None:  # fmt: skip
-    """Run CMD in a sandbox (`vivarium sandbox exec ID -- CMD ARGS...`); exits with its code."""
-    with _client() as client:
-        result = client.exec(sandbox_id, list(cmd), user=user, cwd=cwd,
-                             env=_pairs(env, "--env"), timeout=timeout)  # fmt: skip
-    sys.stdout.write(result["stdout"])
-    sys.stderr.write(result["stderr"])
-    sys.exit(result["exit_code"])
+    """Run CMD in a sandbox (`vivarium sandbox exec ID -- CMD ARGS...`); exits with its code.
+
+    Standard input is passed on when it is not a terminal (`echo hi | vivarium sandbox exec ID
+    -- cat`). One argument with spaces runs through `bash -l -c`, like the E2B SDK."""
+    from vivarium.cli import envd_client
+
+    with _api() as api:
+        headers = api.envd_headers(api.call("GET", f"/sandboxes/{sandbox_id}"))
+        url = api.endpoints.sandbox_url
+    argv: list[str] | str = cmd[0] if len(cmd) == 1 and " " in cmd[0] else list(cmd)
+    stdin = None if sys.stdin.isatty() else sys.stdin.buffer
+    try:
+        code = envd_client.run(url, headers, argv, user=user, cwd=cwd, envs=_pairs(env, "--env"),
+                               stdin=stdin, timeout=timeout or None)  # fmt: skip
+    except envd_client.EnvdError as exc:
+        raise ApiError(str(exc)) from None
+    sys.exit(code)
+
+
+@sandbox.command("connect")
+@click.argument("sandbox_id")
+@click.option("--user", "-u", default="user", show_default=True)
+@click.option("--cwd")
+def sandbox_connect(sandbox_id: str, user: str, cwd: str | None) -> None:
+    """Open an interactive terminal (a login shell on a PTY) in a sandbox."""
+    from vivarium.cli import envd_client
+
+    with _api() as api:
+        headers = api.envd_headers(api.call("GET", f"/sandboxes/{sandbox_id}"))
+        url = api.endpoints.sandbox_url
+    try:
+        code = envd_client.terminal(url, headers, user=user, cwd=cwd)
+    except envd_client.EnvdError as exc:
+        raise ApiError(str(exc)) from None
+    sys.exit(code)
 
 
 @sandbox.command("kill")
 @click.argument("sandbox_ids", nargs=-1, required=True)
 def sandbox_kill(sandbox_ids: tuple[str, ...]) -> None:
     """Kill sandboxes."""
-    with _client() as client:
+    with _api() as api:
         for sandbox_id in sandbox_ids:
-            client.kill(sandbox_id)
+            api.call("DELETE", f"/sandboxes/{sandbox_id}")
             click.echo(f"killed {sandbox_id}")
 
 
@@ -197,8 +239,44 @@ def sandbox_kill(sandbox_ids: tuple[str, ...]) -> None:
 @click.argument("seconds", type=int)
 def sandbox_timeout(sandbox_id: str, seconds: int) -> None:
     """Set a sandbox to be killed SECONDS from now."""
-    with _client() as client:
-        client.set_timeout(sandbox_id, seconds)
+    with _api() as api:
+        api.call("POST", f"/sandboxes/{sandbox_id}/timeout", {"timeout": seconds})
+
+
+@main.group()
+def keys() -> None:
+    """API keys (`X-API-Key`) of your team."""
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="What the key is for.")
+@click.option("--team", help="Create this new team and its first key (admin keys only).")
+@click.option("--max-sandboxes", type=int, help="With --team: its concurrency limit.")
+def keys_create(name: str, team: str | None, max_sandboxes: int | None) -> None:
+    """Create a key; it is printed once, as the last line."""
+    with _api() as api:
+        if team:
+            body: dict[str, Any] = {"name": team}
+            if max_sandboxes is not None:
+                body["maxSandboxes"] = max_sandboxes
+            created = api.call("POST", "/teams", body)
+            click.echo(f"created team {team!r} ({created['maxSandboxes']} sandboxes at once)",
+                       err=True)  # fmt: skip
+            click.echo(created["apiKey"])
+            return
+        created = api.call("POST", "/api-keys", {"name": name})
+    click.echo(f"created key {name!r}; store it now, it is not shown again", err=True)
+    click.echo(created["key"])
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """List your team's keys (names and prefixes; keys themselves are never stored)."""
+    with _api() as api:
+        rows = api.call("GET", "/api-keys")
+    click.echo(f"{'NAME':<24}{'PREFIX':<16}CREATED")
+    for r in rows:
+        click.echo(f"{r['name']:<24}{r['mask']['prefix'] + '...':<16}{r['createdAt']}")
 
 
 if __name__ == "__main__":

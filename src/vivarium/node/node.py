@@ -21,7 +21,7 @@ from vivarium.errors import CapacityExhausted, InvalidArgument, NotFound, Runtim
 from vivarium.guest.envd import PORT as ENVD_PORT
 from vivarium.guest.envd.state import EnvdState
 from vivarium.network.pool import SlotPool
-from vivarium.node.envd_init import init_envd
+from vivarium.node.envd_init import envd_http, init_envd
 from vivarium.node.records import RecordStore, SandboxRecord, new_sandbox_id, valid_sandbox_id
 from vivarium.proc import Result
 from vivarium.runtime.bundle import Resources, for_sandbox, write_bundle
@@ -70,12 +70,18 @@ class Node:
         self.events: list[dict[str, Any]] = []
         self._locks: dict[str, asyncio.Lock] = {}
         self._creating = 0
+        # Restores at once: more only thrash the CPUs (and starve the API) without finishing
+        # sooner; the rest wait their turn (E2B's nodes cap "starting" sandboxes the same way).
+        self._starting = asyncio.Semaphore(settings.max_starting)
         self._suspects: set[str] = set()
         self._cleanups: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
+        self.http = envd_http()
         # Told when a sandbox ends other than by kill(): (sandbox id, reason). The control
         # plane keeps its catalog in step through it.
         self.on_ended: Callable[[str, str], None] | None = None
+        # Told when a sandbox stops for any reason (the proxy drops its connections).
+        self.on_destroyed: list[Callable[[str], None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -102,6 +108,7 @@ class Node:
             await asyncio.gather(self._reaper, return_exceptions=True)
         await self._drain_cleanups()
         await self.pool.stop()
+        await self.http.aclose()
 
     async def _reconcile(self) -> None:
         """Adopt sandboxes still running after a restart or crash; remove what was left over."""
@@ -178,15 +185,9 @@ class Node:
             )
         self._creating += 1
         try:
-            return await self._restore(
-                req,
-                template.name,
-                template.build_id,
-                template.spec,
-                template.checkpoint,
-                resources,
-                timeout_s,
-            )
+            async with self._starting:
+                return await self._restore(req, template.name, template.build_id, template.spec,
+                                           template.checkpoint, resources, timeout_s)  # fmt: skip
         finally:
             self._creating -= 1
 
@@ -204,7 +205,7 @@ class Node:
                 for_sandbox(spec, Path(slot.netns_path), resources, sandbox_id),
             )
             await runtime.restore(sandbox_id, bundle, image, directory / "console.log")
-            await init_envd(slot.router_ip, sandbox_id=sandbox_id, template_id=template,
+            await init_envd(self.http, slot.router_ip, sandbox_id=sandbox_id, template_id=template,
                             env_vars=dict(req.env_vars or {}),
                             access_token=req.access_token)  # fmt: skip
             now = time.time()
@@ -216,7 +217,7 @@ class Node:
                 metadata=dict(req.metadata or {}), env_vars=dict(req.env_vars or {}),
                 on_timeout=req.on_timeout, access_token=req.access_token,
             )  # fmt: skip
-            self.records.save(record)
+            await self._save(record)
         except BaseException:
             await runtime.delete(sandbox_id)
             await self.pool.release(slot)
@@ -238,6 +239,8 @@ class Node:
         """
         await self._rt().kill(record.sandbox_id)
         self.sandboxes.pop(record.sandbox_id, None)
+        for listener in self.on_destroyed:
+            listener(record.sandbox_id)
         self._locks.pop(record.sandbox_id, None)
         directory = self.records.sandbox_dir(record.sandbox_id)
         (directory / "record.json").unlink(missing_ok=True)
@@ -261,7 +264,7 @@ class Node:
     async def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
         async with self._locked(sandbox_id) as record:
             record.end_at = time.time() + self._timeout(timeout_s)
-            self.records.save(record)
+            await self._save(record)
             return record
 
     async def exec(
@@ -294,6 +297,11 @@ class Node:
         except TimeoutError:
             raise InvalidArgument(f"command did not finish within {timeout_s:g}s") from None
 
+    async def _save(self, record: SandboxRecord) -> None:
+        # The record is fsync'ed: on a disk busy with restores that can take tens of
+        # milliseconds, which must not stall the event loop (the API and proxy share it).
+        await asyncio.to_thread(self.records.save, record)
+
     def logs(self, sandbox_id: str, limit: int = 1000) -> list[tuple[float, str]]:
         """The sandbox's console output (its init and envd), newest `limit` lines, each with the
         time the log file was last written (runsc does not timestamp console lines)."""
@@ -312,8 +320,7 @@ class Node:
         headers = {"X-Access-Token": record.access_token} if record.access_token else {}
         url = f"http://{record.slot_address}:{ENVD_PORT}/metrics"
         try:
-            async with httpx.AsyncClient(timeout=5) as http:
-                response = await http.get(url, headers=headers)
+            response = await self.http.get(url, headers=headers)
             response.raise_for_status()
             data: dict[str, Any] = response.json()
         except (httpx.HTTPError, ValueError) as exc:

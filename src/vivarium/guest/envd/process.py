@@ -50,6 +50,7 @@ KEEPALIVE_S = 25.0  # idle streams get a keepalive at least this often (proxies 
 OUTPUT_GRACE_S = 0.25  # after exit, how long to wait for the output to reach EOF
 DRAIN_LIMIT = 1024 * 1024  # after that grace, read at most this much more per stream
 ENDED_TTL_S = 10.0  # a finished process stays reachable by Connect this long
+KILL_WAIT_S = 2.0  # SendSignal(SIGKILL) answers once the process is gone, or after this
 DEFAULT_PTY_SIZE = (24, 80)  # rows, cols when the request names none
 # Proto JSON enums arrive as names, but numbers are valid too.
 SIGNALS: dict[str | int, signal.Signals] = {
@@ -271,6 +272,11 @@ class Proc:
         self._deadline = asyncio.get_running_loop().call_later(
             seconds, self.send_signal, signal.SIGKILL
         )
+
+    async def ended(self, timeout: float) -> None:
+        """Wait (at most `timeout`) until the process has exited and is off the list."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._supervisor), timeout)
 
     def send_signal(self, sig: int) -> None:
         # The child leads its own session and process group: signal all of it, so a shell's
@@ -568,6 +574,8 @@ def routes(state: EnvdState, spawner: Spawner) -> list[Route]:
                                f"unsupported signal {msg.get('signal')!r}: use SIGNAL_SIGTERM or "
                                "SIGNAL_SIGKILL")  # fmt: skip
         proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            await proc.ended(KILL_WAIT_S)  # so that a List right after no longer shows it
         return {}
 
     async def update(request: Request, msg: Message) -> Message:

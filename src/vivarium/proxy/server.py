@@ -1,0 +1,226 @@
+"""The listener: one asyncio TCP server speaking plain HTTP/1.1 to clients.
+
+Each client connection is a keep-alive loop; every request on it is routed on its own (one
+connection may reach several sandboxes). Requests the proxy answers itself (bad routing, unknown
+sandbox, closed port, `/health`) get a JSON body `{"code": ..., "message": ...}` like E2B's own
+proxy, whose phrases the e2b client matches: "was not found" means the sandbox is gone,
+"port ... is not open" that it runs but nothing listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import h11
+
+from vivarium.proxy.exchange import Exchange, ProxyError
+from vivarium.proxy.pool import ConnectionPool, PoolKey
+from vivarium.proxy.routing import RoutingError, route_request
+from vivarium.proxy.stream import MAX_HEAD, READ_SIZE, ClientGone, HttpStream
+
+log = logging.getLogger("vivarium.proxy")
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where a sandbox is reached: its address, and a key naming this instance of it.
+
+    Addresses are reused by later sandboxes; pooled connections are kept per `key`, so give
+    each sandbox instance (each create, each resume) a distinct one.
+    """
+
+    host: str
+    key: str
+
+
+Resolver = Callable[[str], Upstream | None]
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyLimits:
+    max_head_bytes: int = MAX_HEAD  # request line and headers; 431 beyond
+    idle_timeout: float = 75.0  # a client connection waiting for its next request
+    connect_timeout: float = 5.0
+    pool_max_idle: int = 8  # idle connections kept per sandbox instance and port
+    pool_max_idle_age: float = 30.0
+    # After a local error the rest of the request body is read and dropped, so the connection
+    # stays usable and the client reads the answer instead of a reset; beyond this, close.
+    discard_body_max: int = 1024 * 1024
+
+
+class SandboxProxy:
+    def __init__(
+        self, resolve: Resolver, *, domain: str | None = None, limits: ProxyLimits | None = None
+    ) -> None:
+        self._resolve = resolve
+        self._domain = domain.strip(".").lower() if domain else None
+        self.limits = limits or ProxyLimits()
+        self._pool = ConnectionPool(
+            connect_timeout=self.limits.connect_timeout,
+            max_idle_per_key=self.limits.pool_max_idle,
+            max_idle_age=self.limits.pool_max_idle_age,
+        )
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._clients: set[asyncio.Task[Any]] = set()
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._server = await asyncio.start_server(
+            self._serve_client, host, port, limit=READ_SIZE, backlog=1024
+        )
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "start() first"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        tasks = [*self._clients, *([self._sweeper] if self._sweeper else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._pool.close()
+        await self._server.wait_closed()
+        self._server = None
+
+    def forget(self, name: str) -> None:
+        """Close the connections to a sandbox (its id, or an `Upstream.key`), idle or streaming.
+
+        Call it when a sandbox is killed or paused: a vanished network namespace sends no
+        reset, so streams to it would otherwise hang until the client gives up.
+        """
+        self._pool.forget(name)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(5.0, self.limits.pool_max_idle_age / 2))
+            self._pool.sweep()
+
+    async def _serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._clients.add(task)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head_bytes)
+        client = HttpStream(reader, writer, conn)
+        peer = writer.get_extra_info("peername")
+        client_ip = str(peer[0]) if isinstance(peer, tuple) else "unknown"
+        graceful = False
+        try:
+            while True:
+                request = await self._read_head(client)
+                if request is None or not await self._handle(client, request, client_ip):
+                    break
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    break
+                conn.start_next_cycle()
+            graceful = True
+        except (ClientGone, OSError):
+            pass
+        except asyncio.CancelledError:
+            # Only stop() cancels us. Ending normally spares asyncio's stream callback, which
+            # in 3.11 calls task.exception() on the finished task and chokes on a cancelled one.
+            pass
+        except Exception:
+            log.exception("proxy: client connection failed")
+        finally:
+            self._clients.discard(task)
+            if graceful:
+                client.close()
+            else:
+                client.abort()
+
+    async def _read_head(self, client: HttpStream) -> h11.Request | None:
+        deadline: float | None = None
+        while True:
+            try:
+                event = client.h11.next_event()
+            except h11.RemoteProtocolError as e:
+                await self._reply(client, None, e.error_status_hint, f"Bad request: {e}")
+                return None
+            if event is h11.NEED_DATA:
+                if deadline is None:
+                    deadline = asyncio.get_running_loop().time() + self.limits.idle_timeout
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await client.fill()
+                except TimeoutError:
+                    return None
+            elif type(event) is h11.Request:
+                return event
+            else:
+                return None  # ConnectionClosed: the client is done
+
+    async def _handle(self, client: HttpStream, request: h11.Request, client_ip: str) -> bool:
+        """Answer one request; True when the connection may carry another."""
+        try:
+            route = route_request(request.headers, self._domain)
+        except RoutingError as e:
+            return await self._reply(client, request, 400, str(e))
+        if route is None:
+            if request.method in (b"GET", b"HEAD") and request.target.split(b"?")[0] == b"/health":
+                return await self._reply(client, request, 200, None)
+            where = f", or a Host of {{port}}-{{sandboxId}}.{self._domain}" if self._domain else ""
+            message = f"Missing E2b-Sandbox-Id and E2b-Sandbox-Port headers{where}"
+            return await self._reply(client, request, 400, message)
+        if request.method == b"CONNECT":
+            return await self._reply(client, request, 400, "CONNECT is not supported")
+        try:
+            upstream = self._resolve(route.sandbox_id)
+        except Exception:
+            log.exception("proxy: resolving sandbox %s failed", route.sandbox_id)
+            return await self._reply(client, request, 502, "The sandbox could not be looked up")
+        if upstream is None:
+            message = f"The sandbox {route.sandbox_id} was not found"
+            return await self._reply(client, request, 502, message)
+        key = PoolKey(route.sandbox_id, upstream.key, upstream.host, route.port)
+        try:
+            return await Exchange(client, request, key, self._pool, client_ip).run()
+        except ProxyError as e:
+            return await self._reply(client, request, e.status, e.message)
+
+    async def _reply(
+        self, client: HttpStream, request: h11.Request | None, status: int, message: str | None
+    ) -> bool:
+        """A response of the proxy's own. `request` None: the request was unreadable, close."""
+        payload = {"status": "ok"} if message is None else {"code": status, "message": message}
+        body = json.dumps(payload).encode()
+        headers = [(b"Content-Type", b"application/json"), (b"Content-Length", b"%d" % len(body))]
+        if request is None:
+            headers.append((b"Connection", b"close"))
+        conn = client.h11
+        reason = HTTPStatus(status).phrase.encode()
+        data = conn.send(h11.Response(status_code=status, headers=headers, reason=reason)) or b""
+        if request is None or request.method != b"HEAD":
+            data += conn.send(h11.Data(data=body)) or b""
+        data += conn.send(h11.EndOfMessage()) or b""
+        await client.write(data)
+        return request is not None and await self._discard_body(client)
+
+    async def _discard_body(self, client: HttpStream) -> bool:
+        left = self.limits.discard_body_max
+        conn = client.h11
+        try:
+            while conn.their_state is h11.SEND_BODY:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    async with asyncio.timeout(self.limits.idle_timeout):
+                        await client.fill()
+                elif type(event) is h11.Data:
+                    left -= len(event.data)
+                    if left < 0:
+                        return False
+        except (h11.RemoteProtocolError, TimeoutError):
+            return False
+        return True

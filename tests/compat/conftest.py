@@ -1,0 +1,62 @@
+"""Compatibility suite: the pinned official `e2b` client against a real `vivarium serve`
+(real sandboxes, the real API and proxy), configured the way the README tells users to."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.integration.support import TEMPLATE_DIR, Server, make_server
+
+API_PORT = 3110  # proxy on API_PORT + 1000
+
+
+@dataclass(frozen=True)
+class Compat:
+    server: Server
+    api_url: str
+    sandbox_url: str
+    api_key: str
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(base_url=self.api_url, headers={"X-API-Key": self.api_key},
+                            timeout=60)  # fmt: skip
+
+    def new_team(self, name: str, max_sandboxes: int = 5) -> str:
+        """A second team's API key."""
+        with self.admin() as http:
+            response = http.post("/teams", json={"name": name, "maxSandboxes": max_sandboxes})
+        assert response.status_code == 201, response.text
+        return str(response.json()["apiKey"])
+
+
+@pytest.fixture(scope="session")
+def compat() -> Iterator[Compat]:
+    if os.geteuid() != 0:
+        pytest.fail("the compatibility suite runs real sandboxes and needs root (`make test`)")
+    if not os.path.isdir(os.path.join(TEMPLATE_DIR, "base", "current")):
+        pytest.fail(f"no base template in {TEMPLATE_DIR}: run `make test`, which builds it")
+    srv = make_server("compat", "vx", "10.237.0.0/20", API_PORT, max_sandboxes="40",
+                      team_max_sandboxes="30", slot_prewarm="8")  # fmt: skip
+    srv.start()
+    key = (srv.state_dir / "admin.key").read_text().strip()
+    env = Compat(srv, f"http://127.0.0.1:{API_PORT}", f"http://127.0.0.1:{API_PORT + 1000}", key)
+    saved = {k: os.environ.get(k) for k in ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL")}
+    os.environ.update(E2B_API_KEY=key, E2B_API_URL=env.api_url, E2B_SANDBOX_URL=env.sandbox_url)
+    try:
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        with env.admin() as http:
+            for page in [http.get("/v2/sandboxes").json()]:
+                for row in page:
+                    http.delete(f"/sandboxes/{row['sandboxID']}")
+        srv.stop()
