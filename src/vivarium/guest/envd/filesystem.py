@@ -489,14 +489,23 @@ class _InotifyBackend:
         return int(wd)
 
     def _add_tree(self, top: str, skip_root: bool = False) -> None:
-        for directory, _, _ in os.walk(top):
-            if skip_root and directory == top:
-                continue
-            try:
-                self._add(directory)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):  # gone meanwhile: fine
+        # Watch a directory before listing it: a subdirectory created in between is then either
+        # in the listing or reported by the new watch (listing first could miss it for good).
+        pending = [top]
+        while pending:
+            directory = pending.pop()
+            if not (skip_root and directory == top):
+                try:
+                    self._add(directory)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOENT, errno.ENOTDIR):  # gone meanwhile: fine
+                        continue
                     raise
+            try:
+                with os.scandir(directory) as entries:
+                    pending += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue
 
     def _forget_tree(self, top: str) -> None:
         for wd, path in list(self.paths.items()):
