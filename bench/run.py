@@ -2,10 +2,13 @@
 
 Floors are measured in the same run, on the same host: a native process spawn, a bare
 `runsc restore` of the base template into a ready network slot, and a bare `runsc exec`. The
-node's figures are reported as ratios to them, so results can be compared across machines.
+node's figures are reported as ratios to them, so results can be compared across machines. The
+official `e2b` client's figures (create through the API, commands through the proxy) stand
+beside the node-level ones, measured alternately with them, and what the API and the proxy add
+is checked against a budget in milliseconds.
 
 The system under test is a `vivarium serve` of our own (fresh state dir, slot prefix `vb`, its
-own slot range and API port), so the bench runs beside a developer's server. Everything it
+own slot range, API and proxy ports), so the bench runs beside a developer's server. Everything it
 creates is removed at the end, also on failure or Ctrl-C, and the removal is verified.
 
 Run as root with the base template built: `make bench`.
@@ -61,6 +64,8 @@ SLOT_PREFIX = "vb"
 SLOT_CIDR = "10.233.0.0/18"
 PROXY_PORT = 4200
 API_PORT = 3200
+API_URL = f"http://127.0.0.1:{API_PORT}"
+PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
 MAX_SANDBOXES = 64
 PREWARM = 12
 # The raw-restore floor's own slot, outside the server's range.
@@ -75,6 +80,8 @@ SDK_CMD_RUNS = 40
 SDK_FILE_RUNS = 10
 SDK_FILE_BYTES = 1024 * 1024
 SDK_CMD_TARGET_RATIO = 0.5  # commands.run("true") at most half of a raw `runsc exec true`
+API_CREATE_MAX_ADDED_MS = 30.0  # SDK create p50 at most this above the node-level create p50
+PROXY_MAX_ADDED_MS = 5.0  # commands.run p50 through the proxy at most this above direct
 ENVD_PORT = 49983
 SEQUENTIAL_CREATES = 20
 CONCURRENT_CREATES = 10  # also the sandboxes whose idle memory is measured
@@ -126,6 +133,7 @@ class Row:
     floor_of: str = ""  # what the floor is, shown beside it
     max_ratio: float | None = None  # target: value / floor at most this
     min_value: float | None = None  # target: value at least this
+    max_value: float | None = None  # target: value at most this
     samples: tuple[float, ...] = ()
 
     @property
@@ -138,6 +146,8 @@ class Row:
             return self.ratio is not None and self.ratio <= self.max_ratio
         if self.min_value is not None:
             return self.value >= self.min_value
+        if self.max_value is not None:
+            return self.value <= self.max_value
         return None
 
     def target_text(self) -> str:
@@ -145,6 +155,8 @@ class Row:
             goal = f"ratio <= {self.max_ratio:g}"
         elif self.min_value is not None:
             goal = f">= {fmt(self.min_value, self.unit)}"
+        elif self.max_value is not None:
+            goal = f"<= {fmt(self.max_value, self.unit)}"
         else:
             return "-"
         return f"{goal} ({'ok' if self.met else 'MISSED'})"
@@ -356,7 +368,7 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
-            if self.healthy():
+            if self.healthy() and self.api_healthy():
                 return
             time.sleep(0.1)
         raise RuntimeError(f"server did not answer within {START_TIMEOUT_S:g}s:\n{self.tail()}")
@@ -370,6 +382,16 @@ class Server:
                 return http.get("/health").status_code == 200
         except httpx.HTTPError:
             return False
+
+    def api_healthy(self) -> bool:
+        try:
+            return httpx.get(f"{API_URL}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def api_key(self) -> str:
+        """The first key, written on the server's first start (its state dir is fresh)."""
+        return (self.state_dir / "admin.key").read_text().strip()
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -400,10 +422,12 @@ class Created:
 
 
 class Fleet:
-    """Creates sandboxes and remembers those still alive, so cleanup can find them."""
+    """Creates sandboxes (through the node's socket, or with the official client through the
+    API) and remembers those still alive, so cleanup can find them."""
 
     def __init__(self, socket: Path) -> None:
         self.socket = socket
+        self.api_key = ""  # set once the server has written its first key
         self.alive: set[str] = set()
         self.ever: set[str] = set()  # to check afterwards that none left a cgroup behind
         self._lock = threading.Lock()
@@ -411,19 +435,42 @@ class Fleet:
     def client(self) -> NodeClient:
         return NodeClient(self.socket)
 
+    def _track(self, sandbox_id: str) -> None:
+        with self._lock:
+            self.alive.add(sandbox_id)
+            self.ever.add(sandbox_id)
+
     def create(self, client: NodeClient) -> Created:
         start = time.perf_counter()
         data = client.create(template=TEMPLATE, timeout=SANDBOX_TIMEOUT_S)
         end = time.perf_counter()
-        with self._lock:
-            self.alive.add(data["sandbox_id"])
-            self.ever.add(data["sandbox_id"])
+        self._track(data["sandbox_id"])
         return Created(data["sandbox_id"], start, end)
+
+    def sdk_create(self) -> tuple[Sandbox, Created]:
+        """`Sandbox.create()` through the API, timed as a user of the client sees it."""
+        start = time.perf_counter()
+        sbx = Sandbox.create(TEMPLATE, timeout=SANDBOX_TIMEOUT_S, api_key=self.api_key,
+                             api_url=API_URL, sandbox_url=PROXY_URL)  # fmt: skip
+        end = time.perf_counter()
+        self._track(sbx.sandbox_id)
+        return sbx, Created(sbx.sandbox_id, start, end)
+
+    def sdk_connect(self, sandbox_id: str, sandbox_url: str) -> Sandbox:
+        """A client of an API-created sandbox whose envd traffic all goes to `sandbox_url`
+        (the proxy, or the sandbox's own envd), with the access token the API hands out."""
+        return Sandbox.connect(sandbox_id, api_key=self.api_key, api_url=API_URL,
+                               sandbox_url=sandbox_url)  # fmt: skip
 
     def kill(self, client: NodeClient, sandbox_id: str) -> None:
         client.kill(sandbox_id)
         with self._lock:
             self.alive.discard(sandbox_id)
+
+    def sdk_kill(self, sbx: Sandbox) -> None:
+        sbx.kill()
+        with self._lock:
+            self.alive.discard(sbx.sandbox_id)
 
     def create_concurrently(self, n: int) -> list[Created | Exception]:
         """n creates released together, each on its own connection."""
@@ -504,7 +551,9 @@ class NodeFigures:
     concurrent_ms: list[float] = field(default_factory=list)
     concurrent_wall_ms: float = 0.0
     exec_ms: list[float] = field(default_factory=list)
-    sdk_cmd_ms: list[float] = field(default_factory=list)
+    sdk_create_ms: list[float] = field(default_factory=list)  # through the API, alternating
+    sdk_cmd_ms: list[float] = field(default_factory=list)  # straight at envd
+    sdk_proxy_cmd_ms: list[float] = field(default_factory=list)  # through the proxy
     sdk_floor_ms: list[float] = field(default_factory=list)  # runsc exec, same sandbox & time
     sdk_file_ms: list[float] = field(default_factory=list)
     idle: list[Memory] = field(default_factory=list)
@@ -517,13 +566,20 @@ class NodeFigures:
 
 
 def measure_sequential(fleet: Fleet, figures: NodeFigures) -> None:
+    """Node-level creates alternating with the official client's creates through the API, so
+    both see the same load (including the previous sandbox's background teardown). Every
+    sandbox is killed before the next create; kills are not part of a create figure."""
+    fleet.sdk_kill(fleet.sdk_create()[0])  # the client's first call sets up its pool
     with fleet.client() as client:
         for _ in range(SEQUENTIAL_CREATES):
             created = fleet.create(client)
             figures.sequential_ms.append(created.ms)
             start = time.perf_counter()
-            fleet.kill(client, created.sandbox_id)  # not part of the create figure
+            fleet.kill(client, created.sandbox_id)
             figures.kill_ms.append(elapsed_ms(start))
+            sbx, created = fleet.sdk_create()
+            figures.sdk_create_ms.append(created.ms)
+            fleet.sdk_kill(sbx)
 
 
 def measure_concurrent_idle_exec(fleet: Fleet, figures: NodeFigures) -> None:
@@ -541,38 +597,46 @@ def measure_concurrent_idle_exec(fleet: Fleet, figures: NodeFigures) -> None:
             figures.exec_ms.append(elapsed_ms(start))
             if result["exit_code"] != 0:
                 raise RuntimeError(f"exec true exited {result['exit_code']}: {result['stderr']}")
-        address = client.get(target)["slot_address"]
-    measure_sdk(target, address, figures, fleet.socket.parent)
+    # The SDK's sandbox is one of the API's (`Sandbox.connect` asks the API, which knows only
+    # its own), made while the 10 above still run.
+    sdk_id = fleet.sdk_create()[0].sandbox_id
+    with fleet.client() as client:
+        address = client.get(sdk_id)["slot_address"]
+    measure_sdk(fleet, sdk_id, address, figures)
     fleet.kill_all()
 
 
-def measure_sdk(sandbox_id: str, address: str, figures: NodeFigures, state_dir: Path) -> None:
-    """The official client straight at the sandbox's envd (debug mode, no API or proxy). Each
-    command alternates with a raw `runsc exec true` into the same sandbox, so the floor it is
-    judged against is measured under exactly the same load."""
-    sbx = Sandbox.connect(sandbox_id, debug=True, api_key="bench",
-                          sandbox_url=f"http://{address}:{ENVD_PORT}")  # fmt: skip
+def measure_sdk(fleet: Fleet, sandbox_id: str, address: str, figures: NodeFigures) -> None:
+    """The official client, straight at the sandbox's envd and through the proxy. Each round
+    runs a raw `runsc exec true` into the same sandbox, then `commands.run("true")` both ways
+    (which goes first alternates), so the floor and both paths see exactly the same load."""
+    direct = fleet.sdk_connect(sandbox_id, f"http://{address}:{ENVD_PORT}")
+    proxied = fleet.sdk_connect(sandbox_id, PROXY_URL)
+    paths = [(direct, figures.sdk_cmd_ms), (proxied, figures.sdk_proxy_cmd_ms)]
     # The bench's own probe dir (as sweep() uses), not the server's: probing refreshes it.
+    state_dir = fleet.socket.parent
     runtime = open_runtime(RUNSC, state_dir.parent, state_dir / "runsc")
 
     async def alternate() -> None:
-        for _ in range(SDK_CMD_RUNS):
+        for n in range(SDK_CMD_RUNS):
             start = time.perf_counter()
             result = await runtime.exec(sandbox_id, ["true"])
             figures.sdk_floor_ms.append(elapsed_ms(start))
             if not result.ok:
                 raise RuntimeError(f"runsc exec true failed: {result.stderr.strip()[-300:]}")
-            start = time.perf_counter()
-            sbx.commands.run("true")  # blocking on purpose: nothing else runs on this loop
-            figures.sdk_cmd_ms.append(elapsed_ms(start))
+            for sbx, samples in paths if n % 2 == 0 else paths[::-1]:
+                start = time.perf_counter()
+                sbx.commands.run("true")  # blocking on purpose: nothing else runs on this loop
+                samples.append(elapsed_ms(start))
 
-    sbx.commands.run("true")  # first use opens the connection
+    direct.commands.run("true")  # first use opens the connections
+    proxied.commands.run("true")
     asyncio.run(alternate())
     payload = os.urandom(SDK_FILE_BYTES)
     for _ in range(SDK_FILE_RUNS):
         start = time.perf_counter()
-        sbx.files.write("/home/user/bench.bin", payload)
-        back = sbx.files.read("/home/user/bench.bin", format="bytes")
+        direct.files.write("/home/user/bench.bin", payload)
+        back = direct.files.read("/home/user/bench.bin", format="bytes")
         figures.sdk_file_ms.append(elapsed_ms(start))
         if bytes(back) != payload:
             raise RuntimeError("1 MB file read back differently")
@@ -613,10 +677,10 @@ def measure_scale(fleet: Fleet, figures: NodeFigures) -> None:
 def measure_node(fleet: Fleet) -> NodeFigures:
     figures = NodeFigures()
     try:
-        log(f"node: {SEQUENTIAL_CREATES} sequential creates")
+        log(f"node: {SEQUENTIAL_CREATES} sequential creates, each beside an SDK create")
         measure_sequential(fleet, figures)
         fleet.settle()
-        log(f"node: {CONCURRENT_CREATES} concurrent creates, idle memory, exec")
+        log(f"node: {CONCURRENT_CREATES} concurrent creates, idle memory, exec, SDK commands")
         measure_concurrent_idle_exec(fleet, figures)
         fleet.settle()
         log(f"node: scale to {SCALE_TOTAL} sandboxes")
@@ -676,6 +740,9 @@ def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row
     idle_cg = statistics.mean(m.cgroup_bytes for m in node.idle) / MIB
     idle_pss = statistics.mean(m.pss_bytes for m in node.idle) / MIB
     serial_s = SCALE_TOTAL * (restore50 + rexec50) / 1000
+    create50, create95 = p50(node.sequential_ms), p95(node.sequential_ms)
+    cmd50, floor50, floor95 = p50(node.sdk_cmd_ms), p50(node.sdk_floor_ms), p95(node.sdk_floor_ms)
+    proxy_cmd50 = p50(node.sdk_proxy_cmd_ms)
     delta = node.scale_mem_delta_bytes / MIB
     return [
         Row("spawn_p50_ms", "native spawn `true` p50", p50(spawn), "ms", samples=tuple(spawn)),
@@ -687,11 +754,17 @@ def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row
             "native spawn p50", samples=tuple(raw.exec_ms)),
         Row("raw_delete_p50_ms", "raw runsc delete p50", p50(raw.delete_ms), "ms",
             samples=tuple(raw.delete_ms)),
-        Row("create_seq_p50_ms", "create p50 (sequential)", p50(node.sequential_ms), "ms",
+        Row("create_seq_p50_ms", "create p50 (sequential)", create50, "ms",
             restore50, "raw restore p50", max_ratio=CREATE_TARGET_RATIO,
             samples=tuple(node.sequential_ms)),
-        Row("create_seq_p95_ms", "create p95 (sequential)", p95(node.sequential_ms), "ms",
+        Row("create_seq_p95_ms", "create p95 (sequential)", create95, "ms",
             restore95, "raw restore p95"),
+        Row("sdk_create_p50_ms", "SDK Sandbox.create() p50 (API)", p50(node.sdk_create_ms), "ms",
+            create50, "node create p50, alternating", samples=tuple(node.sdk_create_ms)),
+        Row("sdk_create_p95_ms", "SDK Sandbox.create() p95 (API)", p95(node.sdk_create_ms), "ms",
+            create95, "node create p95, alternating"),
+        Row("api_create_added_ms", "API adds to create p50 (SDK - node)",
+            p50(node.sdk_create_ms) - create50, "ms", max_value=API_CREATE_MAX_ADDED_MS),
         Row("create_conc_p50_ms", f"create p50 ({CONCURRENT_CREATES} concurrent)",
             p50(node.concurrent_ms), "ms", restore50, "raw restore p50",
             samples=tuple(node.concurrent_ms)),
@@ -706,11 +779,18 @@ def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row
             "raw runsc exec p50", samples=tuple(node.exec_ms)),
         Row("sdk_floor_p50_ms", "runsc exec `true` p50, SDK's sandbox", p50(node.sdk_floor_ms),
             "ms", rexec50, "raw runsc exec p50", samples=tuple(node.sdk_floor_ms)),
-        Row("sdk_cmd_p50_ms", "SDK commands.run('true') p50", p50(node.sdk_cmd_ms), "ms",
-            p50(node.sdk_floor_ms), "runsc exec p50, same sandbox, alternating",
+        Row("sdk_cmd_p50_ms", "SDK commands.run('true') p50 (envd)", cmd50, "ms",
+            floor50, "runsc exec p50, same sandbox, alternating",
             max_ratio=SDK_CMD_TARGET_RATIO, samples=tuple(node.sdk_cmd_ms)),
-        Row("sdk_cmd_p95_ms", "SDK commands.run('true') p95", p95(node.sdk_cmd_ms), "ms",
-            p95(node.sdk_floor_ms), "runsc exec p95, same sandbox, alternating"),
+        Row("sdk_cmd_p95_ms", "SDK commands.run('true') p95 (envd)", p95(node.sdk_cmd_ms), "ms",
+            floor95, "runsc exec p95, same sandbox, alternating"),
+        Row("sdk_proxy_cmd_p50_ms", "SDK commands.run('true') p50 (proxy)", proxy_cmd50, "ms",
+            floor50, "runsc exec p50, same sandbox, alternating",
+            samples=tuple(node.sdk_proxy_cmd_ms)),
+        Row("sdk_proxy_cmd_p95_ms", "SDK commands.run('true') p95 (proxy)",
+            p95(node.sdk_proxy_cmd_ms), "ms", floor95, "runsc exec p95, same sandbox, alternating"),
+        Row("proxy_cmd_added_ms", "proxy adds to commands.run p50 (proxy - envd)",
+            proxy_cmd50 - cmd50, "ms", max_value=PROXY_MAX_ADDED_MS),
         Row("sdk_file_p50_ms", "SDK 1 MB write+read p50", p50(node.sdk_file_ms), "ms", rexec50,
             "raw runsc exec p50", samples=tuple(node.sdk_file_ms)),
         Row("idle_cgroup_mib", "idle memory/sandbox (cgroup usage)", idle_cg, "MiB", raw_cg,
@@ -761,6 +841,7 @@ def run(work: Path) -> int:
         raw = asyncio.run(measure_raw(template, work))
         log("starting the server under test")
         server.start()
+        fleet.api_key = server.api_key()
         log("server ready")
         node = measure_node(fleet)
         failed = False
