@@ -43,6 +43,14 @@ class Conflict(VivariumError):
     http_status = 409
 
 
+class CannotSave(VivariumError):
+    """The sandbox is in a state its runtime cannot checkpoint; it keeps running. Not 409: the
+    E2B client reads a 409 on pause as "already paused"."""
+
+    code = "cannot_save"
+    http_status = 422
+
+
 class CapacityExhausted(VivariumError):
     code = "resource_exhausted"
     http_status = 429

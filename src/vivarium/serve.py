@@ -59,7 +59,7 @@ async def serve(settings: Settings) -> None:
 
     def upstream(sandbox_id: str) -> Upstream | None:
         record = node.sandboxes.get(sandbox_id)
-        if record is None:
+        if record is None or record.state != "running":  # e.g. pausing: no new connections
             return None
         # Slot addresses are reused: the start time tells this instance from an earlier one.
         return Upstream(record.slot_address, f"{sandbox_id}:{record.started_at}")

@@ -116,6 +116,16 @@ def create_app(control: ControlPlane) -> Starlette:
         body = shapes.sandbox(row, control.envd_token(row), client_id)
         return JSONResponse(body, status_code=201 if resumed else 200)
 
+    async def pause(request: Request, team: Row) -> Response:
+        await json_body(request)  # `memory` and `requireHealthyGuest`: pauses always keep memory
+        await control.pause(team, sid(request))
+        return Response(status_code=204)
+
+    async def resume(request: Request, team: Row) -> Response:
+        timeout = typed(await json_body(request), "timeout", int, default_timeout)
+        row, _ = await control.connect(team, sid(request), timeout)
+        return JSONResponse(shapes.sandbox(row, control.envd_token(row), client_id), 201)
+
     async def metrics(request: Request, team: Row) -> Response:
         return JSONResponse([shapes.metric(await control.metrics(team, sid(request)))])
 
@@ -176,6 +186,8 @@ def create_app(control: ControlPlane) -> Starlette:
         Route(sandbox + "/refreshes", authed(refresh), methods=["POST"]),
         Route(sandbox + "/connect", authed(connect), methods=["POST"]),
         Route("/v2" + sandbox + "/connect", authed(connect), methods=["POST"]),
+        Route(sandbox + "/pause", authed(pause), methods=["POST"]),
+        Route(sandbox + "/resume", authed(resume), methods=["POST"]),
         Route(sandbox + "/metrics", authed(metrics), methods=["GET"]),
         Route(sandbox + "/logs", authed(logs), methods=["GET"]),
         Route("/v2" + sandbox + "/logs", authed(logs), methods=["GET"]),

@@ -14,6 +14,7 @@ import os
 import secrets
 import time
 from collections import defaultdict
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from vivarium.errors import CapacityExhausted, Conflict, InvalidArgument, NotFou
 from vivarium.guest.envd import ENVD_VERSION
 from vivarium.node.node import CreateRequest, Node
 from vivarium.node.records import new_sandbox_id
+from vivarium.node.snapshots import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class ControlPlane:
         self.engine: AsyncEngine = open_engine(settings.db_url)
         self.seed = b""
         self._team_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Pause, resume and kill of one sandbox happen one at a time.
+        self._sandbox_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- start and stop ------------------------------------------------------------------------
@@ -73,6 +77,7 @@ class ControlPlane:
         await self._reconcile()
         await self._warm_up()
         self.node.on_ended = self._node_ended
+        self.node.on_paused = self._node_paused
         return first_key
 
     async def _warm_up(self) -> None:
@@ -88,6 +93,7 @@ class ControlPlane:
 
     async def stop(self) -> None:
         self.node.on_ended = None
+        self.node.on_paused = None
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.engine.dispose()
@@ -95,16 +101,40 @@ class ControlPlane:
     async def _reconcile(self) -> None:
         """After a restart: catalog rows whose sandbox the node no longer runs have ended."""
         running = {r.sandbox_id for r in self.node.list_sandboxes()}
-        for row in await store.node_sandboxes(self.engine, self.node_id, store.LIVE):
-            if row["id"] not in running:
+        for row in await store.node_sandboxes(self.engine, self.node_id,
+                                              [*store.LIVE, "pausing"]):  # fmt: skip
+            if row["id"] in running:
+                if row["state"] != "running":  # a pause or resume cut short by the restart
+                    await store.transition(self.engine, row["id"], [row["state"]], "running")
+            elif self.node.snapshots.exists(row["id"]):
+                await store.transition(self.engine, row["id"], [row["state"]], "paused")
+            else:
                 await store.end_sandbox(self.engine, row["id"], "not running after restart")
 
     def _node_ended(self, sandbox_id: str, reason: str) -> None:
-        task = asyncio.get_running_loop().create_task(
-            store.end_sandbox(self.engine, sandbox_id, reason)
-        )
+        self._background(store.end_sandbox(self.engine, sandbox_id, reason))
+
+    def _node_paused(self, sandbox_id: str, snapshot: Snapshot) -> None:
+        self._background(self._record_pause(sandbox_id, snapshot))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _record_pause(self, sandbox_id: str, snapshot: Snapshot) -> None:
+        row = await store.get_sandbox(self.engine, sandbox_id)
+        if row is None:
+            return
+        await store.save_snapshot(self.engine, {
+            "sandbox_id": sandbox_id, "team_id": row["team_id"],
+            "template_id": row["template_id"], "node_id": self.node_id,
+            "metadata": row["metadata"], "size_bytes": snapshot.size,
+            "checksum": snapshot.checksum,
+            "runsc_version": snapshot.manifest["runsc_version"],
+            "created_at": snapshot.manifest["created_at"],
+        })  # fmt: skip
+        await store.transition(self.engine, sandbox_id, ["running", "pausing"], "paused")
 
     # -- auth ----------------------------------------------------------------------------------
 
@@ -170,9 +200,29 @@ class ControlPlane:
 
     async def kill(self, team: Row, sandbox_id: str) -> None:
         row = await self.get(team, sandbox_id)
-        with contextlib.suppress(NotFound):  # it ended on its own: the catalog follows
-            await self.node.kill(sandbox_id)
-        await store.end_sandbox(self.engine, row["id"], "killed")
+        async with self._sandbox_locks[sandbox_id]:
+            with contextlib.suppress(NotFound):  # it ended on its own: the catalog follows
+                await self.node.kill(sandbox_id)
+            self.node.delete_snapshot(sandbox_id)  # a paused sandbox's memory goes with it
+            await store.drop_snapshot(self.engine, sandbox_id)
+            await store.end_sandbox(self.engine, row["id"], "killed")
+
+    async def pause(self, team: Row, sandbox_id: str) -> None:
+        """Checkpoint memory, processes and files; the sandbox then lists as paused. A failed
+        pause leaves it running (the node guarantees it) and reports why."""
+        await self.get(team, sandbox_id)
+        async with self._sandbox_locks[sandbox_id]:
+            if not await store.transition(self.engine, sandbox_id, ["running"], "pausing"):
+                row = await self.get(team, sandbox_id)
+                raise Conflict(f"sandbox {sandbox_id!r} is {row['state']}, not running")
+            try:
+                snapshot = await self.node.pause(sandbox_id)
+            except BaseException:
+                running = sandbox_id in self.node.sandboxes
+                await store.transition(self.engine, sandbox_id, ["pausing"],
+                                       "running" if running else "killed")  # fmt: skip
+                raise
+            await self._record_pause(sandbox_id, snapshot)
 
     async def set_timeout(self, team: Row, sandbox_id: str, timeout_s: int,
                           *, extend_only: bool = False) -> Row:  # fmt: skip
@@ -197,14 +247,37 @@ class ControlPlane:
 
     async def connect(self, team: Row, sandbox_id: str, timeout_s: int) -> tuple[Row, bool]:
         """(the sandbox, whether it was resumed). A running sandbox only gets a longer timeout;
-        resuming a paused one arrives with pause."""
-        row = await self.get(team, sandbox_id)
-        if row["state"] == "starting":
-            raise Conflict(f"sandbox {sandbox_id!r} is still starting", "retry in a moment")
-        if row["state"] != "running":
-            raise Conflict(f"sandbox {sandbox_id!r} is {row['state']}")
+        a paused one is restored from its snapshot, with the same id, metadata and token."""
         self._check_timeout(timeout_s)
+        await self.get(team, sandbox_id)
+        async with self._sandbox_locks[sandbox_id]:
+            row = await self.get(team, sandbox_id)
+            if row["state"] == "paused":
+                return await self._resume(team, row, timeout_s), True
+            if row["state"] != "running":
+                raise Conflict(f"sandbox {sandbox_id!r} is {row['state']}", "retry in a moment")
         return await self.set_timeout(team, sandbox_id, timeout_s, extend_only=True), False
+
+    async def _resume(self, team: Row, row: Row, timeout_s: int) -> Row:
+        sandbox_id = row["id"]
+        async with self._team_locks[team["id"]]:
+            reserved = await store.resume_reservation(self.engine, team, sandbox_id)
+        if reserved is False:
+            raise CapacityExhausted(
+                "you have reached the maximum number of concurrent sandboxes "
+                f"({team['max_sandboxes']})",
+                "kill or pause a sandbox first",
+            )
+        if reserved is None:
+            raise Conflict(f"sandbox {sandbox_id!r} is not paused any more")
+        try:
+            record = await self.node.resume(sandbox_id, timeout_s)
+        except BaseException:
+            await store.transition(self.engine, sandbox_id, ["starting"], "paused")
+            raise
+        values = {"started_at": time.time(), "end_at": record.end_at}
+        await store.transition(self.engine, sandbox_id, ["starting"], "running", **values)
+        return {**row, **values, "state": "running"}
 
     async def refresh(self, team: Row, sandbox_id: str, duration_s: int) -> None:
         await self.set_timeout(team, sandbox_id, max(duration_s, MIN_REFRESH_S), extend_only=True)

@@ -119,6 +119,10 @@ def document() -> Schema:
         "/v2" + sandbox + "/connect": {"post": _op(
             "connect", {"200": created["201"], **created}, body=timeout_body, params=[ID],
             errors=(404, 409))},
+        sandbox + "/pause": {"post": _op("pause", _no_content(), params=[ID], errors=(404, 409),
+                                         body={"type": "object"})},
+        sandbox + "/resume": {"post": _op("resume (legacy)", created, body=timeout_body,
+                                          params=[ID], errors=(404, 409, 429))},
         sandbox + "/metrics": {"get": _op("metrics", {"200": {"description": "samples"}},
                                           params=[ID], errors=(404, 409))},
         sandbox + "/logs": {"get": _op("logs", {"200": {"description": "logs"}}, params=[ID],

@@ -7,11 +7,11 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from vivarium.api import keys
-from vivarium.api.db.schema import api_keys, sandboxes, teams
+from vivarium.api.db.schema import api_keys, sandboxes, snapshots, teams
 
 Row = dict[str, Any]
 LIVE = ("starting", "running")  # counted against a team's concurrency limit
@@ -130,3 +130,46 @@ async def node_sandboxes(engine: AsyncEngine, node_id: str, states: Sequence[str
     )
     async with engine.connect() as conn:
         return [dict(r) for r in (await conn.execute(query)).mappings()]
+
+
+# -- snapshots and state changes -------------------------------------------------------------
+
+
+async def transition(engine: AsyncEngine, sandbox_id: str, from_states: Sequence[str],
+                     to_state: str, **values: Any) -> bool:  # fmt: skip
+    """Move a sandbox between states only if it is in one of `from_states` (compare-and-set:
+    concurrent pause, kill and connect cannot both win)."""
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            update(sandboxes)
+            .where(sandboxes.c.id == sandbox_id, sandboxes.c.state.in_(list(from_states)))
+            .values(state=to_state, **values)
+        )
+    return bool(result.rowcount)
+
+
+async def resume_reservation(engine: AsyncEngine, team: Row, sandbox_id: str) -> bool | None:
+    """paused -> starting, within the team's limit: None if it was not paused, False if the
+    team runs its maximum already."""
+    async with engine.begin() as conn:
+        await conn.execute(select(teams.c.id).where(teams.c.id == team["id"]).with_for_update())
+        if await _live_count(conn, team["id"]) >= team["max_sandboxes"]:
+            row = await conn.execute(select(sandboxes.c.state).where(sandboxes.c.id == sandbox_id))
+            return False if row.scalar() == "paused" else None
+        result = await conn.execute(
+            update(sandboxes)
+            .where(sandboxes.c.id == sandbox_id, sandboxes.c.state == "paused")
+            .values(state="starting")
+        )
+    return True if result.rowcount else None
+
+
+async def save_snapshot(engine: AsyncEngine, row: Row) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(delete(snapshots).where(snapshots.c.sandbox_id == row["sandbox_id"]))
+        await conn.execute(insert(snapshots).values(**row))
+
+
+async def drop_snapshot(engine: AsyncEngine, sandbox_id: str) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(delete(snapshots).where(snapshots.c.sandbox_id == sandbox_id))

@@ -17,12 +17,20 @@ from typing import Any
 import httpx
 
 from vivarium.config import Settings
-from vivarium.errors import CapacityExhausted, InvalidArgument, NotFound, RuntimeFailure
+from vivarium.errors import (
+    CannotSave,
+    CapacityExhausted,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    RuntimeFailure,
+)
 from vivarium.guest.envd import PORT as ENVD_PORT
 from vivarium.guest.envd.state import EnvdState
 from vivarium.network.pool import SlotPool
 from vivarium.node.envd_init import envd_http, init_envd
 from vivarium.node.records import RecordStore, SandboxRecord, new_sandbox_id, valid_sandbox_id
+from vivarium.node.snapshots import Snapshot, SnapshotStore
 from vivarium.proc import Result
 from vivarium.runtime.bundle import Resources, for_sandbox, write_bundle
 from vivarium.runtime.cgroups import memory_stats, pids_limit_hits
@@ -35,6 +43,8 @@ REAPER_INTERVAL_S = 0.5
 LIVENESS_EVERY = 4  # reaper ticks between checks that every container still runs
 MAX_EVENTS = 100
 MAX_EXEC_TIMEOUT_S = 3600
+AUTO_PAUSE_RETRY_S = 60
+PAUSE_DRAIN_S = 2.0  # how long a pause waits for TCP connections to close
 USERS = {"root": ("0:0", "/root"), "user": ("1000:1000", "/home/user")}
 
 
@@ -55,11 +65,21 @@ class CreateRequest:
     cpus: float | None = None
 
 
+def replace_request(record: SandboxRecord) -> CreateRequest:
+    """The create request that gives a resumed sandbox its old identity back."""
+    return CreateRequest(
+        template=record.template, sandbox_id=record.sandbox_id, access_token=record.access_token,
+        metadata=record.metadata, env_vars=record.env_vars, allow_internet=record.allow_internet,
+        on_timeout=record.on_timeout,
+    )  # fmt: skip
+
+
 class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.templates = TemplateStore(settings.templates_root)
         self.records = RecordStore(settings.sandboxes_dir)
+        self.snapshots = SnapshotStore(settings.state_dir / "snapshots")
         self.pool = SlotPool(
             settings.slot_prefix, settings.slot_cidr, settings.egress_allow,
             settings.slot_prewarm, settings.max_sandboxes,
@@ -75,11 +95,14 @@ class Node:
         self._starting = asyncio.Semaphore(settings.max_starting)
         self._suspects: set[str] = set()
         self._cleanups: set[asyncio.Task[None]] = set()
+        self._cleanup_of: dict[str, asyncio.Task[None]] = {}  # by sandbox id (resume waits)
         self._reaper: asyncio.Task[None] | None = None
         self.http = envd_http()
         # Told when a sandbox ends other than by kill(): (sandbox id, reason). The control
         # plane keeps its catalog in step through it.
         self.on_ended: Callable[[str, str], None] | None = None
+        # Told when a sandbox was paused on its own (auto-pause at timeout).
+        self.on_paused: Callable[[str, Snapshot], None] | None = None
         # Told when a sandbox stops for any reason (the proxy drops its connections).
         self.on_destroyed: list[Callable[[str], None]] = []
 
@@ -92,6 +115,7 @@ class Node:
             self.settings.runsc_root, self.settings.runsc_platform,
         )  # fmt: skip
         await self._reconcile()
+        await asyncio.to_thread(self.snapshots.sweep_staging)
         await self.pool.start({r.slot_index for r in self.sandboxes.values()})
         self._reaper = asyncio.create_task(self._reap_expired())
         log.info(
@@ -246,7 +270,9 @@ class Node:
         (directory / "record.json").unlink(missing_ok=True)
         task = asyncio.create_task(self._finish_destroy(record, directory))
         self._cleanups.add(task)
+        self._cleanup_of[record.sandbox_id] = task
         task.add_done_callback(self._cleanups.discard)
+        task.add_done_callback(lambda _: self._cleanup_of.pop(record.sandbox_id, None))
 
     async def _finish_destroy(self, record: SandboxRecord, directory: Path) -> None:
         try:
@@ -260,6 +286,105 @@ class Node:
     async def _drain_cleanups(self) -> None:
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
+
+    # -- pause and resume ------------------------------------------------------------------
+
+    async def pause(self, sandbox_id: str) -> Snapshot:
+        """Checkpoint the sandbox (memory, processes, filesystem changes) into its snapshot and
+        free its resources. If the checkpoint fails, the sandbox keeps running unchanged."""
+        async with self._locked(sandbox_id) as record:
+            return await self._pause(record)
+
+    async def _pause(self, record: SandboxRecord) -> Snapshot:
+        runtime = self._rt()
+        sandbox_id = record.sandbox_id
+        # This gVisor cannot save a connected TCP socket, and a refused save kills the whole
+        # sandbox. So: no new proxied connections, drop the proxy's, and check that none are
+        # left before checkpointing; otherwise refuse and keep the sandbox running.
+        record.state = "pausing"
+        try:
+            for listener in self.on_destroyed:
+                listener(sandbox_id)
+            await self._wait_for_no_connections(record)
+        except BaseException:
+            record.state = "running"
+            raise
+        staging = await asyncio.to_thread(self.snapshots.staging, sandbox_id)
+        try:
+            await runtime.checkpoint(sandbox_id, staging / "checkpoint")
+            version = runtime.probe.runsc_version
+            snapshot = await asyncio.to_thread(
+                self.snapshots.commit, sandbox_id, staging, record.to_json(), version
+            )
+        except BaseException as exc:
+            await asyncio.to_thread(self.snapshots.discard, staging)
+            state = await runtime.state(sandbox_id)
+            if state is not None and state.status == "running":
+                record.state = "running"
+                raise RuntimeFailure(f"pausing sandbox {sandbox_id} failed: {exc}",
+                                     "it keeps running, unchanged") from None  # fmt: skip
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            # The checkpoint stopped it but the snapshot could not be written (disk full?):
+            # restarting would lose what was in memory, so say exactly what happened.
+            self._event(record, f"pause failed after the sandbox was stopped: {exc}")
+            await self._destroy(record)
+            lost = "the sandbox was stopped and could not be saved"
+            raise RuntimeFailure(f"pausing sandbox {sandbox_id} failed: {exc}", lost) from None
+        await self._destroy(record)  # the checkpoint stopped it: free the slot and container
+        log.info("sandbox %s paused (%d MiB snapshot)", sandbox_id, snapshot.size >> 20)
+        return snapshot
+
+    async def _wait_for_no_connections(self, record: SandboxRecord) -> None:
+        deadline = time.monotonic() + PAUSE_DRAIN_S
+        while True:
+            tables = ["cat", "/proc/net/tcp", "/proc/net/tcp6"]
+            result = await self._rt().exec(record.sandbox_id, tables, timeout=10)
+            rows = [line.split() for line in result.stdout.splitlines()]
+            # Columns: slot, local, remote, state; 0A is LISTEN, which saves fine.
+            connected = [r[1:4] for r in rows if len(r) > 3 and r[3] not in ("0A", "st")]
+            if result.ok and not connected:
+                return
+            if time.monotonic() > deadline:
+                detail = ", ".join(f"{local}->{remote}" for local, remote, _ in connected[:5])
+                raise CannotSave(
+                    f"sandbox {record.sandbox_id} has {len(connected)} open TCP connection(s) "
+                    f"({detail}); this gVisor release cannot save connected sockets",
+                    "close them (stop clients and servers with live connections) and pause "
+                    "again; the sandbox keeps running",
+                )
+            await asyncio.sleep(0.1)
+
+    async def resume(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
+        """Restore a paused sandbox from its verified snapshot, with a new timeout. A failed
+        resume leaves the snapshot as it was, ready for another try."""
+        if sandbox_id in self.sandboxes:
+            raise Conflict(f"sandbox {sandbox_id!r} is already running")
+        runtime = self._rt()
+        lock = self._locks.setdefault(sandbox_id, asyncio.Lock())
+        async with lock:
+            if cleanup := self._cleanup_of.get(sandbox_id):
+                await asyncio.shield(cleanup)  # the paused container's directory goes first
+            snapshot = await asyncio.to_thread(self.snapshots.load, sandbox_id,
+                                               runtime.probe.runsc_version)  # fmt: skip
+            record = SandboxRecord.from_json(snapshot.record)
+            template = self.templates.build(record.template, record.build_id)
+            resources = Resources(record.memory_mb, record.cpus, record.pids)
+            timeout_s = self._timeout(timeout_s)
+            self._creating += 1
+            try:
+                async with self._starting:
+                    restored = await self._restore(
+                        replace_request(record), record.template, record.build_id,
+                        template.spec, snapshot.checkpoint, resources, timeout_s,
+                    )  # fmt: skip
+            finally:
+                self._creating -= 1
+        log.info("sandbox %s resumed", sandbox_id)
+        return restored
+
+    def delete_snapshot(self, sandbox_id: str) -> None:
+        self.snapshots.delete(sandbox_id)
 
     async def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
         async with self._locked(sandbox_id) as record:
@@ -386,7 +511,21 @@ class Node:
                 await self._expire(record)
 
     async def _expire(self, record: SandboxRecord) -> None:
-        # on_timeout "pause" is honoured once pause exists; until then it ends like "kill".
+        if record.on_timeout == "pause":
+            try:
+                async with self._locked(record.sandbox_id) as current:
+                    log.info("sandbox %s timed out; pausing it", record.sandbox_id)
+                    snapshot = await self._pause(current)
+            except NotFound:
+                return
+            except Exception:
+                log.exception("auto-pause of %s failed", record.sandbox_id)
+                if record.sandbox_id in self.sandboxes:
+                    record.end_at = time.time() + AUTO_PAUSE_RETRY_S  # try again later
+                return
+            if self.on_paused is not None:
+                self.on_paused(record.sandbox_id, snapshot)
+            return
         log.info("sandbox %s timed out; killing it", record.sandbox_id)
         try:
             await self.kill(record.sandbox_id)

@@ -116,6 +116,18 @@ class TemplateStore:
         self._loaded[template.build_dir] = template
         return template
 
+    def build(self, name: str, build_id: str) -> Template:
+        """A specific build (paused sandboxes resume on the build they were created from)."""
+        build_dir = self.builds_dir(name) / build_id
+        if build_dir in self._loaded:
+            return self._loaded[build_dir]
+        try:
+            manifest = json.loads((build_dir / "manifest.json").read_text())
+        except (OSError, ValueError):
+            raise NotFound(f"build {build_id} of template {name!r} is gone",
+                           "its sandboxes cannot resume without it") from None  # fmt: skip
+        return Template(name, build_dir, manifest)
+
     def builds_dir(self, name: str) -> Path:
         return self.root / validate_name(name) / "builds"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -66,4 +67,21 @@ sandboxes = Table(
     Column("ended_at", Float, nullable=True),
     Column("end_reason", Text, nullable=True),
     Index("ix_sandboxes_team_state", "team_id", "state"),
+)
+
+# The latest snapshot of each paused sandbox (its node keeps the files).
+snapshots = Table(
+    "snapshots",
+    metadata,
+    Column(
+        "sandbox_id", String(64), ForeignKey("sandboxes.id", ondelete="CASCADE"), primary_key=True
+    ),  # fmt: skip
+    Column("team_id", String(36), ForeignKey("teams.id", ondelete="CASCADE"), nullable=False),
+    Column("template_id", String(200), nullable=False),
+    Column("node_id", String(64), nullable=False),
+    Column("metadata", JSON, nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("checksum", String(64), nullable=False),
+    Column("runsc_version", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
 )

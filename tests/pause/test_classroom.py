@@ -1,0 +1,181 @@
+"""The classroom scenario through the official client: a student's sandbox auto-pauses at its
+timeout, the server restarts, and `Sandbox.connect` brings back the files, the pip-installed
+package, a running background process (continuing its count) and a Python REPL's variables."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+
+import pytest
+from e2b import PtySize, Sandbox, SandboxState
+
+from tests.integration.support import Server, make_server
+
+pytestmark = pytest.mark.timeout(300)
+API_PORT = 3112
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    if os.geteuid() != 0:
+        pytest.fail("needs root (`make test`)")
+    srv = make_server("pause", "vq", "10.241.0.0/24", API_PORT)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        if srv.proc is not None:
+            srv.stop()
+
+
+def _opts(srv: Server) -> dict[str, str]:
+    return {"api_key": (srv.state_dir / "admin.key").read_text().strip(),
+            "api_url": f"http://127.0.0.1:{API_PORT}",
+            "sandbox_url": f"http://127.0.0.1:{API_PORT + 1000}"}  # fmt: skip
+
+
+def _wheel() -> bytes:
+    """A tiny pure-Python wheel built here: the sandbox installs it with no network."""
+    files = {
+        "greeting/__init__.py": "def hello():\n    return 'hello from a wheel'\n",
+        "greeting-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: greeting\nVersion: 1.0\n",
+        "greeting-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: "
+        "true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{name},,\n" for name in files) + "greeting-1.0.dist-info/RECORD,,\n"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as wheel:
+        for name, text in {**files, "greeting-1.0.dist-info/RECORD": record}.items():
+            wheel.writestr(name, text)
+    return buffer.getvalue()
+
+
+def _wait_for(check: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def _attach(sbx: Sandbox, pid: int, sink: bytearray) -> None:
+    handle = sbx.pty.connect(pid)
+
+    def drain() -> None:
+        with contextlib.suppress(Exception):  # the stream ends at the pause, the REPL does not
+            handle.wait(on_pty=sink.extend)
+
+    threading.Thread(target=drain, daemon=True).start()
+
+
+COUNTER = (
+    "import time\nn = 0\nwhile True:\n    n += 1\n"
+    "    open('/home/user/count.txt', 'w').write(str(n))\n    time.sleep(0.2)\n"
+)
+
+
+def test_student_comes_back_to_everything(server: Server) -> None:
+    opts = _opts(server)
+    sbx = Sandbox.create(timeout=300, metadata={"student": "ada"},
+                         lifecycle={"on_timeout": "pause"}, **opts)  # type: ignore[arg-type]  # fmt: skip
+    sbx.files.write("/home/user/my_first_program.py", "print('my first program')\n")
+    sbx.files.write("/home/user/exercises/ex1.py", "answer = 42\n")
+    sbx.files.write("/home/user/greeting-1.0-py3-none-any.whl", _wheel())
+    sbx.commands.run("python3 -m pip install --user --break-system-packages --no-index "
+                     "/home/user/greeting-1.0-py3-none-any.whl")  # fmt: skip
+    sbx.files.write("/home/user/counter.py", COUNTER)
+    sbx.commands.run("python3 /home/user/counter.py", background=True)
+    terminal = sbx.pty.create(PtySize(rows=24, cols=80))
+    screen = bytearray()
+    _attach(sbx, terminal.pid, screen)
+    sbx.pty.send_stdin(terminal.pid, b"python3 -q\n")
+    _wait_for(lambda: b">>> " in screen)
+    sbx.pty.send_stdin(terminal.pid, b"secret = 6 * 7\n")
+    _wait_for(lambda: int(sbx.files.read("/home/user/count.txt") or 0) >= 5)
+
+    # The lesson ends: the timeout pauses the sandbox instead of killing it.
+    sbx.set_timeout(2)
+    _wait_for(lambda: Sandbox.get_info(sbx.sandbox_id, **opts).state == SandboxState.PAUSED)  # type: ignore[arg-type]
+    paused_at = time.monotonic()
+
+    # Overnight the server restarts.
+    server.stop()
+    server.start()
+    assert [s.sandbox_id for s in Sandbox.list(**opts).next_items()] == [sbx.sandbox_id]  # type: ignore[arg-type]
+    time.sleep(max(0.0, 3 - (time.monotonic() - paused_at)))
+
+    back = Sandbox.connect(sbx.sandbox_id, timeout=300, **opts)  # type: ignore[arg-type]
+    assert back.get_info().state == SandboxState.RUNNING
+    assert back.get_info().metadata == {"student": "ada"}
+    assert back.files.read("/home/user/my_first_program.py") == "print('my first program')\n"
+    assert (
+        back.commands.run("python3 /home/user/my_first_program.py").stdout == "my first program\n"
+    )
+    assert back.files.read("/home/user/exercises/ex1.py") == "answer = 42\n"
+    imported = back.commands.run("python3 -c 'import greeting; print(greeting.hello())'")
+    assert imported.stdout == "hello from a wheel\n"
+    # The counter kept its memory: it continues from where it stood (frozen while paused),
+    # instead of starting again from 1 or having run on through the pause.
+    resumed = int(back.files.read("/home/user/count.txt"))
+    _wait_for(lambda: int(back.files.read("/home/user/count.txt")) > resumed)
+    assert resumed >= 5
+    assert "counter.py" in back.commands.run("ps -eo args").stdout
+    # The REPL still holds its variable.
+    screen.clear()
+    _attach(back, terminal.pid, screen)
+    back.pty.send_stdin(terminal.pid, b"print('secret is', secret)\n")
+    _wait_for(lambda: b"secret is 42" in screen)
+    back.kill()
+
+
+def test_pause_edge_cases(server: Server) -> None:
+    opts = _opts(server)
+    sbx = Sandbox.create(timeout=120, **opts)  # type: ignore[arg-type]
+    # A live TCP connection inside cannot be saved by this gVisor: the pause is refused and
+    # the sandbox keeps running, unchanged.
+    sbx.files.write("/tmp/state.txt", "kept")
+    sbx.commands.run(
+        'python3 -c \'import socket,time; s=socket.socket(); s.bind(("127.0.0.1", 7000)); '
+        's.listen(); c=socket.create_connection(("127.0.0.1", 7000)); time.sleep(600)\'',
+        background=True,
+    )
+    _wait_for(lambda: "7000" in sbx.commands.run("ss -tn || cat /proc/net/tcp").stdout
+              or True)  # fmt: skip
+    time.sleep(1)
+    with pytest.raises(Exception, match="open TCP connection"):
+        sbx.pause()
+    assert sbx.is_running() and sbx.files.read("/tmp/state.txt") == "kept"
+    sbx.commands.run("pkill -f '[s]ocket.create_connection' || true")
+    time.sleep(0.5)
+    assert sbx.pause() is True
+    assert sbx.pause() is False  # already paused: 409, which the client reports as False
+    with pytest.raises(Exception, match="not running"):
+        sbx.set_timeout(30)
+    # Kill of a paused sandbox removes its snapshot; it is gone for good.
+    snapshot_dir = server.state_dir / "snapshots" / sbx.sandbox_id
+    assert snapshot_dir.is_dir()
+    assert Sandbox.kill(sbx.sandbox_id, **opts)  # type: ignore[arg-type]
+    assert not snapshot_dir.exists()
+    with pytest.raises(Exception, match="not found"):
+        Sandbox.connect(sbx.sandbox_id, **opts)  # type: ignore[arg-type]
+
+
+def test_corrupt_snapshot_is_refused_and_kept(server: Server) -> None:
+    opts = _opts(server)
+    sbx = Sandbox.create(timeout=120, **opts)  # type: ignore[arg-type]
+    assert sbx.pause()
+    image = next((server.state_dir / "snapshots" / sbx.sandbox_id / "checkpoint").iterdir())
+    original = image.read_bytes()
+    image.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+    with pytest.raises(Exception, match="corrupt"):
+        Sandbox.connect(sbx.sandbox_id, **opts)  # type: ignore[arg-type]
+    assert Sandbox.get_info(sbx.sandbox_id, **opts).state == SandboxState.PAUSED  # type: ignore[arg-type]
+    image.write_bytes(original)  # repaired: the same snapshot resumes
+    back = Sandbox.connect(sbx.sandbox_id, **opts)  # type: ignore[arg-type]
+    assert back.commands.run("echo alive").stdout == "alive\n"
+    back.kill()
