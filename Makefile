@@ -20,6 +20,10 @@ test: template lint
 bench: template
 	$(BIN)/python bench/run.py
 
+# 1,000 pause/resume cycles of one sandbox (about an hour); `make test` runs 100.
+soak: template
+	VIVARIUM_SOAK_CYCLES=1000 $(BIN)/pytest tests/pause/test_durability.py
+
 lint: python-deps
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/ruff check src tests bench

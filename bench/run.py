@@ -5,7 +5,9 @@ Floors are measured in the same run, on the same host: a native process spawn, a
 node's figures are reported as ratios to them, so results can be compared across machines. The
 official `e2b` client's figures (create through the API, commands through the proxy) stand
 beside the node-level ones, measured alternately with them, and what the API and the proxy add
-is checked against a budget in milliseconds.
+is checked against a budget in milliseconds. Pause and resume through the client (an idle
+sandbox, and one holding 200 MiB of written memory) stand beside a bare `runsc checkpoint` and a
+`runsc restore` from that image.
 
 The system under test is a `vivarium serve` of our own (fresh state dir, slot prefix `vb`, its
 own slot range, API and proxy ports), so the bench runs beside a developer's server. Everything it
@@ -41,7 +43,7 @@ import httpx
 from e2b import Sandbox
 
 from vivarium.config import Settings
-from vivarium.network.addressing import SlotRange
+from vivarium.network.addressing import Slot, SlotRange
 from vivarium.network.firewall import HostFirewall
 from vivarium.network.pool import SlotPool, create_slot, destroy_slot, reset_sandbox_side
 from vivarium.node.client import NodeClient, NodeError
@@ -49,7 +51,7 @@ from vivarium.runtime.bundle import CGROUP_PARENT, Resources, cgroup_path, for_s
 from vivarium.runtime.cgroups import CGROUP_ROOT, memory_stats
 from vivarium.runtime.probe import runsc_version
 from vivarium.runtime.runsc import Runsc, open_runtime
-from vivarium.templates.store import Template, TemplateStore
+from vivarium.templates.store import Template, TemplateStore, dir_size
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "latest.json"
@@ -95,6 +97,25 @@ SANDBOX_TIMEOUT_S = 1800
 START_TIMEOUT_S = 120.0  # the server prewarms its slots before it listens
 STOP_TIMEOUT_S = 60.0
 CREATE_TARGET_RATIO = 1.5
+# Pause and resume (issue 5): SDK pause() and Sandbox.connect() of a paused sandbox.
+PAUSE_IDLE_CYCLES = 8
+PAUSE_DIRTY_CYCLES = 3
+RAW_PAUSE_CYCLES = 5  # raw checkpoint + restore-from-that-image of the bare container
+DIRTY_MIB = 200
+# After a pause the node deletes the stopped container (`runsc delete`, ~1.5 s) in the
+# background, and a resume of the same sandbox waits for it: resumes are timed after that.
+PAUSE_CLEANUP_WAIT_S = 2.0
+RESUME_TARGET_RATIO = 1.5  # resume p50 at most this times a raw restore from a checkpoint
+IDLE_SNAPSHOT_MAX_MIB = 20.0
+# Random bytes, not touched zero pages: runsc compresses checkpoint memory, so only content
+# that does not compress shows what saving 200 MiB costs. Its /proc status says when it is there.
+DIRTY_SCRIPT = f"""
+import os, random, time
+b = random.randbytes({DIRTY_MIB} * 1024 * 1024)
+open("/tmp/dirty.tmp", "w").write(open("/proc/self/status").read())
+os.replace("/tmp/dirty.tmp", "/tmp/dirty.status")
+time.sleep(10**6)
+"""
 
 MIB = 1024 * 1024
 
@@ -282,6 +303,9 @@ class RawFloor:
     exec_ms: list[float] = field(default_factory=list)
     delete_ms: list[float] = field(default_factory=list)
     memory: Memory | None = None
+    checkpoint_ms: list[float] = field(default_factory=list)  # the bare container, idle
+    checkpoint_restore_ms: list[float] = field(default_factory=list)  # from that checkpoint
+    checkpoint_bytes: list[int] = field(default_factory=list)
 
 
 async def _probe_container(runtime: Runsc, cid: str, raw: RawFloor) -> None:
@@ -294,6 +318,25 @@ async def _probe_container(runtime: Runsc, cid: str, raw: RawFloor) -> None:
         raw.exec_ms.append(elapsed_ms(start))
         if not result.ok:
             raise RuntimeError(f"runsc exec true failed: {result.stderr.strip()[-300:]}")
+
+
+async def _checkpoint_cycles(
+    runtime: Runsc, cid: str, bundle: Path, slot: Slot, work: Path, raw: RawFloor
+) -> None:
+    """A pause and a resume without the node: checkpoint the container (which stops it),
+    delete it, restore it from that image. It runs again at the end; the images are left in
+    `work / "raw-checkpoints"` for the caller to remove once the container is gone."""
+    for n in range(RAW_PAUSE_CYCLES):
+        image = work / "raw-checkpoints" / str(n)
+        start = time.perf_counter()
+        await runtime.checkpoint(cid, image)
+        raw.checkpoint_ms.append(elapsed_ms(start))
+        raw.checkpoint_bytes.append(dir_size(image))
+        await runtime.delete(cid)
+        await reset_sandbox_side(slot)
+        start = time.perf_counter()
+        await runtime.restore(cid, bundle, image, work / "raw" / f"{cid}-resume-{n}.log")
+        raw.checkpoint_restore_ms.append(elapsed_ms(start))
 
 
 def raw_cid(run: int) -> str:
@@ -321,6 +364,7 @@ async def measure_raw(template: Template, work: Path) -> RawFloor:
             raw.restore_ms.append(elapsed_ms(start))
             if i == RESTORE_RUNS - 1:
                 await _probe_container(runtime, cid, raw)
+                await _checkpoint_cycles(runtime, cid, bundle, slot, work, raw)
             start = time.perf_counter()
             await runtime.delete(cid)
             raw.delete_ms.append(elapsed_ms(start))
@@ -332,6 +376,7 @@ async def measure_raw(template: Template, work: Path) -> RawFloor:
                 await runtime.delete(live)
         finally:
             await destroy_slot(slot.prefix, slot.index)
+            shutil.rmtree(work / "raw-checkpoints", ignore_errors=True)
     return raw
 
 
@@ -456,11 +501,30 @@ class Fleet:
         self._track(sbx.sandbox_id)
         return sbx, Created(sbx.sandbox_id, start, end)
 
-    def sdk_connect(self, sandbox_id: str, sandbox_url: str) -> Sandbox:
+    def sdk_connect(self, sandbox_id: str, sandbox_url: str, timeout: int | None = None) -> Sandbox:
         """A client of an API-created sandbox whose envd traffic all goes to `sandbox_url`
-        (the proxy, or the sandbox's own envd), with the access token the API hands out."""
-        return Sandbox.connect(sandbox_id, api_key=self.api_key, api_url=API_URL,
-                               sandbox_url=sandbox_url)  # fmt: skip
+        (the proxy, or the sandbox's own envd), with the access token the API hands out.
+        A paused sandbox is resumed (with `timeout`)."""
+        return Sandbox.connect(sandbox_id, timeout=timeout, api_key=self.api_key,
+                               api_url=API_URL, sandbox_url=sandbox_url)  # fmt: skip
+
+    def api_kill(self, sandbox_id: str) -> None:
+        """Kill through the API, which also removes a paused sandbox's snapshot."""
+        Sandbox.kill(sandbox_id, api_key=self.api_key, api_url=API_URL)
+        with self._lock:
+            self.alive.discard(sandbox_id)
+
+    def wait_for_cleanups(self) -> None:
+        """Until the node holds no slot beyond its running sandboxes: the background
+        `runsc delete` of a paused (or killed) sandbox has finished."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        with self.client() as client:
+            while time.monotonic() < deadline:
+                info = client.info()
+                if info["slots_in_use"] <= info["sandboxes"]:
+                    return
+                time.sleep(0.1)
+        log(f"the node still held slots of stopped sandboxes after {SETTLE_TIMEOUT_S:g}s")
 
     def kill(self, client: NodeClient, sandbox_id: str) -> None:
         client.kill(sandbox_id)
@@ -562,6 +626,13 @@ class NodeFigures:
     scale_create_s: float = 0.0
     scale_wall_s: float = 0.0
     scale_mem_delta_bytes: int = 0
+    pause_ms: list[float] = field(default_factory=list)  # idle sandbox
+    resume_ms: list[float] = field(default_factory=list)
+    snapshot_bytes: list[int] = field(default_factory=list)
+    dirty_pause_ms: list[float] = field(default_factory=list)  # DIRTY_MIB written
+    dirty_resume_ms: list[float] = field(default_factory=list)
+    dirty_snapshot_bytes: list[int] = field(default_factory=list)
+    dirty_rss_kib: int = 0
     events: list[dict[str, Any]] = field(default_factory=list)  # sandboxes that ended by themselves
 
 
@@ -674,6 +745,73 @@ def measure_scale(fleet: Fleet, figures: NodeFigures) -> None:
     fleet.kill_all()
 
 
+def _pause_cycles(
+    fleet: Fleet, sbx: Sandbox, cycles: int, pause_ms: list[float], resume_ms: list[float],
+    sizes: list[int],
+) -> Sandbox:  # fmt: skip
+    """SDK pause() and Sandbox.connect() of the paused sandbox, in turn; the resume only once
+    the pause's background cleanup has finished (see PAUSE_CLEANUP_WAIT_S)."""
+    snapshots = fleet.socket.parent / "snapshots"
+    for _ in range(cycles):
+        start = time.perf_counter()
+        if not sbx.pause():
+            raise RuntimeError(f"sandbox {sbx.sandbox_id} was already paused")
+        pause_ms.append(elapsed_ms(start))
+        manifest = json.loads((snapshots / sbx.sandbox_id / "manifest.json").read_text())
+        sizes.append(int(manifest["size_bytes"]))
+        time.sleep(PAUSE_CLEANUP_WAIT_S)
+        fleet.wait_for_cleanups()
+        start = time.perf_counter()
+        sbx = fleet.sdk_connect(sbx.sandbox_id, PROXY_URL, timeout=SANDBOX_TIMEOUT_S)
+        resume_ms.append(elapsed_ms(start))
+    return sbx
+
+
+def _start_dirty(sbx: Sandbox) -> tuple[int, int]:
+    """Start the process holding DIRTY_MIB of random bytes; its pid and RSS (KiB) once there."""
+    sbx.files.write("/tmp/dirty.py", DIRTY_SCRIPT)
+    sbx.commands.run("python3 /tmp/dirty.py", background=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = sbx.commands.run("cat /tmp/dirty.status 2>/dev/null || true").stdout
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if "VmRSS" in fields:
+            pid, rss = int(fields["Pid"]), int(fields["VmRSS"].split()[0])
+            if rss < DIRTY_MIB * 1024:
+                raise RuntimeError(f"the {DIRTY_MIB} MiB process has only {rss} KiB resident")
+            return pid, rss
+        time.sleep(0.5)
+    raise RuntimeError(f"the {DIRTY_MIB} MiB process did not report its memory in time")
+
+
+def measure_pause(fleet: Fleet, figures: NodeFigures) -> None:
+    """Pause/resume cycles of one idle API sandbox, then of one holding DIRTY_MIB of written
+    memory; no process with open sockets runs in either (a pause would be refused)."""
+    ids: list[str] = []
+    try:
+        sbx = fleet.sdk_create()[0]
+        ids.append(sbx.sandbox_id)
+        time.sleep(IDLE_WAIT_S)
+        sbx = _pause_cycles(fleet, sbx, PAUSE_IDLE_CYCLES, figures.pause_ms, figures.resume_ms,
+                            figures.snapshot_bytes)  # fmt: skip
+        sbx.commands.run("true")  # it answers after its last resume
+        fleet.sdk_kill(sbx)
+        fleet.wait_for_cleanups()
+        sbx = fleet.sdk_create()[0]
+        ids.append(sbx.sandbox_id)
+        pid, figures.dirty_rss_kib = _start_dirty(sbx)
+        sbx = _pause_cycles(fleet, sbx, PAUSE_DIRTY_CYCLES, figures.dirty_pause_ms,
+                            figures.dirty_resume_ms, figures.dirty_snapshot_bytes)  # fmt: skip
+        sbx.commands.run(f"test -d /proc/{pid}")  # the process came back with its memory
+        fleet.sdk_kill(sbx)
+    finally:
+        for sandbox_id in ids:  # running or paused: the API kill removes the snapshot too
+            try:
+                fleet.api_kill(sandbox_id)
+            except Exception as exc:  # the leftover check reports any snapshot it kept
+                log(f"could not kill {sandbox_id} through the API: {exc}")
+
+
 def measure_node(fleet: Fleet) -> NodeFigures:
     figures = NodeFigures()
     try:
@@ -685,6 +823,10 @@ def measure_node(fleet: Fleet) -> NodeFigures:
         fleet.settle()
         log(f"node: scale to {SCALE_TOTAL} sandboxes")
         measure_scale(fleet, figures)
+        fleet.settle()
+        log(f"node: {PAUSE_IDLE_CYCLES} pause/resume cycles idle, {PAUSE_DIRTY_CYCLES} with "
+            f"{DIRTY_MIB} MiB written")  # fmt: skip
+        measure_pause(fleet, figures)
         with fleet.client() as client:
             figures.events = client.info()["events"]
     finally:
@@ -720,6 +862,12 @@ async def sweep(work: Path, server_state: Path) -> list[str]:
             await destroy_slot(prefix, index)
         problems += [f"network slot {prefix}-{i}" for i in await pool.existing_indexes()]
     await HostFirewall(SLOT_PREFIX, SLOT_CIDR, ()).uninstall()
+    # Snapshots of paused sandboxes (the API's kill removes them) and the raw checkpoints.
+    snapshots = server_state / "snapshots"
+    if snapshots.is_dir():
+        problems += [f"snapshot {path}" for path in snapshots.iterdir()]
+    if (work / "raw-checkpoints").exists():
+        problems.append(f"raw checkpoints in {work / 'raw-checkpoints'}")
     return problems
 
 
@@ -744,6 +892,11 @@ def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row
     cmd50, floor50, floor95 = p50(node.sdk_cmd_ms), p50(node.sdk_floor_ms), p95(node.sdk_floor_ms)
     proxy_cmd50 = p50(node.sdk_proxy_cmd_ms)
     delta = node.scale_mem_delta_bytes / MIB
+    ckpt50, ckpt_restore50 = p50(raw.checkpoint_ms), p50(raw.checkpoint_restore_ms)
+    raw_snapshot = p50([float(b) for b in raw.checkpoint_bytes]) / MIB
+    idle_snapshot = p50([float(b) for b in node.snapshot_bytes]) / MIB
+    dirty_snapshot = p50([float(b) for b in node.dirty_snapshot_bytes]) / MIB
+    dirty = f"{DIRTY_MIB} MiB written"
     return [
         Row("spawn_p50_ms", "native spawn `true` p50", p50(spawn), "ms", samples=tuple(spawn)),
         Row("spawn_p95_ms", "native spawn `true` p95", p95(spawn), "ms"),
@@ -754,6 +907,10 @@ def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row
             "native spawn p50", samples=tuple(raw.exec_ms)),
         Row("raw_delete_p50_ms", "raw runsc delete p50", p50(raw.delete_ms), "ms",
             samples=tuple(raw.delete_ms)),
+        Row("raw_checkpoint_p50_ms", "raw runsc checkpoint p50 (bare, idle)", ckpt50, "ms",
+            samples=tuple(raw.checkpoint_ms)),
+        Row("raw_checkpoint_restore_p50_ms", "raw runsc restore from that checkpoint p50",
+            ckpt_restore50, "ms", samples=tuple(raw.checkpoint_restore_ms)),
         Row("create_seq_p50_ms", "create p50 (sequential)", create50, "ms",
             restore50, "raw restore p50", max_ratio=CREATE_TARGET_RATIO,
             samples=tuple(node.sequential_ms)),
@@ -803,6 +960,22 @@ def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row
             serial_s, f"{SCALE_TOTAL} x (raw restore+exec p50)"),
         Row("scale_host_mem_mib", "scale: host MemAvailable drop", delta, "MiB",
             max(node.scale_ok, 1) * raw_cg, "n x raw container cgroup"),
+        Row("pause_p50_ms", "SDK pause() p50 (idle)", p50(node.pause_ms), "ms", ckpt50,
+            "raw checkpoint p50", samples=tuple(node.pause_ms)),
+        Row("resume_p50_ms", "SDK connect() resume p50 (idle)", p50(node.resume_ms), "ms",
+            ckpt_restore50, "raw restore from checkpoint p50", max_ratio=RESUME_TARGET_RATIO,
+            samples=tuple(node.resume_ms)),
+        Row("snapshot_mib", "snapshot size (idle)", idle_snapshot, "MiB", raw_snapshot,
+            "raw bare checkpoint", max_value=IDLE_SNAPSHOT_MAX_MIB,
+            samples=tuple(b / MIB for b in node.snapshot_bytes)),
+        Row("dirty_pause_p50_ms", f"SDK pause() p50 ({dirty})", p50(node.dirty_pause_ms), "ms",
+            ckpt50, "raw checkpoint p50, bare", samples=tuple(node.dirty_pause_ms)),
+        Row("dirty_resume_p50_ms", f"SDK connect() resume p50 ({dirty})",
+            p50(node.dirty_resume_ms), "ms", ckpt_restore50,
+            "raw restore from checkpoint p50, bare", samples=tuple(node.dirty_resume_ms)),
+        Row("dirty_snapshot_mib", f"snapshot size ({dirty})", dirty_snapshot, "MiB",
+            raw_snapshot + DIRTY_MIB, f"raw bare checkpoint + {DIRTY_MIB} MiB",
+            samples=tuple(b / MIB for b in node.dirty_snapshot_bytes)),
     ]  # fmt: skip
 
 
@@ -812,6 +985,8 @@ def write_json(rows: list[Row], machine: dict[str, Any], node: NodeFigures) -> N
         "idle_pids_per_sandbox": [m.pids for m in node.idle],
         "scale_create_s": round(node.scale_create_s, 3),
         "scale_errors": node.scale_errors,
+        "dirty_rss_kib": node.dirty_rss_kib,
+        "pause_cleanup_wait_s": PAUSE_CLEANUP_WAIT_S,
         "node_events": node.events,
         "targets_met": all(row.met is not False for row in rows),
     }

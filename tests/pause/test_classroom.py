@@ -6,38 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from e2b import PtySize, Sandbox, SandboxState
 
-from tests.integration.support import Server, make_server
+from tests.integration.support import Server
+from tests.pause.conftest import opts as _opts
 
 pytestmark = pytest.mark.timeout(300)
-API_PORT = 3112
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    if os.geteuid() != 0:
-        pytest.fail("needs root (`make test`)")
-    srv = make_server("pause", "vq", "10.241.0.0/24", API_PORT)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        if srv.proc is not None:
-            srv.stop()
-
-
-def _opts(srv: Server) -> dict[str, str]:
-    return {"api_key": (srv.state_dir / "admin.key").read_text().strip(),
-            "api_url": f"http://127.0.0.1:{API_PORT}",
-            "sandbox_url": f"http://127.0.0.1:{API_PORT + 1000}"}  # fmt: skip
 
 
 def _wheel() -> bytes:
