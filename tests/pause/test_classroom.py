@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import subprocess
 import threading
 import time
 import zipfile
@@ -158,4 +159,23 @@ def test_corrupt_snapshot_is_refused_and_kept(server: Server) -> None:
     image.write_bytes(original)  # repaired: the same snapshot resumes
     back = Sandbox.connect(sbx.sandbox_id, **opts)  # type: ignore[arg-type]
     assert back.commands.run("echo alive").stdout == "alive\n"
+    back.kill()
+
+
+def test_pause_on_a_full_disk_is_refused_and_keeps_the_sandbox(server: Server) -> None:
+    sbx = Sandbox.create(timeout=120, **_opts(server))  # type: ignore[arg-type]
+    snapshots = server.state_dir / "snapshots"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(snapshots)], check=True)
+    try:
+        sbx.files.write("/home/user/work.txt", "unsaved work")
+        with pytest.raises(Exception, match="not enough disk space"):
+            sbx.pause()
+        assert sbx.is_running()
+        assert sbx.files.read("/home/user/work.txt") == "unsaved work"
+        assert list(snapshots.iterdir()) == []  # nothing half-written
+    finally:
+        subprocess.run(["umount", str(snapshots)], check=True)
+    assert sbx.pause() is True  # with room again, the same sandbox pauses
+    back = Sandbox.connect(sbx.sandbox_id, **_opts(server))  # type: ignore[arg-type]
+    assert back.files.read("/home/user/work.txt") == "unsaved work"
     back.kill()

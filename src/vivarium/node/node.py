@@ -44,6 +44,7 @@ LIVENESS_EVERY = 4  # reaper ticks between checks that every container still run
 MAX_EVENTS = 100
 MAX_EXEC_TIMEOUT_S = 3600
 AUTO_PAUSE_RETRY_S = 60
+SNAPSHOT_HEADROOM = 64 << 20  # bytes kept free beyond a snapshot's largest possible size
 PAUSE_DRAIN_S = 2.0  # how long a pause waits for TCP connections to close
 USERS = {"root": ("0:0", "/root"), "user": ("1000:1000", "/home/user")}
 
@@ -298,6 +299,7 @@ class Node:
     async def _pause(self, record: SandboxRecord) -> Snapshot:
         runtime = self._rt()
         sandbox_id = record.sandbox_id
+        self._check_snapshot_space(record)
         # This gVisor cannot save a connected TCP socket, and a refused save kills the whole
         # sandbox. So: no new proxied connections, drop the proxy's, and check that none are
         # left before checkpointing; otherwise refuse and keep the sandbox running.
@@ -334,6 +336,19 @@ class Node:
         await self._destroy(record)  # the checkpoint stopped it: free the slot and container
         log.info("sandbox %s paused (%d MiB snapshot)", sandbox_id, snapshot.size >> 20)
         return snapshot
+
+    def _check_snapshot_space(self, record: SandboxRecord) -> None:
+        """A checkpoint that runs out of disk may take the sandbox down with it: refuse up
+        front unless the snapshot fits even at its largest (all of the sandbox's memory)."""
+        stats = memory_stats(record.sandbox_id)
+        need = (stats.usage_bytes if stats else record.memory_mb << 20) + SNAPSHOT_HEADROOM
+        free = shutil.disk_usage(self.snapshots.root).free
+        if free < need:
+            raise CannotSave(
+                f"not enough disk space to pause sandbox {record.sandbox_id}: {free >> 20} MiB "
+                f"free in {self.snapshots.root}, up to {need >> 20} MiB needed",
+                "free some disk space and pause again; the sandbox keeps running",
+            )
 
     async def _wait_for_no_connections(self, record: SandboxRecord) -> None:
         deadline = time.monotonic() + PAUSE_DRAIN_S
