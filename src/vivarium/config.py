@@ -45,6 +45,8 @@ class Settings:
     database_url: str = ""
     # Sandboxes one team may run at once (E2B's per-team concurrency limit).
     team_max_sandboxes: int = 20
+    # Paused sandboxes whose snapshot is older are deleted (0: kept until killed).
+    snapshot_max_age_s: int = 30 * 24 * 3600
     # Network slots: names are prefixed so several instances can share a host.
     slot_prefix: str = "viv"
     slot_cidr: str = "10.231.0.0/18"
@@ -74,6 +76,7 @@ class Settings:
             proxy_domain=_env("PROXY_DOMAIN", ""),
             database_url=_env("DATABASE_URL", ""),
             team_max_sandboxes=_env_int("TEAM_MAX_SANDBOXES", 20),
+            snapshot_max_age_s=_env_int("SNAPSHOT_MAX_AGE", 30 * 24 * 3600),
             slot_prefix=_env("SLOT_PREFIX", "viv"),
             slot_cidr=_env("SLOT_CIDR", "10.231.0.0/18"),
             slot_prewarm=_env_int("SLOT_PREWARM", 4),

@@ -60,6 +60,7 @@ class ControlPlane:
         # Pause, resume and kill of one sandbox happen one at a time.
         self._sandbox_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._retention: asyncio.Task[None] | None = None
 
     # -- start and stop ------------------------------------------------------------------------
 
@@ -78,6 +79,8 @@ class ControlPlane:
         await self._warm_up()
         self.node.on_ended = self._node_ended
         self.node.on_paused = self._node_paused
+        if self.settings.snapshot_max_age_s > 0:
+            self._retention = asyncio.get_running_loop().create_task(self._expire_snapshots())
         return first_key
 
     async def _warm_up(self) -> None:
@@ -92,6 +95,9 @@ class ControlPlane:
         await store.end_sandbox(self.engine, "", "warm-up")
 
     async def stop(self) -> None:
+        if self._retention is not None:
+            self._retention.cancel()
+            await asyncio.gather(self._retention, return_exceptions=True)
         self.node.on_ended = None
         self.node.on_paused = None
         if self._tasks:
@@ -110,6 +116,26 @@ class ControlPlane:
                 await store.transition(self.engine, row["id"], [row["state"]], "paused")
             else:
                 await store.end_sandbox(self.engine, row["id"], "not running after restart")
+
+    async def _expire_snapshots(self) -> None:
+        """Retention: delete paused sandboxes whose snapshot is older than the maximum age."""
+        max_age = self.settings.snapshot_max_age_s
+        while True:
+            await asyncio.sleep(min(60.0, max(1.0, max_age / 4)))
+            try:
+                cutoff = time.time() - max_age
+                for sandbox_id in await store.snapshots_older_than(self.engine, self.node_id,
+                                                                   cutoff):  # fmt: skip
+                    async with self._sandbox_locks[sandbox_id]:
+                        if not await store.transition(self.engine, sandbox_id, ["paused"],
+                                                      "killed", ended_at=time.time(),
+                                                      end_reason="snapshot expired"):  # fmt: skip
+                            continue
+                        self.node.delete_snapshot(sandbox_id)
+                        await store.drop_snapshot(self.engine, sandbox_id)
+                        log.info("snapshot of %s expired and was deleted", sandbox_id)
+            except Exception:
+                log.exception("snapshot retention pass failed")
 
     def _node_ended(self, sandbox_id: str, reason: str) -> None:
         self._background(store.end_sandbox(self.engine, sandbox_id, reason))

@@ -173,3 +173,15 @@ async def save_snapshot(engine: AsyncEngine, row: Row) -> None:
 async def drop_snapshot(engine: AsyncEngine, sandbox_id: str) -> None:
     async with engine.begin() as conn:
         await conn.execute(delete(snapshots).where(snapshots.c.sandbox_id == sandbox_id))
+
+
+async def snapshots_older_than(engine: AsyncEngine, node_id: str, cutoff: float) -> list[str]:
+    """Ids of paused sandboxes on this node whose snapshot was taken before `cutoff`."""
+    query = (
+        select(sandboxes.c.id)
+        .join(snapshots, snapshots.c.sandbox_id == sandboxes.c.id)
+        .where(sandboxes.c.node_id == node_id, sandboxes.c.state == "paused",
+               snapshots.c.created_at < cutoff)
+    )  # fmt: skip
+    async with engine.connect() as conn:
+        return [str(r) for r in (await conn.execute(query)).scalars()]
