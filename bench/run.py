@@ -1035,7 +1035,7 @@ def run(work: Path) -> int:
         if problems:
             log("cleanup left: " + "; ".join(problems))
         else:
-            log("cleanup verified: no containers, slots or cgroups left")
+            log("cleanup verified: no containers, slots, cgroups or snapshots left")
     machine = {"nproc": os.cpu_count(), "kernel": platform.release(),
                "runsc_version": runsc_version(RUNSC), "runsc_platform": raw.platform}  # fmt: skip
     rows = build_rows(spawn, raw, node)
