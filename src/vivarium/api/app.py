@@ -31,6 +31,13 @@ class Unauthenticated(VivariumError):
     http_status = 401
 
 
+def _name(data: dict[str, Any]) -> str:
+    name = typed(data, "name", str)
+    if not name or len(name) > 200:
+        raise InvalidArgument("name is required (1-200 characters)")
+    return str(name)
+
+
 def create_app(control: ControlPlane) -> Starlette:
     client_id = control.node_id
     default_timeout = control.settings.default_timeout_s
@@ -138,7 +145,7 @@ def create_app(control: ControlPlane) -> Starlette:
             template = control.node.templates.get(name)
             rows.append({"templateID": name, "buildID": template.build_id, "aliases": [name],
                          "names": [name], "public": True, "buildStatus": "ready",
-                         "cpuCount": max(1, round(control.settings.default_cpus)),
+                         "cpuCount": control.default_cpu_count,
                          "memoryMB": control.settings.default_memory_mb, "diskSizeMB": 0,
                          "envdVersion": ENVD_VERSION})  # fmt: skip
         return JSONResponse(rows)
@@ -147,17 +154,12 @@ def create_app(control: ControlPlane) -> Starlette:
         return JSONResponse([shapes.team_key(r) for r in await control.list_keys(team)])
 
     async def create_key(request: Request, team: Row) -> Response:
-        name = typed(await json_body(request), "name", str)
-        if not name or len(name) > 200:
-            raise InvalidArgument("name is required (1-200 characters)")
-        key, row = await control.create_key(team, name)
+        key, row = await control.create_key(team, _name(await json_body(request)))
         return JSONResponse({**shapes.team_key(row), "key": key}, status_code=201)
 
     async def create_team(request: Request, team: Row) -> Response:
         data = await json_body(request)
-        name = typed(data, "name", str)
-        if not name or len(name) > 200:
-            raise InvalidArgument("name is required (1-200 characters)")
+        name = _name(data)
         limit = typed(data, "maxSandboxes", int)
         if limit is not None and not 1 <= limit <= 100_000:
             raise InvalidArgument("maxSandboxes must be 1..100000")

@@ -162,6 +162,11 @@ class ControlPlane:
         })  # fmt: skip
         await store.transition(self.engine, sandbox_id, ["running", "pausing"], "paused")
 
+    @property
+    def default_cpu_count(self) -> int:
+        """Whole vCPUs as E2B reports them (`cpuCount`) for the configured CPU share."""
+        return max(1, round(self.settings.default_cpus))
+
     # -- auth ----------------------------------------------------------------------------------
 
     async def team_for_key(self, key: str) -> Row | None:
@@ -182,7 +187,7 @@ class ControlPlane:
         row: Row = {
             "id": sandbox_id, "team_id": team["id"], "template_id": template.name,
             "build_id": template.build_id, "node_id": self.node_id, "state": "starting",
-            "metadata": new.metadata, "cpu_count": max(1, round(self.settings.default_cpus)),
+            "metadata": new.metadata, "cpu_count": self.default_cpu_count,
             "memory_mb": self.settings.default_memory_mb, "disk_mb": DISK_MB,
             "auto_pause": new.auto_pause, "allow_internet": new.allow_internet,
             "secure": new.secure, "envd_version": ENVD_VERSION, "started_at": now,
@@ -191,11 +196,7 @@ class ControlPlane:
         }  # fmt: skip
         async with self._team_locks[team["id"]]:
             if not await store.reserve_sandbox(self.engine, team, row):
-                raise CapacityExhausted(
-                    "you have reached the maximum number of concurrent sandboxes "
-                    f"({team['max_sandboxes']})",
-                    "kill a sandbox first, or ask the operator to raise the team's limit",
-                )
+                raise _limit_reached(team)
         request = CreateRequest(
             template=template.name, sandbox_id=sandbox_id, access_token=self.envd_token(row),
             timeout_s=new.timeout_s, metadata=new.metadata, env_vars=new.env_vars,
@@ -289,11 +290,7 @@ class ControlPlane:
         async with self._team_locks[team["id"]]:
             reserved = await store.resume_reservation(self.engine, team, sandbox_id)
         if reserved is False:
-            raise CapacityExhausted(
-                "you have reached the maximum number of concurrent sandboxes "
-                f"({team['max_sandboxes']})",
-                "kill or pause a sandbox first",
-            )
+            raise _limit_reached(team)
         if reserved is None:
             raise Conflict(f"sandbox {sandbox_id!r} is not paused any more")
         try:
@@ -346,6 +343,13 @@ class ControlPlane:
 
     async def list_keys(self, team: Row) -> list[Row]:
         return await store.list_keys(self.engine, team["id"])
+
+
+def _limit_reached(team: Row) -> CapacityExhausted:
+    return CapacityExhausted(
+        f"you have reached the maximum number of concurrent sandboxes ({team['max_sandboxes']})",
+        "kill or pause a sandbox first, or ask the operator to raise the team's limit",
+    )
 
 
 def _write_private(path: Any, text: str) -> None:

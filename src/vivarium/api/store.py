@@ -75,14 +75,19 @@ async def team_for_key(engine: AsyncEngine, key: str) -> Row | None:
 
 
 async def reserve_sandbox(engine: AsyncEngine, team: Row, row: Row) -> bool:
-    """Insert a `starting` row unless the team already runs its maximum. The team row is
-    locked for the check (PostgreSQL), so concurrent creates cannot both slip under it."""
+    """Insert a `starting` row unless the team already runs its maximum."""
     async with engine.begin() as conn:
-        await conn.execute(select(teams.c.id).where(teams.c.id == team["id"]).with_for_update())
-        if await _live_count(conn, team["id"]) >= team["max_sandboxes"]:
+        if not await _has_room(conn, team):
             return False
         await conn.execute(insert(sandboxes).values(**row))
     return True
+
+
+async def _has_room(conn: AsyncConnection, team: Row) -> bool:
+    """Whether the team may start one more sandbox. The team row is locked for the rest of the
+    transaction (PostgreSQL), so concurrent starts cannot both slip under the limit."""
+    await conn.execute(select(teams.c.id).where(teams.c.id == team["id"]).with_for_update())
+    return await _live_count(conn, team["id"]) < int(team["max_sandboxes"])
 
 
 async def _live_count(conn: AsyncConnection, team_id: str) -> int:
@@ -152,15 +157,11 @@ async def resume_reservation(engine: AsyncEngine, team: Row, sandbox_id: str) ->
     """paused -> starting, within the team's limit: None if it was not paused, False if the
     team runs its maximum already."""
     async with engine.begin() as conn:
-        await conn.execute(select(teams.c.id).where(teams.c.id == team["id"]).with_for_update())
-        if await _live_count(conn, team["id"]) >= team["max_sandboxes"]:
-            row = await conn.execute(select(sandboxes.c.state).where(sandboxes.c.id == sandbox_id))
-            return False if row.scalar() == "paused" else None
-        result = await conn.execute(
-            update(sandboxes)
-            .where(sandboxes.c.id == sandbox_id, sandboxes.c.state == "paused")
-            .values(state="starting")
-        )
+        paused = sandboxes.c.id == sandbox_id, sandboxes.c.state == "paused"
+        if not await _has_room(conn, team):
+            found = await conn.execute(select(sandboxes.c.id).where(*paused))
+            return False if found.first() else None
+        result = await conn.execute(update(sandboxes).where(*paused).values(state="starting"))
     return True if result.rowcount else None
 
 

@@ -14,10 +14,9 @@ from typing import Any
 
 import httpx
 
+from vivarium.cli.envd_client import proxy_headers
 from vivarium.config import Settings
 from vivarium.errors import VivariumError
-
-ENVD_PORT = 49983
 
 
 class ApiError(VivariumError):
@@ -97,9 +96,7 @@ class ApiClient:
             raise ApiError(f"{message} (HTTP {response.status_code})", status=response.status_code)
         return response.json() if response.content else None
 
-    def envd_headers(self, sandbox: dict[str, Any]) -> dict[str, str]:
+    def envd_headers(self, sandbox_id: str) -> dict[str, str]:
         """What the sandbox proxy and envd need: routing headers and the access token."""
-        headers = {"E2b-Sandbox-Id": sandbox["sandboxID"], "E2b-Sandbox-Port": str(ENVD_PORT)}
-        if sandbox.get("envdAccessToken"):
-            headers["X-Access-Token"] = sandbox["envdAccessToken"]
-        return headers
+        detail = self.call("GET", f"/sandboxes/{sandbox_id}")
+        return proxy_headers(detail["sandboxID"], detail.get("envdAccessToken"))

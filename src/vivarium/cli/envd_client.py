@@ -32,11 +32,11 @@ from typing import Any, BinaryIO
 import httpx
 
 from vivarium.errors import VivariumError
+from vivarium.guest.envd import PORT as ENVD_PORT
 
 Message = dict[str, Any]
 Sink = Callable[[bytes], None]
 
-ENVD_PORT = 49983
 FLAG_END_STREAM = 0x02
 INPUT_CHUNK = 256 * 1024  # stdin bytes per SendInput; a third more once base64-encoded
 TERMINAL_READ = 64 * 1024  # one read of local keystrokes (a paste arrives in one go)

@@ -194,7 +194,7 @@ def sandbox_exec(
     from vivarium.cli import envd_client
 
     with _api() as api:
-        headers = api.envd_headers(api.call("GET", f"/sandboxes/{sandbox_id}"))
+        headers = api.envd_headers(sandbox_id)
         url = api.endpoints.sandbox_url
     argv: list[str] | str = cmd[0] if len(cmd) == 1 and " " in cmd[0] else list(cmd)
     stdin = None if sys.stdin.isatty() else sys.stdin.buffer
@@ -215,7 +215,7 @@ def sandbox_connect(sandbox_id: str, user: str, cwd: str | None) -> None:
     from vivarium.cli import envd_client
 
     with _api() as api:
-        headers = api.envd_headers(api.call("GET", f"/sandboxes/{sandbox_id}"))
+        headers = api.envd_headers(sandbox_id)
         url = api.endpoints.sandbox_url
     try:
         code = envd_client.terminal(url, headers, user=user, cwd=cwd)

@@ -66,7 +66,7 @@ class CreateRequest:
     cpus: float | None = None
 
 
-def replace_request(record: SandboxRecord) -> CreateRequest:
+def resume_request(record: SandboxRecord) -> CreateRequest:
     """The create request that gives a resumed sandbox its old identity back."""
     return CreateRequest(
         template=record.template, sandbox_id=record.sandbox_id, access_token=record.access_token,
@@ -201,6 +201,15 @@ class Node:
         ):
             raise InvalidArgument(f"sandbox id {req.sandbox_id!r} is invalid or in use")
         template = self.templates.get(req.template)
+        async with self._start_slot():
+            return await self._restore(req, template.name, template.build_id, template.spec,
+                                       template.checkpoint, resources, timeout_s)  # fmt: skip
+
+    @asynccontextmanager
+    async def _start_slot(self) -> AsyncIterator[None]:
+        """Room for one more sandbox (creates and resumes alike): within the node's maximum,
+        and among at most `max_starting` restores at once."""
+        s = self.settings
         if len(self.sandboxes) + self._creating + len(self._cleanups) >= s.max_sandboxes:
             await self._drain_cleanups()  # slots of just-killed sandboxes come back first
         if len(self.sandboxes) + self._creating >= s.max_sandboxes:
@@ -211,8 +220,7 @@ class Node:
         self._creating += 1
         try:
             async with self._starting:
-                return await self._restore(req, template.name, template.build_id, template.spec,
-                                           template.checkpoint, resources, timeout_s)  # fmt: skip
+                yield
         finally:
             self._creating -= 1
 
@@ -386,15 +394,11 @@ class Node:
             template = self.templates.build(record.template, record.build_id)
             resources = Resources(record.memory_mb, record.cpus, record.pids)
             timeout_s = self._timeout(timeout_s)
-            self._creating += 1
-            try:
-                async with self._starting:
-                    restored = await self._restore(
-                        replace_request(record), record.template, record.build_id,
-                        template.spec, snapshot.checkpoint, resources, timeout_s,
-                    )  # fmt: skip
-            finally:
-                self._creating -= 1
+            async with self._start_slot():
+                restored = await self._restore(
+                    resume_request(record), record.template, record.build_id, template.spec,
+                    snapshot.checkpoint, resources, timeout_s,
+                )  # fmt: skip
         log.info("sandbox %s resumed", sandbox_id)
         return restored
 
