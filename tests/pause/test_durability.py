@@ -14,13 +14,16 @@ from tests.pause.conftest import opts
 CYCLES = int(os.environ.get("VIVARIUM_SOAK_CYCLES", "100"))
 pytestmark = pytest.mark.timeout(60 + CYCLES * 20)
 
+# Atomic writes (rename), so a reader never sees the file empty between truncate and write.
 TICKER = """
-import time
+import os, time
 n = 0
 while True:
     n += 1
     time.sleep(0.05)
-    open("/tmp/n", "w").write(str(n))
+    with open("/tmp/n.tmp", "w") as f:
+        f.write(str(n))
+    os.replace("/tmp/n.tmp", "/tmp/n")
 """
 
 
