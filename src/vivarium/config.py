@@ -10,6 +10,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from vivarium.errors import ConfigError
 
@@ -47,6 +48,10 @@ class Settings:
     team_max_sandboxes: int = 20
     # Paused sandboxes whose snapshot is older are deleted (0: kept until killed).
     snapshot_max_age_s: int = 30 * 24 * 3600
+    # Durable copy of every snapshot: s3://bucket[/prefix] (empty: snapshots on local disk only).
+    # Credentials come from boto3's chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, ...).
+    snapshot_url: str = ""
+    s3_endpoint_url: str = ""  # an S3-compatible server (MinIO, Ceph ...); empty: AWS
     # Network slots: names are prefixed so several instances can share a host.
     slot_prefix: str = "viv"
     slot_cidr: str = "10.231.0.0/18"
@@ -77,6 +82,8 @@ class Settings:
             database_url=_env("DATABASE_URL", ""),
             team_max_sandboxes=_env_int("TEAM_MAX_SANDBOXES", 20),
             snapshot_max_age_s=_env_int("SNAPSHOT_MAX_AGE", 30 * 24 * 3600),
+            snapshot_url=_env("SNAPSHOT_URL", ""),
+            s3_endpoint_url=_env("S3_ENDPOINT_URL", ""),
             slot_prefix=_env("SLOT_PREFIX", "viv"),
             slot_cidr=_env("SLOT_CIDR", "10.231.0.0/18"),
             slot_prewarm=_env_int("SLOT_PREWARM", 4),
@@ -114,6 +121,18 @@ class Settings:
             raise ConfigError("VIVARIUM_MAX_STARTING must be at least 1")
         if self.max_sandboxes < 1:
             raise ConfigError("VIVARIUM_MAX_SANDBOXES must be at least 1")
+        url = urlparse(self.snapshot_url)
+        if self.snapshot_url and (url.scheme != "s3" or not url.netloc or url.query):
+            raise ConfigError(
+                f"VIVARIUM_SNAPSHOT_URL={self.snapshot_url!r} is not of the form "
+                "s3://bucket[/prefix]", "leave it empty to keep snapshots on the local disk only"
+            )  # fmt: skip
+        endpoint = urlparse(self.s3_endpoint_url)
+        if self.s3_endpoint_url and (
+            endpoint.scheme not in ("http", "https") or not endpoint.netloc
+        ):
+            raise ConfigError(f"VIVARIUM_S3_ENDPOINT_URL={self.s3_endpoint_url!r} is not an "
+                              "http(s):// URL")  # fmt: skip
 
     @property
     def templates_root(self) -> Path:

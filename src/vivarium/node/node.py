@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 
@@ -30,7 +30,7 @@ from vivarium.guest.envd.state import EnvdState
 from vivarium.network.pool import SlotPool
 from vivarium.node.envd_init import envd_http, init_envd
 from vivarium.node.records import RecordStore, SandboxRecord, new_sandbox_id, valid_sandbox_id
-from vivarium.node.snapshots import Snapshot, SnapshotStore
+from vivarium.node.snapshots import Snapshot, SnapshotNotStored, SnapshotStore, remote_store
 from vivarium.proc import Result
 from vivarium.runtime.bundle import Resources, for_sandbox, write_bundle
 from vivarium.runtime.cgroups import memory_stats, pids_limit_hits
@@ -80,7 +80,11 @@ class Node:
         self.settings = settings
         self.templates = TemplateStore(settings.templates_root)
         self.records = RecordStore(settings.sandboxes_dir)
-        self.snapshots = SnapshotStore(settings.state_dir / "snapshots")
+        self.snapshots = SnapshotStore(
+            settings.state_dir / "snapshots",
+            remote_store(settings.snapshot_url, settings.s3_endpoint_url),
+        )
+        self._remote_deletes: set[asyncio.Task[None]] = set()
         self.pool = SlotPool(
             settings.slot_prefix, settings.slot_cidr, settings.egress_allow,
             settings.slot_prewarm, settings.max_sandboxes,
@@ -111,6 +115,7 @@ class Node:
 
     async def start(self) -> None:
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.snapshots.check)  # a remote store must answer: say so now
         self.runtime = await asyncio.to_thread(
             open_runtime, self.settings.runsc_path, self.settings.state_dir,
             self.settings.runsc_root, self.settings.runsc_platform,
@@ -132,6 +137,8 @@ class Node:
             self._reaper.cancel()
             await asyncio.gather(self._reaper, return_exceptions=True)
         await self._drain_cleanups()
+        if self._remote_deletes:
+            await asyncio.gather(*self._remote_deletes, return_exceptions=True)
         await self.pool.stop()
         await self.http.aclose()
 
@@ -308,6 +315,7 @@ class Node:
         runtime = self._rt()
         sandbox_id = record.sandbox_id
         self._check_snapshot_space(record)
+        await asyncio.to_thread(self.snapshots.check)  # the remote store, if any, is reachable
         # This gVisor cannot save a connected TCP socket, and a refused save kills the whole
         # sandbox. So: no new proxied connections, drop the proxy's, and check that none are
         # left before checkpointing; otherwise refuse and keep the sandbox running.
@@ -327,6 +335,8 @@ class Node:
                 self.snapshots.commit, sandbox_id, staging, record.to_json(), version
             )
         except BaseException as exc:
+            if isinstance(exc, SnapshotNotStored):  # sealed here, but not stored remotely
+                await self._put_back(record, staging, exc)
             await asyncio.to_thread(self.snapshots.discard, staging)
             state = await runtime.state(sandbox_id)
             if state is not None and state.status == "running":
@@ -344,6 +354,35 @@ class Node:
         await self._destroy(record)  # the checkpoint stopped it: free the slot and container
         log.info("sandbox %s paused (%d MiB snapshot)", sandbox_id, snapshot.size >> 20)
         return snapshot
+
+    async def _put_back(self, record: SandboxRecord, staging: Path, exc: Exception) -> NoReturn:
+        """The checkpoint stopped the sandbox and is whole in `staging`, but the remote store
+        refused it: restore the sandbox from it, so that the pause fails with the sandbox
+        running as before (same id, memory, files), and no snapshot is kept anywhere."""
+        sandbox_id = record.sandbox_id
+        await self._destroy(record)
+        try:
+            if cleanup := self._cleanup_of.get(sandbox_id):
+                await asyncio.shield(cleanup)
+            template = self.templates.build(record.template, record.build_id)
+            resources = Resources(record.memory_mb, record.cpus, record.pids)
+            # The time it had left; an auto-pause that failed is retried after a while.
+            timeout_s = max(AUTO_PAUSE_RETRY_S, round(record.end_at - time.time()))
+            async with self._start_slot():
+                await self._restore(
+                    resume_request(record), record.template, record.build_id, template.spec,
+                    staging / "checkpoint", resources, min(timeout_s, self.settings.max_timeout_s),
+                )  # fmt: skip
+        except BaseException as err:
+            self._event(record, f"pause failed ({exc}) and restoring the sandbox failed: {err}")
+            lost = "the sandbox was stopped and could not be restored"
+            raise RuntimeFailure(f"pausing sandbox {sandbox_id} failed: {exc}", lost) from None
+        finally:
+            await asyncio.to_thread(self.snapshots.discard, staging)
+        log.warning("pause of %s failed (%s); it was restored and keeps running", sandbox_id, exc)
+        raise RuntimeFailure(f"pausing sandbox {sandbox_id} failed: {exc}",
+                             "it keeps running, restored from its checkpoint; no snapshot was "
+                             "kept") from None  # fmt: skip
 
     def _check_snapshot_space(self, record: SandboxRecord) -> None:
         """A checkpoint that runs out of disk may take the sandbox down with it: refuse up
@@ -403,7 +442,13 @@ class Node:
         return restored
 
     def delete_snapshot(self, sandbox_id: str) -> None:
-        self.snapshots.delete(sandbox_id)
+        """The local copy now; the remote one (if any) in the background: a kill does not wait
+        for the store, and one that is down only leaves objects nothing reads again."""
+        self.snapshots.delete_local(sandbox_id)
+        if self.snapshots.remote is not None:
+            task = asyncio.create_task(asyncio.to_thread(self.snapshots.delete_remote, sandbox_id))
+            self._remote_deletes.add(task)
+            task.add_done_callback(self._remote_deletes.discard)
 
     async def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
         async with self._locked(sandbox_id) as record:

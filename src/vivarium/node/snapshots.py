@@ -4,26 +4,84 @@
 
 Writes are atomic: a snapshot is assembled under a temporary name, fsync'ed, checksummed and
 only then renamed into place, so a crash or a full disk never leaves a half snapshot that looks
-complete. A snapshot is verified against its checksum before every restore.
+complete. A snapshot is verified against its checksum and runsc version before every restore.
+
+Optionally a remote tier (an `ObjectStore`: S3 or compatible, `snapshot_s3.py`) holds a durable
+copy: a pause is complete only once the snapshot is stored there too, and a snapshot missing
+from the local disk (another node's, a lost disk) is fetched, verified and then renamed into
+place. The local directory stays the working copy: runsc restores from local files.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from vivarium.errors import Conflict, NotFound, RuntimeFailure
+from vivarium.errors import Conflict, HostNotReady, NotFound, RuntimeFailure
 from vivarium.templates.store import dir_size, sha256_dir
+
+log = logging.getLogger(__name__)
 
 
 class SnapshotCorrupt(RuntimeFailure):
     code = "snapshot_corrupt"
+
+
+class SnapshotStoreUnavailable(HostNotReady):
+    """The remote snapshot store did not answer or refused (503: retry once it is back)."""
+
+    code = "snapshot_store_unavailable"
+
+
+class SnapshotNotStored(RuntimeFailure):
+    """The snapshot was sealed locally but could not be stored remotely; nothing of it is
+    visible there. Its local staging directory is left for the caller (the node restores the
+    sandbox from it)."""
+
+    code = "snapshot_not_stored"
+
+
+class ObjectStore(Protocol):
+    """The durable tier of the snapshot store. Every method blocks (the node calls them from
+    threads) and raises SnapshotStoreUnavailable when the store cannot be reached."""
+
+    url: str
+
+    def check(self) -> None:
+        """Raise unless the store answers and the bucket exists."""
+
+    def put(self, sandbox_id: str, directory: Path, manifest: dict[str, Any]) -> None:
+        """Store `directory/checkpoint/` and then, last, the manifest, as the sandbox's newest
+        snapshot, and drop older ones. Raises SnapshotNotStored, with nothing of this snapshot
+        readable, if any part fails."""
+
+    def manifest(self, sandbox_id: str) -> dict[str, Any] | None:
+        """The manifest of the sandbox's newest complete snapshot, or None."""
+
+    def fetch(self, sandbox_id: str, manifest: dict[str, Any], into: Path) -> None:
+        """Download that snapshot's checkpoint into `into/checkpoint/` (unverified)."""
+
+    def exists(self, sandbox_id: str) -> bool:
+        """Whether the sandbox has a complete snapshot in the store."""
+
+    def delete(self, sandbox_id: str) -> None:
+        """Delete every object of the sandbox (manifests first)."""
+
+
+def remote_store(url: str, endpoint_url: str = "") -> ObjectStore | None:
+    """The remote tier configured by VIVARIUM_SNAPSHOT_URL, or None for local snapshots only."""
+    if not url:
+        return None
+    from vivarium.node.snapshot_s3 import S3Store  # boto3 is loaded only when configured
+
+    return S3Store(url, endpoint_url)
 
 
 @dataclass(frozen=True)
@@ -69,9 +127,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 class SnapshotStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, remote: ObjectStore | None = None) -> None:
         self.root = root
+        self.remote = remote
         root.mkdir(parents=True, exist_ok=True)
+
+    def check(self) -> None:
+        """Raise SnapshotStoreUnavailable unless the remote tier (if any) answers. Blocking."""
+        if self.remote is not None:
+            self.remote.check()
 
     def staging(self, sandbox_id: str) -> Path:
         """A fresh temporary directory for the next snapshot of this sandbox."""
@@ -81,15 +145,21 @@ class SnapshotStore:
 
     def commit(self, sandbox_id: str, staging: Path, record: dict[str, Any],
                runsc_version: str) -> Snapshot:  # fmt: skip
-        """Seal `staging` (which holds `checkpoint/`) as the sandbox's snapshot. Blocking."""
+        """Seal `staging` (which holds `checkpoint/`) as the sandbox's snapshot, storing it in
+        the remote tier first if there is one (SnapshotNotStored: `staging` is left as it is,
+        sealed, and nothing replaced the previous snapshot). Blocking."""
         checkpoint = staging / "checkpoint"
         manifest = {
             "sandbox_id": sandbox_id, "record": record, "runsc_version": runsc_version,
             "checksum": sha256_dir(checkpoint), "size_bytes": dir_size(checkpoint),
             "created_at": time.time(),
+            # Names the copy in the remote tier; later pauses sort after earlier ones.
+            "generation": f"{time.time_ns():020d}-{secrets.token_hex(4)}",
         }  # fmt: skip
         (staging / "manifest.json").write_text(json.dumps(manifest))
         _fsync_tree(staging)
+        if self.remote is not None:
+            self.remote.put(sandbox_id, staging, manifest)
         final = self.root / sandbox_id
         old = None
         if final.exists():  # the previous pause's snapshot: replaced only once this one is whole
@@ -102,8 +172,11 @@ class SnapshotStore:
         return Snapshot(sandbox_id, final, manifest)
 
     def load(self, sandbox_id: str, runsc_version: str) -> Snapshot:
-        """The sandbox's snapshot, verified; it stays in place whatever happens next."""
+        """The sandbox's snapshot, verified; it stays in place whatever happens next. Without
+        a local copy it is fetched from the remote tier (if any) first. Blocking."""
         path = self.root / sandbox_id
+        if self.remote is not None and not (path / "manifest.json").exists():
+            return self._fetch(self.remote, sandbox_id, runsc_version)
         try:
             manifest = json.loads((path / "manifest.json").read_text())
         except FileNotFoundError:
@@ -111,23 +184,63 @@ class SnapshotStore:
         except ValueError:
             raise SnapshotCorrupt(f"snapshot of {sandbox_id} has an unreadable manifest",
                                   f"inspect {path}; it is kept as it is") from None  # fmt: skip
-        if manifest.get("runsc_version") != runsc_version:
-            raise Conflict(
-                f"snapshot of {sandbox_id} was made by runsc {manifest.get('runsc_version')}, "
-                f"this node runs {runsc_version}",
-                "resume it on a node with that runsc version; the snapshot is kept",
-            )
+        _check_version(sandbox_id, manifest, runsc_version)
         snapshot = Snapshot(sandbox_id, path, manifest)
         if not snapshot.checkpoint.is_dir() or sha256_dir(snapshot.checkpoint) != snapshot.checksum:
             raise SnapshotCorrupt(f"snapshot of {sandbox_id} is corrupt (checksum mismatch)",
                                   f"it is kept for inspection in {path}")  # fmt: skip
         return snapshot
 
+    def _fetch(self, remote: ObjectStore, sandbox_id: str, runsc_version: str) -> Snapshot:
+        """Download the newest remote snapshot into a staging directory, verify it and only
+        then rename it into place: a failed or corrupt download leaves nothing behind here."""
+        manifest = remote.manifest(sandbox_id)
+        if manifest is None:
+            raise NotFound(f"no snapshot of sandbox {sandbox_id!r} on this node or in {remote.url}")
+        _check_version(sandbox_id, manifest, runsc_version)
+        staging = self.staging(sandbox_id)
+        try:
+            remote.fetch(sandbox_id, manifest, staging)
+            checkpoint = staging / "checkpoint"
+            if not checkpoint.is_dir() or sha256_dir(checkpoint) != manifest.get("checksum"):
+                raise SnapshotCorrupt(
+                    f"the copy of sandbox {sandbox_id}'s snapshot in {remote.url} is corrupt "
+                    "(checksum mismatch)", "it is kept there for inspection; nothing was restored",
+                )  # fmt: skip
+            (staging / "manifest.json").write_text(json.dumps(manifest))
+            _fsync_tree(staging)
+            final = self.root / sandbox_id
+            shutil.rmtree(final, ignore_errors=True)  # at most a directory without a manifest
+            staging.rename(final)
+            _fsync_dir(self.root)
+        except BaseException:
+            self.discard(staging)
+            raise
+        log.info("snapshot of %s fetched from %s", sandbox_id, remote.url)
+        return Snapshot(sandbox_id, final, manifest)
+
     def exists(self, sandbox_id: str) -> bool:
-        return (self.root / sandbox_id / "manifest.json").exists()
+        if (self.root / sandbox_id / "manifest.json").exists():
+            return True
+        return self.remote is not None and self.remote.exists(sandbox_id)
 
     def delete(self, sandbox_id: str) -> None:
+        """Delete both copies. Blocking (the remote one: network calls)."""
+        self.delete_local(sandbox_id)
+        self.delete_remote(sandbox_id)
+
+    def delete_local(self, sandbox_id: str) -> None:
         shutil.rmtree(self.root / sandbox_id, ignore_errors=True)
+
+    def delete_remote(self, sandbox_id: str) -> None:
+        """Best effort: a store that cannot be reached is logged, not raised (the sandbox is
+        gone either way; what is left there is never read again)."""
+        if self.remote is None:
+            return
+        try:
+            self.remote.delete(sandbox_id)
+        except SnapshotStoreUnavailable as exc:
+            log.warning("snapshot of %s not deleted from the store: %s", sandbox_id, exc)
 
     def discard(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
@@ -142,3 +255,14 @@ class SnapshotStore:
                 shutil.rmtree(path, ignore_errors=True)
             else:  # crashed between the two renames: the previous snapshot is still the one
                 path.rename(self.root / sandbox_id)
+
+
+def _check_version(sandbox_id: str, manifest: dict[str, Any], runsc_version: str) -> None:
+    """runsc restores only its own checkpoints: a snapshot of another version is refused (and
+    kept) before anything is restored or downloaded."""
+    made_by = manifest.get("runsc_version")
+    if made_by != runsc_version:
+        raise Conflict(
+            f"snapshot of {sandbox_id} was made by runsc {made_by}, this node runs {runsc_version}",
+            "resume it on a node with that runsc version; the snapshot is kept",
+        )
