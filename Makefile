@@ -49,5 +49,7 @@ $(DEPS_STAMP): pyproject.toml uv.lock
 	@rm -f .venv/.deps-*; touch $@
 
 # Built once and cached in the state directory; rebuilt when its recipe changes.
+# code-interpreter-v1 is what the e2b-code-interpreter client creates by default.
 template: system-deps python-deps
 	$(BIN)/vivarium template build base
+	$(BIN)/vivarium template build code-interpreter-v1

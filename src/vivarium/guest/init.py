@@ -1,5 +1,5 @@
-"""PID 1 of every sandbox: start and supervise envd and the sudo broker, reap orphans, stop on
-SIGTERM.
+"""PID 1 of every sandbox: start and supervise envd, the sudo broker and the template's
+services, reap orphans, stop on SIGTERM.
 
 Guest code: runs inside the sandbox with the template's python3; imports nothing from the host
 package and only the standard library.
@@ -146,6 +146,9 @@ ENVD_ARGV = [
     "runpy.run_module('envd', run_name='__main__', alter_sys=True)",
 ]  # fmt: skip
 RESTART_BACKOFF_S = 1.0
+# Programs the template runs beside envd (written by the template build; absent in `base`).
+SERVICES_FILE = "/opt/vivarium/services.json"
+USER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def _start_envd() -> int:
@@ -153,6 +156,44 @@ def _start_envd() -> int:
     if pid == 0:
         try:
             os.execv(ENVD_ARGV[0], ENVD_ARGV)
+        finally:
+            os._exit(127)
+    return pid
+
+
+def _load_services() -> list:
+    try:
+        with open(SERVICES_FILE) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return []
+
+
+def _start_service(service: dict) -> int:
+    """Fork and exec a guest service as its user, with a private runtime directory
+    (/run/vivarium/NAME) and a clean environment."""
+    user = pwd.getpwnam(service["user"])
+    run_dir = f"/run/vivarium/{service['name']}"
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    os.chown(run_dir, user.pw_uid, user.pw_gid)
+    argv = [
+        "/usr/bin/python3", "-I", "-c",
+        f"import sys, runpy; sys.path.insert(0, {GUEST_LIB!r}); "
+        f"runpy.run_module({service['module']!r}, run_name='__main__', alter_sys=True)",
+    ]  # fmt: skip
+    env = {"HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name,
+           "PATH": USER_PATH, "LANG": "C.UTF-8", "VIVARIUM_RUN_DIR": run_dir}  # fmt: skip
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.setsid()
+            os.initgroups(user.pw_name, user.pw_gid)
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            os.chdir(user.pw_dir)
+            os.execve(argv[0], argv, env)
         finally:
             os._exit(127)
     return pid
@@ -175,7 +216,8 @@ def main() -> None:
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     broker = _start_broker()
     envd = _start_envd()
-    while True:  # reap every orphan; restart envd or the broker if one dies
+    services = {_start_service(spec): spec for spec in _load_services()}
+    while True:  # reap every orphan; restart envd, the broker or a service if one dies
         try:
             pid, _status = os.waitpid(-1, 0)
         except ChildProcessError:
@@ -189,6 +231,10 @@ def main() -> None:
         elif pid == envd:
             time.sleep(RESTART_BACKOFF_S)
             envd = _start_envd()
+        elif pid in services:
+            time.sleep(RESTART_BACKOFF_S)
+            spec = services.pop(pid)
+            services[_start_service(spec)] = spec
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ time (the guest daemon) is already running in a new sandbox.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -101,16 +103,70 @@ def install_guest(recipe: Recipe, rootfs: Path, say: Stopwatch) -> None:
     run_sync([sys.executable, "-m", "uv", "pip", "install", "--quiet", "--no-deps",
               "--target", str(lib), "--python-version", "3.11", "--only-binary", ":all:",
               *recipe.guest_packages])  # fmt: skip
-    shutil.copytree(GUEST_DIR / "envd", lib / "envd", dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    for package in ("envd", "interpreter"):
+        shutil.copytree(GUEST_DIR / package, lib / package, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    services = [asdict(service) for service in recipe.services]
+    (prefix / "services.json").write_text(json.dumps(services, indent=1))
     (prefix / "bin").mkdir(exist_ok=True)
     # Static: no dynamic loader (and no preloaded shim) to run on every command start.
     run_sync(["gcc", "-O2", "-static", "-o", str(prefix / "bin" / "vivarium-spawn"),
               str(GUEST_DIR / "spawn.c")])  # fmt: skip
 
 
-def customize(recipe: Recipe, rootfs: Path, probe: Probe, say: Stopwatch) -> None:
+# Wheels for the template's CPython 3.11 on Debian 12 (glibc 2.36): pip wants every
+# compatible manylinux tag spelled out when it fetches for another interpreter.
+WHEEL_PLATFORMS = (*(f"manylinux_2_{minor}_x86_64" for minor in range(5, 37)),
+                   "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64")  # fmt: skip
+
+
+def fetch_wheels(recipe: Recipe, cache_dir: Path, say: Stopwatch) -> Path:
+    """The recipe's pinned wheels, downloaded on the host once and cached."""
+    key = hashlib.sha256("\n".join(sorted(recipe.wheels)).encode()).hexdigest()[:12]
+    wheelhouse = cache_dir / f"wheels-{key}"
+    if wheelhouse.is_dir():
+        say(f"using {len(recipe.wheels)} cached wheels")
+        return wheelhouse
+    partial = wheelhouse.with_name(wheelhouse.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    say(f"downloading {len(recipe.wheels)} wheels on the host...")
+    platforms = [arg for platform in WHEEL_PLATFORMS for arg in ("--platform", platform)]
+    result = run_sync(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary",
+         ":all:", "--python-version", "3.11", "--implementation", "cp", *platforms,
+         "--dest", str(partial), *recipe.wheels],
+        check=False,
+    )  # fmt: skip
+    if not result.ok:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise RuntimeFailure(f"downloading wheels failed: {result.stderr.strip()[-400:]}",
+                             "check access to the Python package index")  # fmt: skip
+    partial.rename(wheelhouse)
+    say(f"downloaded {dir_size(wheelhouse) >> 20} MiB of wheels")
+    return wheelhouse
+
+
+def install_wheels(recipe: Recipe, rootfs: Path, wheelhouse: Path, say: Stopwatch) -> None:
+    """Install into the template's system Python with its own pip, offline."""
+    staged = rootfs / "tmp" / "vivarium-wheels"
+    shutil.copytree(wheelhouse, staged, dirs_exist_ok=True)
+    try:
+        say(f"installing {len(recipe.wheels)} packages into the template's Python (offline)")
+        step = ("python3 -m pip install --quiet --no-index --no-deps --break-system-packages "
+                "--root-user-action=ignore /tmp/vivarium-wheels/*.whl")  # fmt: skip
+        res = run_sync(["chroot", str(rootfs), "/bin/sh", "-c", step], check=False)
+        if not res.ok:
+            raise RuntimeFailure(f"installing wheels failed: {res.stderr.strip()[-400:]}")
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def customize(
+    recipe: Recipe, rootfs: Path, probe: Probe, say: Stopwatch, wheelhouse: Path | None = None
+) -> None:
     install_guest(recipe, rootfs, say)
+    if wheelhouse is not None:
+        install_wheels(recipe, rootfs, wheelhouse, say)
     preload = rootfs / "etc" / "ld.so.preload"
     if probe.statx_shim:
         say("installing the statx shim (this runsc rejects AT_NO_AUTOMOUNT)")
@@ -140,18 +196,20 @@ def customize(recipe: Recipe, rootfs: Path, probe: Probe, say: Stopwatch) -> Non
             raise RuntimeFailure(f"template step failed: {step}: {res.stderr.strip()[-300:]}")
 
 
-async def wait_ready(address: str) -> None:
-    """Until envd answers on the slot address: what is checkpointed must be serving."""
+async def wait_ready(address: str, port: int, name: str) -> None:
+    """Until the program answers on the slot address: what is checkpointed must be serving."""
     deadline = time.monotonic() + READY_TIMEOUT_S
-    async with httpx.AsyncClient(timeout=2) as http:
+    # No keep-alive: a connection still open inside the sandbox could not be checkpointed.
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=2, limits=limits) as http:
         while time.monotonic() < deadline:
             try:
-                if (await http.get(f"http://{address}:{ENVD_PORT}/health")).is_success:
+                if (await http.get(f"http://{address}:{port}/health")).is_success:
                     return
             except httpx.TransportError:
                 pass
             await asyncio.sleep(0.2)
-    raise RuntimeFailure(f"envd did not become ready within {READY_TIMEOUT_S:.0f}s",
+    raise RuntimeFailure(f"{name} did not become ready within {READY_TIMEOUT_S:.0f}s",
                          "see build-console.log in the build directory")  # fmt: skip
 
 
@@ -172,7 +230,10 @@ async def boot_and_checkpoint(
         write_bundle(bundle, for_sandbox(spec, Path(slot.netns_path), resources, cid))
         say("booting under runsc")
         await runtime.start(cid, bundle, build_dir / "build-console.log")
-        await wait_ready(slot.router_ip)
+        await wait_ready(slot.router_ip, ENVD_PORT, "envd")
+        for service in recipe.services:
+            say(f"waiting for {service.name} on port {service.port}")
+            await wait_ready(slot.router_ip, service.port, service.name)
         say("checkpointing")
         await runtime.checkpoint(cid, build_dir / "checkpoint")
     finally:
@@ -204,7 +265,8 @@ async def build(
         pristine = await debootstrap(recipe, settings.cache_dir, say)
         say("copying root filesystem")
         run_sync(["cp", "-a", "--reflink=auto", str(pristine), str(build_dir / "rootfs")])
-        customize(recipe, build_dir / "rootfs", runtime.probe, say)
+        wheelhouse = fetch_wheels(recipe, settings.cache_dir, say) if recipe.wheels else None
+        customize(recipe, build_dir / "rootfs", runtime.probe, say, wheelhouse)
         await boot_and_checkpoint(settings, recipe, build_dir, runtime, say)
         manifest: dict[str, Any] = {
             "name": name,

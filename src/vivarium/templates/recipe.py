@@ -47,6 +47,17 @@ USER_SETUP = (
 
 
 @dataclass(frozen=True)
+class Service:
+    """A long-running guest program that PID 1 starts (and restarts) beside envd. The template is
+    checkpointed only once `GET /health` answers on its port."""
+
+    name: str
+    module: str  # a package under GUEST_PREFIX/lib, run as `python3 -I -m`-alike
+    user: str = "root"
+    port: int = 0
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     suite: str = "bookworm"
@@ -56,11 +67,17 @@ class Recipe:
     guest_packages: tuple[str, ...] = GUEST_PACKAGES
     init: tuple[str, ...] = ("/usr/bin/python3", f"{GUEST_PREFIX}/guest/init.py")
     env: tuple[str, ...] = ("LANG=C.UTF-8", "HOME=/root")
+    # Pinned wheels (with all their dependencies) for the template's system Python: fetched on
+    # the host, installed inside with `pip --no-index`; the sandbox never needs the network.
+    wheels: tuple[str, ...] = ()
+    services: tuple[Service, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
 
     def recipe_hash(self, probe: Probe) -> str:
         h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
-        for path in sorted([*GUEST_DIR.rglob("*.py"), *GUEST_DIR.rglob("*.c")]):
+        for path in sorted(
+            [*GUEST_DIR.rglob("*.py"), *GUEST_DIR.rglob("*.c"), *GUEST_DIR.rglob("*.json")]
+        ):
             h.update(path.name.encode())
             h.update(path.read_bytes())
         h.update(SHIM_SOURCE.read_bytes())
@@ -74,4 +91,29 @@ class Recipe:
         return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
-RECIPES: dict[str, Recipe] = {"base": Recipe(name="base")}
+# The code interpreter (E2B's `code-interpreter-v1`): Jupyter kernels with the data stack, behind
+# the guest's interpreter server on port 49999. Versions resolved together for CPython 3.11.
+# Not debugpy (which ipykernel would import at start): the client has no debugger, and its
+# memory would be in every sandbox's checkpoint, slowing each restore.
+INTERPRETER_WHEELS = (
+    "ipykernel==7.4.0", "jupyter_client==8.10.0", "jupyter_core==5.9.1", "ipython==9.18.1",
+    "ipython_pygments_lexers==1.1.1", "pyzmq==27.3.0", "tornado==6.6.1", "traitlets==5.16.1",
+    "comm==0.2.3", "matplotlib_inline==0.2.2", "nest_asyncio2==1.7.4",
+    "packaging==26.3", "platformdirs==4.14.7", "psutil==7.2.2", "python_dateutil==4.0.0",
+    "jedi==0.20.1", "parso==0.8.7", "prompt_toolkit==3.0.53", "wcwidth==0.9.4",
+    "pygments==2.21.0", "stack_data==0.6.3", "executing==2.3.0", "asttokens==3.0.2",
+    "pure_eval==0.2.4", "pexpect==4.9.0", "ptyprocess==0.7.0", "typing_extensions==4.16.0",
+    "bash_kernel==0.10.0", "filetype==1.2.0",
+    "numpy==2.4.6", "pandas==3.1.1", "tzdata==2026.6", "matplotlib==3.11.2",
+    "contourpy==1.3.3", "cycler==0.12.1", "fonttools==4.68.0", "kiwisolver==1.5.1",
+    "pillow==13.0.0", "pyparsing==3.3.3",
+)  # fmt: skip
+
+RECIPES: dict[str, Recipe] = {
+    "base": Recipe(name="base"),
+    "code-interpreter-v1": Recipe(
+        name="code-interpreter-v1",
+        wheels=INTERPRETER_WHEELS,
+        services=(Service("interpreter", "interpreter", user="user", port=49999),),
+    ),
+}

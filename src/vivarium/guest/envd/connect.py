@@ -125,19 +125,21 @@ def _stream_error(exc: ConnectError) -> Response:
     )
 
 
-class _StreamResponse(Response):
-    """A streamed Connect response that stops its producer as soon as the client leaves (a
-    process stream must not stay subscribed, and hold the process back, for nobody).
+class StreamResponse(Response):
+    """A streamed response (Connect here, NDJSON in the interpreter) that stops its producer as
+    soon as the client leaves: a process stream must not stay subscribed for nobody, and a cell
+    nobody waits for must be interrupted.
 
     Starlette's StreamingResponse does the same through an anyio task group; plain asyncio costs
     far fewer system calls per request, which shows under gVisor (every asyncio task lookup is a
     getpid() there)."""
 
-    def __init__(self, body: AsyncIterator[bytes]) -> None:
+    def __init__(self, body: AsyncIterator[bytes],
+                 content_type: str = "application/connect+json") -> None:  # fmt: skip
         self.body_iterator = body
         self.status_code = 200
         self.background = None
-        self.raw_headers = [(b"content-type", b"application/connect+json")]
+        self.raw_headers = [(b"content-type", content_type.encode())]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream = asyncio.current_task()
@@ -197,7 +199,7 @@ def server_stream(handler: ServerStream) -> Callable[[Request], Awaitable[Respon
                 yield envelope({"error": {"code": "internal", "message": str(exc)}},
                                FLAG_END_STREAM)  # fmt: skip
 
-        return _StreamResponse(body())
+        return StreamResponse(body())
 
     return endpoint
 

@@ -1,0 +1,74 @@
+"""Run the code interpreter: `python3 -m interpreter` inside a sandbox, as the sandbox's user.
+
+The default Python kernel is started and warmed up before the port opens: the template is
+checkpointed once the port answers, so every sandbox restored from it has a kernel ready."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import gc
+import os
+import pwd
+import selectors
+
+import uvicorn
+
+from . import PORT
+from .app import create_app
+from .contexts import Contexts
+
+TRIM = "import gc, ctypes\ngc.collect()\nctypes.CDLL('libc.so.6').malloc_trim(0)\ndel gc, ctypes"
+
+
+def _trim() -> None:
+    """Hand freed heap back to the system (malloc keeps it otherwise)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _user_env() -> dict[str, str]:
+    user = pwd.getpwuid(os.getuid())
+    return {
+        "HOME": user.pw_dir,
+        "USER": user.pw_name,
+        "LOGNAME": user.pw_name,
+        "SHELL": user.pw_shell or "/bin/bash",
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG": "C.UTF-8",
+        "TERM": "xterm-256color",
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+        "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+    }
+
+
+async def serve(host: str, port: int) -> None:
+    env = _user_env()
+    contexts = Contexts(env, env["HOME"])
+    ctx = await contexts.default("python")
+    async for _ in ctx.run("1 + 1", {}, {}):  # pay the first cell's costs before the checkpoint
+        pass
+    # Every page still in use is in the template's checkpoint and read back by every restore.
+    await ctx.housekeeping(TRIM)
+    gc.collect()
+    _trim()
+    config = uvicorn.Config(create_app(contexts), host=host, port=port, log_level="warning",
+                            access_log=False, timeout_keep_alive=300, http="h11",
+                            timeout_graceful_shutdown=2)  # fmt: skip
+    await uvicorn.Server(config).serve()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="interpreter")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=PORT)
+    args = parser.parse_args()
+    # poll(), not epoll, for the same reason as envd: this gVisor cannot checkpoint a TCP
+    # socket an epoll instance watches.
+    loop = asyncio.SelectorEventLoop(selectors.PollSelector())
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(serve(args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()

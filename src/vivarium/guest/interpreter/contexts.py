@@ -1,0 +1,295 @@
+"""Execution contexts: one Jupyter kernel each, with its language, working directory and a lock
+so that one cell runs at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import re
+import shlex
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+from . import outputs
+
+KERNEL_SPECS = str(Path(__file__).resolve().parent / "kernels")
+IPC_DIR = os.environ.get("VIVARIUM_RUN_DIR", "/run/vivarium/interpreter")
+LANGUAGES = {"python": "python3", "bash": "bash"}
+ALIASES = {"python3": "python", "py": "python", "sh": "bash", "shell": "bash"}
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+POLL_S = 0.5
+START_TIMEOUT_S = 60
+
+
+class UnknownLanguage(ValueError):
+    pass
+
+
+def normalize(language: str | None) -> str:
+    name = (language or "python").strip().lower()
+    name = ALIASES.get(name, name)
+    if name not in LANGUAGES:
+        raise UnknownLanguage(
+            f"language {language!r} is not available in this sandbox (available: "
+            f"{', '.join(LANGUAGES)})"
+        )
+    return name
+
+
+def check_env(env: dict[str, Any] | None) -> dict[str, str]:
+    env = env or {}
+    bad = [k for k in env if not isinstance(k, str) or not ENV_NAME.match(k)]
+    if bad:
+        raise ValueError(f"invalid environment variable name(s): {', '.join(map(str, bad))}")
+    return {k: str(v) for k, v in env.items()}
+
+
+def _python_set(env: dict[str, str]) -> str:
+    return (
+        "import os as __vivarium_os\n"
+        f"__vivarium_saved = {{k: __vivarium_os.environ.get(k) for k in {list(env)!r}}}\n"
+        f"__vivarium_os.environ.update({env!r})\n"
+        "del __vivarium_os\n"
+    )
+
+
+PYTHON_RESTORE = (
+    "import os as __vivarium_os\n"
+    "for __vivarium_k, __vivarium_v in __vivarium_saved.items():\n"
+    "    if __vivarium_v is None:\n"
+    "        __vivarium_os.environ.pop(__vivarium_k, None)\n"
+    "    else:\n"
+    "        __vivarium_os.environ[__vivarium_k] = __vivarium_v\n"
+    "del __vivarium_os, __vivarium_saved\n"
+    "globals().pop('__vivarium_k', None); globals().pop('__vivarium_v', None)\n"
+)
+
+
+def _bash_set(env: dict[str, str]) -> str:
+    lines = []
+    for i, (key, value) in enumerate(env.items()):
+        lines.append(f"__vivarium_saved_{i}=${{{key}-__vivarium_unset__}}")
+        lines.append(f"export {key}={shlex.quote(value)}")
+    return "\n".join(lines)
+
+
+def _bash_restore(env: dict[str, str]) -> str:
+    lines = []
+    for i, key in enumerate(env):
+        saved = f"__vivarium_saved_{i}"
+        lines.append(f'if [ "${saved}" = __vivarium_unset__ ]; then unset {key}; '
+                     f'else export {key}="${saved}"; fi; unset {saved}')  # fmt: skip
+    return "\n".join(lines)
+
+
+class Context:
+    def __init__(self, language: str, cwd: str, env: dict[str, str],
+                 context_id: str | None = None) -> None:  # fmt: skip
+        self.id = context_id or str(uuid.uuid4())
+        self.language = language
+        self.cwd = cwd
+        self.lock = asyncio.Lock()
+        self.global_env: dict[str, str] = {}  # the sandbox's variables, as last applied
+        self._base_env = env
+        os.makedirs(IPC_DIR, mode=0o700, exist_ok=True)
+        self.manager = AsyncKernelManager(
+            kernel_name=LANGUAGES[language],
+            kernel_spec_manager=KernelSpecManager(kernel_dirs=[KERNEL_SPECS]),
+            transport="ipc",
+            ip=f"{IPC_DIR}/{self.id}",
+            connection_file=f"{IPC_DIR}/{self.id}.json",
+        )
+        self.client: Any = None
+
+    def describe(self) -> dict[str, str]:
+        return {"id": self.id, "language": self.language, "cwd": self.cwd}
+
+    async def start(self) -> None:
+        if not os.path.isdir(self.cwd):
+            os.makedirs(self.cwd, exist_ok=True)
+        env = {**self._base_env, "VIVARIUM_IPC_DIR": IPC_DIR}
+        await self.manager.start_kernel(cwd=self.cwd, env=env)
+        await self._connect()
+
+    async def _connect(self) -> None:
+        if self.client is not None:
+            self.client.stop_channels()
+        self.client = self.manager.client()
+        self.client.start_channels()
+        await self.client.wait_for_ready(timeout=START_TIMEOUT_S)
+        self.global_env = {}
+
+    async def restart(self) -> None:
+        await self.manager.restart_kernel(now=True)
+        await self._connect()
+
+    async def shutdown(self) -> None:
+        if self.client is not None:
+            self.client.stop_channels()
+        await self.manager.shutdown_kernel(now=True)
+        for suffix in (".json",):
+            Path(f"{IPC_DIR}/{self.id}{suffix}").unlink(missing_ok=True)
+
+    async def housekeeping(self, code: str) -> None:
+        """Run housekeeping code (environment variables) without output or history."""
+        if not code:
+            return
+        msg_id = self.client.execute(code, silent=True, store_history=False)
+        while True:
+            reply = await self.client.get_shell_msg(timeout=START_TIMEOUT_S)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return
+
+    def _set_code(self, env: dict[str, str]) -> str:
+        return _python_set(env) if self.language == "python" else _bash_set(env)
+
+    async def _sync_global_env(self, env: dict[str, str]) -> None:
+        """The sandbox's environment variables (set at create) apply to every cell."""
+        changed = {k: v for k, v in env.items() if self.global_env.get(k) != v}
+        if not changed:
+            return
+        if self.language == "python":
+            await self.housekeeping(f"import os\nos.environ.update({changed!r})\ndel os")
+        else:
+            await self.housekeeping("\n".join(f"export {k}={shlex.quote(v)}"
+                                         for k, v in changed.items()))  # fmt: skip
+        self.global_env.update(changed)
+
+    def _restore_code(self, env: dict[str, str]) -> str:
+        return PYTHON_RESTORE if self.language == "python" else _bash_restore(env)
+
+    async def run(self, code: str, env: dict[str, str],
+                  global_env: dict[str, str]) -> AsyncIterator[bytes]:  # fmt: skip
+        """Run one cell (after the previous one) and yield its stream lines.
+
+        If the consumer goes away mid-cell (the client's timeout), the kernel is interrupted and
+        drained in the background; the next cell waits until it is idle again."""
+        await self.lock.acquire()
+        handed_over = False
+        try:
+            await self._sync_global_env(global_env)
+            if env:
+                await self.housekeeping(self._set_code(env))
+            msg_id = self.client.execute(code, store_history=True, allow_stdin=False)
+            finished = False
+            try:
+                async for item in self._outputs(msg_id):
+                    yield item
+                finished = True
+            finally:
+                if not finished:
+                    handed_over = True
+                    self._abandon(msg_id, env)
+            if env:
+                await self.housekeeping(self._restore_code(env))
+            yield outputs.line({"type": "end_of_execution"})
+        finally:
+            if not handed_over:
+                self.lock.release()
+
+    async def _outputs(self, msg_id: str) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                msg = await self.client.get_iopub_msg(timeout=POLL_S)
+            except queue.Empty:
+                if not await self.manager.is_alive():
+                    yield outputs.line(await self._died())
+                    return
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind = msg["msg_type"]
+            if kind == "status" and msg["content"].get("execution_state") == "idle":
+                await self._drain_reply(msg_id)
+                return
+            if kind == "execute_input":
+                count = msg["content"].get("execution_count")
+                yield outputs.line({"type": "number_of_executions", "execution_count": count})
+                continue
+            converted = outputs.convert(msg)
+            if converted is not None:
+                yield outputs.line(converted)
+
+    async def _drain_reply(self, msg_id: str) -> None:
+        while True:
+            try:
+                reply = await self.client.get_shell_msg(timeout=POLL_S * 4)
+            except queue.Empty:
+                return
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return
+
+    async def _died(self) -> dict[str, Any]:
+        code = self.manager.provisioner.process.returncode if self.manager.provisioner else None
+        await self.restart()
+        return outputs.error(
+            "KernelDied",
+            f"the {self.language} kernel exited (code {code}) while running this cell; it was "
+            "restarted, so its variables and imports are gone",
+            "",
+        )
+
+    def _abandon(self, msg_id: str, env: dict[str, str]) -> None:
+        """Interrupt the cell nobody waits for, let it finish, then free the context."""
+
+        async def interrupt_and_drain() -> None:
+            try:
+                await self.manager.interrupt_kernel()
+                async for _ in self._outputs(msg_id):
+                    pass
+                if env:
+                    await self.housekeeping(self._restore_code(env))
+            except Exception as exc:  # the kernel is in an unknown state: start afresh
+                print(f"interpreter: draining an interrupted cell failed: {exc!r}", flush=True)
+                await self.restart()
+            finally:
+                self.lock.release()
+
+        asyncio.get_running_loop().create_task(interrupt_and_drain())
+
+
+class Contexts:
+    """Every context of this sandbox, and the default one per language."""
+
+    def __init__(self, env: dict[str, str], home: str) -> None:
+        self.env = env
+        self.home = home
+        self.by_id: dict[str, Context] = {}
+        self.defaults: dict[str, Context] = {}
+        self._starting = asyncio.Lock()
+
+    async def create(self, language: str, cwd: str | None) -> Context:
+        ctx = Context(language, cwd or self.home, self.env)
+        await ctx.start()
+        self.by_id[ctx.id] = ctx
+        return ctx
+
+    async def default(self, language: str) -> Context:
+        async with self._starting:
+            ctx = self.defaults.get(language)
+            if ctx is None:
+                ctx = await self.create(language, None)
+                self.defaults[language] = ctx
+            return ctx
+
+    def get(self, context_id: str) -> Context | None:
+        return self.by_id.get(context_id)
+
+    async def remove(self, context_id: str) -> bool:
+        ctx = self.by_id.pop(context_id, None)
+        if ctx is None:
+            return False
+        for language, default in list(self.defaults.items()):
+            if default is ctx:
+                del self.defaults[language]
+        await ctx.shutdown()
+        return True
+
+    def describe(self) -> list[dict[str, str]]:
+        return [ctx.describe() for ctx in self.by_id.values()]

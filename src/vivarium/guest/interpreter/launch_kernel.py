@@ -1,0 +1,53 @@
+"""Start a Jupyter kernel (`python` or `bash`) that this gVisor release can checkpoint.
+
+ipykernel binds a TCP port on 127.0.0.1 for output piped from forked subprocesses and lets
+libzmq's epoll watch it; this runsc refuses to save a TCP socket an epoll instance watches, and
+the failed save takes the whole sandbox down. The same pipe over a Unix socket saves fine.
+"""
+
+import os
+import sys
+
+del sys.path[0]  # this script's directory: the user's kernel must not import our modules
+
+import zmq  # noqa: E402
+from ipykernel import iostream  # noqa: E402
+from ipykernel.kernelapp import IPKernelApp  # noqa: E402
+from zmq.eventloop.zmqstream import ZMQStream  # noqa: E402
+
+# Given by the interpreter; kept out of the environment the user's code sees.
+IPC_DIR = os.environ.pop("VIVARIUM_IPC_DIR", "/tmp")
+
+
+def _setup_pipe_in(self: iostream.IOPubThread) -> None:
+    self._pipe_uuid = os.urandom(16)
+    pipe_in = self.socket.context.socket(zmq.PULL)
+    pipe_in.linger = 0
+    self._pipe_address = f"ipc://{IPC_DIR}/pipe-{os.getpid()}"
+    pipe_in.bind(self._pipe_address)
+    self._pipe_in = ZMQStream(pipe_in, self.io_loop)
+    self._pipe_in.on_recv(self._handle_pipe_msg)
+
+
+def _setup_pipe_out(self: iostream.IOPubThread) -> tuple[zmq.Context, zmq.Socket]:
+    ctx = zmq.Context()  # a forked child needs its own context
+    pipe_out = ctx.socket(zmq.PUSH)
+    pipe_out.linger = 3000
+    pipe_out.connect(self._pipe_address)
+    return ctx, pipe_out
+
+
+def main() -> None:
+    language = sys.argv.pop(1)
+    iostream.IOPubThread._setup_pipe_in = _setup_pipe_in
+    iostream.IOPubThread._setup_pipe_out = _setup_pipe_out
+    if language == "bash":
+        from bash_kernel.kernel import BashKernel
+
+        IPKernelApp.launch_instance(kernel_class=BashKernel)
+    else:
+        IPKernelApp.launch_instance()
+
+
+if __name__ == "__main__":
+    main()

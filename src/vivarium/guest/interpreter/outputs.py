@@ -1,0 +1,71 @@
+"""Jupyter iopub messages -> the lines of E2B's `/execute` stream (one JSON object each)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+# MIME type -> the key E2B's Result uses. Images and PDF arrive base64-encoded already.
+MIME_KEYS = {
+    "text/plain": "text",
+    "text/html": "html",
+    "text/markdown": "markdown",
+    "image/svg+xml": "svg",
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "application/pdf": "pdf",
+    "text/latex": "latex",
+    "application/json": "json",
+    "application/javascript": "javascript",
+}
+
+
+def line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, default=str).encode() + b"\n"
+
+
+def timestamp(msg: dict[str, Any]) -> str:
+    date = msg.get("header", {}).get("date")
+    if isinstance(date, datetime):
+        return date.isoformat()
+    return str(date) if date else datetime.now(UTC).isoformat()
+
+
+def result(bundle: dict[str, Any], *, main: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "result", "is_main_result": main}
+    extra: dict[str, Any] = {}
+    for mime, value in bundle.items():
+        key = MIME_KEYS.get(mime)
+        if key is None:
+            extra[mime] = value
+        elif key == "json" and not isinstance(value, dict):
+            extra[mime] = value  # the client's Result.json is a dict
+        else:
+            out[key] = value.rstrip("\n") if key in ("png", "jpeg", "pdf") else value
+    if extra:
+        out["extra"] = extra
+    return out
+
+
+def convert(msg: dict[str, Any]) -> dict[str, Any] | None:
+    """One iopub message of an execution as a stream line, or None if the client has no use for
+    it (status, execute_input and comm traffic are handled or ignored by the caller)."""
+    kind = msg["msg_type"]
+    content = msg["content"]
+    if kind == "stream":
+        name = "stderr" if content.get("name") == "stderr" else "stdout"
+        return {"type": name, "text": content.get("text", ""), "timestamp": timestamp(msg)}
+    if kind == "execute_result":
+        return result(content.get("data", {}), main=True)
+    if kind in ("display_data", "update_display_data"):
+        return result(content.get("data", {}), main=False)
+    if kind == "error":
+        return error(content.get("ename", "Error"), content.get("evalue", ""),
+                     content.get("traceback") or [])  # fmt: skip
+    return None
+
+
+def error(name: str, value: str, traceback: list[str] | str) -> dict[str, Any]:
+    text = traceback if isinstance(traceback, str) else "\n".join(traceback)
+    return {"type": "error", "name": name, "value": value, "traceback": text}
