@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 
 import httpx
 from e2b import Sandbox
+from e2b_code_interpreter import Sandbox as CodeInterpreter
 
 from vivarium.config import Settings
 from vivarium.network.addressing import Slot, SlotRange
@@ -116,6 +117,13 @@ open("/tmp/dirty.tmp", "w").write(open("/proc/self/status").read())
 os.replace("/tmp/dirty.tmp", "/tmp/dirty.status")
 time.sleep(10**6)
 """
+
+# The code interpreter (issue 6): `Sandbox.create()` of code-interpreter-v1 through to the
+# result of run_code("1+1"), alternating with plain base creates; then trivial-cell round trips.
+INTERPRETER_TEMPLATE = "code-interpreter-v1"
+INTERPRETER_CREATES = 10
+INTERPRETER_CELLS = 30
+INTERPRETER_TARGET_RATIO = 2.0  # first result at most this times a plain base create
 
 MIB = 1024 * 1024
 
@@ -633,6 +641,9 @@ class NodeFigures:
     dirty_resume_ms: list[float] = field(default_factory=list)
     dirty_snapshot_bytes: list[int] = field(default_factory=list)
     dirty_rss_kib: int = 0
+    ci_base_create_ms: list[float] = field(default_factory=list)  # alternating with the next
+    ci_first_result_ms: list[float] = field(default_factory=list)  # create -> "1+1" result
+    ci_cell_ms: list[float] = field(default_factory=list)  # run_code("1+1") round trips
     events: list[dict[str, Any]] = field(default_factory=list)  # sandboxes that ended by themselves
 
 
@@ -812,6 +823,30 @@ def measure_pause(fleet: Fleet, figures: NodeFigures) -> None:
                 log(f"could not kill {sandbox_id} through the API: {exc}")
 
 
+def measure_interpreter(fleet: Fleet, figures: NodeFigures) -> None:
+    """What an e2b-code-interpreter user waits for: create through to the first cell's result,
+    beside a plain base create at the same time; then a trivial cell's round trip."""
+    options = {"api_key": fleet.api_key, "api_url": API_URL, "sandbox_url": PROXY_URL}
+    fleet.sdk_kill(fleet.sdk_create()[0])
+    for i in range(INTERPRETER_CREATES):
+        sbx, created = fleet.sdk_create()
+        figures.ci_base_create_ms.append(created.ms)
+        fleet.sdk_kill(sbx)
+        start = time.perf_counter()
+        ci = CodeInterpreter.create(timeout=SANDBOX_TIMEOUT_S, **options)
+        fleet._track(ci.sandbox_id)
+        text = ci.run_code("1+1").text
+        figures.ci_first_result_ms.append(elapsed_ms(start))
+        if text != "2":
+            raise RuntimeError(f"run_code('1+1') gave {text!r}")
+        if i == INTERPRETER_CREATES - 1:
+            for _ in range(INTERPRETER_CELLS):
+                start = time.perf_counter()
+                ci.run_code("1+1")
+                figures.ci_cell_ms.append(elapsed_ms(start))
+        fleet.sdk_kill(ci)
+
+
 def measure_node(fleet: Fleet) -> NodeFigures:
     figures = NodeFigures()
     try:
@@ -827,6 +862,10 @@ def measure_node(fleet: Fleet) -> NodeFigures:
         log(f"node: {PAUSE_IDLE_CYCLES} pause/resume cycles idle, {PAUSE_DIRTY_CYCLES} with "
             f"{DIRTY_MIB} MiB written")  # fmt: skip
         measure_pause(fleet, figures)
+        fleet.settle()
+        log(f"node: {INTERPRETER_CREATES} code-interpreter creates to a first result, "
+            f"{INTERPRETER_CELLS} cells")  # fmt: skip
+        measure_interpreter(fleet, figures)
         with fleet.client() as client:
             figures.events = client.info()["events"]
     finally:
@@ -976,6 +1015,15 @@ def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row
         Row("dirty_snapshot_mib", f"snapshot size ({dirty})", dirty_snapshot, "MiB",
             raw_snapshot + DIRTY_MIB, f"raw bare checkpoint + {DIRTY_MIB} MiB",
             samples=tuple(b / MIB for b in node.dirty_snapshot_bytes)),
+        Row("ci_first_result_p50_ms", "code interpreter: create -> run_code('1+1') p50",
+            p50(node.ci_first_result_ms), "ms", p50(node.ci_base_create_ms),
+            "SDK base create p50, alternating", max_ratio=INTERPRETER_TARGET_RATIO,
+            samples=tuple(node.ci_first_result_ms)),
+        Row("ci_cell_p50_ms", "code interpreter: run_code('1+1') p50", p50(node.ci_cell_ms),
+            "ms", proxy_cmd50, "SDK commands.run('true') p50 (proxy)",
+            samples=tuple(node.ci_cell_ms)),
+        Row("ci_cell_p95_ms", "code interpreter: run_code('1+1') p95", p95(node.ci_cell_ms),
+            "ms"),
     ]  # fmt: skip
 
 
