@@ -112,7 +112,7 @@ class ControlPlane:
             if row["id"] in running:
                 if row["state"] != "running":  # a pause or resume cut short by the restart
                     await store.transition(self.engine, row["id"], [row["state"]], "running")
-            elif self.node.snapshots.exists(row["id"]):
+            elif await asyncio.to_thread(self.node.snapshots.exists, row["id"]):  # maybe S3
                 await store.transition(self.engine, row["id"], [row["state"]], "paused")
             else:
                 await store.end_sandbox(self.engine, row["id"], "not running after restart")
