@@ -103,9 +103,6 @@ PAUSE_IDLE_CYCLES = 8
 PAUSE_DIRTY_CYCLES = 3
 RAW_PAUSE_CYCLES = 5  # raw checkpoint + restore-from-that-image of the bare container
 DIRTY_MIB = 200
-# After a pause the node deletes the stopped container (`runsc delete`, ~1.5 s) in the
-# background, and a resume of the same sandbox waits for it: resumes are timed after that.
-PAUSE_CLEANUP_WAIT_S = 2.0
 RESUME_TARGET_RATIO = 1.5  # resume p50 at most this times a raw restore from a checkpoint
 IDLE_SNAPSHOT_MAX_MIB = 20.0
 # Random bytes, not touched zero pages: runsc compresses checkpoint memory, so only content
@@ -468,6 +465,7 @@ class Created:
     sandbox_id: str
     start: float  # perf_counter stamps, so concurrent calls share a time base
     end: float
+    container_id: str = ""  # its runsc container (node creates only)
 
     @property
     def ms(self) -> float:
@@ -498,7 +496,7 @@ class Fleet:
         data = client.create(template=TEMPLATE, timeout=SANDBOX_TIMEOUT_S)
         end = time.perf_counter()
         self._track(data["sandbox_id"])
-        return Created(data["sandbox_id"], start, end)
+        return Created(data["sandbox_id"], start, end, data["container_id"])
 
     def sdk_create(self) -> tuple[Sandbox, Created]:
         """`Sandbox.create()` through the API, timed as a user of the client sees it."""
@@ -670,7 +668,7 @@ def measure_concurrent_idle_exec(fleet: Fleet, figures: NodeFigures) -> None:
     figures.concurrent_ms = [c.ms for c in created]
     figures.concurrent_wall_ms = (max(c.end for c in created) - min(c.start for c in created)) * 1e3
     time.sleep(IDLE_WAIT_S)  # let restore-time activity settle before reading memory
-    figures.idle = [sandbox_memory(c.sandbox_id) for c in created]
+    figures.idle = [sandbox_memory(c.container_id) for c in created]
     with fleet.client() as client:
         target = created[0].sandbox_id
         for _ in range(EXEC_RUNS):
@@ -683,12 +681,14 @@ def measure_concurrent_idle_exec(fleet: Fleet, figures: NodeFigures) -> None:
     # its own), made while the 10 above still run.
     sdk_id = fleet.sdk_create()[0].sandbox_id
     with fleet.client() as client:
-        address = client.get(sdk_id)["slot_address"]
-    measure_sdk(fleet, sdk_id, address, figures)
+        record = client.get(sdk_id)
+    measure_sdk(fleet, sdk_id, record["container_id"], record["slot_address"], figures)
     fleet.kill_all()
 
 
-def measure_sdk(fleet: Fleet, sandbox_id: str, address: str, figures: NodeFigures) -> None:
+def measure_sdk(
+    fleet: Fleet, sandbox_id: str, container_id: str, address: str, figures: NodeFigures
+) -> None:
     """The official client, straight at the sandbox's envd and through the proxy. Each round
     runs a raw `runsc exec true` into the same sandbox, then `commands.run("true")` both ways
     (which goes first alternates), so the floor and both paths see exactly the same load."""
@@ -702,7 +702,7 @@ def measure_sdk(fleet: Fleet, sandbox_id: str, address: str, figures: NodeFigure
     async def alternate() -> None:
         for n in range(SDK_CMD_RUNS):
             start = time.perf_counter()
-            result = await runtime.exec(sandbox_id, ["true"])
+            result = await runtime.exec(container_id, ["true"])
             figures.sdk_floor_ms.append(elapsed_ms(start))
             if not result.ok:
                 raise RuntimeError(f"runsc exec true failed: {result.stderr.strip()[-300:]}")
@@ -760,8 +760,9 @@ def _pause_cycles(
     fleet: Fleet, sbx: Sandbox, cycles: int, pause_ms: list[float], resume_ms: list[float],
     sizes: list[int],
 ) -> Sandbox:  # fmt: skip
-    """SDK pause() and Sandbox.connect() of the paused sandbox, in turn; the resume only once
-    the pause's background cleanup has finished (see PAUSE_CLEANUP_WAIT_S)."""
+    """SDK pause() and, right after it returns, Sandbox.connect() of the paused sandbox, in
+    turn: what a user sees. The paused container's `runsc delete` (~1.5 s) still runs in the
+    background then; the resume does not wait for it (it restores into a new container)."""
     snapshots = fleet.socket.parent / "snapshots"
     for _ in range(cycles):
         start = time.perf_counter()
@@ -770,8 +771,6 @@ def _pause_cycles(
         pause_ms.append(elapsed_ms(start))
         manifest = json.loads((snapshots / sbx.sandbox_id / "manifest.json").read_text())
         sizes.append(int(manifest["size_bytes"]))
-        time.sleep(PAUSE_CLEANUP_WAIT_S)
-        fleet.wait_for_cleanups()
         start = time.perf_counter()
         sbx = fleet.sdk_connect(sbx.sandbox_id, PROXY_URL, timeout=SANDBOX_TIMEOUT_S)
         resume_ms.append(elapsed_ms(start))
@@ -911,9 +910,16 @@ async def sweep(work: Path, server_state: Path) -> list[str]:
 
 
 def leftover_cgroups(container_ids: set[str]) -> list[str]:
-    """Cgroups runsc should have removed with the containers, in any hierarchy (v1 or v2)."""
+    """Cgroups runsc should have removed with the containers, in any hierarchy (v1 or v2),
+    for every incarnation of a sandbox (`<sandbox id>-<suffix>`, one per create or resume)."""
     parents = [CGROUP_ROOT / CGROUP_PARENT] + [d / CGROUP_PARENT for d in CGROUP_ROOT.iterdir()]
-    return [f"cgroup {p / cid}" for p in parents for cid in container_ids if (p / cid).is_dir()]
+    return [
+        f"cgroup {cgroup}"
+        for parent in parents if parent.is_dir()
+        for cgroup in parent.iterdir()
+        if cgroup.is_dir()
+        and (cgroup.name in container_ids or cgroup.name.rsplit("-", 1)[0] in container_ids)
+    ]  # fmt: skip
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -1034,7 +1040,6 @@ def write_json(rows: list[Row], machine: dict[str, Any], node: NodeFigures) -> N
         "scale_create_s": round(node.scale_create_s, 3),
         "scale_errors": node.scale_errors,
         "dirty_rss_kib": node.dirty_rss_kib,
-        "pause_cleanup_wait_s": PAUSE_CLEANUP_WAIT_S,
         "node_events": node.events,
         "targets_met": all(row.met is not False for row in rows),
     }

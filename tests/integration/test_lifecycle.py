@@ -69,7 +69,7 @@ def test_crash_recovery_adopts_running_and_reports_lost(own_server: Server) -> N
         # Only the adopted sandbox's slot and the prewarmed one remain.
         assert len(netns_names(PREFIX)) == _slot_names(2)
         assert f"{PREFIX}-sb-77" not in netns_names(PREFIX)
-        assert containers(own_server.state_dir) == [kept]
+        assert containers(own_server.state_dir) == [client.get(kept)["container_id"]]
         assert not (own_server.state_dir / "sandboxes" / "istray0000000000000").exists()
 
 
@@ -86,7 +86,7 @@ def test_clean_restart_keeps_sandboxes(own_server: Server) -> None:
 
 def test_capacity_limit_is_clean(own_server: Server) -> None:
     with own_server.client() as client:
-        ids = [client.create()["sandbox_id"] for _ in range(3)]
+        records = [client.create() for _ in range(3)]
         before_ns = netns_names(PREFIX)
         before_dirs = sorted(p.name for p in (own_server.state_dir / "sandboxes").iterdir())
         with pytest.raises(NodeError) as excinfo:
@@ -96,4 +96,6 @@ def test_capacity_limit_is_clean(own_server: Server) -> None:
         assert netns_names(PREFIX) == before_ns
         after_dirs = sorted(p.name for p in (own_server.state_dir / "sandboxes").iterdir())
         assert after_dirs == before_dirs
-        assert sorted(containers(own_server.state_dir)) == sorted(ids)
+        assert sorted(containers(own_server.state_dir)) == sorted(
+            r["container_id"] for r in records
+        )

@@ -29,7 +29,13 @@ from vivarium.guest.envd import PORT as ENVD_PORT
 from vivarium.guest.envd.state import EnvdState
 from vivarium.network.pool import SlotPool
 from vivarium.node.envd_init import envd_http, init_envd
-from vivarium.node.records import RecordStore, SandboxRecord, new_sandbox_id, valid_sandbox_id
+from vivarium.node.records import (
+    RecordStore,
+    SandboxRecord,
+    new_container_id,
+    new_sandbox_id,
+    valid_sandbox_id,
+)
 from vivarium.node.snapshots import Snapshot, SnapshotNotStored, SnapshotStore, remote_store
 from vivarium.proc import Result
 from vivarium.runtime.bundle import Resources, for_sandbox, write_bundle
@@ -100,7 +106,6 @@ class Node:
         self._starting = asyncio.Semaphore(settings.max_starting)
         self._suspects: set[str] = set()
         self._cleanups: set[asyncio.Task[None]] = set()
-        self._cleanup_of: dict[str, asyncio.Task[None]] = {}  # by sandbox id (resume waits)
         self._reaper: asyncio.Task[None] | None = None
         self.http = envd_http()
         # Told when a sandbox ends other than by kill(): (sandbox id, reason). The control
@@ -147,15 +152,19 @@ class Node:
         runtime = self._rt()
         records, strays = self.records.load_all()
         containers = {c.id: c for c in await runtime.list()}
-        for record in records:
-            container = containers.pop(record.sandbox_id, None)
-            if container is not None and container.status == "running":
-                self.sandboxes[record.sandbox_id] = record
-                continue
-            state = container.status if container else "missing"
-            self._event(record, f"not running after node restart (container {state})")
-            await runtime.delete(record.sandbox_id)
-            shutil.rmtree(self.records.sandbox_dir(record.sandbox_id), ignore_errors=True)
+        # Newest incarnation first: an older record of the same sandbox (never expected: a
+        # record goes before the next incarnation starts) is only removed, never reported.
+        for record in sorted(records, key=lambda r: r.started_at, reverse=True):
+            container = containers.pop(record.container_id, None)
+            if record.sandbox_id not in self.sandboxes:
+                if container is not None and container.status == "running":
+                    self.sandboxes[record.sandbox_id] = record
+                    continue
+                state = container.status if container else "missing"
+                self._event(record, f"not running after node restart (container {state})")
+            if container is not None:  # only by its exact id: runsc would take a prefix
+                await runtime.delete(record.container_id)
+            shutil.rmtree(self.records.container_dir(record.container_id), ignore_errors=True)
         for cid in containers:
             log.warning("removing orphaned container %s", cid)
             await runtime.delete(cid)
@@ -237,14 +246,18 @@ class Node:
     ) -> SandboxRecord:  # fmt: skip
         runtime = self._rt()
         sandbox_id = req.sandbox_id or new_sandbox_id()
-        directory = self.records.sandbox_dir(sandbox_id)
+        # Every incarnation gets a container (and cgroup, directory) of its own: after a pause
+        # the previous one may still be being deleted in the background, and its slot stays
+        # taken until it is gone, so a resume takes another.
+        container_id = new_container_id(sandbox_id)
+        directory = self.records.container_dir(container_id)
         slot = await self.pool.acquire(req.allow_internet)
         try:
             bundle = write_bundle(
                 directory / "bundle",
-                for_sandbox(spec, Path(slot.netns_path), resources, sandbox_id),
+                for_sandbox(spec, Path(slot.netns_path), resources, container_id),
             )
-            await runtime.restore(sandbox_id, bundle, image, directory / "console.log")
+            await runtime.restore(container_id, bundle, image, directory / "console.log")
             await init_envd(self.http, slot.router_ip, sandbox_id=sandbox_id, template_id=template,
                             env_vars=dict(req.env_vars or {}),
                             access_token=req.access_token)  # fmt: skip
@@ -256,10 +269,11 @@ class Node:
                 pids=resources.pids, allow_internet=req.allow_internet,
                 metadata=dict(req.metadata or {}), env_vars=dict(req.env_vars or {}),
                 on_timeout=req.on_timeout, access_token=req.access_token,
+                container_id=container_id,
             )  # fmt: skip
             await self._save(record)
         except BaseException:
-            await runtime.delete(sandbox_id)
+            await runtime.delete(container_id)
             await self.pool.release(slot)
             shutil.rmtree(directory, ignore_errors=True)
             raise
@@ -277,22 +291,20 @@ class Node:
         every process takes milliseconds. Removing the record first is crash-safe: a container
         or slot without a record is cleaned up by the next start.
         """
-        await self._rt().kill(record.sandbox_id)
+        await self._rt().kill(record.container_id)
         self.sandboxes.pop(record.sandbox_id, None)
         for listener in self.on_destroyed:
             listener(record.sandbox_id)
         self._locks.pop(record.sandbox_id, None)
-        directory = self.records.sandbox_dir(record.sandbox_id)
+        directory = self.records.container_dir(record.container_id)
         (directory / "record.json").unlink(missing_ok=True)
         task = asyncio.create_task(self._finish_destroy(record, directory))
         self._cleanups.add(task)
-        self._cleanup_of[record.sandbox_id] = task
         task.add_done_callback(self._cleanups.discard)
-        task.add_done_callback(lambda _: self._cleanup_of.pop(record.sandbox_id, None))
 
     async def _finish_destroy(self, record: SandboxRecord, directory: Path) -> None:
         try:
-            await self._rt().delete(record.sandbox_id)
+            await self._rt().delete(record.container_id)
             await self.pool.release(self.pool.range.slot(record.slot_index))
             shutil.rmtree(directory, ignore_errors=True)
         except Exception:
@@ -329,7 +341,7 @@ class Node:
             raise
         staging = await asyncio.to_thread(self.snapshots.staging, sandbox_id)
         try:
-            await runtime.checkpoint(sandbox_id, staging / "checkpoint")
+            await runtime.checkpoint(record.container_id, staging / "checkpoint")
             version = runtime.probe.runsc_version
             snapshot = await asyncio.to_thread(
                 self.snapshots.commit, sandbox_id, staging, record.to_json(), version
@@ -338,7 +350,7 @@ class Node:
             if isinstance(exc, SnapshotNotStored):  # sealed here, but not stored remotely
                 await self._put_back(record, staging, exc)
             await asyncio.to_thread(self.snapshots.discard, staging)
-            state = await runtime.state(sandbox_id)
+            state = await runtime.state(record.container_id)
             if state is not None and state.status == "running":
                 record.state = "running"
                 raise RuntimeFailure(f"pausing sandbox {sandbox_id} failed: {exc}",
@@ -362,8 +374,6 @@ class Node:
         sandbox_id = record.sandbox_id
         await self._destroy(record)
         try:
-            if cleanup := self._cleanup_of.get(sandbox_id):
-                await asyncio.shield(cleanup)
             template = self.templates.build(record.template, record.build_id)
             resources = Resources(record.memory_mb, record.cpus, record.pids)
             # The time it had left; an auto-pause that failed is retried after a while.
@@ -387,7 +397,7 @@ class Node:
     def _check_snapshot_space(self, record: SandboxRecord) -> None:
         """A checkpoint that runs out of disk may take the sandbox down with it: refuse up
         front unless the snapshot fits even at its largest (all of the sandbox's memory)."""
-        stats = memory_stats(record.sandbox_id)
+        stats = memory_stats(record.container_id)
         need = (stats.usage_bytes if stats else record.memory_mb << 20) + SNAPSHOT_HEADROOM
         free = shutil.disk_usage(self.snapshots.root).free
         if free < need:
@@ -401,7 +411,7 @@ class Node:
         deadline = time.monotonic() + PAUSE_DRAIN_S
         while True:
             tables = ["cat", "/proc/net/tcp", "/proc/net/tcp6"]
-            result = await self._rt().exec(record.sandbox_id, tables, timeout=10)
+            result = await self._rt().exec(record.container_id, tables, timeout=10)
             rows = [line.split() for line in result.stdout.splitlines()]
             # Columns: slot, local, remote, state; 0A is LISTEN, which saves fine.
             connected = [r[1:4] for r in rows if len(r) > 3 and r[3] not in ("0A", "st")]
@@ -425,8 +435,10 @@ class Node:
         runtime = self._rt()
         lock = self._locks.setdefault(sandbox_id, asyncio.Lock())
         async with lock:
-            if cleanup := self._cleanup_of.get(sandbox_id):
-                await asyncio.shield(cleanup)  # the paused container's directory goes first
+            if sandbox_id in self.sandboxes:  # resumed meanwhile (by a call that held the lock)
+                raise Conflict(f"sandbox {sandbox_id!r} is already running")
+            # No wait for the paused incarnation's `runsc delete`: this one gets its own
+            # container id and slot (see _restore).
             snapshot = await asyncio.to_thread(self.snapshots.load, sandbox_id,
                                                runtime.probe.runsc_version)  # fmt: skip
             record = SandboxRecord.from_json(snapshot.record)
@@ -480,7 +492,7 @@ class Node:
         merged = {"HOME": home, "USER": user, "LOGNAME": user, **sandbox_env, **(env or {})}
         try:
             return await self._rt().exec(
-                sandbox_id, cmd, user=uid_gid, cwd=cwd or home, timeout=timeout_s,
+                record.container_id, cmd, user=uid_gid, cwd=cwd or home, timeout=timeout_s,
                 env=[f"{k}={v}" for k, v in merged.items()],
             )  # fmt: skip
         except TimeoutError:
@@ -494,8 +506,8 @@ class Node:
     def logs(self, sandbox_id: str, limit: int = 1000) -> list[tuple[float, str]]:
         """The sandbox's console output (its init and envd), newest `limit` lines, each with the
         time the log file was last written (runsc does not timestamp console lines)."""
-        self.get(sandbox_id)
-        path = self.records.sandbox_dir(sandbox_id) / "console.log"
+        record = self.get(sandbox_id)
+        path = self.records.container_dir(record.container_id) / "console.log"
         try:
             stamp = path.stat().st_mtime
             lines = path.read_text(errors="replace").splitlines()[-limit:]
@@ -535,10 +547,10 @@ class Node:
         runtime = self._rt()
         suspects, self._suspects = self._suspects, set()
         running = {c.id for c in await runtime.list() if c.status == "running"}
-        for record in [r for r in self.sandboxes.values() if r.sandbox_id not in running]:
+        for record in [r for r in self.sandboxes.values() if r.container_id not in running]:
             # `runsc list` can miss a container whose state file is being rewritten: ask it
             # directly, and act only when a sandbox looked dead in two checks in a row.
-            state = await runtime.state(record.sandbox_id)
+            state = await runtime.state(record.container_id)
             if state is not None and state.status == "running":
                 continue
             if record.sandbox_id not in suspects:
@@ -550,10 +562,10 @@ class Node:
             async with lock:
                 if record.sandbox_id not in self.sandboxes:
                     continue
-                stats = memory_stats(record.sandbox_id)
+                stats = memory_stats(record.container_id)
                 if stats and stats.oom_kills:
                     reason = f"out of memory: exceeded its {record.memory_mb} MiB limit"
-                elif pids_limit_hits(record.sandbox_id):
+                elif pids_limit_hits(record.container_id):
                     reason = f"hit its limit of {record.pids} processes (fork bomb?)"
                 else:
                     reason = "stopped unexpectedly (its init process exited)"

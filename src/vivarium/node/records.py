@@ -1,7 +1,14 @@
-"""The node's own record of each sandbox it runs, one JSON file per sandbox.
+"""The node's own record of each sandbox it runs, one JSON file per runsc container.
 
-A record is written only once the sandbox runs, and removed only after its container and slot
-are gone; on start the node reconciles records with what runsc actually runs.
+A sandbox keeps its id for life, but every incarnation (the create, then each resume) runs in a
+container of its own, `<sandbox id>-<6 random hex>`: a resume never waits for the previous
+container's `runsc delete`, and two incarnations never share a container id, cgroup or
+directory. runsc accepts any unique prefix of a container id, so ids must never be prefixes of
+each other: sandbox ids hold no `-`, and the suffixes have one length.
+
+A record lives in `<root>/<container id>/`, is written only once the sandbox runs, and removed
+only after its container and slot are gone; on start the node reconciles records with what runsc
+actually runs.
 """
 
 from __future__ import annotations
@@ -27,6 +34,11 @@ def valid_sandbox_id(value: str) -> bool:
     return 1 <= len(value) <= 64 and all(c in ID_ALPHABET for c in value)
 
 
+def new_container_id(sandbox_id: str) -> str:
+    """The container id of a new incarnation of the sandbox."""
+    return f"{sandbox_id}-{secrets.token_hex(3)}"
+
+
 @dataclass
 class SandboxRecord:
     sandbox_id: str
@@ -45,6 +57,13 @@ class SandboxRecord:
     state: str = "running"
     on_timeout: str = "kill"
     access_token: str | None = None  # envd's X-Access-Token (records are root-only files)
+    # The runsc container of this incarnation (also its cgroup and directory name). Records
+    # written before incarnations had their own containers lack it: theirs is the sandbox id.
+    container_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.container_id:
+            self.container_id = self.sandbox_id
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,11 +78,12 @@ class RecordStore:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
 
-    def sandbox_dir(self, sandbox_id: str) -> Path:
-        return self.root / sandbox_id
+    def container_dir(self, container_id: str) -> Path:
+        """Bundle, console log and record of one incarnation."""
+        return self.root / container_id
 
     def save(self, record: SandboxRecord) -> None:
-        directory = self.sandbox_dir(record.sandbox_id)
+        directory = self.container_dir(record.container_id)
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / "record.json.tmp"
         with tmp.open("w") as f:
