@@ -107,6 +107,10 @@ def create_app(contexts: Contexts) -> Starlette:
     async def unauthorized(request: Request, exc: Exception) -> Response:
         return PlainTextResponse(str(exc), status_code=401)
 
+    async def failed(request: Request, exc: Exception) -> Response:
+        # Say what went wrong (a kernel that would not start, envd unreachable), not just 500.
+        return PlainTextResponse(f"{type(exc).__name__}: {exc}", status_code=500)
+
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/execute", execute, methods=["POST"]),
@@ -116,5 +120,6 @@ def create_app(contexts: Contexts) -> Starlette:
         Route("/contexts/{context_id}/restart", restart_context, methods=["POST"]),
     ]
     handlers = {BadRequest: bad_request, ValueError: bad_request,
-                UnknownLanguage: bad_request, Unauthorized: unauthorized}  # fmt: skip
+                UnknownLanguage: bad_request, Unauthorized: unauthorized,
+                Exception: failed}  # fmt: skip
     return Starlette(routes=routes, exception_handlers=handlers)  # type: ignore[arg-type]

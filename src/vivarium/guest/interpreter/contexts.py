@@ -111,8 +111,11 @@ class Context:
         return {"id": self.id, "language": self.language, "cwd": self.cwd}
 
     async def start(self) -> None:
-        if not os.path.isdir(self.cwd):
+        try:
             os.makedirs(self.cwd, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"cannot use {self.cwd!r} as the working directory: "
+                             f"{exc.strerror}") from None  # fmt: skip
         env = {**self._base_env, "VIVARIUM_IPC_DIR": IPC_DIR}
         await self.manager.start_kernel(cwd=self.cwd, env=env)
         await self._connect()
@@ -226,7 +229,8 @@ class Context:
                 return
 
     async def _died(self) -> dict[str, Any]:
-        code = self.manager.provisioner.process.returncode if self.manager.provisioner else None
+        process = getattr(self.manager.provisioner, "process", None)
+        code = getattr(process, "returncode", None)
         await self.restart()
         return outputs.error(
             "KernelDied",
