@@ -15,7 +15,7 @@ import json
 import logging
 
 from vivarium.errors import CapacityExhausted, ConfigError
-from vivarium.network import firewall
+from vivarium.network import conntrack, firewall
 from vivarium.network.addressing import (
     GATEWAY_IF,
     GATEWAY_IP,
@@ -59,6 +59,10 @@ async def create_slot(slot: Slot) -> None:
     await _sysctl(sb, "net.ipv6.conf.all.disable_ipv6=1")
     await reset_sandbox_side(slot)
     await firewall.apply_router_rules(slot, allow_internet=False)
+    await firewall.apply_pause_rules(slot)
+    # A closing flow stays known as long as gVisor may keep its end (conntrack.py).
+    await _sysctl(rt, "net.netfilter.nf_conntrack_tcp_timeout_close_wait=120",
+                  "net.netfilter.nf_conntrack_tcp_timeout_last_ack=120")  # fmt: skip
 
 
 async def reset_sandbox_side(slot: Slot) -> None:
@@ -189,15 +193,18 @@ class SlotPool:
         return slot
 
     async def release(self, slot: Slot) -> None:
-        """Return a slot whose sandbox is gone: egress off, addresses restored, back in the pool."""
-        self._used.pop(slot.index, None)
+        """Return a slot whose sandbox is gone: egress off, addresses restored, back in the pool.
+        It stays taken until then, so that _grow cannot build the same index meanwhile."""
         try:
             await firewall.apply_router_rules(slot, allow_internet=False)
             await reset_sandbox_side(slot)
+            await conntrack.flush(slot)  # the next sandbox's pauses see only its own flows
         except Exception as exc:  # a broken slot is rebuilt rather than reused
             log.warning("slot %d could not be reset (%s); rebuilding it", slot.index, exc)
             await destroy_slot(slot.prefix, slot.index)
+            self._used.pop(slot.index, None)
             return
+        self._used.pop(slot.index, None)
         self._free.append(slot)
 
     async def stop(self) -> None:

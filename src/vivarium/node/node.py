@@ -27,6 +27,8 @@ from vivarium.errors import (
 )
 from vivarium.guest.envd import PORT as ENVD_PORT
 from vivarium.guest.envd.state import EnvdState
+from vivarium.network import conntrack, firewall
+from vivarium.network.addressing import Slot
 from vivarium.network.pool import SlotPool
 from vivarium.node.envd_init import envd_http, init_envd
 from vivarium.node.records import (
@@ -52,6 +54,7 @@ MAX_EXEC_TIMEOUT_S = 3600
 AUTO_PAUSE_RETRY_S = 60
 SNAPSHOT_HEADROOM = 64 << 20  # bytes kept free beyond a snapshot's largest possible size
 PAUSE_DRAIN_S = 2.0  # how long a pause waits for TCP connections to close
+PAUSE_SETTLE_S = 0.02  # after freezing: a SYN sent just before reaches the router meanwhile
 USERS = {"root": ("0:0", "/root"), "user": ("1000:1000", "/home/user")}
 
 
@@ -128,6 +131,10 @@ class Node:
         await self._reconcile()
         await asyncio.to_thread(self.snapshots.sweep_staging)
         await self.pool.start({r.slot_index for r in self.sandboxes.values()})
+        for record in self.sandboxes.values():  # a pause cut short may have left them refusing
+            slot = self.pool.range.slot(record.slot_index)
+            await firewall.apply_router_rules(slot, record.allow_internet)
+            await firewall.apply_pause_rules(slot)  # slots made by an older release lack them
         self._reaper = asyncio.create_task(self._reap_expired())
         log.info(
             "node ready: %d sandbox(es) adopted, runsc %s (%s)",
@@ -156,6 +163,11 @@ class Node:
         # record goes before the next incarnation starts) is only removed, never reported.
         for record in sorted(records, key=lambda r: r.started_at, reverse=True):
             container = containers.pop(record.container_id, None)
+            # Frozen by a pause that the restart cut short: thaw it. That fails if its
+            # checkpoint had already ended it (runsc still says "paused" then).
+            paused = container is not None and container.status == "paused"
+            if paused and await runtime.resume(record.container_id):
+                container = await runtime.state(record.container_id) or container
             if record.sandbox_id not in self.sandboxes:
                 if container is not None and container.status == "running":
                     self.sandboxes[record.sandbox_id] = record
@@ -328,16 +340,20 @@ class Node:
         sandbox_id = record.sandbox_id
         self._check_snapshot_space(record)
         await asyncio.to_thread(self.snapshots.check)  # the remote store, if any, is reachable
-        # This gVisor cannot save a connected TCP socket, and a refused save kills the whole
-        # sandbox. So: no new proxied connections, drop the proxy's, and check that none are
-        # left before checkpointing; otherwise refuse and keep the sandbox running.
+        # This gVisor cannot save a TCP connection (other than over loopback) that is being
+        # opened, is open or is closing, and a refused save kills the whole sandbox. So: the
+        # router refuses new connections both ways, the proxy drops its own, and the sandbox is
+        # frozen once none is left; otherwise the pause is refused and the sandbox runs on.
         record.state = "pausing"
+        slot = self.pool.range.slot(record.slot_index)
         try:
+            await firewall.quiesce(slot)
             for listener in self.on_destroyed:
                 listener(sandbox_id)
-            await self._wait_for_no_connections(record)
+            await self._freeze_when_saveable(record, slot)
         except BaseException:
             record.state = "running"
+            await asyncio.shield(self._thaw(record, slot))
             raise
         staging = await asyncio.to_thread(self.snapshots.staging, sandbox_id)
         try:
@@ -350,8 +366,7 @@ class Node:
             if isinstance(exc, SnapshotNotStored):  # sealed here, but not stored remotely
                 await self._put_back(record, staging, exc)
             await asyncio.to_thread(self.snapshots.discard, staging)
-            state = await runtime.state(record.container_id)
-            if state is not None and state.status == "running":
+            if await asyncio.shield(self._thaw(record, slot)):
                 record.state = "running"
                 raise RuntimeFailure(f"pausing sandbox {sandbox_id} failed: {exc}",
                                      "it keeps running, unchanged") from None  # fmt: skip
@@ -426,6 +441,103 @@ class Node:
                     "again; the sandbox keeps running",
                 )
             await asyncio.sleep(0.1)
+
+    async def _freeze_when_saveable(self, record: SandboxRecord, slot: Slot) -> None:
+        """Return with the sandbox frozen (`runsc pause`) and no TCP endpoint in it that the
+        checkpoint could trip on; else refuse (CannotSave), the sandbox still running.
+
+        The router already refuses new connections. Those left show in the sandbox's
+        /proc/net/tcp (sockets) and in the router's conntrack table (every flow over the
+        sandbox's interface, also those without a socket: not accept()ed yet, or closed but
+        lingering inside; see network/conntrack.py). Once the router sees none open, no flow can
+        open or close any more: what is left inside of the recently closed ones is reset then,
+        while the sandbox is looked at from inside, and what survives that (TIME_WAIT) is a
+        refusal. A program may still call connect() between the look inside and the freeze;
+        the router refuses its SYN and counts it, so a count that moved meanwhile means: thaw,
+        and look again.
+        """
+        runtime = self._rt()
+        deadline = time.monotonic() + PAUSE_DRAIN_S
+        while True:
+            before = await conntrack.read(slot)
+            refusal = self._open_flows(record, before)
+            if refusal is None:
+                sweep = asyncio.ensure_future(self._sweep_closed(record, slot, before, deadline))
+                try:
+                    await self._wait_for_no_connections(record)
+                except BaseException:
+                    sweep.cancel()
+                    await asyncio.gather(sweep, return_exceptions=True)
+                    raise
+                refusal = await sweep
+            if refusal is None:
+                await runtime.pause(record.container_id)
+                await asyncio.sleep(PAUSE_SETTLE_S)
+                after = await conntrack.read(slot)
+                refusal = self._open_flows(record, after)
+                if refusal is None and after.syns_refused != before.syns_refused:
+                    refusal = CannotSave(
+                        f"sandbox {record.sandbox_id} kept opening TCP connections while it was "
+                        "being paused (they were refused meanwhile); this gVisor release cannot "
+                        "save a connection being opened",
+                        "stop the program that connects, and pause again; the sandbox keeps "
+                        "running",
+                    )
+                if refusal is None:
+                    return
+                await runtime.resume(record.container_id)
+            if time.monotonic() > deadline:
+                raise refusal
+            await asyncio.sleep(0.1)
+
+    def _open_flows(self, record: SandboxRecord, view: conntrack.RouterView) -> CannotSave | None:
+        if flows := view.open_flows():
+            detail = ", ".join(str(f) for f in flows[:5])
+            return CannotSave(
+                f"sandbox {record.sandbox_id} has {len(flows)} open TCP connection(s) over its "
+                f"network ({detail}); this gVisor release cannot save them",
+                "close them (stop clients and servers with live connections) and pause again; "
+                "the sandbox keeps running",
+            )
+        return None
+
+    async def _sweep_closed(
+        self, record: SandboxRecord, slot: Slot, view: conntrack.RouterView, deadline: float
+    ) -> CannotSave | None:
+        """Reset what is left inside of recently closed connections (a socket still open on one
+        would make the look inside refuse the pause anyway). Those that survive it are in
+        TIME_WAIT: a refusal, raised at once when they outlast `deadline`."""
+        closed = dict(view.recently_closed())
+        if not closed:
+            return None
+        lingering = await conntrack.sweep(slot, list(closed))
+        if not lingering:
+            return None
+        wait_s = max(closed[f] for f in lingering)
+        detail = ", ".join(str(f) for f in lingering[:5])
+        refusal = CannotSave(
+            f"sandbox {record.sandbox_id} closed {len(lingering)} TCP connection(s) less than a "
+            f"minute ago ({detail}) that it keeps in TIME_WAIT for "
+            f"{conntrack.GVISOR_LINGER_S} s; this gVisor release cannot save them meanwhile",
+            f"pause again in {wait_s} s; the sandbox keeps running",
+        )
+        if time.monotonic() + wait_s > deadline:
+            raise refusal
+        return refusal
+
+    async def _thaw(self, record: SandboxRecord, slot: Slot) -> bool:
+        """After a pause that did not happen: unfreeze the sandbox and let connections in
+        again. False if the sandbox is gone (its checkpoint ended it)."""
+        runtime = self._rt()
+        await runtime.resume(record.container_id)  # False as well when it was not frozen
+        state = await runtime.state(record.container_id)
+        if state is None or state.status != "running":
+            return False
+        try:
+            await firewall.apply_router_rules(slot, record.allow_internet)
+        except Exception:
+            log.exception("could not let connections into sandbox %s again", record.sandbox_id)
+        return True
 
     async def resume(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
         """Restore a paused sandbox from its verified snapshot, with a new timeout. A failed
