@@ -84,6 +84,43 @@ def resume_request(record: SandboxRecord) -> CreateRequest:
     )  # fmt: skip
 
 
+def unsaveable_sockets(sandbox_id: str, table: str) -> CannotSave | None:
+    """Why this gVisor could not checkpoint the TCP sockets in `table` (the sandbox's
+    /proc/net/tcp and tcp6), or None. A refused save kills the whole sandbox, so a pause asks
+    first.
+
+    Columns: slot, local, remote, state, queues, timer, retransmits, uid, timeout, inode,
+    references. Connected sockets cannot be saved. Nor can a listening one that an epoll
+    instance watches ("endpoint still has waiters upon save"): asyncio, Node.js and most
+    servers. gVisor's epoll holds no reference to the socket, while a program blocked in poll()
+    or accept() on it does; so a listener with one reference is taken for an event loop's.
+    """
+    rows = [line.split() for line in table.splitlines()]
+    rows = [r for r in rows if len(r) > 10 and r[3] != "st"]
+    connected = [r for r in rows if r[3] != "0A"]
+    if connected:
+        detail = ", ".join(f"{r[1]}->{r[2]}" for r in connected[:5])
+        return CannotSave(
+            f"sandbox {sandbox_id} has {len(connected)} open TCP connection(s) ({detail}); "
+            "this gVisor release cannot save connected sockets",
+            "close them (stop clients and servers with live connections) and pause again; the "
+            "sandbox keeps running",
+        )
+    watched = sorted(
+        {int(r[1].rsplit(":", 1)[1], 16) for r in rows if r[3] == "0A" and r[10] == "1"}
+    )
+    if watched:
+        ports = ("port " if len(watched) == 1 else "ports ") + ", ".join(map(str, watched))
+        return CannotSave(
+            f"a program in sandbox {sandbox_id} listens on TCP {ports} through an event loop "
+            "(epoll: asyncio, Node.js and most servers); this gVisor release cannot save such "
+            "a socket, and a failed save would lose the sandbox",
+            "stop that server and pause again (a server that waits with poll() or accept(), "
+            "such as Python's http.server, pauses fine); the sandbox keeps running",
+        )
+    return None
+
+
 class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -427,18 +464,14 @@ class Node:
         while True:
             tables = ["cat", "/proc/net/tcp", "/proc/net/tcp6"]
             result = await self._rt().exec(record.container_id, tables, timeout=10)
-            rows = [line.split() for line in result.stdout.splitlines()]
-            # Columns: slot, local, remote, state; 0A is LISTEN, which saves fine.
-            connected = [r[1:4] for r in rows if len(r) > 3 and r[3] not in ("0A", "st")]
-            if result.ok and not connected:
+            refusal = unsaveable_sockets(record.sandbox_id, result.stdout) if result.ok else None
+            if result.ok and refusal is None:
                 return
             if time.monotonic() > deadline:
-                detail = ", ".join(f"{local}->{remote}" for local, remote, _ in connected[:5])
-                raise CannotSave(
-                    f"sandbox {record.sandbox_id} has {len(connected)} open TCP connection(s) "
-                    f"({detail}); this gVisor release cannot save connected sockets",
-                    "close them (stop clients and servers with live connections) and pause "
-                    "again; the sandbox keeps running",
+                raise refusal or CannotSave(
+                    f"could not list the TCP sockets of sandbox {record.sandbox_id}: "
+                    f"{result.stderr.strip()[-200:]}",
+                    "pause again; the sandbox keeps running",
                 )
             await asyncio.sleep(0.1)
 
