@@ -195,6 +195,13 @@ def test_dying_kernel_is_reported_and_restarted(sbx: Sandbox) -> None:
     assert sbx.run_code("'doomed' in globals()", context=ctx).text == "False"
     assert sbx.run_code("1 + 1", context=ctx).text == "2"
     assert sbx.run_code("x").text == "1"  # other contexts were not touched
+    # A kernel killed between cells (from outside, as the OOM killer would) is restarted by
+    # the next cell, which says so.
+    pid = sbx.run_code("import os; os.getpid()", context=ctx).text
+    sbx.commands.run(f"kill -9 {pid}", user="root")
+    after = sbx.run_code("40 + 2", context=ctx)
+    assert after.text == "42"
+    assert any("had exited" in line for line in after.logs.stderr)
     sbx.remove_code_context(ctx)
 
 

@@ -176,6 +176,11 @@ class Context:
         await self.lock.acquire()
         handed_over = False
         try:
+            if not await self.manager.is_alive():  # it exited between cells (killed, OOM)
+                await self.restart()
+                yield outputs.line(outputs.stream(
+                    "stderr", f"[the {self.language} kernel had exited; it was restarted and "
+                    "its variables and imports are gone]\n"))  # fmt: skip
             await self._sync_global_env(global_env)
             if env:
                 await self.housekeeping(self._set_code(env))

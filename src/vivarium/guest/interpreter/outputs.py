@@ -55,7 +55,7 @@ def convert(msg: dict[str, Any]) -> dict[str, Any] | None:
     content = msg["content"]
     if kind == "stream":
         name = "stderr" if content.get("name") == "stderr" else "stdout"
-        return {"type": name, "text": content.get("text", ""), "timestamp": timestamp(msg)}
+        return stream(name, content.get("text", ""), timestamp(msg))
     if kind == "execute_result":
         return result(content.get("data", {}), main=True)
     if kind in ("display_data", "update_display_data"):
@@ -64,6 +64,10 @@ def convert(msg: dict[str, Any]) -> dict[str, Any] | None:
         return error(content.get("ename", "Error"), content.get("evalue", ""),
                      content.get("traceback") or [])  # fmt: skip
     return None
+
+
+def stream(name: str, text: str, when: str | None = None) -> dict[str, Any]:
+    return {"type": name, "text": text, "timestamp": when or datetime.now(UTC).isoformat()}
 
 
 def error(name: str, value: str, traceback: list[str] | str) -> dict[str, Any]:
