@@ -3,13 +3,12 @@ and kills sandboxes, and the catalog survives a server restart (running sandboxe
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 from e2b import NotFoundException, Sandbox, SandboxQuery
 
-from tests.integration.support import Server, make_server
+from tests.integration.support import Server, running_server, sdk_options
 from tests.postgres import postgres_server
 
 pytestmark = pytest.mark.timeout(300)
@@ -18,22 +17,13 @@ API_PORT = 3111
 
 @pytest.fixture(scope="module")
 def pg_server() -> Iterator[Server]:
-    if os.geteuid() != 0:
-        pytest.fail("needs root (`make test`)")
-    with postgres_server() as url:
-        srv = make_server("pg", "vp", "10.238.0.0/24", API_PORT, database_url=url)
-        srv.start()
-        try:
-            yield srv
-        finally:
-            if srv.proc is not None:
-                srv.stop()
+    with postgres_server() as url, running_server("pg", "vp", "10.238.0.0/24", API_PORT,
+                                                  database_url=url) as srv:  # fmt: skip
+        yield srv
 
 
 def test_sdk_against_a_postgresql_catalog(pg_server: Server) -> None:
-    key = (pg_server.state_dir / "admin.key").read_text().strip()
-    opts = {"api_key": key, "api_url": f"http://127.0.0.1:{API_PORT}",
-            "sandbox_url": f"http://127.0.0.1:{API_PORT + 1000}"}  # fmt: skip
+    opts = sdk_options(pg_server)
     sbx = Sandbox.create(metadata={"db": "postgresql"}, timeout=120, **opts)  # type: ignore[arg-type]
     assert sbx.commands.run("echo pg").stdout == "pg\n"
     listed = Sandbox.list(query=SandboxQuery(metadata={"db": "postgresql"}), **opts).next_items()  # type: ignore[arg-type]

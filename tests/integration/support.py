@@ -6,15 +6,19 @@ suite can run beside a developer's `make run`. The base template is shared (buil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from vivarium.node.client import NodeClient
 
@@ -98,6 +102,31 @@ def make_server(name: str, prefix: str, cidr: str, api_port: int, **extra: str) 
         **{f"VIVARIUM_{k.upper()}": v for k, v in extra.items()},
     }
     return Server(name, env, state_dir)
+
+
+@contextlib.contextmanager
+def running_server(
+    name: str, prefix: str, cidr: str, api_port: int, env: dict[str, str] | None = None,
+    **extra: str,
+) -> Iterator[Server]:  # fmt: skip
+    """A started `vivarium serve` of its own (see make_server), stopped afterwards."""
+    if os.geteuid() != 0:
+        pytest.fail("real sandboxes need root (`make test`)")
+    srv = make_server(name, prefix, cidr, api_port, **extra)
+    srv.env.update(env or {})
+    srv.start()
+    try:
+        yield srv
+    finally:
+        if srv.proc is not None:  # a test may have stopped it
+            srv.stop()
+
+
+def sdk_options(srv: Server) -> dict[str, str]:
+    """Where the official client finds this server: its key, API and proxy."""
+    return {"api_key": (srv.state_dir / "admin.key").read_text().strip(),
+            "api_url": f"http://127.0.0.1:{srv.env['VIVARIUM_API_PORT']}",
+            "sandbox_url": f"http://127.0.0.1:{srv.env['VIVARIUM_PROXY_PORT']}"}  # fmt: skip
 
 
 def netns_names(prefix: str) -> set[str]:

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from e2b import Sandbox
 
-from tests.integration.support import Server, make_server
+from tests.integration.support import Server, running_server, sdk_options
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -61,21 +61,11 @@ while True:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    if os.geteuid() != 0:
-        pytest.fail("needs root (`make test`)")
-    srv = make_server("race", "vb", "10.244.0.0/24", API_PORT)
-    srv.start()
-    try:
+    with running_server("race", "vb", "10.244.0.0/24", API_PORT) as srv:
         yield srv
-    finally:
-        if srv.proc is not None:
-            srv.stop()
 
 
-def _opts(srv: Server) -> dict[str, str]:
-    return {"api_key": (srv.state_dir / "admin.key").read_text().strip(),
-            "api_url": f"http://127.0.0.1:{API_PORT}",
-            "sandbox_url": f"http://127.0.0.1:{API_PORT + 1000}"}  # fmt: skip
+_opts = sdk_options
 
 
 class Hammer:

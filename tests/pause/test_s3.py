@@ -7,7 +7,6 @@ deletes the objects."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import pytest
 from e2b import Sandbox, SandboxState
 from e2b.exceptions import SandboxException, ServiceBusyException
 
-from tests.integration.support import Server, make_server
+from tests.integration.support import Server, running_server, sdk_options
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -89,23 +88,13 @@ def s3(moto: MotoServer) -> Any:
 
 @pytest.fixture(scope="module")
 def server(s3: Any) -> Iterator[Server]:
-    if os.geteuid() != 0:
-        pytest.fail("needs root (`make test`)")
-    srv = make_server("s3", "va", "10.243.0.0/24", API_PORT,
-                      snapshot_url=f"s3://{BUCKET}/{PREFIX}", s3_endpoint_url=ENDPOINT)  # fmt: skip
-    srv.env.update(CREDENTIALS)
-    srv.start()
-    try:
+    with running_server("s3", "va", "10.243.0.0/24", API_PORT, env=CREDENTIALS,
+                        snapshot_url=f"s3://{BUCKET}/{PREFIX}",
+                        s3_endpoint_url=ENDPOINT) as srv:  # fmt: skip
         yield srv
-    finally:
-        if srv.proc is not None:
-            srv.stop()
 
 
-def _opts(srv: Server) -> dict[str, Any]:
-    return {"api_key": (srv.state_dir / "admin.key").read_text().strip(),
-            "api_url": f"http://127.0.0.1:{API_PORT}",
-            "sandbox_url": f"http://127.0.0.1:{API_PORT + 1000}"}  # fmt: skip
+_opts = sdk_options
 
 
 def _keys(s3: Any, sandbox_id: str = "") -> list[str]:
