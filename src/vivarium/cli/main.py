@@ -108,7 +108,8 @@ def template_list() -> None:
 
 @main.group()
 def sandbox() -> None:
-    """Create, list, run commands in and kill sandboxes (through the API, like any client)."""
+    """Create, list, run commands in, pause, resume and kill sandboxes (through the API, like
+    any client)."""
 
 
 def _api() -> ApiClient:
@@ -121,14 +122,16 @@ def _api() -> ApiClient:
 @click.option("--metadata", "-m", multiple=True, help="KEY=VALUE, repeatable.")
 @click.option("--env", "-e", multiple=True, help="KEY=VALUE, repeatable.")
 @click.option("--internet/--no-internet", default=True, show_default=True)
+@click.option("--auto-pause", is_flag=True, help="Pause at the timeout instead of killing it.")
 def sandbox_create(
     template: str, timeout: int | None, metadata: tuple[str, ...], env: tuple[str, ...],
-    internet: bool,
+    internet: bool, auto_pause: bool,
 ) -> None:  # fmt: skip
     """Create a sandbox; its id is the last line printed."""
     body: dict[str, Any] = {
         "templateID": template, "metadata": _pairs(metadata, "--metadata"),
         "envVars": _pairs(env, "--env"), "allow_internet_access": internet,
+        "autoPause": auto_pause,
     }  # fmt: skip
     if timeout is not None:
         body["timeout"] = timeout
@@ -232,6 +235,29 @@ def sandbox_kill(sandbox_ids: tuple[str, ...]) -> None:
         for sandbox_id in sandbox_ids:
             api.call("DELETE", f"/sandboxes/{sandbox_id}")
             click.echo(f"killed {sandbox_id}")
+
+
+@sandbox.command("pause")
+@click.argument("sandbox_ids", nargs=-1, required=True)
+def sandbox_pause(sandbox_ids: tuple[str, ...]) -> None:
+    """Pause sandboxes: memory, processes and files are kept until they are resumed."""
+    with _api() as api:
+        for sandbox_id in sandbox_ids:
+            t0 = time.monotonic()
+            api.call("POST", f"/sandboxes/{sandbox_id}/pause")
+            click.echo(f"paused {sandbox_id} in {time.monotonic() - t0:.2f}s")
+
+
+@sandbox.command("resume")
+@click.argument("sandbox_id")
+@click.option("--timeout", type=int, default=300, show_default=True,
+              help="Seconds until it times out again.")  # fmt: skip
+def sandbox_resume(sandbox_id: str, timeout: int) -> None:
+    """Resume a paused sandbox where it left off (a running one just gets the new timeout)."""
+    t0 = time.monotonic()
+    with _api() as api:
+        api.call("POST", f"/v2/sandboxes/{sandbox_id}/connect", {"timeout": timeout})
+    click.echo(f"resumed {sandbox_id} in {time.monotonic() - t0:.2f}s")
 
 
 @sandbox.command("timeout")
