@@ -498,11 +498,13 @@ class Fleet:
         self._track(data["sandbox_id"])
         return Created(data["sandbox_id"], start, end, data["container_id"])
 
-    def sdk_create(self) -> tuple[Sandbox, Created]:
+    def sdk_create(
+        self, client: type[Sandbox] = Sandbox, template: str = TEMPLATE
+    ) -> tuple[Sandbox, Created]:
         """`Sandbox.create()` through the API, timed as a user of the client sees it."""
         start = time.perf_counter()
-        sbx = Sandbox.create(TEMPLATE, timeout=SANDBOX_TIMEOUT_S, api_key=self.api_key,
-                             api_url=API_URL, sandbox_url=PROXY_URL)  # fmt: skip
+        sbx = client.create(template, timeout=SANDBOX_TIMEOUT_S, api_key=self.api_key,
+                            api_url=API_URL, sandbox_url=PROXY_URL)  # fmt: skip
         end = time.perf_counter()
         self._track(sbx.sandbox_id)
         return sbx, Created(sbx.sandbox_id, start, end)
@@ -519,18 +521,6 @@ class Fleet:
         Sandbox.kill(sandbox_id, api_key=self.api_key, api_url=API_URL)
         with self._lock:
             self.alive.discard(sandbox_id)
-
-    def wait_for_cleanups(self) -> None:
-        """Until the node holds no slot beyond its running sandboxes: the background
-        `runsc delete` of a paused (or killed) sandbox has finished."""
-        deadline = time.monotonic() + SETTLE_TIMEOUT_S
-        with self.client() as client:
-            while time.monotonic() < deadline:
-                info = client.info()
-                if info["slots_in_use"] <= info["sandboxes"]:
-                    return
-                time.sleep(0.1)
-        log(f"the node still held slots of stopped sandboxes after {SETTLE_TIMEOUT_S:g}s")
 
     def kill(self, client: NodeClient, sandbox_id: str) -> None:
         client.kill(sandbox_id)
@@ -806,7 +796,7 @@ def measure_pause(fleet: Fleet, figures: NodeFigures) -> None:
                             figures.snapshot_bytes)  # fmt: skip
         sbx.commands.run("true")  # it answers after its last resume
         fleet.sdk_kill(sbx)
-        fleet.wait_for_cleanups()
+        fleet.settle()
         sbx = fleet.sdk_create()[0]
         ids.append(sbx.sandbox_id)
         pid, figures.dirty_rss_kib = _start_dirty(sbx)
@@ -825,17 +815,15 @@ def measure_pause(fleet: Fleet, figures: NodeFigures) -> None:
 def measure_interpreter(fleet: Fleet, figures: NodeFigures) -> None:
     """What an e2b-code-interpreter user waits for: create through to the first cell's result,
     beside a plain base create at the same time; then a trivial cell's round trip."""
-    options = {"api_key": fleet.api_key, "api_url": API_URL, "sandbox_url": PROXY_URL}
     fleet.sdk_kill(fleet.sdk_create()[0])
     for i in range(INTERPRETER_CREATES):
         sbx, created = fleet.sdk_create()
         figures.ci_base_create_ms.append(created.ms)
         fleet.sdk_kill(sbx)
-        start = time.perf_counter()
-        ci = CodeInterpreter.create(timeout=SANDBOX_TIMEOUT_S, **options)
-        fleet._track(ci.sandbox_id)
+        ci, created = fleet.sdk_create(CodeInterpreter, INTERPRETER_TEMPLATE)
+        assert isinstance(ci, CodeInterpreter)
         text = ci.run_code("1+1").text
-        figures.ci_first_result_ms.append(elapsed_ms(start))
+        figures.ci_first_result_ms.append(elapsed_ms(created.start))
         if text != "2":
             raise RuntimeError(f"run_code('1+1') gave {text!r}")
         if i == INTERPRETER_CREATES - 1:

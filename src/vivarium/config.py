@@ -31,6 +31,17 @@ def _env_list(name: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in _env(name, "").split(",") if part.strip())
 
 
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """VIVARIUM_SNAPSHOT_URL `s3://bucket/some/prefix` -> ("bucket", "some/prefix")."""
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc or parsed.query or parsed.fragment:
+        raise ConfigError(
+            f"VIVARIUM_SNAPSHOT_URL={url!r} is not of the form s3://bucket[/prefix]",
+            "leave it empty to keep snapshots on the local disk only",
+        )
+    return parsed.netloc, parsed.path.strip("/")
+
+
 @dataclass(frozen=True)
 class Settings:
     state_dir: Path = Path("/var/lib/vivarium")
@@ -121,12 +132,8 @@ class Settings:
             raise ConfigError("VIVARIUM_MAX_STARTING must be at least 1")
         if self.max_sandboxes < 1:
             raise ConfigError("VIVARIUM_MAX_SANDBOXES must be at least 1")
-        url = urlparse(self.snapshot_url)
-        if self.snapshot_url and (url.scheme != "s3" or not url.netloc or url.query):
-            raise ConfigError(
-                f"VIVARIUM_SNAPSHOT_URL={self.snapshot_url!r} is not of the form "
-                "s3://bucket[/prefix]", "leave it empty to keep snapshots on the local disk only"
-            )  # fmt: skip
+        if self.snapshot_url:
+            parse_s3_url(self.snapshot_url)
         endpoint = urlparse(self.s3_endpoint_url)
         if self.s3_endpoint_url and (
             endpoint.scheme not in ("http", "https") or not endpoint.netloc

@@ -61,8 +61,10 @@ def create_app(control: ControlPlane) -> Starlette:
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    openapi_document = JSONResponse(document())  # the same for every request
+
     async def openapi(request: Request) -> Response:
-        return JSONResponse(document())
+        return openapi_document
 
     async def create_v1(request: Request, team: Row) -> Response:
         return await _create(request, team, v1=True)
@@ -85,9 +87,8 @@ def create_app(control: ControlPlane) -> Starlette:
         if after := request.query_params.get("startedAfter"):
             since = shapes.parse_time(after, "startedAfter")
             rows = [r for r in rows if r["started_at"] >= since]
-        if request.query_params.get("order") == "asc":
-            rows.reverse()
-        chunk, next_token = shapes.page(rows, limit, token)
+        ascending = request.query_params.get("order") == "asc"
+        chunk, next_token = shapes.page(rows, limit, token, ascending=ascending)
         headers = {"x-next-token": next_token} if next_token else {}
         return JSONResponse([shapes.listed(r, client_id) for r in chunk], headers=headers)
 
@@ -142,7 +143,10 @@ def create_app(control: ControlPlane) -> Starlette:
     async def templates(request: Request, team: Row) -> Response:
         rows = []
         for name in control.node.templates.names():
-            template = control.node.templates.get(name)
+            # The manifest is enough here (get() would checksum an unused checkpoint, blocking).
+            template = control.node.templates.current(name)
+            if template is None:
+                continue
             rows.append({"templateID": name, "buildID": template.build_id, "aliases": [name],
                          "names": [name], "public": True, "buildStatus": "ready",
                          "cpuCount": control.default_cpu_count,

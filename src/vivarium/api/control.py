@@ -233,6 +233,7 @@ class ControlPlane:
             self.node.delete_snapshot(sandbox_id)  # a paused sandbox's memory goes with it
             await store.drop_snapshot(self.engine, sandbox_id)
             await store.end_sandbox(self.engine, row["id"], "killed")
+        self._sandbox_locks.pop(sandbox_id, None)  # ended for good: nothing left to serialize
 
     async def pause(self, team: Row, sandbox_id: str) -> None:
         """Checkpoint memory, processes and files; the sandbox then lists as paused. A failed
@@ -245,9 +246,10 @@ class ControlPlane:
             try:
                 snapshot = await self.node.pause(sandbox_id)
             except BaseException:
-                running = sandbox_id in self.node.sandboxes
-                await store.transition(self.engine, sandbox_id, ["pausing"],
-                                       "running" if running else "killed")  # fmt: skip
+                if sandbox_id in self.node.sandboxes:
+                    await store.transition(self.engine, sandbox_id, ["pausing"], "running")
+                else:  # lost: ended like any sandbox that ends, with when and why
+                    await store.end_sandbox(self.engine, sandbox_id, "lost while pausing")
                 raise
             await self._record_pause(sandbox_id, snapshot)
 

@@ -84,15 +84,20 @@ def list_query(params: Any) -> tuple[list[str], dict[str, str], int, str | None]
     return states, metadata, int(raw_limit), params.get("nextToken") or None
 
 
-def page(rows: list[Row], limit: int, token: str | None) -> tuple[list[Row], str | None]:
-    """Keyset paging over rows sorted newest first: the token names the last row returned."""
+def page(
+    rows: list[Row], limit: int, token: str | None, *, ascending: bool = False
+) -> tuple[list[Row], str | None]:
+    """Keyset paging by start time (newest first unless `ascending`), then id: the token names
+    the last row returned."""
+    sign = 1 if ascending else -1
+    rows = sorted(rows, key=lambda r: (sign * r["started_at"], r["id"]))
     if token:
         try:
             started, _, last_id = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
-            cursor = (-float(started), last_id)
+            cursor = (sign * float(started), last_id)
         except (ValueError, binascii.Error, UnicodeDecodeError):
             raise InvalidArgument("nextToken is not valid: pass the x-next-token you got") from None
-        rows = [r for r in rows if (-r["started_at"], r["id"]) > cursor]
+        rows = [r for r in rows if (sign * r["started_at"], r["id"]) > cursor]
     chunk = rows[:limit]
     if len(rows) <= limit:
         return chunk, None

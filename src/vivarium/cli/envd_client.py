@@ -33,11 +33,11 @@ import httpx
 
 from vivarium.errors import VivariumError
 from vivarium.guest.envd import PORT as ENVD_PORT
+from vivarium.guest.envd.connect import FLAG_END_STREAM, envelope
 
 Message = dict[str, Any]
 Sink = Callable[[bytes], None]
 
-FLAG_END_STREAM = 0x02
 INPUT_CHUNK = 256 * 1024  # stdin bytes per SendInput; a third more once base64-encoded
 TERMINAL_READ = 64 * 1024  # one read of local keystrokes (a paste arrives in one go)
 UNARY_TIMEOUT_S = 30.0
@@ -96,11 +96,6 @@ def _unb64(value: Any) -> bytes:
     # Proto JSON allows URL-safe base64 and omitted padding.
     text = value.replace("-", "+").replace("_", "/")
     return base64.b64decode(text + "=" * (-len(text) % 4))
-
-
-def _envelope(message: Message, flags: int = 0) -> bytes:
-    payload = json.dumps(message, separators=(",", ":")).encode()
-    return struct.pack(">BI", flags, len(payload)) + payload
 
 
 def _http_error(response: httpx.Response) -> EnvdError:
@@ -190,7 +185,7 @@ class _Envd:
             with self.http.stream(
                 "POST",
                 f"/process.Process/{method}",
-                content=_envelope(message),
+                content=envelope(message),
                 headers=headers,
                 timeout=httpx.Timeout(STREAM_IDLE_S, connect=CONNECT_TIMEOUT_S),
             ) as response:

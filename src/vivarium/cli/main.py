@@ -13,7 +13,8 @@ from typing import Any
 
 import click
 
-from vivarium.cli.api_client import ApiClient, ApiError, Endpoints
+from vivarium.cli import envd_client
+from vivarium.cli.api_client import ApiClient, Endpoints
 from vivarium.config import Settings
 from vivarium.errors import VivariumError
 
@@ -194,19 +195,14 @@ def sandbox_exec(
 
     Standard input is passed on when it is not a terminal (`echo hi | vivarium sandbox exec ID
     -- cat`). One argument with spaces runs through `bash -l -c`, like the E2B SDK."""
-    from vivarium.cli import envd_client
-
     with _api() as api:
         headers = api.envd_headers(sandbox_id)
         url = api.endpoints.sandbox_url
     argv: list[str] | str = cmd[0] if len(cmd) == 1 and " " in cmd[0] else list(cmd)
     stdin = None if sys.stdin.isatty() else sys.stdin.buffer
-    try:
-        code = envd_client.run(url, headers, argv, user=user, cwd=cwd, envs=_pairs(env, "--env"),
-                               stdin=stdin, timeout=timeout or None)  # fmt: skip
-    except envd_client.EnvdError as exc:
-        raise ApiError(str(exc)) from None
-    sys.exit(code)
+    # An EnvdError is a VivariumError: printed as one line like the API's errors.
+    sys.exit(envd_client.run(url, headers, argv, user=user, cwd=cwd, envs=_pairs(env, "--env"),
+                             stdin=stdin, timeout=timeout or None))  # fmt: skip
 
 
 @sandbox.command("connect")
@@ -215,16 +211,10 @@ def sandbox_exec(
 @click.option("--cwd")
 def sandbox_connect(sandbox_id: str, user: str, cwd: str | None) -> None:
     """Open an interactive terminal (a login shell on a PTY) in a sandbox."""
-    from vivarium.cli import envd_client
-
     with _api() as api:
         headers = api.envd_headers(sandbox_id)
         url = api.endpoints.sandbox_url
-    try:
-        code = envd_client.terminal(url, headers, user=user, cwd=cwd)
-    except envd_client.EnvdError as exc:
-        raise ApiError(str(exc)) from None
-    sys.exit(code)
+    sys.exit(envd_client.terminal(url, headers, user=user, cwd=cwd))
 
 
 @sandbox.command("kill")

@@ -139,39 +139,26 @@ def _sudo_broker() -> None:
 
 
 GUEST_LIB = "/opt/vivarium/lib"
-# -I: the user's PYTHONPATH, site-packages and current directory never reach envd.
-ENVD_ARGV = [
-    "/usr/bin/python3", "-I", "-c",
-    f"import sys, runpy; sys.path.insert(0, {GUEST_LIB!r}); "
-    "runpy.run_module('envd', run_name='__main__', alter_sys=True)",
-]  # fmt: skip
 RESTART_BACKOFF_S = 1.0
-# Programs the template runs beside envd (written by the template build; absent in `base`).
+# Programs the template runs beside envd (written by the template build; empty in `base`).
 SERVICES_FILE = "/opt/vivarium/services.json"
+ENVD = {"name": "envd", "module": "envd", "user": "root"}
 USER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def _start_envd() -> int:
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.execv(ENVD_ARGV[0], ENVD_ARGV)
-        finally:
-            os._exit(127)
-    return pid
-
-
 def _load_services() -> list:
+    """envd, then the template's own services."""
     try:
         with open(SERVICES_FILE) as f:
-            return json.load(f)
+            return [ENVD, *json.load(f)]
     except FileNotFoundError:
-        return []
+        return [ENVD]
 
 
 def _start_service(service: dict) -> int:
     """Fork and exec a guest service as its user, with a private runtime directory
-    (/run/vivarium/NAME) and a clean environment."""
+    (/run/vivarium/NAME) and a clean environment. `python3 -I`: the user's PYTHONPATH,
+    site-packages and current directory never reach our code."""
     user = pwd.getpwnam(service["user"])
     run_dir = f"/run/vivarium/{service['name']}"
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
@@ -215,7 +202,6 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     broker = _start_broker()
-    envd = _start_envd()
     services = {_start_service(spec): spec for spec in _load_services()}
     while True:  # reap every orphan; restart envd, the broker or a service if one dies
         try:
@@ -228,9 +214,6 @@ def main() -> None:
         if pid == broker:
             time.sleep(RESTART_BACKOFF_S)
             broker = _start_broker()
-        elif pid == envd:
-            time.sleep(RESTART_BACKOFF_S)
-            envd = _start_envd()
         elif pid in services:
             time.sleep(RESTART_BACKOFF_S)
             spec = services.pop(pid)

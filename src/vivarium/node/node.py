@@ -426,15 +426,11 @@ class Node:
         sandbox_id = record.sandbox_id
         await self._destroy(record)
         try:
-            template = self.templates.build(record.template, record.build_id)
-            resources = Resources(record.memory_mb, record.cpus, record.pids)
             # The time it had left; an auto-pause that failed is retried after a while.
             timeout_s = max(AUTO_PAUSE_RETRY_S, round(record.end_at - time.time()))
             async with self._start_slot():
-                await self._restore(
-                    resume_request(record), record.template, record.build_id, template.spec,
-                    staging / "checkpoint", resources, min(timeout_s, self.settings.max_timeout_s),
-                )  # fmt: skip
+                await self._restore_record(record, staging / "checkpoint",
+                                           min(timeout_s, self.settings.max_timeout_s))  # fmt: skip
         except BaseException as err:
             self._event(record, f"pause failed ({exc}) and restoring the sandbox failed: {err}")
             lost = "the sandbox was stopped and could not be restored"
@@ -459,8 +455,7 @@ class Node:
                 "free some disk space and pause again; the sandbox keeps running",
             )
 
-    async def _wait_for_no_connections(self, record: SandboxRecord) -> None:
-        deadline = time.monotonic() + PAUSE_DRAIN_S
+    async def _wait_for_no_connections(self, record: SandboxRecord, deadline: float) -> None:
         while True:
             tables = ["cat", "/proc/net/tcp", "/proc/net/tcp6"]
             result = await self._rt().exec(record.container_id, tables, timeout=10)
@@ -497,7 +492,7 @@ class Node:
             if refusal is None:
                 sweep = asyncio.ensure_future(self._sweep_closed(record, slot, before, deadline))
                 try:
-                    await self._wait_for_no_connections(record)
+                    await self._wait_for_no_connections(record, deadline)
                 except BaseException:
                     sweep.cancel()
                     await asyncio.gather(sweep, return_exceptions=True)
@@ -582,21 +577,29 @@ class Node:
         async with lock:
             if sandbox_id in self.sandboxes:  # resumed meanwhile (by a call that held the lock)
                 raise Conflict(f"sandbox {sandbox_id!r} is already running")
+            timeout_s = self._timeout(timeout_s)  # a bad timeout before any snapshot I/O
             # No wait for the paused incarnation's `runsc delete`: this one gets its own
-            # container id and slot (see _restore).
+            # container id and slot (see _restore). The snapshot is verified (or fetched)
+            # outside the start limit: a long download must not hold up other creates.
             snapshot = await asyncio.to_thread(self.snapshots.load, sandbox_id,
                                                runtime.probe.runsc_version)  # fmt: skip
             record = SandboxRecord.from_json(snapshot.record)
-            template = self.templates.build(record.template, record.build_id)
-            resources = Resources(record.memory_mb, record.cpus, record.pids)
-            timeout_s = self._timeout(timeout_s)
             async with self._start_slot():
-                restored = await self._restore(
-                    resume_request(record), record.template, record.build_id, template.spec,
-                    snapshot.checkpoint, resources, timeout_s,
-                )  # fmt: skip
+                restored = await self._restore_record(record, snapshot.checkpoint, timeout_s)
         log.info("sandbox %s resumed", sandbox_id)
         return restored
+
+    async def _restore_record(
+        self, record: SandboxRecord, image: Path, timeout_s: int
+    ) -> SandboxRecord:
+        """A new incarnation of a sandbox from a checkpoint of it, on the template build it was
+        created from; the caller holds a start slot."""
+        template = self.templates.build(record.template, record.build_id)
+        resources = Resources(record.memory_mb, record.cpus, record.pids)
+        return await self._restore(
+            resume_request(record), record.template, record.build_id, template.spec, image,
+            resources, timeout_s,
+        )  # fmt: skip
 
     def delete_snapshot(self, sandbox_id: str) -> None:
         """The local copy now; the remote one (if any) in the background: a kill does not wait

@@ -16,7 +16,6 @@ import logging
 import threading
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 import boto3
 from boto3.exceptions import Boto3Error
@@ -24,7 +23,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from vivarium.errors import ConfigError
+from vivarium.config import parse_s3_url
 from vivarium.node.snapshots import SnapshotCorrupt, SnapshotNotStored, SnapshotStoreUnavailable
 
 if TYPE_CHECKING:
@@ -44,17 +43,9 @@ UNREACHABLE_HINT = (
 )
 
 
-def parse_url(url: str) -> tuple[str, str]:
-    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix")."""
-    parsed = urlparse(url)
-    if parsed.scheme != "s3" or not parsed.netloc or parsed.query or parsed.fragment:
-        raise ConfigError(f"VIVARIUM_SNAPSHOT_URL={url!r} is not of the form s3://bucket[/prefix]")
-    return parsed.netloc, parsed.path.strip("/")
-
-
 class S3Store:
     def __init__(self, url: str, endpoint_url: str = "") -> None:
-        self.bucket, self.prefix = parse_url(url)
+        self.bucket, self.prefix = parse_s3_url(url)
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.endpoint_url = endpoint_url
         self._client: S3Client | None = None

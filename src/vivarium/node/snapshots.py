@@ -224,11 +224,6 @@ class SnapshotStore:
             return True
         return self.remote is not None and self.remote.exists(sandbox_id)
 
-    def delete(self, sandbox_id: str) -> None:
-        """Delete both copies. Blocking (the remote one: network calls)."""
-        self.delete_local(sandbox_id)
-        self.delete_remote(sandbox_id)
-
     def delete_local(self, sandbox_id: str) -> None:
         shutil.rmtree(self.root / sandbox_id, ignore_errors=True)
 

@@ -113,11 +113,7 @@ class Exchange:
             conn = self.conn
             assert conn is not None
             try:
-                try:
-                    conn.writer.write(b"".join([conn.h11.send(e) for e in events]))
-                    await conn.writer.drain()
-                except OSError:
-                    raise UpstreamFailed("write failed") from None
+                await self._send_upstream(conn, [conn.h11.send(e) for e in events])
                 if complete:
                     if self.watcher is None:
                         self.watcher = asyncio.create_task(self._watch_client())

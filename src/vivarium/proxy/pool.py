@@ -135,6 +135,3 @@ class ConnectionPool:
         self._idle.clear()
         for conn in list(self._busy):
             self.discard(conn)
-
-    def idle_count(self) -> int:
-        return sum(len(q) for q in self._idle.values())

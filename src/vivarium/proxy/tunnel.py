@@ -34,8 +34,7 @@ async def _pump(src: HttpStream, dst: HttpStream, pending: bytes) -> None:
     data = pending
     while True:
         if data:
-            dst.writer.write(data)
-            await dst.writer.drain()
+            await dst.write(data)
         data = await src.reader.read(READ_SIZE)
         if not data:
             return

@@ -133,11 +133,7 @@ class Access:
         self.user = user
         self.uid = user.uid
         self.gid = user.gid
-        try:
-            groups = set(os.getgrouplist(user.name, user.gid))
-        except OSError:
-            groups = {user.gid}
-        self.groups = frozenset(groups)
+        self.groups = frozenset(user.groups)  # looked up once per user (auth.lookup_user)
 
     @property
     def is_root(self) -> bool:

@@ -163,10 +163,7 @@ class Spawner:
         """The helper died (it should not): fail pending starts, watch its orphans (init reaps
         them now) until they are gone, and start a new helper on the next spawn."""
         log.error("vivarium-spawn (pid %d) exited; starting a new one", self._helper_pid)
-        assert self._sock is not None
-        asyncio.get_running_loop().remove_reader(self._sock.fileno())
-        self._sock.close()
-        self._sock = None
+        self.close()
         self._buffer = b""
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self._helper_pid, os.WNOHANG)

@@ -55,7 +55,25 @@ def _sandbox_env(token: str | None) -> dict[str, str]:
     return {str(k): str(v) for k, v in data.items()}
 
 
+class SandboxEnv:
+    """The sandbox's variables, fetched from envd with the caller's token and kept for that
+    token: they are set once at create (and again, unchanged, at every resume), so a cell does
+    not cost a round trip to envd. Another token is checked by envd again."""
+
+    def __init__(self) -> None:
+        self._known: tuple[str | None, dict[str, str]] | None = None
+
+    async def get(self, token: str | None) -> dict[str, str]:
+        if self._known is not None and self._known[0] == token:
+            return self._known[1]
+        env = await asyncio.to_thread(_sandbox_env, token)
+        self._known = (token, env)
+        return env
+
+
 def create_app(contexts: Contexts) -> Starlette:
+    sandbox_env = SandboxEnv()
+
     async def health(request: Request) -> Response:
         return PlainTextResponse("OK")
 
@@ -68,7 +86,7 @@ def create_app(contexts: Contexts) -> Starlette:
         if context_id and language:
             raise BadRequest("give 'context_id' or 'language', not both")
         env = check_env(body.get("env_vars"))
-        global_env = await asyncio.to_thread(_sandbox_env, request.headers.get("x-access-token"))
+        global_env = await sandbox_env.get(request.headers.get("x-access-token"))
         if context_id:
             ctx = contexts.get(str(context_id))
             if ctx is None:

@@ -50,13 +50,19 @@ def check_env(env: dict[str, Any] | None) -> dict[str, str]:
     return {k: str(v) for k, v in env.items()}
 
 
+# Our own names only: a user's `os` must neither be needed nor be deleted.
+def _python_export(env: dict[str, str]) -> str:
+    return f"import os as __vivarium_os\n__vivarium_os.environ.update({env!r})\ndel __vivarium_os\n"
+
+
+def _bash_export(env: dict[str, str]) -> str:
+    return "\n".join(f"export {key}={shlex.quote(value)}" for key, value in env.items())
+
+
 def _python_set(env: dict[str, str]) -> str:
-    return (
-        "import os as __vivarium_os\n"
-        f"__vivarium_saved = {{k: __vivarium_os.environ.get(k) for k in {list(env)!r}}}\n"
-        f"__vivarium_os.environ.update({env!r})\n"
-        "del __vivarium_os\n"
-    )
+    """Export `env` for one cell, keeping what it replaces for PYTHON_RESTORE."""
+    keep = f"{{k: __vivarium_os.environ.get(k) for k in {list(env)!r}}}"
+    return f"import os as __vivarium_os\n__vivarium_saved = {keep}\n" + _python_export(env)
 
 
 PYTHON_RESTORE = (
@@ -72,11 +78,9 @@ PYTHON_RESTORE = (
 
 
 def _bash_set(env: dict[str, str]) -> str:
-    lines = []
-    for i, (key, value) in enumerate(env.items()):
-        lines.append(f"__vivarium_saved_{i}=${{{key}-__vivarium_unset__}}")
-        lines.append(f"export {key}={shlex.quote(value)}")
-    return "\n".join(lines)
+    """Export `env` for one cell, keeping what it replaces for _bash_restore."""
+    saved = [f"__vivarium_saved_{i}=${{{key}-__vivarium_unset__}}" for i, key in enumerate(env)]
+    return "\n".join([*saved, _bash_export(env)])
 
 
 def _bash_restore(env: dict[str, str]) -> str:
@@ -89,15 +93,13 @@ def _bash_restore(env: dict[str, str]) -> str:
 
 
 class Context:
-    def __init__(self, language: str, cwd: str, env: dict[str, str],
-                 context_id: str | None = None) -> None:  # fmt: skip
-        self.id = context_id or str(uuid.uuid4())
+    def __init__(self, language: str, cwd: str, env: dict[str, str]) -> None:
+        self.id = str(uuid.uuid4())
         self.language = language
         self.cwd = cwd
         self.lock = asyncio.Lock()
         self.global_env: dict[str, str] = {}  # the sandbox's variables, as last applied
         self._base_env = env
-        os.makedirs(IPC_DIR, mode=0o700, exist_ok=True)
         self.manager = AsyncKernelManager(
             kernel_name=LANGUAGES[language],
             kernel_spec_manager=KernelSpecManager(kernel_dirs=[KERNEL_SPECS]),
@@ -136,8 +138,7 @@ class Context:
         if self.client is not None:
             self.client.stop_channels()
         await self.manager.shutdown_kernel(now=True)
-        for suffix in (".json",):
-            Path(f"{IPC_DIR}/{self.id}{suffix}").unlink(missing_ok=True)
+        Path(f"{IPC_DIR}/{self.id}.json").unlink(missing_ok=True)
 
     async def housekeeping(self, code: str) -> None:
         """Run housekeeping code (environment variables) without output or history."""
@@ -157,11 +158,8 @@ class Context:
         changed = {k: v for k, v in env.items() if self.global_env.get(k) != v}
         if not changed:
             return
-        if self.language == "python":
-            await self.housekeeping(f"import os\nos.environ.update({changed!r})\ndel os")
-        else:
-            await self.housekeeping("\n".join(f"export {k}={shlex.quote(v)}"
-                                         for k, v in changed.items()))  # fmt: skip
+        export = _python_export if self.language == "python" else _bash_export
+        await self.housekeeping(export(changed))
         self.global_env.update(changed)
 
     def _restore_code(self, env: dict[str, str]) -> str:
