@@ -48,6 +48,10 @@ class Slot:
     def netns_path(self) -> str:
         return f"/var/run/netns/{self.sandbox_ns}"
 
+    def in_router(self, *argv: str) -> list[str]:
+        """`argv` run in the slot's router namespace."""
+        return ["nsenter", f"--net=/var/run/netns/{self.router_ns}", *argv]
+
 
 class SlotRange:
     def __init__(self, prefix: str, cidr: str) -> None:

@@ -138,12 +138,8 @@ def parse(text: str) -> RouterView:
     return RouterView(refused, tuple(flows), int(timeout) if timeout.isdigit() else 120)
 
 
-def _nsenter(slot: Slot) -> list[str]:
-    return ["nsenter", f"--net=/var/run/netns/{slot.router_ns}"]
-
-
 async def read(slot: Slot) -> RouterView:
-    return parse((await run([*_nsenter(slot), "sh", "-c", _READ])).stdout)
+    return parse((await run(slot.in_router("sh", "-c", _READ))).stdout)
 
 
 async def sweep(slot: Slot, flows: list[Flow]) -> list[Flow]:
@@ -153,11 +149,11 @@ async def sweep(slot: Slot, flows: list[Flow]) -> list[Flow]:
         return []
     by_side = {f.sandbox_side: f for f in flows}
     request = {"sandbox": SANDBOX_IP, "iface": GATEWAY_IF, "flows": list(by_side)}
-    argv = [*_nsenter(slot), sys.executable, "-I", "-S", str(SWEEP_SCRIPT)]
+    argv = slot.in_router(sys.executable, "-I", "-S", str(SWEEP_SCRIPT))
     result = await run(argv, stdin=json.dumps(request).encode(), timeout=60)
     answer = json.loads(result.stdout)
     return [by_side[(p, int(pp), int(sp))] for p, pp, sp in answer["left"]]
 
 
 async def flush(slot: Slot) -> None:
-    await run([*_nsenter(slot), sys.executable, "-I", "-S", "-c", _FLUSH])
+    await run(slot.in_router(sys.executable, "-I", "-S", "-c", _FLUSH))

@@ -36,11 +36,12 @@ def router_rules(allow_internet: bool) -> str:
     )
 
 
+async def _restore(slot: Slot, rules: str, *flags: str) -> None:
+    await run(slot.in_router("iptables-restore", *flags), stdin=rules.encode())
+
+
 async def apply_router_rules(slot: Slot, allow_internet: bool) -> None:
-    await run(
-        ["nsenter", f"--net=/var/run/netns/{slot.router_ns}", "iptables-restore"],
-        stdin=router_rules(allow_internet).encode(),
-    )
+    await _restore(slot, router_rules(allow_internet))
 
 
 # What pause relies on in a slot's router namespace (see network/conntrack.py): the mangle
@@ -74,18 +75,12 @@ QUIESCE_RULES = (
 
 
 async def apply_pause_rules(slot: Slot) -> None:
-    await run(
-        ["nsenter", f"--net=/var/run/netns/{slot.router_ns}", "iptables-restore"],
-        stdin=ROUTER_PAUSE_RULES.encode(),
-    )
+    await _restore(slot, ROUTER_PAUSE_RULES)
 
 
 async def quiesce(slot: Slot) -> None:
     """Refuse new TCP connections to and from the sandbox until apply_router_rules."""
-    await run(
-        ["nsenter", f"--net=/var/run/netns/{slot.router_ns}", "iptables-restore", "--noflush"],
-        stdin=QUIESCE_RULES.encode(),
-    )
+    await _restore(slot, QUIESCE_RULES, "--noflush")
 
 
 class HostFirewall:
