@@ -61,7 +61,7 @@ while True:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    with running_server("race", "vb", "10.244.0.0/24", API_PORT) as srv:
+    with running_server("race", "vw", "10.244.0.0/24", API_PORT) as srv:
         yield srv
 
 
