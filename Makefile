@@ -6,7 +6,10 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(shell command -v $(PYTHON))
 
 # postgresql: the test suite runs the control plane against a real PostgreSQL server too.
-APT_PACKAGES := runsc debootstrap iproute2 iptables util-linux gcc libc6-dev curl postgresql
+# runsc comes from bookworm-backports (scripts/apt-backports.sh pins it there): the 2022 release
+# in bookworm itself cannot pause servers or open connections, and vivarium refuses it.
+APT_PACKAGES := debootstrap iproute2 iptables util-linux e2fsprogs gcc libc6-dev curl postgresql
+RUNSC_MIN := 20240729
 DEPS_STAMP := .venv/.deps-$(shell cat pyproject.toml uv.lock | sha1sum | cut -c1-12)
 
 .PHONY: run test bench soak lint fmt system-deps python-deps template clean-state
@@ -39,6 +42,12 @@ system-deps:
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:" $$missing; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@have=$$(dpkg-query -W -f='$${Version}' runsc 2>/dev/null | grep -o '20[0-9]\{6\}' | head -1); \
+	if [ -z "$$have" ] || [ "$$have" -lt $(RUNSC_MIN) ]; then \
+	  echo "installing runsc from bookworm-backports (have: $${have:-none}, need $(RUNSC_MIN) or newer)"; \
+	  scripts/apt-backports.sh && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports runsc; \
 	fi
 
 python-deps: $(DEPS_STAMP)

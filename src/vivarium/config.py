@@ -77,6 +77,8 @@ class Settings:
     default_memory_mb: int = 1024
     default_cpus: float = 1.0
     default_pids: int = 512
+    # The writable layer of a sandbox (a template may set its own): past it, writes get ENOSPC.
+    default_disk_mb: int = 10240
     runsc_path: str = "runsc"
     runsc_platform: str = ""  # empty: probe
 
@@ -105,6 +107,7 @@ class Settings:
             max_timeout_s=_env_int("MAX_TIMEOUT", 24 * 3600),
             default_memory_mb=_env_int("DEFAULT_MEMORY_MB", 1024),
             default_pids=_env_int("DEFAULT_PIDS", 512),
+            default_disk_mb=_env_int("DEFAULT_DISK_MB", 10240),
             runsc_path=_env("RUNSC", "runsc"),
             runsc_platform=_env("RUNSC_PLATFORM", ""),
         )

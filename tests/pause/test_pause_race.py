@@ -1,10 +1,9 @@
 """Pausing a sandbox while TCP connections keep being opened to it and from it.
 
-This gVisor cannot save a TCP connection over the sandbox's interface that is being opened, is
-open or is closing, and a failed checkpoint ends the whole sandbox. The guarantee: whatever the
-traffic, a pause either succeeds (and the sandbox resumes, serving again) or is refused with 422
-and the sandbox runs on; it is never lost. Clients on the host hammer a server inside with new
-connections during every pause; in the second test a program inside also keeps connecting out.
+Connections over the sandbox's interface that are being opened, open or closing at the save are
+cut (runsc's --net-disconnect-ok): whatever the traffic, every pause succeeds, and the sandbox
+resumes serving. Clients on the host hammer a server inside with new connections during every
+pause; in the second test a program inside also keeps connecting out.
 """
 
 from __future__ import annotations
@@ -31,8 +30,7 @@ HAMMERS = 4  # host threads opening connections to the server inside, back to ba
 PORT = 8000
 
 # Answers each connection once its client has sent everything (so the client closes first, as
-# HTTP clients and the proxy do). Threads blocked in recv(), no epoll: this gVisor cannot save
-# a socket an epoll instance watches, and that is refused for other reasons.
+# HTTP clients and the proxy do).
 SERVER = f"""
 import socketserver
 class Handler(socketserver.BaseRequestHandler):
@@ -44,7 +42,7 @@ socketserver.ThreadingTCPServer.allow_reuse_address = True
 socketserver.ThreadingTCPServer(("0.0.0.0", {PORT}), Handler).serve_forever()
 """
 # Keeps connecting out to its gateway, which drops the SYNs (nothing there is reachable):
-# at any moment a connection is being opened, except while a pause refuses them at once.
+# at any moment a connection is being opened.
 CONNECTOR = """
 import socket, time
 while True:
@@ -137,24 +135,20 @@ def _cycles(srv: Server, sbx: Sandbox, outbound: bool) -> Counter[str]:
             hammer.wait_answered()
             response = _pause(srv, sbx.sandbox_id)
             during = dict(hammer.seen)
-        assert response.status_code in (204, 422), f"cycle {cycle}: {response.text}"
-        if response.status_code == 204:
-            outcomes["paused"] += 1
-            assert _state(srv, sbx.sandbox_id) == "paused"
-            sbx = Sandbox.connect(sbx.sandbox_id, timeout=300, **_opts(srv))  # type: ignore[arg-type]
-        else:
-            outcomes["refused"] += 1
-            reason = response.json()["message"]
-            assert "TCP connection" in reason, reason
-            assert _state(srv, sbx.sandbox_id) == "running"
-        # Either way it runs, with its server and (if started) its connector.
+        assert response.status_code == 204, f"cycle {cycle}: {response.text}"
+        outcomes["paused"] += 1
+        assert _state(srv, sbx.sandbox_id) == "paused"
+        sbx = Sandbox.connect(sbx.sandbox_id, timeout=300, **_opts(srv))  # type: ignore[arg-type]
+        # It runs again, with its server and (if started) its connector.
         assert sbx.commands.run("echo alive").stdout == "alive\n"
         processes = sbx.commands.run("ps -eo args").stdout
         assert "server.py" in processes
         assert not outbound or "connector.py" in processes
         with Hammer(_address(srv, sbx.sandbox_id)) as hammer:
             hammer.wait_answered()
-        outcomes["refused connects during pauses"] += during.get("refused", 0)
+        outcomes["connections cut or refused during pauses"] += (
+            during.get("refused", 0) + during.get("failed", 0) + during.get("cut", 0)
+        )
     with srv.client() as client:
         lost = [e for e in client.info()["events"] if e["sandbox_id"] == sbx.sandbox_id]
     assert lost == [], lost
@@ -176,24 +170,21 @@ def _start(srv: Server, outbound: bool) -> Sandbox:
     return sbx
 
 
-def test_pause_while_clients_keep_connecting_succeeds_or_is_refused(server: Server) -> None:
+def test_pause_while_clients_keep_connecting_always_succeeds(server: Server) -> None:
     sbx = _start(server, outbound=False)
     try:
         outcomes = _cycles(server, sbx, outbound=False)
-        # New connections are refused at the router while the pause runs, so the ones in
-        # flight drain and the pause goes through (a refusal would be safe, but rare here).
-        assert outcomes["paused"] >= CYCLES // 2, outcomes
-        assert outcomes["refused connects during pauses"] > 0, outcomes
+        assert outcomes["paused"] == CYCLES, outcomes
     finally:
         with contextlib.suppress(Exception):
             Sandbox.kill(sbx.sandbox_id, **_opts(server))  # type: ignore[arg-type]
 
 
-def test_pause_while_the_sandbox_also_keeps_connecting_out_never_loses_it(server: Server) -> None:
+def test_pause_while_the_sandbox_also_keeps_connecting_out_always_succeeds(server: Server) -> None:
     sbx = _start(server, outbound=True)
     try:
         outcomes = _cycles(server, sbx, outbound=True)
-        assert outcomes["paused"] + outcomes["refused"] == CYCLES, outcomes
+        assert outcomes["paused"] == CYCLES, outcomes
     finally:
         with contextlib.suppress(Exception):
             Sandbox.kill(sbx.sandbox_id, **_opts(server))  # type: ignore[arg-type]

@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 
 from vivarium.config import Settings
-from vivarium.errors import ConfigError, InvalidArgument
+from vivarium.errors import ConfigError, HostNotReady, InvalidArgument
 from vivarium.node.records import RecordStore, SandboxRecord, new_sandbox_id, valid_sandbox_id
 from vivarium.runtime import procsys
 from vivarium.runtime.bundle import Resources, base_spec, for_sandbox
 from vivarium.runtime.cgroups import memory_stats, pids_limit_hits
-from vivarium.runtime.probe import Probe
+from vivarium.runtime.probe import Probe, check_release, release_date
+from vivarium.runtime.runsc import checkpoint_error
 from vivarium.templates.recipe import Recipe
 
 
@@ -97,11 +98,11 @@ def test_record_store_round_trip_and_strays(tmp_path: Path) -> None:
 
 
 def test_recipe_hash_tracks_recipe_and_runsc() -> None:
-    probe = Probe("v1", "k", "ptrace", "--overlay", True, True, True)
+    probe = Probe("0.0~20240729.0", "k", "ptrace", True, True)
     base = Recipe(name="base")
     assert base.recipe_hash(probe) == Recipe(name="base").recipe_hash(probe)
     assert base.recipe_hash(probe) != Recipe(name="base", packages=("python3",)).recipe_hash(probe)
-    newer = Probe("v2", "k", "ptrace", "--overlay", True, True, True)
+    newer = Probe("0.0~20250101.0", "k", "ptrace", True, True)
     assert base.recipe_hash(probe) != base.recipe_hash(newer)
 
 
@@ -123,3 +124,28 @@ def test_settings_validation(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings.from_env()
     monkeypatch.setenv("VIVARIUM_EGRESS_ALLOW", "10.1.2.3/32")
     assert Settings.from_env().egress_allow == ("10.1.2.3/32",)
+
+
+def test_a_refused_checkpoint_says_why_without_the_object_dump() -> None:
+    stderr = (
+        'checkpoint failed: checkpointing container "i1-0a": encoding error at object '
+        'tcp.endpoint{ID:stack.TransportEndpointID{LocalPort:0x1f40, LocalAddress:"}"}, x:1}: '
+        "endpoint still has waiters upon save:\ngoroutine 1 [running]:\n"
+    )
+    assert checkpoint_error(stderr) == (
+        'checkpoint failed: checkpointing container "i1-0a": encoding error at object '
+        "tcp.endpoint: endpoint still has waiters upon save"
+    )
+    assert checkpoint_error("no space left on device\n") == "no space left on device"
+
+
+def test_runsc_releases_before_2024_07_29_are_refused_with_the_way_to_install() -> None:
+    assert release_date("0.0~20240729.0") == 20240729
+    assert release_date("release-20250310.0") == 20250310
+    assert release_date("unknown") is None
+    check_release("0.0~20240729.0")
+    check_release("release-20251110.0")
+    for old in ("0.0~20221219.0", "unknown"):
+        with pytest.raises(HostNotReady, match="too old") as info:
+            check_release(old)
+        assert "bookworm-backports" in info.value.hint

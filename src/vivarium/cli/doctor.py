@@ -22,6 +22,7 @@ TOOLS = {
     "unshare": "apt-get install util-linux",
     "debootstrap": "apt-get install debootstrap",
     "gcc": "apt-get install gcc libc6-dev",
+    "mkfs.ext4": "apt-get install e2fsprogs",
 }
 
 
@@ -53,8 +54,8 @@ def run_checks(settings: Settings) -> list[Check]:
     def probe() -> str:
         p = detect(settings.runsc_path, settings.state_dir, settings.runsc_platform)
         return (f"runsc {p.runsc_version}, platform {p.platform}, netns work-around "
-                f"{'on' if p.netns_workaround else 'off'}, statx shim "
-                f"{'on' if p.statx_shim else 'off'}")  # fmt: skip
+                f"{'on' if p.netns_workaround else 'off'}, sudo broker "
+                f"{'on' if p.setuid_blocked else 'off'}")  # fmt: skip
 
     checks.append(_guard("runsc", probe))
 

@@ -44,43 +44,22 @@ async def apply_router_rules(slot: Slot, allow_internet: bool) -> None:
     await _restore(slot, router_rules(allow_internet))
 
 
-# What pause relies on in a slot's router namespace (see network/conntrack.py): the mangle
-# rule marks the flows on which the sandbox sent a FIN; the raw rule leaves the router's own TCP
-# segments (the probes of network/tcpsweep.py) out of conntrack. Applied once per slot: only
-# these two tables are replaced, and apply_router_rules, which runs on every create, leaves them
-# alone (restoring four tables takes twice as long as two).
-ROUTER_PAUSE_RULES = (
-    "*mangle\n"
-    ":PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n"
-    ":OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n"
-    f"-A FORWARD -i {GATEWAY_IF} -p tcp --tcp-flags FIN FIN -j CONNMARK --or-mark 0x1\n"
-    "COMMIT\n"
-    "*raw\n"
-    ":PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
-    "-A OUTPUT -p tcp -j CT --notrack\n"
-    "COMMIT\n"
-)
-
-# While a pause checks and checkpoints the sandbox, every new TCP connection is refused, both
-# ways, with a reset (this gVisor cannot save one being opened); inserted in front of the
-# router's filter rules, and gone with the next apply_router_rules.
-_REFUSE = "-p tcp --syn -j REJECT --reject-with tcp-reset\n"
-QUIESCE_RULES = (
+# While a pause saves the sandbox, every TCP connection it starts is refused at once with a
+# reset: this runsc cannot save an endpoint still in SYN-SENT (the save fails on a nil
+# dereference), and a refused connect() leaves none behind. Inserted in front of the router's
+# rules; gone with the next apply_router_rules.
+_REFUSE_SYN = "-p tcp --syn -j REJECT --reject-with tcp-reset\n"
+HOLD_RULES = (
     "*filter\n"
-    f"-I INPUT 1 -i {GATEWAY_IF} {_REFUSE}"
-    f"-I FORWARD 1 -i {GATEWAY_IF} {_REFUSE}"
-    f"-I FORWARD 1 -i {UPLINK_IF} {_REFUSE}"
+    f"-I INPUT 1 -i {GATEWAY_IF} {_REFUSE_SYN}"
+    f"-I FORWARD 1 -i {GATEWAY_IF} {_REFUSE_SYN}"
     "COMMIT\n"
 )
 
 
-async def apply_pause_rules(slot: Slot) -> None:
-    await _restore(slot, ROUTER_PAUSE_RULES)
-
-
-async def quiesce(slot: Slot) -> None:
-    """Refuse new TCP connections to and from the sandbox until apply_router_rules."""
-    await _restore(slot, QUIESCE_RULES, "--noflush")
+async def refuse_new_connections(slot: Slot) -> None:
+    """Refuse the sandbox's new outbound TCP connections until apply_router_rules."""
+    await _restore(slot, HOLD_RULES, "--noflush")
 
 
 class HostFirewall:

@@ -15,7 +15,7 @@ import json
 import logging
 
 from vivarium.errors import CapacityExhausted, ConfigError
-from vivarium.network import conntrack, firewall
+from vivarium.network import firewall
 from vivarium.network.addressing import (
     GATEWAY_IF,
     GATEWAY_IP,
@@ -59,10 +59,6 @@ async def create_slot(slot: Slot) -> None:
     await _sysctl(sb, "net.ipv6.conf.all.disable_ipv6=1")
     await reset_sandbox_side(slot)
     await firewall.apply_router_rules(slot, allow_internet=False)
-    await firewall.apply_pause_rules(slot)
-    # A closing flow stays known as long as gVisor may keep its end (conntrack.py).
-    await _sysctl(rt, "net.netfilter.nf_conntrack_tcp_timeout_close_wait=120",
-                  "net.netfilter.nf_conntrack_tcp_timeout_last_ack=120")  # fmt: skip
 
 
 async def reset_sandbox_side(slot: Slot) -> None:
@@ -198,7 +194,6 @@ class SlotPool:
         try:
             await firewall.apply_router_rules(slot, allow_internet=False)
             await reset_sandbox_side(slot)
-            await conntrack.flush(slot)  # the next sandbox's pauses see only its own flows
         except Exception as exc:  # a broken slot is rebuilt rather than reused
             log.warning("slot %d could not be reset (%s); rebuilding it", slot.index, exc)
             await destroy_slot(slot.prefix, slot.index)

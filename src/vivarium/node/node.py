@@ -27,7 +27,7 @@ from vivarium.errors import (
 )
 from vivarium.guest.envd import PORT as ENVD_PORT
 from vivarium.guest.envd.state import EnvdState
-from vivarium.network import conntrack, firewall
+from vivarium.network import firewall
 from vivarium.network.addressing import Slot
 from vivarium.network.pool import SlotPool
 from vivarium.node.envd_init import envd_http, init_envd
@@ -40,9 +40,10 @@ from vivarium.node.records import (
 )
 from vivarium.node.snapshots import Snapshot, SnapshotNotStored, SnapshotStore, remote_store
 from vivarium.proc import Result
+from vivarium.runtime import disk
 from vivarium.runtime.bundle import Resources, for_sandbox, write_bundle
 from vivarium.runtime.cgroups import memory_stats, pids_limit_hits
-from vivarium.runtime.runsc import Runsc, open_runtime
+from vivarium.runtime.runsc import CheckpointFailed, Runsc, open_runtime
 from vivarium.templates.store import TemplateStore
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,8 @@ MAX_EVENTS = 100
 MAX_EXEC_TIMEOUT_S = 3600
 AUTO_PAUSE_RETRY_S = 60
 SNAPSHOT_HEADROOM = 64 << 20  # bytes kept free beyond a snapshot's largest possible size
-PAUSE_DRAIN_S = 2.0  # how long a pause waits for TCP connections to close
-PAUSE_SETTLE_S = 0.02  # after freezing: a SYN sent just before reaches the router meanwhile
+PAUSE_SETTLE_S = 0.02  # after freezing: the reset for a SYN sent just before arrives meanwhile
+PAUSE_ATTEMPTS = 3  # checkpoints tried before a pause is refused (the sandbox thawed between)
 USERS = {"root": ("0:0", "/root"), "user": ("1000:1000", "/home/user")}
 
 
@@ -82,43 +83,6 @@ def resume_request(record: SandboxRecord) -> CreateRequest:
         metadata=record.metadata, env_vars=record.env_vars, allow_internet=record.allow_internet,
         on_timeout=record.on_timeout,
     )  # fmt: skip
-
-
-def unsaveable_sockets(sandbox_id: str, table: str) -> CannotSave | None:
-    """Why this gVisor could not checkpoint the TCP sockets in `table` (the sandbox's
-    /proc/net/tcp and tcp6), or None. A refused save kills the whole sandbox, so a pause asks
-    first.
-
-    Columns: slot, local, remote, state, queues, timer, retransmits, uid, timeout, inode,
-    references. Connected sockets cannot be saved. Nor can a listening one that an epoll
-    instance watches ("endpoint still has waiters upon save"): asyncio, Node.js and most
-    servers. gVisor's epoll holds no reference to the socket, while a program blocked in poll()
-    or accept() on it does; so a listener with one reference is taken for an event loop's.
-    """
-    rows = [line.split() for line in table.splitlines()]
-    rows = [r for r in rows if len(r) > 10 and r[3] != "st"]
-    connected = [r for r in rows if r[3] != "0A"]
-    if connected:
-        detail = ", ".join(f"{r[1]}->{r[2]}" for r in connected[:5])
-        return CannotSave(
-            f"sandbox {sandbox_id} has {len(connected)} open TCP connection(s) ({detail}); "
-            "this gVisor release cannot save connected sockets",
-            "close them (stop clients and servers with live connections) and pause again; the "
-            "sandbox keeps running",
-        )
-    watched = sorted(
-        {int(r[1].rsplit(":", 1)[1], 16) for r in rows if r[3] == "0A" and r[10] == "1"}
-    )
-    if watched:
-        ports = ("port " if len(watched) == 1 else "ports ") + ", ".join(map(str, watched))
-        return CannotSave(
-            f"a program in sandbox {sandbox_id} listens on TCP {ports} through an event loop "
-            "(epoll: asyncio, Node.js and most servers); this gVisor release cannot save such "
-            "a socket, and a failed save would lose the sandbox",
-            "stop that server and pause again (a server that waits with poll() or accept(), "
-            "such as Python's http.server, pauses fine); the sandbox keeps running",
-        )
-    return None
 
 
 class Node:
@@ -171,7 +135,6 @@ class Node:
         for record in self.sandboxes.values():  # a pause cut short may have left them refusing
             slot = self.pool.range.slot(record.slot_index)
             await firewall.apply_router_rules(slot, record.allow_internet)
-            await firewall.apply_pause_rules(slot)  # slots made by an older release lack them
         self._reaper = asyncio.create_task(self._reap_expired())
         log.info(
             "node ready: %d sandbox(es) adopted, runsc %s (%s)",
@@ -213,12 +176,18 @@ class Node:
                 self._event(record, f"not running after node restart (container {state})")
             if container is not None:  # only by its exact id: runsc would take a prefix
                 await runtime.delete(record.container_id)
-            shutil.rmtree(self.records.container_dir(record.container_id), ignore_errors=True)
+            await self._remove_dir(self.records.container_dir(record.container_id))
         for cid in containers:
             log.warning("removing orphaned container %s", cid)
             await runtime.delete(cid)
         for stray in strays:
-            shutil.rmtree(stray, ignore_errors=True)
+            await self._remove_dir(stray)
+
+    @staticmethod
+    async def _remove_dir(directory: Path) -> None:
+        """A container's directory, its disk unmounted first (rmtree must not walk into it)."""
+        await asyncio.to_thread(disk.remove, directory)
+        await asyncio.to_thread(shutil.rmtree, directory, True)
 
     def _rt(self) -> Runsc:
         if self.runtime is None:
@@ -252,12 +221,6 @@ class Node:
 
     async def create(self, req: CreateRequest) -> SandboxRecord:
         s = self.settings
-        resources = Resources(
-            s.default_memory_mb if req.memory_mb is None else req.memory_mb,
-            s.default_cpus if req.cpus is None else req.cpus,
-            s.default_pids,
-        )
-        resources.validate()
         timeout_s = self._timeout(req.timeout_s)
         if req.on_timeout not in ON_TIMEOUT:
             raise InvalidArgument(f"on_timeout must be one of {', '.join(ON_TIMEOUT)}")
@@ -266,6 +229,13 @@ class Node:
         ):
             raise InvalidArgument(f"sandbox id {req.sandbox_id!r} is invalid or in use")
         template = self.templates.get(req.template)
+        resources = Resources(
+            s.default_memory_mb if req.memory_mb is None else req.memory_mb,
+            s.default_cpus if req.cpus is None else req.cpus,
+            s.default_pids,
+            int(template.manifest.get("disk_mb") or s.default_disk_mb),
+        )
+        resources.validate()
         async with self._start_slot():
             return await self._restore(req, template.name, template.build_id, template.spec,
                                        template.checkpoint, resources, timeout_s)  # fmt: skip
@@ -306,7 +276,9 @@ class Node:
                 directory / "bundle",
                 for_sandbox(spec, Path(slot.netns_path), resources, container_id),
             )
-            await runtime.restore(container_id, bundle, image, directory / "console.log")
+            filestore = await asyncio.to_thread(disk.create, directory, resources.disk_mb << 20)
+            await runtime.restore(container_id, bundle, image, filestore,
+                                  directory / "console.log")  # fmt: skip
             await init_envd(self.http, slot.router_ip, sandbox_id=sandbox_id, template_id=template,
                             env_vars=dict(req.env_vars or {}),
                             access_token=req.access_token)  # fmt: skip
@@ -315,7 +287,7 @@ class Node:
                 sandbox_id=sandbox_id, template=template, build_id=build_id,
                 slot_index=slot.index, slot_address=slot.router_ip, started_at=now,
                 end_at=now + timeout_s, memory_mb=resources.memory_mb, cpus=resources.cpus,
-                pids=resources.pids, allow_internet=req.allow_internet,
+                pids=resources.pids, disk_mb=resources.disk_mb, allow_internet=req.allow_internet,
                 metadata=dict(req.metadata or {}), env_vars=dict(req.env_vars or {}),
                 on_timeout=req.on_timeout, access_token=req.access_token,
                 container_id=container_id,
@@ -324,7 +296,7 @@ class Node:
         except BaseException:
             await runtime.delete(container_id)
             await self.pool.release(slot)
-            shutil.rmtree(directory, ignore_errors=True)
+            await self._remove_dir(directory)
             raise
         self.sandboxes[sandbox_id] = record
         return record
@@ -355,7 +327,7 @@ class Node:
         try:
             await self._rt().delete(record.container_id)
             await self.pool.release(self.pool.range.slot(record.slot_index))
-            shutil.rmtree(directory, ignore_errors=True)
+            await self._remove_dir(directory)
         except Exception:
             log.exception("cleanup of sandbox %s failed; the next start retries it",
                           record.sandbox_id)  # fmt: skip
@@ -377,24 +349,18 @@ class Node:
         sandbox_id = record.sandbox_id
         self._check_snapshot_space(record)
         await asyncio.to_thread(self.snapshots.check)  # the remote store, if any, is reachable
-        # This gVisor cannot save a TCP connection (other than over loopback) that is being
-        # opened, is open or is closing, and a refused save kills the whole sandbox. So: the
-        # router refuses new connections both ways, the proxy drops its own, and the sandbox is
-        # frozen once none is left; otherwise the pause is refused and the sandbox runs on.
+        # runsc saves what programs inside do with the network: listening servers and
+        # connections inside the sandbox resume as they were; a connection over its interface
+        # is cut at the save (--net-disconnect-ok), so the proxy ends its own first, cleanly.
+        # Only a connection still being opened cannot be saved: new ones are refused, the
+        # sandbox is frozen, and a SYN sent just before gets its reset meanwhile.
         record.state = "pausing"
+        for listener in self.on_destroyed:
+            listener(sandbox_id)
         slot = self.pool.range.slot(record.slot_index)
-        try:
-            await firewall.quiesce(slot)
-            for listener in self.on_destroyed:
-                listener(sandbox_id)
-            await self._freeze_when_saveable(record, slot)
-        except BaseException:
-            record.state = "running"
-            await asyncio.shield(self._thaw(record, slot))
-            raise
         staging = await asyncio.to_thread(self.snapshots.staging, sandbox_id)
         try:
-            await runtime.checkpoint(record.container_id, staging / "checkpoint")
+            await self._checkpoint(record, slot, staging / "checkpoint")
             version = runtime.probe.runsc_version
             snapshot = await asyncio.to_thread(
                 self.snapshots.commit, sandbox_id, staging, record.to_json(), version
@@ -405,6 +371,9 @@ class Node:
             await asyncio.to_thread(self.snapshots.discard, staging)
             if await asyncio.shield(self._thaw(record, slot)):
                 record.state = "running"
+                if isinstance(exc, CheckpointFailed):
+                    raise CannotSave(f"sandbox {sandbox_id} could not be saved: {exc.message}",
+                                     "it keeps running, unchanged") from None  # fmt: skip
                 raise RuntimeFailure(f"pausing sandbox {sandbox_id} failed: {exc}",
                                      "it keeps running, unchanged") from None  # fmt: skip
             if isinstance(exc, asyncio.CancelledError):
@@ -418,6 +387,25 @@ class Node:
         await self._destroy(record)  # the checkpoint stopped it: free the slot and container
         log.info("sandbox %s paused (%d MiB snapshot)", sandbox_id, snapshot.size >> 20)
         return snapshot
+
+    async def _checkpoint(self, record: SandboxRecord, slot: Slot, image: Path) -> None:
+        """Save the sandbox into `image`, stopping it. An endpoint caught mid-handshake makes
+        this runsc fail the save (and keep the sandbox running): thaw, and try again."""
+        runtime = self._rt()
+        for attempt in range(1, PAUSE_ATTEMPTS + 1):
+            await firewall.refuse_new_connections(slot)
+            await runtime.pause(record.container_id)
+            await asyncio.sleep(PAUSE_SETTLE_S)
+            try:
+                await runtime.checkpoint(record.container_id, image)
+                return
+            except CheckpointFailed as exc:
+                if attempt == PAUSE_ATTEMPTS or not await self._thaw(record, slot):
+                    raise
+                log.warning("pause of %s: attempt %d failed (%s); trying again",
+                            record.sandbox_id, attempt, exc.message)  # fmt: skip
+                await asyncio.to_thread(shutil.rmtree, image, True)
+                await asyncio.sleep(0.1)
 
     async def _put_back(self, record: SandboxRecord, staging: Path, exc: Exception) -> NoReturn:
         """The checkpoint stopped the sandbox and is whole in `staging`, but the remote store
@@ -455,107 +443,9 @@ class Node:
                 "free some disk space and pause again; the sandbox keeps running",
             )
 
-    async def _wait_for_no_connections(self, record: SandboxRecord, deadline: float) -> None:
-        while True:
-            tables = ["cat", "/proc/net/tcp", "/proc/net/tcp6"]
-            result = await self._rt().exec(record.container_id, tables, timeout=10)
-            refusal = unsaveable_sockets(record.sandbox_id, result.stdout) if result.ok else None
-            if result.ok and refusal is None:
-                return
-            if time.monotonic() > deadline:
-                raise refusal or CannotSave(
-                    f"could not list the TCP sockets of sandbox {record.sandbox_id}: "
-                    f"{result.stderr.strip()[-200:]}",
-                    "pause again; the sandbox keeps running",
-                )
-            await asyncio.sleep(0.1)
-
-    async def _freeze_when_saveable(self, record: SandboxRecord, slot: Slot) -> None:
-        """Return with the sandbox frozen (`runsc pause`) and no TCP endpoint in it that the
-        checkpoint could trip on; else refuse (CannotSave), the sandbox still running.
-
-        The router already refuses new connections. Those left show in the sandbox's
-        /proc/net/tcp (sockets) and in the router's conntrack table (every flow over the
-        sandbox's interface, also those without a socket: not accept()ed yet, or closed but
-        lingering inside; see network/conntrack.py). Once the router sees none open, no flow can
-        open or close any more: what is left inside of the recently closed ones is reset then,
-        while the sandbox is looked at from inside, and what survives that (TIME_WAIT) is a
-        refusal. A program may still call connect() between the look inside and the freeze;
-        the router refuses its SYN and counts it, so a count that moved meanwhile means: thaw,
-        and look again.
-        """
-        runtime = self._rt()
-        deadline = time.monotonic() + PAUSE_DRAIN_S
-        while True:
-            before = await conntrack.read(slot)
-            refusal = self._open_flows(record, before)
-            if refusal is None:
-                sweep = asyncio.ensure_future(self._sweep_closed(record, slot, before, deadline))
-                try:
-                    await self._wait_for_no_connections(record, deadline)
-                except BaseException:
-                    sweep.cancel()
-                    await asyncio.gather(sweep, return_exceptions=True)
-                    raise
-                refusal = await sweep
-            if refusal is None:
-                await runtime.pause(record.container_id)
-                await asyncio.sleep(PAUSE_SETTLE_S)
-                after = await conntrack.read(slot)
-                refusal = self._open_flows(record, after)
-                if refusal is None and after.syns_refused != before.syns_refused:
-                    refusal = CannotSave(
-                        f"sandbox {record.sandbox_id} kept opening TCP connections while it was "
-                        "being paused (they were refused meanwhile); this gVisor release cannot "
-                        "save a connection being opened",
-                        "stop the program that connects, and pause again; the sandbox keeps "
-                        "running",
-                    )
-                if refusal is None:
-                    return
-                await runtime.resume(record.container_id)
-            if time.monotonic() > deadline:
-                raise refusal
-            await asyncio.sleep(0.1)
-
-    def _open_flows(self, record: SandboxRecord, view: conntrack.RouterView) -> CannotSave | None:
-        if flows := view.open_flows():
-            detail = ", ".join(str(f) for f in flows[:5])
-            return CannotSave(
-                f"sandbox {record.sandbox_id} has {len(flows)} open TCP connection(s) over its "
-                f"network ({detail}); this gVisor release cannot save them",
-                "close them (stop clients and servers with live connections) and pause again; "
-                "the sandbox keeps running",
-            )
-        return None
-
-    async def _sweep_closed(
-        self, record: SandboxRecord, slot: Slot, view: conntrack.RouterView, deadline: float
-    ) -> CannotSave | None:
-        """Reset what is left inside of recently closed connections (a socket still open on one
-        would make the look inside refuse the pause anyway). Those that survive it are in
-        TIME_WAIT: a refusal, raised at once when they outlast `deadline`."""
-        closed = dict(view.recently_closed())
-        if not closed:
-            return None
-        lingering = await conntrack.sweep(slot, list(closed))
-        if not lingering:
-            return None
-        wait_s = max(closed[f] for f in lingering)
-        detail = ", ".join(str(f) for f in lingering[:5])
-        refusal = CannotSave(
-            f"sandbox {record.sandbox_id} closed {len(lingering)} TCP connection(s) less than a "
-            f"minute ago ({detail}) that it keeps in TIME_WAIT for "
-            f"{conntrack.GVISOR_LINGER_S} s; this gVisor release cannot save them meanwhile",
-            f"pause again in {wait_s} s; the sandbox keeps running",
-        )
-        if time.monotonic() + wait_s > deadline:
-            raise refusal
-        return refusal
-
     async def _thaw(self, record: SandboxRecord, slot: Slot) -> bool:
-        """After a pause that did not happen: unfreeze the sandbox and let connections in
-        again. False if the sandbox is gone (its checkpoint ended it)."""
+        """After a pause that did not happen: unfreeze the sandbox and let it connect again.
+        False if the sandbox is gone (a failed checkpoint may have ended it)."""
         runtime = self._rt()
         await runtime.resume(record.container_id)  # False as well when it was not frozen
         state = await runtime.state(record.container_id)
@@ -564,7 +454,7 @@ class Node:
         try:
             await firewall.apply_router_rules(slot, record.allow_internet)
         except Exception:
-            log.exception("could not let connections into sandbox %s again", record.sandbox_id)
+            log.exception("could not let sandbox %s connect again", record.sandbox_id)
         return True
 
     async def resume(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
@@ -595,7 +485,7 @@ class Node:
         """A new incarnation of a sandbox from a checkpoint of it, on the template build it was
         created from; the caller holds a start slot."""
         template = self.templates.build(record.template, record.build_id)
-        resources = Resources(record.memory_mb, record.cpus, record.pids)
+        resources = Resources(record.memory_mb, record.cpus, record.pids, record.disk_mb)
         return await self._restore(
             resume_request(record), record.template, record.build_id, template.spec, image,
             resources, timeout_s,
@@ -766,7 +656,6 @@ class Node:
             "runsc_version": probe.runsc_version,
             "platform": probe.platform,
             "netns_workaround": probe.netns_workaround,
-            "statx_shim": probe.statx_shim,
             "sandboxes": len(self.sandboxes),
             "max_sandboxes": self.settings.max_sandboxes,
             "slots_in_use": self.pool.in_use,

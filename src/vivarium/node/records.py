@@ -60,6 +60,7 @@ class SandboxRecord:
     # The runsc container of this incarnation (also its cgroup and directory name). Records
     # written before incarnations had their own containers lack it: theirs is the sandbox id.
     container_id: str = ""
+    disk_mb: int = 10240  # the size of its writable layer (runtime/disk.py)
 
     def __post_init__(self) -> None:
         if not self.container_id:

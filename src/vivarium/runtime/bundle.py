@@ -28,6 +28,8 @@ MAX_MEMORY_MB = 64 * 1024
 MAX_CPUS = 64
 MIN_PIDS = 16
 MAX_PIDS = 65536
+MIN_DISK_MB = 256
+MAX_DISK_MB = 4 << 20  # 4 TiB: the image is sparse; only what is written costs disk
 CPU_PERIOD_US = 100_000
 
 
@@ -36,6 +38,7 @@ class Resources:
     memory_mb: int
     cpus: float
     pids: int
+    disk_mb: int
 
     def validate(self) -> None:
         if not MIN_MEMORY_MB <= self.memory_mb <= MAX_MEMORY_MB:
@@ -48,6 +51,10 @@ class Resources:
         if not MIN_PIDS <= self.pids <= MAX_PIDS:
             raise InvalidArgument(
                 f"pids={self.pids} is out of range", f"use {MIN_PIDS}..{MAX_PIDS}"
+            )
+        if not MIN_DISK_MB <= self.disk_mb <= MAX_DISK_MB:
+            raise InvalidArgument(
+                f"disk_mb={self.disk_mb} is out of range", f"use {MIN_DISK_MB}..{MAX_DISK_MB}"
             )
 
     def to_oci(self) -> dict[str, Any]:

@@ -1,7 +1,8 @@
-"""What the installed runsc can do on this host, found by trying rather than by version numbers.
+"""What the installed runsc can do on this host.
 
-Probes run tiny containers whose root is the host's own filesystem, read-only, so they need no
-template. Results are cached per (runsc version, kernel) in the state directory.
+The release must be at least MIN_RELEASE (checked by its version); its remaining quirks are
+found by trying: probes run tiny containers whose root is the host's own filesystem, read-only,
+so they need no template. Results are cached per (runsc version, kernel) in the state directory.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from vivarium.errors import HostNotReady
@@ -20,6 +22,18 @@ from vivarium.runtime import procsys
 from vivarium.runtime.bundle import base_spec, write_bundle
 
 NETNS_REFUSAL = "root network namespace"
+# The first release that saves what programs do with the network (listening event loops, open
+# connections) and keeps the writable layer in a file: pause works for any workload.
+MIN_RELEASE = 20240729
+INSTALL_HINT = (
+    "install runsc from Debian's bookworm-backports suite: `make system-deps` does it "
+    "(scripts/apt-backports.sh, then `apt-get install -t bookworm-backports runsc`)"
+)
+# Measured with `make bench` on this kind of host (2 cores, nested virtualisation): ptrace is
+# faster than systrap for commands, creates and scale (docs/benchmarks.md). Override with
+# VIVARIUM_RUNSC_PLATFORM.
+DEFAULT_PLATFORM = "ptrace"
+PLATFORMS = ("ptrace", "systrap")
 
 
 @dataclass(frozen=True)
@@ -27,9 +41,7 @@ class Probe:
     runsc_version: str
     kernel: str
     platform: str
-    overlay_flag: str
     netns_workaround: bool
-    statx_shim: bool
     setuid_blocked: bool  # NO_NEW_PRIVS forced on every process: setuid sudo cannot work
 
     @property
@@ -59,9 +71,20 @@ def runsc_version(runsc: str) -> str:
     return first[0].removeprefix("runsc version ").strip() if first else "unknown"
 
 
-def _flags_help(runsc: str) -> str:
-    res = run_sync([runsc, "flags"], check=False)
-    return res.stdout + res.stderr
+def release_date(version: str) -> int | None:
+    """The release a version names (Debian's `0.0~20240729.0`, upstream's `release-20240729.0`),
+    as yyyymmdd; None if it names none."""
+    found = re.search(r"(?<!\d)(20\d{6})(?!\d)", version)
+    return int(found.group(1)) if found else None
+
+
+def check_release(version: str) -> None:
+    release = release_date(version)
+    if release is None or release < MIN_RELEASE:
+        raise HostNotReady(
+            f"runsc {version} is too old: vivarium needs release {MIN_RELEASE} or newer",
+            INSTALL_HINT,
+        )
 
 
 NNP_CHECK = "import ctypes; raise SystemExit(ctypes.CDLL(None).prctl(39, 0, 0, 0, 0))"
@@ -95,30 +118,29 @@ def detect(runsc: str, state_dir: Path, platform_override: str = "") -> Probe:
     require_root()
     runsc = find_runsc(runsc)
     version = runsc_version(runsc)
+    check_release(version)
+    plat = platform_override or DEFAULT_PLATFORM
+    if plat not in PLATFORMS:
+        hint = f"set VIVARIUM_RUNSC_PLATFORM to one of {', '.join(PLATFORMS)}"
+        raise HostNotReady(f"unknown runsc platform {plat!r}", hint)
     kernel = platform.release()
     cache = state_dir / "probe.json"
     if cache.exists():
         try:
             cached = Probe(**json.loads(cache.read_text()))
-            if cached.cache_key == f"{version}|{kernel}" and (
-                not platform_override or cached.platform == platform_override
-            ):
-                return cached
+            # The platform is a choice, not a finding: never taken from the cache.
+            if cached.cache_key == f"{version}|{kernel}":
+                return replace(cached, platform=plat)
         except (TypeError, ValueError):
             pass
 
-    help_text = _flags_help(runsc)
-    plat = platform_override or ("systrap" if "systrap" in help_text else "ptrace")
-    overlay = "--overlay2=root:memory" if "-overlay2" in help_text else "--overlay"
-    base_flags = [f"--platform={plat}", overlay]
-
+    base_flags = [f"--platform={plat}", "--overlay2=root:memory"]
     ok, out = _probe_container(runsc, [*base_flags, "--network=none"], ["/bin/ls", "/"], None, None)
-    if not ok and "Invalid argument" not in out:
+    if not ok:
         raise HostNotReady(
             f"runsc cannot start a container here: {out.strip()[-300:]}",
             "run `vivarium doctor` for details",
         )
-    statx_shim = not ok
 
     # prctl(PR_GET_NO_NEW_PRIVS) as an unprivileged user; without a host python3, assume forced.
     setuid_blocked = True
@@ -148,7 +170,7 @@ def detect(runsc: str, state_dir: Path, platform_override: str = "") -> Probe:
     finally:
         run_sync(["ip", "netns", "del", netns_name], check=False)
 
-    probe = Probe(version, kernel, plat, overlay, netns_workaround, statx_shim, setuid_blocked)
+    probe = Probe(version, kernel, plat, netns_workaround, setuid_blocked)
     state_dir.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(asdict(probe), indent=1))
     return probe

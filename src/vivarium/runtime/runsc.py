@@ -1,7 +1,8 @@
 """The runsc driver: the only code that invokes gVisor.
 
 Commands that start a sandbox (run, restore) go through the /proc/sys work-around when the probe
-asked for it. `checkpoint --leave-running` is not used: it restores in the foreground and stays
+asked for it, and name the sandbox's disk: the directory of its writable layer's filestore
+(runtime/disk.py). `checkpoint --leave-running` is not used: it restores in the foreground and stays
 the container's parent, so fork is done as checkpoint + N restores instead.
 """
 
@@ -21,6 +22,10 @@ from vivarium.runtime.probe import Probe, detect
 START_TIMEOUT_S = 60.0
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointFailed(RuntimeFailure):
+    """runsc could not save the container; whether it still runs is for the caller to ask."""
 
 
 @dataclass(frozen=True)
@@ -45,23 +50,28 @@ class Runsc:
             "--root", str(self.root),
             f"--platform={self.probe.platform}",
             "--network=sandbox",
-            self.probe.overlay_flag,
             *args,
         ]  # fmt: skip
 
-    def _starting(self, argv: list[str]) -> list[str]:
+    def _starting(self, disk: Path, *args: str) -> list[str]:
+        # --net-disconnect-ok: a connection that crosses the sandbox's interface, open at a
+        # checkpoint, is cut there (its peer sees a reset, as if a laptop lid closed) instead
+        # of failing the save. Loopback connections inside are saved and keep working.
+        argv = self._argv("--overlay2", f"root:dir={disk}", "--net-disconnect-ok", *args)
         return procsys.wrap(argv, self.procsys_copy) if self.probe.netns_workaround else argv
 
-    async def start(self, cid: str, bundle: Path, console_log: Path) -> None:
+    async def start(self, cid: str, bundle: Path, disk: Path, console_log: Path) -> None:
         """Boot a container; its stdout/stderr (and runsc's errors) go to `console_log`."""
-        argv = self._starting(self._argv("run", "--detach", "--bundle", str(bundle), cid))
+        argv = self._starting(disk, "run", "--detach", "--bundle", str(bundle), cid)
         await run(argv, timeout=START_TIMEOUT_S, log=console_log)
 
-    async def restore(self, cid: str, bundle: Path, image: Path, console_log: Path) -> None:
-        argv = self._argv(
-            "restore", "--detach", "--image-path", str(image), "--bundle", str(bundle), cid
+    async def restore(
+        self, cid: str, bundle: Path, image: Path, disk: Path, console_log: Path
+    ) -> None:
+        argv = self._starting(
+            disk, "restore", "--detach", "--image-path", str(image), "--bundle", str(bundle), cid
         )
-        await run(self._starting(argv), timeout=START_TIMEOUT_S, log=console_log)
+        await run(argv, timeout=START_TIMEOUT_S, log=console_log)
 
     async def checkpoint(self, cid: str, image: Path) -> None:
         """Save memory and the overlay to `image`; the container is left stopped."""
@@ -70,7 +80,7 @@ class Runsc:
                         timeout=600)  # fmt: skip
         if not res.ok:
             log.warning("runsc checkpoint %s failed:\n%s", cid, res.stderr[-20000:])
-            raise RuntimeFailure(f"runsc checkpoint {cid} failed: {checkpoint_error(res.stderr)}")
+            raise CheckpointFailed(f"runsc checkpoint {cid} failed: {checkpoint_error(res.stderr)}")
 
     async def exec(
         self,
@@ -102,15 +112,7 @@ class Runsc:
 
     async def delete(self, cid: str) -> None:
         res = await run(self._argv("delete", "--force", cid), check=False)
-        out = res.stderr + res.stdout
-        if res.ok or "does not exist" in out:
-            return
-        # runsc 2022-12 panics ("invalid state transition: paused => stopped") deleting a
-        # container that was checkpointed while paused, after it stopped the sandbox and removed
-        # its state; only the lock file stays behind.
-        if "paused => stopped" in out and cid not in {c.id for c in await self.list()}:
-            for lock in self.root.glob(f"{cid}_sandbox:*.lock"):
-                lock.unlink(missing_ok=True)
+        if res.ok or "does not exist" in res.stderr + res.stdout:
             return
         raise RuntimeFailure(f"runsc delete {cid} failed: {res.stderr.strip()[-300:]}")
 

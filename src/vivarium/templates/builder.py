@@ -27,15 +27,15 @@ from vivarium.guest.envd import PORT as ENVD_PORT
 from vivarium.network.addressing import SlotRange
 from vivarium.network.pool import create_slot, destroy_slot
 from vivarium.proc import run_sync
+from vivarium.runtime import disk
 from vivarium.runtime.bundle import Resources, base_spec, for_sandbox, write_bundle
 from vivarium.runtime.probe import Probe
 from vivarium.runtime.runsc import Runsc, open_runtime
-from vivarium.templates.recipe import GUEST_DIR, GUEST_PREFIX, RECIPES, SHIM_SOURCE, Recipe
+from vivarium.templates.recipe import GUEST_DIR, GUEST_PREFIX, RECIPES, Recipe
 from vivarium.templates.store import Template, TemplateStore, dir_size, sha256_dir
 
 Report = Callable[[str], None]
 READY_TIMEOUT_S = 60.0
-SHIM_PATH = "/usr/local/lib/vivarium/statx_shim.so"
 
 
 class Stopwatch:
@@ -109,7 +109,7 @@ def install_guest(recipe: Recipe, rootfs: Path, say: Stopwatch) -> None:
     services = [asdict(service) for service in recipe.services]
     (prefix / "services.json").write_text(json.dumps(services, indent=1))
     (prefix / "bin").mkdir(exist_ok=True)
-    # Static: no dynamic loader (and no preloaded shim) to run on every command start.
+    # Static: no dynamic loader to run on every command start.
     run_sync(["gcc", "-O2", "-static", "-o", str(prefix / "bin" / "vivarium-spawn"),
               str(GUEST_DIR / "spawn.c")])  # fmt: skip
 
@@ -167,15 +167,6 @@ def customize(
     install_guest(recipe, rootfs, say)
     if wheelhouse is not None:
         install_wheels(recipe, rootfs, wheelhouse, say)
-    preload = rootfs / "etc" / "ld.so.preload"
-    if probe.statx_shim:
-        say("installing the statx shim (this runsc rejects AT_NO_AUTOMOUNT)")
-        target = rootfs / SHIM_PATH.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        run_sync(["gcc", "-O2", "-shared", "-fPIC", "-o", str(target), str(SHIM_SOURCE)])
-        preload.write_text(SHIM_PATH + "\n")
-    elif preload.exists():
-        preload.unlink()
     if probe.setuid_blocked:
         say("installing the sudo broker (this runsc forces no-new-privileges)")
         wrapper = rootfs / "usr/local/bin/sudo"
@@ -226,10 +217,11 @@ async def boot_and_checkpoint(
     bundle = build_dir / "bundle"
     try:
         resources = Resources(settings.default_memory_mb, settings.default_cpus,
-                              settings.default_pids)  # fmt: skip
+                              settings.default_pids, settings.default_disk_mb)  # fmt: skip
         write_bundle(bundle, for_sandbox(spec, Path(slot.netns_path), resources, cid))
+        filestore = disk.create(build_dir / "boot", resources.disk_mb << 20)
         say("booting under runsc")
-        await runtime.start(cid, bundle, build_dir / "build-console.log")
+        await runtime.start(cid, bundle, filestore, build_dir / "build-console.log")
         await wait_ready(slot.router_ip, ENVD_PORT, "envd")
         for service in recipe.services:
             say(f"waiting for {service.name} on port {service.port}")
@@ -240,6 +232,8 @@ async def boot_and_checkpoint(
         await runtime.delete(cid)
         await destroy_slot(slot.prefix, slot.index)
         shutil.rmtree(bundle, ignore_errors=True)
+        disk.remove(build_dir / "boot")
+        shutil.rmtree(build_dir / "boot", ignore_errors=True)
 
 
 async def build(
@@ -274,6 +268,7 @@ async def build(
             "recipe_hash": recipe_hash,
             "runsc_version": runtime.probe.runsc_version,
             "platform": runtime.probe.platform,
+            "disk_mb": recipe.disk_mb or settings.default_disk_mb,
             "created_at": datetime.now(UTC).isoformat(),
             "rootfs_bytes": dir_size(build_dir / "rootfs"),
             "checkpoint_bytes": dir_size(build_dir / "checkpoint"),

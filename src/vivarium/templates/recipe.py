@@ -11,7 +11,6 @@ from pathlib import Path
 from vivarium.runtime.probe import Probe
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
-SHIM_SOURCE = Path(__file__).resolve().parent / "statx_shim.c"
 BUILDER_SOURCE = Path(__file__).resolve().parent / "builder.py"
 # Inside the template: our code lives apart from the user's Python environment.
 GUEST_PREFIX = "/opt/vivarium"
@@ -19,6 +18,7 @@ GUEST_PREFIX = "/opt/vivarium"
 BASE_PACKAGES = (
     "python3", "python3-pip", "python3-venv", "curl", "git", "procps", "iproute2",
     "ca-certificates", "sudo", "less", "nano", "wget", "unzip", "xz-utils", "locales",
+    "python-is-python3",
 )  # fmt: skip
 
 # envd's dependencies, vendored into GUEST_PREFIX/lib (pure Python, fetched on the host at build
@@ -71,6 +71,7 @@ class Recipe:
     # the host, installed inside with `pip --no-index`; the sandbox never needs the network.
     wheels: tuple[str, ...] = ()
     services: tuple[Service, ...] = ()
+    disk_mb: int = 0  # the writable layer's size; 0: the node's default (VIVARIUM_DEFAULT_DISK_MB)
     extra: dict[str, str] = field(default_factory=dict)
 
     def recipe_hash(self, probe: Probe) -> str:
@@ -80,9 +81,8 @@ class Recipe:
         ):
             h.update(path.name.encode())
             h.update(path.read_bytes())
-        h.update(SHIM_SOURCE.read_bytes())
         h.update(BUILDER_SOURCE.read_bytes())  # how a template is built is part of what it is
-        h.update(f"{probe.runsc_version}|{probe.platform}|{probe.statx_shim}".encode())
+        h.update(f"{probe.runsc_version}|{probe.platform}".encode())
         h.update(f"{probe.setuid_blocked}".encode())
         return h.hexdigest()[:16]
 

@@ -1,0 +1,70 @@
+"""A sandbox's disk: the host file system that holds its writable layer.
+
+runsc keeps a sandbox's writable root layer in a "filestore" file (`--overlay2=root:dir=D`)
+instead of in the sandbox's memory, so writing files does not spend the memory limit. runsc has
+no size option for that layer, so D is a file system of the sandbox's own: a sparse ext4 image,
+loop-mounted. Past its size, writes inside fail with ENOSPC and the sandbox lives on. The image
+costs the host only what is written (`discard` gives deleted blocks back), and making one takes
+a few tens of milliseconds.
+
+A checkpoint holds the layer's contents, so a snapshot needs no copy of the disk; each restore
+gets an empty disk of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from vivarium.proc import run_sync
+
+IMAGE = "disk.img"
+MOUNT = "disk"
+# No journal: the file system lives only as long as one incarnation of the sandbox, and runsc's
+# filestore file is unlinked on creation; nothing on it needs to survive a host crash.
+MKFS = ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal",
+        "-E", "lazy_itable_init=1,nodiscard"]  # fmt: skip
+
+
+def mount_point(directory: Path) -> Path:
+    return directory / MOUNT
+
+
+def create(directory: Path, size_bytes: int) -> Path:
+    """A fresh, empty disk of `size_bytes` for the container whose files live in `directory`;
+    returns where runsc's filestore goes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    image, target = directory / IMAGE, mount_point(directory)
+    remove(directory)
+    with open(image, "wb") as f:
+        f.truncate(size_bytes)
+    try:
+        run_sync([*MKFS, str(image)])
+        target.mkdir(exist_ok=True)
+        run_sync(["mount", "-o", "loop,discard,nosuid,nodev", str(image), str(target)])
+    except BaseException:
+        image.unlink(missing_ok=True)
+        raise
+    target.chmod(0o700)
+    return target
+
+
+def remove(directory: Path) -> None:
+    """Unmount and delete the disk, if any (also a half-made one). A disk still in use (its
+    sandbox not yet gone) is detached lazily and freed when runsc lets go of it."""
+    target = mount_point(directory)
+    if os.path.ismount(target):
+        run_sync(["umount", "--lazy", str(target)], check=False)
+    with contextlib.suppress(OSError):
+        target.rmdir()
+    (directory / IMAGE).unlink(missing_ok=True)
+
+
+def usage(directory: Path) -> tuple[int, int] | None:
+    """(bytes used, bytes in all) of the disk, as the host sees it; None without one."""
+    target = mount_point(directory)
+    if not os.path.ismount(target):
+        return None
+    st = os.statvfs(target)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_blocks * st.f_frsize
