@@ -74,7 +74,7 @@ PREWARM = 12
 # The raw-restore floor's own slot, outside the server's range.
 RAW_PREFIX = "vbr"
 RAW_CIDR = "10.234.0.0/24"
-RAW_RESOURCES = Resources(memory_mb=1024, cpus=1.0, pids=512)  # the node's defaults
+RAW_RESOURCES = Resources(memory_mb=1024, cpus=1.0, pids=512, disk_mb=10240)  # the node's defaults
 
 SPAWN_RUNS = 50
 RESTORE_RUNS = 20
