@@ -18,7 +18,7 @@ from vivarium.templates.recipe import Recipe
 
 def test_sandbox_spec_changes_only_netns_resources_and_cgroup() -> None:
     spec = base_spec(Path("/t/rootfs"), ["/init"], ["A=1"], "sandbox")
-    out = for_sandbox(spec, Path("/var/run/netns/x"), Resources(256, 0.5, 100), "iabc")
+    out = for_sandbox(spec, Path("/var/run/netns/x"), Resources(256, 0.5, 100, 1024), "iabc")
     assert out["root"] == spec["root"] and out["mounts"] == spec["mounts"]
     assert out["process"] == spec["process"]
     assert {"type": "network", "path": "/var/run/netns/x"} in out["linux"]["namespaces"]
@@ -32,7 +32,13 @@ def test_sandbox_spec_changes_only_netns_resources_and_cgroup() -> None:
 
 
 @pytest.mark.parametrize(
-    "resources", [Resources(10, 1, 100), Resources(512, 0, 100), Resources(512, 1, 1)]
+    "resources",
+    [
+        Resources(10, 1, 100, 1024),
+        Resources(512, 0, 100, 1024),
+        Resources(512, 1, 1, 1024),
+        Resources(512, 1, 100, 1),
+    ],
 )
 def test_resources_out_of_range_are_rejected(resources: Resources) -> None:
     with pytest.raises(InvalidArgument):
