@@ -31,6 +31,7 @@ OUT_HOST_IF = "vn-out0"
 OUT_GATEWAY = "10.246.0.1"
 OUT_ADDR = "10.246.0.2"
 OUT_PORT = 7000
+SILENT_PORT = 7009  # the outside host drops SYNs to it: a connection there stays half-open
 ECHO = (
     "import socketserver\n"
     "class H(socketserver.StreamRequestHandler):\n"
@@ -132,6 +133,8 @@ def outside() -> Iterator[str]:
     _sh("ip", "-n", OUT_NS, "addr", "add", f"{OUT_ADDR}/30", "dev", "eth0")
     _sh("ip", "-n", OUT_NS, "link", "set", "eth0", "up")
     _sh("ip", "-n", OUT_NS, "link", "set", "lo", "up")
+    _sh("ip", "netns", "exec", OUT_NS, "iptables", "-A", "INPUT", "-p", "tcp", "--dport",
+        str(SILENT_PORT), "-j", "DROP")  # fmt: skip
     echo = subprocess.Popen(["ip", "netns", "exec", OUT_NS, sys.executable, "-c", ECHO],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
@@ -258,6 +261,49 @@ def test_a_response_streaming_through_the_proxy_is_cut_cleanly_by_a_pause(server
         assert len(lines) < 600
         resumed = Sandbox.connect(sbx.sandbox_id, timeout=300, **opts)  # type: ignore[arg-type]
         assert _first_line(url, headers) == "0"
+        assert resumed.commands.run("echo alive").stdout == "alive\n"
+    finally:
+        with contextlib.suppress(Exception):
+            Sandbox.kill(sbx.sandbox_id, **opts)  # type: ignore[arg-type]
+
+
+# Dials a peer that never answers, over and over: at any moment a connection is being opened.
+# Writes what each attempt ended with.
+DIALER = """
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+while True:
+    try:
+        socket.create_connection((host, port), timeout=30)
+        outcome = "connected"
+    except OSError as exc:
+        outcome = type(exc).__name__
+    with open("/home/user/dialer.log", "a") as f:
+        f.write(outcome + "\\n")
+"""
+
+
+def test_a_connection_being_opened_does_not_stop_a_pause(server: Server) -> None:
+    opts = sdk_options(server)
+    sbx = Sandbox.create(timeout=300, **opts)  # type: ignore[arg-type]
+    try:
+        sbx.files.write("/home/user/dialer.py", DIALER)
+        sbx.files.write("/home/user/kept.txt", "kept")
+        sbx.commands.run(f"python3 dialer.py {OUT_ADDR} {SILENT_PORT}", background=True,
+                         cwd="/home/user")  # fmt: skip
+        ss = sbx.commands.run("sleep 0.5; cat /proc/net/tcp").stdout
+        assert " 02 " in ss, "no connection in SYN-SENT inside the sandbox"  # st 02 = SYN_SENT
+
+        assert sbx.pause() is True
+        resumed = Sandbox.connect(sbx.sandbox_id, timeout=300, **opts)  # type: ignore[arg-type]
+        assert resumed.files.read("/home/user/kept.txt") == "kept"
+        # The half-open connection was refused at the pause: the dialer saw a clean error and
+        # keeps dialing.
+        _wait(lambda: resumed.files.read("/home/user/dialer.log").split(), "the dialer's error")
+        seen = set(resumed.files.read("/home/user/dialer.log").split())
+        assert seen <= {"ConnectionRefusedError", "ConnectionResetError",
+                        "ConnectionAbortedError", "TimeoutError"}, seen  # fmt: skip
+        assert "dialer.py" in resumed.commands.run("ps -eo args").stdout
         assert resumed.commands.run("echo alive").stdout == "alive\n"
     finally:
         with contextlib.suppress(Exception):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from vivarium.network import handshakes
 from vivarium.network.addressing import BLOCKED_RANGES, SlotRange
 from vivarium.network.firewall import HostFirewall, router_rules
 
@@ -53,6 +54,31 @@ def test_router_rules_drop_sandbox_egress_unless_allowed() -> None:
     for rules in (closed, opened):
         assert "-A PREROUTING -i up0 -j DNAT --to-destination 169.254.0.21" in rules
         assert "-A FORWARD -i up0 -o gw0 -j ACCEPT" in rules
+        # What the sandbox may not reach refuses TCP at once (no endpoint left in SYN-SENT).
+        assert rules.endswith(
+            "-A INPUT -i gw0 -p tcp -j REJECT --reject-with tcp-reset\n"
+            "-A FORWARD -i gw0 -p tcp -j REJECT --reject-with tcp-reset\nCOMMIT\n"
+        )
+
+
+CONNTRACK = """\
+ipv4     2 tcp      6 117 SYN_SENT src=169.254.0.21 dst=10.246.0.2 sport=40000 dport=7009 \
+[UNREPLIED] src=10.246.0.2 dst=10.231.0.2 sport=7009 dport=40000 mark=0 zone=0 use=2
+ipv4     2 tcp      6 59 SYN_RECV src=10.231.0.1 dst=10.231.0.2 sport=5000 dport=8000 \
+src=169.254.0.21 dst=10.231.0.1 sport=8000 dport=5000 mark=0 zone=0 use=2
+ipv4     2 tcp      6 431999 ESTABLISHED src=10.231.0.1 dst=10.231.0.2 sport=5001 dport=49983 \
+src=169.254.0.21 dst=10.231.0.1 sport=49983 dport=5001 [ASSURED] mark=0 zone=0 use=2
+ipv4     2 udp      17 29 src=169.254.0.21 dst=10.246.0.2 sport=5353 dport=53 [UNREPLIED] \
+src=10.246.0.2 dst=10.231.0.2 sport=53 dport=5353 mark=0 zone=0 use=2
+"""
+
+
+def test_handshakes_are_read_from_conntrack() -> None:
+    assert handshakes.parse(CONNTRACK) == [
+        "169.254.0.21:40000 -> 10.246.0.2:7009",
+        "10.231.0.1:5000 -> 10.231.0.2:8000",
+    ]
+    assert handshakes.parse("") == []
 
 
 def test_host_firewall_blocks_private_ranges_after_operator_allows() -> None:
@@ -61,7 +87,8 @@ def test_host_firewall_blocks_private_ranges_after_operator_allows() -> None:
     flat = [" ".join(rule) for rule in forward]
     allow_at = flat.index("-d 10.9.9.9/32 -j ACCEPT")
     for cidr in BLOCKED_RANGES:
-        assert flat.index(f"-d {cidr} -j DROP") > allow_at
+        refused = flat.index(f"-d {cidr} -p tcp -j REJECT --reject-with tcp-reset")
+        assert flat.index(f"-d {cidr} -j DROP") > refused > allow_at
     assert flat[-1] == "-j ACCEPT"
     host_input = [" ".join(rule) for rule in fw.chain_rules()[("filter", fw.in_chain)]]
     assert host_input[-1] == "-j DROP"

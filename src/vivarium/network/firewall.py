@@ -14,6 +14,11 @@ from __future__ import annotations
 from vivarium.network.addressing import BLOCKED_RANGES, GATEWAY_IF, SANDBOX_IP, UPLINK_IF, Slot
 from vivarium.proc import run
 
+# A connection the sandbox may not open is refused with a reset rather than dropped: the program
+# sees ECONNREFUSED at once instead of hanging, and no endpoint sits in SYN-SENT, which a pause
+# could not save (handshakes.py).
+_REFUSE_TCP = "-p tcp -j REJECT --reject-with tcp-reset\n"
+
 
 def router_rules(allow_internet: bool) -> str:
     """The full iptables ruleset of a slot's router namespace (for iptables-restore)."""
@@ -32,6 +37,8 @@ def router_rules(allow_internet: bool) -> str:
         f"-A FORWARD -i {UPLINK_IF} -o {GATEWAY_IF} -j ACCEPT\n"
         f"-A FORWARD -i {GATEWAY_IF} -o {UPLINK_IF} -j EGRESS\n"
         f"{egress}"
+        f"-A INPUT -i {GATEWAY_IF} {_REFUSE_TCP}"
+        f"-A FORWARD -i {GATEWAY_IF} {_REFUSE_TCP}"
         "COMMIT\n"
     )
 
@@ -44,21 +51,23 @@ async def apply_router_rules(slot: Slot, allow_internet: bool) -> None:
     await _restore(slot, router_rules(allow_internet))
 
 
-# While a pause saves the sandbox, every TCP connection it starts is refused at once with a
-# reset: this runsc cannot save an endpoint still in SYN-SENT (the save fails on a nil
-# dereference), and a refused connect() leaves none behind. Inserted in front of the router's
-# rules; gone with the next apply_router_rules.
+# While a pause saves the sandbox, every TCP connection opened to or from it is refused at once
+# with a reset: this runsc cannot save an endpoint mid-handshake (handshakes.py), and a refused
+# connection leaves none behind. A SYN the sandbox retransmits is refused too, which ends a
+# handshake already under way. Inserted in front of the router's rules; gone with the next
+# apply_router_rules.
 _REFUSE_SYN = "-p tcp --syn -j REJECT --reject-with tcp-reset\n"
 HOLD_RULES = (
     "*filter\n"
     f"-I INPUT 1 -i {GATEWAY_IF} {_REFUSE_SYN}"
     f"-I FORWARD 1 -i {GATEWAY_IF} {_REFUSE_SYN}"
+    f"-I FORWARD 1 -i {UPLINK_IF} {_REFUSE_SYN}"
     "COMMIT\n"
 )
 
 
 async def refuse_new_connections(slot: Slot) -> None:
-    """Refuse the sandbox's new outbound TCP connections until apply_router_rules."""
+    """Refuse new TCP connections to and from the sandbox until apply_router_rules."""
     await _restore(slot, HOLD_RULES, "--noflush")
 
 
@@ -77,12 +86,16 @@ class HostFirewall:
     def chain_rules(self) -> dict[tuple[str, str], list[list[str]]]:
         allow = [["-d", cidr, "-j", "ACCEPT"] for cidr in self.egress_allow]
         established = ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"]
+        refuse = ["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"]  # see _REFUSE_TCP
+        blocked: list[list[str]] = []
+        for cidr in BLOCKED_RANGES:
+            blocked += [["-d", cidr, *refuse], ["-d", cidr, "-j", "DROP"]]
         return {
-            ("filter", self.in_chain): [established, *allow, ["-j", "DROP"]],
+            ("filter", self.in_chain): [established, *allow, refuse, ["-j", "DROP"]],
             ("filter", self.fwd_chain): [
                 established,
                 *allow,
-                *[["-d", cidr, "-j", "DROP"] for cidr in BLOCKED_RANGES],
+                *blocked,
                 ["-j", "ACCEPT"],
             ],
             ("nat", self.nat_chain): [

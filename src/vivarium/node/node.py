@@ -27,7 +27,7 @@ from vivarium.errors import (
 )
 from vivarium.guest.envd import PORT as ENVD_PORT
 from vivarium.guest.envd.state import EnvdState
-from vivarium.network import firewall
+from vivarium.network import firewall, handshakes
 from vivarium.network.addressing import Slot
 from vivarium.network.pool import SlotPool
 from vivarium.node.envd_init import envd_http, init_envd
@@ -54,8 +54,11 @@ MAX_EVENTS = 100
 MAX_EXEC_TIMEOUT_S = 3600
 AUTO_PAUSE_RETRY_S = 60
 SNAPSHOT_HEADROOM = 64 << 20  # bytes kept free beyond a snapshot's largest possible size
-PAUSE_SETTLE_S = 0.02  # after freezing: the reset for a SYN sent just before arrives meanwhile
-PAUSE_ATTEMPTS = 3  # checkpoints tried before a pause is refused (the sandbox thawed between)
+# A handshake under way at a pause ends when the peer answers or the sandbox's netstack (which
+# runs while its programs are frozen) retransmits the SYN into the refusal: first after 1 s,
+# then 2 s later.
+HANDSHAKE_WAIT_S = 3.5
+HANDSHAKE_POLL_S = 0.02
 USERS = {"root": ("0:0", "/root"), "user": ("1000:1000", "/home/user")}
 
 
@@ -352,8 +355,7 @@ class Node:
         # runsc saves what programs inside do with the network: listening servers and
         # connections inside the sandbox resume as they were; a connection over its interface
         # is cut at the save (--net-disconnect-ok), so the proxy ends its own first, cleanly.
-        # Only a connection still being opened cannot be saved: new ones are refused, the
-        # sandbox is frozen, and a SYN sent just before gets its reset meanwhile.
+        # Only a connection still being opened cannot be saved: _checkpoint waits for those.
         record.state = "pausing"
         for listener in self.on_destroyed:
             listener(sandbox_id)
@@ -372,8 +374,9 @@ class Node:
             if await asyncio.shield(self._thaw(record, slot)):
                 record.state = "running"
                 if isinstance(exc, CheckpointFailed):
+                    hint = "; ".join(filter(None, ["it keeps running, unchanged", exc.hint]))
                     raise CannotSave(f"sandbox {sandbox_id} could not be saved: {exc.message}",
-                                     "it keeps running, unchanged") from None  # fmt: skip
+                                     hint) from None  # fmt: skip
                 raise RuntimeFailure(f"pausing sandbox {sandbox_id} failed: {exc}",
                                      "it keeps running, unchanged") from None  # fmt: skip
             if isinstance(exc, asyncio.CancelledError):
@@ -389,23 +392,21 @@ class Node:
         return snapshot
 
     async def _checkpoint(self, record: SandboxRecord, slot: Slot, image: Path) -> None:
-        """Save the sandbox into `image`, stopping it. An endpoint caught mid-handshake makes
-        this runsc fail the save (and keep the sandbox running): thaw, and try again."""
+        """Save the sandbox into `image`, stopping it. New connections are refused meanwhile,
+        and the save waits for the handshakes under way to end (handshakes.py)."""
         runtime = self._rt()
-        for attempt in range(1, PAUSE_ATTEMPTS + 1):
-            await firewall.refuse_new_connections(slot)
-            await runtime.pause(record.container_id)
-            await asyncio.sleep(PAUSE_SETTLE_S)
-            try:
-                await runtime.checkpoint(record.container_id, image)
-                return
-            except CheckpointFailed as exc:
-                if attempt == PAUSE_ATTEMPTS or not await self._thaw(record, slot):
-                    raise
-                log.warning("pause of %s: attempt %d failed (%s); trying again",
-                            record.sandbox_id, attempt, exc.message)  # fmt: skip
-                await asyncio.to_thread(shutil.rmtree, image, True)
-                await asyncio.sleep(0.1)
+        await firewall.refuse_new_connections(slot)
+        await runtime.pause(record.container_id)
+        deadline = time.monotonic() + HANDSHAKE_WAIT_S
+        while opening := await handshakes.under_way(slot):
+            if time.monotonic() > deadline:
+                raise CheckpointFailed(
+                    f"a TCP connection is still being opened ({', '.join(opening)}) and this "
+                    "runsc cannot save one mid-handshake",
+                    "pause again once it is open or has failed",
+                )
+            await asyncio.sleep(HANDSHAKE_POLL_S)
+        await runtime.checkpoint(record.container_id, image)
 
     async def _put_back(self, record: SandboxRecord, staging: Path, exc: Exception) -> NoReturn:
         """The checkpoint stopped the sandbox and is whole in `staging`, but the remote store
