@@ -17,7 +17,7 @@ from vivarium.templates.recipe import Recipe
 
 
 def test_sandbox_spec_changes_only_netns_resources_and_cgroup() -> None:
-    spec = base_spec(Path("/t/rootfs"), ["/init"], ["A=1"], "sandbox")
+    spec = base_spec(Path("/t/rootfs"), ["/init"], ["A=1"], "sandbox", 100)
     out = for_sandbox(spec, Path("/var/run/netns/x"), Resources(256, 0.5, 100, 1024), "iabc")
     assert out["root"] == spec["root"] and out["mounts"] == spec["mounts"]
     assert out["process"] == spec["process"]
@@ -25,8 +25,9 @@ def test_sandbox_spec_changes_only_netns_resources_and_cgroup() -> None:
     assert out["linux"]["resources"] == {
         "memory": {"limit": 256 * 1024 * 1024},
         "cpu": {"quota": 50_000, "period": 100_000},
-        "pids": {"limit": 100},
+        "pids": {"limit": 600},  # host tasks: the sentry's and the platform's as well
     }
+    assert {"type": "RLIMIT_NPROC", "hard": 100, "soft": 100} in out["process"]["rlimits"]
     assert out["linux"]["cgroupsPath"] == "/vivarium/iabc"
     assert "cgroupsPath" not in spec["linux"]  # the template's spec is not modified
 

@@ -6,10 +6,12 @@ package and only the standard library.
 """
 
 import array
+import contextlib
 import grp
 import json
 import os
 import pwd
+import resource
 import signal
 import socket
 import struct
@@ -198,11 +200,155 @@ def _start_broker() -> int:
     return pid
 
 
+MIN_VICTIM_KB = 16 << 10  # below this a process is no culprit: leave it alone
+
+
+# Sessions no OOM kill may touch: init's (with the sudo broker) and envd's (with its spawner),
+# without which the sandbox cannot be reached. Every command envd starts has a session of its own.
+_protected_sessions = {1}
+
+
+def _resident(pid: int) -> tuple[int, str]:
+    """(resident KiB, name) of a process; (0, "") if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields.get("VmRSS", "0 kB").split()[0]), fields.get("Name", "?").strip()
+    except (OSError, ValueError):
+        return 0, ""
+
+
+def _memory_by_group() -> dict[int, tuple[int, int, str]]:
+    """Per process group outside the protected sessions: resident KiB, processes, a name (its
+    leader's, when alive)."""
+    groups: dict[int, tuple[int, int, str]] = {}
+    for entry in os.listdir("/proc"):
+        found = _groups(int(entry)) if entry.isdigit() else None
+        if found is None or found[1] in _protected_sessions:
+            continue
+        rss, name = _resident(int(entry))
+        kib, count, leader = groups.get(found[0], (0, 0, name))
+        groups[found[0]] = (kib + rss, count + 1, name if int(entry) == found[0] else leader)
+    return groups
+
+
+def _out_of_memory(*_: object) -> None:
+    """The host says the sandbox is past its memory (SIGUSR1): kill the process group using the
+    most (a command, with whatever it started), as a kernel's OOM killer kills the largest
+    process, so the rest of the sandbox lives on. A whole group, since the memory may be spread
+    over many processes (a forking loop). Logged to the console: the sandbox's log."""
+    try:
+        groups = _memory_by_group()
+        pgid = max(groups, key=lambda group: groups[group][0], default=0)
+        kib, count, name = groups.get(pgid, (0, 0, ""))
+        if kib < MIN_VICTIM_KB:
+            return
+        os.killpg(pgid, signal.SIGKILL)
+        _say(f"vivarium: out of memory: killed process group {pgid} ({name}, {count} "
+             f"process(es)), {kib >> 10} MiB resident")  # fmt: skip
+    except Exception as exc:  # a signal handler of PID 1 must never raise
+        _say(f"vivarium: out-of-memory kill failed: {exc!r}")
+
+
+# A user at the process limit (RLIMIT_NPROC, set by the host) this long is running a fork bomb:
+# the sandbox crawls, since the bomb's processes retry fork() without end. Its session (every
+# command envd starts has one) is killed, as the OOM killer kills the largest process.
+PROCESS_CHECK_S = 1.0
+FORK_BOMB_AFTER_S = 5.0
+FORK_BOMB_SHARE = 0.95
+_at_limit_since: dict[int, float] = {}
+
+
+def _processes() -> list[tuple[int, int]]:
+    """(pid, uid) of every process."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                found.append((int(entry), os.stat(f"/proc/{entry}").st_uid))
+            except OSError:
+                continue
+    return found
+
+
+def _groups(pid: int) -> tuple[int, int] | None:
+    """(process group, session) of a live process; None for a zombie or one gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state, _ppid, pgrp, sid = f.read().rsplit(")", 1)[1].split()[:4]
+    except (OSError, ValueError):
+        return None
+    return None if state in ("Z", "X") else (int(pgrp), int(sid))
+
+
+def _kill_session(uid: int, sid: int) -> int:
+    """SIGKILL every process group of `uid` in session `sid`; each killpg is atomic, so a fork
+    racing with it cannot leave a survivor in that group. Returns the processes signalled."""
+    groups: dict[int, int] = {}
+    for pid, owner in _processes():
+        found = _groups(pid) if owner == uid else None
+        if found is not None and found[1] == sid:
+            groups[found[0]] = groups.get(found[0], 0) + 1
+    for pgid in groups:
+        with contextlib.suppress(OSError):
+            os.killpg(pgid, signal.SIGKILL)
+    return sum(groups.values())
+
+
+def _check_processes(*_: object) -> None:
+    try:
+        _contain_fork_bomb()
+    except Exception as exc:  # a signal handler of PID 1 must never raise
+        _say(f"vivarium: process check failed: {exc!r}")
+    # Armed again only now: a check slower than the period must not run back to back, which
+    # would keep the main loop from reaping what it killed.
+    signal.setitimer(signal.ITIMER_REAL, PROCESS_CHECK_S)
+
+
+def _say(line: str) -> None:
+    """A line in the sandbox's log (the console), best effort."""
+    with contextlib.suppress(OSError):
+        os.write(1, f"{line}\n".encode())
+
+
+def _contain_fork_bomb() -> None:
+    limit = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    if limit == resource.RLIM_INFINITY or len(os.listdir("/proc")) < FORK_BOMB_SHARE * limit:
+        _at_limit_since.clear()
+        return  # the common case, every second in every sandbox: one directory read
+    counts: dict[int, int] = {}
+    for _pid, uid in _processes():
+        counts[uid] = counts.get(uid, 0) + 1
+    now = time.monotonic()
+    for uid, count in counts.items():
+        if uid == 0 or count < FORK_BOMB_SHARE * limit:
+            _at_limit_since.pop(uid, None)
+            continue
+        if now - _at_limit_since.setdefault(uid, now) < FORK_BOMB_AFTER_S:
+            continue
+        sessions: dict[int, int] = {}
+        for pid, owner in _processes():
+            found = _groups(pid) if owner == uid else None
+            if found is not None:
+                sessions[found[1]] = sessions.get(found[1], 0) + 1
+        if sum(sessions.values()) < FORK_BOMB_SHARE * limit:
+            continue  # mostly zombies: being reaped
+        sid = max(sessions, key=sessions.__getitem__)
+        killed = sum(_kill_session(uid, sid) for _ in range(3))
+        _at_limit_since.pop(uid, None)
+        _say(f"vivarium: process limit: uid {uid} ran {count} processes, the limit is {limit}; "
+             f"killed session {sid} ({killed} processes)")  # fmt: skip
+
+
 def main() -> None:
+    signal.signal(signal.SIGUSR1, _out_of_memory)
+    signal.signal(signal.SIGALRM, _check_processes)
+    signal.setitimer(signal.ITIMER_REAL, PROCESS_CHECK_S)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     broker = _start_broker()
     services = {_start_service(spec): spec for spec in _load_services()}
+    _protected_sessions.update(pid for pid, spec in services.items() if spec is ENVD)
     while True:  # reap every orphan; restart envd, the broker or a service if one dies
         try:
             pid, _status = os.waitpid(-1, 0)
@@ -217,7 +363,10 @@ def main() -> None:
         elif pid in services:
             time.sleep(RESTART_BACKOFF_S)
             spec = services.pop(pid)
-            services[_start_service(spec)] = spec
+            pid = _start_service(spec)
+            services[pid] = spec
+            if spec is ENVD:
+                _protected_sessions.add(pid)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from vivarium.proc import Result
 from vivarium.runtime import disk
 from vivarium.runtime.bundle import Resources, for_sandbox, write_bundle
 from vivarium.runtime.cgroups import memory_stats, pids_limit_hits
+from vivarium.runtime.memory_guard import MemoryGuard
 from vivarium.runtime.runsc import CheckpointFailed, Runsc, open_runtime
 from vivarium.templates.store import TemplateStore
 
@@ -107,6 +108,7 @@ class Node:
         # Sandboxes that ended without being killed through us (OOM, crash, lost in a restart).
         self.events: list[dict[str, Any]] = []
         self._locks: dict[str, asyncio.Lock] = {}
+        self._guards: dict[str, MemoryGuard] = {}  # by container id
         self._creating = 0
         # Restores at once: more only thrash the CPUs (and starve the API) without finishing
         # sooner; the rest wait their turn (E2B's nodes cap "starting" sandboxes the same way).
@@ -138,6 +140,7 @@ class Node:
         for record in self.sandboxes.values():  # a pause cut short may have left them refusing
             slot = self.pool.range.slot(record.slot_index)
             await firewall.apply_router_rules(slot, record.allow_internet)
+            self._guard(record.sandbox_id, record.container_id, record.memory_mb)
         self._reaper = asyncio.create_task(self._reap_expired())
         log.info(
             "node ready: %d sandbox(es) adopted, runsc %s (%s)",
@@ -282,6 +285,7 @@ class Node:
             filestore = await asyncio.to_thread(disk.create, directory, resources.disk_mb << 20)
             await runtime.restore(container_id, bundle, image, filestore,
                                   directory / "console.log")  # fmt: skip
+            self._guard(sandbox_id, container_id, resources.memory_mb)
             await init_envd(self.http, slot.router_ip, sandbox_id=sandbox_id, template_id=template,
                             env_vars=dict(req.env_vars or {}),
                             access_token=req.access_token)  # fmt: skip
@@ -297,6 +301,7 @@ class Node:
             )  # fmt: skip
             await self._save(record)
         except BaseException:
+            self._unguard(container_id)
             await runtime.delete(container_id)
             await self.pool.release(slot)
             await self._remove_dir(directory)
@@ -315,6 +320,7 @@ class Node:
         every process takes milliseconds. Removing the record first is crash-safe: a container
         or slot without a record is cleaned up by the next start.
         """
+        self._unguard(record.container_id)
         await self._rt().kill(record.container_id)
         self.sandboxes.pop(record.sandbox_id, None)
         for listener in self.on_destroyed:
@@ -395,6 +401,7 @@ class Node:
         """Save the sandbox into `image`, stopping it. New connections are refused meanwhile,
         and the save waits for the handshakes under way to end (handshakes.py)."""
         runtime = self._rt()
+        self._unguard(record.container_id)  # a frozen init cannot free memory
         await firewall.refuse_new_connections(slot)
         await runtime.pause(record.container_id)
         deadline = time.monotonic() + HANDSHAKE_WAIT_S
@@ -452,6 +459,7 @@ class Node:
         state = await runtime.state(record.container_id)
         if state is None or state.status != "running":
             return False
+        self._guard(record.sandbox_id, record.container_id, record.memory_mb)
         try:
             await firewall.apply_router_rules(slot, record.allow_internet)
         except Exception:
@@ -541,6 +549,32 @@ class Node:
         # The record is fsync'ed: on a disk busy with restores that can take tens of
         # milliseconds, which must not stall the event loop (the API and proxy share it).
         await asyncio.to_thread(self.records.save, record)
+
+    def _guard(self, sandbox_id: str, container_id: str, memory_mb: int) -> None:
+        """Contain the sandbox's runaway processes from now on (memory_guard.py)."""
+        runtime = self._rt()
+
+        def reaped(before: int, after: int) -> None:
+            log.warning("sandbox %s ran out of its %d MiB: its largest process was killed "
+                        "(%d MiB in use, then %d MiB)", sandbox_id, memory_mb, before >> 20,
+                        after >> 20)  # fmt: skip
+
+        self._unguard(container_id)
+        guard = MemoryGuard(container_id, memory_mb << 20,
+                            lambda: runtime.signal_init(container_id, "USR1"), reaped)  # fmt: skip
+        try:
+            guard.arm()
+        except OSError as exc:
+            guard.disarm()
+            hint = "check that the memory cgroup controller is available"
+            raise RuntimeFailure(f"could not set the memory limit of {sandbox_id}: {exc}",
+                                 hint) from exc  # fmt: skip
+        self._guards[container_id] = guard
+
+    def _unguard(self, container_id: str) -> None:
+        guard = self._guards.pop(container_id, None)
+        if guard is not None:
+            guard.disarm()
 
     def logs(self, sandbox_id: str, limit: int = 1000) -> list[tuple[float, str]]:
         """The sandbox's console output (its init and envd), newest `limit` lines, each with the

@@ -61,12 +61,29 @@ class Resources:
         return {
             "memory": {"limit": self.memory_mb * 1024 * 1024},
             "cpu": {"quota": int(self.cpus * CPU_PERIOD_US), "period": CPU_PERIOD_US},
-            "pids": {"limit": self.pids},
+            "pids": {"limit": host_tasks(self.pids)},
         }
 
 
-def base_spec(rootfs: Path, args: list[str], env: list[str], hostname: str) -> dict[str, Any]:
-    """The spec a template is booted with; restores reuse it with `for_sandbox`."""
+# A sandbox's processes are counted inside it, by RLIMIT_NPROC (per user; root, holding
+# CAP_SYS_RESOURCE, is exempt), which fails fork() with EAGAIN as a kernel would. The host
+# cgroup's pids limit counts the sentry's own threads and the platform's stub tasks as well, and
+# reaching it crashes the sentry: it is a backstop set well above what `pids` processes need
+# (measured: about 2.2 host tasks per process under systrap).
+HOST_TASKS_PER_PROCESS = 5
+HOST_TASKS_BASE = 100
+
+
+def host_tasks(processes: int) -> int:
+    return HOST_TASKS_PER_PROCESS * processes + HOST_TASKS_BASE
+
+
+def base_spec(
+    rootfs: Path, args: list[str], env: list[str], hostname: str, processes: int
+) -> dict[str, Any]:
+    """The spec a template is booted with; restores reuse it with `for_sandbox`. The rlimits are
+    its init's, inherited by everything in every sandbox restored from it: a restore keeps the
+    saved kernel's."""
     caps = list(DEFAULT_CAPS)
     return {
         "ociVersion": "1.0.0",
@@ -77,7 +94,10 @@ def base_spec(rootfs: Path, args: list[str], env: list[str], hostname: str) -> d
             "env": [PATH_ENV, *env],
             "cwd": "/",
             "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
+            "rlimits": [
+                {"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576},
+                {"type": "RLIMIT_NPROC", "hard": processes, "soft": processes},
+            ],
             "noNewPrivileges": False,
         },
         "root": {"path": str(rootfs), "readonly": False},

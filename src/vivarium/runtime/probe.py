@@ -32,7 +32,7 @@ INSTALL_HINT = (
 # Measured with `make bench` on this kind of host (2 cores, nested virtualisation): ptrace is
 # faster than systrap for commands, creates and scale (docs/benchmarks.md). Override with
 # VIVARIUM_RUNSC_PLATFORM.
-DEFAULT_PLATFORM = "ptrace"
+DEFAULT_PLATFORM = "systrap"
 PLATFORMS = ("ptrace", "systrap")
 
 
@@ -100,7 +100,7 @@ def _probe_container(
 ) -> tuple[bool, str]:
     """Run `args` in a throw-away container over the host's root, read-only."""
     with tempfile.TemporaryDirectory(prefix="vivarium-probe-") as tmp:
-        spec = base_spec(Path("/"), args, [], "probe")
+        spec = base_spec(Path("/"), args, [], "probe", 64)
         spec["root"]["readonly"] = True
         spec["process"]["user"] = {"uid": uid, "gid": uid}
         if netns:

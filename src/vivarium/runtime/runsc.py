@@ -110,6 +110,10 @@ class Runsc:
     async def kill(self, cid: str, signal: str = "KILL") -> None:
         await run(self._argv("kill", "--all", cid, signal), check=False)
 
+    async def signal_init(self, cid: str, signal: str) -> None:
+        """Send `signal` to the container's PID 1 only."""
+        await run(self._argv("kill", cid, signal), check=False)
+
     async def delete(self, cid: str) -> None:
         res = await run(self._argv("delete", "--force", cid), check=False)
         if res.ok or "does not exist" in res.stderr + res.stdout:

@@ -207,7 +207,8 @@ async def wait_ready(address: str, port: int, name: str) -> None:
 async def boot_and_checkpoint(
     settings: Settings, recipe: Recipe, build_dir: Path, runtime: Runsc, say: Stopwatch
 ) -> None:
-    spec = base_spec(build_dir / "rootfs", list(recipe.init), list(recipe.env), "sandbox")
+    spec = base_spec(build_dir / "rootfs", list(recipe.init), list(recipe.env), "sandbox",
+                     settings.default_pids)  # fmt: skip
     (build_dir / "spec.json").write_text(json.dumps(spec, indent=1))
     slots = SlotRange(settings.slot_prefix, settings.slot_cidr)
     slot = slots.slot(slots.capacity - 1)  # reserved for builds
@@ -268,7 +269,7 @@ async def build(
             "recipe_hash": recipe_hash,
             "runsc_version": runtime.probe.runsc_version,
             "platform": runtime.probe.platform,
-            "disk_mb": recipe.disk_mb or settings.default_disk_mb,
+            "disk_mb": recipe.disk_mb,  # 0: the node's default, when a sandbox starts
             "created_at": datetime.now(UTC).isoformat(),
             "rootfs_bytes": dir_size(build_dir / "rootfs"),
             "checkpoint_bytes": dir_size(build_dir / "checkpoint"),

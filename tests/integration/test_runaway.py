@@ -1,0 +1,143 @@
+"""A runaway process loses only itself: memory, disk and fork bombs through the official client.
+
+After each bomb a command proves the sandbox alive and its files intact, and a neighbour
+sandbox is unaffected. The server gives sandboxes 512 MiB of memory and a 512 MiB disk so that
+the bombs are quick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from e2b import CommandExitException, Sandbox
+
+from tests.integration.support import Server, running_server, sdk_options
+
+pytestmark = pytest.mark.timeout(300)
+
+API_PORT = 3121  # proxy on API_PORT + 1000
+MEMORY_MB = 512
+DISK_MB = 512
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    with running_server("runaway", "vx", "10.247.0.0/24", API_PORT,
+                        default_memory_mb=str(MEMORY_MB),
+                        default_disk_mb=str(DISK_MB)) as srv:  # fmt: skip
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def neighbour(server: Server) -> Iterator[Sandbox]:
+    sbx = Sandbox.create(timeout=600, **sdk_options(server))  # type: ignore[arg-type]
+    sbx.files.write("/home/user/mine.txt", "neighbour's")
+    yield sbx
+    with contextlib.suppress(Exception):
+        sbx.kill()
+
+
+@pytest.fixture()
+def victim(server: Server) -> Iterator[Sandbox]:
+    sbx = Sandbox.create(timeout=300, **sdk_options(server))  # type: ignore[arg-type]
+    sbx.files.write("/home/user/kept.txt", "kept")
+    sbx.commands.run("sleep 3600", background=True)
+    yield sbx
+    with contextlib.suppress(Exception):
+        sbx.kill()
+
+
+def _fails(sbx: Sandbox, cmd: str, **kwargs: object) -> CommandExitException:
+    with pytest.raises(CommandExitException) as info:
+        sbx.commands.run(cmd, **kwargs)  # type: ignore[call-overload]
+    return info.value
+
+
+def _intact(sbx: Sandbox, neighbour: Sandbox) -> None:
+    """The sandbox answers, its files and other processes are there; the neighbour too."""
+    assert sbx.commands.run("echo alive").stdout == "alive\n"
+    assert sbx.files.read("/home/user/kept.txt") == "kept"
+    assert "sleep 3600" in sbx.commands.run("ps -eo args").stdout
+    assert neighbour.commands.run("cat /home/user/mine.txt").stdout == "neighbour's"
+
+
+def _log(server: Server, sandbox_id: str) -> str:
+    response = httpx.get(f"http://127.0.0.1:{API_PORT}/sandboxes/{sandbox_id}/logs",
+                         headers={"X-API-Key": sdk_options(server)["api_key"]})  # fmt: skip
+    response.raise_for_status()
+    return "\n".join(entry["line"] for entry in response.json()["logs"])
+
+
+def test_a_memory_bomb_is_killed_and_the_sandbox_lives_on(
+    server: Server, victim: Sandbox, neighbour: Sandbox
+) -> None:
+    # Far past the sandbox's memory: what brought a whole sandbox down before.
+    failed = _fails(victim, "python3 -c 'x = bytearray(8 * 1024**3)'", timeout=120)
+    # Killed as a kernel's OOM killer would (envd reports a signal as E2B's does: exit code -1).
+    assert failed.error == "signal: killed" or "MemoryError" in failed.stderr, failed
+    _intact(victim, neighbour)
+    assert "out of memory: killed process" in _log(server, victim.sandbox_id)
+    # Memory is free again: an ordinary allocation works.
+    victim.commands.run("python3 -c 'x = bytearray(100 * 1024**2)'")
+
+
+def test_parallel_memory_bombs_are_all_killed(victim: Sandbox, neighbour: Sandbox) -> None:
+    # The command's whole process group goes: its memory is spread over several processes.
+    bombs = "for i in 1 2 3 4; do python3 -c 'x = bytearray(1024**3)' & done; wait"
+    failed = _fails(victim, bombs, timeout=120)
+    assert failed.error == "signal: killed", failed
+    _intact(victim, neighbour)
+
+
+def test_a_full_disk_fails_writes_with_enospc_and_the_sandbox_lives_on(
+    server: Server, victim: Sandbox, neighbour: Sandbox
+) -> None:
+    failed = _fails(victim, "dd if=/dev/zero of=/home/user/fill bs=1M", timeout=120)
+    assert "No space left on device" in failed.stderr
+    _intact(victim, neighbour)
+    # The memory limit was not spent on the written data: memory is still there.
+    victim.commands.run("python3 -c 'x = bytearray(200 * 1024**2)'")
+    victim.commands.run("rm /home/user/fill")
+    victim.files.write("/home/user/after.txt", "written after")
+    assert victim.files.read("/home/user/after.txt") == "written after"
+
+
+# Starts processes until the process limit and stays there, retrying.
+FORK_AND_HOLD = "while :; do sleep 1000 & done"
+
+
+def _wait_log(server: Server, sandbox_id: str, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in _log(server, sandbox_id):
+        assert time.monotonic() < deadline, f"no {text!r} in the sandbox's log"
+        time.sleep(1)
+
+
+def _process_count(sbx: Sandbox) -> int:
+    return int(sbx.commands.run("ps -e --no-headers | wc -l", user="root", timeout=120).stdout)
+
+
+def test_a_user_held_at_the_process_limit_loses_that_session(
+    server: Server, victim: Sandbox, neighbour: Sandbox
+) -> None:
+    victim.commands.run(f"bash -c '{FORK_AND_HOLD}'", background=True)
+    # fork() fails with EAGAIN at the limit; a user held there for seconds is running a fork
+    # bomb, and the session of the command that started it is killed.
+    _wait_log(server, victim.sandbox_id, "process limit: uid 1000")
+    _intact(victim, neighbour)
+    assert _process_count(victim) < 20
+
+
+def test_a_classic_fork_bomb_leaves_the_sandbox_alive(victim: Sandbox, neighbour: Sandbox) -> None:
+    victim.commands.run("bash -c ':(){ :|:& };:'", background=True)
+    # envd answers throughout (slowly while the bomb runs; root is exempt from the limit).
+    assert victim.commands.run("echo alive", user="root", timeout=120).stdout == "alive\n"
+    deadline = time.monotonic() + 120
+    while _process_count(victim) >= 20:  # it dies out, or is killed at the limit
+        assert time.monotonic() < deadline, "the fork bomb goes on"
+        time.sleep(1)
+    _intact(victim, neighbour)
