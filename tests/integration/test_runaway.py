@@ -141,3 +141,52 @@ def test_a_classic_fork_bomb_leaves_the_sandbox_alive(victim: Sandbox, neighbour
         assert time.monotonic() < deadline, "the fork bomb goes on"
         time.sleep(1)
     _intact(victim, neighbour)
+
+
+# Bad input for pause: a sandbox busy running away at the moment it is paused.
+
+
+def _snapshot_mib(server: Server, sandbox_id: str) -> float:
+    files = (server.state_dir / "snapshots" / sandbox_id).rglob("*")
+    return sum(f.stat().st_size for f in files if f.is_file()) / 2**20
+
+
+def test_a_pause_while_a_process_writes_to_disk_as_fast_as_it_can(
+    server: Server, victim: Sandbox, neighbour: Sandbox
+) -> None:
+    flood = "while :; do dd if=/dev/zero of=/home/user/flood bs=1M count=200 2>/dev/null; done"
+    victim.commands.run(f"bash -c '{flood}'", background=True)
+    time.sleep(1)
+    assert victim.pause() is True
+    resumed = Sandbox.connect(victim.sandbox_id, timeout=300, **sdk_options(server))  # type: ignore[arg-type]
+    assert "bash -c" in resumed.commands.run("ps -eo args").stdout  # the writer carries on
+    resumed.commands.run("pkill -f '[w]hile :'")
+    _intact(resumed, neighbour)
+
+
+def test_a_pause_during_a_memory_bomb(server: Server, victim: Sandbox, neighbour: Sandbox) -> None:
+    victim.commands.run("python3 -c 'x = bytearray(8 * 1024**3)'", background=True)
+    time.sleep(0.3)
+    # Either the pause saves the bomb too (and it is killed after the resume), or the bomb is
+    # killed first; either way the sandbox and its state are kept.
+    assert victim.pause() is True
+    resumed = Sandbox.connect(victim.sandbox_id, timeout=300, **sdk_options(server))  # type: ignore[arg-type]
+    deadline = time.monotonic() + 60
+    while "bytearray" in resumed.commands.run("ps -eo args").stdout:
+        assert time.monotonic() < deadline, "the memory bomb survived the resume"
+        time.sleep(0.5)
+    _intact(resumed, neighbour)
+
+
+def test_a_sandbox_with_a_full_disk_pauses_and_resumes_with_its_files(
+    server: Server, victim: Sandbox, neighbour: Sandbox
+) -> None:
+    # Random bytes: what does not compress shows what a full disk costs a snapshot.
+    _fails(victim, "dd if=/dev/urandom of=/home/user/fill bs=1M", timeout=180)
+    size = victim.commands.run("stat -c %s /home/user/fill").stdout.strip()
+    assert victim.pause() is True
+    assert _snapshot_mib(server, victim.sandbox_id) > int(size) / 2**20  # every written byte
+    resumed = Sandbox.connect(victim.sandbox_id, timeout=300, **sdk_options(server))  # type: ignore[arg-type]
+    assert resumed.commands.run("stat -c %s /home/user/fill").stdout.strip() == size
+    resumed.commands.run("rm /home/user/fill")
+    _intact(resumed, neighbour)

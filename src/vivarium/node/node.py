@@ -440,9 +440,15 @@ class Node:
 
     def _check_snapshot_space(self, record: SandboxRecord) -> None:
         """A checkpoint that runs out of disk may take the sandbox down with it: refuse up
-        front unless the snapshot fits even at its largest (all of the sandbox's memory)."""
+        front unless the snapshot fits even at its largest (all of the sandbox's memory, and
+        every file written to its disk)."""
         stats = memory_stats(record.container_id)
-        need = (stats.usage_bytes if stats else record.memory_mb << 20) + SNAPSHOT_HEADROOM
+        written = disk.usage(self.records.container_dir(record.container_id))
+        need = (
+            (stats.usage_bytes if stats else record.memory_mb << 20)
+            + (written[0] if written else record.disk_mb << 20)  # the writable layer's files
+            + SNAPSHOT_HEADROOM
+        )
         free = shutil.disk_usage(self.snapshots.root).free
         if free < need:
             raise CannotSave(

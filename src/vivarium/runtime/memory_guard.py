@@ -97,6 +97,8 @@ class MemoryGuard:
             self._fds = [event, usage]
             (self._v1 / "cgroup.event_control").write_text(f"{event} {usage} {self.limit}")
             loop.add_reader(event, self._crossed)
+            if self.usage() >= self.limit:  # already above (a resumed sandbox): no crossing
+                self._episode = loop.create_task(self._watch(forever=False))
         else:
             (self._v2 / "memory.max").write_text(hard)
             self._episode = loop.create_task(self._watch(forever=True))

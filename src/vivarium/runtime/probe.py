@@ -59,10 +59,7 @@ def require_root() -> None:
 def find_runsc(runsc: str) -> str:
     path = shutil.which(runsc)
     if not path:
-        raise HostNotReady(
-            f"runsc not found ({runsc})",
-            "install gVisor: `apt-get install runsc`, or run `make run` which installs it",
-        )
+        raise HostNotReady(f"runsc not found ({runsc})", INSTALL_HINT)
     return path
 
 
