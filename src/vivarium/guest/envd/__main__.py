@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import selectors
 
 import uvicorn
 
@@ -24,11 +23,7 @@ def main() -> None:
                             access_log=False, timeout_keep_alive=300, http="h11",
                             # Attached process streams must not hold up a stop.
                             timeout_graceful_shutdown=2)  # fmt: skip
-    # poll(), not epoll: this gVisor refuses to checkpoint a TCP socket that an epoll instance
-    # still watches ("endpoint still has waiters upon save"); poll only waits during the call.
-    loop = asyncio.SelectorEventLoop(selectors.PollSelector())
-    asyncio.set_event_loop(loop)
-    loop.run_until_complete(uvicorn.Server(config).serve())
+    asyncio.run(uvicorn.Server(config).serve())
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import ctypes
 import gc
 import os
 import pwd
-import selectors
 
 import uvicorn
 
@@ -63,11 +62,7 @@ def main() -> None:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=PORT)
     args = parser.parse_args()
-    # poll(), not epoll, for the same reason as envd: this gVisor cannot checkpoint a TCP
-    # socket an epoll instance watches.
-    loop = asyncio.SelectorEventLoop(selectors.PollSelector())
-    asyncio.set_event_loop(loop)
-    loop.run_until_complete(serve(args.host, args.port))
+    asyncio.run(serve(args.host, args.port))
 
 
 if __name__ == "__main__":
