@@ -23,6 +23,7 @@ from tests.integration.support import (
     TEMPLATE_DIR,
     Server,
     make_server,
+    outside_host,
 )
 from vivarium.node.client import NodeClient
 
@@ -38,27 +39,9 @@ def _preconditions() -> None:
 @pytest.fixture(scope="session")
 def inet_host() -> Iterator[str]:
     """A web server in its own namespace, standing in for a host on the internet."""
-    subprocess.run(["ip", "netns", "del", INET_NS], capture_output=True)
-    subprocess.run(["ip", "link", "del", INET_HOST_IF], capture_output=True)
-    cmds = [
-        ["ip", "netns", "add", INET_NS],
-        ["ip", "link", "add", INET_HOST_IF, "type", "veth", "peer", "name", "eth0", "netns",
-         INET_NS],
-        ["ip", "addr", "add", f"{INET_GATEWAY}/29", "dev", INET_HOST_IF],
-        ["ip", "link", "set", INET_HOST_IF, "up"],
-        ["ip", "-n", INET_NS, "addr", "add", f"{INET_ALLOWED}/29", "dev", "eth0"],
-        ["ip", "-n", INET_NS, "addr", "add", f"{INET_OTHER}/29", "dev", "eth0"],
-        ["ip", "-n", INET_NS, "link", "set", "eth0", "up"],
-        ["ip", "-n", INET_NS, "link", "set", "lo", "up"],
-    ]  # fmt: skip
-    for cmd in cmds:
-        subprocess.run(cmd, check=True)
-    web = subprocess.Popen(
-        ["ip", "netns", "exec", INET_NS, sys.executable, "-m", "http.server", str(INET_PORT),
-         "--bind", "0.0.0.0", "--directory", str(REPO / "tests")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
+    web = [sys.executable, "-m", "http.server", str(INET_PORT), "--bind", "0.0.0.0",
+           "--directory", str(REPO / "tests")]  # fmt: skip
+    with outside_host(INET_NS, INET_HOST_IF, INET_GATEWAY, [INET_ALLOWED, INET_OTHER], 29, web):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             url = f"http://{INET_ALLOWED}:{INET_PORT}/"
@@ -69,11 +52,6 @@ def inet_host() -> Iterator[str]:
                 break
             time.sleep(0.1)
         yield INET_ALLOWED
-    finally:
-        web.terminate()
-        web.wait(10)
-        subprocess.run(["ip", "netns", "del", INET_NS], capture_output=True)
-        subprocess.run(["ip", "link", "del", INET_HOST_IF], capture_output=True)
 
 
 @pytest.fixture(scope="session")

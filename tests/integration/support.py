@@ -122,6 +122,37 @@ def running_server(
             srv.stop()
 
 
+@contextlib.contextmanager
+def outside_host(
+    ns: str, host_if: str, gateway: str, addresses: list[str], prefix_len: int,
+    server_argv: list[str],
+) -> Iterator[None]:  # fmt: skip
+    """A host "on the internet": its own network namespace behind a veth from the root one
+    (`gateway` on our side, `addresses` on its side), running `server_argv` there."""
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+    cmds = [
+        ["ip", "netns", "add", ns],
+        ["ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns],
+        ["ip", "addr", "add", f"{gateway}/{prefix_len}", "dev", host_if],
+        ["ip", "link", "set", host_if, "up"],
+        *[["ip", "-n", ns, "addr", "add", f"{a}/{prefix_len}", "dev", "eth0"] for a in addresses],
+        ["ip", "-n", ns, "link", "set", "eth0", "up"],
+        ["ip", "-n", ns, "link", "set", "lo", "up"],
+    ]
+    for cmd in cmds:
+        subprocess.run(cmd, check=True, capture_output=True)
+    server = subprocess.Popen(["ip", "netns", "exec", ns, *server_argv],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        yield
+    finally:
+        server.terminate()
+        server.wait(10)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+
+
 def sdk_options(srv: Server) -> dict[str, str]:
     """Where the official client finds this server: its key, API and proxy."""
     return {"api_key": (srv.state_dir / "admin.key").read_text().strip(),

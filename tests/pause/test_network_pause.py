@@ -20,7 +20,7 @@ import httpx
 import pytest
 from e2b import Sandbox
 
-from tests.integration.support import Server, running_server, sdk_options
+from tests.integration.support import Server, outside_host, running_server, sdk_options
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -124,26 +124,11 @@ def _sh(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def outside() -> Iterator[str]:
-    subprocess.run(["ip", "netns", "del", OUT_NS], capture_output=True)
-    subprocess.run(["ip", "link", "del", OUT_HOST_IF], capture_output=True)
-    _sh("ip", "netns", "add", OUT_NS)
-    _sh("ip", "link", "add", OUT_HOST_IF, "type", "veth", "peer", "name", "eth0", "netns", OUT_NS)
-    _sh("ip", "addr", "add", f"{OUT_GATEWAY}/30", "dev", OUT_HOST_IF)
-    _sh("ip", "link", "set", OUT_HOST_IF, "up")
-    _sh("ip", "-n", OUT_NS, "addr", "add", f"{OUT_ADDR}/30", "dev", "eth0")
-    _sh("ip", "-n", OUT_NS, "link", "set", "eth0", "up")
-    _sh("ip", "-n", OUT_NS, "link", "set", "lo", "up")
-    _sh("ip", "netns", "exec", OUT_NS, "iptables", "-A", "INPUT", "-p", "tcp", "--dport",
-        str(SILENT_PORT), "-j", "DROP")  # fmt: skip
-    echo = subprocess.Popen(["ip", "netns", "exec", OUT_NS, sys.executable, "-c", ECHO],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
+    with outside_host(OUT_NS, OUT_HOST_IF, OUT_GATEWAY, [OUT_ADDR], 30,
+                      [sys.executable, "-c", ECHO]):  # fmt: skip
+        subprocess.run(["ip", "netns", "exec", OUT_NS, "iptables", "-A", "INPUT", "-p", "tcp",
+                        "--dport", str(SILENT_PORT), "-j", "DROP"], check=True)  # fmt: skip
         yield OUT_ADDR
-    finally:
-        echo.terminate()
-        echo.wait(10)
-        subprocess.run(["ip", "netns", "del", OUT_NS], capture_output=True)
-        subprocess.run(["ip", "link", "del", OUT_HOST_IF], capture_output=True)
 
 
 @pytest.fixture(scope="module")
