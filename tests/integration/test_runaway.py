@@ -98,6 +98,11 @@ def test_a_full_disk_fails_writes_with_enospc_and_the_sandbox_lives_on(
 ) -> None:
     failed = _fails(victim, "dd if=/dev/zero of=/home/user/fill bs=1M", timeout=120)
     assert "No space left on device" in failed.stderr
+    # The disk's size and use, as the official client reads them (`df` inside shows gVisor's
+    # 8 EiB: this runsc has no way to report the real size to statfs).
+    metric = victim.get_metrics()[-1]
+    assert 0.9 * DISK_MB * 2**20 < metric.disk_total <= DISK_MB * 2**20
+    assert metric.disk_used > 0.9 * metric.disk_total
     _intact(victim, neighbour)
     # The memory limit was not spent on the written data: memory is still there.
     victim.commands.run("python3 -c 'x = bytearray(200 * 1024**2)'")
