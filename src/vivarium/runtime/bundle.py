@@ -23,7 +23,7 @@ DEFAULT_CAPS = [
     "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
 ]  # fmt: skip
 
-MIN_MEMORY_MB = 64
+MIN_MEMORY_MB = 256  # an idle sandbox uses ~110 MiB of it (the sentry)
 MAX_MEMORY_MB = 64 * 1024
 MAX_CPUS = 64
 MIN_PIDS = 16
