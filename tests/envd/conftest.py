@@ -80,6 +80,20 @@ def run_envd() -> Iterator[str]:
             shutil.rmtree(helper.parent, ignore_errors=True)
 
 
+# On hosts whose root profile runs `pyenv init` (this CI's machines do), every `bash -l` as root
+# takes pyenv's rehash lock for a moment; a test that kills such a shell at that moment leaves
+# the lock behind, and every later login shell then waits a minute for it. Not ours to fix, but
+# it must not turn one killed process into a dozen timeouts.
+PYENV_LOCK = Path.home() / ".pyenv" / "shims" / ".pyenv-shim"
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_pyenv_lock() -> None:
+    with contextlib.suppress(OSError):
+        if time.time() - PYENV_LOCK.stat().st_mtime > 20:
+            PYENV_LOCK.unlink()
+
+
 @pytest.fixture(scope="session")
 def envd_url() -> Iterator[str]:
     with run_envd() as url:
