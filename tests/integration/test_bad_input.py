@@ -5,11 +5,19 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.integration.support import VIVARIUM, Server, make_server, netns_names
+from tests.integration.support import (
+    VIVARIUM,
+    Server,
+    containers,
+    host_links,
+    make_server,
+    netns_names,
+)
 from vivarium.node.client import NodeClient, NodeError
 
 
@@ -86,12 +94,36 @@ def test_missing_runsc_is_a_clear_error() -> None:
     result = subprocess.run([VIVARIUM, "serve"], env=srv.env, capture_output=True, text=True,
                             timeout=60)  # fmt: skip
     assert result.returncode != 0
-    assert "runsc not found" in result.stderr and "apt-get install runsc" in result.stderr
-    assert netns_names("vn") == set()
+    assert "runsc not found" in result.stderr and "make system-deps" in result.stderr
+    assert "bookworm-backports" in result.stderr
+    assert netns_names("vn") == set() and not containers(srv.state_dir)
     doctor = subprocess.run([VIVARIUM, "doctor"], env=srv.env, capture_output=True, text=True,
                             timeout=60)  # fmt: skip
     assert doctor.returncode == 1
     assert "[FAIL] runsc" in doctor.stdout
+
+
+OLD_RUNSC = """#!/bin/sh
+# Answers like Debian 12's own runsc, and nothing else.
+if [ "$1" = "--version" ]; then
+    echo "runsc version 0.0~20221219.0"; echo "spec: 1.1.0-rc.1"; exit 0
+fi
+echo "this fake runsc only answers --version" >&2; exit 1
+"""
+
+
+def test_a_runsc_older_than_2024_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    fake = tmp_path / "runsc"
+    fake.write_text(OLD_RUNSC)
+    fake.chmod(0o755)
+    srv = make_server("oldrunsc", "vn", "10.236.0.0/24", 3102, runsc=str(fake))
+    result = subprocess.run([VIVARIUM, "serve"], env=srv.env, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode != 0
+    assert "runsc 0.0~20221219.0 is too old" in result.stderr
+    assert "bookworm-backports" in result.stderr
+    assert netns_names("vn") == set() and not host_links("vn")
+    assert not containers(srv.state_dir)
 
 
 def test_conflicting_slot_range_is_refused() -> None:

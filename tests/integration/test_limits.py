@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
 from tests.integration.support import sh
-from vivarium.node.client import NodeClient
+from vivarium.node.client import NodeClient, NodeError
 
 
 def test_memory_limit_kills_only_the_offender(
@@ -32,7 +33,8 @@ def test_fork_bomb_leaves_host_and_others_responsive(
 ) -> None:
     bomb = sandbox()
     other = sandbox()
-    client.exec(bomb, ["bash", "-c", ":(){ :|:& };:; sleep 10"], timeout=20)
+    with contextlib.suppress(NodeError):  # the bomb may keep its exec from finishing in time
+        client.exec(bomb, ["bash", "-c", ":(){ :|:& };:; sleep 10"], timeout=20)
 
     started = time.monotonic()
     assert client.exec(other, ["echo", "alive"])["stdout"] == "alive\n"
