@@ -203,6 +203,29 @@ def _start_broker() -> int:
 MIN_VICTIM_KB = 16 << 10  # below this a process is no culprit: leave it alone
 
 
+def _say(line: str) -> None:
+    """A line in the sandbox's log (the console), best effort."""
+    with contextlib.suppress(OSError):
+        os.write(1, f"{line}\n".encode())
+
+
+def _live_processes() -> list[tuple[int, int, int, int]]:
+    """(pid, uid, process group, session) of every process but zombies."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            uid = os.stat(f"/proc/{entry}").st_uid
+            with open(f"/proc/{entry}/stat") as f:
+                state, _ppid, pgrp, sid = f.read().rsplit(")", 1)[1].split()[:4]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if state not in ("Z", "X"):
+            found.append((int(entry), uid, int(pgrp), int(sid)))
+    return found
+
+
 # Sessions no OOM kill may touch: init's (with the sudo broker) and envd's (with its spawner),
 # without which the sandbox cannot be reached. Every command envd starts has a session of its own.
 _protected_sessions = {1}
@@ -222,13 +245,12 @@ def _memory_by_group() -> dict[int, tuple[int, int, str]]:
     """Per process group outside the protected sessions: resident KiB, processes, a name (its
     leader's, when alive)."""
     groups: dict[int, tuple[int, int, str]] = {}
-    for entry in os.listdir("/proc"):
-        found = _groups(int(entry)) if entry.isdigit() else None
-        if found is None or found[1] in _protected_sessions:
+    for pid, _uid, pgrp, sid in _live_processes():
+        if sid in _protected_sessions:
             continue
-        rss, name = _resident(int(entry))
-        kib, count, leader = groups.get(found[0], (0, 0, name))
-        groups[found[0]] = (kib + rss, count + 1, name if int(entry) == found[0] else leader)
+        rss, name = _resident(pid)
+        kib, count, leader = groups.get(pgrp, (0, 0, name))
+        groups[pgrp] = (kib + rss, count + 1, name if pid == pgrp else leader)
     return groups
 
 
@@ -256,39 +278,17 @@ def _out_of_memory(*_: object) -> None:
 PROCESS_CHECK_S = 1.0
 FORK_BOMB_AFTER_S = 5.0
 FORK_BOMB_SHARE = 0.95
+KILL_PASSES = 3  # a process forked while its group was being killed is caught by the next pass
 _at_limit_since: dict[int, float] = {}
-
-
-def _processes() -> list[tuple[int, int]]:
-    """(pid, uid) of every process."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                found.append((int(entry), os.stat(f"/proc/{entry}").st_uid))
-            except OSError:
-                continue
-    return found
-
-
-def _groups(pid: int) -> tuple[int, int] | None:
-    """(process group, session) of a live process; None for a zombie or one gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state, _ppid, pgrp, sid = f.read().rsplit(")", 1)[1].split()[:4]
-    except (OSError, ValueError):
-        return None
-    return None if state in ("Z", "X") else (int(pgrp), int(sid))
 
 
 def _kill_session(uid: int, sid: int) -> int:
     """SIGKILL every process group of `uid` in session `sid`; each killpg is atomic, so a fork
     racing with it cannot leave a survivor in that group. Returns the processes signalled."""
     groups: dict[int, int] = {}
-    for pid, owner in _processes():
-        found = _groups(pid) if owner == uid else None
-        if found is not None and found[1] == sid:
-            groups[found[0]] = groups.get(found[0], 0) + 1
+    for _pid, owner, pgrp, session in _live_processes():
+        if owner == uid and session == sid:
+            groups[pgrp] = groups.get(pgrp, 0) + 1
     for pgid in groups:
         with contextlib.suppress(OSError):
             os.killpg(pgid, signal.SIGKILL)
@@ -305,37 +305,30 @@ def _check_processes(*_: object) -> None:
     signal.setitimer(signal.ITIMER_REAL, PROCESS_CHECK_S)
 
 
-def _say(line: str) -> None:
-    """A line in the sandbox's log (the console), best effort."""
-    with contextlib.suppress(OSError):
-        os.write(1, f"{line}\n".encode())
-
-
 def _contain_fork_bomb() -> None:
     limit = resource.getrlimit(resource.RLIMIT_NPROC)[0]
     if limit == resource.RLIM_INFINITY or len(os.listdir("/proc")) < FORK_BOMB_SHARE * limit:
         _at_limit_since.clear()
         return  # the common case, every second in every sandbox: one directory read
+    processes = _live_processes()  # zombies being reaped do not count
     counts: dict[int, int] = {}
-    for _pid, uid in _processes():
+    for _pid, uid, _pgrp, _sid in processes:
         counts[uid] = counts.get(uid, 0) + 1
     now = time.monotonic()
+    for uid in [u for u in _at_limit_since if counts.get(u, 0) < FORK_BOMB_SHARE * limit]:
+        del _at_limit_since[uid]
     for uid, count in counts.items():
         if uid == 0 or count < FORK_BOMB_SHARE * limit:
-            _at_limit_since.pop(uid, None)
             continue
         if now - _at_limit_since.setdefault(uid, now) < FORK_BOMB_AFTER_S:
             continue
         sessions: dict[int, int] = {}
-        for pid, owner in _processes():
-            found = _groups(pid) if owner == uid else None
-            if found is not None:
-                sessions[found[1]] = sessions.get(found[1], 0) + 1
-        if sum(sessions.values()) < FORK_BOMB_SHARE * limit:
-            continue  # mostly zombies: being reaped
+        for _pid, owner, _pgrp, sid in processes:
+            if owner == uid:
+                sessions[sid] = sessions.get(sid, 0) + 1
         sid = max(sessions, key=sessions.__getitem__)
-        killed = sum(_kill_session(uid, sid) for _ in range(3))
-        _at_limit_since.pop(uid, None)
+        killed = sum(_kill_session(uid, sid) for _ in range(KILL_PASSES))
+        del _at_limit_since[uid]
         _say(f"vivarium: process limit: uid {uid} ran {count} processes, the limit is {limit}; "
              f"killed session {sid} ({killed} processes)")  # fmt: skip
 

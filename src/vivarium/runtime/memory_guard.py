@@ -4,8 +4,8 @@ gVisor has no OOM killer of its own: the sandbox's memory is charged to one host
 host kernel at that cgroup's limit kills the whole sandbox (the sentry). So the limit a sandbox
 is given (its `memory_mb`) is a threshold, and the cgroup's hard limit sits `headroom` above it.
 When usage crosses the threshold the guard signals the sandbox's init (SIGUSR1), which kills
-the process using the most memory inside (guest/init.py); it keeps doing so every
-`RETRY_S` while usage stays above, since a parallel bomb has several culprits. The headroom
+the process group using the most memory inside (guest/init.py); it keeps doing so every
+`RETRY_S` while usage stays above, since a bomb may have several culprits. The headroom
 must absorb what is allocated meanwhile: measured on this machine kind, a single bomb never
 came near 256 MiB past the threshold, four at once came within 512 MiB.
 
@@ -58,49 +58,49 @@ class MemoryGuard:
         self._reap_signal = reap
         self._on_reaped = on_reaped
         rel = cgroup_path(container_id).lstrip("/")
-        self._v1 = root / "memory" / rel
-        self._v2 = root / rel
+        # The layout is fixed for the host: decided once, not on every read of the poll loop.
+        self._v1 = (root / "memory" / rel).is_dir()
+        self._dir = root / "memory" / rel if self._v1 else root / rel
+        self._usage_file = self._dir / ("memory.usage_in_bytes" if self._v1 else "memory.current")
+        self._file_keys = (
+            ("total_active_file", "total_inactive_file") if self._v1
+            else ("active_file", "inactive_file")
+        )  # fmt: skip
         self._fds: list[int] = []
         self._episode: asyncio.Task[None] | None = None
 
     def usage(self) -> int:
         """What the cgroup is charged, page cache included."""
-        v1 = self._v1.is_dir()
-        path = self._v1 / "memory.usage_in_bytes" if v1 else self._v2 / "memory.current"
         try:
-            return int(path.read_text())
+            return int(self._usage_file.read_text())
         except (OSError, ValueError):
             return 0
 
     def working_set(self) -> int:
         """The usage less the page cache of files (the disk), which the kernel can drop."""
-        v1 = self._v1.is_dir()
-        keys = (
-            ("total_active_file", "total_inactive_file") if v1 else ("active_file", "inactive_file")
-        )
         try:
-            stat = (self._v1 if v1 else self._v2).joinpath("memory.stat").read_text()
+            stat = (self._dir / "memory.stat").read_text()
         except OSError:
             return 0
         fields = dict(line.split(" ", 1) for line in stat.splitlines() if " " in line)
-        return self.usage() - sum(int(fields.get(key, 0)) for key in keys)
+        return self.usage() - sum(int(fields.get(key, 0)) for key in self._file_keys)
 
     def arm(self) -> None:
         """Raise the hard limit above the threshold and start watching (after start/restore:
         runsc sets the cgroup's limit from the spec, which says `limit`)."""
         hard = str(self.limit + headroom(self.limit))
         loop = asyncio.get_running_loop()
-        if self._v1.is_dir():
-            (self._v1 / "memory.limit_in_bytes").write_text(hard)
+        if self._v1:
+            (self._dir / "memory.limit_in_bytes").write_text(hard)
             event = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            usage = os.open(self._v1 / "memory.usage_in_bytes", os.O_RDONLY | os.O_CLOEXEC)
+            usage = os.open(self._usage_file, os.O_RDONLY | os.O_CLOEXEC)
             self._fds = [event, usage]
-            (self._v1 / "cgroup.event_control").write_text(f"{event} {usage} {self.limit}")
+            (self._dir / "cgroup.event_control").write_text(f"{event} {usage} {self.limit}")
             loop.add_reader(event, self._crossed)
             if self.usage() >= self.limit:  # already above (a resumed sandbox): no crossing
                 self._episode = loop.create_task(self._watch(forever=False))
         else:
-            (self._v2 / "memory.max").write_text(hard)
+            (self._dir / "memory.max").write_text(hard)
             self._episode = loop.create_task(self._watch(forever=True))
 
     def disarm(self) -> None:
