@@ -91,8 +91,11 @@ class Server:
 
 def make_server(name: str, prefix: str, cidr: str, api_port: int, **extra: str) -> Server:
     state_dir = Path(tempfile.mkdtemp(prefix=f"vivarium-{name}-"))
+    # Not the E2B_* variables another suite may have set for the official client: this
+    # server's CLI talks to this server.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("E2B_")}
     env = {
-        **os.environ,
+        **inherited,
         "VIVARIUM_STATE_DIR": str(state_dir),
         "VIVARIUM_TEMPLATE_DIR": TEMPLATE_DIR,
         "VIVARIUM_SLOT_PREFIX": prefix,
