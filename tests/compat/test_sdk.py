@@ -220,12 +220,15 @@ def test_twenty_concurrent_creates_while_health_stays_fast(compat: Compat) -> No
     finally:
         prober.stdin.close()
         prober.wait(10)
-    # Nearly every probe answers in a few milliseconds; on 2 cores saturated by restores a
-    # rare single probe can take longer (seen up to ~0.2 s), hence p95 rather than the max.
+    # What this guards is the event loop: a restore awaited in it instead of in a worker would
+    # hold every probe for a restore's time (0.7 s and up), most of the time. Typical probes
+    # answer in milliseconds; on 2 cores saturated by restores a rare one takes longer (seen up
+    # to ~0.5 s under systrap), so the bounds are loose: latency is measured by `make bench`.
     latencies.sort()
     assert len(latencies) >= 10, latencies
-    assert latencies[int(len(latencies) * 0.95)] < 0.05, latencies[-5:]
-    assert latencies[-1] < 0.5, latencies[-5:]
+    assert latencies[len(latencies) // 2] < 0.05, latencies
+    assert latencies[int(len(latencies) * 0.95)] < 0.25, latencies[-5:]
+    assert latencies[-1] < 2.0, latencies[-5:]
 
 
 def test_bad_keys_other_teams_and_limits(compat: Compat, sbx: Sandbox) -> None:

@@ -285,6 +285,7 @@ class Node:
             filestore = await asyncio.to_thread(disk.create, directory, resources.disk_mb << 20)
             await runtime.restore(container_id, bundle, image, filestore,
                                   directory / "console.log")  # fmt: skip
+            await asyncio.to_thread(disk.hold_back, directory)
             self._guard(sandbox_id, container_id, resources.memory_mb)
             await init_envd(self.http, slot.router_ip, sandbox_id=sandbox_id, template_id=template,
                             env_vars=dict(req.env_vars or {}),

@@ -9,6 +9,14 @@ a few tens of milliseconds.
 
 A checkpoint holds the layer's contents, so a snapshot needs no copy of the disk; each restore
 gets an empty disk of its own.
+
+A restore needs a little more room than the sandbox had. While running, runsc allocates the
+filestore with fallocate, which stops cleanly at ENOSPC; a restore writes the saved layer back
+through a mapping, and ext4's reservations for those delayed writes run out a few MiB before the
+disk is full. The sentry then dies of SIGBUS and the sandbox cannot resume (seen with a disk
+filled to the last block). So the image is SLACK larger than asked, and once the container runs,
+`hold_back` fills the SLACK with a RESERVE file the sandbox cannot reach: its room stays what was
+asked for, across any number of pauses.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from vivarium.proc import run_sync
 
 IMAGE = "disk.img"
 MOUNT = "disk"
+RESERVE = "reserve"  # beside runsc's filestore, on the disk's root
+SLACK = 32 << 20
 # No journal: the file system lives only as long as one incarnation of the sandbox, and runsc's
 # filestore file is unlinked on creation; nothing on it needs to survive a host crash.
 MKFS = ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal",
@@ -32,13 +42,13 @@ def mount_point(directory: Path) -> Path:
 
 
 def create(directory: Path, size_bytes: int) -> Path:
-    """A fresh, empty disk of `size_bytes` for the container whose files live in `directory`;
-    returns where runsc's filestore goes."""
+    """A fresh, empty disk with room for `size_bytes` once `hold_back` has run, for the container
+    whose files live in `directory`; returns where runsc's filestore goes."""
     directory.mkdir(parents=True, exist_ok=True)
     image, target = directory / IMAGE, mount_point(directory)
     remove(directory)
     with open(image, "wb") as f:
-        f.truncate(size_bytes)
+        f.truncate(size_bytes + SLACK)
     try:
         run_sync([*MKFS, str(image)])
         target.mkdir(exist_ok=True)
@@ -48,6 +58,21 @@ def create(directory: Path, size_bytes: int) -> Path:
         raise
     target.chmod(0o700)
     return target
+
+
+def hold_back(directory: Path) -> None:
+    """Take the SLACK back from a container that has started: what its restore left free, up to
+    SLACK, goes to the reserve file."""
+    target = mount_point(directory)
+    st = os.statvfs(target)
+    size = min(SLACK, st.f_bavail * st.f_frsize)
+    if size <= 0:
+        return
+    fd = os.open(target / RESERVE, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
 
 
 def remove(directory: Path) -> None:
@@ -62,9 +87,15 @@ def remove(directory: Path) -> None:
 
 
 def usage(directory: Path) -> tuple[int, int] | None:
-    """(bytes used, bytes in all) of the disk, as the host sees it; None without one."""
+    """(bytes used, bytes in all) of the sandbox's files on the disk, as the host sees them (the
+    reserve left out); None without a disk."""
     target = mount_point(directory)
     if not os.path.ismount(target):
         return None
     st = os.statvfs(target)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_blocks * st.f_frsize
+    try:
+        reserved = os.stat(target / RESERVE).st_blocks * 512
+    except FileNotFoundError:
+        reserved = 0
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize - reserved
+    return used, used + st.f_bavail * st.f_frsize  # what it has and what it can still take

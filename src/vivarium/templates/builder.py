@@ -223,6 +223,7 @@ async def boot_and_checkpoint(
         filestore = disk.create(build_dir / "boot", resources.disk_mb << 20)
         say("booting under runsc")
         await runtime.start(cid, bundle, filestore, build_dir / "build-console.log")
+        disk.hold_back(build_dir / "boot")
         await wait_ready(slot.router_ip, ENVD_PORT, "envd")
         for service in recipe.services:
             say(f"waiting for {service.name} on port {service.port}")
