@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,7 @@ import pytest
 from vivarium.config import Settings
 from vivarium.errors import ConfigError, HostNotReady, InvalidArgument
 from vivarium.node.records import RecordStore, SandboxRecord, new_sandbox_id, valid_sandbox_id
-from vivarium.runtime import disk, procsys
+from vivarium.runtime import procsys
 from vivarium.runtime.bundle import Resources, base_spec, for_sandbox
 from vivarium.runtime.cgroups import memory_stats, pids_limit_hits
 from vivarium.runtime.probe import Probe, check_release, release_date
@@ -157,20 +156,3 @@ def test_runsc_releases_before_2024_07_29_are_refused_with_the_way_to_install() 
         with pytest.raises(HostNotReady, match="too old") as info:
             check_release(old)
         assert "bookworm-backports" in info.value.hint
-
-
-def test_a_disk_keeps_its_slack_from_the_sandbox_and_out_of_its_figures(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.fail("mounts a loop device: needs root (`make test`)")
-    target = disk.create(tmp_path, 64 << 20)
-    try:
-        disk.hold_back(tmp_path)
-        used, total = disk.usage(tmp_path) or (0, 0)
-        assert used < 1 << 20 and 54 << 20 < total <= 64 << 20
-        with open(target / "filestore", "wb") as f, pytest.raises(OSError):
-            f.write(b"x" * (128 << 20))  # stops at what was asked for, not at the image's size
-        used, total = disk.usage(tmp_path) or (0, 0)
-        assert 54 << 20 < used <= total <= 64 << 20
-    finally:
-        disk.remove(tmp_path)
-    assert not (tmp_path / disk.IMAGE).exists()

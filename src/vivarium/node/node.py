@@ -30,6 +30,7 @@ from vivarium.guest.envd.state import EnvdState
 from vivarium.network import firewall, handshakes
 from vivarium.network.addressing import Slot
 from vivarium.network.pool import SlotPool
+from vivarium.node.disks import DiskPool
 from vivarium.node.envd_init import envd_http, init_envd
 from vivarium.node.records import (
     RecordStore,
@@ -103,6 +104,8 @@ class Node:
             settings.slot_prefix, settings.slot_cidr, settings.egress_allow,
             settings.slot_prewarm, settings.max_sandboxes,
         )  # fmt: skip
+        self.disks = DiskPool(settings.state_dir / "disks", settings.default_disk_mb,
+                              settings.slot_prewarm)  # fmt: skip
         self.runtime: Runsc | None = None
         self.sandboxes: dict[str, SandboxRecord] = {}
         # Sandboxes that ended without being killed through us (OOM, crash, lost in a restart).
@@ -137,6 +140,7 @@ class Node:
         await self._reconcile()
         await asyncio.to_thread(self.snapshots.sweep_staging)
         await self.pool.start({r.slot_index for r in self.sandboxes.values()})
+        await self.disks.start()
         for record in self.sandboxes.values():  # a pause cut short may have left them refusing
             slot = self.pool.range.slot(record.slot_index)
             await firewall.apply_router_rules(slot, record.allow_internet)
@@ -158,6 +162,7 @@ class Node:
         if self._remote_deletes:
             await asyncio.gather(*self._remote_deletes, return_exceptions=True)
         await self.pool.stop()
+        await self.disks.stop()
         await self.http.aclose()
 
     async def _reconcile(self) -> None:
@@ -278,11 +283,11 @@ class Node:
         directory = self.records.container_dir(container_id)
         slot = await self.pool.acquire(req.allow_internet)
         try:
+            filestore = await self.disks.take(directory, resources.disk_mb)
             bundle = write_bundle(
                 directory / "bundle",
                 for_sandbox(spec, Path(slot.netns_path), resources, container_id),
             )
-            filestore = await asyncio.to_thread(disk.create, directory, resources.disk_mb << 20)
             await runtime.restore(container_id, bundle, image, filestore,
                                   directory / "console.log")  # fmt: skip
             await asyncio.to_thread(disk.hold_back, directory)
