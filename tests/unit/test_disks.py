@@ -52,9 +52,9 @@ def test_ready_disks_are_handed_out_once_and_removed_at_stop(tmp_path: Path) -> 
             other = await pool.take(tmp_path / "b", 32)  # another size: made on the spot
             assert os.path.ismount(other)
             assert (disk.usage(tmp_path / "b") or (0, 1 << 40))[1] < (32 << 20) + disk.SLACK
+        finally:
             for name in ("a", "b"):
                 disk.remove(tmp_path / name)
-        finally:
             await pool.stop()
         assert not _mounted_under(tmp_path) and not list((tmp_path / "ready").iterdir())
 
