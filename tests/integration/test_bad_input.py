@@ -17,6 +17,7 @@ from tests.integration.support import (
     host_links,
     make_server,
     netns_names,
+    running_server,
 )
 from vivarium.node.client import NodeClient, NodeError
 
@@ -124,6 +125,18 @@ def test_a_runsc_older_than_2024_is_refused_with_what_to_do(tmp_path: Path) -> N
     assert "bookworm-backports" in result.stderr
     assert netns_names("vn") == set() and not host_links("vn")
     assert not containers(srv.state_dir)
+
+
+def test_a_template_built_for_another_platform_is_refused_with_what_to_do() -> None:
+    # `make` built the shared template for the default platform (systrap).
+    with running_server("otherplatform", "vn", "10.236.0.0/24", 3104,
+                        runsc_platform="ptrace") as srv, srv.client() as client:  # fmt: skip
+        with pytest.raises(NodeError) as excinfo:
+            client.create(template="base")
+        assert excinfo.value.http_status == 503
+        assert "(systrap)" in excinfo.value.message and "(ptrace)" in excinfo.value.message
+        assert "vivarium template build base" in excinfo.value.message
+        assert client.list_sandboxes() == [] and not containers(srv.state_dir)
 
 
 def test_conflicting_slot_range_is_refused() -> None:

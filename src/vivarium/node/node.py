@@ -21,6 +21,7 @@ from vivarium.errors import (
     CannotSave,
     CapacityExhausted,
     Conflict,
+    HostNotReady,
     InvalidArgument,
     NotFound,
     RuntimeFailure,
@@ -46,7 +47,7 @@ from vivarium.runtime.bundle import Resources, for_sandbox, write_bundle
 from vivarium.runtime.cgroups import memory_stats, pids_limit_hits
 from vivarium.runtime.memory_guard import MemoryGuard
 from vivarium.runtime.runsc import CheckpointFailed, Runsc, open_runtime
-from vivarium.templates.store import TemplateStore
+from vivarium.templates.store import Template, TemplateStore
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,7 @@ class Node:
         ):
             raise InvalidArgument(f"sandbox id {req.sandbox_id!r} is invalid or in use")
         template = self.templates.get(req.template)
+        self._check_built_here(template)
         resources = Resources(
             s.default_memory_mb if req.memory_mb is None else req.memory_mb,
             s.default_cpus if req.cpus is None else req.cpus,
@@ -250,6 +252,18 @@ class Node:
         async with self._start_slot():
             return await self._restore(req, template.name, template.build_id, template.spec,
                                        template.checkpoint, resources, timeout_s)  # fmt: skip
+
+    def _check_built_here(self, template: Template) -> None:
+        """A checkpoint restores only under the runsc release and platform that made it (under
+        another, envd just never answers): say so before trying."""
+        probe = self._rt().probe
+        made = (template.manifest.get("runsc_version"), template.manifest.get("platform"))
+        if made != (probe.runsc_version, probe.platform):
+            raise HostNotReady(
+                f"template {template.name!r} was built by runsc {made[0]} ({made[1]}); this "
+                f"node runs runsc {probe.runsc_version} ({probe.platform})",
+                f"rebuild it: `vivarium template build {template.name}` (`make run` does)",
+            )
 
     @asynccontextmanager
     async def _start_slot(self) -> AsyncIterator[None]:
