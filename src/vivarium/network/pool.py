@@ -169,7 +169,8 @@ class SlotPool:
         self._free.append(slot)
         return True
 
-    async def acquire(self, allow_internet: bool) -> Slot:
+    async def acquire(self) -> Slot:
+        """A free slot, egress off (as every free slot is): the caller opens it if asked."""
         while True:
             async with self._lock:
                 if self._free:
@@ -181,11 +182,6 @@ class SlotPool:
                     f"no free network slot (limit {self.limit})",
                     "kill idle sandboxes or raise VIVARIUM_MAX_SANDBOXES",
                 )
-        try:
-            await firewall.apply_router_rules(slot, allow_internet)
-        except BaseException:
-            await self.release(slot)
-            raise
         return slot
 
     async def release(self, slot: Slot) -> None:

@@ -295,7 +295,10 @@ class Node:
         # taken until it is gone, so a resume takes another.
         container_id = new_container_id(sandbox_id)
         directory = self.records.container_dir(container_id)
-        slot = await self.pool.acquire(req.allow_internet)
+        slot = await self.pool.acquire()
+        # Egress opens while runsc restores: until then the slot refuses it, as free ones do.
+        egress = (asyncio.create_task(firewall.apply_router_rules(slot, allow_internet=True))
+                  if req.allow_internet else None)  # fmt: skip
         try:
             filestore = await self.disks.take(directory, resources.disk_mb)
             bundle = write_bundle(
@@ -304,11 +307,14 @@ class Node:
             )
             await runtime.restore(container_id, bundle, image, filestore,
                                   directory / "console.log")  # fmt: skip
-            await asyncio.to_thread(disk.hold_back, directory)
             self._guard(sandbox_id, container_id, resources.memory_mb)
-            await init_envd(self.http, slot.router_ip, sandbox_id=sandbox_id, template_id=template,
-                            env_vars=dict(req.env_vars or {}),
-                            access_token=req.access_token)  # fmt: skip
+            # Independent of each other: done side by side while envd answers.
+            await asyncio.gather(
+                asyncio.to_thread(disk.hold_back, directory),
+                *([egress] if egress else []),
+                init_envd(self.http, slot.router_ip, sandbox_id=sandbox_id, template_id=template,
+                          env_vars=dict(req.env_vars or {}), access_token=req.access_token),
+            )  # fmt: skip
             now = time.time()
             record = SandboxRecord(
                 sandbox_id=sandbox_id, template=template, build_id=build_id,
@@ -321,6 +327,9 @@ class Node:
             )  # fmt: skip
             await self._save(record)
         except BaseException:
+            if egress:  # cancelling a finished one does nothing
+                egress.cancel()
+                await asyncio.gather(egress, return_exceptions=True)
             self._unguard(container_id)
             await runtime.delete(container_id)
             await self.pool.release(slot)
