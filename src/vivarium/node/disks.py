@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import uuid
 from pathlib import Path
 
@@ -52,7 +51,7 @@ class DiskPool:
                     return disk.mount_point(directory)
                 except OSError:
                     log.warning("could not use ready disk %s; making one", entry, exc_info=True)
-                    await asyncio.to_thread(self._remove, entry)
+                    await asyncio.to_thread(disk.discard, entry)
             return await asyncio.to_thread(disk.create, directory, size_mb << 20)
         finally:
             self._fill_soon()
@@ -67,21 +66,16 @@ class DiskPool:
             try:
                 await asyncio.to_thread(disk.create, entry, self.size_mb << 20)
             except asyncio.CancelledError:
-                await asyncio.to_thread(self._remove, entry)
+                await asyncio.to_thread(disk.discard, entry)
                 raise
             except Exception:
                 # A restore makes its own then; the next take tries again.
                 log.warning("could not make a ready disk", exc_info=True)
-                await asyncio.to_thread(self._remove, entry)
+                await asyncio.to_thread(disk.discard, entry)
                 return
             self._free.append(entry)
 
     def _clear(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         for entry in self.root.iterdir():
-            self._remove(entry)
-
-    @staticmethod
-    def _remove(entry: Path) -> None:
-        disk.remove(entry)  # unmounted first: rmtree must not walk into it
-        shutil.rmtree(entry, ignore_errors=True)
+            disk.discard(entry)

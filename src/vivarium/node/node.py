@@ -188,18 +188,12 @@ class Node:
                 self._event(record, f"not running after node restart (container {state})")
             if container is not None:  # only by its exact id: runsc would take a prefix
                 await runtime.delete(record.container_id)
-            await self._remove_dir(self.records.container_dir(record.container_id))
+            await asyncio.to_thread(disk.discard, self.records.container_dir(record.container_id))
         for cid in containers:
             log.warning("removing orphaned container %s", cid)
             await runtime.delete(cid)
         for stray in strays:
-            await self._remove_dir(stray)
-
-    @staticmethod
-    async def _remove_dir(directory: Path) -> None:
-        """A container's directory, its disk unmounted first (rmtree must not walk into it)."""
-        await asyncio.to_thread(disk.remove, directory)
-        await asyncio.to_thread(shutil.rmtree, directory, True)
+            await asyncio.to_thread(disk.discard, stray)
 
     def _rt(self) -> Runsc:
         if self.runtime is None:
@@ -333,7 +327,7 @@ class Node:
             self._unguard(container_id)
             await runtime.delete(container_id)
             await self.pool.release(slot)
-            await self._remove_dir(directory)
+            await asyncio.to_thread(disk.discard, directory)
             raise
         self.sandboxes[sandbox_id] = record
         return record
@@ -365,7 +359,7 @@ class Node:
         try:
             await self._rt().delete(record.container_id)
             await self.pool.release(self.pool.range.slot(record.slot_index))
-            await self._remove_dir(directory)
+            await asyncio.to_thread(disk.discard, directory)
         except Exception:
             log.exception("cleanup of sandbox %s failed; the next start retries it",
                           record.sandbox_id)  # fmt: skip

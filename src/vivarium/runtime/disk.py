@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 from vivarium.proc import run_sync
@@ -84,6 +85,13 @@ def remove(directory: Path) -> None:
     with contextlib.suppress(OSError):
         target.rmdir()
     (directory / IMAGE).unlink(missing_ok=True)
+
+
+def discard(directory: Path) -> None:
+    """Remove the disk, then `directory` with everything else in it (rmtree must never walk
+    into a mounted disk)."""
+    remove(directory)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def usage(directory: Path) -> tuple[int, int] | None:

@@ -234,8 +234,7 @@ async def boot_and_checkpoint(
         await runtime.delete(cid)
         await destroy_slot(slot.prefix, slot.index)
         shutil.rmtree(bundle, ignore_errors=True)
-        disk.remove(build_dir / "boot")
-        shutil.rmtree(build_dir / "boot", ignore_errors=True)
+        disk.discard(build_dir / "boot")
 
 
 async def build(
