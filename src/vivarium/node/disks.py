@@ -47,7 +47,8 @@ class DiskPool:
             if size_mb == self.size_mb and self._free:
                 entry = self._free.pop()
                 try:
-                    entry.rename(directory)
+                    # A rename waits for the journal on a busy disk: not in the event loop.
+                    await asyncio.to_thread(entry.rename, directory)
                     return disk.mount_point(directory)
                 except OSError:
                     log.warning("could not use ready disk %s; making one", entry, exc_info=True)

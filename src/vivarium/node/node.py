@@ -295,10 +295,10 @@ class Node:
                   if req.allow_internet else None)  # fmt: skip
         try:
             filestore = await self.disks.take(directory, resources.disk_mb)
-            bundle = write_bundle(
-                directory / "bundle",
+            bundle = await asyncio.to_thread(
+                write_bundle, directory / "bundle",
                 for_sandbox(spec, Path(slot.netns_path), resources, container_id),
-            )
+            )  # fmt: skip
             await runtime.restore(container_id, bundle, image, filestore,
                                   directory / "console.log")  # fmt: skip
             self._guard(sandbox_id, container_id, resources.memory_mb)
