@@ -149,6 +149,34 @@ def test_conflicting_slot_range_is_refused() -> None:
     assert "VIVARIUM_SLOT_CIDR" in result.stderr
 
 
+@pytest.mark.parametrize("shares", ["state directory", "slot prefix"])
+def test_a_second_node_on_the_same_state_is_refused_and_harms_nothing(
+    server: Server, client: NodeClient, sandbox: Callable[..., str], shares: str
+) -> None:
+    sandbox_id = sandbox()
+    slots = netns_names("vt")
+    second = make_server("second", "vs", "10.236.1.0/24", 3105)
+    if shares == "state directory":
+        second.env["VIVARIUM_STATE_DIR"] = str(server.state_dir)
+        second.env["VIVARIUM_SLOT_PREFIX"] = "vt"  # and so may not reset the first's slots
+        second.env["VIVARIUM_SLOT_CIDR"] = server.env["VIVARIUM_SLOT_CIDR"]
+        setting = "VIVARIUM_STATE_DIR"
+    else:
+        second.env["VIVARIUM_SLOT_PREFIX"] = "vt"
+        setting = "VIVARIUM_SLOT_PREFIX"
+    result = subprocess.run([VIVARIUM, "serve"], env=second.env, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode != 0
+    assert f"another vivarium node (pid {server.proc.pid}) is running with {shares}" in (  # type: ignore[union-attr]
+        result.stderr
+    )
+    assert setting in result.stderr
+    # The first node's sandbox, slots and ready disks are as they were.
+    assert netns_names("vt") == slots
+    assert client.exec(sandbox_id, ["echo", "ok"])["stdout"] == "ok\n"
+    assert client.get(sandbox_id)["sandbox_id"] == sandbox_id
+
+
 def test_not_root_is_told_to_use_sudo() -> None:
     result = subprocess.run(
         # An unprivileged user who can read the checkout wherever it is (CI may clone into a

@@ -25,8 +25,9 @@ from vivarium.api.db.engine import migrate, open_engine
 from vivarium.config import Settings
 from vivarium.errors import CapacityExhausted, Conflict, InvalidArgument, NotFound
 from vivarium.guest.envd import ENVD_VERSION
-from vivarium.node.node import CreateRequest, Node
+from vivarium.node.node import Node
 from vivarium.node.records import new_sandbox_id
+from vivarium.node.request import CreateRequest
 from vivarium.node.snapshots import Snapshot
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ from starlette.routing import Route
 
 from vivarium.errors import InvalidArgument
 from vivarium.httpjson import guarded, json_body, str_map, typed
-from vivarium.node.node import CreateRequest, Node
+from vivarium.node.node import Node
+from vivarium.node.request import CreateRequest
 
 
 def create_app(node: Node) -> Starlette:

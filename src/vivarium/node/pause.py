@@ -1,0 +1,199 @@
+"""Pause and resume: a sandbox saved whole (memory, processes, files) into its snapshot, and
+brought back from it as a new incarnation with the same identity.
+
+No data is lost on any failure path: a failed pause leaves the sandbox running (thawed, or
+restored from its own checkpoint), and a failed resume leaves the snapshot as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+from vivarium.errors import CannotSave, Conflict, RuntimeFailure
+from vivarium.network import firewall, handshakes
+from vivarium.network.addressing import Slot
+from vivarium.node.records import SandboxRecord
+from vivarium.node.request import resume_request
+from vivarium.node.snapshots import Snapshot, SnapshotNotStored
+from vivarium.runtime import disk
+from vivarium.runtime.bundle import Resources
+from vivarium.runtime.cgroups import memory_stats
+from vivarium.runtime.runsc import CheckpointFailed
+
+if TYPE_CHECKING:
+    from vivarium.node.node import Node
+
+log = logging.getLogger(__name__)
+
+AUTO_PAUSE_RETRY_S = 60  # an auto-pause that failed is tried again after this long
+SNAPSHOT_HEADROOM = 64 << 20  # bytes kept free beyond a snapshot's largest possible size
+# A handshake under way at a pause ends when the peer answers or the sandbox's netstack (which
+# runs while its programs are frozen) retransmits the SYN into the refusal: first after 1 s,
+# then 2 s later.
+HANDSHAKE_WAIT_S = 3.5
+HANDSHAKE_POLL_S = 0.02
+
+
+async def pause_sandbox(node: Node, record: SandboxRecord) -> Snapshot:
+    """Checkpoint the sandbox into its snapshot and free its resources; the caller holds the
+    sandbox's lock. If the checkpoint fails, the sandbox keeps running unchanged."""
+    runtime = node.rt()
+    sandbox_id = record.sandbox_id
+    _check_snapshot_space(node, record)
+    await asyncio.to_thread(node.snapshots.check)  # the remote store, if any, is reachable
+    # runsc saves what programs inside do with the network: listening servers and connections
+    # inside the sandbox resume as they were; a connection over its interface is cut at the
+    # save (--net-disconnect-ok), so the proxy ends its own first, cleanly. Only a connection
+    # still being opened cannot be saved: _checkpoint waits for those.
+    record.state = "pausing"
+    node.tell_destroyed(sandbox_id)
+    slot = node.pool.range.slot(record.slot_index)
+    staging = await asyncio.to_thread(node.snapshots.staging, sandbox_id)
+    try:
+        await _checkpoint(node, record, slot, staging / "checkpoint")
+        version = runtime.probe.runsc_version
+        snapshot = await asyncio.to_thread(
+            node.snapshots.commit, sandbox_id, staging, record.to_json(), version
+        )
+    except BaseException as exc:
+        if isinstance(exc, SnapshotNotStored):  # sealed here, but not stored remotely
+            await _put_back(node, record, staging, exc)
+        await asyncio.to_thread(node.snapshots.discard, staging)
+        if await asyncio.shield(_thaw(node, record, slot)):
+            record.state = "running"
+            if isinstance(exc, CheckpointFailed):
+                hint = "; ".join(filter(None, ["it keeps running, unchanged", exc.hint]))
+                raise CannotSave(f"sandbox {sandbox_id} could not be saved: {exc.message}",
+                                 hint) from None  # fmt: skip
+            raise RuntimeFailure(f"pausing sandbox {sandbox_id} failed: {exc}",
+                                 "it keeps running, unchanged") from None  # fmt: skip
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        # The checkpoint stopped it but the snapshot could not be written (disk full?):
+        # restarting would lose what was in memory, so say exactly what happened.
+        node.record_event(record, f"pause failed after the sandbox was stopped: {exc}")
+        await node.destroy(record)
+        lost = "the sandbox was stopped and could not be saved"
+        raise RuntimeFailure(f"pausing sandbox {sandbox_id} failed: {exc}", lost) from None
+    await node.destroy(record)  # the checkpoint stopped it: free the slot and container
+    log.info("sandbox %s paused (%d MiB snapshot)", sandbox_id, snapshot.size >> 20)
+    return snapshot
+
+
+async def resume_sandbox(node: Node, sandbox_id: str, timeout_s: int) -> SandboxRecord:
+    """Restore a paused sandbox from its verified snapshot, with a new timeout. A failed resume
+    leaves the snapshot as it was, ready for another try."""
+    if sandbox_id in node.sandboxes:
+        raise Conflict(f"sandbox {sandbox_id!r} is already running")
+    runtime = node.rt()
+    async with node.lock(sandbox_id):
+        if sandbox_id in node.sandboxes:  # resumed meanwhile (by a call that held the lock)
+            raise Conflict(f"sandbox {sandbox_id!r} is already running")
+        timeout_s = node.timeout(timeout_s)  # a bad timeout before any snapshot I/O
+        # No wait for the paused incarnation's `runsc delete`: this one gets its own container
+        # id and slot (see Node.restore). The snapshot is verified (or fetched) outside the
+        # start limit: a long download must not hold up other creates.
+        snapshot = await asyncio.to_thread(node.snapshots.load, sandbox_id,
+                                           runtime.probe.runsc_version)  # fmt: skip
+        record = SandboxRecord.from_json(snapshot.record)
+        async with node.start_slot():
+            restored = await _restore_record(node, record, snapshot.checkpoint, timeout_s)
+    log.info("sandbox %s resumed", sandbox_id)
+    return restored
+
+
+async def _restore_record(
+    node: Node, record: SandboxRecord, image: Path, timeout_s: int
+) -> SandboxRecord:
+    """A new incarnation of a sandbox from a checkpoint of it, on the template build it was
+    created from; the caller holds a start slot."""
+    template = node.templates.build(record.template, record.build_id)
+    resources = Resources(record.memory_mb, record.cpus, record.pids, record.disk_mb)
+    return await node.restore(
+        resume_request(record), record.template, record.build_id, template.spec, image,
+        resources, timeout_s,
+    )  # fmt: skip
+
+
+async def _checkpoint(node: Node, record: SandboxRecord, slot: Slot, image: Path) -> None:
+    """Save the sandbox into `image`, stopping it. New connections are refused meanwhile, and
+    the save waits for the handshakes under way to end (handshakes.py)."""
+    runtime = node.rt()
+    node.guards.disarm(record.container_id)  # a frozen init cannot free memory
+    await firewall.refuse_new_connections(slot)
+    await runtime.pause(record.container_id)
+    deadline = time.monotonic() + HANDSHAKE_WAIT_S
+    while opening := await handshakes.under_way(slot):
+        if time.monotonic() > deadline:
+            raise CheckpointFailed(
+                f"a TCP connection is still being opened ({', '.join(opening)}) and this runsc "
+                "cannot save one mid-handshake",
+                "pause again once it is open or has failed",
+            )
+        await asyncio.sleep(HANDSHAKE_POLL_S)
+    await runtime.checkpoint(record.container_id, image)
+
+
+async def _put_back(node: Node, record: SandboxRecord, staging: Path, exc: Exception) -> NoReturn:
+    """The checkpoint stopped the sandbox and is whole in `staging`, but the remote store
+    refused it: restore the sandbox from it, so that the pause fails with the sandbox running
+    as before (same id, memory, files), and no snapshot is kept anywhere."""
+    sandbox_id = record.sandbox_id
+    await node.destroy(record)
+    try:
+        # The time it had left; an auto-pause that failed is retried after a while.
+        timeout_s = max(AUTO_PAUSE_RETRY_S, round(record.end_at - time.time()))
+        async with node.start_slot():
+            await _restore_record(node, record, staging / "checkpoint",
+                                  min(timeout_s, node.settings.max_timeout_s))  # fmt: skip
+    except BaseException as err:
+        node.record_event(record, f"pause failed ({exc}) and restoring the sandbox failed: {err}")
+        lost = "the sandbox was stopped and could not be restored"
+        raise RuntimeFailure(f"pausing sandbox {sandbox_id} failed: {exc}", lost) from None
+    finally:
+        await asyncio.to_thread(node.snapshots.discard, staging)
+    log.warning("pause of %s failed (%s); it was restored and keeps running", sandbox_id, exc)
+    raise RuntimeFailure(f"pausing sandbox {sandbox_id} failed: {exc}",
+                         "it keeps running, restored from its checkpoint; no snapshot was "
+                         "kept") from None  # fmt: skip
+
+
+def _check_snapshot_space(node: Node, record: SandboxRecord) -> None:
+    """A checkpoint that runs out of disk may take the sandbox down with it: refuse up front
+    unless the snapshot fits even at its largest (all of the sandbox's memory, and every file
+    written to its disk)."""
+    stats = memory_stats(record.container_id)
+    written = disk.usage(node.records.container_dir(record.container_id))
+    need = (
+        (stats.usage_bytes if stats else record.memory_mb << 20)
+        + (written[0] if written else record.disk_mb << 20)  # the writable layer's files
+        + SNAPSHOT_HEADROOM
+    )
+    free = shutil.disk_usage(node.snapshots.root).free
+    if free < need:
+        raise CannotSave(
+            f"not enough disk space to pause sandbox {record.sandbox_id}: {free >> 20} MiB free "
+            f"in {node.snapshots.root}, up to {need >> 20} MiB needed",
+            "free some disk space and pause again; the sandbox keeps running",
+        )
+
+
+async def _thaw(node: Node, record: SandboxRecord, slot: Slot) -> bool:
+    """After a pause that did not happen: unfreeze the sandbox and let it connect again. False
+    if the sandbox is gone (a failed checkpoint may have ended it)."""
+    runtime = node.rt()
+    await runtime.resume(record.container_id)  # False as well when it was not frozen
+    state = await runtime.state(record.container_id)
+    if state is None or state.status != "running":
+        return False
+    node.guards.arm(runtime, record.sandbox_id, record.container_id, record.memory_mb)
+    try:
+        await firewall.apply_router_rules(slot, record.allow_internet)
+    except Exception:
+        log.exception("could not let sandbox %s connect again", record.sandbox_id)
+    return True

@@ -1,0 +1,100 @@
+"""The node's background round: sandboxes past their timeout are killed or paused, and those
+whose container stopped on its own (out of memory, crash) are cleaned up with the reason."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from vivarium.errors import NotFound
+from vivarium.node.pause import AUTO_PAUSE_RETRY_S, pause_sandbox
+from vivarium.node.records import SandboxRecord
+from vivarium.runtime.cgroups import memory_stats, pids_limit_hits
+
+if TYPE_CHECKING:
+    from vivarium.node.node import Node
+
+log = logging.getLogger(__name__)
+
+INTERVAL_S = 0.5
+LIVENESS_EVERY = 4  # rounds between checks that every container still runs
+
+
+class Reaper:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._suspects: set[str] = set()  # sandbox ids that looked dead in the last check
+
+    async def run(self) -> None:
+        tick = 0
+        while True:
+            await asyncio.sleep(INTERVAL_S)
+            tick += 1
+            if tick % LIVENESS_EVERY == 0:
+                try:
+                    await self.check_alive()
+                except Exception:
+                    log.exception("liveness check failed")
+            now = time.time()
+            for record in [r for r in self.node.sandboxes.values() if r.end_at <= now]:
+                await self.expire(record)
+
+    async def check_alive(self) -> None:
+        """Clean up sandboxes whose container stopped on its own, and say why."""
+        node = self.node
+        runtime = node.rt()
+        suspects, self._suspects = self._suspects, set()
+        running = {c.id for c in await runtime.list() if c.status == "running"}
+        for record in [r for r in node.sandboxes.values() if r.container_id not in running]:
+            # `runsc list` can miss a container whose state file is being rewritten: ask it
+            # directly, and act only when a sandbox looked dead in two checks in a row.
+            state = await runtime.state(record.container_id)
+            if state is not None and state.status == "running":
+                continue
+            if record.sandbox_id not in suspects:
+                self._suspects.add(record.sandbox_id)
+                continue
+            lock = node.lock(record.sandbox_id)
+            if lock.locked():
+                continue  # being created, killed or changed right now
+            async with lock:
+                if record.sandbox_id not in node.sandboxes:
+                    continue
+                stats = memory_stats(record.container_id)
+                if stats and stats.oom_kills:
+                    reason = f"out of memory: exceeded its {record.memory_mb} MiB limit"
+                elif pids_limit_hits(record.container_id):
+                    reason = f"hit its limit of {record.pids} processes (fork bomb?)"
+                else:
+                    reason = "stopped unexpectedly (its init process exited)"
+                node.record_event(record, reason)
+                await node.destroy(record)
+
+    async def expire(self, record: SandboxRecord) -> None:
+        node = self.node
+        if record.on_timeout == "pause":
+            try:
+                async with node.locked(record.sandbox_id) as current:
+                    log.info("sandbox %s timed out; pausing it", record.sandbox_id)
+                    snapshot = await pause_sandbox(node, current)
+            except NotFound:
+                return
+            except Exception:
+                log.exception("auto-pause of %s failed", record.sandbox_id)
+                if record.sandbox_id in node.sandboxes:
+                    record.end_at = time.time() + AUTO_PAUSE_RETRY_S  # try again later
+                return
+            if node.on_paused is not None:
+                node.on_paused(record.sandbox_id, snapshot)
+            return
+        log.info("sandbox %s timed out; killing it", record.sandbox_id)
+        try:
+            await node.kill(record.sandbox_id)
+        except NotFound:
+            return
+        except Exception:
+            log.exception("could not kill expired sandbox %s", record.sandbox_id)
+            return
+        node.tell_ended(record.sandbox_id, "timeout")

@@ -1,0 +1,32 @@
+"""What a create asks of the node, and the request that gives a resumed sandbox its identity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vivarium.node.records import SandboxRecord
+
+ON_TIMEOUT = ("kill", "pause")
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    template: str = "base"
+    sandbox_id: str | None = None  # chosen by the control plane; else the node picks one
+    access_token: str | None = None  # envd then requires it (X-Access-Token)
+    on_timeout: str = "kill"
+    timeout_s: int | None = None
+    metadata: dict[str, str] | None = None
+    env_vars: dict[str, str] | None = None
+    allow_internet: bool = True
+    memory_mb: int | None = None
+    cpus: float | None = None
+
+
+def resume_request(record: SandboxRecord) -> CreateRequest:
+    """The create request that gives a resumed sandbox its old identity back."""
+    return CreateRequest(
+        template=record.template, sandbox_id=record.sandbox_id, access_token=record.access_token,
+        metadata=record.metadata, env_vars=record.env_vars, allow_internet=record.allow_internet,
+        on_timeout=record.on_timeout,
+    )  # fmt: skip
