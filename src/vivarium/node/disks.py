@@ -57,6 +57,10 @@ class DiskPool:
         finally:
             self._fill_soon()
 
+    @property
+    def filling(self) -> bool:
+        return self._filling is not None and not self._filling.done()
+
     def _fill_soon(self) -> None:
         if len(self._free) < self.ready and (self._filling is None or self._filling.done()):
             self._filling = asyncio.create_task(self._fill())

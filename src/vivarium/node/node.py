@@ -441,6 +441,8 @@ class Node:
             "sandboxes": len(self.sandboxes),
             "max_sandboxes": self.settings.max_sandboxes,
             "slots_in_use": self.pool.in_use,
+            # Teardowns of killed sandboxes or ready disks still being made in the background.
+            "settling": bool(self._cleanups) or self.disks.filling,
             "templates": self.templates.names(),
             "events": self.events,
         }
