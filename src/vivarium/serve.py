@@ -11,7 +11,10 @@ import gc
 import logging
 import os
 import signal
+import socket
+import stat
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -19,6 +22,7 @@ import uvicorn
 from vivarium.api.app import create_app as create_api_app
 from vivarium.api.control import ControlPlane
 from vivarium.config import Settings
+from vivarium.errors import HostNotReady
 from vivarium.node.node import Node
 from vivarium.node.server import create_app as create_node_app
 from vivarium.proc import raise_priority
@@ -31,6 +35,28 @@ class _Server(uvicorn.Server):
     # We install one signal handler for all listeners instead of uvicorn's per-server ones.
     def capture_signals(self) -> Any:
         return nullcontext()
+
+
+def bind_private_socket(path: Path) -> socket.socket:
+    """The node's socket, root's alone from the moment it exists: whoever can connect to it can
+    create and drive any sandbox, with no key. Bound here (uvicorn would make it 0666)."""
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        # Until this chmod the state directory's own mode (statedir.py) keeps others out; the
+        # umask is not used for that, since it is the whole process's and threads make files.
+        os.chmod(path, 0o600)
+    except BaseException:
+        sock.close()
+        raise
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode != 0o600:
+        sock.close()
+        raise HostNotReady(f"the node socket {path} has mode {mode:04o}, not 0600",
+                           "put the state directory on a local file system")  # fmt: skip
+    sock.listen(2048)
+    return sock
 
 
 def _announce_key(key: str | None, settings: Settings) -> None:
@@ -76,10 +102,16 @@ async def serve(settings: Settings) -> None:
         await node.stop()
         raise
     socket_path = settings.node_socket
-    socket_path.unlink(missing_ok=True)
+    try:
+        node_socket = bind_private_socket(socket_path)
+    except BaseException:
+        await proxy.stop()
+        await control.stop()
+        await node.stop()
+        raise
     servers = [
-        _Server(uvicorn.Config(create_node_app(node), uds=str(socket_path), log_level="warning",
-                               lifespan="off")),
+        _Server(uvicorn.Config(create_node_app(node), fd=node_socket.fileno(),
+                               log_level="warning", lifespan="off")),
         _Server(uvicorn.Config(create_api_app(control), host=settings.api_host,
                                port=settings.api_port, log_level="warning", lifespan="off")),
     ]  # fmt: skip
@@ -92,21 +124,19 @@ async def serve(settings: Settings) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
-    old_umask = os.umask(0o077)  # the node socket is for root only
     try:
         tasks = [asyncio.create_task(s.serve()) for s in servers]
         while not all(s.started for s in servers):
             if any(t.done() for t in tasks):
                 break
             await asyncio.sleep(0.05)
-        os.umask(old_umask)
         if all(s.started for s in servers):
             log.info("vivarium ready: api http://%s:%d, sandbox proxy http://%s:%d, node socket %s",
                      settings.api_host, settings.api_port, settings.proxy_host,
                      settings.proxy_port, socket_path)  # fmt: skip
         await asyncio.gather(*tasks)
     finally:
-        os.umask(old_umask)
+        node_socket.close()
         await proxy.stop()
         await control.stop()
         await node.stop()

@@ -84,12 +84,15 @@ def template() -> None:
 @click.option("--force", is_flag=True, help="Rebuild even if up to date.")
 def template_build(name: str, force: bool) -> None:
     """Build template NAME (no-op when its recipe has not changed)."""
+    from vivarium import statedir
     from vivarium.templates.builder import build
 
     def report(line: str) -> None:
         click.echo(line, err=True)
 
-    built = asyncio.run(build(_settings(), name, force=force, report=report))
+    settings = _settings()
+    statedir.prepare(settings.state_dir)  # a fresh install's first step makes it
+    built = asyncio.run(build(settings, name, force=force, report=report))
     click.echo(built.build_id)
 
 
