@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,3 +147,43 @@ def test_a_state_directory_that_others_could_replace_is_refused(parent_is: str) 
     assert words in result.stderr
     assert "/var/lib/vivarium" in result.stderr  # what to use instead
     assert not (parent / "state").exists()
+
+
+# Prints the HTTP status of a GET, or the error: argv[1] is the URL, argv[2:] headers "K: V".
+FETCH = """
+import sys, urllib.request
+headers = dict(h.split(": ", 1) for h in sys.argv[2:])
+try:
+    print(urllib.request.urlopen(urllib.request.Request(sys.argv[1], headers=headers),
+                                 timeout=5).status)
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def fetch(user: list[str], url: str, *headers: str) -> str:
+    result = subprocess.run([*user, "/usr/bin/python3", "-c", FETCH, url, *headers],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    return result.stdout.strip()
+
+
+def test_other_local_users_reach_a_sandbox_only_through_the_proxy(server: Server) -> None:
+    sbx = Sandbox.create(timeout=300, **sdk_options(server))  # type: ignore[arg-type]
+    try:
+        sbx.commands.run("python3 -m http.server 8000 --bind 0.0.0.0", background=True)
+        with server.client() as client:
+            address = client.get(sbx.sandbox_id)["slot_address"]
+        direct = f"http://{address}:8000/"
+        deadline = time.monotonic() + 30
+        while fetch([], direct) != "200" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert fetch([], direct) == "200"  # root (the node, the proxy) goes straight in
+        refused = fetch(NOBODY, direct)
+        assert "Connection refused" in refused, refused
+        envd = fetch(NOBODY, f"http://{address}:49983/health")
+        assert "Connection refused" in envd, envd
+        proxy = f"http://127.0.0.1:{server.env['VIVARIUM_PROXY_PORT']}/"
+        assert fetch(NOBODY, proxy, f"E2b-Sandbox-Id: {sbx.sandbox_id}",
+                     "E2b-Sandbox-Port: 8000") == "200"  # fmt: skip
+    finally:
+        sbx.kill()
