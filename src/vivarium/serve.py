@@ -27,6 +27,7 @@ from vivarium.node.node import Node
 from vivarium.node.server import create_app as create_node_app
 from vivarium.proc import raise_priority
 from vivarium.proxy import SandboxProxy, Upstream
+from vivarium.tls import ReloadingContext
 
 log = logging.getLogger("vivarium")
 
@@ -65,14 +66,19 @@ def _announce_key(key: str | None, settings: Settings) -> None:
             "\nFirst start: created team 'default' and its API key (shown once; also saved in"
             f" {settings.admin_key_file}, readable by root only):\n\n    {key}\n\n"
             f"    export E2B_API_KEY={key}\n"
-            f"    export E2B_API_URL=http://{settings.api_host}:{settings.api_port}\n"
-            f"    export E2B_SANDBOX_URL=http://{settings.proxy_host}:{settings.proxy_port}\n",
+            f"    export E2B_API_URL={settings.scheme}://{settings.api_host}:{settings.api_port}\n"
+            f"    export E2B_SANDBOX_URL={settings.scheme}://{settings.proxy_host}:"
+            f"{settings.proxy_port}\n",
             flush=True,
         )
 
 
 async def serve(settings: Settings) -> None:
     raise_priority()  # the API answers promptly even while the host is busy starting sandboxes
+    # A certificate that does not load stops the start before anything is made.
+    tls = None
+    if settings.tls_cert and settings.tls_key:
+        tls = ReloadingContext(settings.tls_cert, settings.tls_key)
     node = Node(settings)
     await node.start()
     control = ControlPlane(settings, node)
@@ -96,7 +102,8 @@ async def serve(settings: Settings) -> None:
     proxy = SandboxProxy(upstream, domain=settings.proxy_domain or None)
     node.on_destroyed.append(proxy.forget)
     try:
-        await proxy.start(settings.proxy_host, settings.proxy_port)
+        await proxy.start(settings.proxy_host, settings.proxy_port,
+                          ssl=tls.context if tls else None)  # fmt: skip
     except BaseException:
         await control.stop()
         await node.stop()
@@ -109,11 +116,17 @@ async def serve(settings: Settings) -> None:
         await control.stop()
         await node.stop()
         raise
+    api_config = uvicorn.Config(
+        create_api_app(control), host=settings.api_host, port=settings.api_port,
+        log_level="warning", lifespan="off",
+    )  # fmt: skip
+    if tls:
+        api_config.load()
+        api_config.ssl = tls.context  # ours, so that a renewed certificate reaches it
     servers = [
         _Server(uvicorn.Config(create_node_app(node), fd=node_socket.fileno(),
                                log_level="warning", lifespan="off")),
-        _Server(uvicorn.Config(create_api_app(control), host=settings.api_host,
-                               port=settings.api_port, log_level="warning", lifespan="off")),
+        _Server(api_config),
     ]  # fmt: skip
     loop = asyncio.get_running_loop()
 
@@ -124,6 +137,7 @@ async def serve(settings: Settings) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
+    watch = asyncio.create_task(tls.watch()) if tls else None
     try:
         tasks = [asyncio.create_task(s.serve()) for s in servers]
         while not all(s.started for s in servers):
@@ -131,11 +145,13 @@ async def serve(settings: Settings) -> None:
                 break
             await asyncio.sleep(0.05)
         if all(s.started for s in servers):
-            log.info("vivarium ready: api http://%s:%d, sandbox proxy http://%s:%d, node socket %s",
-                     settings.api_host, settings.api_port, settings.proxy_host,
-                     settings.proxy_port, socket_path)  # fmt: skip
+            log.info("vivarium ready: api %s://%s:%d, sandbox proxy %s://%s:%d, node socket %s",
+                     settings.scheme, settings.api_host, settings.api_port, settings.scheme,
+                     settings.proxy_host, settings.proxy_port, socket_path)  # fmt: skip
         await asyncio.gather(*tasks)
     finally:
+        if watch:
+            watch.cancel()
         node_socket.close()
         await proxy.stop()
         await control.stop()

@@ -200,12 +200,12 @@ def sandbox_exec(
     -- cat`). One argument with spaces runs through `bash -l -c`, like the E2B SDK."""
     with _api() as api:
         headers = api.envd_headers(sandbox_id)
-        url = api.endpoints.sandbox_url
+        url, verify = api.endpoints.sandbox_url, api.endpoints.verify
     argv: list[str] | str = cmd[0] if len(cmd) == 1 and " " in cmd[0] else list(cmd)
     stdin = None if sys.stdin.isatty() else sys.stdin.buffer
     # An EnvdError is a VivariumError: printed as one line like the API's errors.
     sys.exit(envd_client.run(url, headers, argv, user=user, cwd=cwd, envs=_pairs(env, "--env"),
-                             stdin=stdin, timeout=timeout or None))  # fmt: skip
+                             stdin=stdin, timeout=timeout or None, verify=verify))  # fmt: skip
 
 
 @sandbox.command("connect")
@@ -216,8 +216,8 @@ def sandbox_connect(sandbox_id: str, user: str, cwd: str | None) -> None:
     """Open an interactive terminal (a login shell on a PTY) in a sandbox."""
     with _api() as api:
         headers = api.envd_headers(sandbox_id)
-        url = api.endpoints.sandbox_url
-    sys.exit(envd_client.terminal(url, headers, user=user, cwd=cwd))
+        url, verify = api.endpoints.sandbox_url, api.endpoints.verify
+    sys.exit(envd_client.terminal(url, headers, user=user, cwd=cwd, verify=verify))
 
 
 @sandbox.command("kill")
