@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from e2b import Sandbox
 
-from tests.integration.support import VIVARIUM, Server, make_server, running_server, sdk_options
+from tests.integration.support import VIVARIUM, Server, make_server, sdk_options
+from tests.security.conftest import API_PORT
 
-API_PORT = 3122  # proxy on API_PORT + 1000
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 # nobody allowed to read and search everything (but not to write): so that a connection to the
 # socket tests the socket's own mode, not only the state directory's.
@@ -51,12 +51,6 @@ def reachable(paths: list[Path], user: list[str]) -> list[str]:
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.lstat().st_mode)
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    with running_server("security", "vy", "10.248.0.0/24", API_PORT) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")
