@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.integration.support import VIVARIUM, Server, make_server, running_server
@@ -91,7 +92,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(pki: Path) -> Iterator[Server]:
-    with running_server("tls", "vj", "10.248.3.0/24", API_PORT,
+    with running_server("tls", "vj", "10.248.3.0/24", API_PORT, proxy_domain="sandbox.test",
                         tls_cert=str(pki / "server.pem"),
                         tls_key=str(pki / "server.key")) as srv:  # fmt: skip
         yield srv
@@ -103,6 +104,27 @@ def test_the_official_client_works_over_https_to_the_api_and_through_the_proxy(
     result = official_client(server, pki / "ca.pem")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "['sealed', '42']"
+
+
+def test_a_wildcard_certificate_serves_the_proxys_sandbox_hosts(server: Server, pki: Path) -> None:
+    """`<port>-<id>.<domain>` over TLS: the name is checked against the wildcard, then routed."""
+    key = (server.state_dir / "admin.key").read_text().strip()
+    trust = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    api = httpx.Client(base_url=f"https://127.0.0.1:{API_PORT}", verify=trust,
+                       headers={"X-API-Key": key})  # fmt: skip
+    with api:
+        created = api.post("/v2/sandboxes", json={"templateID": "base", "timeout": 120})
+        assert created.status_code == 201, created.text
+        sandbox_id = created.json()["sandboxID"]
+        try:
+            host = f"49983-{sandbox_id}.sandbox.test"
+            context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+            with socket.create_connection(("127.0.0.1", API_PORT + 1000), timeout=10) as raw, \
+                    context.wrap_socket(raw, server_hostname=host) as tls:  # fmt: skip
+                tls.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                assert tls.recv(100).startswith(b"HTTP/1.1 204")  # envd's own answer
+        finally:
+            api.delete(f"/sandboxes/{sandbox_id}")
 
 
 def test_a_client_that_does_not_trust_the_certificate_is_refused(server: Server) -> None:
