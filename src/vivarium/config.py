@@ -53,6 +53,9 @@ class Settings:
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 3001
     proxy_domain: str = ""
+    # TLS on the API and the proxy (tls.py): a PEM certificate (chain) and its key; empty: HTTP.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     # SQL state of the control plane; empty: a SQLite file in the state directory.
     database_url: str = ""
     # Sandboxes one team may run at once (E2B's per-team concurrency limit).
@@ -92,6 +95,8 @@ class Settings:
             proxy_host=_env("PROXY_HOST", "127.0.0.1"),
             proxy_port=_env_int("PROXY_PORT", 3001),
             proxy_domain=_env("PROXY_DOMAIN", ""),
+            tls_cert=Path(c) if (c := _env("TLS_CERT", "")) else None,
+            tls_key=Path(k) if (k := _env("TLS_KEY", "")) else None,
             database_url=_env("DATABASE_URL", ""),
             team_max_sandboxes=_env_int("TEAM_MAX_SANDBOXES", 20),
             snapshot_max_age_s=_env_int("SNAPSHOT_MAX_AGE", 30 * 24 * 3600),
@@ -129,6 +134,9 @@ class Settings:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError as exc:
                 raise ConfigError(f"VIVARIUM_EGRESS_ALLOW: {exc}") from None
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("VIVARIUM_TLS_CERT and VIVARIUM_TLS_KEY go together",
+                              "set both for HTTPS, or neither for plain HTTP")  # fmt: skip
         if self.team_max_sandboxes < 1:
             raise ConfigError("VIVARIUM_TEAM_MAX_SANDBOXES must be at least 1")
         if self.max_starting < 1:
@@ -143,6 +151,11 @@ class Settings:
         ):
             raise ConfigError(f"VIVARIUM_S3_ENDPOINT_URL={self.s3_endpoint_url!r} is not an "
                               "http(s):// URL")  # fmt: skip
+
+    @property
+    def scheme(self) -> str:
+        """Of the API and the proxy."""
+        return "https" if self.tls_cert else "http"
 
     @property
     def templates_root(self) -> Path:

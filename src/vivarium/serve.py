@@ -11,7 +11,10 @@ import gc
 import logging
 import os
 import signal
+import socket
+import stat
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -19,10 +22,12 @@ import uvicorn
 from vivarium.api.app import create_app as create_api_app
 from vivarium.api.control import ControlPlane
 from vivarium.config import Settings
+from vivarium.errors import HostNotReady
 from vivarium.node.node import Node
 from vivarium.node.server import create_app as create_node_app
 from vivarium.proc import raise_priority
 from vivarium.proxy import SandboxProxy, Upstream
+from vivarium.tls import ReloadingContext
 
 log = logging.getLogger("vivarium")
 
@@ -33,20 +38,47 @@ class _Server(uvicorn.Server):
         return nullcontext()
 
 
+def bind_private_socket(path: Path) -> socket.socket:
+    """The node's socket, root's alone from the moment it exists: whoever can connect to it can
+    create and drive any sandbox, with no key. Bound here (uvicorn would make it 0666)."""
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        # Until this chmod the state directory's own mode (statedir.py) keeps others out; the
+        # umask is not used for that, since it is the whole process's and threads make files.
+        os.chmod(path, 0o600)
+    except BaseException:
+        sock.close()
+        raise
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode != 0o600:
+        sock.close()
+        raise HostNotReady(f"the node socket {path} has mode {mode:04o}, not 0600",
+                           "put the state directory on a local file system")  # fmt: skip
+    sock.listen(2048)
+    return sock
+
+
 def _announce_key(key: str | None, settings: Settings) -> None:
     if key is not None:
         print(
             "\nFirst start: created team 'default' and its API key (shown once; also saved in"
             f" {settings.admin_key_file}, readable by root only):\n\n    {key}\n\n"
             f"    export E2B_API_KEY={key}\n"
-            f"    export E2B_API_URL=http://{settings.api_host}:{settings.api_port}\n"
-            f"    export E2B_SANDBOX_URL=http://{settings.proxy_host}:{settings.proxy_port}\n",
+            f"    export E2B_API_URL={settings.scheme}://{settings.api_host}:{settings.api_port}\n"
+            f"    export E2B_SANDBOX_URL={settings.scheme}://{settings.proxy_host}:"
+            f"{settings.proxy_port}\n",
             flush=True,
         )
 
 
 async def serve(settings: Settings) -> None:
     raise_priority()  # the API answers promptly even while the host is busy starting sandboxes
+    # A certificate that does not load stops the start before anything is made.
+    tls = None
+    if settings.tls_cert and settings.tls_key:
+        tls = ReloadingContext(settings.tls_cert, settings.tls_key)
     node = Node(settings)
     await node.start()
     control = ControlPlane(settings, node)
@@ -70,18 +102,31 @@ async def serve(settings: Settings) -> None:
     proxy = SandboxProxy(upstream, domain=settings.proxy_domain or None)
     node.on_destroyed.append(proxy.forget)
     try:
-        await proxy.start(settings.proxy_host, settings.proxy_port)
+        await proxy.start(settings.proxy_host, settings.proxy_port,
+                          ssl=tls.context if tls else None)  # fmt: skip
     except BaseException:
         await control.stop()
         await node.stop()
         raise
     socket_path = settings.node_socket
-    socket_path.unlink(missing_ok=True)
+    try:
+        node_socket = bind_private_socket(socket_path)
+    except BaseException:
+        await proxy.stop()
+        await control.stop()
+        await node.stop()
+        raise
+    api_config = uvicorn.Config(
+        create_api_app(control), host=settings.api_host, port=settings.api_port,
+        log_level="warning", lifespan="off",
+    )  # fmt: skip
+    if tls:
+        api_config.load()
+        api_config.ssl = tls.context  # ours, so that a renewed certificate reaches it
     servers = [
-        _Server(uvicorn.Config(create_node_app(node), uds=str(socket_path), log_level="warning",
-                               lifespan="off")),
-        _Server(uvicorn.Config(create_api_app(control), host=settings.api_host,
-                               port=settings.api_port, log_level="warning", lifespan="off")),
+        _Server(uvicorn.Config(create_node_app(node), fd=node_socket.fileno(),
+                               log_level="warning", lifespan="off")),
+        _Server(api_config),
     ]  # fmt: skip
     loop = asyncio.get_running_loop()
 
@@ -92,21 +137,22 @@ async def serve(settings: Settings) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
-    old_umask = os.umask(0o077)  # the node socket is for root only
+    watch = asyncio.create_task(tls.watch()) if tls else None
     try:
         tasks = [asyncio.create_task(s.serve()) for s in servers]
         while not all(s.started for s in servers):
             if any(t.done() for t in tasks):
                 break
             await asyncio.sleep(0.05)
-        os.umask(old_umask)
         if all(s.started for s in servers):
-            log.info("vivarium ready: api http://%s:%d, sandbox proxy http://%s:%d, node socket %s",
-                     settings.api_host, settings.api_port, settings.proxy_host,
-                     settings.proxy_port, socket_path)  # fmt: skip
+            log.info("vivarium ready: api %s://%s:%d, sandbox proxy %s://%s:%d, node socket %s",
+                     settings.scheme, settings.api_host, settings.api_port, settings.scheme,
+                     settings.proxy_host, settings.proxy_port, socket_path)  # fmt: skip
         await asyncio.gather(*tasks)
     finally:
-        os.umask(old_umask)
+        if watch:
+            watch.cancel()
+        node_socket.close()
         await proxy.stop()
         await control.stop()
         await node.stop()

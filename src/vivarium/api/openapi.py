@@ -96,6 +96,8 @@ def document() -> Schema:
     paths: Schema = {
         "/health": {"get": {"summary": "liveness", "security": [],
                             "responses": {"200": {"description": "ok"}}}},
+        "/openapi.json": {"get": {"summary": "this document", "security": [],
+                                  "responses": {"200": {"description": "OpenAPI 3"}}}},
         "/sandboxes": {
             "post": _op("create (v1)", created, body=NEW_SANDBOX, errors=(404, 429)),
             "get": _op("list running (v1)", listing, params=list_params[1:2], errors=()),
@@ -127,6 +129,8 @@ def document() -> Schema:
                                           params=[ID], errors=(404, 409))},
         sandbox + "/logs": {"get": _op("logs", {"200": {"description": "logs"}}, params=[ID],
                                        errors=(404, 409))},
+        "/v2" + sandbox + "/logs": {"get": _op("logs (v2)", {"200": {"description": "logs"}},
+                                               params=[ID], errors=(404, 409))},
         "/templates": {"get": _op("templates", {"200": {"description": "templates"}}, errors=())},
         "/api-keys": {
             "get": _op("list keys", {"200": {"description": "keys"}}, errors=()),
@@ -134,6 +138,12 @@ def document() -> Schema:
                         body={"type": "object", "required": ["name"],
                               "properties": {"name": {"type": "string"}}}, errors=()),
         },
+        "/teams": {"post": _op(
+            "create a team (admin keys only; 404 to others)",
+            {"201": {"description": "the team and its first key, shown once"}},
+            body={"type": "object", "required": ["name"],
+                  "properties": {"name": {"type": "string"}, "maxSandboxes": {"type": "integer"}}},
+        )},
     }  # fmt: skip
     return {
         "openapi": "3.0.3",

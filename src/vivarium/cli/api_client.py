@@ -4,6 +4,10 @@ Where to connect and with which key, first match wins:
 - URL: `VIVARIUM_API_URL`, `E2B_API_URL`, else this host's configured API address;
 - sandbox traffic: `VIVARIUM_SANDBOX_URL`, `E2B_SANDBOX_URL`, else the configured proxy address;
 - key: `VIVARIUM_API_KEY`, `E2B_API_KEY`, else the first key the server saved for root.
+
+With TLS configured (`VIVARIUM_TLS_CERT`), the host's own addresses are reached over HTTPS and
+trusted by that very certificate; URLs given in the environment are checked against the system's
+CAs (or `SSL_CERT_FILE`), as any client would.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from typing import Any
 
 import httpx
 
-from vivarium.cli.envd_client import proxy_headers
+from vivarium.cli.envd_client import Verify, proxy_headers
 from vivarium.config import Settings
 from vivarium.errors import VivariumError
+from vivarium.tls import pinned_client_context
 
 
 class ApiError(VivariumError):
@@ -38,20 +43,22 @@ class Endpoints:
     api_url: str
     sandbox_url: str
     api_key: str
+    verify: Verify = True
 
     @classmethod
     def resolve(cls, settings: Settings, api_key: str | None = None) -> Endpoints:
         env = os.environ
-        api_url = (
-            env.get("VIVARIUM_API_URL")
-            or env.get("E2B_API_URL")
-            or (f"http://{_local(settings.api_host)}:{settings.api_port}")
-        )
+        scheme = settings.scheme
+        given_api = env.get("VIVARIUM_API_URL") or env.get("E2B_API_URL")
+        api_url = given_api or f"{scheme}://{_local(settings.api_host)}:{settings.api_port}"
         sandbox_url = (
             env.get("VIVARIUM_SANDBOX_URL")
             or env.get("E2B_SANDBOX_URL")
-            or (f"http://{_local(settings.proxy_host)}:{settings.proxy_port}")
+            or (f"{scheme}://{_local(settings.proxy_host)}:{settings.proxy_port}")
         )
+        verify: Verify = True
+        if settings.tls_cert and not given_api:
+            verify = pinned_client_context(settings.tls_cert)
         key = api_key or env.get("VIVARIUM_API_KEY") or env.get("E2B_API_KEY") or ""
         if not key:
             try:
@@ -62,14 +69,15 @@ class Endpoints:
                     "set VIVARIUM_API_KEY (or E2B_API_KEY), or run as root on the "
                     "server host, where the first key is saved",
                 ) from None
-        return cls(api_url.rstrip("/"), sandbox_url.rstrip("/"), key)
+        return cls(api_url.rstrip("/"), sandbox_url.rstrip("/"), key, verify)
 
 
 class ApiClient:
     def __init__(self, endpoints: Endpoints) -> None:
         self.endpoints = endpoints
         self._http = httpx.Client(base_url=endpoints.api_url, timeout=120,
-                                  headers={"X-API-Key": endpoints.api_key})  # fmt: skip
+                                  headers={"X-API-Key": endpoints.api_key},
+                                  verify=endpoints.verify)  # fmt: skip
         self.last_next_token: str | None = None  # paging cursor of the last response
 
     def __enter__(self) -> ApiClient:

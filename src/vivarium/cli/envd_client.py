@@ -19,6 +19,7 @@ import os
 import select
 import shutil
 import signal
+import ssl
 import struct
 import sys
 import termios
@@ -122,11 +123,16 @@ def _stream_error(frame: Message) -> EnvdError | None:
     return EnvdError(str(error.get("code") or "unknown"), str(error.get("message") or ""))
 
 
+Verify = ssl.SSLContext | bool  # httpx's `verify`: True checks against the system's CAs
+
+
 class _Envd:
     """One HTTP client (kept alive) for one sandbox and user; safe to share between a thread
     reading a stream and one sending input, each request taking its own pooled connection."""
 
-    def __init__(self, base_url: str, headers: Mapping[str, str], user: str | None) -> None:
+    def __init__(
+        self, base_url: str, headers: Mapping[str, str], user: str | None, verify: Verify = True
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         sent = {
             **headers,
@@ -140,6 +146,7 @@ class _Envd:
             base_url=self.base_url,
             headers=sent,
             timeout=httpx.Timeout(UNARY_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+            verify=verify,
         )
 
     def __enter__(self) -> _Envd:
@@ -269,6 +276,7 @@ def run(
     timeout: float | None = None,
     on_stdout: Sink | None = None,
     on_stderr: Sink | None = None,
+    verify: Verify = True,
 ) -> int:
     """Run a command in the sandbox, streaming its output to the callbacks (default: this
     process's stdout/stderr) as it comes, and return its exit code.
@@ -292,7 +300,7 @@ def run(
     sinks["pty"] = sinks["stdout"]
     request = {"process": _process_config(cmd, args, cwd, envs), "stdin": stdin is not None}
 
-    with _Envd(base_url, headers, user) as envd:
+    with _Envd(base_url, headers, user, verify) as envd:
         began = time.monotonic()
         events = envd.stream("Start", request, timeout)
         with contextlib.closing(events):
@@ -377,6 +385,7 @@ def terminal(
     envs: Mapping[str, str] | None = None,
     cmd: str = "/bin/bash",
     args: Sequence[str] = ("-i", "-l"),
+    verify: Verify = True,
 ) -> int:
     """An interactive terminal in the sandbox on this process's stdin/stdout; returns the remote
     exit code once the remote command ends.
@@ -400,7 +409,7 @@ def terminal(
         "pty": {"size": {"rows": rows, "cols": cols}},
     }
     sys.stdout.flush()  # what was printed before must come before the remote output
-    with _Envd(base_url, headers, user) as envd:
+    with _Envd(base_url, headers, user, verify) as envd:
         events = envd.stream("Start", request, None)
         pid = _started(events)
         session = _Session(envd, pid, events, stdin_fd, stdout_fd)

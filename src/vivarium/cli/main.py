@@ -84,12 +84,15 @@ def template() -> None:
 @click.option("--force", is_flag=True, help="Rebuild even if up to date.")
 def template_build(name: str, force: bool) -> None:
     """Build template NAME (no-op when its recipe has not changed)."""
+    from vivarium import statedir
     from vivarium.templates.builder import build
 
     def report(line: str) -> None:
         click.echo(line, err=True)
 
-    built = asyncio.run(build(_settings(), name, force=force, report=report))
+    settings = _settings()
+    statedir.prepare(settings.state_dir)  # a fresh install's first step makes it
+    built = asyncio.run(build(settings, name, force=force, report=report))
     click.echo(built.build_id)
 
 
@@ -197,12 +200,12 @@ def sandbox_exec(
     -- cat`). One argument with spaces runs through `bash -l -c`, like the E2B SDK."""
     with _api() as api:
         headers = api.envd_headers(sandbox_id)
-        url = api.endpoints.sandbox_url
+        url, verify = api.endpoints.sandbox_url, api.endpoints.verify
     argv: list[str] | str = cmd[0] if len(cmd) == 1 and " " in cmd[0] else list(cmd)
     stdin = None if sys.stdin.isatty() else sys.stdin.buffer
     # An EnvdError is a VivariumError: printed as one line like the API's errors.
     sys.exit(envd_client.run(url, headers, argv, user=user, cwd=cwd, envs=_pairs(env, "--env"),
-                             stdin=stdin, timeout=timeout or None))  # fmt: skip
+                             stdin=stdin, timeout=timeout or None, verify=verify))  # fmt: skip
 
 
 @sandbox.command("connect")
@@ -213,8 +216,8 @@ def sandbox_connect(sandbox_id: str, user: str, cwd: str | None) -> None:
     """Open an interactive terminal (a login shell on a PTY) in a sandbox."""
     with _api() as api:
         headers = api.envd_headers(sandbox_id)
-        url = api.endpoints.sandbox_url
-    sys.exit(envd_client.terminal(url, headers, user=user, cwd=cwd))
+        url, verify = api.endpoints.sandbox_url, api.endpoints.verify
+    sys.exit(envd_client.terminal(url, headers, user=user, cwd=cwd, verify=verify))
 
 
 @sandbox.command("kill")

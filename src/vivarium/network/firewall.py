@@ -5,7 +5,9 @@ Layers, so one mistake does not open everything:
   traffic from the host into the sandbox is always let through (DNAT to the sandbox address).
 - root ns: anything arriving from a slot for the host itself is dropped (INPUT); forwarded
   traffic to private, link-local and other reserved ranges is dropped, which also separates
-  sandboxes from each other; the rest is masqueraded out of the host.
+  sandboxes from each other; the rest is masqueraded out of the host. Of the host's own
+  processes only root's (the node and the proxy) may open connections to a slot (OUTPUT):
+  other local users reach sandboxes through the proxy, like everyone else.
 Operator-listed `egress_allow` ranges pass both root-ns checks for sandboxes with internet.
 """
 
@@ -81,6 +83,7 @@ class HostFirewall:
         self.in_chain = f"VIV-{prefix.upper()}-IN"
         self.fwd_chain = f"VIV-{prefix.upper()}-FWD"
         self.nat_chain = f"VIV-{prefix.upper()}-NAT"
+        self.out_chain = f"VIV-{prefix.upper()}-OUT"
         self.slot_ifs = f"{prefix}h-+"
 
     def chain_rules(self) -> dict[tuple[str, str], list[list[str]]]:
@@ -98,6 +101,14 @@ class HostFirewall:
                 *blocked,
                 ["-j", "ACCEPT"],
             ],
+            ("filter", self.out_chain): [
+                ["-m", "owner", "--uid-owner", "0", "-j", "RETURN"],
+                # The kernel's own packets (the resets that refuse a sandbox's connections to
+                # the host, ICMP errors, TIME_WAIT) belong to no process.
+                ["-m", "owner", "!", "--socket-exists", "-j", "RETURN"],
+                refuse,
+                ["-j", "DROP"],
+            ],
             ("nat", self.nat_chain): [
                 ["-s", self.slot_cidr, "-d", self.slot_cidr, "-j", "RETURN"],
                 ["-s", self.slot_cidr, "-j", "MASQUERADE"],
@@ -111,6 +122,7 @@ class HostFirewall:
             # Nothing from outside may open a connection to a slot address.
             ("filter", "FORWARD", ["-o", self.slot_ifs, "-m", "conntrack", "!", "--ctstate",
                                    "ESTABLISHED,RELATED", "-j", "DROP"]),
+            ("filter", "OUTPUT", ["-o", self.slot_ifs, "-j", self.out_chain]),
             ("nat", "POSTROUTING", ["-j", self.nat_chain]),
         ]  # fmt: skip
 

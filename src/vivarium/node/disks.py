@@ -81,6 +81,6 @@ class DiskPool:
             self._free.append(entry)
 
     def _clear(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         for entry in self.root.iterdir():
             disk.discard(entry)

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from vivarium import statedir
 from vivarium.config import Settings
 from vivarium.errors import (
     CapacityExhausted,
@@ -62,6 +63,7 @@ USERS = {"root": ("0:0", "/root"), "user": ("1000:1000", "/home/user")}
 class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        statedir.prepare(settings.state_dir)  # before anything is made in it
         self.templates = TemplateStore(settings.templates_root)
         self.records = RecordStore(settings.sandboxes_dir)
         self.snapshots = SnapshotStore(
@@ -100,7 +102,6 @@ class Node:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         self._exclusive = exclusive.hold(self.settings.state_dir, self.settings.slot_prefix)
         try:
             await self._start()

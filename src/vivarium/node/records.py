@@ -77,7 +77,7 @@ class SandboxRecord:
 class RecordStore:
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def container_dir(self, container_id: str) -> Path:
         """Bundle, console log and record of one incarnation."""
@@ -85,9 +85,10 @@ class RecordStore:
 
     def save(self, record: SandboxRecord) -> None:
         directory = self.container_dir(record.container_id)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = directory / "record.json.tmp"
-        with tmp.open("w") as f:
+        # It holds envd's access token and the env vars: root's alone (statedir.py).
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(record.to_json(), f)
             f.flush()
             os.fsync(f.fileno())

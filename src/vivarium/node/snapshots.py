@@ -130,7 +130,7 @@ class SnapshotStore:
     def __init__(self, root: Path, remote: ObjectStore | None = None) -> None:
         self.root = root
         self.remote = remote
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def check(self) -> None:
         """Raise SnapshotStoreUnavailable unless the remote tier (if any) answers. Blocking."""

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
+from ssl import SSLContext
 from typing import Any
 
 import h11
@@ -70,9 +71,11 @@ class SandboxProxy:
         self._sweeper: asyncio.Task[None] | None = None
         self._clients: set[asyncio.Task[Any]] = set()
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, ssl: SSLContext | None = None
+    ) -> None:
         self._server = await asyncio.start_server(
-            self._serve_client, host, port, limit=READ_SIZE, backlog=1024
+            self._serve_client, host, port, limit=READ_SIZE, backlog=1024, ssl=ssl
         )
         self._sweeper = asyncio.create_task(self._sweep())
 

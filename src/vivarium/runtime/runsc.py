@@ -42,7 +42,7 @@ class Runsc:
         self.root = root
         self.probe = probe
         self.procsys_copy = procsys_copy
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _argv(self, *args: str) -> list[str]:
         return [

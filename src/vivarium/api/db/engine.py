@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,8 @@ def open_engine(url: str) -> AsyncEngine:
         path = make_url(full).database
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # The catalog is root's alone; SQLite gives its -wal and -shm files this mode too.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         engine = create_async_engine(full)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         event.listen(engine.sync_engine, "begin", _begin_immediate)

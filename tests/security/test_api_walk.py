@@ -1,0 +1,99 @@
+"""Every route of the REST API, walked from its own OpenAPI document: without a key, with a
+wrong key and with another team's key, nothing of a team's sandbox is seen or changed."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.support import Server, sdk_options
+
+
+def _api(server: Server, key: str | None) -> httpx.Client:
+    headers = {"X-API-Key": key} if key is not None else {}
+    return httpx.Client(base_url=sdk_options(server)["api_url"], headers=headers, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def owner(server: Server) -> Iterator[httpx.Client]:
+    with _api(server, sdk_options(server)["api_key"]) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def victim(owner: httpx.Client) -> Iterator[dict[str, Any]]:
+    created = owner.post("/v2/sandboxes", json={"templateID": "base", "timeout": 600,
+                                                "metadata": {"owner": "a"}})  # fmt: skip
+    assert created.status_code == 201, created.text
+    yield created.json()
+    owner.delete(f"/sandboxes/{created.json()['sandboxID']}")
+
+
+@pytest.fixture(scope="module")
+def routes(owner: httpx.Client) -> list[tuple[str, str]]:
+    paths = owner.get("/openapi.json").json()["paths"]
+    found = [(method, path) for path, ops in paths.items() for method, op in ops.items()
+             if op.get("security") != []]  # fmt: skip
+    assert len(found) >= 18  # the walk is over the real document, not an empty one
+    return found
+
+
+def _call(http: httpx.Client, method: str, path: str, sandbox_id: str) -> httpx.Response:
+    body = {"timeout": 5, "duration": 5, "name": f"probe-{uuid.uuid4().hex[:6]}",
+            "templateID": "base"}  # fmt: skip
+    url = path.replace("{sandbox_id}", sandbox_id)
+    if method in ("post", "put", "patch"):
+        return http.request(method, url, json=body)
+    return http.request(method, url)
+
+
+def _json_error(response: httpx.Response, status: int) -> None:
+    assert response.status_code == status, (response.request.url, response.text)
+    body = response.json()
+    assert body["code"] == status and body["message"]
+
+
+@pytest.mark.parametrize("key", ["missing", "wrong", "malformed"])
+def test_every_route_refuses_a_caller_without_a_valid_key(
+    server: Server, routes: list[tuple[str, str]], victim: dict[str, Any], key: str
+) -> None:
+    sent = {"missing": None, "wrong": "e2b_" + "0" * 40, "malformed": "Bearer x"}[key]
+    with _api(server, sent) as stranger:
+        for method, path in routes:
+            _json_error(_call(stranger, method, path, victim["sandboxID"]), 401)
+
+
+def test_another_team_sees_and_changes_nothing_of_a_sandbox(
+    server: Server, owner: httpx.Client, routes: list[tuple[str, str]], victim: dict[str, Any]
+) -> None:
+    sandbox_id = victim["sandboxID"]
+    before = owner.get(f"/sandboxes/{sandbox_id}").json()
+    team = owner.post("/teams", json={"name": f"other-{uuid.uuid4().hex[:6]}"})
+    assert team.status_code == 201, team.text
+    with _api(server, team.json()["apiKey"]) as other:
+        for method, path in routes:
+            response = _call(other, method, path, sandbox_id)
+            if "{sandbox_id}" in path:
+                _json_error(response, 404)
+            elif path == "/teams":
+                _json_error(response, 404)  # only admin keys make teams
+            elif path.endswith("sandboxes") and method == "get":
+                assert response.status_code == 200 and sandbox_id not in response.text
+            elif path.endswith("sandboxes") and method == "post":  # its own, in its own team
+                assert response.status_code == 201, response.text
+                other.delete(f"/sandboxes/{response.json()['sandboxID']}")
+            elif path == "/api-keys":
+                assert response.status_code in (200, 201)
+                assert owner.headers["X-API-Key"] not in response.text
+            else:
+                assert response.status_code == 200, (path, response.text)
+        keys = other.get("/api-keys").json()
+        mine = {k["id"] for k in owner.get("/api-keys").json()}
+        assert mine.isdisjoint(k["id"] for k in keys)
+    after = owner.get(f"/sandboxes/{sandbox_id}").json()
+    assert after["state"] == "running" and after["endAt"] == before["endAt"]
+    assert after["metadata"] == {"owner": "a"}
