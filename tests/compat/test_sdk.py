@@ -222,13 +222,15 @@ def test_twenty_concurrent_creates_while_health_stays_fast(compat: Compat) -> No
         prober.wait(10)
     # What this guards is the event loop: a restore awaited in it instead of in a worker would
     # hold every probe for a restore's time (0.7 s and up), most of the time. Typical probes
-    # answer in milliseconds; on 2 cores saturated by restores a rare one takes longer (seen up
-    # to ~0.5 s under systrap), so the bounds are loose: latency is measured by `make bench`.
+    # answer in milliseconds. The slowest ones are not bounded: on 2 cores saturated by 20
+    # systrap restores the whole server process is sometimes not scheduled for 1-3 s (a stall
+    # detector sampling its loop thread found it idle in poll() or in a non-blocking send
+    # then, 2026-12-01), which is the host's scheduling, not the loop. Latency itself is
+    # measured by `make bench`.
     latencies.sort()
     assert len(latencies) >= 10, latencies
     assert latencies[len(latencies) // 2] < 0.05, latencies
     assert latencies[int(len(latencies) * 0.95)] < 0.25, latencies[-5:]
-    assert latencies[-1] < 2.0, latencies[-5:]
 
 
 def test_bad_keys_other_teams_and_limits(compat: Compat, sbx: Sandbox) -> None:
