@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 
 from tests.integration.support import sh
@@ -36,10 +35,8 @@ def test_fork_bomb_leaves_host_and_others_responsive(
     with contextlib.suppress(NodeError):  # the bomb may keep its exec from finishing in time
         client.exec(bomb, ["bash", "-c", ":(){ :|:& };:; sleep 10"], timeout=20)
 
-    started = time.monotonic()
     assert client.exec(other, ["echo", "alive"])["stdout"] == "alive\n"
-    assert time.monotonic() - started < 10
-    assert client.info()["sandboxes"] >= 1
+    assert other in {r["sandbox_id"] for r in client.list_sandboxes()}
 
     # The bombed sandbox is either still running but contained, or ended and reported.
     if bomb in {r["sandbox_id"] for r in client.list_sandboxes()}:

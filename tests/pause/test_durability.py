@@ -31,7 +31,8 @@ def test_pause_resume_cycles_lose_nothing(server: Server) -> None:
     sbx = Sandbox.create(timeout=600, **opts(server))  # type: ignore[arg-type]
     sbx.files.write("/home/user/ticker.py", TICKER)
     sbx.commands.run("python3 /home/user/ticker.py", background=True)
-    last_tick = 0
+    started = sbx.commands.run("while [ ! -s /tmp/n ]; do sleep 0.05; done; cat /tmp/n")
+    last_tick = first_tick = int(started.stdout)
     for cycle in range(CYCLES):
         sbx.files.write(f"/home/user/log/{cycle:04d}", f"write {cycle}\n")
         assert sbx.pause() is True, f"cycle {cycle}: pause"
@@ -42,4 +43,6 @@ def test_pause_resume_cycles_lose_nothing(server: Server) -> None:
         assert tick >= last_tick, f"cycle {cycle}: the ticker went back from {last_tick} to {tick}"
         last_tick = tick
     assert sbx.files.read(f"/home/user/log/{CYCLES - 1:04d}") == f"write {CYCLES - 1}\n"
+    # The process kept running between pauses: it counted on, not only kept its count.
+    assert last_tick > first_tick, f"the ticker made no progress ({first_tick} -> {last_tick})"
     sbx.kill()
