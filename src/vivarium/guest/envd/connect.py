@@ -22,6 +22,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 MAX_MESSAGE = 16 * 1024 * 1024
+# Streams that stay idle longer than a proxy's read timeout get dropped by it, so every stream
+# sends a keepalive at least this often, or sooner when the client asks for it.
+KEEPALIVE_S = 25.0
 FLAG_END_STREAM = 0x02
 FLAG_COMPRESSED = 0x01
 
@@ -238,3 +241,14 @@ def timeout_s(request: Request) -> float | None:
     """The client's deadline (`Connect-Timeout-Ms`), if it sent one."""
     raw = request.headers.get("connect-timeout-ms", "")
     return int(raw) / 1000 if raw.isdigit() else None
+
+
+def keepalive_interval(request: Request) -> float:
+    """Seconds between keepalives on a stream: the client's `Keepalive-Ping-Interval`, within
+    1 s and KEEPALIVE_S."""
+    raw = request.headers.get("keepalive-ping-interval", "")
+    try:
+        asked = float(raw)
+    except ValueError:
+        return KEEPALIVE_S
+    return max(1.0, min(asked, KEEPALIVE_S))

@@ -43,7 +43,14 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from .auth import User, request_user
-from .connect import ConnectError, Message, server_stream, string_field, unary
+from .connect import (
+    ConnectError,
+    Message,
+    keepalive_interval,
+    server_stream,
+    string_field,
+    unary,
+)
 from .state import EnvdState
 
 P = ParamSpec("P")
@@ -67,7 +74,6 @@ METADATA_XATTR_PREFIX = "user.e2b."
 # events it fails, like envd does when inotify's own queue overflows.
 MAX_PENDING_EVENTS = 65536
 MAX_POLLING_WATCHERS = 1024
-DEFAULT_KEEPALIVE_S = 90.0  # envd's default when the client sends no Keepalive-Ping-Interval
 POLL_INTERVAL_S = 0.25
 
 
@@ -751,14 +757,6 @@ class PollingWatcher:
             self.error = message
         if self.watch is not None:
             self.watch.close()
-
-
-def keepalive_interval(request: Request) -> float:
-    raw = request.headers.get("keepalive-ping-interval", "")
-    try:
-        return max(1.0, float(raw))
-    except ValueError:
-        return DEFAULT_KEEPALIVE_S
 
 
 # --- the service ----------------------------------------------------------------------------------

@@ -39,14 +39,21 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from .auth import User, request_user
-from .connect import ConnectError, Message, client_stream, server_stream, timeout_s, unary
+from .connect import (
+    ConnectError,
+    Message,
+    client_stream,
+    keepalive_interval,
+    server_stream,
+    timeout_s,
+    unary,
+)
 from .spawner import Launch, Spawner, SpawnError
 from .state import EnvdState
 
 CHUNK = 32 * 1024  # one read from a pipe / the PTY; also the largest data event
 SUBSCRIBER_EVENTS = 64  # events queued per attached stream before the process is held back
 BACKLOG_BYTES = 64 * 1024  # output kept for the next stream while none is attached
-KEEPALIVE_S = 25.0  # idle streams get a keepalive at least this often (proxies drop idle ones)
 OUTPUT_GRACE_S = 0.25  # after exit, how long to wait for the output to reach EOF
 DRAIN_LIMIT = 1024 * 1024  # after that grace, read at most this much more per stream
 ENDED_TTL_S = 10.0  # a finished process stays reachable by Connect this long
@@ -476,15 +483,6 @@ class Registry:
         return path
 
 
-def _keepalive_interval(request: Request) -> float:
-    raw = request.headers.get("keepalive-ping-interval", "")
-    try:
-        asked = float(raw)
-    except ValueError:
-        return KEEPALIVE_S
-    return max(1.0, min(asked, KEEPALIVE_S))
-
-
 async def _follow(proc: Proc, sub: Subscriber, interval: float) -> AsyncIterator[Message]:
     """A Start/Connect response stream: start, then the process's events until its end."""
     try:
@@ -521,12 +519,12 @@ def routes(state: EnvdState, spawner: Spawner) -> list[Route]:
         deadline = timeout_s(request)
         if deadline:
             proc.kill_at_deadline(deadline)
-        async for event in _follow(proc, sub, _keepalive_interval(request)):
+        async for event in _follow(proc, sub, keepalive_interval(request)):
             yield event
 
     async def connect(request: Request, msg: Message) -> AsyncIterator[Message]:
         proc = registry.find(msg.get("process"), running=False)
-        async for event in _follow(proc, proc.subscribe(), _keepalive_interval(request)):
+        async for event in _follow(proc, proc.subscribe(), keepalive_interval(request)):
             yield event
 
     async def list_(request: Request, msg: Message) -> Message:
