@@ -31,7 +31,7 @@ from e2b.sandbox.filesystem.watch_handle import FilesystemEvent, FilesystemEvent
 
 from tests.envd.connect_wire import connect_stream
 from vivarium.guest.envd.files import accept_gzip, part_filename
-from vivarium.guest.envd.filesystem import DirWatch, go_mode_string, rfc3339
+from vivarium.guest.envd.filesystem import DirWatch, go_mode_string, protobuf_timestamp
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -612,9 +612,9 @@ def test_helpers() -> None:
     assert go_mode_string(0o41777) == "dtrwxrwxrwx"
     assert go_mode_string(0o104755) == "urwxr-xr-x"  # Go has no "-" before flags
     assert go_mode_string(0o20666) == "Dcrw-rw-rw-"
-    assert rfc3339(1_700_000_000_500_000_000) == "2023-11-14T22:13:20.500Z"
-    assert rfc3339(1_700_000_000_000_001_000) == "2023-11-14T22:13:20.000001Z"
-    assert rfc3339(1) == "1970-01-01T00:00:00.000000001Z"
+    assert protobuf_timestamp(1_700_000_000_500_000_000) == "2023-11-14T22:13:20.500Z"
+    assert protobuf_timestamp(1_700_000_000_000_001_000) == "2023-11-14T22:13:20.000001Z"
+    assert protobuf_timestamp(1) == "1970-01-01T00:00:00.000000001Z"
     assert accept_gzip("gzip, deflate") is True
     assert accept_gzip("") is False
     assert accept_gzip("identity") is False

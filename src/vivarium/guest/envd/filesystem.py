@@ -276,8 +276,10 @@ def go_mode_string(mode: int) -> str:
     return prefix + rwx
 
 
-def rfc3339(ns: int) -> str:
-    """A Timestamp as protobuf JSON writes it: UTC, 0/3/6/9 fractional digits."""
+def protobuf_timestamp(ns: int) -> str:
+    """A Timestamp as protobuf JSON writes it: UTC, 0/3/6/9 fractional digits. Not the REST
+    API's times (api/shapes.rfc3339, microseconds from a float): each side follows its own wire
+    format, and guest code does not import host code."""
     seconds, nanos = divmod(ns, 1_000_000_000)
     text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
     if nanos:
@@ -380,7 +382,7 @@ def entry_info(
     entry["permissions"] = go_mode_string(st.st_mode)
     entry["owner"] = names.user(st.st_uid)
     entry["group"] = names.group(st.st_gid)
-    entry["modifiedTime"] = rfc3339(st.st_mtime_ns)
+    entry["modifiedTime"] = protobuf_timestamp(st.st_mtime_ns)
     metadata = read_metadata(metadata_path)
     if metadata:
         entry["metadata"] = metadata
