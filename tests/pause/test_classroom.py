@@ -54,9 +54,11 @@ def _attach(sbx: Sandbox, pid: int, sink: bytearray) -> None:
     threading.Thread(target=drain, daemon=True).start()
 
 
+# Replaces its file whole, so that a read (or a pause) never meets it truncated and empty.
 COUNTER = (
-    "import time\nn = 0\nwhile True:\n    n += 1\n"
-    "    open('/home/user/count.txt', 'w').write(str(n))\n    time.sleep(0.2)\n"
+    "import os, time\nn = 0\nwhile True:\n    n += 1\n"
+    "    open('/home/user/count.tmp', 'w').write(str(n))\n"
+    "    os.replace('/home/user/count.tmp', '/home/user/count.txt')\n    time.sleep(0.2)\n"
 )
 
 
