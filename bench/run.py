@@ -93,6 +93,7 @@ PROXY_MAX_ADDED_MS = 5.0  # commands.run p50 through the proxy at most this abov
 ENVD_PORT = 49983
 SEQUENTIAL_CREATES = 20
 CONCURRENT_CREATES = 10  # also the sandboxes whose idle memory is measured
+HEALTH_IDLE_S = 3  # /health probed this long with nothing running: the floor of the busy probes
 IDLE_WAIT_S = 3.0
 SCALE_TOTAL = 50
 SCALE_BATCH = 10
@@ -629,6 +630,8 @@ class NodeFigures:
     kill_ms: list[float] = field(default_factory=list)
     concurrent_ms: list[float] = field(default_factory=list)
     concurrent_wall_ms: float = 0.0
+    health_idle_ms: list[float] = field(default_factory=list)  # API /health, nothing running
+    health_busy_ms: list[float] = field(default_factory=list)  # during the concurrent creates
     exec_ms: list[float] = field(default_factory=list)
     sdk_create_ms: list[float] = field(default_factory=list)  # through the API, alternating
     sdk_cmd_ms: list[float] = field(default_factory=list)  # straight at envd
@@ -675,9 +678,43 @@ def measure_sequential(fleet: Fleet, figures: NodeFigures) -> None:
             fleet.sdk_kill(sbx)
 
 
+class HealthProbe:
+    """/health round trips on one keep-alive connection, every 50 ms until stopped: how the
+    API answers while the node restores (a blocked event loop would hold every probe)."""
+
+    def __init__(self) -> None:
+        self.ms: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=API_URL, timeout=30) as http:
+            http.get("/health")  # connect before measuring
+            while not self._stop.is_set():
+                start = time.perf_counter()
+                http.get("/health").raise_for_status()
+                self.ms.append(elapsed_ms(start))
+                self._stop.wait(0.05)
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def measure_concurrent_idle_exec(fleet: Fleet, figures: NodeFigures) -> None:
-    """10 concurrent creates; the same sandboxes then serve the idle-memory and exec runs."""
-    created = _all_created(fleet.create_concurrently(CONCURRENT_CREATES))
+    """10 concurrent creates, with /health probed before and during them; the same sandboxes
+    then serve the idle-memory and exec runs."""
+    fleet.settle()
+    with HealthProbe() as idle:
+        time.sleep(HEALTH_IDLE_S)
+    figures.health_idle_ms = idle.ms
+    with HealthProbe() as busy:
+        created = _all_created(fleet.create_concurrently(CONCURRENT_CREATES))
+    figures.health_busy_ms = busy.ms
     figures.concurrent_ms = [c.ms for c in created]
     figures.concurrent_wall_ms = (max(c.end for c in created) - min(c.start for c in created)) * 1e3
     time.sleep(IDLE_WAIT_S)  # let restore-time activity settle before reading memory
@@ -989,6 +1026,11 @@ def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row
         Row("create_conc_wall_ms", f"create wall ({CONCURRENT_CREATES} concurrent)",
             node.concurrent_wall_ms, "ms", CONCURRENT_CREATES * restore50,
             f"{CONCURRENT_CREATES} x raw restore p50"),
+        Row("health_busy_p50_ms", f"API /health p50 (during {CONCURRENT_CREATES} creates)",
+            p50(node.health_busy_ms), "ms", p50(node.health_idle_ms), "/health p50, idle",
+            samples=tuple(node.health_busy_ms)),
+        Row("health_busy_p95_ms", f"API /health p95 (during {CONCURRENT_CREATES} creates)",
+            p95(node.health_busy_ms), "ms", p95(node.health_idle_ms), "/health p95, idle"),
         Row("kill_seq_p50_ms", "kill p50 (sequential)", p50(node.kill_ms), "ms",
             p50(raw.delete_ms), "raw runsc delete p50, full teardown", samples=tuple(node.kill_ms)),
         Row("exec_p50_ms", "node exec `true` p50", p50(node.exec_ms), "ms", rexec50,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from e2b.sandbox.signature import Signature, get_signature
 
 from tests.envd.conftest import run_envd
-from vivarium.guest.envd.auth import file_signature
 
 TOKEN = "secret-token"
 
@@ -37,8 +36,9 @@ def test_requests_need_the_token(secured: httpx.Client) -> None:
 
 
 def test_signed_file_urls(secured: httpx.Client, tmp_path: object) -> None:
+    # Signed the way the official client signs its upload and download URLs.
     path = f"{tmp_path}/signed.txt"
-    write_sig = file_signature(path, "write", "root", TOKEN, "")
+    write_sig = get_signature(path, "write", "root", TOKEN)["signature"]
     upload = secured.post(
         "/files",
         params={"path": path, "username": "root", "signature": write_sig},
@@ -46,37 +46,21 @@ def test_signed_file_urls(secured: httpx.Client, tmp_path: object) -> None:
         headers={"Content-Type": "application/octet-stream"},
     )
     assert upload.status_code == 200, upload.text
-    expiry = str(int(time.time()) + 60)
-    read_sig = file_signature(path, "read", "root", TOKEN, expiry)
-    download = secured.get(
-        "/files",
-        params={
-            "path": path,
-            "username": "root",
-            "signature": read_sig,
-            "signature_expiration": expiry,
-        },
-    )
+    read = get_signature(path, "read", "root", TOKEN, expiration_in_seconds=60)
+    download = secured.get("/files", params=_signed(path, read))
     assert download.status_code == 200 and download.content == b"hello"
     # A write signature does not read, an expired one does not work, a forged one neither.
-    assert (
-        secured.get(
-            "/files", params={"path": path, "username": "root", "signature": write_sig}
-        ).status_code
-        == 401
-    )
-    old = str(int(time.time()) - 1)
-    stale = file_signature(path, "read", "root", TOKEN, old)
-    assert (
-        secured.get(
-            "/files",
-            params={
-                "path": path,
-                "username": "root",
-                "signature": stale,
-                "signature_expiration": old,
-            },
-        ).status_code
-        == 401
-    )
+    as_read = {"path": path, "username": "root", "signature": write_sig}
+    assert secured.get("/files", params=as_read).status_code == 401
+    stale = get_signature(path, "read", "root", TOKEN, expiration_in_seconds=-1)
+    assert secured.get("/files", params=_signed(path, stale)).status_code == 401
     assert secured.get("/files", params={"path": path, "signature": "v1_forged"}).status_code == 401
+
+
+def _signed(path: str, signature: Signature) -> dict[str, str]:
+    return {
+        "path": path,
+        "username": "root",
+        "signature": signature["signature"],
+        "signature_expiration": str(signature["expiration"]),
+    }

@@ -42,14 +42,12 @@ def inet_host() -> Iterator[str]:
     web = [sys.executable, "-m", "http.server", str(INET_PORT), "--bind", "0.0.0.0",
            "--directory", str(REPO / "tests")]  # fmt: skip
     with outside_host(INET_NS, INET_HOST_IF, INET_GATEWAY, [INET_ALLOWED, INET_OTHER], 29, web):
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            url = f"http://{INET_ALLOWED}:{INET_PORT}/"
-            probe = subprocess.run(
-                ["ip", "netns", "exec", INET_NS, "curl", "-s", "-o", "/dev/null", url]
-            )
-            if probe.returncode == 0:
-                break
+        url = f"http://{INET_ALLOWED}:{INET_PORT}/"
+        deadline = time.monotonic() + 30
+        while subprocess.run(
+            ["ip", "netns", "exec", INET_NS, "curl", "-s", "-o", "/dev/null", url]
+        ).returncode:
+            assert time.monotonic() < deadline, f"the test internet host never answered at {url}"
             time.sleep(0.1)
         yield INET_ALLOWED
 

@@ -250,11 +250,9 @@ def test_an_unreachable_store_refuses_the_pause_and_the_start(
     sbx = Sandbox.create(timeout=300, **opts)
     sbx.files.write("/home/user/work.txt", "unsaved work")
     moto.stop()
-    started = time.monotonic()
     unreachable = f"503.*snapshot store s3://{BUCKET}/{PREFIX} is unreachable"
     with pytest.raises(ServiceBusyException, match=unreachable):
         sbx.pause()
-    assert time.monotonic() - started < 20
     assert sbx.is_running()
     assert Sandbox.get_info(sbx.sandbox_id, **opts).state == SandboxState.RUNNING
     assert sbx.files.read("/home/user/work.txt") == "unsaved work"

@@ -18,8 +18,11 @@ from starlette.types import ASGIApp
 
 from vivarium.proxy import ProxyLimits, SandboxProxy, Upstream
 
+# Waits here detect a hang, never a speed: generous enough for a loaded 2-core machine.
+HANG = 30
 
-def run(coro: Coroutine[Any, Any, None], timeout: float = 15) -> None:
+
+def run(coro: Coroutine[Any, Any, None], timeout: float = 1.5 * HANG) -> None:
     asyncio.run(asyncio.wait_for(coro, timeout))
 
 
