@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from vivarium.cli.envd_client import Verify, proxy_headers
+from vivarium.cli.envd import Verify, proxy_headers
 from vivarium.config import Settings
 from vivarium.errors import VivariumError
 from vivarium.tls import pinned_client_context

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from vivarium.cli import envd_client
+from vivarium.cli import envd
 from vivarium.cli.api_client import ApiClient, Endpoints
 from vivarium.config import Settings
 from vivarium.errors import VivariumError
@@ -204,7 +204,7 @@ def sandbox_exec(
     argv: list[str] | str = cmd[0] if len(cmd) == 1 and " " in cmd[0] else list(cmd)
     stdin = None if sys.stdin.isatty() else sys.stdin.buffer
     # An EnvdError is a VivariumError: printed as one line like the API's errors.
-    sys.exit(envd_client.run(url, headers, argv, user=user, cwd=cwd, envs=_pairs(env, "--env"),
+    sys.exit(envd.run(url, headers, argv, user=user, cwd=cwd, envs=_pairs(env, "--env"),
                              stdin=stdin, timeout=timeout or None, verify=verify))  # fmt: skip
 
 
@@ -217,7 +217,7 @@ def sandbox_connect(sandbox_id: str, user: str, cwd: str | None) -> None:
     with _api() as api:
         headers = api.envd_headers(sandbox_id)
         url, verify = api.endpoints.sandbox_url, api.endpoints.verify
-    sys.exit(envd_client.terminal(url, headers, user=user, cwd=cwd, verify=verify))
+    sys.exit(envd.terminal(url, headers, user=user, cwd=cwd, verify=verify))
 
 
 @sandbox.command("kill")

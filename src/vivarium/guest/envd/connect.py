@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -21,12 +20,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from .wire import FLAG_COMPRESSED, FLAG_END_STREAM, Deframer, MessageTooLarge, frame
+
 MAX_MESSAGE = 16 * 1024 * 1024
 # Streams that stay idle longer than a proxy's read timeout get dropped by it, so every stream
 # sends a keepalive at least this often, or sooner when the client asks for it.
 KEEPALIVE_S = 25.0
-FLAG_END_STREAM = 0x02
-FLAG_COMPRESSED = 0x01
 
 STATUS = {
     "canceled": 499, "unknown": 500, "invalid_argument": 400, "deadline_exceeded": 504,
@@ -54,29 +53,24 @@ class ConnectError(Exception):
 
 
 def envelope(message: Message, flags: int = 0) -> bytes:
-    payload = json.dumps(message, separators=(",", ":")).encode()
-    return struct.pack(">BI", flags, len(payload)) + payload
+    return frame(json.dumps(message, separators=(",", ":")).encode(), flags)
 
 
 async def read_envelopes(request: Request) -> AsyncIterator[Message]:
     """Decode the enveloped messages of a streaming request as its chunks arrive."""
-    buffer = bytearray()
+    deframer = Deframer(MAX_MESSAGE)
     async for chunk in request.stream():
-        buffer += chunk
-        while len(buffer) >= 5:
-            flags, length = struct.unpack(">BI", buffer[:5])
-            if length > MAX_MESSAGE:
-                raise ConnectError("resource_exhausted", f"message of {length} bytes is too large")
-            if len(buffer) < 5 + length:
-                break
-            payload = bytes(buffer[5 : 5 + length])
-            del buffer[: 5 + length]
+        try:
+            envelopes = deframer.feed(chunk)
+        except MessageTooLarge as exc:
+            raise ConnectError("resource_exhausted", str(exc)) from None
+        for flags, payload in envelopes:
             if flags & FLAG_COMPRESSED:
                 raise ConnectError("unimplemented", "compressed messages are not supported")
             if flags & FLAG_END_STREAM:
                 return
             yield _decode(payload)
-    if buffer:
+    if deframer.partial:
         raise ConnectError("invalid_argument", "request ended in the middle of a message")
 
 

@@ -21,8 +21,6 @@ Guest code: standard library, starlette and relative imports only.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import errno
 import fcntl
@@ -50,6 +48,7 @@ from .connect import (
 )
 from .spawner import Launch, Spawner, SpawnError
 from .state import EnvdState
+from .wire import decode_bytes, encode_bytes
 
 CHUNK = 32 * 1024  # one read from a pipe / the PTY; also the largest data event
 SUBSCRIBER_EVENTS = 64  # events queued per attached stream before the process is held back
@@ -69,18 +68,12 @@ SIGNALS: dict[str | int, signal.Signals] = {
 _sequence = itertools.count()  # start order, to pick the newest of processes sharing a tag
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
 def _unb64(value: Any, what: str) -> bytes:
-    """Proto JSON `bytes`: standard or URL-safe base64, padding optional."""
     if not isinstance(value, str):
         raise ConnectError("invalid_argument", f"{what} must be base64 text")
-    text = value.replace("-", "+").replace("_", "/")
     try:
-        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except (binascii.Error, ValueError):
+        return decode_bytes(value)
+    except ValueError:
         raise ConnectError("invalid_argument", f"{what} is not valid base64") from None
 
 
@@ -196,7 +189,7 @@ class Proc:
         if not self.subscribers:
             self._keep(kind, chunk)
             return
-        event = {"data": {kind: _b64(chunk)}}
+        event = {"data": {kind: encode_bytes(chunk)}}
         for sub in list(self.subscribers):
             if not sub.closed:
                 await sub.queue.put(event)  # back-pressure: waits while this stream is behind
@@ -221,7 +214,7 @@ class Proc:
     def subscribe(self) -> Subscriber:
         sub = Subscriber()
         for kind, chunk in self.backlog:
-            sub.queue.put_nowait({"data": {kind: _b64(chunk)}})
+            sub.queue.put_nowait({"data": {kind: encode_bytes(chunk)}})
         self.backlog.clear()
         self.backlog_bytes = 0
         if self.end is not None:
