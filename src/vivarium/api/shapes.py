@@ -22,7 +22,7 @@ STATES = ("running", "paused")
 
 def rfc3339(ts: float) -> str:
     """E2B's REST times; envd's Connect messages use protobuf's form instead
-    (guest/envd/filesystem.protobuf_timestamp)."""
+    (guest/envd/entry_info.protobuf_timestamp)."""
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
