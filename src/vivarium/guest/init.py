@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 SUDO_SOCKET = "/run/vivarium/sudo.sock"
 SUDO_GROUPS = ("sudo",)
@@ -43,7 +44,7 @@ def _may_sudo(uid: int) -> bool:
     return False
 
 
-def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
+def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     msg, ancdata, _flags, _addr = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(3 * 4))
     fds = array.array("i")
     for level, kind, data in ancdata:
@@ -59,7 +60,7 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(body), list(fds)
 
 
-def _run_as(request: dict, fds: list[int]) -> int:
+def _run_as(request: dict[str, Any], fds: list[int]) -> int:
     target = pwd.getpwnam(request.get("user") or "root")
     env = (
         dict(request.get("env") or {})
@@ -148,7 +149,7 @@ ENVD = {"name": "envd", "module": "envd", "user": "root"}
 USER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def _load_services() -> list:
+def _load_services() -> list[dict[str, Any]]:
     """envd, then the template's own services."""
     try:
         with open(SERVICES_FILE) as f:
@@ -157,7 +158,7 @@ def _load_services() -> list:
         return [ENVD]
 
 
-def _start_service(service: dict) -> int:
+def _start_service(service: dict[str, Any]) -> int:
     """Fork and exec a guest service as its user, with a private runtime directory
     (/run/vivarium/NAME) and a clean environment. `python3 -I`: the user's PYTHONPATH,
     site-packages and current directory never reach our code."""

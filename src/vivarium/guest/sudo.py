@@ -13,12 +13,13 @@ import os
 import socket
 import struct
 import sys
+from typing import Any
 
 SOCKET_PATH = "/run/vivarium/sudo.sock"
 USAGE = "usage: sudo [-n] [-E] [-H] [-i | -s] [-u user] [--] command [args...]"
 
 
-def parse(argv: list[str]) -> dict:
+def parse(argv: list[str]) -> dict[str, Any]:
     request = {"user": "root", "login": False, "shell": False, "preserve_env": False}
     i = 0
     while i < len(argv) and argv[i].startswith("-") and argv[i] != "-":

@@ -6,9 +6,8 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from envd.connect import StreamResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -16,6 +15,13 @@ from starlette.routing import Route
 
 from . import ENVD_PORT
 from .contexts import Contexts, UnknownLanguage, check_env, normalize
+
+# In the template, envd and the interpreter are top-level packages side by side; in this
+# repository both live under vivarium.guest, which is where the type checker finds them.
+if TYPE_CHECKING:
+    from vivarium.guest.envd.connect import StreamResponse
+else:
+    from envd.connect import StreamResponse
 
 
 class BadRequest(Exception):
@@ -140,4 +146,4 @@ def create_app(contexts: Contexts) -> Starlette:
     handlers = {BadRequest: bad_request, ValueError: bad_request,
                 UnknownLanguage: bad_request, Unauthorized: unauthorized,
                 Exception: failed}  # fmt: skip
-    return Starlette(routes=routes, exception_handlers=handlers)  # type: ignore[arg-type]
+    return Starlette(routes=routes, exception_handlers=handlers)
