@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import os
 import subprocess
-from collections.abc import Sequence
+import threading
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,3 +154,34 @@ def run_sync(
     if check and not result.ok:
         raise _failure(result)
     return result
+
+
+async def run_lines(args: Sequence[str], *, tail: int = 20) -> AsyncIterator[str]:
+    """Run a long command, yielding its output (stdout and stderr merged) line by line as it
+    comes, for progress reports; raises RuntimeFailure with the last `tail` lines if it fails.
+    Closing the iterator early kills the command."""
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+    proc = subprocess.Popen(_argv(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+    def pump() -> None:  # a thread: the loop never blocks on the pipe
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            loop.call_soon_threadsafe(lines.put_nowait, raw.decode(errors="replace").rstrip())
+        loop.call_soon_threadsafe(lines.put_nowait, None)
+
+    threading.Thread(target=pump, daemon=True, name="vivarium-lines").start()
+    last: list[str] = []
+    try:
+        while (line := await lines.get()) is not None:
+            last = (last + [line])[-tail:]
+            yield line
+        code = await loop.run_in_executor(_executor(), proc.wait)
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await loop.run_in_executor(_executor(), proc.wait)
+    if code != 0:
+        raise _failure(Result(tuple(args), code, "", "\n".join(last)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import httpx
 
@@ -37,17 +38,29 @@ async def init_envd(
                                "envVars": env_vars, "timestamp": time.time()}  # fmt: skip
     if access_token:
         body["accessToken"] = access_token
-    deadline = time.monotonic() + INIT_TIMEOUT_S
-    last_error = ""
+    url = f"http://{address}:{ENVD_PORT}/init"
+    failure = await until_answered(
+        lambda: http.post(url, json=body, timeout=2), INIT_TIMEOUT_S, 0.02
+    )
+    if failure is not None:
+        raise RuntimeFailure(f"envd in sandbox {sandbox_id} did not answer /init ({failure})",
+                             "the template may be broken: rebuild it with --force")  # fmt: skip
+
+
+async def until_answered(
+    send: Callable[[], Awaitable[httpx.Response]], timeout_s: float, interval_s: float
+) -> str | None:
+    """Repeat a request until it succeeds (2xx) or `timeout_s` has passed: None once it did,
+    otherwise what went wrong the last time. For programs that are starting or restoring."""
+    deadline = time.monotonic() + timeout_s
+    failure = "no attempt"
     while time.monotonic() < deadline:
         try:
-            response = await http.post(f"http://{address}:{ENVD_PORT}/init", json=body,
-                                       timeout=2)  # fmt: skip
+            response = await send()
             if response.is_success:
-                return
-            last_error = f"HTTP {response.status_code}: {response.text[:200]}"
+                return None
+            failure = f"HTTP {response.status_code}: {response.text[:200]}"
         except httpx.TransportError as exc:
-            last_error = f"{type(exc).__name__}: {exc}"
-        await asyncio.sleep(0.02)
-    raise RuntimeFailure(f"envd in sandbox {sandbox_id} did not answer /init ({last_error})",
-                         "the template may be broken: rebuild it with --force")  # fmt: skip
+            failure = f"{type(exc).__name__}: {exc}"
+        await asyncio.sleep(interval_s)
+    return failure

@@ -6,11 +6,9 @@ time (the guest daemon) is already running in a new sandbox.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +24,8 @@ from vivarium.errors import HostNotReady, NotFound, RuntimeFailure
 from vivarium.guest.envd import PORT as ENVD_PORT
 from vivarium.network.addressing import SlotRange
 from vivarium.network.pool import create_slot, destroy_slot
-from vivarium.proc import run_sync
+from vivarium.node.envd_init import until_answered
+from vivarium.proc import run_lines, run_sync
 from vivarium.runtime import disk
 from vivarium.runtime.bundle import Resources, base_spec, for_sandbox, write_bundle
 from vivarium.runtime.probe import Probe
@@ -59,34 +58,27 @@ async def debootstrap(recipe: Recipe, cache_dir: Path, say: Stopwatch) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     say(f"downloading Debian {recipe.suite} ({len(recipe.packages)} extra packages)...")
-    proc = await asyncio.create_subprocess_exec(
-        "debootstrap", "--variant=minbase", f"--include={','.join(recipe.packages)}",
-        recipe.suite, str(partial), recipe.mirror,
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    assert proc.stdout is not None
     counts = {"Retrieving": 0, "Validating": 0, "Extracting": 0, "Unpacking": 0,
               "Configuring": 0}  # fmt: skip
-    tail: list[str] = []
     last_phase = ""
-    async for raw in proc.stdout:
-        line = raw.decode(errors="replace").strip()
-        tail = (tail + [line])[-20:]
-        words = line.split()
-        phase = words[1] if len(words) > 1 and words[0] == "I:" else ""
-        if phase in counts:
-            counts[phase] += 1
-            if phase != last_phase or counts[phase] % 25 == 0:
-                say(f"debootstrap: {phase.lower()} packages ({counts[phase]} so far)")
-            last_phase = phase
-        elif line.startswith(("E:", "W:")):
-            say(f"debootstrap: {line}")
-    if await proc.wait() != 0:
+    try:
+        async for line in run_lines(["debootstrap", "--variant=minbase",
+                                     f"--include={','.join(recipe.packages)}", recipe.suite,
+                                     str(partial), recipe.mirror]):  # fmt: skip
+            words = line.split()
+            phase = words[1] if len(words) > 1 and words[0] == "I:" else ""
+            if phase in counts:
+                counts[phase] += 1
+                if phase != last_phase or counts[phase] % 25 == 0:
+                    say(f"debootstrap: {phase.lower()} packages ({counts[phase]} so far)")
+                last_phase = phase
+            elif line.startswith(("E:", "W:")):
+                say(f"debootstrap: {line}")
+    except RuntimeFailure as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise RuntimeFailure(
-            "debootstrap failed: " + " | ".join(tail[-5:]),
-            "check access to the Debian mirror and free disk space",
-        )
+            f"debootstrap failed: {exc}", "check access to the Debian mirror and free disk space"
+        ) from None
     partial.rename(cached)
     say("debootstrap: done")
     return cached
@@ -189,19 +181,16 @@ def customize(
 
 async def wait_ready(address: str, port: int, name: str) -> None:
     """Until the program answers on the slot address: what is checkpointed must be serving."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
     # No keep-alive: a connection still open inside the sandbox could not be checkpointed.
     limits = httpx.Limits(max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=2, limits=limits) as http:
-        while time.monotonic() < deadline:
-            try:
-                if (await http.get(f"http://{address}:{port}/health")).is_success:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.2)
-    raise RuntimeFailure(f"{name} did not become ready within {READY_TIMEOUT_S:.0f}s",
-                         "see build-console.log in the build directory")  # fmt: skip
+        url = f"http://{address}:{port}/health"
+        failure = await until_answered(lambda: http.get(url), READY_TIMEOUT_S, interval_s=0.2)
+    if failure is not None:
+        raise RuntimeFailure(
+            f"{name} did not become ready within {READY_TIMEOUT_S:.0f}s ({failure})",
+            "see build-console.log in the build directory",
+        )
 
 
 async def boot_and_checkpoint(
