@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 import stat
-from contextlib import nullcontext
+from contextlib import AsyncExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -79,43 +79,46 @@ async def serve(settings: Settings) -> None:
     tls = None
     if settings.tls_cert and settings.tls_key:
         tls = ReloadingContext(settings.tls_cert, settings.tls_key)
-    node = Node(settings)
-    await node.start()
-    control = ControlPlane(settings, node)
-    try:
+    # Each part is stopped, in reverse order, however far the start got.
+    async with AsyncExitStack() as running:
+        node = Node(settings)
+        await node.start()
+        running.push_async_callback(node.stop)
+        control = ControlPlane(settings, node)
         first_key = await control.start()
-    except BaseException:
-        await node.stop()
-        raise
-    _announce_key(first_key, settings)
+        running.push_async_callback(control.stop)
+        _announce_key(first_key, settings)
 
-    def upstream(sandbox_id: str) -> Upstream | None:
-        record = node.sandboxes.get(sandbox_id)
-        if record is None or record.state != "running":  # e.g. pausing: no new connections
-            return None
-        # Slot addresses are reused: the start time tells this instance from an earlier one.
-        return Upstream(record.slot_address, f"{sandbox_id}:{record.started_at}")
+        def upstream(sandbox_id: str) -> Upstream | None:
+            record = node.sandboxes.get(sandbox_id)
+            if record is None or record.state != "running":  # e.g. pausing: no new connections
+                return None
+            # Slot addresses are reused: the start time tells this instance from an earlier one.
+            return Upstream(record.slot_address, f"{sandbox_id}:{record.started_at}")
 
-    # Everything loaded so far lives as long as the server: keep it out of the collector's
-    # full passes, which otherwise grow with it and pause the event loop.
-    gc.freeze()
-    proxy = SandboxProxy(upstream, domain=settings.proxy_domain or None)
-    node.on_destroyed.append(proxy.forget)
-    try:
+        # Everything loaded so far lives as long as the server: keep it out of the collector's
+        # full passes, which otherwise grow with it and pause the event loop.
+        gc.freeze()
+        proxy = SandboxProxy(upstream, domain=settings.proxy_domain or None)
+        node.on_destroyed.append(proxy.forget)
         await proxy.start(settings.proxy_host, settings.proxy_port,
                           ssl=tls.context if tls else None)  # fmt: skip
-    except BaseException:
-        await control.stop()
-        await node.stop()
-        raise
-    socket_path = settings.node_socket
-    try:
-        node_socket = bind_private_socket(socket_path)
-    except BaseException:
-        await proxy.stop()
-        await control.stop()
-        await node.stop()
-        raise
+        running.push_async_callback(proxy.stop)
+        socket_path = settings.node_socket
+        running.callback(socket_path.unlink, missing_ok=True)
+        node_socket = running.enter_context(bind_private_socket(socket_path))
+        if tls:
+            watch = asyncio.create_task(tls.watch())
+            running.callback(watch.cancel)
+        await _listen(settings, node, control, node_socket, tls)
+    log.info("stopped")
+
+
+async def _listen(
+    settings: Settings, node: Node, control: ControlPlane, node_socket: socket.socket,
+    tls: ReloadingContext | None,
+) -> None:  # fmt: skip
+    """Serve the node socket and the API until SIGINT or SIGTERM."""
     api_config = uvicorn.Config(
         create_api_app(control), host=settings.api_host, port=settings.api_port,
         log_level="warning", lifespan="off",
@@ -137,24 +140,13 @@ async def serve(settings: Settings) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
-    watch = asyncio.create_task(tls.watch()) if tls else None
-    try:
-        tasks = [asyncio.create_task(s.serve()) for s in servers]
-        while not all(s.started for s in servers):
-            if any(t.done() for t in tasks):
-                break
-            await asyncio.sleep(0.05)
-        if all(s.started for s in servers):
-            log.info("vivarium ready: api %s://%s:%d, sandbox proxy %s://%s:%d, node socket %s",
-                     settings.scheme, settings.api_host, settings.api_port, settings.scheme,
-                     settings.proxy_host, settings.proxy_port, socket_path)  # fmt: skip
-        await asyncio.gather(*tasks)
-    finally:
-        if watch:
-            watch.cancel()
-        node_socket.close()
-        await proxy.stop()
-        await control.stop()
-        await node.stop()
-        socket_path.unlink(missing_ok=True)
-        log.info("stopped")
+    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    while not all(s.started for s in servers):
+        if any(t.done() for t in tasks):
+            break
+        await asyncio.sleep(0.05)
+    if all(s.started for s in servers):
+        log.info("vivarium ready: api %s://%s:%d, sandbox proxy %s://%s:%d, node socket %s",
+                 settings.scheme, settings.api_host, settings.api_port, settings.scheme,
+                 settings.proxy_host, settings.proxy_port, settings.node_socket)  # fmt: skip
+    await asyncio.gather(*tasks)

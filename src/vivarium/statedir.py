@@ -29,6 +29,17 @@ PRIVATE_FILES = ("vivarium.db", "vivarium.db-wal", "vivarium.db-shm", "admin.key
                  "node.lock")  # fmt: skip
 
 
+def write_private(path: Path, text: str) -> None:
+    """Replace a file whole, root's alone from its first byte (not after a chmod), and durably:
+    a crash leaves the old content or the new one, never a mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(path)
+
+
 def prepare(state_dir: Path) -> list[str]:
     """Check the path, create the directory if needed and tighten it; returns what changed."""
     check_path(state_dir)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import time
 from collections import defaultdict
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -29,6 +29,7 @@ from vivarium.node.node import Node
 from vivarium.node.records import new_sandbox_id
 from vivarium.node.request import CreateRequest
 from vivarium.node.snapshots import Snapshot
+from vivarium.statedir import write_private
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class ControlPlane:
             limit = self.settings.team_max_sandboxes
             team = await store.create_team(self.engine, "default", limit, is_admin=True)
             first_key, _ = await store.create_key(self.engine, team["id"], "default")
-            _write_private(self.settings.admin_key_file, first_key + "\n")
+            write_private(self.settings.admin_key_file, first_key + "\n")
         await self._reconcile()
         await self._warm_up()
         self.node.on_ended = self._node_ended
@@ -355,13 +356,7 @@ def _limit_reached(team: Row) -> CapacityExhausted:
     )
 
 
-def _write_private(path: Any, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-
-
-def _load_or_make_secret(path: Any) -> bytes:
+def _load_or_make_secret(path: Path) -> bytes:
     try:
         with open(path, "rb") as f:
             seed = f.read().strip()
@@ -370,5 +365,5 @@ def _load_or_make_secret(path: Any) -> bytes:
     except FileNotFoundError:
         pass
     seed = secrets.token_hex(32).encode()
-    _write_private(path, seed.decode() + "\n")
+    write_private(path, seed.decode() + "\n")
     return seed

@@ -14,12 +14,13 @@ actually runs.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from vivarium.statedir import write_private
 
 ID_ALPHABET = string.ascii_lowercase + string.digits
 ID_LENGTH = 20
@@ -86,13 +87,8 @@ class RecordStore:
     def save(self, record: SandboxRecord) -> None:
         directory = self.container_dir(record.container_id)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = directory / "record.json.tmp"
-        # It holds envd's access token and the env vars: root's alone (statedir.py).
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump(record.to_json(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.rename(directory / "record.json")
+        # It holds envd's access token and the env vars.
+        write_private(directory / "record.json", json.dumps(record.to_json()))
 
     def load_all(self) -> tuple[list[SandboxRecord], list[Path]]:
         """Readable records, and directories holding none (left by a crash mid-create)."""
