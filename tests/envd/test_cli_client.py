@@ -24,7 +24,7 @@ import pytest
 from tests.envd.conftest import REPO, _free_port, run_envd
 from vivarium.cli.envd import EnvdError, proxy_headers, run
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(120)
 
 ROUTING = proxy_headers("isb0123456789abcdef")
 
@@ -102,7 +102,7 @@ def test_stdin_file_round_trips_while_output_streams(envd_url: str) -> None:
 
 
 def test_without_stdin_the_process_reads_eof(envd_url: str) -> None:
-    code, seen = _run(envd_url, "cat; echo done", timeout=10)
+    code, seen = _run(envd_url, "cat; echo done", timeout=60)
     assert code == 0
     assert bytes(seen.stdout) == b"done\n"
 

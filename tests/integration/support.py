@@ -86,7 +86,7 @@ class Server:
 
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         return subprocess.run([VIVARIUM, *args], env=self.env, capture_output=True, text=True,
-                              check=check, timeout=120)  # fmt: skip
+                              check=check, timeout=300)  # fmt: skip
 
 
 def make_server(name: str, prefix: str, cidr: str, api_port: int, **extra: str) -> Server:
@@ -156,11 +156,13 @@ def outside_host(
         subprocess.run(["ip", "link", "del", host_if], capture_output=True)
 
 
-def sdk_options(srv: Server) -> dict[str, str]:
-    """Where the official client finds this server: its key, API and proxy."""
+def sdk_options(srv: Server) -> dict[str, Any]:
+    """Where the official client finds this server: its key, API and proxy. Requests may take
+    longer than the client's default minute: that catches a hang, this tests no speed."""
     return {"api_key": (srv.state_dir / "admin.key").read_text().strip(),
             "api_url": f"http://127.0.0.1:{srv.env['VIVARIUM_API_PORT']}",
-            "sandbox_url": f"http://127.0.0.1:{srv.env['VIVARIUM_PROXY_PORT']}"}  # fmt: skip
+            "sandbox_url": f"http://127.0.0.1:{srv.env['VIVARIUM_PROXY_PORT']}",
+            "request_timeout": 300}  # fmt: skip
 
 
 def netns_names(prefix: str) -> set[str]:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from e2b import NotFoundException, Sandbox
 
-from tests.integration.support import Server, make_server
+from tests.integration.support import Server, make_server, sdk_options
 
 pytestmark = pytest.mark.timeout(120)
 API_PORT = 3113
@@ -29,9 +29,7 @@ def short_lived() -> Iterator[Server]:
 
 
 def test_old_snapshots_are_deleted(short_lived: Server) -> None:
-    opts = {"api_key": (short_lived.state_dir / "admin.key").read_text().strip(),
-            "api_url": f"http://127.0.0.1:{API_PORT}",
-            "sandbox_url": f"http://127.0.0.1:{API_PORT + 1000}"}  # fmt: skip
+    opts = sdk_options(short_lived)
     paused = Sandbox.create(timeout=120, **opts)  # type: ignore[arg-type]
     running = Sandbox.create(timeout=120, **opts)  # type: ignore[arg-type]
     assert paused.pause()

@@ -63,7 +63,11 @@ class MotoServer:
     def stop(self) -> None:
         assert self.proc is not None
         self.proc.terminate()
-        self.proc.wait(10)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self.proc = None
 
 
