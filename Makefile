@@ -12,12 +12,12 @@ APT_PACKAGES := debootstrap iproute2 iptables util-linux e2fsprogs gcc libc6-dev
 RUNSC_MIN := 20240729
 DEPS_STAMP := .venv/.deps-$(shell cat pyproject.toml uv.lock | sha1sum | cut -c1-12)
 
-.PHONY: run test bench soak lint fmt system-deps python-deps template clean-state
+.PHONY: run test bench soak lint fmt system-deps python-deps old-clients template clean-state
 
 run: template
 	$(BIN)/vivarium serve
 
-test: template lint
+test: template lint old-clients
 	$(BIN)/pytest tests
 
 bench: template
@@ -56,6 +56,16 @@ $(DEPS_STAMP): pyproject.toml uv.lock
 	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --root-user-action=ignore uv
 	$(PYTHON) -m uv sync --frozen --quiet
 	@rm -f .venv/.deps-*; touch $@
+
+# The official client as users pin it: an older release in an environment of its own, which
+# tests/compat drives in subprocesses (tests/clients/ holds its pinned requirements).
+OLD_E2B := .venv-e2b-2.45
+old-clients: python-deps $(OLD_E2B)/.synced
+
+$(OLD_E2B)/.synced: tests/clients/e2b-2.45.txt
+	$(PYTHON) -m uv venv --quiet --allow-existing $(OLD_E2B)
+	$(PYTHON) -m uv pip sync --quiet --python $(OLD_E2B)/bin/python tests/clients/e2b-2.45.txt
+	touch $@
 
 # Built once and cached in the state directory; rebuilt when its recipe changes.
 # code-interpreter-v1 is what the e2b-code-interpreter client creates by default.

@@ -26,7 +26,7 @@ from vivarium.errors import HostNotReady
 from vivarium.node.node import Node
 from vivarium.node.server import create_app as create_node_app
 from vivarium.proc import raise_priority
-from vivarium.proxy import SandboxProxy, Upstream
+from vivarium.proxy import Refusal, SandboxProxy, Upstream
 from vivarium.tls import ReloadingContext
 
 log = logging.getLogger("vivarium")
@@ -89,10 +89,12 @@ async def serve(settings: Settings) -> None:
         running.push_async_callback(control.stop)
         _announce_key(first_key, settings)
 
-        def upstream(sandbox_id: str) -> Upstream | None:
+        def upstream(sandbox_id: str) -> Upstream | Refusal | None:
             record = node.sandboxes.get(sandbox_id)
-            if record is None or record.state != "running":  # e.g. pausing: no new connections
-                return None
+            if record is None:
+                return Refusal.paused(sandbox_id) if node.snapshots.held(sandbox_id) else None
+            if record.state != "running":  # pausing: no new connections
+                return Refusal.transitioning(sandbox_id)
             # Slot addresses are reused: the start time tells this instance from an earlier one.
             return Upstream(record.slot_address, f"{sandbox_id}:{record.started_at}")
 

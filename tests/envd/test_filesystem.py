@@ -415,8 +415,8 @@ def test_watch_dir_polling_handle(sbx: Sandbox, work: Path) -> None:
     handle = sbx.files.watch_dir(str(work))
     events: list[FilesystemEvent] = []
     try:
-        sbx.files.write(f"{work}/new.txt", "1")  # an upload lands as CREATE + WRITE ...
-        sbx.files.write(f"{work}/new.txt", "2")  # ... or as WRITE when replacing
+        sbx.files.write(f"{work}/new.txt", "1")
+        sbx.files.write(f"{work}/new.txt", "2")
         (work / "plain.txt").write_text("x")
         (work / "plain.txt").unlink()
         sbx.files.make_dir(f"{work}/sub")
@@ -431,9 +431,12 @@ def test_watch_dir_polling_handle(sbx: Sandbox, work: Path) -> None:
         }, poll=handle.get_new_events)  # fmt: skip
         # Upload temp files never show.
         assert all(name.startswith(("new", "plain", "sub", "renamed")) for name, _ in seen)
+        # As envd writes a file: created, given to its user, written; replaced: the same
+        # without the creation.
         new_txt = [e.type for e in events if e.name == "new.txt"]
-        assert new_txt[:3] == [FilesystemEventType.CREATE, FilesystemEventType.WRITE,
-                               FilesystemEventType.WRITE]  # fmt: skip
+        create, chmod, write = (FilesystemEventType.CREATE, FilesystemEventType.CHMOD,
+                                FilesystemEventType.WRITE)  # fmt: skip
+        assert new_txt[:5] == [create, chmod, write, chmod, write]
     finally:
         handle.stop()
     with pytest.raises(SandboxException):

@@ -120,7 +120,7 @@ def test_on_stdout_receives_output_as_it_is_produced(sbx: Sandbox, tmp_path: Pat
 
 def test_stdin_is_dev_null_unless_requested(sbx: Sandbox) -> None:
     # `cat` would hang on an open pipe; with /dev/null it sees EOF at once.
-    assert sbx.commands.run("cat; echo done", timeout=10).stdout == "done\n"
+    assert sbx.commands.run("cat; echo done", timeout=60).stdout == "done\n"
 
 
 def test_background_grandchild_holding_stdout_does_not_delay_the_end(sbx: Sandbox) -> None:
@@ -255,6 +255,21 @@ def test_command_timeout_kills_the_process(sbx: Sandbox) -> None:
     _eventually(lambda: not _running(f"sleep\0{marker}"))
 
 
+def test_the_deadline_ends_the_stream_with_deadline_exceeded(envd_url: str) -> None:
+    # As connect-go ends envd's stream: the client learns its deadline passed, not the exit
+    # status of the process that the deadline killed (the 2.45 client would raise that).
+    marker = f"{60000 + int(uuid.uuid4().int % 10000)}"
+    frames = list(connect_stream(
+        envd_url, "/process.Process/Start",
+        {"process": {"cmd": "/bin/sleep", "args": [marker]}},
+        headers={"Connect-Timeout-Ms": "500", "Authorization": "Basic cm9vdDo="},
+    ))  # fmt: skip
+    assert "start" in frames[0]["event"]
+    assert not any("end" in f.get("event", {}) for f in frames)
+    assert frames[-1]["end_of_stream"]["error"]["code"] == "deadline_exceeded"
+    _eventually(lambda: not _running(f"sleep\0{marker}"))
+
+
 # --- PTY ----------------------------------------------------------------------------------------
 
 
@@ -312,7 +327,7 @@ def test_pty_ctrl_c_interrupts_the_foreground_job(sbx: Sandbox) -> None:
     reader = PtyReader(handle)
     try:
         sbx.pty.send_stdin(handle.pid, b"sleep 29.75; echo after-$?\n")
-        _eventually(lambda: "sleep 29.75" in sbx.commands.run("ps -eo args", timeout=10).stdout)
+        _eventually(lambda: "sleep 29.75" in sbx.commands.run("ps -eo args", timeout=60).stdout)
         sbx.pty.send_stdin(handle.pid, b"\x03")
         # The quotes keep the terminal's echo of this line from matching the output.
         sbx.pty.send_stdin(handle.pid, b"echo al''ive\n")
@@ -382,7 +397,7 @@ def _stream(
 
 
 def _unary(url: str, method: str, message: dict[str, Any]) -> httpx.Response:
-    return httpx.post(f"{url}/process.Process/{method}", json=message, timeout=10)
+    return httpx.post(f"{url}/process.Process/{method}", json=message, timeout=60)
 
 
 def _listed(url: str) -> list[int]:

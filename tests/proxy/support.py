@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 import h11
 import uvicorn
 from starlette.types import ASGIApp
 
-from vivarium.proxy import ProxyLimits, SandboxProxy, Upstream
+from vivarium.proxy import ProxyLimits, Refusal, SandboxProxy, Upstream
 
 # Waits here detect a hang, never a speed: generous enough for a loaded 2-core machine.
 HANG = 30
@@ -82,8 +82,9 @@ async def raw_server(handler: Handler) -> AsyncIterator[int]:
 
 @contextlib.asynccontextmanager
 async def proxy(
-    table: dict[str, Upstream], domain: str | None = None, limits: ProxyLimits | None = None
-) -> AsyncIterator[SandboxProxy]:
+    table: Mapping[str, Upstream | Refusal], domain: str | None = None,
+    limits: ProxyLimits | None = None,
+) -> AsyncIterator[SandboxProxy]:  # fmt: skip
     p = SandboxProxy(table.get, domain=domain, limits=limits)
     await p.start("127.0.0.1", 0)
     try:

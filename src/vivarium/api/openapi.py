@@ -55,6 +55,10 @@ LISTED: Schema = {
     },
 }  # fmt: skip
 ID = {"name": "sandbox_id", "in": "path", "required": True, "schema": {"type": "string"}}
+TIME_RANGE = [
+    {"name": name, "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}}
+    for name in ("start", "end")
+]
 
 
 def _json(schema: Schema) -> Schema:
@@ -126,7 +130,7 @@ def document() -> Schema:
         sandbox + "/resume": {"post": _op("resume (legacy)", created, body=timeout_body,
                                           params=[ID], errors=(404, 409, 429))},
         sandbox + "/metrics": {"get": _op("metrics", {"200": {"description": "samples"}},
-                                          params=[ID], errors=(404, 409))},
+                                          params=[ID, *TIME_RANGE], errors=(400, 404, 409))},
         sandbox + "/logs": {"get": _op("logs", {"200": {"description": "logs"}}, params=[ID],
                                        errors=(404, 409))},
         "/v2" + sandbox + "/logs": {"get": _op("logs (v2)", {"200": {"description": "logs"}},

@@ -86,6 +86,23 @@ def list_query(params: Any) -> tuple[list[str], dict[str, str], int, str | None]
     return states, metadata, int(raw_limit), params.get("nextToken") or None
 
 
+def time_range(params: Any) -> tuple[int | None, int | None]:
+    """`start` and `end` of a metrics query: unix seconds, either one optional."""
+    bounds: list[int | None] = []
+    for name in ("start", "end"):
+        raw = params.get(name)
+        if raw is None or raw == "":
+            bounds.append(None)
+        elif raw.isdigit():
+            bounds.append(int(raw))
+        else:
+            raise InvalidArgument(f"{name} must be a unix time in seconds, not {raw!r}")
+    start, end = bounds
+    if start is not None and end is not None and start > end:
+        raise InvalidArgument(f"start ({start}) is after end ({end})")
+    return start, end
+
+
 def page(
     rows: list[Row], limit: int, token: str | None, *, ascending: bool = False
 ) -> tuple[list[Row], str | None]:

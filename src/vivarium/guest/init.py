@@ -145,7 +145,7 @@ GUEST_LIB = "/opt/vivarium/lib"
 RESTART_BACKOFF_S = 1.0
 # Programs the template runs beside envd (written by the template build; empty in `base`).
 SERVICES_FILE = "/opt/vivarium/services.json"
-ENVD = {"name": "envd", "module": "envd", "user": "root"}
+ENVD = {"name": "envd", "module": "envd", "user": "root", "args": ["--identity"]}
 USER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -170,6 +170,7 @@ def _start_service(service: dict[str, Any]) -> int:
         "/usr/bin/python3", "-I", "-c",
         f"import sys, runpy; sys.path.insert(0, {GUEST_LIB!r}); "
         f"runpy.run_module({service['module']!r}, run_name='__main__', alter_sys=True)",
+        *service.get("args", []),
     ]  # fmt: skip
     env = {"HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name,
            "PATH": USER_PATH, "LANG": "C.UTF-8", "VIVARIUM_RUN_DIR": run_dir}  # fmt: skip

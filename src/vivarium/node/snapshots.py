@@ -219,10 +219,13 @@ class SnapshotStore:
         log.info("snapshot of %s fetched from %s", sandbox_id, remote.url)
         return Snapshot(sandbox_id, final, manifest)
 
+    def held(self, sandbox_id: str) -> bool:
+        """Whether this host holds the sandbox's snapshot (no remote call: cheap enough for the
+        proxy to ask on every request for a sandbox that is not running)."""
+        return (self.root / sandbox_id / "manifest.json").exists()
+
     def exists(self, sandbox_id: str) -> bool:
-        if (self.root / sandbox_id / "manifest.json").exists():
-            return True
-        return self.remote is not None and self.remote.exists(sandbox_id)
+        return self.held(sandbox_id) or (self.remote is not None and self.remote.exists(sandbox_id))
 
     def delete_local(self, sandbox_id: str) -> None:
         shutil.rmtree(self.root / sandbox_id, ignore_errors=True)

@@ -11,6 +11,6 @@ caller supplies a resolver from sandbox id to `Upstream` (address and instance k
     await proxy.stop()
 """
 
-from vivarium.proxy.server import ProxyLimits, Resolver, SandboxProxy, Upstream
+from vivarium.proxy.server import ProxyLimits, Refusal, Resolver, SandboxProxy, Upstream
 
-__all__ = ["ProxyLimits", "Resolver", "SandboxProxy", "Upstream"]
+__all__ = ["ProxyLimits", "Refusal", "Resolver", "SandboxProxy", "Upstream"]

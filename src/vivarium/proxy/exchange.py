@@ -18,7 +18,7 @@ import h11
 
 from vivarium.proxy.headers import request_headers, response_headers
 from vivarium.proxy.pool import ConnectFailed, ConnectionPool, PoolKey, UpstreamConnection
-from vivarium.proxy.stream import READ_SIZE, ClientGone, HttpStream, UpstreamFailed
+from vivarium.proxy.stream import READ_SIZE, ClientGone, HttpStream, UpstreamCut, UpstreamFailed
 from vivarium.proxy.tunnel import splice
 
 
@@ -123,7 +123,7 @@ class Exchange:
                 return await self._coordinate(conn)
             except UpstreamFailed:
                 if self.response_started:
-                    return False  # the client gets a cut-off response, as the sandbox sent it
+                    raise UpstreamCut from None  # a cut-off response, and the client knows it
                 if may_retry and conn.reused:
                     may_retry = False
                     self.pool.discard(conn)

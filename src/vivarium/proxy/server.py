@@ -4,7 +4,8 @@ Each client connection is a keep-alive loop; every request on it is routed on it
 connection may reach several sandboxes). Requests the proxy answers itself (bad routing, unknown
 sandbox, closed port, `/health`) get a JSON body `{"code": ..., "message": ...}` like E2B's own
 proxy, whose phrases the e2b client matches: "was not found" means the sandbox is gone,
-"port ... is not open" that it runs but nothing listens.
+"port ... is not open" that it runs but nothing listens. A paused sandbox, or one being paused
+or resumed, is a 409 (`Refusal`), as E2B's proxy answers when it does not resume it itself.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import h11
 from vivarium.proxy.exchange import Exchange, ProxyError
 from vivarium.proxy.pool import ConnectionPool, PoolKey
 from vivarium.proxy.routing import RoutingError, route_request
-from vivarium.proxy.stream import MAX_HEAD, READ_SIZE, ClientGone, HttpStream
+from vivarium.proxy.stream import MAX_HEAD, READ_SIZE, ClientGone, HttpStream, UpstreamCut
 
 log = logging.getLogger("vivarium.proxy")
 
@@ -40,7 +41,35 @@ class Upstream:
     key: str
 
 
-Resolver = Callable[[str], Upstream | None]
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A sandbox that exists but takes no traffic now, answered with E2B's proxy shape for it:
+    409 `{"sandboxId", "message", "code"}` and, for a paused one, `canAutoResume`."""
+
+    sandbox_id: str
+    message: str
+    can_auto_resume: bool | None = None
+
+    @classmethod
+    def paused(cls, sandbox_id: str) -> Refusal:
+        return cls(sandbox_id, f"The sandbox {sandbox_id} is paused: resume it with "
+                   f"Sandbox.connect('{sandbox_id}') (POST /sandboxes/{sandbox_id}/connect)",
+                   can_auto_resume=False)  # fmt: skip
+
+    @classmethod
+    def transitioning(cls, sandbox_id: str) -> Refusal:
+        return cls(sandbox_id, "The sandbox is still transitioning. Try again in a moment.")
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"sandboxId": self.sandbox_id, "message": self.message,
+                                "code": 409}  # fmt: skip
+        if self.can_auto_resume is not None:
+            body["canAutoResume"] = self.can_auto_resume
+        return body
+
+
+# None: no such sandbox (502, "was not found": the e2b client's phrase for a sandbox gone).
+Resolver = Callable[[str], Upstream | Refusal | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +148,7 @@ class SandboxProxy:
         client = HttpStream(reader, writer, conn)
         peer = writer.get_extra_info("peername")
         client_ip = str(peer[0]) if isinstance(peer, tuple) else "unknown"
-        graceful = False
+        graceful = cut = False
         try:
             while True:
                 request = await self._read_head(client)
@@ -129,6 +158,8 @@ class SandboxProxy:
                     break
                 conn.start_next_cycle()
             graceful = True
+        except UpstreamCut:
+            cut = True
         except (ClientGone, OSError):
             pass
         except asyncio.CancelledError:
@@ -141,6 +172,8 @@ class SandboxProxy:
             self._clients.discard(task)
             if graceful:
                 client.close()
+            elif cut:
+                await client.reset()
             else:
                 client.abort()
 
@@ -187,6 +220,8 @@ class SandboxProxy:
         if upstream is None:
             message = f"The sandbox {route.sandbox_id} was not found"
             return await self._reply(client, request, 502, message)
+        if isinstance(upstream, Refusal):
+            return await self._reply(client, request, 409, upstream.message, upstream.body())
         key = PoolKey(route.sandbox_id, upstream.key, upstream.host, route.port)
         try:
             return await Exchange(client, request, key, self._pool, client_ip).run()
@@ -194,10 +229,12 @@ class SandboxProxy:
             return await self._reply(client, request, e.status, e.message)
 
     async def _reply(
-        self, client: HttpStream, request: h11.Request | None, status: int, message: str | None
-    ) -> bool:
+        self, client: HttpStream, request: h11.Request | None, status: int, message: str | None,
+        payload: dict[str, Any] | None = None,
+    ) -> bool:  # fmt: skip
         """A response of the proxy's own. `request` None: the request was unreadable, close."""
-        payload = {"status": "ok"} if message is None else {"code": status, "message": message}
+        if payload is None:
+            payload = {"status": "ok"} if message is None else {"code": status, "message": message}
         body = json.dumps(payload).encode()
         headers = [(b"Content-Type", b"application/json"), (b"Content-Length", b"%d" % len(body))]
         if request is None:

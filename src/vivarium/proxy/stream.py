@@ -11,6 +11,12 @@ bodies cross in few events.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import socket
+import struct
+import termios
+import time
 
 import h11
 
@@ -24,6 +30,10 @@ class ClientGone(Exception):
 
 class UpstreamFailed(Exception):
     """The sandbox side closed, reset or sent something that is not HTTP."""
+
+
+class UpstreamCut(Exception):
+    """The sandbox side failed after the response had started: the client gets a reset."""
 
 
 class HttpStream:
@@ -66,3 +76,26 @@ class HttpStream:
 
     def close(self) -> None:
         self.writer.transport.close()
+
+    async def reset(self, flush_s: float = 2.0) -> None:
+        """End the connection with a TCP reset, once what was sent has left (for `flush_s` at
+        most: a reset discards unsent bytes). An HTTP/2 client would get a stream reset here;
+        over HTTP/1.1 only a reset tells a cut-off response from a finished one for sure, and
+        the e2b client then asks whether the sandbox is gone (`GET /health`) and says so."""
+        sock = self.writer.get_extra_info("socket")
+        if sock is not None:
+            deadline = time.monotonic() + flush_s
+            while _unsent(sock) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.transport.abort()
+
+
+def _unsent(sock: socket.socket) -> int:
+    """Bytes in the kernel's send queue not yet acknowledged by the peer."""
+    try:
+        buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+    except OSError:
+        return 0
+    return int(struct.unpack("i", buf)[0])

@@ -30,7 +30,7 @@ from vivarium.runtime import disk
 from vivarium.runtime.bundle import Resources, base_spec, for_sandbox, write_bundle
 from vivarium.runtime.probe import Probe
 from vivarium.runtime.runsc import Runsc, open_runtime
-from vivarium.templates.recipe import GUEST_DIR, GUEST_PREFIX, RECIPES, Recipe
+from vivarium.templates.recipe import GUEST_DIR, GUEST_PREFIX, HOSTNAME, RECIPES, Recipe
 from vivarium.templates.store import Template, TemplateStore, dir_size, sha256_dir
 
 Report = Callable[[str], None]
@@ -196,7 +196,7 @@ async def wait_ready(address: str, port: int, name: str) -> None:
 async def boot_and_checkpoint(
     settings: Settings, recipe: Recipe, build_dir: Path, runtime: Runsc, say: Stopwatch
 ) -> None:
-    spec = base_spec(build_dir / "rootfs", list(recipe.init), list(recipe.env), "sandbox",
+    spec = base_spec(build_dir / "rootfs", list(recipe.init), list(recipe.env), HOSTNAME,
                      settings.default_pids)  # fmt: skip
     (build_dir / "spec.json").write_text(json.dumps(spec, indent=1))
     slots = SlotRange(settings.slot_prefix, settings.slot_cidr)

@@ -14,6 +14,7 @@ GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
 BUILDER_SOURCE = Path(__file__).resolve().parent / "builder.py"
 # Inside the template: our code lives apart from the user's Python environment.
 GUEST_PREFIX = "/opt/vivarium"
+HOSTNAME = "e2b.local"
 
 BASE_PACKAGES = (
     "python3", "python3-pip", "python3-venv", "curl", "git", "procps", "iproute2",
@@ -35,7 +36,9 @@ USER_SETUP = (
     "echo 'user ALL=(ALL:ALL) NOPASSWD: ALL' > /etc/sudoers.d/user",
     "chmod 0440 /etc/sudoers.d/user",
     "printf 'nameserver 8.8.8.8\\nnameserver 1.1.1.1\\n' > /etc/resolv.conf",
-    "printf '127.0.0.1 localhost\\n::1 localhost\\n' > /etc/hosts",
+    # E2B's sandboxes are all called e2b.local: code written against them may expect it.
+    f"echo {HOSTNAME} > /etc/hostname",
+    f"printf '127.0.0.1 localhost\\n::1 localhost\\n127.0.1.1 {HOSTNAME}\\n' > /etc/hosts",
     "sed -i 's/^# *C.UTF-8/C.UTF-8/' /etc/locale.gen 2>/dev/null || true",
     # LANG=C.UTF-8 from the archive: one mmap at every program start instead of ~50 syscalls
     # over 12 locale files (~3 ms per `bash -l` under ptrace).

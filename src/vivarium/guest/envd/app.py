@@ -3,6 +3,7 @@ services (process.Process, filesystem.Filesystem)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -20,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from . import files, filesystem, process
 from .auth import signature_ok, token_ok
 from .connect import unknown_method
+from .identity import new_machine_id
 from .spawner import Spawner
 from .state import EnvdState
 
@@ -90,6 +92,9 @@ def create_app(state: EnvdState, spawner: Spawner | None = None) -> Starlette:
         if not isinstance(body, dict):
             return JSONResponse({"code": 400, "message": "body must be an object"},
                                 status_code=400)  # fmt: skip
+        sandbox_id = body.get("sandboxId")
+        if state.identity and isinstance(sandbox_id, str) and sandbox_id != state.sandbox_id:
+            await asyncio.to_thread(new_machine_id)  # a new sandbox: a machine of its own
         env_vars = body.get("envVars") or {}
         if isinstance(env_vars, dict):
             state.env_vars.update({str(k): str(v) for k, v in env_vars.items()})

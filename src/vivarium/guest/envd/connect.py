@@ -171,6 +171,36 @@ async def _close(body: AsyncIterator[bytes]) -> None:
         await aclose()
 
 
+async def _until_deadline(
+    messages: AsyncIterator[Message], timeout: float | None
+) -> AsyncIterator[Message]:
+    """The messages of a stream until the client's deadline, which then ends it with
+    `deadline_exceeded`, as connect-go ends envd's streams: the client reports a timeout, not
+    whatever the deadline also caused (a process killed at it ends with an exit status)."""
+    if not timeout:
+        async for message in messages:
+            yield message
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while True:
+            try:
+                message = await asyncio.wait_for(anext(messages), deadline - loop.time())
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                break
+            if loop.time() >= deadline:
+                break
+            yield message
+    finally:
+        aclose = getattr(messages, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    raise ConnectError("deadline_exceeded", f"the request's deadline of {timeout:g} s passed")
+
+
 def server_stream(handler: ServerStream) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         try:
@@ -185,7 +215,7 @@ def server_stream(handler: ServerStream) -> Callable[[Request], Awaitable[Respon
 
         async def body() -> AsyncIterator[bytes]:
             try:
-                async for message in handler(request, first):
+                async for message in _until_deadline(handler(request, first), timeout_s(request)):
                     yield envelope(message)
                 yield envelope({}, FLAG_END_STREAM)
             except ConnectError as exc:

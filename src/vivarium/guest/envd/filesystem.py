@@ -276,6 +276,8 @@ def routes(state: EnvdState) -> list[Route]:
 
     async def get_watcher_events(request: Request, message: Message) -> Message:
         _, watcher = find_watcher(message)
+        if watcher.watch is not None and not watcher.error:
+            watcher.watch.flush()
         if watcher.error:
             raise ConnectError("internal", watcher.error)
         events, watcher.events = watcher.events, []

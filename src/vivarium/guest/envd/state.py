@@ -13,6 +13,7 @@ class EnvdState:
     access_token: str | None = None
     default_user: str = "user"
     default_workdir: str | None = None
+    identity: bool = False  # whether /init gives the machine its own identity (identity.py)
 
     def process_env(self) -> dict[str, str]:
         """Environment every process starts with, before the request's own variables."""

@@ -154,20 +154,22 @@ class _InotifyBackend:
                 self.libc.inotify_rm_watch(self.fd, wd)
                 self.paths.pop(wd, None)
 
-    def _readable(self) -> None:
+    def _readable(self) -> bool:
+        """Handle one read's worth of events; False once nothing more is queued."""
         try:
             data = os.read(self.fd, 65536)
         except BlockingIOError:
-            return
+            return False
         except OSError as exc:
             self.fail(f"watcher error: {exc}")
-            return
+            return False
         offset = 0
         while offset + _EVENT_HEADER.size <= len(data):
             wd, mask, cookie, length = _EVENT_HEADER.unpack_from(data, offset)
             raw = data[offset + _EVENT_HEADER.size : offset + _EVENT_HEADER.size + length]
             offset += _EVENT_HEADER.size + length
             self._event(wd, mask, cookie, os.fsdecode(raw.rstrip(b"\x00")))
+        return self.fd >= 0
 
     def _event(self, wd: int, mask: int, cookie: int, name: str) -> None:
         if mask & IN_Q_OVERFLOW:
@@ -199,14 +201,30 @@ class _InotifyBackend:
             return
         relative = os.path.relpath(full, self.root)
         if mask & IN_MOVED_TO and cookie in self.upload_cookies:
-            kind = self.upload_cookies.pop(cookie)
-            if kind == "new":
-                self.emit(relative, EVENT_CREATE, full)
-            self.emit(relative, EVENT_WRITE, full)
+            self._upload_landed(relative, full, new=self.upload_cookies.pop(cookie) == "new")
             return
         for bits, event_type in _INOTIFY_OPS:
             if mask & bits:
                 self.emit(relative, event_type, full)
+
+    def _upload_landed(self, relative: str, full: str, new: bool) -> None:
+        """Report an upload as envd's own writes in place show it (open with O_CREAT|O_TRUNC,
+        chown to the user, write): a new file is CREATE, CHMOD, then WRITE if it has content;
+        a replaced one is CHMOD, then WRITE (the truncation, and the content)."""
+        if new:
+            self.emit(relative, EVENT_CREATE, full)
+        self.emit(relative, EVENT_CHMOD, full)
+        try:
+            written = os.stat(full).st_size > 0
+        except OSError:
+            written = True  # gone again: it was written before that
+        if written or not new:
+            self.emit(relative, EVENT_WRITE, full)
+
+    def flush(self) -> None:
+        """Take in the events the kernel has queued so far (the loop may not have yet)."""
+        while self.fd >= 0 and self._readable():
+            pass
 
 
 Snapshot = dict[str, tuple[bool, int, int, int, int, int, int]]
@@ -327,6 +345,12 @@ class DirWatch:
 
     def close(self) -> None:
         self.backend.close()
+
+    def flush(self) -> None:
+        """Events of changes made before this call are delivered by the time it returns (where
+        inotify is used): a GetWatcherEvents right after a write sees the write."""
+        if isinstance(self.backend, _InotifyBackend):
+            self.backend.flush()
 
     @property
     def polling(self) -> bool:

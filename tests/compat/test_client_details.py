@@ -1,0 +1,252 @@
+"""Details where the official client, or code written against E2B, expects exactly what E2B does:
+each found by driving the client as a new user would (docs/compatibility.md, "Details")."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from e2b import FilesystemEventType, Sandbox, SandboxException
+
+from tests.compat.conftest import Compat
+from tests.integration.support import REPO
+
+CREATE, CHMOD, WRITE = (FilesystemEventType.CREATE, FilesystemEventType.CHMOD,
+                        FilesystemEventType.WRITE)  # fmt: skip
+
+
+@pytest.fixture()
+def sbx(compat: Compat) -> Iterator[Sandbox]:
+    sandbox = Sandbox.create(timeout=120)
+    try:
+        yield sandbox
+    finally:
+        sandbox.kill()
+
+
+# --- 1. the watch events of files.write -----------------------------------------------------------
+
+
+def test_a_written_file_is_create_chmod_write_at_once(sbx: Sandbox) -> None:
+    # envd creates the file, gives it to the user, then writes: the client's own tests read all
+    # three with one get_new_events() right after write() returns.
+    sbx.files.make_dir("watched")
+    handle = sbx.files.watch_dir("watched")
+    try:
+        sbx.files.write("watched/new.txt", "first")
+        assert [(e.type, e.name) for e in handle.get_new_events()] == [
+            (CREATE, "new.txt"), (CHMOD, "new.txt"), (WRITE, "new.txt")]  # fmt: skip
+        sbx.files.write("watched/new.txt", "second")  # replacing: ownership again, truncate+write
+        assert [(e.type, e.name) for e in handle.get_new_events()] == [
+            (CHMOD, "new.txt"), (WRITE, "new.txt")]  # fmt: skip
+        sbx.files.write("watched/empty.txt", "")  # nothing written, no write event
+        assert [(e.type, e.name) for e in handle.get_new_events()] == [
+            (CREATE, "empty.txt"), (CHMOD, "empty.txt")]  # fmt: skip
+    finally:
+        handle.stop()
+
+
+def test_recursive_watches_report_the_same_sequence(sbx: Sandbox) -> None:
+    sbx.files.make_dir("tree/nested")
+    handle = sbx.files.watch_dir("tree", recursive=True)
+    try:
+        sbx.files.write("tree/nested/deep.txt", "x")
+        assert [(e.type, e.name) for e in handle.get_new_events()] == [
+            (CREATE, "nested/deep.txt"), (CHMOD, "nested/deep.txt"),
+            (WRITE, "nested/deep.txt")]  # fmt: skip
+        # A directory made after the watch started is watched too.
+        sbx.files.make_dir("tree/later")
+        sbx.files.write("tree/later/file.txt", "y")
+        events = [(e.type, e.name) for e in handle.get_new_events()]
+        assert events[0] == (CREATE, "later")
+        assert [t for t, name in events if name == "later/file.txt"] == [CREATE, CHMOD, WRITE]
+    finally:
+        handle.stop()
+
+
+# --- 4. metrics over a range ---------------------------------------------------------------------
+
+
+def test_metrics_come_only_from_inside_the_range_asked_for(sbx: Sandbox) -> None:
+    now = datetime.now(UTC)
+    past = sbx.get_metrics(start=now - timedelta(hours=2), end=now - timedelta(hours=1))
+    assert past == []  # nothing was sampled then; a sample taken now is not from then
+    (sample,) = sbx.get_metrics(start=now - timedelta(minutes=1), end=now + timedelta(minutes=1))
+    assert now - timedelta(minutes=1) <= sample.timestamp <= now + timedelta(minutes=1)
+    assert sample.mem_total > 0
+    with pytest.raises(SandboxException, match="400: start .* is after end"):
+        sbx.get_metrics(start=now, end=now - timedelta(hours=1))
+
+
+# --- 5. `python` ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("template", ["base", "code-interpreter-v1"])
+def test_python_is_python_3(compat: Compat, template: str) -> None:
+    sandbox = Sandbox.create(template, timeout=60)
+    try:
+        assert sandbox.commands.run("python --version").stdout.startswith("Python 3.")
+        assert sandbox.commands.run("python -c 'print(6 * 7)'").stdout == "42\n"
+    finally:
+        sandbox.kill()
+
+
+# --- 6. machine identity --------------------------------------------------------------------------
+
+IDENTITY = "cat /etc/machine-id; hostname; cat /etc/hostname"
+
+
+def test_each_sandbox_is_its_own_machine_named_like_e2bs(compat: Compat) -> None:
+    # Siblings restored from one template checkpoint: each gets its own machine id. (Not its own
+    # boot id: gVisor keeps it in the checkpointed kernel and refuses mounts over /proc, see
+    # docs/compatibility.md.)
+    first, second = Sandbox.create(timeout=120), Sandbox.create(timeout=120)
+    try:
+        machine_a, host_a, file_a = first.commands.run(IDENTITY).stdout.split()
+        machine_b, host_b, _ = second.commands.run(IDENTITY).stdout.split()
+        assert re.fullmatch("[0-9a-f]{32}", machine_a) and re.fullmatch("[0-9a-f]{32}", machine_b)
+        assert machine_a != machine_b
+        assert host_a == host_b == file_a == "e2b.local"
+        # Paused and resumed, a machine is still itself.
+        first.pause()
+        again = Sandbox.connect(first.sandbox_id, timeout=120)
+        assert again.commands.run("cat /etc/machine-id").stdout.strip() == machine_a
+    finally:
+        first.kill()
+        second.kill()
+
+
+# --- the same scenario through the current client and one users pin (2.45) ------------------------
+
+OLD_CLIENT = REPO / ".venv-e2b-2.45" / "bin" / "python"
+CLIENTS = {"2.63": sys.executable, "2.45": str(OLD_CLIENT)}
+
+# Each scenario prints one JSON line: for the sync and the async client, the exception raised as
+# (is it a TimeoutException, its class, its message), or null when none was.
+KILLED_WHILE_RUNNING = """
+import asyncio, json
+from e2b import AsyncSandbox, Sandbox, TimeoutException
+
+def seen(exc):
+    return [isinstance(exc, TimeoutException), type(exc).__name__, str(exc)]
+
+def sync():
+    sbx = Sandbox.create(timeout=120)
+    handle = sbx.commands.run("sleep 60", background=True)
+    sbx.kill()
+    try:
+        handle.wait()
+    except Exception as exc:
+        return seen(exc)
+
+async def async_():
+    sbx = await AsyncSandbox.create(timeout=120)
+    handle = await sbx.commands.run("sleep 60", background=True)
+    await sbx.kill()
+    try:
+        await handle.wait()
+    except Exception as exc:
+        return seen(exc)
+
+print(json.dumps({"sync": sync(), "async": asyncio.run(async_())}))
+"""
+
+COMMAND_TIMEOUT = """
+import asyncio, json
+from e2b import AsyncSandbox, Sandbox, TimeoutException
+
+def seen(exc):
+    return [isinstance(exc, TimeoutException), type(exc).__name__, str(exc)]
+
+def sync():
+    sbx = Sandbox.create(timeout=120)
+    try:
+        sbx.commands.run("sleep 10", timeout=2)
+    except Exception as exc:
+        return seen(exc)
+    finally:
+        sbx.kill()
+
+async def async_():
+    sbx = await AsyncSandbox.create(timeout=120)
+    try:
+        await sbx.commands.run("sleep 10", timeout=2)
+    except Exception as exc:
+        return seen(exc)
+    finally:
+        await sbx.kill()
+
+print(json.dumps({"sync": sync(), "async": asyncio.run(async_())}))
+"""
+
+PAUSED_ELSEWHERE = """
+import asyncio, json
+from e2b import Sandbox, SandboxException
+
+def seen(exc):
+    return [isinstance(exc, SandboxException), type(exc).__name__, str(exc)]
+
+sbx = Sandbox.create(timeout=120)
+Sandbox.pause(sbx.sandbox_id)  # another client pauses it
+out = {}
+for name, call in (("commands.run", lambda: sbx.commands.run("echo hi")),
+                   ("files.read", lambda: sbx.files.read("/etc/hostname"))):
+    try:
+        call()
+        out[name] = None
+    except Exception as exc:
+        out[name] = seen(exc)
+Sandbox.kill(sbx.sandbox_id)
+print(json.dumps(out))
+"""
+
+
+def _run_client(compat: Compat, version: str, script: str) -> dict[str, Any]:
+    if not OLD_CLIENT.exists():
+        pytest.fail(f"no {OLD_CLIENT}: `make old-clients` (which `make test` runs) installs it")
+    env = {**os.environ, "E2B_API_KEY": compat.api_key, "E2B_API_URL": compat.api_url,
+           "E2B_SANDBOX_URL": compat.sandbox_url}  # fmt: skip
+    done = subprocess.run([CLIENTS[version], "-c", script], env=env, capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("version", sorted(CLIENTS))
+def test_a_wait_on_a_killed_sandbox_says_it_was_killed(compat: Compat, version: str) -> None:
+    # 2.45 adds the phrase only once its own /health probe, after the dropped stream, hears that
+    # the sandbox is gone (502, "was not found"); 2.63 knows it from the proxy's answer.
+    seen = _run_client(compat, version, KILLED_WHILE_RUNNING)
+    for mode in ("sync", "async"):
+        assert seen[mode] is not None, f"{mode}: wait() returned"
+        is_timeout, _, message = seen[mode]
+        assert is_timeout, (mode, seen[mode])
+        assert "killed or reached its" in message, (mode, seen[mode])
+
+
+@pytest.mark.parametrize("version", sorted(CLIENTS))
+def test_a_command_past_its_timeout_raises_a_timeout(compat: Compat, version: str) -> None:
+    # envd ends the stream with deadline_exceeded at the deadline, as connect-go does: the
+    # client reports a timeout, not the exit status of the process the deadline killed.
+    seen = _run_client(compat, version, COMMAND_TIMEOUT)
+    for mode in ("sync", "async"):
+        assert seen[mode] is not None and seen[mode][0], (mode, seen[mode])
+
+
+@pytest.mark.parametrize("version", sorted(CLIENTS))
+def test_a_sandbox_paused_by_another_client_says_so_and_how_to_resume(
+    compat: Compat, version: str
+) -> None:
+    seen = _run_client(compat, version, PAUSED_ELSEWHERE)
+    for call in ("commands.run", "files.read"):
+        assert seen[call] is not None, f"{call} worked on a paused sandbox"
+        is_sandbox_error, _, message = seen[call]
+        assert is_sandbox_error, (call, seen[call])
+        assert "is paused" in message and "Sandbox.connect(" in message, (call, seen[call])
