@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,7 +53,7 @@ class Server:
     def socket(self) -> Path:
         return self.state_dir / "node.sock"
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 180.0) -> None:
         log = (self.state_dir / "serve.log").open("ab")
         self.proc = subprocess.Popen(
             [VIVARIUM, "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
@@ -68,9 +69,10 @@ class Server:
                 return
             except Exception:
                 time.sleep(0.1)
+        self.stop()  # not left running behind the failure, holding its state and ports
         raise RuntimeError(f"server {self.name} did not start:\n{self.log_tail()}")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 120.0) -> int:
         assert self.proc is not None
         self.proc.send_signal(sig)
         code = self.proc.wait(timeout)
@@ -91,6 +93,12 @@ class Server:
 
 def make_server(name: str, prefix: str, cidr: str, api_port: int, **extra: str) -> Server:
     state_dir = Path(tempfile.mkdtemp(prefix=f"vivarium-{name}-"))
+    # What `make test` found when it probed runsc on this host (cached per runsc version and
+    # kernel, so valid here): probing again costs every test server seconds, minutes on a
+    # loaded machine.
+    probed = Path(TEMPLATE_DIR).parent / "probe.json"
+    if probed.exists():
+        shutil.copy(probed, state_dir / "probe.json")
     # Not the E2B_* variables another suite may have set for the official client: this
     # server's CLI talks to this server.
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("E2B_")}
