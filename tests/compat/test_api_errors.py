@@ -11,7 +11,7 @@ import pytest
 
 from tests.compat.conftest import Compat
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")

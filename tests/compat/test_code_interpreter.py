@@ -15,7 +15,7 @@ from e2b_code_interpreter import Execution, OutputMessage, Sandbox
 
 from tests.compat.conftest import Compat
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(600)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -19,7 +19,7 @@ from schemathesis.checks import not_a_server_error
 from tests.compat.conftest import Compat
 from vivarium.api.openapi import document
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from e2b import NotFoundException, Sandbox, SandboxQuery
 from tests.integration.support import Server, running_server, sdk_options
 from tests.postgres import postgres_server
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)
 API_PORT = 3111
 
 

@@ -22,7 +22,7 @@ from e2b.sandbox.filesystem.watch_handle import FilesystemEventType
 
 from tests.compat.conftest import Compat
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture

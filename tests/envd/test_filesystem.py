@@ -34,7 +34,7 @@ from vivarium.guest.envd.entry_info import go_mode_string, protobuf_timestamp
 from vivarium.guest.envd.files_headers import accept_gzip, part_filename
 from vivarium.guest.envd.watch import DirWatch
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)
 
 NOBODY = "nobody"
 DENIED = "(?i)permission[ _]denied"  # RPC errors carry the code, HTTP ones the text

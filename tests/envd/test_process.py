@@ -31,7 +31,7 @@ from e2b.sandbox_sync.commands.command_handle import CommandHandle
 from tests.envd.conftest import ENVD_PIDS, run_envd
 from tests.envd.connect_wire import connect_stream, envelope
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(300)
 
 
 def _running(marker: str) -> list[int]:

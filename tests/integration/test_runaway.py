@@ -17,7 +17,7 @@ from e2b import CommandExitException, Sandbox
 
 from tests.integration.support import Server, running_server, sdk_options
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(900)
 
 API_PORT = 3121  # proxy on API_PORT + 1000
 MEMORY_MB = 512

@@ -18,7 +18,7 @@ from e2b import PtySize, Sandbox, SandboxState
 from tests.integration.support import Server
 from tests.pause.conftest import opts as _opts
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(900)
 
 
 def _wheel() -> bytes:

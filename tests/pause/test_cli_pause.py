@@ -6,7 +6,7 @@ import pytest
 
 from tests.integration.support import Server
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
 
 
 def test_cli_pause_and_resume(server: Server) -> None:

@@ -12,7 +12,7 @@ from tests.integration.support import Server
 from tests.pause.conftest import opts
 
 CYCLES = int(os.environ.get("VIVARIUM_SOAK_CYCLES", "100"))
-pytestmark = pytest.mark.timeout(60 + CYCLES * 20)
+pytestmark = pytest.mark.timeout(300 + CYCLES * 60)
 
 # Atomic writes (rename), so a reader never sees the file empty between truncate and write.
 TICKER = """

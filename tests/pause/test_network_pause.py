@@ -22,7 +22,7 @@ from e2b import Sandbox
 
 from tests.integration.support import Server, outside_host, running_server, sdk_options
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(900)
 
 API_PORT = 3118  # proxy on API_PORT + 1000
 # A host "on the internet" in a namespace of its own, with an echo server the sandbox dials.

@@ -16,7 +16,7 @@ from tests.integration.support import Server
 from tests.pause.conftest import API_PORT
 from tests.pause.conftest import opts as _opts
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from e2b import Sandbox
 
 from tests.integration.support import Server, running_server, sdk_options
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(1200)
 
 API_PORT = 3115  # proxy on API_PORT + 1000
 CYCLES = int(os.environ.get("VIVARIUM_RACE_CYCLES", "8"))

@@ -12,7 +12,7 @@ from e2b import NotFoundException, Sandbox
 
 from tests.integration.support import Server, make_server, sdk_options
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 API_PORT = 3113
 
 

@@ -13,7 +13,7 @@ from e2b.exceptions import SandboxException
 from tests.integration.support import Server
 from tests.pause.conftest import opts as _opts
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 
 def test_a_snapshot_of_another_runsc_version_is_refused_and_kept(server: Server) -> None:

@@ -24,7 +24,7 @@ from e2b.exceptions import SandboxException, ServiceBusyException
 
 from tests.integration.support import Server, running_server, sdk_options
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(900)
 
 S3_PORT = 5127
 API_PORT = 3114  # proxy on API_PORT + 1000
