@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -161,43 +164,66 @@ def test_metrics(sbx: Sandbox) -> None:
     assert metrics and metrics[-1].mem_total > 0 and metrics[-1].cpu_count >= 1
 
 
+# /health on a keep-alive socket every 50 ms, printing the (system-wide) monotonic time of each
+# answer, until its stdin closes.
+PROBE = """
+import select, socket, sys, time
+host, port = sys.argv[1].rsplit("//", 1)[1].split(":")
+request = f"GET /health HTTP/1.1\\r\\nHost: {host}\\r\\n\\r\\n".encode()
+conn = None
+while not select.select([sys.stdin], [], [], 0.05)[0]:
+    try:  # a keep-alive connection left idle too long is closed by the server: open another
+        conn = conn or socket.create_connection((host, int(port)))
+        conn.sendall(request)
+        data = b""
+        while not data.endswith(b"}"):
+            chunk = conn.recv(4096)
+            if not chunk:
+                raise ConnectionResetError
+            data += chunk
+    except OSError:
+        conn = None
+        continue
+    assert data.startswith(b"HTTP/1.1 200"), data
+    print(time.monotonic(), flush=True)
+"""
+
+
 def test_twenty_concurrent_creates_while_health_keeps_answering(compat: Compat) -> None:
     # What this guards is the event loop: a restore awaited in it instead of in a worker would
     # hold every request for a restore's time, so nothing would be answered before the first
     # create returns. Here /health must answer repeatedly while all 20 creates are still in
-    # flight. How fast it answers is measured by `make bench` (`health_busy_p50_ms`).
-    answered: list[float] = []
+    # flight. How fast it answers is measured by `make bench` (`health_busy_p50_ms`). The
+    # prober is a process of its own at the server's raised priority (`raise_priority`): on a
+    # busy machine a client at normal priority mostly measures its own wait for a CPU.
+    prober = subprocess.Popen([sys.executable, "-c", PROBE, compat.api_url], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              preexec_fn=lambda: os.nice(-10))  # fmt: skip
+    first_returned: list[float] = []
 
-    async def probe(stop: asyncio.Event) -> None:
-        async with httpx.AsyncClient(base_url=compat.api_url, timeout=60) as http:
-            while not stop.is_set():
-                assert (await http.get("/health")).status_code == 200
-                answered.append(time.monotonic())
-                await asyncio.sleep(0.05)
+    async def create() -> AsyncSandbox:
+        sandbox = await AsyncSandbox.create(timeout=300, request_timeout=600)
+        first_returned.append(time.monotonic())
+        return sandbox
 
-    async def scenario() -> None:
-        stop = asyncio.Event()
-        first_returned: list[float] = []
+    async def scenario() -> list[AsyncSandbox]:
+        return list(await asyncio.gather(*(create() for _ in range(20))))
 
-        async def create() -> AsyncSandbox:
-            sandbox = await AsyncSandbox.create(timeout=120)
-            first_returned.append(time.monotonic())
-            return sandbox
+    started = time.monotonic()
+    try:
+        sandboxes = asyncio.run(scenario())
+    finally:
+        answers, _ = prober.communicate(timeout=60)  # closing its stdin stops it
+    answered = [float(line) for line in answers.split()]
+    during = [t for t in answered if started < t < min(first_returned)]
+    assert len(during) >= 3, (len(answered), min(first_returned) - started)
 
-        probing = asyncio.create_task(probe(stop))
-        started = time.monotonic()
-        try:
-            sandboxes = list(await asyncio.gather(*(create() for _ in range(20))))
-        finally:
-            stop.set()
-            await probing
-        during = [t for t in answered if started < t < min(first_returned)]
-        assert len(during) >= 3, (len(answered), min(first_returned) - started)
+    async def use_and_kill() -> None:
         results = await asyncio.gather(*(s.commands.run("echo ok") for s in sandboxes))
         assert [r.stdout for r in results] == ["ok\n"] * 20
         await asyncio.gather(*(s.kill() for s in sandboxes))
 
-    asyncio.run(scenario())
+    asyncio.run(use_and_kill())
 
 
 def test_bad_keys_other_teams_and_limits(compat: Compat, sbx: Sandbox) -> None:
