@@ -162,8 +162,12 @@ async def run_lines(args: Sequence[str], *, tail: int = 20) -> AsyncIterator[str
     Closing the iterator early kills the command."""
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str | None] = asyncio.Queue()
-    proc = subprocess.Popen(_argv(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+    def spawn() -> subprocess.Popen[bytes]:  # off the loop, as run() spawns
+        return subprocess.Popen(_argv(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+    proc = await loop.run_in_executor(_executor(), spawn)
 
     def pump() -> None:  # a thread: the loop never blocks on the pipe
         assert proc.stdout is not None

@@ -138,17 +138,20 @@ class Access:
         if not self.allows(st, want):
             raise denied(path)
 
+    def require_dir(self, path: str, want: int, not_dir: str) -> None:
+        """`want` on a directory; `not_dir` is the invalid_argument message when it is not one."""
+        self.search(path)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise os_error(exc, path) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConnectError("invalid_argument", not_dir)
+        self.require(path, want, st)
+
     def require_dir_write(self, directory: str) -> None:
         """Creating or removing entries in `directory` needs w and x on it."""
-        self.search(directory)
-        try:
-            st = os.stat(directory)
-        except OSError as exc:
-            raise os_error(exc, directory) from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise ConnectError("invalid_argument", f"not a directory: {directory}")
-        if not self.allows(st, W_OK | X_OK):
-            raise denied(directory)
+        self.require_dir(directory, W_OK | X_OK, f"not a directory: {directory}")
 
     def require_unlink(self, path: str, st: os.stat_result) -> None:
         """Removing or replacing `path`: write on its directory, and in a sticky directory

@@ -21,7 +21,7 @@ from starlette.requests import Request
 
 from .access import R_OK, X_OK, Access, blocking, os_error, resolve_path
 from .auth import request_user
-from .connect import ConnectError, Message, string_field
+from .connect import Message, string_field
 from .entry_info import entry_info
 from .state import EnvdState
 from .upload import UPLOAD_TEMP_RE
@@ -377,17 +377,7 @@ async def open_watch(
     path = resolve_path(string_field(message, "path"), user, state.default_workdir)
     access = Access(user)
 
-    def check() -> None:
-        access.search(path)
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise os_error(exc, path) from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise ConnectError("invalid_argument", f"path {path} not a directory")
-        access.require(path, R_OK | X_OK, st)
-
-    await blocking(check)
+    await blocking(access.require_dir, path, R_OK | X_OK, f"path {path} not a directory")
     watch = DirWatch(
         path, _flag(message, "recursive", "recursive"),
         _flag(message, "includeEntry", "include_entry"), sink, fail,
