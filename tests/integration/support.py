@@ -87,8 +87,24 @@ class Server:
         return NodeClient(self.socket)
 
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([VIVARIUM, *args], env=self.env, capture_output=True, text=True,
-                              check=check, timeout=300)  # fmt: skip
+        # PYTHONFAULTHANDLER: a CLI that hangs is stopped with SIGABRT, which makes it print
+        # where it was.
+        env = {**self.env, "PYTHONFAULTHANDLER": "1"}
+        proc = subprocess.Popen([VIVARIUM, *args], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate()
+            raise AssertionError(
+                f"`vivarium {' '.join(args)}` did not finish within 300 s; its stderr:\n{err}\n"
+                f"the server's log ends:\n{self.log_tail(80)}"
+            ) from None
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        if check:
+            done.check_returncode()
+        return done
 
 
 def make_server(name: str, prefix: str, cidr: str, api_port: int, **extra: str) -> Server:

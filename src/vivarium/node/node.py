@@ -47,6 +47,7 @@ from vivarium.node.records import (
 )
 from vivarium.node.request import ON_TIMEOUT, CreateRequest
 from vivarium.node.snapshots import Snapshot, SnapshotStore, remote_store
+from vivarium.node.steps import Steps
 from vivarium.proc import Result
 from vivarium.runtime import disk
 from vivarium.runtime.bundle import Resources, for_sandbox, write_bundle
@@ -201,9 +202,13 @@ class Node:
             int(template.manifest.get("disk_mb") or s.default_disk_mb),
         )
         resources.validate()
+        steps = Steps(f"create from {template.name!r}")
         async with self.start_slot():
-            return await self.restore(req, template.name, template.build_id, template.spec,
-                                       template.checkpoint, resources, timeout_s)  # fmt: skip
+            steps.done("waiting for a start slot")
+            return await self.restore(
+                req, template.name, template.build_id, template.spec, template.checkpoint,
+                resources, timeout_s, steps,
+            )  # fmt: skip
 
     def _check_built_here(self, template: Template) -> None:
         """A checkpoint restores only under the runsc release and platform that made it (under
@@ -238,7 +243,7 @@ class Node:
 
     async def restore(
         self, req: CreateRequest, template: str, build_id: str, spec: dict[str, Any],
-        image: Path, resources: Resources, timeout_s: int,
+        image: Path, resources: Resources, timeout_s: int, steps: Steps,
     ) -> SandboxRecord:  # fmt: skip
         runtime = self.rt()
         sandbox_id = req.sandbox_id or new_sandbox_id()
@@ -248,17 +253,20 @@ class Node:
         container_id = new_container_id(sandbox_id)
         directory = self.records.container_dir(container_id)
         slot = await self.pool.acquire()
+        steps.done("network slot")
         # Egress opens while runsc restores: until then the slot refuses it, as free ones do.
         egress = (asyncio.create_task(firewall.apply_router_rules(slot, allow_internet=True))
                   if req.allow_internet else None)  # fmt: skip
         try:
             filestore = await self.disks.take(directory, resources.disk_mb)
+            steps.done("disk")
             bundle = await asyncio.to_thread(
                 write_bundle, directory / "bundle",
                 for_sandbox(spec, Path(slot.netns_path), resources, container_id),
             )  # fmt: skip
             await runtime.restore(container_id, bundle, image, filestore,
                                   directory / "console.log")  # fmt: skip
+            steps.done("runsc restore")
             self.guards.arm(runtime, sandbox_id, container_id, resources.memory_mb)
             # Independent of each other: done side by side while envd answers.
             await asyncio.gather(
@@ -267,6 +275,7 @@ class Node:
                 init_envd(self.http, slot.router_ip, sandbox_id=sandbox_id, template_id=template,
                           env_vars=dict(req.env_vars or {}), access_token=req.access_token),
             )  # fmt: skip
+            steps.done("envd init")
             now = time.time()
             record = SandboxRecord(
                 sandbox_id=sandbox_id, template=template, build_id=build_id,
@@ -278,7 +287,8 @@ class Node:
                 container_id=container_id,
             )  # fmt: skip
             await self.save(record)
-        except BaseException:
+        except BaseException as exc:
+            steps.report(f"failed ({type(exc).__name__})")
             if egress:  # cancelling a finished one does nothing
                 egress.cancel()
                 await asyncio.gather(egress, return_exceptions=True)
@@ -288,6 +298,7 @@ class Node:
             await asyncio.to_thread(disk.discard, directory)
             raise
         self.sandboxes[sandbox_id] = record
+        steps.report(f"of {sandbox_id} done")
         return record
 
     async def kill(self, sandbox_id: str) -> None:

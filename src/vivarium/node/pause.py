@@ -20,6 +20,7 @@ from vivarium.network.addressing import Slot
 from vivarium.node.records import SandboxRecord
 from vivarium.node.request import resume_request
 from vivarium.node.snapshots import Snapshot, SnapshotNotStored
+from vivarium.node.steps import Steps
 from vivarium.runtime import disk
 from vivarium.runtime.bundle import Resources
 from vivarium.runtime.cgroups import memory_stats
@@ -95,20 +96,23 @@ async def resume_sandbox(node: Node, sandbox_id: str, timeout_s: int) -> Sandbox
         if sandbox_id in node.sandboxes:  # resumed meanwhile (by a call that held the lock)
             raise Conflict(f"sandbox {sandbox_id!r} is already running")
         timeout_s = node.timeout(timeout_s)  # a bad timeout before any snapshot I/O
+        steps = Steps(f"resume of {sandbox_id}")
         # No wait for the paused incarnation's `runsc delete`: this one gets its own container
         # id and slot (see Node.restore). The snapshot is verified (or fetched) outside the
         # start limit: a long download must not hold up other creates.
         snapshot = await asyncio.to_thread(node.snapshots.load, sandbox_id,
                                            runtime.probe.runsc_version)  # fmt: skip
         record = SandboxRecord.from_json(snapshot.record)
+        steps.done("snapshot loaded")
         async with node.start_slot():
-            restored = await _restore_record(node, record, snapshot.checkpoint, timeout_s)
+            steps.done("waiting for a start slot")
+            restored = await _restore_record(node, record, snapshot.checkpoint, timeout_s, steps)
     log.info("sandbox %s resumed", sandbox_id)
     return restored
 
 
 async def _restore_record(
-    node: Node, record: SandboxRecord, image: Path, timeout_s: int
+    node: Node, record: SandboxRecord, image: Path, timeout_s: int, steps: Steps
 ) -> SandboxRecord:
     """A new incarnation of a sandbox from a checkpoint of it, on the template build it was
     created from; the caller holds a start slot."""
@@ -116,7 +120,7 @@ async def _restore_record(
     resources = Resources(record.memory_mb, record.cpus, record.pids, record.disk_mb)
     return await node.restore(
         resume_request(record), record.template, record.build_id, template.spec, image,
-        resources, timeout_s,
+        resources, timeout_s, steps,
     )  # fmt: skip
 
 
@@ -149,8 +153,9 @@ async def _put_back(node: Node, record: SandboxRecord, staging: Path, exc: Excep
         # The time it had left; an auto-pause that failed is retried after a while.
         timeout_s = max(AUTO_PAUSE_RETRY_S, round(record.end_at - time.time()))
         async with node.start_slot():
+            steps = Steps(f"restore of {sandbox_id} after a failed pause")
             await _restore_record(node, record, staging / "checkpoint",
-                                  min(timeout_s, node.settings.max_timeout_s))  # fmt: skip
+                                  min(timeout_s, node.settings.max_timeout_s), steps)  # fmt: skip
     except BaseException as err:
         node.record_event(record, f"pause failed ({exc}) and restoring the sandbox failed: {err}")
         lost = "the sandbox was stopped and could not be restored"
