@@ -129,6 +129,13 @@ INTERPRETER_CREATES = 10
 INTERPRETER_CELLS = 30
 INTERPRETER_TARGET_RATIO = 2.0  # first result at most this times a plain base create
 
+# The warm pool (issue 13): the server restarts with a pool of WARM_POOL_SIZE `base` sandboxes.
+WARM_POOL_SIZE = 5
+WARM_CREATES = 20  # sequential SDK creates, each with the pool full
+WARM_BURST = 20  # SDK creates released together against the full pool
+WARM_CREATE_MAX_MS = 60.0
+WARM_SAMPLE_S = 0.05  # how often the pool's level is read during the burst
+
 MIB = 1024 * 1024
 
 
@@ -422,6 +429,8 @@ class Server:
             "VIVARIUM_PROXY_PORT": str(PROXY_PORT),
             "VIVARIUM_MAX_SANDBOXES": str(MAX_SANDBOXES),
             "VIVARIUM_SLOT_PREWARM": str(PREWARM),
+            # No warm pool until its own phase: the other creates are restores (pool empty).
+            "VIVARIUM_WARM_POOL": "",
         }
 
     def start(self) -> None:
@@ -579,7 +588,8 @@ class Fleet:
         with self.client() as client:
             while time.monotonic() < deadline:
                 info = client.info()
-                if info["slots_in_use"] <= len(self.alive) and not info["settling"]:
+                warm = sum(info["warm"]["ready"].values()) + info["warm"]["filling"]
+                if info["slots_in_use"] <= len(self.alive) + warm and not info["settling"]:
                     return
                 time.sleep(poll_s)
         log(f"the node still held slots of killed sandboxes after {SETTLE_TIMEOUT_S:g}s")
@@ -654,6 +664,12 @@ class NodeFigures:
     ci_base_create_ms: list[float] = field(default_factory=list)  # alternating with the next
     ci_first_result_ms: list[float] = field(default_factory=list)  # create -> "1+1" result
     ci_cell_ms: list[float] = field(default_factory=list)  # run_code("1+1") round trips
+    warm_create_ms: list[float] = field(default_factory=list)  # SDK creates, pool full
+    warm_claims: int = 0  # of those, how many the node served from the pool
+    burst_ms: list[float] = field(default_factory=list)  # WARM_BURST SDK creates at once
+    burst_claims: int = 0
+    burst_refill_s: float = 0.0  # from the burst's last create to a full pool again
+    burst_levels: list[tuple[float, int]] = field(default_factory=list)  # (s, ready) samples
     events: list[dict[str, Any]] = field(default_factory=list)  # sandboxes that ended by themselves
 
 
@@ -897,7 +913,74 @@ def measure_interpreter(fleet: Fleet, figures: NodeFigures) -> None:
         fleet.sdk_kill(ci)
 
 
-def measure_node(fleet: Fleet) -> NodeFigures:
+def _pool_full(fleet: Fleet) -> dict[str, Any]:
+    """Wait until the pool holds WARM_POOL_SIZE ready and nothing is being torn down; the
+    node's warm counters then."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    with fleet.client() as client:
+        while True:
+            info = client.info()
+            warm: dict[str, Any] = info["warm"]
+            full = warm["ready"].get(TEMPLATE) == WARM_POOL_SIZE and not warm["filling"]
+            if full and not info["settling"]:
+                return warm
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the warm pool did not fill within {SETTLE_TIMEOUT_S:g}s")
+            time.sleep(WARM_SAMPLE_S)
+
+
+def measure_warm(fleet: Fleet, server: Server, figures: NodeFigures) -> None:
+    """Creates from a warm pool: one at a time with the pool full (the official client's wall
+    time), then a burst of WARM_BURST against a pool of WARM_POOL_SIZE, with the pool's level
+    sampled until it is full again."""
+    server.stop()
+    server.env["VIVARIUM_WARM_POOL"] = f"{TEMPLATE}={WARM_POOL_SIZE}"
+    server.start()
+    before = _pool_full(fleet)
+    fleet.sdk_kill(fleet.sdk_create()[0])  # the client's first call sets up its pool
+    for _ in range(WARM_CREATES):
+        _pool_full(fleet)
+        sbx, created = fleet.sdk_create()
+        figures.warm_create_ms.append(created.ms)
+        fleet.sdk_kill(sbx)
+    before = _pool_full(fleet)
+    figures.warm_claims = before["claims"] - 1  # the client's first create took one too
+
+    t0 = time.perf_counter()
+    done = threading.Event()
+
+    def sample() -> None:
+        with fleet.client() as client:
+            while not done.is_set():
+                ready = client.info()["warm"]["ready"].get(TEMPLATE, 0)
+                figures.burst_levels.append((round(time.perf_counter() - t0, 3), ready))
+                time.sleep(WARM_SAMPLE_S)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    barrier = threading.Barrier(WARM_BURST, timeout=30)
+
+    def one() -> tuple[Sandbox, Created]:
+        barrier.wait()
+        return fleet.sdk_create()
+
+    results = _run_parallel([one] * WARM_BURST)
+    burst_end = time.perf_counter()
+    made = [r for r in results if not isinstance(r, Exception)]
+    for sbx, _ in made:
+        fleet.sdk_kill(sbx)
+    errors = [r for r in results if isinstance(r, Exception)]
+    if errors:
+        raise RuntimeError(f"{len(errors)} burst create(s) failed, first: {errors[0]!r}")
+    figures.burst_ms = [created.ms for _, created in made]
+    after = _pool_full(fleet)
+    figures.burst_refill_s = time.perf_counter() - burst_end
+    done.set()
+    sampler.join()
+    figures.burst_claims = after["claims"] - before["claims"]
+
+
+def measure_node(fleet: Fleet, server: Server) -> NodeFigures:
     figures = NodeFigures()
     try:
         log(f"node: {SEQUENTIAL_CREATES} sequential creates, each beside an SDK create")
@@ -916,6 +999,10 @@ def measure_node(fleet: Fleet) -> NodeFigures:
         log(f"node: {INTERPRETER_CREATES} code-interpreter creates to a first result, "
             f"{INTERPRETER_CELLS} cells")  # fmt: skip
         measure_interpreter(fleet, figures)
+        fleet.settle()
+        log(f"node: warm pool of {WARM_POOL_SIZE}: {WARM_CREATES} creates, a burst of "
+            f"{WARM_BURST}")  # fmt: skip
+        measure_warm(fleet, server, figures)
         with fleet.client() as client:
             figures.events = client.info()["events"]
     finally:
@@ -1086,6 +1173,23 @@ def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row
             samples=tuple(node.ci_cell_ms)),
         Row("ci_cell_p95_ms", "code interpreter: run_code('1+1') p95", p95(node.ci_cell_ms),
             "ms"),
+        Row("warm_create_p50_ms", "SDK create p50 from a warm pool", p50(node.warm_create_ms),
+            "ms", p50(node.sdk_create_ms), "SDK create p50, pool empty",
+            max_value=WARM_CREATE_MAX_MS, samples=tuple(node.warm_create_ms)),
+        Row("warm_create_p95_ms", "SDK create p95 from a warm pool", p95(node.warm_create_ms),
+            "ms", p95(node.sdk_create_ms), "SDK create p95, pool empty"),
+        Row("warm_claims", f"warm creates served from the pool (of {WARM_CREATES})",
+            node.warm_claims, "count", WARM_CREATES, "creates", min_value=WARM_CREATES),
+        Row("burst_p50_ms", f"burst of {WARM_BURST} SDK creates, pool of {WARM_POOL_SIZE}: p50",
+            p50(node.burst_ms), "ms", p50(node.sdk_create_ms), "SDK create p50, pool empty",
+            samples=tuple(node.burst_ms)),
+        Row("burst_p95_ms", f"burst of {WARM_BURST} SDK creates, pool of {WARM_POOL_SIZE}: p95",
+            p95(node.burst_ms), "ms", p95(node.sdk_create_ms), "SDK create p95, pool empty"),
+        Row("burst_claims", "burst: creates served from the pool", node.burst_claims, "count",
+            WARM_POOL_SIZE, "pool size"),
+        Row("burst_refill_s", "burst: pool full again after the last create",
+            node.burst_refill_s, "s", WARM_POOL_SIZE * restore50 / 1000,
+            f"{WARM_POOL_SIZE} x raw restore p50"),
     ]  # fmt: skip
 
 
@@ -1096,6 +1200,7 @@ def write_json(rows: list[Row], machine: dict[str, Any], node: NodeFigures) -> N
         "scale_create_s": round(node.scale_create_s, 3),
         "scale_errors": node.scale_errors,
         "dirty_rss_kib": node.dirty_rss_kib,
+        "burst_pool_levels": node.burst_levels,
         "node_events": node.events,
         "targets_met": all(row.met is not False for row in rows),
     }
@@ -1127,7 +1232,7 @@ def run(work: Path) -> int:
         server.start()
         fleet.api_key = server.api_key()
         log("server ready")
-        node = measure_node(fleet)
+        node = measure_node(fleet, server)
         failed = False
     finally:
         if failed and server.proc is not None:

@@ -31,6 +31,22 @@ def _env_list(name: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in _env(name, "").split(",") if part.strip())
 
 
+def parse_sizes(name: str, raw: str) -> tuple[tuple[str, int], ...]:
+    """`base=2,code-interpreter-v1=1` -> (("base", 2), ("code-interpreter-v1", 1))."""
+    sizes = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip().isdigit():
+            raise ConfigError(
+                f"VIVARIUM_{name}={raw!r}: {part!r} is not TEMPLATE=COUNT",
+                "for example base=2,code-interpreter-v1=1; empty for none",
+            )
+        sizes.append((key.strip(), int(value)))
+    return tuple(sizes)
+
+
 def parse_s3_url(url: str) -> tuple[str, str]:
     """VIVARIUM_SNAPSHOT_URL `s3://bucket/some/prefix` -> ("bucket", "some/prefix")."""
     parsed = urlparse(url)
@@ -40,6 +56,9 @@ def parse_s3_url(url: str) -> tuple[str, str]:
             "leave it empty to keep snapshots on the local disk only",
         )
     return parsed.netloc, parsed.path.strip("/")
+
+
+DEFAULT_WARM_POOL = (("base", 2), ("code-interpreter-v1", 1))
 
 
 @dataclass(frozen=True)
@@ -72,6 +91,8 @@ class Settings:
     slot_prewarm: int = 4
     max_sandboxes: int = 128
     max_starting: int = 4  # sandboxes restoring at once; more wait (2 cores: more only thrash)
+    # Sandboxes kept restored per template for instant creates (node/warm.py).
+    warm_pool: tuple[tuple[str, int], ...] = DEFAULT_WARM_POOL
     # Destinations a sandbox with internet access may reach even though they are private
     # or host addresses (an internal package mirror, say). Empty by default.
     egress_allow: tuple[str, ...] = field(default_factory=tuple)
@@ -107,6 +128,7 @@ class Settings:
             slot_prewarm=_env_int("SLOT_PREWARM", 4),
             max_sandboxes=_env_int("MAX_SANDBOXES", 128),
             max_starting=_env_int("MAX_STARTING", 4),
+            warm_pool=parse_sizes("WARM_POOL", _env("WARM_POOL", "base=2,code-interpreter-v1=1")),
             egress_allow=_env_list("EGRESS_ALLOW"),
             default_timeout_s=_env_int("DEFAULT_TIMEOUT", 300),
             max_timeout_s=_env_int("MAX_TIMEOUT", 24 * 3600),

@@ -40,8 +40,10 @@ def compat() -> Iterator[Compat]:
         pytest.fail("the compatibility suite runs real sandboxes and needs root (`make test`)")
     if not os.path.isdir(os.path.join(TEMPLATE_DIR, "base", "current")):
         pytest.fail(f"no base template in {TEMPLATE_DIR}: run `make test`, which builds it")
+    # With a warm pool: the official clients meet warm sandboxes as well as restored ones.
     srv = make_server("compat", "vx", "10.237.0.0/20", API_PORT, max_sandboxes="40",
-                      team_max_sandboxes="30", slot_prewarm="8")  # fmt: skip
+                      team_max_sandboxes="30", slot_prewarm="8",
+                      warm_pool="base=2,code-interpreter-v1=1")  # fmt: skip
     srv.start()
     key = (srv.state_dir / "admin.key").read_text().strip()
     env = Compat(srv, f"http://127.0.0.1:{API_PORT}", f"http://127.0.0.1:{API_PORT + 1000}", key)

@@ -126,6 +126,7 @@ def make_server(name: str, prefix: str, cidr: str, api_port: int, **extra: str) 
         "VIVARIUM_SLOT_CIDR": cidr,
         "VIVARIUM_API_PORT": str(api_port),
         "VIVARIUM_PROXY_PORT": str(api_port + 1000),
+        "VIVARIUM_WARM_POOL": "",  # off unless a test asks: its restores would load the suite
         **{f"VIVARIUM_{k.upper()}": v for k, v in extra.items()},
     }
     return Server(name, env, state_dir)

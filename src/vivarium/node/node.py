@@ -26,6 +26,7 @@ from vivarium.errors import (
     InvalidArgument,
     NotFound,
     RuntimeFailure,
+    VivariumError,
 )
 from vivarium.guest.envd import PORT as ENVD_PORT
 from vivarium.guest.envd.state import EnvdState
@@ -35,6 +36,7 @@ from vivarium.node import exclusive
 from vivarium.node.disks import DiskPool
 from vivarium.node.envd_init import envd_http, init_envd
 from vivarium.node.guards import Guards
+from vivarium.node.launched import Launched
 from vivarium.node.pause import pause_sandbox, resume_sandbox
 from vivarium.node.reaper import Reaper
 from vivarium.node.reconcile import reconcile
@@ -48,6 +50,7 @@ from vivarium.node.records import (
 from vivarium.node.request import ON_TIMEOUT, CreateRequest
 from vivarium.node.snapshots import Snapshot, SnapshotStore, remote_store
 from vivarium.node.steps import Steps
+from vivarium.node.warm import WarmPool
 from vivarium.proc import Result
 from vivarium.runtime import disk
 from vivarium.runtime.bundle import Resources, for_sandbox, write_bundle
@@ -85,10 +88,12 @@ class Node:
         self._locks: dict[str, asyncio.Lock] = {}
         self.guards = Guards()
         self._creating = 0
+        self.starts_waited = 0  # creates and resumes that waited for a start permit
         # Restores at once: more only thrash the CPUs (and starve the API) without finishing
         # sooner; the rest wait their turn (E2B's nodes cap "starting" sandboxes the same way).
         self._starting = asyncio.Semaphore(settings.max_starting)
         self._cleanups: set[asyncio.Task[None]] = set()
+        self.warm = WarmPool(self, dict(settings.warm_pool))
         self._reaper: asyncio.Task[None] | None = None
         self._exclusive: list[int] = []  # the locks that make this the only node on its state
         self.http = envd_http()
@@ -129,6 +134,7 @@ class Node:
             self.guards.arm(self.runtime, record.sandbox_id, record.container_id,
                             record.memory_mb)  # fmt: skip
         self._reaper = asyncio.create_task(Reaper(self).run())
+        self.warm.start()
         log.info(
             "node ready: %d sandbox(es) adopted, runsc %s (%s)",
             len(self.sandboxes),
@@ -138,6 +144,7 @@ class Node:
 
     async def stop(self) -> None:
         """Stop managing; running sandboxes keep running and are adopted by the next start."""
+        await self.warm.stop()
         if self._reaper:
             self._reaper.cancel()
             await asyncio.gather(self._reaper, return_exceptions=True)
@@ -185,7 +192,6 @@ class Node:
         return value
 
     async def create(self, req: CreateRequest) -> SandboxRecord:
-        s = self.settings
         timeout_s = self.timeout(req.timeout_s)
         if req.on_timeout not in ON_TIMEOUT:
             raise InvalidArgument(f"on_timeout must be one of {', '.join(ON_TIMEOUT)}")
@@ -195,13 +201,21 @@ class Node:
             raise InvalidArgument(f"sandbox id {req.sandbox_id!r} is invalid or in use")
         template = self.templates.get(req.template)
         self._check_built_here(template)
+        usual = self.default_resources(template)
         resources = Resources(
-            s.default_memory_mb if req.memory_mb is None else req.memory_mb,
-            s.default_cpus if req.cpus is None else req.cpus,
-            s.default_pids,
-            int(template.manifest.get("disk_mb") or s.default_disk_mb),
+            usual.memory_mb if req.memory_mb is None else req.memory_mb,
+            usual.cpus if req.cpus is None else req.cpus,
+            usual.pids,
+            usual.disk_mb,
         )
         resources.validate()
+        if resources == usual and (warm := self.warm.take(template)):
+            try:
+                return await self._claim(warm, req, template, timeout_s)
+            except VivariumError as exc:  # hand_over removed it: restore one instead
+                self.warm.dead += 1
+                log.warning("a warm sandbox of %r failed its /init (%s); restoring one",
+                            template.name, exc)  # fmt: skip
         steps = Steps(f"create from {template.name!r}")
         async with self.start_slot():
             steps.done("waiting for a start slot")
@@ -210,12 +224,29 @@ class Node:
                 resources, timeout_s, steps,
             )  # fmt: skip
 
-    def _check_built_here(self, template: Template) -> None:
+    async def _claim(
+        self, warm: Launched, req: CreateRequest, template: Template, timeout_s: int
+    ) -> SandboxRecord:
+        steps = Steps(f"create from warm {template.name!r}")
+        self._creating += 1  # counted between the pool and the node's sandboxes
+        try:
+            sandbox_id = req.sandbox_id or new_sandbox_id()
+            return await self.hand_over(warm, req, sandbox_id, template.name, template.build_id,
+                                        timeout_s, steps)  # fmt: skip
+        finally:
+            self._creating -= 1
+
+    def built_here(self, template: Template) -> bool:
         """A checkpoint restores only under the runsc release and platform that made it (under
-        another, envd just never answers): say so before trying."""
+        another, envd just never answers)."""
         probe = self.rt().probe
         made = (template.manifest.get("runsc_version"), template.manifest.get("platform"))
-        if made != (probe.runsc_version, probe.platform):
+        return made == (probe.runsc_version, probe.platform)
+
+    def _check_built_here(self, template: Template) -> None:
+        if not self.built_here(template):
+            probe = self.rt().probe
+            made = (template.manifest.get("runsc_version"), template.manifest.get("platform"))
             raise HostNotReady(
                 f"template {template.name!r} was built by runsc {made[0]} ({made[1]}); this "
                 f"node runs runsc {probe.runsc_version} ({probe.platform})",
@@ -227,36 +258,61 @@ class Node:
         """Room for one more sandbox (creates and resumes alike): within the node's maximum,
         and among at most `max_starting` restores at once."""
         s = self.settings
-        if len(self.sandboxes) + self._creating + len(self._cleanups) >= s.max_sandboxes:
-            await self._drain_cleanups()  # slots of just-killed sandboxes come back first
+        if self.occupied() + len(self._cleanups) >= s.max_sandboxes:
+            # The warm pool gives way to users, and slots of just-killed sandboxes come back.
+            self.warm.shrink(self.occupied() + 1 - s.max_sandboxes)
+            await self._drain_cleanups()
         if len(self.sandboxes) + self._creating >= s.max_sandboxes:
             raise CapacityExhausted(
                 f"this node runs its maximum of {s.max_sandboxes} sandboxes",
                 "kill some, or raise VIVARIUM_MAX_SANDBOXES",
             )
         self._creating += 1
+        if self._starting.locked():
+            self.starts_waited += 1
         try:
             async with self._starting:
                 yield
         finally:
             self._creating -= 1
 
+    def occupied(self) -> int:
+        """Sandboxes running or starting, and warm ones: what counts against the node."""
+        return len(self.sandboxes) + self._creating + len(self.warm)
+
+    def starting_for_users(self) -> bool:
+        return self._creating > 0
+
+    def default_resources(self, template: Template) -> Resources:
+        s = self.settings
+        disk_mb = int(template.manifest.get("disk_mb") or s.default_disk_mb)
+        return Resources(s.default_memory_mb, s.default_cpus, s.default_pids, disk_mb)
+
     async def restore(
         self, req: CreateRequest, template: str, build_id: str, spec: dict[str, Any],
         image: Path, resources: Resources, timeout_s: int, steps: Steps,
     ) -> SandboxRecord:  # fmt: skip
-        runtime = self.rt()
         sandbox_id = req.sandbox_id or new_sandbox_id()
         # Every incarnation gets a container (and cgroup, directory) of its own: after a pause
         # the previous one may still be being deleted in the background, and its slot stays
         # taken until it is gone, so a resume takes another.
-        container_id = new_container_id(sandbox_id)
+        started = await self.launch(new_container_id(sandbox_id), spec, image, resources, steps,
+                                    allow_internet=req.allow_internet)  # fmt: skip
+        return await self.hand_over(started, req, sandbox_id, template, build_id, timeout_s, steps)
+
+    async def launch(
+        self, container_id: str, spec: dict[str, Any], image: Path, resources: Resources,
+        steps: Steps, *, allow_internet: bool,
+    ) -> Launched:  # fmt: skip
+        """Restore a container from `image` in a network slot of its own; it is nobody's yet
+        (hand_over makes it a sandbox)."""
         directory = self.records.container_dir(container_id)
         slot = await self.pool.acquire()
         steps.done("network slot")
         # Egress opens while runsc restores: until then the slot refuses it, as free ones do.
         egress = (asyncio.create_task(firewall.apply_router_rules(slot, allow_internet=True))
-                  if req.allow_internet else None)  # fmt: skip
+                  if allow_internet else None)  # fmt: skip
+        started = Launched(container_id, directory, slot, resources, egress)
         try:
             filestore = await self.disks.take(directory, resources.disk_mb)
             steps.done("disk")
@@ -264,14 +320,31 @@ class Node:
                 write_bundle, directory / "bundle",
                 for_sandbox(spec, Path(slot.netns_path), resources, container_id),
             )  # fmt: skip
-            await runtime.restore(container_id, bundle, image, filestore,
-                                  directory / "console.log")  # fmt: skip
+            await self.rt().restore(container_id, bundle, image, filestore,
+                                    directory / "console.log")  # fmt: skip
             steps.done("runsc restore")
-            self.guards.arm(runtime, sandbox_id, container_id, resources.memory_mb)
+        except BaseException as exc:
+            steps.report(f"failed ({type(exc).__name__})")
+            await self.discard(started)
+            raise
+        return started
+
+    async def hand_over(
+        self, started: Launched, req: CreateRequest, sandbox_id: str, template: str,
+        build_id: str, timeout_s: int, steps: Steps,
+    ) -> SandboxRecord:  # fmt: skip
+        """Make a launched container the sandbox `sandbox_id`: envd's /init gives it its id,
+        token and environment, and the record makes it the node's. On failure it is removed."""
+        slot, resources, container_id = started.slot, started.resources, started.container_id
+        if req.allow_internet and started.egress is None:  # a warm one: its egress opens now
+            started.egress = asyncio.create_task(firewall.apply_router_rules(slot, True))
+        try:
+            self.guards.arm(self.rt(), sandbox_id, container_id, resources.memory_mb)
             # Independent of each other: done side by side while envd answers.
             await asyncio.gather(
-                asyncio.to_thread(disk.hold_back, directory),
-                *([egress] if egress else []),
+                *([] if started.held_back else [asyncio.to_thread(disk.hold_back,
+                                                                  started.directory)]),
+                *([started.egress] if started.egress else []),
                 init_envd(self.http, slot.router_ip, sandbox_id=sandbox_id, template_id=template,
                           env_vars=dict(req.env_vars or {}), access_token=req.access_token),
             )  # fmt: skip
@@ -289,17 +362,36 @@ class Node:
             await self.save(record)
         except BaseException as exc:
             steps.report(f"failed ({type(exc).__name__})")
-            if egress:  # cancelling a finished one does nothing
-                egress.cancel()
-                await asyncio.gather(egress, return_exceptions=True)
-            self.guards.disarm(container_id)
-            await runtime.delete(container_id)
-            await self.pool.release(slot)
-            await asyncio.to_thread(disk.discard, directory)
+            await self.discard(started)
             raise
         self.sandboxes[sandbox_id] = record
         steps.report(f"of {sandbox_id} done")
         return record
+
+    async def discard(self, started: Launched) -> None:
+        """Remove a container that is no sandbox (a failed start, a warm one given up) and free
+        its slot and disk."""
+        if started.egress:  # cancelling a finished one does nothing
+            started.egress.cancel()
+            await asyncio.gather(started.egress, return_exceptions=True)
+        self.guards.disarm(started.container_id)
+        await self.rt().delete(started.container_id)
+        await self.pool.release(started.slot)
+        await asyncio.to_thread(disk.discard, started.directory)
+
+    def discard_soon(self, started: Launched) -> None:
+        """discard() in the background, counted with the teardowns of killed sandboxes."""
+
+        async def discarding() -> None:
+            try:
+                await self.discard(started)
+            except Exception:
+                log.exception("removing container %s failed; the next start retries it",
+                              started.container_id)  # fmt: skip
+
+        task = asyncio.create_task(discarding())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     async def kill(self, sandbox_id: str) -> None:
         async with self.locked(sandbox_id) as record:
@@ -451,6 +543,8 @@ class Node:
             "platform": probe.platform,
             "netns_workaround": probe.netns_workaround,
             "sandboxes": len(self.sandboxes),
+            "warm": self.warm.info(),
+            "starts_waited": self.starts_waited,
             "max_sandboxes": self.settings.max_sandboxes,
             "slots_in_use": self.pool.in_use,
             # Teardowns of killed sandboxes or ready disks still being made in the background.

@@ -47,6 +47,7 @@ class Reaper:
         runtime = node.rt()
         suspects, self._suspects = self._suspects, set()
         running = {c.id for c in await runtime.list() if c.status == "running"}
+        node.warm.prune(running)
         for record in [r for r in node.sandboxes.values() if r.container_id not in running]:
             # `runsc list` can miss a container whose state file is being rewritten: ask it
             # directly, and act only when a sandbox looked dead in two checks in a row.

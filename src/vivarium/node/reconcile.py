@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass, field
 
 from vivarium.node.records import RecordStore, SandboxRecord
+from vivarium.node.warm import CONTAINER_PREFIX as WARM_PREFIX
 from vivarium.runtime import disk
 from vivarium.runtime.runsc import Runsc
 
@@ -43,7 +44,10 @@ async def reconcile(runtime: Runsc, records: RecordStore) -> Found:
             await runtime.delete(record.container_id)
         await asyncio.to_thread(disk.discard, records.container_dir(record.container_id))
     for cid in containers:
-        log.warning("removing orphaned container %s", cid)
+        if cid.startswith(f"{WARM_PREFIX}-"):  # kept warm by the previous run: not adopted
+            log.info("removing warm sandbox %s of the previous run", cid)
+        else:
+            log.warning("removing orphaned container %s", cid)
         await runtime.delete(cid)
     for stray in strays:
         await asyncio.to_thread(disk.discard, stray)

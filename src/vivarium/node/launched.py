@@ -1,0 +1,22 @@
+"""A container restored from a checkpoint and running, before it is any sandbox: the part of a
+start that needs no identity. A create goes on to hand it over at once; the warm pool (warm.py)
+keeps some waiting."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from vivarium.network.addressing import Slot
+from vivarium.runtime.bundle import Resources
+
+
+@dataclass
+class Launched:
+    container_id: str
+    directory: Path  # the container's files and disk (records.container_dir)
+    slot: Slot
+    resources: Resources
+    egress: asyncio.Task[None] | None  # opening its egress, if asked at launch
+    held_back: bool = False  # the disk's slack already taken back (runtime/disk.py)

@@ -1,0 +1,191 @@
+"""The warm pool (node/warm.py), through the official client and the node socket: each claim is
+a sandbox of its own, warm ones are nobody's, a restart leaks none, refills never hold up a
+user's start, and a full node gives up warm ones before it refuses a user."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from e2b import Sandbox
+
+from tests.integration.support import Server, containers, running_server, sdk_options
+
+pytestmark = pytest.mark.timeout(900)
+
+API_PORT = 3127  # proxy on API_PORT + 1000
+PREFIX, CIDR = "vh", "10.249.0.0/24"
+POOL = 3
+
+
+def until(condition: Callable[[], bool], what: str, seconds: float = 240) -> None:
+    """Background work (refills, teardowns) is waited for, not timed: a loaded host is slow."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not seen within {seconds:g}s: {what}")
+        time.sleep(0.2)
+
+
+def warm(srv: Server) -> dict[str, Any]:
+    with srv.client() as client:
+        info: dict[str, Any] = client.info()
+    return info
+
+
+def full(srv: Server, size: int = POOL) -> bool:
+    """The pool holds `size`, and killed sandboxes are torn down."""
+    info = warm(srv)
+    return bool(info["warm"]["ready"].get("base") == size and not info["settling"])
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    # One start permit: a refill that took it would make a user's start wait (see below).
+    with running_server("warm", PREFIX, CIDR, API_PORT, warm_pool=f"base={POOL}",
+                        max_starting="1") as srv:  # fmt: skip
+        until(lambda: full(srv), f"a pool of {POOL}")
+        yield srv
+
+
+def run(sbx: Sandbox, cmd: str) -> str:
+    return str(sbx.commands.run(cmd, timeout=60).stdout).strip()
+
+
+def test_each_claim_is_a_sandbox_of_its_own(server: Server) -> None:
+    opts = sdk_options(server)
+    claims = warm(server)["warm"]["claims"]
+    boxes = [Sandbox.create(envs={"WHO": f"user{i}"}, timeout=120, **opts) for i in range(POOL)]
+    try:
+        assert warm(server)["warm"]["claims"] == claims + POOL  # all three were warm ones
+        ids = {b.sandbox_id for b in boxes}
+        tokens = {b._envd_access_token for b in boxes}
+        assert len(ids) == len(tokens) == POOL and None not in tokens
+        seen = [run(b, "echo $WHO; cat /etc/machine-id; head -c 16 /dev/urandom | od -An -tx1;"
+                       "python3 -c 'import random; print(random.getrandbits(64))'; date +%s")
+                for b in boxes]  # fmt: skip
+        rows = [s.splitlines() for s in seen]
+        assert [r[0] for r in rows] == [f"user{i}" for i in range(POOL)]  # its own env, no other
+        for column in (1, 2, 3):  # machine id, kernel randomness, a fresh process's randomness
+            assert len({r[column] for r in rows}) == POOL, column
+        for r in rows:  # the clock is the host's, not the checkpoint's
+            assert abs(int(r[4]) - time.time()) < 120
+        # A sandbox's envd takes only its own token: not a sibling's.
+        first, second = boxes[0], boxes[1]
+        url = f"{opts['sandbox_url']}/envs"
+        headers = {"E2b-Sandbox-Id": second.sandbox_id, "E2b-Sandbox-Port": "49983"}
+        with httpx.Client(timeout=30) as http:
+            theirs = http.get(
+                url, headers={**headers, "X-Access-Token": str(first._envd_access_token)}
+            )
+            own = http.get(
+                url, headers={**headers, "X-Access-Token": str(second._envd_access_token)}
+            )
+        assert theirs.status_code == 401 and own.status_code == 200
+        assert own.json()["WHO"] == "user1"
+    finally:
+        for b in boxes:
+            b.kill()
+
+
+def test_warm_sandboxes_are_in_no_list(server: Server) -> None:
+    until(lambda: full(server), "the pool refilled")
+    opts = sdk_options(server)
+    sbx = Sandbox.create(timeout=120, **opts)
+    try:
+        listed = [s.sandbox_id for s in Sandbox.list(**opts).next_items()]
+        assert listed == [sbx.sandbox_id]
+        with httpx.Client(base_url=opts["api_url"], timeout=30,
+                          headers={"X-API-Key": opts["api_key"]}) as http:  # fmt: skip
+            rows = http.get("/v2/sandboxes", params={"state": "running,paused"}).json()
+        assert [r["sandboxID"] for r in rows] == [sbx.sandbox_id]
+        with server.client() as client:
+            (record,) = client.list_sandboxes()
+        assert record["sandbox_id"] == sbx.sandbox_id
+        until(lambda: full(server), "the pool refilled")
+        # The claimed one keeps its container (warm-…); the others are the pool, listed nowhere.
+        unlisted = set(containers(server.state_dir)) - {record["container_id"]}
+        assert unlisted == set(warm(server)["warm"]["containers"]) and len(unlisted) == POOL
+    finally:
+        sbx.kill()
+
+
+def test_a_dead_warm_sandbox_is_replaced_not_handed_out(server: Server) -> None:
+    until(lambda: full(server), "the pool refilled")
+    dead = warm(server)["warm"]["dead"]
+    pooled = warm(server)["warm"]["containers"]
+    assert len(pooled) == POOL
+    for cid in pooled:
+        server_runsc(server, "kill", "--all", cid, "KILL")
+    sbx = Sandbox.create(timeout=120, **sdk_options(server))
+    try:
+        assert run(sbx, "echo alive") == "alive"
+    finally:
+        sbx.kill()
+    until(lambda: warm(server)["warm"]["dead"] >= dead + POOL, "the dead ones noticed")
+    until(lambda: full(server), "the pool refilled with live ones")
+
+
+def test_refills_never_make_a_user_start_wait(server: Server) -> None:
+    """With one start permit, a refill that took it would make a create wait (counted as
+    `starts_waited`); creates that bypass the pool (other memory) run while it refills."""
+    with server.client() as client:
+        until(lambda: full(server), "the pool refilled")
+        made = []
+        for _ in range(2):  # each claim starts a refill; a restore of ours runs beside it
+            made.append(client.create(template="base", timeout=120)["sandbox_id"])
+        until(lambda: warm(server)["warm"]["filling"] == 1, "a refill under way", 60)
+        before = warm(server)["starts_waited"]
+        made.append(client.create(template="base", timeout=120, memory_mb=512)["sandbox_id"])
+        assert warm(server)["starts_waited"] == before
+        for sandbox_id in made:
+            client.kill(sandbox_id)
+
+
+def test_a_restart_with_a_full_pool_leaks_nothing(server: Server) -> None:
+    until(lambda: full(server), "the pool refilled")
+    # A clean stop removes the warm ones; a crash leaves them for the next start to remove.
+    server.stop()
+    assert [c for c in containers(server.state_dir) if c.startswith("warm-")] == []
+    server.start()
+    until(lambda: full(server), "the pool refilled")
+    left = [c for c in containers(server.state_dir) if c.startswith("warm-")]
+    server.stop(signal.SIGKILL)
+    server.start()
+    until(lambda: full(server), "the pool refilled")
+    now = [c for c in containers(server.state_dir) if c.startswith("warm-")]
+    assert len(now) == POOL and not set(now) & set(left)  # the old ones are gone, not adopted
+    info = warm(server)
+    assert info["sandboxes"] == 0 and info["slots_in_use"] == POOL
+
+
+def test_a_full_node_gives_up_warm_sandboxes_before_refusing(server: Server) -> None:
+    """max_sandboxes 5, max_starting 1: the pool fills to 3 of the 4 it may hold, and users
+    who need more room get it from the pool."""
+    server.stop()
+    server.env.update(VIVARIUM_MAX_SANDBOXES="5")
+    server.start()
+    with server.client() as client:
+        until(lambda: full(server), "the pool refilled")
+        # Other memory: none of these can be a warm one, so each needs room of its own.
+        made = [client.create(template="base", timeout=120, memory_mb=512)["sandbox_id"]
+                for _ in range(5)]  # fmt: skip
+        assert warm(server)["warm"]["ready"]["base"] == 0
+        with pytest.raises(Exception, match="maximum of 5"):
+            client.create(template="base", timeout=120, memory_mb=512)
+        for sandbox_id in made:
+            client.kill(sandbox_id)
+    until(lambda: full(server), "the pool refilled once there was room")
+    server.stop()
+    del server.env["VIVARIUM_MAX_SANDBOXES"]
+    server.start()
+
+
+def server_runsc(srv: Server, *args: str) -> None:
+    subprocess.run(["runsc", "--root", str(srv.state_dir / "runsc"), *args], check=True,
+                   capture_output=True, timeout=60)  # fmt: skip
