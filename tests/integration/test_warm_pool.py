@@ -4,17 +4,26 @@ user's start, and a full node gives up warm ones before it refuses a user."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from e2b import Sandbox
 
-from tests.integration.support import Server, containers, running_server, sdk_options
+from tests.integration.support import (
+    TEMPLATE_DIR,
+    Server,
+    containers,
+    running_server,
+    sdk_options,
+)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -189,3 +198,35 @@ def test_a_full_node_gives_up_warm_sandboxes_before_refusing(server: Server) -> 
 def server_runsc(srv: Server, *args: str) -> None:
     subprocess.run(["runsc", "--root", str(srv.state_dir / "runsc"), *args], check=True,
                    capture_output=True, timeout=60)  # fmt: skip
+
+
+def test_a_rebuilt_template_drains_its_pool(tmp_path: Path) -> None:
+    """A template directory of its own whose `base` is the shared build; a "rebuild" publishes
+    a second build (the same checkpoint under a new build id) and switches `current` to it."""
+    shared = (Path(TEMPLATE_DIR) / "base" / "current").resolve()
+    builds = tmp_path / "templates" / "base" / "builds"
+    builds.mkdir(parents=True)
+    (builds / "old").symlink_to(shared)
+    (tmp_path / "templates" / "base" / "current").symlink_to("builds/old")
+    with running_server("rebuild", "vg", "10.250.0.0/24", 3128, warm_pool="base=2",
+                        template_dir=str(tmp_path / "templates")) as srv:  # fmt: skip
+        until(lambda: full(srv, 2), "a pool of 2")
+        old = set(warm(srv)["warm"]["containers"])
+        new = builds / "new"
+        new.mkdir()
+        (new / "rootfs").symlink_to(shared / "rootfs")  # spec.json names the shared one anyway
+        shutil.copytree(shared / "checkpoint", new / "checkpoint")
+        shutil.copy(shared / "spec.json", new / "spec.json")
+        manifest = json.loads((shared / "manifest.json").read_text())
+        (new / "manifest.json").write_text(json.dumps({**manifest, "build_id": "new"}))
+        (tmp_path / "templates" / "base" / "next").symlink_to("builds/new")
+        (tmp_path / "templates" / "base" / "next").rename(
+            tmp_path / "templates" / "base" / "current"
+        )
+        until(lambda: full(srv, 2) and not old & set(warm(srv)["warm"]["containers"]),
+              "the old build's warm sandboxes replaced")  # fmt: skip
+        claims = warm(srv)["warm"]["claims"]
+        with srv.client() as client:
+            created = client.create(template="base", timeout=120)
+            client.kill(created["sandbox_id"])
+        assert created["build_id"] == "new" and warm(srv)["warm"]["claims"] == claims + 1
