@@ -238,3 +238,22 @@ def test_pause_and_resume_keep_variables(compat: Compat) -> None:
         assert _out(resumed.run_code("echo resumed", language="bash")) == "resumed\n"
     finally:
         sandbox.kill()
+
+
+def test_siblings_draw_different_random_numbers(sbx: Sandbox) -> None:
+    """Kernels start before the template's checkpoint: each new sandbox reseeds them, so two
+    sandboxes restored from it (one warm, one not: the suite's pool holds one) differ; and a
+    sandbox's own sequence goes on undisturbed from cell to cell."""
+    code = "import random, tempfile; print(random.getrandbits(64), tempfile.mktemp())"
+    other = Sandbox.create(timeout=120)
+    try:
+        bash = "echo $RANDOM$RANDOM$RANDOM"
+        ours, theirs = (_out(s.run_code(code)) for s in (sbx, other))
+        assert ours.split()[0] != theirs.split()[0] and ours.split()[1] != theirs.split()[1]
+        ours, theirs = (_out(s.run_code(bash, language="bash")) for s in (sbx, other))
+        assert ours != theirs
+    finally:
+        other.kill()
+    state = sbx.run_code("s = random.getstate(); a = random.random(); random.setstate(s)")
+    assert state.error is None
+    assert sbx.run_code("a == random.random()").text == "True"  # not reseeded between cells

@@ -18,9 +18,11 @@ import pytest
 from e2b import Sandbox
 
 from tests.integration.support import (
+    INET_PORT,
     TEMPLATE_DIR,
     Server,
     containers,
+    http_code,
     running_server,
     sdk_options,
 )
@@ -54,10 +56,10 @@ def full(srv: Server, size: int = POOL) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
+def server(inet_host: str) -> Iterator[Server]:
     # One start permit: a refill that took it would make a user's start wait (see below).
     with running_server("warm", PREFIX, CIDR, API_PORT, warm_pool=f"base={POOL}",
-                        max_starting="1") as srv:  # fmt: skip
+                        max_starting="1", egress_allow=f"{inet_host}/32") as srv:  # fmt: skip
         until(lambda: full(srv), f"a pool of {POOL}")
         yield srv
 
@@ -100,6 +102,25 @@ def test_each_claim_is_a_sandbox_of_its_own(server: Server) -> None:
     finally:
         for b in boxes:
             b.kill()
+
+
+def test_a_claim_gets_the_egress_it_asks_for(server: Server, inet_host: str) -> None:
+    """Warm sandboxes wait with egress open, as most creates want it: a create without internet
+    must get it closed."""
+    until(lambda: full(server), "the pool refilled")
+    claims = warm(server)["warm"]["claims"]
+    url = f"http://{inet_host}:{INET_PORT}/"
+    with server.client() as client:
+        online = client.create(template="base", timeout=120)["sandbox_id"]
+        offline = client.create(template="base", timeout=120,
+                                allow_internet_access=False)["sandbox_id"]  # fmt: skip
+        try:
+            assert warm(server)["warm"]["claims"] == claims + 2
+            assert http_code(client, online, url) == "200"
+            assert http_code(client, offline, url) == "000"
+        finally:
+            client.kill(online)
+            client.kill(offline)
 
 
 def test_warm_sandboxes_are_in_no_list(server: Server) -> None:

@@ -18,5 +18,6 @@ class Launched:
     directory: Path  # the container's files and disk (records.container_dir)
     slot: Slot
     resources: Resources
+    internet: bool  # whether its egress is open (or being opened by `egress`)
     egress: asyncio.Task[None] | None  # opening its egress, if asked at launch
     held_back: bool = False  # the disk's slack already taken back (runtime/disk.py)

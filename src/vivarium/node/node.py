@@ -312,7 +312,7 @@ class Node:
         # Egress opens while runsc restores: until then the slot refuses it, as free ones do.
         egress = (asyncio.create_task(firewall.apply_router_rules(slot, allow_internet=True))
                   if allow_internet else None)  # fmt: skip
-        started = Launched(container_id, directory, slot, resources, egress)
+        started = Launched(container_id, directory, slot, resources, allow_internet, egress)
         try:
             filestore = await self.disks.take(directory, resources.disk_mb)
             steps.done("disk")
@@ -336,9 +336,14 @@ class Node:
         """Make a launched container the sandbox `sandbox_id`: envd's /init gives it its id,
         token and environment, and the record makes it the node's. On failure it is removed."""
         slot, resources, container_id = started.slot, started.resources, started.container_id
-        if req.allow_internet and started.egress is None:  # a warm one: its egress opens now
-            started.egress = asyncio.create_task(firewall.apply_router_rules(slot, True))
         try:
+            if started.internet != req.allow_internet:  # a warm one, launched with internet
+                if started.egress:
+                    await started.egress
+                started.internet = req.allow_internet
+                started.egress = asyncio.create_task(
+                    firewall.apply_router_rules(slot, allow_internet=req.allow_internet)
+                )
             self.guards.arm(self.rt(), sandbox_id, container_id, resources.memory_mb)
             # Independent of each other: done side by side while envd answers.
             await asyncio.gather(

@@ -3,7 +3,9 @@ one its identity (envd's /init: id, token, env vars) instead of waiting for `run
 
 - A warm sandbox is a launched container (launched.py) with a network slot and a disk, but no
   id, team, token or record: no API lists it, the proxy cannot route to it, and a restart
-  removes it like any container without a record (reconcile.py).
+  removes it like any container without a record (reconcile.py). Its egress is open already,
+  as most creates want it (a create without internet closes it), though nothing runs in it
+  that would use it.
 - A create takes one; a taken sandbox is never given back. Its identity is made by the same
   /init as a cold start's (a new machine id, see guest/envd/identity.py), and the kernel's
   randomness and clock are the host's, read afresh, so nothing of one claim reaches another.
@@ -194,9 +196,11 @@ class WarmPool:
         try:
             started = await node.launch(
                 new_container_id(CONTAINER_PREFIX), template.spec, template.checkpoint,
-                node.default_resources(template), steps, allow_internet=False,
+                node.default_resources(template), steps, allow_internet=True,
             )  # fmt: skip
             try:
+                assert started.egress is not None
+                await started.egress  # open, as most creates ask: a claim need not wait for it
                 await asyncio.to_thread(disk.hold_back, started.directory)
                 started.held_back = True
                 url = f"http://{started.slot.router_ip}:{ENVD_PORT}/health"

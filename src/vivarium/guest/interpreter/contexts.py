@@ -77,6 +77,23 @@ PYTHON_RESTORE = (
 )
 
 
+# A kernel started before the template's checkpoint holds the same pseudo-random state in every
+# sandbox restored from it. The first cell in a new sandbox (its id changed) reseeds what a
+# program would draw from without seeding it itself: `random`, numpy's global generator, and
+# tempfile's name sequence (reset, so it is seeded afresh from the kernel's `random`). The
+# kernel's entropy source is the host's, fresh in every sandbox. A resume keeps the sandbox id,
+# and with it the state the user saw.
+PYTHON_RESEED = (
+    "import random as __vivarium_r, sys as __vivarium_s, tempfile as __vivarium_t\n"
+    "__vivarium_r.seed()\n"
+    "if 'numpy' in __vivarium_s.modules:\n"
+    "    __vivarium_s.modules['numpy'].random.seed()\n"
+    "__vivarium_t._name_sequence = None\n"
+    "del __vivarium_r, __vivarium_s, __vivarium_t\n"
+)
+BASH_RESEED = "RANDOM=$SRANDOM"
+
+
 def _bash_set(env: dict[str, str]) -> str:
     """Export `env` for one cell, keeping what it replaces for _bash_restore."""
     saved = [f"__vivarium_saved_{i}=${{{key}-__vivarium_unset__}}" for i, key in enumerate(env)]
@@ -158,8 +175,11 @@ class Context:
         changed = {k: v for k, v in env.items() if self.global_env.get(k) != v}
         if not changed:
             return
-        export = _python_export if self.language == "python" else _bash_export
-        await self.housekeeping(export(changed))
+        python = self.language == "python"
+        code = (_python_export if python else _bash_export)(changed)
+        if "E2B_SANDBOX_ID" in changed:  # a new sandbox, not the one this kernel last ran in
+            code = f"{code}\n{PYTHON_RESEED if python else BASH_RESEED}"
+        await self.housekeeping(code)
         self.global_env.update(changed)
 
     def _restore_code(self, env: dict[str, str]) -> str:
