@@ -10,7 +10,7 @@ from vivarium.errors import ConfigError, HostNotReady, InvalidArgument
 from vivarium.node.records import RecordStore, SandboxRecord, new_sandbox_id, valid_sandbox_id
 from vivarium.runtime import procsys
 from vivarium.runtime.bundle import Resources, base_spec, for_sandbox
-from vivarium.runtime.cgroups import memory_stats, pids_limit_hits
+from vivarium.runtime.cgroups import memory_stats, pids_limit_hits, settle_cpu
 from vivarium.runtime.probe import Probe, check_release, release_date
 from vivarium.runtime.runsc import checkpoint_error
 from vivarium.templates.recipe import Recipe
@@ -24,7 +24,8 @@ def test_sandbox_spec_changes_only_netns_resources_and_cgroup() -> None:
     assert {"type": "network", "path": "/var/run/netns/x"} in out["linux"]["namespaces"]
     assert out["linux"]["resources"] == {
         "memory": {"limit": 256 * 1024 * 1024},
-        "cpu": {"quota": 50_000, "period": 100_000},
+        # A starting sandbox outweighs running ones; the node settles it once it is up.
+        "cpu": {"quota": 50_000, "period": 100_000, "shares": 8192},
         "pids": {"limit": 600},  # host tasks: the sentry's and the platform's as well
     }
     assert {"type": "RLIMIT_NPROC", "hard": 100, "soft": 100} in out["process"]["rlimits"]
@@ -156,3 +157,16 @@ def test_runsc_releases_before_2024_07_29_are_refused_with_the_way_to_install() 
         with pytest.raises(HostNotReady, match="too old") as info:
             check_release(old)
         assert "bookworm-backports" in info.value.hint
+
+
+@pytest.mark.parametrize(("layout", "value"), [("cpu/vivarium/iabc/cpu.shares", "1024"),
+                                               ("vivarium/iabc/cpu.weight", "39")])  # fmt: skip
+def test_a_started_sandbox_gets_a_running_ones_cpu_weight(
+    tmp_path: Path, layout: str, value: str
+) -> None:
+    weight = tmp_path / layout  # cgroup v1, then v2
+    weight.parent.mkdir(parents=True)
+    weight.write_text("8192")
+    assert settle_cpu("iabc", root=tmp_path)
+    assert weight.read_text() == value
+    assert not settle_cpu("gone", root=tmp_path)

@@ -52,7 +52,7 @@ from vivarium.node.snapshots import Snapshot, SnapshotStore, remote_store
 from vivarium.node.steps import Steps
 from vivarium.node.warm import WarmPool
 from vivarium.proc import Result
-from vivarium.runtime import disk
+from vivarium.runtime import cgroups, disk
 from vivarium.runtime.bundle import Resources, for_sandbox, write_bundle
 from vivarium.runtime.runsc import Runsc, open_runtime
 from vivarium.templates.store import Template, TemplateStore
@@ -354,6 +354,7 @@ class Node:
                           env_vars=dict(req.env_vars or {}), access_token=req.access_token),
             )  # fmt: skip
             steps.done("envd init")
+            cgroups.settle_cpu(container_id)  # up: no more weight than its siblings
             now = time.time()
             record = SandboxRecord(
                 sandbox_id=sandbox_id, template=template, build_id=build_id,

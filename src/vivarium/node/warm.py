@@ -33,7 +33,7 @@ from vivarium.node.envd_init import INIT_TIMEOUT_S, until_answered
 from vivarium.node.launched import Launched
 from vivarium.node.records import new_container_id
 from vivarium.node.steps import Steps
-from vivarium.runtime import disk
+from vivarium.runtime import cgroups, disk
 from vivarium.templates.store import Template
 
 if TYPE_CHECKING:
@@ -208,6 +208,7 @@ class WarmPool:
                                                INIT_TIMEOUT_S, 0.02)  # fmt: skip
                 if failure is not None:
                     raise RuntimeFailure(f"envd did not answer ({failure})")
+                cgroups.settle_cpu(started.container_id)  # waiting: no more than the others
                 state = await node.rt().state(started.container_id)
                 if state is None or state.status != "running":
                     raise RuntimeFailure("its container stopped")

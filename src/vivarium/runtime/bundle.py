@@ -31,6 +31,12 @@ MAX_PIDS = 65536
 MIN_DISK_MB = 256
 MAX_DISK_MB = 4 << 20  # 4 TiB: the image is sparse; only what is written costs disk
 CPU_PERIOD_US = 100_000
+# Every sandbox's cgroup sits under one parent, so a restoring sandbox shares the parent's CPU
+# with all running ones: among 50 idle systrap sandboxes (~5% of a core each) a restore got a
+# fiftieth and took minutes. It starts with this weight, 8 times a running sandbox's, and the
+# node lowers it to RUNNING_CPU_SHARES once the sandbox is up (cgroups.settle_cpu).
+STARTING_CPU_SHARES = 8192
+RUNNING_CPU_SHARES = 1024
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,11 @@ class Resources:
     def to_oci(self) -> dict[str, Any]:
         return {
             "memory": {"limit": self.memory_mb * 1024 * 1024},
-            "cpu": {"quota": int(self.cpus * CPU_PERIOD_US), "period": CPU_PERIOD_US},
+            "cpu": {
+                "quota": int(self.cpus * CPU_PERIOD_US),
+                "period": CPU_PERIOD_US,
+                "shares": STARTING_CPU_SHARES,
+            },
             "pids": {"limit": host_tasks(self.pids)},
         }
 

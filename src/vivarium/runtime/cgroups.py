@@ -1,4 +1,4 @@
-"""Reading a sandbox's host cgroup: memory use and whether the kernel OOM-killed it.
+"""A sandbox's host cgroup: memory use, whether the kernel OOM-killed it, its CPU weight.
 
 runsc creates the cgroup from the spec's cgroupsPath (see bundle.cgroup_path); v1 (per-controller
 hierarchies) and v2 (unified) hosts lay the files out differently.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vivarium.runtime.bundle import cgroup_path
+from vivarium.runtime.bundle import RUNNING_CPU_SHARES, cgroup_path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -67,3 +67,20 @@ def memory_stats(container_id: str, root: Path = CGROUP_ROOT) -> MemoryStats | N
             oom_kills=_read_keyed(v2 / "memory.events", "oom_kill"),
         )
     return None
+
+
+def settle_cpu(container_id: str, root: Path = CGROUP_ROOT) -> bool:
+    """Give a sandbox that is up the CPU weight of a running one (it started with more, see
+    bundle.STARTING_CPU_SHARES); False if its cgroup is gone."""
+    rel = cgroup_path(container_id).lstrip("/")
+    # v2 has weights (1..10000), which runsc derives from the spec's shares as runc does.
+    weight = 1 + ((RUNNING_CPU_SHARES - 2) * 9999) // 262142
+    for path, value in ((root / "cpu" / rel / "cpu.shares", RUNNING_CPU_SHARES),
+                        (root / rel / "cpu.weight", weight)):  # fmt: skip
+        if path.exists():
+            try:
+                path.write_text(str(value))
+            except OSError:
+                return False
+            return True
+    return False
