@@ -242,14 +242,18 @@ def test_pause_and_resume_keep_variables(compat: Compat) -> None:
 
 def test_siblings_draw_different_random_numbers(sbx: Sandbox) -> None:
     """Kernels start before the template's checkpoint: each new sandbox reseeds them, so two
-    sandboxes restored from it (one warm, one not: the suite's pool holds one) differ; and a
-    sandbox's own sequence goes on undisturbed from cell to cell."""
-    code = "import random, tempfile; print(random.getrandbits(64), tempfile.mktemp())"
+    sandboxes restored from it (warm ones or not) differ; and a sandbox's own sequence goes on
+    undisturbed from cell to cell."""
+    code = (
+        "import random, tempfile, numpy\n"
+        "print(random.getrandbits(64), tempfile.mktemp(), numpy.random.randint(2**62))"
+    )
     other = Sandbox.create(timeout=120)
     try:
         bash = "echo $RANDOM$RANDOM$RANDOM"
         ours, theirs = (_out(s.run_code(code)) for s in (sbx, other))
-        assert ours.split()[0] != theirs.split()[0] and ours.split()[1] != theirs.split()[1]
+        for column in range(3):  # random, tempfile names, numpy's global generator
+            assert ours.split()[column] != theirs.split()[column], column
         ours, theirs = (_out(s.run_code(bash, language="bash")) for s in (sbx, other))
         assert ours != theirs
     finally:

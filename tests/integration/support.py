@@ -7,6 +7,7 @@ suite can run beside a developer's `make run`. The base template is shared (buil
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -201,10 +202,16 @@ def host_links(prefix: str) -> set[str]:
     return {n for n in names if n.startswith(f"{prefix}h-")}
 
 
-def containers(state_dir: Path) -> list[str]:
-    out = subprocess.run(["runsc", "--root", str(state_dir / "runsc"), "list", "-quiet"],
-                         capture_output=True, text=True).stdout  # fmt: skip
-    return out.split()
+def containers(state_dir: Path, running: bool = False) -> list[str]:
+    """The server's runsc containers (only those running, with `running`)."""
+    root = str(state_dir / "runsc")
+    if not running:
+        out = subprocess.run(["runsc", "--root", root, "list", "-quiet"],
+                             capture_output=True, text=True).stdout  # fmt: skip
+        return out.split()
+    listed = subprocess.run(["runsc", "--root", root, "list", "--format=json"],
+                            capture_output=True, text=True).stdout  # fmt: skip
+    return [c["id"] for c in json.loads(listed or "[]") or [] if c.get("status") == "running"]
 
 
 def sh(client: NodeClient, sandbox_id: str, script: str, user: str = "root",

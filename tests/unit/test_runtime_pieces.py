@@ -25,7 +25,7 @@ def test_sandbox_spec_changes_only_netns_resources_and_cgroup() -> None:
     assert out["linux"]["resources"] == {
         "memory": {"limit": 256 * 1024 * 1024},
         # A starting sandbox outweighs running ones; the node settles it once it is up.
-        "cpu": {"quota": 50_000, "period": 100_000, "shares": 8192},
+        "cpu": {"quota": 50_000, "period": 100_000, "shares": 65536},
         "pids": {"limit": 600},  # host tasks: the sentry's and the platform's as well
     }
     assert {"type": "RLIMIT_NPROC", "hard": 100, "soft": 100} in out["process"]["rlimits"]

@@ -33,15 +33,14 @@ async def init_envd(
     template_id: str,
     env_vars: dict[str, str],
     access_token: str | None = None,
+    timeout_s: float = INIT_TIMEOUT_S,
 ) -> None:
     body: dict[str, object] = {"sandboxId": sandbox_id, "templateId": template_id,
                                "envVars": env_vars, "timestamp": time.time()}  # fmt: skip
     if access_token:
         body["accessToken"] = access_token
     url = f"http://{address}:{ENVD_PORT}/init"
-    failure = await until_answered(
-        lambda: http.post(url, json=body, timeout=2), INIT_TIMEOUT_S, 0.02
-    )
+    failure = await until_answered(lambda: http.post(url, json=body, timeout=2), timeout_s, 0.02)
     if failure is not None:
         raise RuntimeFailure(f"envd in sandbox {sandbox_id} did not answer /init ({failure})",
                              "the template may be broken: rebuild it with --force")  # fmt: skip

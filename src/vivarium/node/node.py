@@ -26,7 +26,6 @@ from vivarium.errors import (
     InvalidArgument,
     NotFound,
     RuntimeFailure,
-    VivariumError,
 )
 from vivarium.guest.envd import PORT as ENVD_PORT
 from vivarium.guest.envd.state import EnvdState
@@ -34,7 +33,7 @@ from vivarium.network import firewall
 from vivarium.network.pool import SlotPool
 from vivarium.node import exclusive
 from vivarium.node.disks import DiskPool
-from vivarium.node.envd_init import envd_http, init_envd
+from vivarium.node.envd_init import INIT_TIMEOUT_S, envd_http, init_envd
 from vivarium.node.guards import Guards
 from vivarium.node.launched import Launched
 from vivarium.node.pause import pause_sandbox, resume_sandbox
@@ -60,6 +59,9 @@ from vivarium.templates.store import Template, TemplateStore
 log = logging.getLogger(__name__)
 
 MAX_EVENTS = 100
+# A warm sandbox's envd answered before it was pooled: if it does not answer its /init within
+# this, the create restores another rather than wait the full INIT_TIMEOUT_S.
+CLAIM_INIT_TIMEOUT_S = 3.0
 MAX_EXEC_TIMEOUT_S = 3600
 USERS = {"root": ("0:0", "/root"), "user": ("1000:1000", "/home/user")}
 
@@ -89,6 +91,7 @@ class Node:
         self.guards = Guards()
         self._creating = 0
         self.starts_waited = 0  # creates and resumes that waited for a start permit
+        self.starts_beside_refill = 0  # ... that began while the warm pool was refilling
         # Restores at once: more only thrash the CPUs (and starve the API) without finishing
         # sooner; the rest wait their turn (E2B's nodes cap "starting" sandboxes the same way).
         self._starting = asyncio.Semaphore(settings.max_starting)
@@ -212,7 +215,7 @@ class Node:
         if resources == usual and (warm := self.warm.take(template)):
             try:
                 return await self._claim(warm, req, template, timeout_s)
-            except VivariumError as exc:  # hand_over removed it: restore one instead
+            except RuntimeFailure as exc:  # hand_over removed it: restore one instead
                 self.warm.dead += 1
                 log.warning("a warm sandbox of %r failed its /init (%s); restoring one",
                             template.name, exc)  # fmt: skip
@@ -231,8 +234,10 @@ class Node:
         self._creating += 1  # counted between the pool and the node's sandboxes
         try:
             sandbox_id = req.sandbox_id or new_sandbox_id()
-            return await self.hand_over(warm, req, sandbox_id, template.name, template.build_id,
-                                        timeout_s, steps)  # fmt: skip
+            return await self.hand_over(
+                warm, req, sandbox_id, template.name, template.build_id, timeout_s, steps,
+                init_timeout_s=CLAIM_INIT_TIMEOUT_S,
+            )  # fmt: skip
         finally:
             self._creating -= 1
 
@@ -257,20 +262,27 @@ class Node:
     async def start_slot(self) -> AsyncIterator[None]:
         """Room for one more sandbox (creates and resumes alike): within the node's maximum,
         and among at most `max_starting` restores at once."""
-        s = self.settings
-        if self.occupied() + len(self._cleanups) >= s.max_sandboxes:
-            # The warm pool gives way to users, and slots of just-killed sandboxes come back.
-            self.warm.shrink(self.occupied() + 1 - s.max_sandboxes)
-            await self._drain_cleanups()
-        if len(self.sandboxes) + self._creating >= s.max_sandboxes:
-            raise CapacityExhausted(
-                f"this node runs its maximum of {s.max_sandboxes} sandboxes",
-                "kill some, or raise VIVARIUM_MAX_SANDBOXES",
-            )
-        self._creating += 1
-        if self._starting.locked():
-            self.starts_waited += 1
+        limit = self.settings.max_sandboxes
+        self._creating += 1  # counted from here on, so that a create beside us sees us
         try:
+            # The warm pool gives way to users (a refill under way is waited for, then given
+            # up), and slots of just-killed sandboxes come back.
+            while self.occupied() + len(self._cleanups) > limit:
+                if not self.warm.shrink(self.occupied() - limit):
+                    if not self.warm.filling:
+                        await self._drain_cleanups()
+                        break
+                    await self.warm.until_filled()
+                await self._drain_cleanups()
+            if self.occupied() > limit:
+                raise CapacityExhausted(
+                    f"this node runs its maximum of {limit} sandboxes",
+                    "kill some, or raise VIVARIUM_MAX_SANDBOXES",
+                )
+            if self._starting.locked():
+                self.starts_waited += 1
+            if self.warm.filling:
+                self.starts_beside_refill += 1
             async with self._starting:
                 yield
         finally:
@@ -331,13 +343,13 @@ class Node:
 
     async def hand_over(
         self, started: Launched, req: CreateRequest, sandbox_id: str, template: str,
-        build_id: str, timeout_s: int, steps: Steps,
+        build_id: str, timeout_s: int, steps: Steps, init_timeout_s: float = INIT_TIMEOUT_S,
     ) -> SandboxRecord:  # fmt: skip
         """Make a launched container the sandbox `sandbox_id`: envd's /init gives it its id,
         token and environment, and the record makes it the node's. On failure it is removed."""
         slot, resources, container_id = started.slot, started.resources, started.container_id
         try:
-            if started.internet != req.allow_internet:  # a warm one, launched with internet
+            if started.internet != req.allow_internet:  # a warm one: its egress opens now
                 if started.egress:
                     await started.egress
                 started.internet = req.allow_internet
@@ -351,7 +363,8 @@ class Node:
                                                                   started.directory)]),
                 *([started.egress] if started.egress else []),
                 init_envd(self.http, slot.router_ip, sandbox_id=sandbox_id, template_id=template,
-                          env_vars=dict(req.env_vars or {}), access_token=req.access_token),
+                          env_vars=dict(req.env_vars or {}), access_token=req.access_token,
+                          timeout_s=init_timeout_s),
             )  # fmt: skip
             steps.done("envd init")
             cgroups.settle_cpu(container_id)  # up: no more weight than its siblings
@@ -551,6 +564,7 @@ class Node:
             "sandboxes": len(self.sandboxes),
             "warm": self.warm.info(),
             "starts_waited": self.starts_waited,
+            "starts_beside_refill": self.starts_beside_refill,
             "max_sandboxes": self.settings.max_sandboxes,
             "slots_in_use": self.pool.in_use,
             # Teardowns of killed sandboxes or ready disks still being made in the background.

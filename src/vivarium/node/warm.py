@@ -3,9 +3,9 @@ one its identity (envd's /init: id, token, env vars) instead of waiting for `run
 
 - A warm sandbox is a launched container (launched.py) with a network slot and a disk, but no
   id, team, token or record: no API lists it, the proxy cannot route to it, and a restart
-  removes it like any container without a record (reconcile.py). Its egress is open already,
-  as most creates want it (a create without internet closes it), though nothing runs in it
-  that would use it.
+  removes it like any container without a record (reconcile.py). Its egress stays closed
+  until a create that wants it opens it, side by side with /init: a connection a template's
+  program opened while it waited would otherwise outlive the closing for a create without.
 - A create takes one; a taken sandbox is never given back. Its identity is made by the same
   /init as a cold start's (a new machine id, see guest/envd/identity.py), and the kernel's
   randomness and clock are the host's, read afresh, so nothing of one claim reaches another.
@@ -14,7 +14,9 @@ one its identity (envd's /init: id, token, env vars) instead of waiting for `run
   one (it shares the CPUs with at most one refill).
 - The pool counts against the node's capacity, never a team's, and stays `max_starting` below
   it; when a create finds the node full, the pool gives up sandboxes first.
-- Only the current build is handed out: entries of a rebuilt template are removed.
+- Only the current build is handed out: entries of a rebuilt or deleted template are removed,
+  and one whose sandbox process is gone is replaced. One that does not answer its /init in
+  time is removed by the create, which then restores one.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class WarmPool:
         self._entries: dict[str, list[Warm]] = {name: [] for name in self.sizes}
         self._failed_at: dict[str, float] = {}
         self._filling = 0  # restores of ours under way (counted against capacity too)
+        self._filled = asyncio.Event()  # set while no restore of ours is under way
+        self._filled.set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.refills = 0  # warm sandboxes made since the start
@@ -77,6 +81,14 @@ class WarmPool:
 
     def __len__(self) -> int:
         return sum(len(e) for e in self._entries.values()) + self._filling
+
+    @property
+    def filling(self) -> bool:
+        return self._filling > 0
+
+    async def until_filled(self) -> None:
+        """Until the restore under way (if any) has ended, its sandbox in the pool or gone."""
+        await self._filled.wait()
 
     def info(self) -> dict[str, object]:
         return {
@@ -128,9 +140,11 @@ class WarmPool:
         return gone
 
     def prune(self, running: set[str]) -> None:
-        """Remove warm sandboxes whose container stopped (the reaper's liveness round)."""
+        """Remove warm sandboxes whose container stopped (the reaper's liveness round). `runsc
+        list` may miss a container, or predate an entry: its process must be gone too."""
         for entries in self._entries.values():
-            for warm in [w for w in entries if w.started.container_id not in running]:
+            gone = [w for w in entries if w.started.container_id not in running]
+            for warm in [w for w in gone if not _alive(w.pid)]:
                 entries.remove(warm)
                 self._replace(warm)
 
@@ -155,15 +169,15 @@ class WarmPool:
     async def _refill(self) -> None:
         node = self.node
         while True:
-            template = await self._wanted()
-            if template is None:
-                return
             if node.starting_for_users():
                 await asyncio.sleep(0.05)  # users first: look again when they are done
                 continue
+            template = await self._wanted()
+            if template is None:
+                return
             try:
                 await self._warm_one(template)
-            except VivariumError as exc:
+            except Exception as exc:
                 self._failed_at[template.name] = time.monotonic()
                 log.warning("could not warm a sandbox of %r (%s); trying again in %.0f s",
                             template.name, exc, RETRY_S)  # fmt: skip
@@ -177,11 +191,13 @@ class WarmPool:
         for name, size in self.sizes.items():
             if time.monotonic() - self._failed_at.get(name, -RETRY_S) < RETRY_S:
                 continue
+            entries = self._entries[name]
             try:
                 template = await asyncio.to_thread(node.templates.get, name)
-            except VivariumError:
-                continue  # not built (yet): nothing to keep warm
-            entries = self._entries[name]
+            except VivariumError:  # not built (yet), or deleted: nothing to keep warm
+                while entries:
+                    node.discard_soon(entries.pop().started)
+                continue
             for warm in [w for w in entries if w.build_id != template.build_id]:
                 entries.remove(warm)  # rebuilt: the old build is not handed out
                 node.discard_soon(warm.started)
@@ -193,14 +209,13 @@ class WarmPool:
         node = self.node
         steps = Steps(f"warm sandbox of {template.name!r}")
         self._filling += 1
+        self._filled.clear()
         try:
             started = await node.launch(
                 new_container_id(CONTAINER_PREFIX), template.spec, template.checkpoint,
-                node.default_resources(template), steps, allow_internet=True,
+                node.default_resources(template), steps, allow_internet=False,
             )  # fmt: skip
             try:
-                assert started.egress is not None
-                await started.egress  # open, as most creates ask: a claim need not wait for it
                 await asyncio.to_thread(disk.hold_back, started.directory)
                 started.held_back = True
                 url = f"http://{started.slot.router_ip}:{ENVD_PORT}/health"
@@ -217,6 +232,8 @@ class WarmPool:
                 raise
         finally:
             self._filling -= 1
+            if not self._filling:
+                self._filled.set()
         steps.report("done")
         self._entries[template.name].append(Warm(started, template.name, template.build_id,
                                                  state.pid))  # fmt: skip

@@ -33,9 +33,10 @@ MAX_DISK_MB = 4 << 20  # 4 TiB: the image is sparse; only what is written costs 
 CPU_PERIOD_US = 100_000
 # Every sandbox's cgroup sits under one parent, so a restoring sandbox shares the parent's CPU
 # with all running ones: among 50 idle systrap sandboxes (~5% of a core each) a restore got a
-# fiftieth and took minutes. It starts with this weight, 8 times a running sandbox's, and the
-# node lowers it to RUNNING_CPU_SHARES once the sandbox is up (cgroups.settle_cpu).
-STARTING_CPU_SHARES = 8192
+# fiftieth and took minutes. It starts with this weight, 64 times a running sandbox's (8 times
+# still left restores at 20-50 s beside 70 sandboxes), and the node lowers it to
+# RUNNING_CPU_SHARES once the sandbox is up (cgroups.settle_cpu).
+STARTING_CPU_SHARES = 65536
 RUNNING_CPU_SHARES = 1024
 
 

@@ -19,7 +19,9 @@ from vivarium.proc import Result, run
 from vivarium.runtime import procsys
 from vivarium.runtime.probe import Probe, detect
 
-START_TIMEOUT_S = 60.0
+# A restore takes about a second; on a host whose CPUs are taken by dozens of sandboxes, it
+# was seen to take 50 s. Past this it is taken for hung.
+START_TIMEOUT_S = 120.0
 
 log = logging.getLogger(__name__)
 
