@@ -96,6 +96,7 @@ class WarmPool:
             "filling": self._filling, "refills": self.refills, "claims": self.claims,
             "dead": self.dead,
             "containers": sorted(w.started.container_id for e in self._entries.values() for w in e),
+            "builds": {name: sorted({w.build_id for w in e}) for name, e in self._entries.items()},
         }  # fmt: skip
 
     def start(self) -> None:
