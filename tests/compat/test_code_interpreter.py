@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -195,6 +196,15 @@ def test_dying_kernel_is_reported_and_restarted(sbx: Sandbox) -> None:
     # the next cell, which says so.
     pid = sbx.run_code("import os; os.getpid()", context=ctx).text
     sbx.commands.run(f"kill -9 {pid}", user="root")
+    # kill(2) returns once the signal is sent: the next cell is meant to come after the death
+    # (a zombie until the interpreter reaps it), not race it on a busy host.
+    alive = f"grep -qs '^{pid} ([^)]*) [^ZX]' /proc/{pid}/stat && echo alive || echo gone"
+    for _ in range(600):
+        if sbx.commands.run(alive).stdout.strip() == "gone":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"kernel {pid} still runs a minute after kill -9")
     after = sbx.run_code("40 + 2", context=ctx)
     assert after.text == "42"
     assert any("had exited" in line for line in after.logs.stderr)
