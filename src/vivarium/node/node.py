@@ -66,6 +66,11 @@ MAX_EXEC_TIMEOUT_S = 3600
 USERS = {"root": ("0:0", "/root"), "user": ("1000:1000", "/home/user")}
 
 
+def _made_by(template: Template) -> tuple[object, object]:
+    """The runsc release and platform that made the template's checkpoint."""
+    return template.manifest.get("runsc_version"), template.manifest.get("platform")
+
+
 class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -216,7 +221,7 @@ class Node:
             try:
                 return await self._claim(warm, req, template, timeout_s)
             except RuntimeFailure as exc:  # hand_over removed it: restore one instead
-                self.warm.dead += 1
+                self.warm.claim_failed()
                 log.warning("a warm sandbox of %r failed its /init (%s); restoring one",
                             template.name, exc)  # fmt: skip
         steps = Steps(f"create from {template.name!r}")
@@ -245,13 +250,11 @@ class Node:
         """A checkpoint restores only under the runsc release and platform that made it (under
         another, envd just never answers)."""
         probe = self.rt().probe
-        made = (template.manifest.get("runsc_version"), template.manifest.get("platform"))
-        return made == (probe.runsc_version, probe.platform)
+        return _made_by(template) == (probe.runsc_version, probe.platform)
 
     def _check_built_here(self, template: Template) -> None:
         if not self.built_here(template):
-            probe = self.rt().probe
-            made = (template.manifest.get("runsc_version"), template.manifest.get("platform"))
+            probe, made = self.rt().probe, _made_by(template)
             raise HostNotReady(
                 f"template {template.name!r} was built by runsc {made[0]} ({made[1]}); this "
                 f"node runs runsc {probe.runsc_version} ({probe.platform})",
@@ -349,12 +352,10 @@ class Node:
         token and environment, and the record makes it the node's. On failure it is removed."""
         slot, resources, container_id = started.slot, started.resources, started.container_id
         try:
-            if started.internet != req.allow_internet:  # a warm one: its egress opens now
-                if started.egress:
-                    await started.egress
-                started.internet = req.allow_internet
+            if req.allow_internet and not started.internet:  # a warm one: its egress opens now
+                started.internet = True
                 started.egress = asyncio.create_task(
-                    firewall.apply_router_rules(slot, allow_internet=req.allow_internet)
+                    firewall.apply_router_rules(slot, allow_internet=True)
                 )
             self.guards.arm(self.rt(), sandbox_id, container_id, resources.memory_mb)
             # Independent of each other: done side by side while envd answers.

@@ -149,6 +149,10 @@ class WarmPool:
                 entries.remove(warm)
                 self._replace(warm)
 
+    def claim_failed(self) -> None:
+        """A taken one did not answer its /init: the create removed it and restores instead."""
+        self.dead += 1
+
     def _replace(self, warm: Warm) -> None:
         log.warning("a warm sandbox of %r stopped while waiting; replacing it", warm.template)
         self.dead += 1
