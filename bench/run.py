@@ -130,6 +130,12 @@ INTERPRETER_CELLS = 30
 INTERPRETER_TARGET_RATIO = 2.0  # first result at most this times a plain base create
 
 # The warm pool (issue 13): the server restarts with a pool of WARM_POOL_SIZE `base` sandboxes.
+SNAPSHOT_RUNS = 5  # create_snapshot() of one running sandbox, on a settled node
+SNAPSHOT_CREATES = 8  # creates from a snapshot, alternating with creates from the template
+SNAPSHOT_TARGET_RATIO = 1.2  # create_snapshot p50 at most this times a raw checkpoint
+SNAPSHOT_CREATE_TARGET_RATIO = 1.1  # create from a snapshot against one from the template
+FORK_COUNT = 10
+FORK_TARGET_RATIO = 1.2  # fork(10) at most this times a raw checkpoint + 10 concurrent creates
 WARM_POOL_SIZE = 5
 WARM_CREATES = 20  # sequential SDK creates, each with the pool full
 WARM_BURST = 20  # SDK creates released together against the full pool
@@ -664,6 +670,10 @@ class NodeFigures:
     ci_base_create_ms: list[float] = field(default_factory=list)  # alternating with the next
     ci_first_result_ms: list[float] = field(default_factory=list)  # create -> "1+1" result
     ci_cell_ms: list[float] = field(default_factory=list)  # run_code("1+1") round trips
+    team_snapshot_ms: list[float] = field(default_factory=list)  # create_snapshot(), idle
+    from_snapshot_ms: list[float] = field(default_factory=list)  # SDK creates from it
+    from_template_ms: list[float] = field(default_factory=list)  # alternating with those
+    fork_ms: float = 0.0  # fork(count=FORK_COUNT), wall
     warm_create_ms: list[float] = field(default_factory=list)  # SDK creates, pool full
     warm_claims: int = 0  # of those, how many the node served from the pool
     burst_ms: list[float] = field(default_factory=list)  # WARM_BURST SDK creates at once
@@ -913,6 +923,42 @@ def measure_interpreter(fleet: Fleet, figures: NodeFigures) -> None:
         fleet.sdk_kill(ci)
 
 
+def measure_snapshots(fleet: Fleet, figures: NodeFigures) -> None:
+    """create_snapshot() of an idle running sandbox; creates from that snapshot alternating
+    with creates from its template; one fork of FORK_COUNT children. Each on a settled node."""
+    sbx = fleet.sdk_create()[0]
+    snapshots: list[str] = []
+    try:
+        time.sleep(IDLE_WAIT_S)
+        for _ in range(SNAPSHOT_RUNS):
+            fleet.settle(poll_s=0.05)
+            start = time.perf_counter()
+            snapshots.append(sbx.create_snapshot().snapshot_id)
+            figures.team_snapshot_ms.append(elapsed_ms(start))
+        for _ in range(SNAPSHOT_CREATES):
+            fleet.settle(poll_s=0.05)
+            child, created = fleet.sdk_create(template=snapshots[-1])
+            figures.from_snapshot_ms.append(created.ms)
+            fleet.sdk_kill(child)
+            fleet.settle(poll_s=0.05)
+            child, created = fleet.sdk_create()
+            figures.from_template_ms.append(created.ms)
+            fleet.sdk_kill(child)
+        fleet.settle(poll_s=0.05)
+        start = time.perf_counter()
+        children = sbx.fork(count=FORK_COUNT, timeout=SANDBOX_TIMEOUT_S)
+        figures.fork_ms = elapsed_ms(start)
+        for forked in children:
+            if isinstance(forked, Exception):
+                raise RuntimeError(f"a fork child did not start: {forked!r}")
+            fleet.ever.add(forked.sandbox_id)
+            fleet.sdk_kill(forked)
+    finally:
+        for snapshot_id in snapshots:
+            Sandbox.delete_snapshot(snapshot_id, api_key=fleet.api_key, api_url=API_URL)
+        fleet.sdk_kill(sbx)
+
+
 def _pool_full(fleet: Fleet) -> dict[str, Any]:
     """Wait until the pool holds WARM_POOL_SIZE ready and nothing is being torn down; the
     node's warm counters then."""
@@ -995,6 +1041,10 @@ def measure_node(fleet: Fleet, server: Server) -> NodeFigures:
         log(f"node: {PAUSE_IDLE_CYCLES} pause/resume cycles idle, {PAUSE_DIRTY_CYCLES} with "
             f"{DIRTY_MIB} MiB written")  # fmt: skip
         measure_pause(fleet, figures)
+        fleet.settle()
+        log(f"node: {SNAPSHOT_RUNS} snapshots of a running sandbox, {SNAPSHOT_CREATES} "
+            f"creates from one, a fork of {FORK_COUNT}")  # fmt: skip
+        measure_snapshots(fleet, figures)
         fleet.settle()
         log(f"node: {INTERPRETER_CREATES} code-interpreter creates to a first result, "
             f"{INTERPRETER_CELLS} cells")  # fmt: skip
@@ -1164,6 +1214,17 @@ def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row
         Row("dirty_snapshot_mib", f"snapshot size ({dirty})", dirty_snapshot, "MiB",
             raw_snapshot + DIRTY_MIB, f"raw bare checkpoint + {DIRTY_MIB} MiB",
             samples=tuple(b / MIB for b in node.dirty_snapshot_bytes)),
+        Row("team_snapshot_p50_ms", "SDK create_snapshot() p50 (idle; it keeps running)",
+            p50(node.team_snapshot_ms), "ms", ckpt50, "raw checkpoint p50",
+            max_ratio=SNAPSHOT_TARGET_RATIO, samples=tuple(node.team_snapshot_ms)),
+        Row("from_snapshot_p50_ms", "SDK create from a snapshot p50",
+            p50(node.from_snapshot_ms), "ms", p50(node.from_template_ms),
+            "SDK create from the template p50, alternating",
+            max_ratio=SNAPSHOT_CREATE_TARGET_RATIO, samples=tuple(node.from_snapshot_ms)),
+        Row("fork_wall_ms", f"SDK fork(count={FORK_COUNT}) wall", node.fork_ms, "ms",
+            ckpt50 + node.concurrent_wall_ms,
+            f"raw checkpoint p50 + {CONCURRENT_CREATES} concurrent node creates (wall)",
+            max_ratio=FORK_TARGET_RATIO),
         Row("ci_first_result_p50_ms", "code interpreter: create -> run_code('1+1') p50",
             p50(node.ci_first_result_ms), "ms", p50(node.ci_base_create_ms),
             "SDK base create p50, alternating", max_ratio=INTERPRETER_TARGET_RATIO,

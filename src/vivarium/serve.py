@@ -101,7 +101,7 @@ async def serve(settings: Settings) -> None:
         # Everything loaded so far lives as long as the server: keep it out of the collector's
         # full passes, which otherwise grow with it and pause the event loop.
         gc.freeze()
-        proxy = SandboxProxy(upstream, domain=settings.proxy_domain or None)
+        proxy = SandboxProxy(upstream, domain=settings.proxy_domain or None, wake=control.wake)
         node.on_destroyed.append(proxy.forget)
         await proxy.start(settings.proxy_host, settings.proxy_port,
                           ssl=tls.context if tls else None)  # fmt: skip

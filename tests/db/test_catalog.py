@@ -51,7 +51,7 @@ async def test_migrations_build_exactly_the_declared_schema(engine: AsyncEngine)
     async with engine.connect() as conn:
         assert await conn.run_sync(diff) == []
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
-    assert version == "0002"
+    assert version == "0004"
 
 
 async def test_keys_are_stored_hashed_and_resolve_their_team(engine: AsyncEngine) -> None:
@@ -70,15 +70,15 @@ async def test_keys_are_stored_hashed_and_resolve_their_team(engine: AsyncEngine
 async def test_concurrent_reservations_never_exceed_the_team_limit(engine: AsyncEngine) -> None:
     team = await store.create_team(engine, "busy", 5)
     other = await store.create_team(engine, "other", 5)
-    attempts = [store.reserve_sandbox(engine, team, _sandbox(f"s{i:02d}", team["id"]))
+    attempts = [store.reserve_sandboxes(engine, team, [_sandbox(f"s{i:02d}", team["id"])])
                 for i in range(20)]  # fmt: skip
     results = await asyncio.gather(*attempts)
     assert results.count(True) == 5
-    assert await store.reserve_sandbox(engine, other, _sandbox("o1", other["id"]))
-    assert not await store.reserve_sandbox(engine, team, _sandbox("s98", team["id"]))
+    assert await store.reserve_sandboxes(engine, other, [_sandbox("o1", other["id"])])
+    assert not await store.reserve_sandboxes(engine, team, [_sandbox("s98", team["id"])])
     first = (await store.team_sandboxes(engine, team["id"], store.LIVE))[0]["id"]
     await store.end_sandbox(engine, first, "killed")
-    assert await store.reserve_sandbox(engine, team, _sandbox("s99", team["id"]))
+    assert await store.reserve_sandboxes(engine, team, [_sandbox("s99", team["id"])])
     live = await store.team_sandboxes(engine, team["id"], store.LIVE)
     assert len(live) == 5 and first not in {r["id"] for r in live}
     killed = await store.get_sandbox(engine, first)
@@ -86,10 +86,43 @@ async def test_concurrent_reservations_never_exceed_the_team_limit(engine: Async
     assert killed["metadata"] == {"course": "py101"}
 
 
+async def test_a_batch_reservation_is_all_or_nothing(engine: AsyncEngine) -> None:
+    # A fork reserves all its children at once: over the limit, none is reserved.
+    team = await store.create_team(engine, "forks", 4)
+    await store.reserve_sandboxes(engine, team, [_sandbox("p1", team["id"])])
+    assert not await store.reserve_sandboxes(
+        engine, team, [_sandbox(f"c{i}", team["id"]) for i in range(4)]
+    )
+    assert len(await store.team_sandboxes(engine, team["id"], store.LIVE)) == 1
+    assert await store.reserve_sandboxes(
+        engine, team, [_sandbox(f"c{i}", team["id"]) for i in range(3)]
+    )
+    assert len(await store.team_sandboxes(engine, team["id"], store.LIVE)) == 4
+
+
+async def test_team_snapshots_resolve_by_id_or_name_within_their_team(engine: AsyncEngine) -> None:
+    team = await store.create_team(engine, "school", 4)
+    other = await store.create_team(engine, "elsewhere", 4)
+    row = {"id": "s1", "team_id": team["id"], "name": "lesson-1", "build_key": "s2",
+           "sandbox_id": "i1",
+           "template_id": "base", "node_id": "local", "size_bytes": 1,
+           "created_at": 1.0}  # fmt: skip
+    await store.save_team_snapshot(engine, row)
+    await store.save_team_snapshot(engine, {**row, "size_bytes": 2})  # taken again: replaced
+    for key in ("s1", "lesson-1"):
+        found = await store.team_snapshot(engine, team["id"], key)
+        assert found is not None and found["size_bytes"] == 2
+        assert await store.team_snapshot(engine, other["id"], key) is None
+    assert [r["id"] for r in await store.list_team_snapshots(engine, team["id"])] == ["s1"]
+    assert await store.drop_team_snapshot(engine, "s1")
+    assert not await store.drop_team_snapshot(engine, "s1")
+    assert await store.team_snapshot(engine, team["id"], "lesson-1") is None
+
+
 async def test_deleting_a_team_removes_its_keys_and_sandboxes(engine: AsyncEngine) -> None:
     team = await store.create_team(engine, "gone", 2)
     await store.create_key(engine, team["id"], "k")
-    await store.reserve_sandbox(engine, team, _sandbox("g1", team["id"]))
+    await store.reserve_sandboxes(engine, team, [_sandbox("g1", team["id"])])
     async with engine.begin() as conn:
         await conn.execute(text("DELETE FROM teams WHERE id = :id"), {"id": team["id"]})
         left = (await conn.execute(select(sandboxes.c.id))).all()

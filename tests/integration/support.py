@@ -56,9 +56,10 @@ class Server:
 
     def start(self, timeout: float = 180.0) -> None:
         log = (self.state_dir / "serve.log").open("ab")
+        # A start that hangs is aborted below: the stacks then say where it was.
         self.proc = subprocess.Popen(
-            [VIVARIUM, "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            [VIVARIUM, "serve"], env={**self.env, "PYTHONFAULTHANDLER": "1"}, stdout=log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -70,8 +71,17 @@ class Server:
                 return
             except Exception:
                 time.sleep(0.1)
-        self.stop()  # not left running behind the failure, holding its state and ports
-        raise RuntimeError(f"server {self.name} did not start:\n{self.log_tail()}")
+        # Not left running behind the failure, holding its state and ports; SIGABRT makes
+        # faulthandler write every thread's stack to the log first.
+        self.proc.send_signal(signal.SIGABRT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
+        self.proc = None
+        raise RuntimeError(f"server {self.name} did not start in {timeout:g}s:\n"
+                           f"{self.log_tail(80)}")  # fmt: skip
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 120.0) -> int:
         assert self.proc is not None

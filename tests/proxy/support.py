@@ -16,7 +16,7 @@ import h11
 import uvicorn
 from starlette.types import ASGIApp
 
-from vivarium.proxy import ProxyLimits, Refusal, SandboxProxy, Upstream
+from vivarium.proxy import ProxyLimits, Refusal, SandboxProxy, Upstream, Waker
 
 # Waits here detect a hang, never a speed: generous enough for a loaded 2-core machine.
 HANG = 30
@@ -83,9 +83,9 @@ async def raw_server(handler: Handler) -> AsyncIterator[int]:
 @contextlib.asynccontextmanager
 async def proxy(
     table: Mapping[str, Upstream | Refusal], domain: str | None = None,
-    limits: ProxyLimits | None = None,
+    limits: ProxyLimits | None = None, wake: Waker | None = None,
 ) -> AsyncIterator[SandboxProxy]:  # fmt: skip
-    p = SandboxProxy(table.get, domain=domain, limits=limits)
+    p = SandboxProxy(table.get, domain=domain, limits=limits, wake=wake)
     await p.start("127.0.0.1", 0)
     try:
         yield p

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from vivarium.errors import NotFound
 from vivarium.proxy import ProxyLimits, Refusal, Upstream
 
 from .support import (
@@ -144,7 +145,7 @@ def test_paused_and_transitioning_sandboxes_get_e2bs_409() -> None:
             "imoving": Refusal.transitioning("imoving"),
         }
         async with (
-            proxy(table) as p,
+            proxy(table, limits=ProxyLimits(transition_wait=0.3)) as p,
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{p.port}") as c,
         ):
             r = await c.post("/process.Process/Start", headers=routing("ipaused", 49983))
@@ -154,8 +155,48 @@ def test_paused_and_transitioning_sandboxes_get_e2bs_409() -> None:
                 "message": "The sandbox ipaused is paused: resume it with "
                            "Sandbox.connect('ipaused') (POST /sandboxes/ipaused/connect)",
             }  # fmt: skip
-            r = await c.get("/", headers=routing("imoving", 8080))
+            r = await c.get("/", headers=routing("imoving", 8080))  # after 0.3 s of waiting
             assert r.status_code == 409 and "still transitioning" in r.json()["message"]
+
+    run(main())
+
+
+def test_a_request_waits_for_a_transition_and_wakes_auto_resume_sandboxes() -> None:
+    """A sandbox being snapshotted is served once it runs again; a paused one is woken first
+    when the waker says it resumes on traffic, and not found if it was killed meanwhile."""
+    woken: list[str] = []
+
+    async def main() -> None:
+        async with uvicorn_app(whoami_app("a")) as port:
+            table: dict[str, Upstream | Refusal] = {
+                "imoving": Refusal.transitioning("imoving"),
+                "isleeps": Refusal.paused("isleeps"),
+                "igone": Refusal.paused("igone"),
+            }
+
+            async def wake(sandbox_id: str) -> bool:
+                woken.append(sandbox_id)
+                if sandbox_id == "igone":
+                    del table["igone"]
+                    raise NotFound("killed meanwhile")
+                table[sandbox_id] = local("a")
+                return True
+
+            async with (
+                proxy(table, wake=wake) as p,
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{p.port}") as c,
+            ):
+                later = asyncio.get_running_loop().call_later(
+                    0.3, table.__setitem__, "imoving", local("a")
+                )
+                r = await c.get("/", headers=routing("imoving", port))
+                assert r.status_code == 200 and r.json()["name"] == "a"
+                later.cancel()
+                r = await c.get("/", headers=routing("isleeps", port))
+                assert r.status_code == 200 and r.json()["name"] == "a"
+                r = await c.get("/", headers=routing("igone", port))
+                assert r.status_code == 502 and "was not found" in r.json()["message"]
+        assert woken == ["isleeps", "igone"]
 
     run(main())
 

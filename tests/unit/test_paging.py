@@ -22,3 +22,11 @@ def test_pages_cover_every_row_once_in_either_order() -> None:
     assert sorted(newest_first) == sorted(oldest_first) == sorted(str(r["id"]) for r in rows)
     assert [r for r in newest_first if r in ("s2", "s0")] == ["s2", "s0"]
     assert [r for r in oldest_first if r in ("s2", "s0")] == ["s0", "s2"]
+
+
+def test_snapshots_page_by_their_creation_time() -> None:
+    rows = [{"id": f"s{i}", "created_at": float(i)} for i in range(5)]
+    chunk, token = page(rows, 3, None, by="created_at")
+    assert [r["id"] for r in chunk] == ["s4", "s3", "s2"] and token
+    chunk, token = page(rows, 3, token, by="created_at")
+    assert [r["id"] for r in chunk] == ["s1", "s0"] and token is None

@@ -134,6 +134,34 @@ def create_app(control: ControlPlane) -> Starlette:
         row, _ = await control.connect(team, sid(request), timeout)
         return JSONResponse(shapes.sandbox(row, control.envd_token(row), client_id), 201)
 
+    async def create_snapshot(request: Request, team: Row) -> Response:
+        name = shapes.snapshot_request(await json_body(request))
+        row = await control.create_snapshot(team, sid(request), name)
+        return JSONResponse(shapes.snapshot_info(row), 201)
+
+    async def list_snapshots(request: Request, team: Row) -> Response:
+        params = request.query_params
+        _, _, limit, token = shapes.list_query({"limit": params.get("limit"),
+                                                "nextToken": params.get("nextToken")})  # fmt: skip
+        rows = await control.list_snapshots(team, params.get("sandboxID") or None,
+                                            params.get("name") or None)  # fmt: skip
+        chunk, next_token = shapes.page(rows, limit, token, by="created_at")
+        headers = {"x-next-token": next_token} if next_token else {}
+        return JSONResponse([shapes.snapshot_info(r) for r in chunk], headers=headers)
+
+    async def delete_template(request: Request, team: Row) -> Response:
+        # Only a team's snapshots: templates are the operator's (`vivarium template`).
+        await control.delete_snapshot(team, str(request.path_params["template_id"]))
+        return Response(status_code=204)
+
+    async def fork(request: Request, team: Row) -> Response:
+        count, timeout = shapes.fork_request(await json_body(request), default_timeout)
+        results = await control.fork(team, sid(request), count, timeout)
+        body = [{"error": r.to_json()} if isinstance(r, VivariumError)
+                else {"sandbox": shapes.sandbox(r, control.envd_token(r), client_id)}
+                for r in results]  # fmt: skip
+        return JSONResponse(body, 201)
+
     async def metrics(request: Request, team: Row) -> Response:
         start, end = shapes.time_range(request.query_params)
         sample = shapes.metric(await control.metrics(team, sid(request)))
@@ -204,7 +232,11 @@ def create_app(control: ControlPlane) -> Starlette:
         Route(sandbox + "/metrics", authed(metrics), methods=["GET"]),
         Route(sandbox + "/logs", authed(logs), methods=["GET"]),
         Route("/v2" + sandbox + "/logs", authed(logs), methods=["GET"]),
+        Route(sandbox + "/snapshots", authed(create_snapshot), methods=["POST"]),
+        Route(sandbox + "/fork", authed(fork), methods=["POST"]),
+        Route("/snapshots", authed(list_snapshots), methods=["GET"]),
         Route("/templates", authed(templates), methods=["GET"]),
+        Route("/templates/{template_id}", authed(delete_template), methods=["DELETE"]),
         Route("/api-keys", authed(list_keys), methods=["GET"]),
         Route("/api-keys", authed(create_key), methods=["POST"]),
         Route("/teams", authed(create_team), methods=["POST"]),

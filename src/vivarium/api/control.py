@@ -13,29 +13,40 @@ import logging
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from vivarium.api import keys, store
 from vivarium.api.db.engine import migrate, open_engine
 from vivarium.config import Settings
-from vivarium.errors import CapacityExhausted, Conflict, InvalidArgument, NotFound
+from vivarium.errors import (
+    CapacityExhausted,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    RuntimeFailure,
+    VivariumError,
+)
 from vivarium.guest.envd import ENVD_VERSION
 from vivarium.node.node import Node
-from vivarium.node.records import new_sandbox_id
+from vivarium.node.records import SandboxRecord, new_sandbox_id
 from vivarium.node.request import CreateRequest
-from vivarium.node.snapshots import Snapshot
+from vivarium.node.snapshots import Snapshot, new_fork_key, new_snapshot_id
 from vivarium.statedir import write_private
+from vivarium.templates.store import validate_name
 
 log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 DISK_MB = 0  # the root filesystem lives in the sandbox's memory (overlay), not on a disk
 MIN_REFRESH_S = 15
+T = TypeVar("T")
+MAX_FORKS = 20  # children of one fork, as E2B's client allows
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,7 @@ class NewSandbox:
     metadata: dict[str, str] = field(default_factory=dict)
     env_vars: dict[str, str] = field(default_factory=dict)
     auto_pause: bool = False
+    auto_resume: bool = False
     allow_internet: bool = True
     secure: bool = True
 
@@ -61,6 +73,8 @@ class ControlPlane:
         self._team_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         # Pause, resume and kill of one sandbox happen one at a time.
         self._sandbox_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Two snapshots taken under one new name at once would both make it.
+        self._snapshot_names: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task[None]] = set()
         self._retention: asyncio.Task[None] | None = None
 
@@ -92,7 +106,7 @@ class ControlPlane:
         await store.team_for_key(self.engine, keys.new_key())
         await store.get_sandbox(self.engine, "")
         await store.team_sandboxes(self.engine, "", ["running"])
-        await store.reserve_sandbox(self.engine, ghost, {})  # refused: limit 0
+        await store.reserve_sandboxes(self.engine, ghost, [{}])  # refused: limit 0
         await store.update_sandbox(self.engine, "", state="running")
         await store.end_sandbox(self.engine, "", "warm-up")
 
@@ -118,6 +132,12 @@ class ControlPlane:
                 await store.transition(self.engine, row["id"], [row["state"]], "paused")
             else:
                 await store.end_sandbox(self.engine, row["id"], "not running after restart")
+        # A crash between sealing a team's snapshot and recording it leaves files nobody owns.
+        wanted = await store.node_team_snapshot_builds(self.engine, self.node_id)
+        for key in self.node.snapshots.team_snapshot_keys():
+            if key not in wanted:
+                log.info("removing snapshot %s: no team owns it", key)
+                self.node.delete_snapshot(key)
 
     async def _expire_snapshots(self) -> None:
         """Retention: delete paused sandboxes whose snapshot is older than the maximum age."""
@@ -182,39 +202,65 @@ class ControlPlane:
     # -- sandboxes -----------------------------------------------------------------------------
 
     async def create(self, team: Row, new: NewSandbox) -> Row:
+        """A sandbox from a template, or from one of the team's snapshots when `new.template`
+        names one (by id or name), as E2B's `Sandbox.create(snapshot_id)`."""
         self._check_timeout(new.timeout_s)
+        saved = await store.team_snapshot(self.engine, team["id"], new.template)
+        if saved is not None:
+            row = self._new_row(team, new, saved["template_id"], "")
+            await self._reserve(team, [row])
+            build = saved["build_key"]
+            started = await self._start(row, new, partial(self.node.create_from_snapshot,
+                                                          key=build))  # fmt: skip
+            if await store.team_snapshot(self.engine, team["id"], saved["id"]) != saved:
+                # Deleted or taken again while this create read it (the node fetched it anew,
+                # maybe from the remote store): nobody else will.
+                self.node.delete_snapshot(build)
+            return started
         template = self.node.templates.get(new.template)  # NotFound for unknown templates
-        sandbox_id = new_sandbox_id()
+        row = self._new_row(team, new, template.name, template.build_id)
+        await self._reserve(team, [row])
+        return await self._start(row, new, self.node.create)
+
+    def _new_row(self, team: Row, new: NewSandbox, template_id: str, build_id: str) -> Row:
         now = time.time()
-        row: Row = {
-            "id": sandbox_id, "team_id": team["id"], "template_id": template.name,
-            "build_id": template.build_id, "node_id": self.node_id, "state": "starting",
+        return {
+            "id": new_sandbox_id(), "team_id": team["id"], "template_id": template_id,
+            "build_id": build_id, "node_id": self.node_id, "state": "starting",
             "metadata": new.metadata, "cpu_count": self.default_cpu_count,
             "memory_mb": self.settings.default_memory_mb, "disk_mb": DISK_MB,
-            "auto_pause": new.auto_pause, "allow_internet": new.allow_internet,
+            "auto_pause": new.auto_pause, "auto_resume": new.auto_resume,
+            "allow_internet": new.allow_internet,
             "secure": new.secure, "envd_version": ENVD_VERSION, "started_at": now,
             "end_at": now + new.timeout_s, "created_at": now, "ended_at": None,
             "end_reason": None,
         }  # fmt: skip
+
+    async def _reserve(self, team: Row, rows: list[Row]) -> None:
         async with self._team_locks[team["id"]]:
-            if not await store.reserve_sandbox(self.engine, team, row):
+            if not await store.reserve_sandboxes(self.engine, team, rows):
                 raise _limit_reached(team)
+
+    async def _start(
+        self, row: Row, new: NewSandbox, start: Callable[[CreateRequest], Awaitable[SandboxRecord]]
+    ) -> Row:
+        """Start the reserved sandbox `row` on the node; its row ends if that fails."""
         request = CreateRequest(
-            template=template.name, sandbox_id=sandbox_id, access_token=self.envd_token(row),
+            template=row["template_id"], sandbox_id=row["id"], access_token=self.envd_token(row),
             timeout_s=new.timeout_s, metadata=new.metadata, env_vars=new.env_vars,
             allow_internet=new.allow_internet, on_timeout="pause" if new.auto_pause else "kill",
         )  # fmt: skip
         try:
-            record = await self.node.create(request)
+            record = await start(request)
         except BaseException as exc:
-            await store.end_sandbox(self.engine, sandbox_id, f"create failed: {exc}")
+            await store.end_sandbox(self.engine, row["id"], f"create failed: {exc}")
             raise
         # The clock starts when the sandbox is ready, as in E2B: start time is not charged.
         started = time.time()
         values = {"state": "running", "started_at": started, "end_at": record.end_at,
-                  "cpu_count": max(1, round(record.cpus)),
+                  "build_id": record.build_id, "cpu_count": max(1, round(record.cpus)),
                   "memory_mb": record.memory_mb}  # fmt: skip
-        await store.update_sandbox(self.engine, sandbox_id, **values)
+        await store.update_sandbox(self.engine, row["id"], **values)
         return {**row, **values}
 
     async def get(self, team: Row, sandbox_id: str, *, live: bool = True) -> Row:
@@ -289,6 +335,20 @@ class ControlPlane:
                 raise Conflict(f"sandbox {sandbox_id!r} is {row['state']}", "retry in a moment")
         return await self.set_timeout(team, sandbox_id, timeout_s, extend_only=True), False
 
+    async def wake(self, sandbox_id: str) -> bool:
+        """Auto-resume, for the proxy: traffic for a paused sandbox made with `autoResume`
+        resumes it, as E2B's proxy does. False if it is not such a sandbox; the resume's own
+        error (a team at its limit, a kill that came first) if it could not be resumed."""
+        row = await store.get_sandbox(self.engine, sandbox_id)
+        if row is None or not row["auto_resume"] or row["state"] == "killed":
+            return False
+        team = await store.get_team(self.engine, row["team_id"])
+        if team is None:
+            return False
+        await self.connect(team, sandbox_id, self.settings.default_timeout_s)
+        log.info("sandbox %s resumed by traffic", sandbox_id)
+        return True
+
     async def _resume(self, team: Row, row: Row, timeout_s: int) -> Row:
         sandbox_id = row["id"]
         async with self._team_locks[team["id"]]:
@@ -305,6 +365,100 @@ class ControlPlane:
         values = {"started_at": time.time(), "end_at": record.end_at}
         await store.transition(self.engine, sandbox_id, ["starting"], "running", **values)
         return {**row, **values, "state": "running"}
+
+    # -- snapshots and forks -------------------------------------------------------------------
+
+    async def create_snapshot(self, team: Row, sandbox_id: str, name: str | None) -> Row:
+        """Save the running sandbox as one of the team's snapshots; it keeps running. A name
+        already taken by one of the team's snapshots gives that snapshot the new contents."""
+        if name is not None:
+            validate_name(name)
+            if name in self.node.templates.names():
+                raise InvalidArgument(f"{name!r} is a template's name",
+                                      "give the snapshot another name")  # fmt: skip
+        await self._running(team, sandbox_id)
+        naming = self._snapshot_names[(team["id"], name)] if name else contextlib.nullcontext()
+        async with self._sandbox_locks[sandbox_id], naming:
+            row = await self._running(team, sandbox_id)
+            taken = await store.team_snapshot(self.engine, team["id"], name) if name else None
+            if taken is not None and taken["name"] != name:
+                raise InvalidArgument(f"{name!r} is the id of another snapshot",
+                                      "give the snapshot another name")  # fmt: skip
+            build = new_snapshot_id()
+            snapshot = await self._on_node(team, sandbox_id, self.node.snapshot(sandbox_id, build))
+            saved: Row = {
+                "id": taken["id"] if taken else new_snapshot_id(), "team_id": team["id"],
+                "name": name, "build_key": build, "sandbox_id": sandbox_id,
+                "template_id": row["template_id"], "node_id": self.node_id,
+                "size_bytes": snapshot.size, "created_at": snapshot.manifest["created_at"],
+            }  # fmt: skip
+            try:
+                await store.save_team_snapshot(self.engine, saved)
+            except BaseException:
+                self.node.delete_snapshot(build)
+                raise
+        if taken is not None:  # its previous build, once the creates reading it are done
+            self.node.delete_snapshot(taken["build_key"])
+        return saved
+
+    async def _on_node(self, team: Row, sandbox_id: str, work: Awaitable[T]) -> T:
+        """Work on a sandbox the catalog says runs: if the node no longer has it, it is being
+        paused at its timeout (409) or has ended (404)."""
+        try:
+            return await work
+        except NotFound:
+            await self.get(team, sandbox_id)
+            raise Conflict(f"sandbox {sandbox_id!r} is being paused or stopped",
+                           "retry in a moment") from None  # fmt: skip
+
+    async def list_snapshots(
+        self, team: Row, sandbox_id: str | None, name: str | None
+    ) -> list[Row]:
+        rows = await store.list_team_snapshots(self.engine, team["id"])
+        return [r for r in rows if (sandbox_id is None or r["sandbox_id"] == sandbox_id)
+                and (name is None or name in (r["id"], r["name"]))]  # fmt: skip
+
+    async def delete_snapshot(self, team: Row, snapshot_id: str) -> None:
+        """Sandboxes already starting from it still start; new creates no longer find it."""
+        row = await store.team_snapshot(self.engine, team["id"], snapshot_id)
+        if row is None or not await store.drop_team_snapshot(self.engine, row["id"]):
+            raise NotFound(f"snapshot {snapshot_id!r} was not found")
+        self.node.delete_snapshot(row["build_key"])
+
+    async def fork(self, team: Row, sandbox_id: str, count: int,
+                   timeout_s: int) -> list[Row | VivariumError]:  # fmt: skip
+        """`count` new sandboxes, each with the running sandbox's memory, processes and files,
+        from one snapshot of it; it keeps running. All are reserved first (the team's limit
+        refuses the whole fork, nothing half-made); each child then starts or fails alone."""
+        self._check_timeout(timeout_s)
+        if not 1 <= count <= MAX_FORKS:
+            raise InvalidArgument(f"count must be 1..{MAX_FORKS}, not {count}")
+        parent = await self._running(team, sandbox_id)
+        new = NewSandbox(template=parent["template_id"], timeout_s=timeout_s,
+                         metadata=parent["metadata"], auto_pause=parent["auto_pause"],
+                         auto_resume=parent["auto_resume"],
+                         allow_internet=parent["allow_internet"])  # fmt: skip
+        rows = [self._new_row(team, new, parent["template_id"], parent["build_id"])
+                for _ in range(count)]  # fmt: skip
+        await self._reserve(team, rows)
+        key = new_fork_key()
+        try:
+            async with self._sandbox_locks[sandbox_id]:
+                await self._running(team, sandbox_id)
+                await self._on_node(team, sandbox_id,
+                                    self.node.snapshot(sandbox_id, key, remote=False))  # fmt: skip
+        except BaseException as exc:
+            for row in rows:
+                await store.end_sandbox(self.engine, row["id"], f"fork failed: {exc}")
+            raise
+        try:
+            start = partial(self.node.create_from_snapshot, key=key)
+            started = await asyncio.gather(*(self._start(row, new, start) for row in rows),
+                                           return_exceptions=True)  # fmt: skip
+        finally:
+            self.node.delete_snapshot(key)
+        return [r if isinstance(r, (dict, VivariumError))
+                else RuntimeFailure(f"the fork did not start: {r}") for r in started]  # fmt: skip
 
     async def refresh(self, team: Row, sandbox_id: str, duration_s: int) -> None:
         await self.set_timeout(team, sandbox_id, max(duration_s, MIN_REFRESH_S), extend_only=True)

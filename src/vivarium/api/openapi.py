@@ -24,6 +24,7 @@ NEW_SANDBOX: Schema = {
         "templateID": {"type": "string"},
         "timeout": {"type": "integer"},
         "autoPause": {"type": "boolean"},
+        "autoResume": {"type": "object", "properties": {"enabled": {"type": "boolean"}}},
         "allow_internet_access": {"type": "boolean"},
         "secure": {"type": "boolean"},
         "metadata": STR_MAP,
@@ -53,6 +54,12 @@ LISTED: Schema = {
         "state": {"type": "string", "enum": ["running", "paused"]},
         "envdVersion": {"type": "string"}, "metadata": STR_MAP, "alias": {"type": "string"},
     },
+}  # fmt: skip
+SNAPSHOT_INFO: Schema = {
+    "type": "object",
+    "required": ["snapshotID", "names"],
+    "properties": {"snapshotID": {"type": "string"},
+                   "names": {"type": "array", "items": {"type": "string"}}},
 }  # fmt: skip
 ID = {"name": "sandbox_id", "in": "path", "required": True, "schema": {"type": "string"}}
 TIME_RANGE = [
@@ -135,7 +142,31 @@ def document() -> Schema:
                                        errors=(404, 409))},
         "/v2" + sandbox + "/logs": {"get": _op("logs (v2)", {"200": {"description": "logs"}},
                                                params=[ID], errors=(404, 409))},
+        sandbox + "/snapshots": {"post": _op(
+            "snapshot (the sandbox keeps running)",
+            {"201": {"description": "the snapshot", **_json(SNAPSHOT_INFO)}}, params=[ID],
+            body={"type": "object", "properties": {"name": {"type": "string"},
+                                                   "memory": {"type": "boolean"}}},
+            errors=(404, 409, 422, 429))},
+        sandbox + "/fork": {"post": _op(
+            "fork: new sandboxes from one snapshot",
+            {"201": {"description": "a sandbox or an error per child", **_json(
+                {"type": "array", "items": {"type": "object", "properties": {
+                    "sandbox": SANDBOX, "error": ERROR}}})}},
+            params=[ID], errors=(404, 409, 422, 429),
+            body={"type": "object", "properties": {"count": {"type": "integer"},
+                                                   "timeout": {"type": "integer"}}})},
+        "/snapshots": {"get": _op(
+            "list snapshots", {"200": {"description": "snapshots", **_json(
+                {"type": "array", "items": SNAPSHOT_INFO})}},
+            params=[{"name": n, "in": "query", "schema": {"type": t}} for n, t in
+                    (("sandboxID", "string"), ("name", "string"), ("limit", "integer"),
+                     ("nextToken", "string"))], errors=())},
         "/templates": {"get": _op("templates", {"200": {"description": "templates"}}, errors=())},
+        "/templates/{template_id}": {"delete": _op(
+            "delete a snapshot (templates are the operator's)", _no_content(),
+            params=[{"name": "template_id", "in": "path", "required": True,
+                     "schema": {"type": "string"}}])},
         "/api-keys": {
             "get": _op("list keys", {"200": {"description": "keys"}}, errors=()),
             "post": _op("create a key", {"201": {"description": "the key, shown once"}},

@@ -1,5 +1,6 @@
 """E2B's JSON shapes: request bodies in (validated, with errors that name the field) and
-catalog rows out (`Sandbox`, `SandboxDetail`, `ListedSandbox`, `SandboxMetric`)."""
+catalog rows out (`Sandbox`, `SandboxDetail`, `ListedSandbox`, `SnapshotInfo`,
+`SandboxMetric`)."""
 
 from __future__ import annotations
 
@@ -53,19 +54,44 @@ def new_sandbox(data: dict[str, Any], default_timeout: int, *, v1: bool) -> NewS
         _unsupported(network, key, f"network.{key}")
     if network.get("allowPublicTraffic") is False:
         raise InvalidArgument("network.allowPublicTraffic=false is not supported yet")
-    auto_resume = typed(data, "autoResume", dict, {})
-    if typed(auto_resume, "enabled", bool, False):
-        raise InvalidArgument("autoResume is not supported yet")
+    auto_pause = typed(data, "autoPause", bool, False)
+    auto_resume = typed(typed(data, "autoResume", dict, {}), "enabled", bool, False)
+    if auto_resume and not auto_pause:
+        raise InvalidArgument("autoResume needs autoPause: only a sandbox that pauses at its "
+                              "timeout can be resumed by traffic")  # fmt: skip
     return NewSandbox(
         template=template,
         timeout_s=timeout,
         metadata=metadata,
         env_vars=str_map(data, "envVars"),
-        auto_pause=typed(data, "autoPause", bool, False),
+        auto_pause=auto_pause,
+        auto_resume=auto_resume,
         allow_internet=typed(data, "allow_internet_access", bool, True),
         # v2 sandboxes always secure envd; v1 clients could opt out.
         secure=typed(data, "secure", bool, True) if v1 else True,
     )
+
+
+class FilesystemSnapshotsUnsupported(InvalidArgument):
+    """E2B's answer when filesystem-only snapshots are off: its client names the code."""
+
+    code = "snapshot_filesystem_only_disabled"
+
+
+def snapshot_request(data: dict[str, Any]) -> str | None:
+    """The name of a new snapshot (`SandboxSnapshotRequest`), or None."""
+    if not typed(data, "memory", bool, True):
+        raise FilesystemSnapshotsUnsupported(
+            "filesystem-only snapshots are not supported by this server yet",
+            "take a full snapshot (the default mode): it keeps the files too",
+        )
+    name = typed(data, "name", str)
+    return name or None
+
+
+def fork_request(data: dict[str, Any], default_timeout: int) -> tuple[int, int]:
+    """(count, timeout) of `SandboxForkRequest`."""
+    return typed(data, "count", int, 1), typed(data, "timeout", int, default_timeout)
 
 
 def _unsupported(data: dict[str, Any], key: str, what: str) -> None:
@@ -104,24 +130,25 @@ def time_range(params: Any) -> tuple[int | None, int | None]:
 
 
 def page(
-    rows: list[Row], limit: int, token: str | None, *, ascending: bool = False
-) -> tuple[list[Row], str | None]:
-    """Keyset paging by start time (newest first unless `ascending`), then id: the token names
-    the last row returned."""
+    rows: list[Row], limit: int, token: str | None, *, ascending: bool = False,
+    by: str = "started_at",
+) -> tuple[list[Row], str | None]:  # fmt: skip
+    """Keyset paging by a time (`by`: newest first unless `ascending`), then id: the token
+    names the last row returned."""
     sign = 1 if ascending else -1
-    rows = sorted(rows, key=lambda r: (sign * r["started_at"], r["id"]))
+    rows = sorted(rows, key=lambda r: (sign * r[by], r["id"]))
     if token:
         try:
             started, _, last_id = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
             cursor = (sign * float(started), last_id)
         except (ValueError, binascii.Error, UnicodeDecodeError):
             raise InvalidArgument("nextToken is not valid: pass the x-next-token you got") from None
-        rows = [r for r in rows if (sign * r["started_at"], r["id"]) > cursor]
+        rows = [r for r in rows if (sign * r[by], r["id"]) > cursor]
     chunk = rows[:limit]
     if len(rows) <= limit:
         return chunk, None
     last = chunk[-1]
-    return chunk, base64.urlsafe_b64encode(f"{last['started_at']!r}|{last['id']}".encode()).decode()
+    return chunk, base64.urlsafe_b64encode(f"{last[by]!r}|{last['id']}".encode()).decode()
 
 
 def matches(row: Row, metadata: dict[str, str]) -> bool:
@@ -151,8 +178,13 @@ def detail(row: Row, token: str | None, client_id: str) -> Row:
     """`SandboxDetail`."""
     return {**listed(row, client_id), "envdAccessToken": token, "domain": None,
             "allowInternetAccess": row["allow_internet"],
-            "lifecycle": {"autoResume": False,
+            "lifecycle": {"autoResume": row["auto_resume"],
                           "onTimeout": "pause" if row["auto_pause"] else "kill"}}  # fmt: skip
+
+
+def snapshot_info(row: Row) -> Row:
+    """`SnapshotInfo`: what create_snapshot and list_snapshots answer."""
+    return {"snapshotID": row["id"], "names": [row["name"]] if row["name"] else []}
 
 
 def metric(data: dict[str, Any]) -> Row:

@@ -11,7 +11,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from vivarium.api import keys
-from vivarium.api.db.schema import api_keys, sandboxes, snapshots, teams
+from vivarium.api.db.schema import api_keys, sandboxes, snapshots, team_snapshots, teams
 
 Row = dict[str, Any]
 LIVE = ("starting", "running")  # counted against a team's concurrency limit
@@ -37,6 +37,11 @@ async def create_team(engine: AsyncEngine, name: str, max_sandboxes: int,
     async with engine.begin() as conn:
         await conn.execute(insert(teams).values(**row))
     return row
+
+
+async def get_team(engine: AsyncEngine, team_id: str) -> Row | None:
+    async with engine.connect() as conn:
+        return _row(await conn.execute(select(teams).where(teams.c.id == team_id)))
 
 
 async def team_by_name(engine: AsyncEngine, name: str) -> Row | None:
@@ -74,20 +79,21 @@ async def team_for_key(engine: AsyncEngine, key: str) -> Row | None:
 # -- sandboxes -----------------------------------------------------------------------------
 
 
-async def reserve_sandbox(engine: AsyncEngine, team: Row, row: Row) -> bool:
-    """Insert a `starting` row unless the team already runs its maximum."""
+async def reserve_sandboxes(engine: AsyncEngine, team: Row, rows: list[Row]) -> bool:
+    """Insert `starting` rows, all or none: none if the team would run more than its maximum."""
     async with engine.begin() as conn:
-        if not await _has_room(conn, team):
+        if not await _has_room(conn, team, len(rows)):
             return False
-        await conn.execute(insert(sandboxes).values(**row))
+        for row in rows:
+            await conn.execute(insert(sandboxes).values(**row))
     return True
 
 
-async def _has_room(conn: AsyncConnection, team: Row) -> bool:
-    """Whether the team may start one more sandbox. The team row is locked for the rest of the
+async def _has_room(conn: AsyncConnection, team: Row, more: int = 1) -> bool:
+    """Whether the team may start `more` sandboxes. The team row is locked for the rest of the
     transaction (PostgreSQL), so concurrent starts cannot both slip under the limit."""
     await conn.execute(select(teams.c.id).where(teams.c.id == team["id"]).with_for_update())
-    return await _live_count(conn, team["id"]) < int(team["max_sandboxes"])
+    return await _live_count(conn, team["id"]) + more <= int(team["max_sandboxes"])
 
 
 async def _live_count(conn: AsyncConnection, team_id: str) -> int:
@@ -186,3 +192,42 @@ async def snapshots_older_than(engine: AsyncEngine, node_id: str, cutoff: float)
     )  # fmt: skip
     async with engine.connect() as conn:
         return [str(r) for r in (await conn.execute(query)).scalars()]
+
+
+# -- a team's snapshots ----------------------------------------------------------------------
+
+
+async def save_team_snapshot(engine: AsyncEngine, row: Row) -> None:
+    """Insert it, or replace the row of the same id (a snapshot taken again under its name)."""
+    async with engine.begin() as conn:
+        await conn.execute(delete(team_snapshots).where(team_snapshots.c.id == row["id"]))
+        await conn.execute(insert(team_snapshots).values(**row))
+
+
+async def team_snapshot(engine: AsyncEngine, team_id: str, id_or_name: str) -> Row | None:
+    query = select(team_snapshots).where(
+        team_snapshots.c.team_id == team_id,
+        (team_snapshots.c.id == id_or_name) | (team_snapshots.c.name == id_or_name),
+    )
+    async with engine.connect() as conn:
+        return _row(await conn.execute(query))
+
+
+async def list_team_snapshots(engine: AsyncEngine, team_id: str) -> list[Row]:
+    query = select(team_snapshots).where(team_snapshots.c.team_id == team_id)
+    async with engine.connect() as conn:
+        return [dict(r) for r in (await conn.execute(query)).mappings()]
+
+
+async def node_team_snapshot_builds(engine: AsyncEngine, node_id: str) -> set[str]:
+    query = select(team_snapshots.c.build_key).where(team_snapshots.c.node_id == node_id)
+    async with engine.connect() as conn:
+        return {str(r) for r in (await conn.execute(query)).scalars()}
+
+
+async def drop_team_snapshot(engine: AsyncEngine, snapshot_id: str) -> bool:
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            delete(team_snapshots).where(team_snapshots.c.id == snapshot_id)
+        )
+    return bool(result.rowcount)

@@ -215,5 +215,11 @@ class SlotPool:
             await destroy_slot(slot.prefix, slot.index)
 
     @property
+    def has_room(self) -> bool:
+        """Whether acquire() can hand out a slot now, without waiting for a release."""
+        taken = len(self._used) + len(self._free) + len(self._creating)
+        return bool(self._free) or taken < self.limit
+
+    @property
     def in_use(self) -> int:
         return len(self._used)

@@ -2,7 +2,8 @@
 template checkpoints, timeouts). It is the only component that changes the host.
 
 This module owns the node's state and the life of a sandbox (create, kill, exec); the rest is
-split by concept: pause.py (pause and resume), reaper.py (timeouts and containers that died),
+split by concept: pause.py (pause and resume), team_snapshots.py (snapshots of running
+sandboxes, and sandboxes started from them), reaper.py (timeouts and containers that died),
 reconcile.py (what a start finds), guards.py (memory guards), request.py (what a create asks).
 """
 
@@ -11,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +49,9 @@ from vivarium.node.records import (
     valid_sandbox_id,
 )
 from vivarium.node.request import ON_TIMEOUT, CreateRequest
-from vivarium.node.snapshots import Snapshot, SnapshotStore, remote_store
+from vivarium.node.snapshots import FORK_PREFIX, Snapshot, SnapshotStore, remote_store
 from vivarium.node.steps import Steps
+from vivarium.node.team_snapshots import snapshot_sandbox, start_from_snapshot
 from vivarium.node.warm import WarmPool
 from vivarium.proc import Result
 from vivarium.runtime import cgroups, disk
@@ -82,6 +85,9 @@ class Node:
             remote_store(settings.snapshot_url, settings.s3_endpoint_url),
         )
         self._remote_deletes: set[asyncio.Task[None]] = set()
+        # Snapshots sandboxes are being started from: deleting one waits until they are.
+        self._snapshot_users: Counter[str] = Counter()
+        self._deleted_in_use: set[str] = set()
         self.pool = SlotPool(
             settings.slot_prefix, settings.slot_cidr, settings.egress_allow,
             settings.slot_prewarm, settings.max_sandboxes,
@@ -225,12 +231,8 @@ class Node:
                 log.warning("a warm sandbox of %r failed its /init (%s); restoring one",
                             template.name, exc)  # fmt: skip
         steps = Steps(f"create from {template.name!r}")
-        async with self.start_slot():
-            steps.done("waiting for a start slot")
-            return await self.restore(
-                req, template.name, template.build_id, template.spec, template.checkpoint,
-                resources, timeout_s, steps,
-            )  # fmt: skip
+        return await self.restore_in_turn(req, template, template.checkpoint, resources,
+                                          timeout_s, steps)  # fmt: skip
 
     async def _claim(
         self, warm: Launched, req: CreateRequest, template: Template, timeout_s: int
@@ -302,6 +304,21 @@ class Node:
         s = self.settings
         disk_mb = int(template.manifest.get("disk_mb") or s.default_disk_mb)
         return Resources(s.default_memory_mb, s.default_cpus, s.default_pids, disk_mb)
+
+    async def restore_in_turn(
+        self, req: CreateRequest, template: Template, image: Path, resources: Resources,
+        timeout_s: int, steps: Steps, *, again: bool = False,
+    ) -> SandboxRecord:  # fmt: skip
+        """restore() on the template's build once a start slot is free (creates, resumes and
+        starts from snapshots alike). `again`: a new incarnation of a sandbox that keeps its
+        place on the node (after a snapshot), restored at once, ahead of any queue."""
+        if again:
+            return await self.restore(req, template.name, template.build_id, template.spec,
+                                      image, resources, timeout_s, steps)  # fmt: skip
+        async with self.start_slot():
+            steps.done("waiting for a start slot")
+            return await self.restore(req, template.name, template.build_id, template.spec,
+                                      image, resources, timeout_s, steps)  # fmt: skip
 
     async def restore(
         self, req: CreateRequest, template: str, build_id: str, spec: dict[str, Any],
@@ -424,16 +441,26 @@ class Node:
         every process takes milliseconds. Removing the record first is crash-safe: a container
         or slot without a record is cleaned up by the next start.
         """
+        await self.stop_incarnation(record)
+        self.forget(record)
+
+    async def stop_incarnation(self, record: SandboxRecord) -> asyncio.Task[None]:
+        """Stop the sandbox's container and tear it down in the background (the returned
+        task); the sandbox stays the node's, for a new incarnation to replace (pause.py)."""
         self.guards.disarm(record.container_id)
         await self.rt().kill(record.container_id)
-        self.sandboxes.pop(record.sandbox_id, None)
-        self.tell_destroyed(record.sandbox_id)
-        self._locks.pop(record.sandbox_id, None)
         directory = self.records.container_dir(record.container_id)
         (directory / "record.json").unlink(missing_ok=True)
         task = asyncio.create_task(self._finish_destroy(record, directory))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
+        return task
+
+    def forget(self, record: SandboxRecord) -> None:
+        """The sandbox is no longer the node's (its container is stopped)."""
+        self.sandboxes.pop(record.sandbox_id, None)
+        self.tell_destroyed(record.sandbox_id)
+        self._locks.pop(record.sandbox_id, None)
 
     async def _finish_destroy(self, record: SandboxRecord, directory: Path) -> None:
         try:
@@ -459,14 +486,41 @@ class Node:
     async def resume(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
         return await resume_sandbox(self, sandbox_id, timeout_s)
 
-    def delete_snapshot(self, sandbox_id: str) -> None:
-        """The local copy now; the remote one (if any) in the background: a kill does not wait
-        for the store, and one that is down only leaves objects nothing reads again."""
-        self.snapshots.delete_local(sandbox_id)
-        if self.snapshots.remote is not None:
-            task = asyncio.create_task(asyncio.to_thread(self.snapshots.delete_remote, sandbox_id))
+    def delete_snapshot(self, key: str) -> None:
+        """The local copy now (or once the sandboxes starting from it have started); the remote
+        one (if any) in the background: a kill does not wait for the store, and one that is
+        down only leaves objects nothing reads again."""
+        if self._snapshot_users[key]:
+            self._deleted_in_use.add(key)
+            return
+        self.snapshots.delete_local(key)
+        if self.snapshots.remote is not None and not key.startswith(FORK_PREFIX):  # local only
+            task = asyncio.create_task(asyncio.to_thread(self.snapshots.delete_remote, key))
             self._remote_deletes.add(task)
             task.add_done_callback(self._remote_deletes.discard)
+
+    @contextmanager
+    def snapshot_in_use(self, key: str) -> Iterator[None]:
+        self._snapshot_users[key] += 1
+        try:
+            yield
+        finally:
+            self._snapshot_users[key] -= 1
+            if not self._snapshot_users[key]:
+                del self._snapshot_users[key]
+                if key in self._deleted_in_use:
+                    self._deleted_in_use.discard(key)
+                    self.delete_snapshot(key)
+
+    # -- snapshots of running sandboxes (team_snapshots.py) ----------------------------------
+
+    async def snapshot(self, sandbox_id: str, key: str, *, remote: bool = True) -> Snapshot:
+        """Save the running sandbox (memory, processes, files) as the snapshot `key`; it keeps
+        running, stopped only for the checkpoint."""
+        return await snapshot_sandbox(self, sandbox_id, key, remote=remote)
+
+    async def create_from_snapshot(self, req: CreateRequest, key: str) -> SandboxRecord:
+        return await start_from_snapshot(self, req, key)
 
     async def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
         async with self.locked(sandbox_id) as record:

@@ -1,5 +1,6 @@
 """Pause and resume: a sandbox saved whole (memory, processes, files) into its snapshot, and
-brought back from it as a new incarnation with the same identity.
+brought back from it as a new incarnation with the same identity. `checkpoint_sandbox`, `seal`
+and `start_again` are also what a team's snapshot and a fork do (team_snapshots.py).
 
 No data is lost on any failure path: a failed pause leaves the sandbox running (thawed, or
 restored from its own checkpoint), and a failed resume leaves the snapshot as it was.
@@ -19,7 +20,7 @@ from vivarium.network import firewall, handshakes
 from vivarium.network.addressing import Slot
 from vivarium.node.records import SandboxRecord
 from vivarium.node.request import resume_request
-from vivarium.node.snapshots import Snapshot, SnapshotNotStored
+from vivarium.node.snapshots import Snapshot
 from vivarium.node.steps import Steps
 from vivarium.runtime import disk
 from vivarium.runtime.bundle import Resources
@@ -43,10 +44,30 @@ HANDSHAKE_POLL_S = 0.02
 async def pause_sandbox(node: Node, record: SandboxRecord) -> Snapshot:
     """Checkpoint the sandbox into its snapshot and free its resources; the caller holds the
     sandbox's lock. If the checkpoint fails, the sandbox keeps running unchanged."""
-    runtime = node.rt()
+    staging = await checkpoint_sandbox(node, record, record.sandbox_id, "pausing")
+    try:
+        snapshot = await seal(node, record, record.sandbox_id, staging)
+    except Exception as exc:  # the checkpoint is whole: the sandbox goes on from it
+        await _put_back(node, record, staging, exc, "pausing")
+    except BaseException:
+        await asyncio.to_thread(node.snapshots.discard, staging)
+        raise
+    await node.destroy(record)  # the checkpoint stopped it: free the slot and container
+    log.info("sandbox %s paused (%d MiB snapshot)", record.sandbox_id, snapshot.size >> 20)
+    return snapshot
+
+
+async def checkpoint_sandbox(
+    node: Node, record: SandboxRecord, key: str, doing: str, *, remote: bool = True
+) -> Path:
+    """Checkpoint the running sandbox into a new staging directory for the snapshot `key`,
+    returned whole. The checkpoint stops it: the caller (holding its lock) seals the snapshot
+    and destroys the sandbox or starts it again. If the checkpoint fails the sandbox keeps
+    running unchanged, or the error says it could not be kept."""
     sandbox_id = record.sandbox_id
     _check_snapshot_space(node, record)
-    await asyncio.to_thread(node.snapshots.check)  # the remote store, if any, is reachable
+    if remote:
+        await asyncio.to_thread(node.snapshots.check)  # the remote store, if any, is reachable
     # runsc saves what programs inside do with the network: listening servers and connections
     # inside the sandbox resume as they were; a connection over its interface is cut at the
     # save (--net-disconnect-ok), so the proxy ends its own first, cleanly. Only a connection
@@ -54,16 +75,10 @@ async def pause_sandbox(node: Node, record: SandboxRecord) -> Snapshot:
     record.state = "pausing"
     node.tell_destroyed(sandbox_id)
     slot = node.pool.range.slot(record.slot_index)
-    staging = await asyncio.to_thread(node.snapshots.staging, sandbox_id)
+    staging = await asyncio.to_thread(node.snapshots.staging, key)
     try:
         await _checkpoint(node, record, slot, staging / "checkpoint")
-        version = runtime.probe.runsc_version
-        snapshot = await asyncio.to_thread(
-            node.snapshots.commit, sandbox_id, staging, record.to_json(), version
-        )
     except BaseException as exc:
-        if isinstance(exc, SnapshotNotStored):  # sealed here, but not stored remotely
-            await _put_back(node, record, staging, exc)
         await asyncio.to_thread(node.snapshots.discard, staging)
         if await asyncio.shield(_thaw(node, record, slot)):
             record.state = "running"
@@ -71,19 +86,48 @@ async def pause_sandbox(node: Node, record: SandboxRecord) -> Snapshot:
                 hint = "; ".join(filter(None, ["it keeps running, unchanged", exc.hint]))
                 raise CannotSave(f"sandbox {sandbox_id} could not be saved: {exc.message}",
                                  hint) from None  # fmt: skip
-            raise RuntimeFailure(f"pausing sandbox {sandbox_id} failed: {exc}",
+            raise RuntimeFailure(f"{doing} sandbox {sandbox_id} failed: {exc}",
                                  "it keeps running, unchanged") from None  # fmt: skip
         if isinstance(exc, asyncio.CancelledError):
             raise
-        # The checkpoint stopped it but the snapshot could not be written (disk full?):
-        # restarting would lose what was in memory, so say exactly what happened.
-        node.record_event(record, f"pause failed after the sandbox was stopped: {exc}")
+        # The checkpoint stopped it and did not finish: what was in memory is lost.
+        node.record_event(record, f"{doing} failed after the sandbox was stopped: {exc}")
         await node.destroy(record)
         lost = "the sandbox was stopped and could not be saved"
-        raise RuntimeFailure(f"pausing sandbox {sandbox_id} failed: {exc}", lost) from None
-    await node.destroy(record)  # the checkpoint stopped it: free the slot and container
-    log.info("sandbox %s paused (%d MiB snapshot)", sandbox_id, snapshot.size >> 20)
-    return snapshot
+        raise RuntimeFailure(f"{doing} sandbox {sandbox_id} failed: {exc}", lost) from None
+    return staging
+
+
+async def seal(
+    node: Node, record: SandboxRecord, key: str, staging: Path, *, remote: bool = True
+) -> Snapshot:
+    """The checkpoint in `staging` as the snapshot `key` (snapshots.py: checksummed, fsync'ed,
+    stored remotely first if `remote` and there is a store, then renamed into place)."""
+    version = node.rt().probe.runsc_version
+    return await asyncio.to_thread(node.snapshots.commit, key, staging, record.to_json(), version,
+                                   remote=remote)  # fmt: skip
+
+
+async def start_again(node: Node, record: SandboxRecord, image: Path, doing: str) -> SandboxRecord:
+    """After a checkpoint that was not a pause: the same sandbox (id, token, end time) as a new
+    incarnation from `image`, at once; the caller holds its lock. Meanwhile the sandbox stays
+    the node's, `pausing` (the proxy holds its requests). If the restore fails it has ended,
+    and the error says so."""
+    sandbox_id = record.sandbox_id
+    teardown = await node.stop_incarnation(record)
+    if not node.pool.has_room:  # a full node: the slot it had is the one it gets again
+        await asyncio.gather(teardown, return_exceptions=True)
+    # The time it had left; at least a while, so that its caller can still reach it.
+    timeout_s = min(max(AUTO_PAUSE_RETRY_S, round(record.end_at - time.time())),
+                    node.settings.max_timeout_s)  # fmt: skip
+    try:
+        steps = Steps(f"restore of {sandbox_id} after {doing} it")
+        return await _restore_record(node, record, image, timeout_s, steps, again=True)
+    except BaseException as err:
+        node.forget(record)
+        node.record_event(record, f"{doing} stopped it, and restoring it failed: {err}")
+        lost = "the sandbox was stopped and could not be restored"
+        raise RuntimeFailure(f"{doing} sandbox {sandbox_id} failed: {err}", lost) from None
 
 
 async def resume_sandbox(node: Node, sandbox_id: str, timeout_s: int) -> SandboxRecord:
@@ -104,24 +148,21 @@ async def resume_sandbox(node: Node, sandbox_id: str, timeout_s: int) -> Sandbox
                                            runtime.probe.runsc_version)  # fmt: skip
         record = SandboxRecord.from_json(snapshot.record)
         steps.done("snapshot loaded")
-        async with node.start_slot():
-            steps.done("waiting for a start slot")
-            restored = await _restore_record(node, record, snapshot.checkpoint, timeout_s, steps)
+        restored = await _restore_record(node, record, snapshot.checkpoint, timeout_s, steps)
     log.info("sandbox %s resumed", sandbox_id)
     return restored
 
 
 async def _restore_record(
-    node: Node, record: SandboxRecord, image: Path, timeout_s: int, steps: Steps
-) -> SandboxRecord:
+    node: Node, record: SandboxRecord, image: Path, timeout_s: int, steps: Steps,
+    *, again: bool = False,
+) -> SandboxRecord:  # fmt: skip
     """A new incarnation of a sandbox from a checkpoint of it, on the template build it was
-    created from; the caller holds a start slot."""
+    created from, once a start slot is free (or at once: Node.restore_in_turn)."""
     template = node.templates.build(record.template, record.build_id)
     resources = Resources(record.memory_mb, record.cpus, record.pids, record.disk_mb)
-    return await node.restore(
-        resume_request(record), record.template, record.build_id, template.spec, image,
-        resources, timeout_s, steps,
-    )  # fmt: skip
+    return await node.restore_in_turn(resume_request(record), template, image, resources,
+                                      timeout_s, steps, again=again)  # fmt: skip
 
 
 async def _checkpoint(node: Node, record: SandboxRecord, slot: Slot, image: Path) -> None:
@@ -143,27 +184,23 @@ async def _checkpoint(node: Node, record: SandboxRecord, slot: Slot, image: Path
     await runtime.checkpoint(record.container_id, image)
 
 
-async def _put_back(node: Node, record: SandboxRecord, staging: Path, exc: Exception) -> NoReturn:
-    """The checkpoint stopped the sandbox and is whole in `staging`, but the remote store
-    refused it: restore the sandbox from it, so that the pause fails with the sandbox running
-    as before (same id, memory, files), and no snapshot is kept anywhere."""
-    sandbox_id = record.sandbox_id
-    await node.destroy(record)
+async def _put_back(
+    node: Node, record: SandboxRecord, staging: Path, exc: Exception, doing: str
+) -> NoReturn:
+    """The checkpoint stopped the sandbox and is whole in `staging`, but sealing it failed (the
+    remote store refused it, the disk filled): restore the sandbox from it, so that the pause
+    fails with the sandbox running as before (same id, memory, files), and no snapshot is kept
+    anywhere."""
     try:
-        # The time it had left; an auto-pause that failed is retried after a while.
-        timeout_s = max(AUTO_PAUSE_RETRY_S, round(record.end_at - time.time()))
-        async with node.start_slot():
-            steps = Steps(f"restore of {sandbox_id} after a failed pause")
-            await _restore_record(node, record, staging / "checkpoint",
-                                  min(timeout_s, node.settings.max_timeout_s), steps)  # fmt: skip
-    except BaseException as err:
-        node.record_event(record, f"pause failed ({exc}) and restoring the sandbox failed: {err}")
-        lost = "the sandbox was stopped and could not be restored"
-        raise RuntimeFailure(f"pausing sandbox {sandbox_id} failed: {exc}", lost) from None
+        await start_again(node, record, staging / "checkpoint", doing)
+    except RuntimeFailure as err:
+        raise RuntimeFailure(f"{doing} sandbox {record.sandbox_id} failed: {exc}",
+                             err.hint) from None  # fmt: skip
     finally:
         await asyncio.to_thread(node.snapshots.discard, staging)
-    log.warning("pause of %s failed (%s); it was restored and keeps running", sandbox_id, exc)
-    raise RuntimeFailure(f"pausing sandbox {sandbox_id} failed: {exc}",
+    log.warning("%s %s failed (%s); it was restored and keeps running", doing,
+                record.sandbox_id, exc)  # fmt: skip
+    raise RuntimeFailure(f"{doing} sandbox {record.sandbox_id} failed: {exc}",
                          "it keeps running, restored from its checkpoint; no snapshot was "
                          "kept") from None  # fmt: skip
 

@@ -78,6 +78,8 @@ class Reaper:
         if record.on_timeout == "pause":
             try:
                 async with node.locked(record.sandbox_id) as current:
+                    if current.end_at > time.time():  # given more time meanwhile (a snapshot)
+                        return
                     log.info("sandbox %s timed out; pausing it", record.sandbox_id)
                     snapshot = await pause_sandbox(node, current)
             except NotFound:

@@ -1,6 +1,10 @@
-"""Snapshots of paused sandboxes on the node's disk: `<state>/snapshots/<sandbox id>/` holding
-`checkpoint/` (runsc's image: memory, processes and the in-memory root filesystem changes) and
-`manifest.json` (the sandbox's record, the checkpoint's checksum and size, the runsc version).
+"""Snapshots on the node's disk: `<state>/snapshots/<key>/` holding `checkpoint/` (runsc's
+image: memory, processes and the root filesystem's changes) and `manifest.json` (the sandbox's
+record, the checkpoint's checksum and size, the runsc version).
+
+The key is a paused sandbox's id (its one snapshot, replaced by each pause), a team's snapshot's
+id (`new_snapshot_id`, started from by creates), or a fork's (`new_fork_key`, kept only while
+its children start). They never collide: sandbox ids start with `i`, team snapshots' with `s`.
 
 Writes are atomic: a snapshot is assembled under a temporary name, fsync'ed, checksummed and
 only then renamed into place, so a crash or a full disk never leaves a half snapshot that looks
@@ -25,9 +29,24 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vivarium.errors import Conflict, HostNotReady, NotFound, RuntimeFailure
+from vivarium.node.records import ID_ALPHABET, ID_LENGTH
 from vivarium.templates.store import dir_size, sha256_dir
 
 log = logging.getLogger(__name__)
+
+TEAM_PREFIX = "s"
+FORK_PREFIX = "fork_"  # `_` is in no sandbox or snapshot id: the sweep below cannot take one
+
+
+def new_snapshot_id() -> str:
+    """A team's snapshot: E2B's template id shape (it is passed as `templateID` to a create)."""
+    return TEAM_PREFIX + "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LENGTH - 1))
+
+
+def new_fork_key() -> str:
+    """The snapshot a fork starts its children from; removed once they started (or by the
+    next start of the node, if it crashed meanwhile)."""
+    return FORK_PREFIX + secrets.token_hex(8)
 
 
 class SnapshotCorrupt(RuntimeFailure):
@@ -131,6 +150,10 @@ class SnapshotStore:
         self.root = root
         self.remote = remote
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # A team's snapshot never changes once sealed (each one taken is a new key): it is
+        # checksummed once per process, not on each of the many creates it serves. Key ->
+        # generation; plain dict operations, which are atomic across the threads that load.
+        self._verified: dict[str, str] = {}
 
     def check(self) -> None:
         """Raise SnapshotStoreUnavailable unless the remote tier (if any) answers. Blocking."""
@@ -144,10 +167,10 @@ class SnapshotStore:
         return path
 
     def commit(self, sandbox_id: str, staging: Path, record: dict[str, Any],
-               runsc_version: str) -> Snapshot:  # fmt: skip
-        """Seal `staging` (which holds `checkpoint/`) as the sandbox's snapshot, storing it in
-        the remote tier first if there is one (SnapshotNotStored: `staging` is left as it is,
-        sealed, and nothing replaced the previous snapshot). Blocking."""
+               runsc_version: str, *, remote: bool = True) -> Snapshot:  # fmt: skip
+        """Seal `staging` (which holds `checkpoint/`) as the snapshot `sandbox_id`, storing it
+        in the remote tier first if there is one and `remote` (SnapshotNotStored: `staging` is
+        left as it is, sealed, and nothing replaced the previous snapshot). Blocking."""
         checkpoint = staging / "checkpoint"
         manifest = {
             "sandbox_id": sandbox_id, "record": record, "runsc_version": runsc_version,
@@ -158,7 +181,7 @@ class SnapshotStore:
         }  # fmt: skip
         (staging / "manifest.json").write_text(json.dumps(manifest))
         _fsync_tree(staging)
-        if self.remote is not None:
+        if self.remote is not None and remote:
             self.remote.put(sandbox_id, staging, manifest)
         final = self.root / sandbox_id
         old = None
@@ -186,9 +209,14 @@ class SnapshotStore:
                                   f"inspect {path}; it is kept as it is") from None  # fmt: skip
         _check_version(sandbox_id, manifest, runsc_version)
         snapshot = Snapshot(sandbox_id, path, manifest)
+        generation = str(manifest.get("generation"))
+        if self._verified.get(sandbox_id) == generation:
+            return snapshot
         if not snapshot.checkpoint.is_dir() or sha256_dir(snapshot.checkpoint) != snapshot.checksum:
             raise SnapshotCorrupt(f"snapshot of {sandbox_id} is corrupt (checksum mismatch)",
                                   f"it is kept for inspection in {path}")  # fmt: skip
+        if sandbox_id.startswith(TEAM_PREFIX):
+            self._verified[sandbox_id] = generation
         return snapshot
 
     def _fetch(self, remote: ObjectStore, sandbox_id: str, runsc_version: str) -> Snapshot:
@@ -227,7 +255,12 @@ class SnapshotStore:
     def exists(self, sandbox_id: str) -> bool:
         return self.held(sandbox_id) or (self.remote is not None and self.remote.exists(sandbox_id))
 
+    def team_snapshot_keys(self) -> list[str]:
+        """The teams' snapshots held here (their catalog rows say which are still wanted)."""
+        return [p.name for p in self.root.glob(f"{TEAM_PREFIX}*") if (p / "manifest.json").exists()]
+
     def delete_local(self, sandbox_id: str) -> None:
+        self._verified.pop(sandbox_id, None)
         shutil.rmtree(self.root / sandbox_id, ignore_errors=True)
 
     def delete_remote(self, sandbox_id: str) -> None:
@@ -244,8 +277,9 @@ class SnapshotStore:
         shutil.rmtree(staging, ignore_errors=True)
 
     def sweep_staging(self) -> None:
-        """Temporary directories left by a crash mid-pause (never a valid snapshot)."""
-        for path in self.root.glob(".tmp-*"):
+        """Temporary directories left by a crash mid-pause (never a valid snapshot), and forks'
+        snapshots (a fork that a crash cut short has no children left to start)."""
+        for path in [*self.root.glob(".tmp-*"), *self.root.glob(f"{FORK_PREFIX}*")]:
             shutil.rmtree(path, ignore_errors=True)
         for path in self.root.glob(".old-*"):
             sandbox_id = path.name[len(".old-") :].rsplit("-", 1)[0]

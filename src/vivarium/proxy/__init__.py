@@ -11,6 +11,13 @@ caller supplies a resolver from sandbox id to `Upstream` (address and instance k
     await proxy.stop()
 """
 
-from vivarium.proxy.server import ProxyLimits, Refusal, Resolver, SandboxProxy, Upstream
+from vivarium.proxy.server import (
+    ProxyLimits,
+    Refusal,
+    Resolver,
+    SandboxProxy,
+    Upstream,
+    Waker,
+)
 
-__all__ = ["ProxyLimits", "Refusal", "Resolver", "SandboxProxy", "Upstream"]
+__all__ = ["ProxyLimits", "Refusal", "Resolver", "SandboxProxy", "Upstream", "Waker"]

@@ -5,7 +5,8 @@ connection may reach several sandboxes). Requests the proxy answers itself (bad 
 sandbox, closed port, `/health`) get a JSON body `{"code": ..., "message": ...}` like E2B's own
 proxy, whose phrases the e2b client matches: "was not found" means the sandbox is gone,
 "port ... is not open" that it runs but nothing listens. A paused sandbox, or one being paused
-or resumed, is a 409 (`Refusal`), as E2B's proxy answers when it does not resume it itself.
+or resumed, is a 409 (`Refusal`), as E2B's proxy answers when it does not resume it itself;
+one made with auto-resume is resumed first (`Waker`) and then served.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from ssl import SSLContext
@@ -21,12 +22,15 @@ from typing import Any
 
 import h11
 
+from vivarium.errors import NotFound, VivariumError
 from vivarium.proxy.exchange import Exchange, ProxyError
 from vivarium.proxy.pool import ConnectionPool, PoolKey
 from vivarium.proxy.routing import RoutingError, route_request
 from vivarium.proxy.stream import MAX_HEAD, READ_SIZE, ClientGone, HttpStream, UpstreamCut
 
 log = logging.getLogger("vivarium.proxy")
+
+TRANSITION_POLL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +74,9 @@ class Refusal:
 
 # None: no such sandbox (502, "was not found": the e2b client's phrase for a sandbox gone).
 Resolver = Callable[[str], Upstream | Refusal | None]
+# Called for a paused sandbox: True once it runs again (auto-resume), False if it is not one that
+# traffic resumes; a VivariumError says why it could not be resumed.
+Waker = Callable[[str], Awaitable[bool]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +84,7 @@ class ProxyLimits:
     max_head_bytes: int = MAX_HEAD  # request line and headers; 431 beyond
     idle_timeout: float = 75.0  # a client connection waiting for its next request
     connect_timeout: float = 5.0
+    transition_wait: float = 30.0  # a request for a sandbox being paused or snapshotted
     pool_max_idle: int = 8  # idle connections kept per sandbox instance and port
     pool_max_idle_age: float = 30.0
     # After a local error the rest of the request body is read and dropped, so the connection
@@ -86,9 +94,11 @@ class ProxyLimits:
 
 class SandboxProxy:
     def __init__(
-        self, resolve: Resolver, *, domain: str | None = None, limits: ProxyLimits | None = None
-    ) -> None:
+        self, resolve: Resolver, *, domain: str | None = None, limits: ProxyLimits | None = None,
+        wake: Waker | None = None,
+    ) -> None:  # fmt: skip
         self._resolve = resolve
+        self._wake = wake
         self._domain = domain.strip(".").lower() if domain else None
         self.limits = limits or ProxyLimits()
         self._pool = ConnectionPool(
@@ -217,6 +227,23 @@ class SandboxProxy:
         except Exception:
             log.exception("proxy: resolving sandbox %s failed", route.sandbox_id)
             return await self._reply(client, request, 502, "The sandbox could not be looked up")
+        # Being paused, snapshotted or resumed: a request waits for the outcome (a snapshot
+        # stops a sandbox for about a second) rather than fail.
+        deadline = asyncio.get_running_loop().time() + self.limits.transition_wait
+        while isinstance(upstream, Refusal) and upstream.can_auto_resume is None:
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(TRANSITION_POLL_S)
+            upstream = self._resolve(route.sandbox_id)
+        if isinstance(upstream, Refusal) and upstream.can_auto_resume is not None and self._wake:
+            try:  # paused: resumed first if it was made to be, as E2B's proxy does
+                await self._wake(route.sandbox_id)
+            except NotFound:
+                pass  # killed meanwhile: not found, below
+            except VivariumError as e:
+                message = f"The sandbox {route.sandbox_id} could not be resumed: {e}"
+                return await self._reply(client, request, e.http_status, message)
+            upstream = self._resolve(route.sandbox_id)
         if upstream is None:
             message = f"The sandbox {route.sandbox_id} was not found"
             return await self._reply(client, request, 502, message)

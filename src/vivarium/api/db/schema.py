@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 metadata = MetaData()
@@ -58,6 +59,8 @@ sandboxes = Table(
     Column("memory_mb", Integer, nullable=False),
     Column("disk_mb", Integer, nullable=False),
     Column("auto_pause", Boolean, nullable=False, default=False),
+    # Traffic through the proxy to it while paused resumes it (E2B's lifecycle.auto_resume).
+    Column("auto_resume", Boolean, nullable=False, default=False),
     Column("allow_internet", Boolean, nullable=False, default=True),
     Column("secure", Boolean, nullable=False, default=True),
     Column("envd_version", String(32), nullable=False),
@@ -84,4 +87,23 @@ snapshots = Table(
     Column("checksum", String(64), nullable=False),
     Column("runsc_version", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
+)
+
+# A team's snapshots of running sandboxes (create_snapshot): started from by creates that name
+# them, kept until deleted (their node keeps the files, under the snapshot's id).
+team_snapshots = Table(
+    "team_snapshots",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("team_id", String(36), ForeignKey("teams.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(200), nullable=True),  # a create may name it instead of the id
+    # Its files on the node: each snapshot taken under the name is a new build (the old one is
+    # deleted once no create reads it).
+    Column("build_key", String(64), nullable=False),
+    Column("sandbox_id", String(64), nullable=False),  # the source, which may have ended since
+    Column("template_id", String(200), nullable=False),
+    Column("node_id", String(64), nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("team_id", "name", name="uq_team_snapshots_team_name"),
 )

@@ -1,0 +1,75 @@
+"""Snapshots of running sandboxes, and new sandboxes started from them: a team's snapshots
+(create one, then create sandboxes from it) and forks (one snapshot, N children at once).
+
+A snapshot is a checkpoint like a pause's, stored the same way (snapshots.py); the sandbox it
+came from is started again from it at once, with its id, token and end time, before the
+snapshot is sealed (checksummed, fsync'ed, uploaded), so that it stops only for the checkpoint
+and that restore. A sandbox started from a snapshot is a new sandbox
+(new id and token) with the source's memory, processes and files, on the template build the
+source was created from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from vivarium.errors import RuntimeFailure, VivariumError
+from vivarium.node.pause import checkpoint_sandbox, seal, start_again
+from vivarium.node.records import SandboxRecord
+from vivarium.node.request import CreateRequest
+from vivarium.node.snapshots import Snapshot
+from vivarium.node.steps import Steps
+from vivarium.runtime.bundle import Resources
+
+if TYPE_CHECKING:
+    from vivarium.node.node import Node
+
+log = logging.getLogger(__name__)
+
+DOING = "snapshotting"
+
+
+async def snapshot_sandbox(node: Node, sandbox_id: str, key: str, *, remote: bool) -> Snapshot:
+    """Save the running sandbox as the snapshot `key`, and start it again from the checkpoint
+    before sealing it, so that it is stopped only for the checkpoint and that restore. If the
+    checkpoint fails it keeps running unchanged; if only sealing fails, it runs on and no
+    snapshot is kept; if only starting it again fails, the snapshot is still made (it holds
+    everything the sandbox had) and the sandbox's end is an event, as when a sandbox dies."""
+    async with node.locked(sandbox_id) as record:
+        staging = await checkpoint_sandbox(node, record, key, DOING, remote=remote)
+        try:
+            try:
+                await start_again(node, record, staging / "checkpoint", DOING)
+            except RuntimeFailure as exc:
+                log.error("sandbox %s ended while its snapshot %s was taken: %s", sandbox_id,
+                          key, exc)  # fmt: skip
+            snapshot = await seal(node, record, key, staging, remote=remote)
+        except BaseException as exc:
+            await asyncio.to_thread(node.snapshots.discard, staging)
+            if isinstance(exc, VivariumError):
+                raise
+            raise RuntimeFailure(f"snapshot of sandbox {sandbox_id} not stored: {exc}",
+                                 "it keeps running; take the snapshot again") from None  # fmt: skip
+    log.info("sandbox %s saved as %s (%d MiB)", sandbox_id, key, snapshot.size >> 20)
+    return snapshot
+
+
+async def start_from_snapshot(node: Node, req: CreateRequest, key: str) -> SandboxRecord:
+    """A new sandbox restored from the snapshot `key`: the source's memory, processes, files and
+    resources; the request's id, token, environment and timeout. The snapshot stays as it was
+    (several may start from it at once, and deleting it waits for them)."""
+    timeout_s = node.timeout(req.timeout_s)
+    with node.snapshot_in_use(key):
+        version = node.rt().probe.runsc_version
+        snapshot = await asyncio.to_thread(node.snapshots.load, key, version)
+        source = SandboxRecord.from_json(snapshot.record)
+        # envd keeps the source's variables (they are in the checkpoint); the request's add to them.
+        req = replace(req, env_vars={**source.env_vars, **(req.env_vars or {})})
+        template = node.templates.build(source.template, source.build_id)
+        resources = Resources(source.memory_mb, source.cpus, source.pids, source.disk_mb)
+        steps = Steps(f"create from snapshot {key}")
+        return await node.restore_in_turn(req, template, snapshot.checkpoint, resources,
+                                          timeout_s, steps)  # fmt: skip
