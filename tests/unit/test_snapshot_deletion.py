@@ -43,3 +43,18 @@ def test_snapshot_keys_never_collide_and_a_crash_leaves_no_fork_snapshot(tmp_pat
     kept, forked = _sealed(node, snapshot), _sealed(node, fork)
     node.snapshots.sweep_staging()  # what a start does
     assert kept.exists() and not forked.exists()
+
+
+def test_a_linked_image_outlives_the_commit_that_moves_its_staging(tmp_path: Path) -> None:
+    # A snapshot of a running sandbox restores it from the checkpoint while sealing moves it.
+    node = Node(Settings(state_dir=tmp_path / "state", warm_pool={}))
+    key = new_snapshot_id()
+    staging = node.snapshots.staging(key)
+    (staging / "checkpoint").mkdir()
+    (staging / "checkpoint" / "checkpoint.img").write_bytes(b"state")
+    image = node.snapshots.linked_image(staging)
+    sealed = node.snapshots.commit(key, staging, {}, "test")
+    assert not staging.exists() and (sealed.checkpoint / "checkpoint.img").read_bytes() == b"state"
+    assert (image / "checkpoint.img").read_bytes() == b"state"
+    node.snapshots.discard(image)
+    assert (sealed.checkpoint / "checkpoint.img").read_bytes() == b"state"

@@ -130,18 +130,24 @@ class Node:
             raise
 
     async def _start(self) -> None:
+        steps = Steps("node start")  # on a loaded host a start can take minutes: say where
         await asyncio.to_thread(self.snapshots.check)  # a remote store must answer: say so now
+        steps.done("snapshot store")
         self.runtime = await asyncio.to_thread(
             open_runtime, self.settings.runsc_path, self.settings.state_dir,
             self.settings.runsc_root, self.settings.runsc_platform,
         )  # fmt: skip
+        steps.done("runsc probes")
         found = await reconcile(self.runtime, self.records)
         self.sandboxes.update(found.adopted)
         for record, reason in found.lost:
             self.record_event(record, reason)
         await asyncio.to_thread(self.snapshots.sweep_staging)
+        steps.done("reconcile")
         await self.pool.start({r.slot_index for r in self.sandboxes.values()})
+        steps.done("network slots")
         await self.disks.start()
+        steps.done("ready disks")
         for record in self.sandboxes.values():  # a pause cut short may have left them refusing
             slot = self.pool.range.slot(record.slot_index)
             await firewall.apply_router_rules(slot, record.allow_internet)
@@ -149,6 +155,7 @@ class Node:
                             record.memory_mb)  # fmt: skip
         self._reaper = asyncio.create_task(Reaper(self).run())
         self.warm.start()
+        steps.report()
         log.info(
             "node ready: %d sandbox(es) adopted, runsc %s (%s)",
             len(self.sandboxes),

@@ -166,6 +166,19 @@ class SnapshotStore:
         path.mkdir()
         return path
 
+    def linked_image(self, staging: Path) -> Path:
+        """A second name for the checkpoint in `staging` (hard links, so no copy), which the
+        commit that renames `staging` does not move: a restore may read it meanwhile. It is
+        temporary (`.tmp-`): remove it with discard() once the restore is done."""
+        image = staging / "checkpoint"
+        linked = self.root / f".tmp-{staging.name.removeprefix('.tmp-')}-image"
+        for directory, _dirs, files in os.walk(image):
+            target = linked / Path(directory).relative_to(image)
+            target.mkdir(parents=True, exist_ok=True)
+            for name in files:
+                os.link(Path(directory) / name, target / name)
+        return linked
+
     def commit(self, sandbox_id: str, staging: Path, record: dict[str, Any],
                runsc_version: str, *, remote: bool = True) -> Snapshot:  # fmt: skip
         """Seal `staging` (which holds `checkpoint/`) as the snapshot `sandbox_id`, storing it

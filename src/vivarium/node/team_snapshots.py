@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vivarium.errors import RuntimeFailure, VivariumError
@@ -34,25 +35,46 @@ DOING = "snapshotting"
 
 async def snapshot_sandbox(node: Node, sandbox_id: str, key: str, *, remote: bool) -> Snapshot:
     """Save the running sandbox as the snapshot `key`, and start it again from the checkpoint
-    before sealing it, so that it is stopped only for the checkpoint and that restore. If the
-    checkpoint fails it keeps running unchanged; if only sealing fails, it runs on and no
-    snapshot is kept; if only starting it again fails, the snapshot is still made (it holds
-    everything the sandbox had) and the sandbox's end is an event, as when a sandbox dies."""
+    while the snapshot is sealed, so that it is stopped only for the checkpoint and that
+    restore. If the checkpoint fails it keeps running unchanged; if only sealing fails, it runs
+    on and no snapshot is kept; if only starting it again fails, the snapshot is still made (it
+    holds everything the sandbox had) and the sandbox's end is an event, as when one dies."""
     async with node.locked(sandbox_id) as record:
         staging = await checkpoint_sandbox(node, record, key, DOING, remote=remote)
+        # Side by side: the restore reads the checkpoint under a name of its own, since
+        # sealing renames the staging directory (one after the other if it cannot have one).
         try:
-            try:
-                await start_again(node, record, staging / "checkpoint", DOING)
-            except RuntimeFailure as exc:
-                log.error("sandbox %s ended while its snapshot %s was taken: %s", sandbox_id,
-                          key, exc)  # fmt: skip
-            snapshot = await seal(node, record, key, staging, remote=remote)
-        except BaseException as exc:
+            image: Path | None = await asyncio.to_thread(node.snapshots.linked_image, staging)
+        except OSError as exc:
+            log.warning("restoring %s before sealing its snapshot: %s", sandbox_id, exc)
+            image = None
+        try:
+            if image is None:
+                restarted, sealed = (
+                    *await asyncio.gather(start_again(node, record, staging / "checkpoint", DOING),
+                                          return_exceptions=True),
+                    *await asyncio.gather(seal(node, record, key, staging, remote=remote),
+                                          return_exceptions=True),
+                )  # fmt: skip
+            else:
+                restarted, sealed = await asyncio.gather(
+                    start_again(node, record, image, DOING),
+                    seal(node, record, key, staging, remote=remote),
+                    return_exceptions=True,
+                )
+        finally:
+            if image is not None:
+                await asyncio.to_thread(node.snapshots.discard, image)
+        if isinstance(restarted, BaseException):
+            log.error("sandbox %s ended while its snapshot %s was taken: %s", sandbox_id, key,
+                      restarted)  # fmt: skip
+        if isinstance(sealed, BaseException):
             await asyncio.to_thread(node.snapshots.discard, staging)
-            if isinstance(exc, VivariumError):
-                raise
-            raise RuntimeFailure(f"snapshot of sandbox {sandbox_id} not stored: {exc}",
+            if isinstance(sealed, VivariumError):
+                raise sealed
+            raise RuntimeFailure(f"snapshot of sandbox {sandbox_id} not stored: {sealed}",
                                  "it keeps running; take the snapshot again") from None  # fmt: skip
+        snapshot = sealed
     log.info("sandbox %s saved as %s (%d MiB)", sandbox_id, key, snapshot.size >> 20)
     return snapshot
 
