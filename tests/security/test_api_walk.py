@@ -29,8 +29,12 @@ def victim(owner: httpx.Client) -> Iterator[dict[str, Any]]:
     created = owner.post("/v2/sandboxes", json={"templateID": "base", "timeout": 600,
                                                 "metadata": {"owner": "a"}})  # fmt: skip
     assert created.status_code == 201, created.text
-    yield created.json()
-    owner.delete(f"/sandboxes/{created.json()['sandboxID']}")
+    sandbox_id = created.json()["sandboxID"]
+    snapshot = owner.post(f"/sandboxes/{sandbox_id}/snapshots", json={})  # the team's, too
+    assert snapshot.status_code == 201, snapshot.text
+    yield {**created.json(), "snapshotID": snapshot.json()["snapshotID"]}
+    owner.delete(f"/sandboxes/{sandbox_id}")
+    owner.delete(f"/templates/{snapshot.json()['snapshotID']}")
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +46,11 @@ def routes(owner: httpx.Client) -> list[tuple[str, str]]:
     return found
 
 
-def _call(http: httpx.Client, method: str, path: str, sandbox_id: str) -> httpx.Response:
+def _call(http: httpx.Client, method: str, path: str, victim: dict[str, Any]) -> httpx.Response:
     body = {"timeout": 5, "duration": 5, "name": f"probe-{uuid.uuid4().hex[:6]}",
             "templateID": "base"}  # fmt: skip
-    url = path.replace("{sandbox_id}", sandbox_id)
+    url = path.replace("{sandbox_id}", victim["sandboxID"])
+    url = url.replace("{template_id}", victim["snapshotID"])
     if method in ("post", "put", "patch"):
         return http.request(method, url, json=body)
     return http.request(method, url)
@@ -64,7 +69,7 @@ def test_every_route_refuses_a_caller_without_a_valid_key(
     sent = {"missing": None, "wrong": "e2b_" + "0" * 40, "malformed": "Bearer x"}[key]
     with _api(server, sent) as stranger:
         for method, path in routes:
-            _json_error(_call(stranger, method, path, victim["sandboxID"]), 401)
+            _json_error(_call(stranger, method, path, victim), 401)
 
 
 def test_another_team_sees_and_changes_nothing_of_a_sandbox(
@@ -76,13 +81,14 @@ def test_another_team_sees_and_changes_nothing_of_a_sandbox(
     assert team.status_code == 201, team.text
     with _api(server, team.json()["apiKey"]) as other:
         for method, path in routes:
-            response = _call(other, method, path, sandbox_id)
-            if "{sandbox_id}" in path:
+            response = _call(other, method, path, victim)
+            if "{sandbox_id}" in path or "{template_id}" in path:
                 _json_error(response, 404)
             elif path == "/teams":
                 _json_error(response, 404)  # only admin keys make teams
-            elif path.endswith("sandboxes") and method == "get":
+            elif (path.endswith("sandboxes") or path == "/snapshots") and method == "get":
                 assert response.status_code == 200 and sandbox_id not in response.text
+                assert victim["snapshotID"] not in response.text
             elif path.endswith("sandboxes") and method == "post":  # its own, in its own team
                 assert response.status_code == 201, response.text
                 other.delete(f"/sandboxes/{response.json()['sandboxID']}")
@@ -97,3 +103,5 @@ def test_another_team_sees_and_changes_nothing_of_a_sandbox(
     after = owner.get(f"/sandboxes/{sandbox_id}").json()
     assert after["state"] == "running" and after["endAt"] == before["endAt"]
     assert after["metadata"] == {"owner": "a"}
+    listed = owner.get("/snapshots", params={"sandboxID": sandbox_id}).json()
+    assert [s["snapshotID"] for s in listed] == [victim["snapshotID"]]
