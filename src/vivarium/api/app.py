@@ -141,8 +141,7 @@ def create_app(control: ControlPlane) -> Starlette:
 
     async def list_snapshots(request: Request, team: Row) -> Response:
         params = request.query_params
-        _, _, limit, token = shapes.list_query({"limit": params.get("limit"),
-                                                "nextToken": params.get("nextToken")})  # fmt: skip
+        limit, token = shapes.paging(params)
         rows = await control.list_snapshots(team, params.get("sandboxID") or None,
                                             params.get("name") or None)  # fmt: skip
         chunk, next_token = shapes.page(rows, limit, token, by="created_at")

@@ -106,10 +106,15 @@ def list_query(params: Any) -> tuple[list[str], dict[str, str], int, str | None]
         if state not in STATES:
             raise InvalidArgument(f"unknown state {state!r}", "use running or paused")
     metadata = dict(urllib.parse.parse_qsl(params.get("metadata") or "", keep_blank_values=True))
+    return states, metadata, *paging(params)
+
+
+def paging(params: Any) -> tuple[int, str | None]:
+    """(limit, next token) of a paged list's query."""
     raw_limit = params.get("limit") or str(MAX_LIMIT)
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
         raise InvalidArgument(f"limit must be 1..{MAX_LIMIT}")
-    return states, metadata, int(raw_limit), params.get("nextToken") or None
+    return int(raw_limit), params.get("nextToken") or None
 
 
 def time_range(params: Any) -> tuple[int | None, int | None]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vivarium.errors import RuntimeFailure, VivariumError
@@ -44,26 +43,21 @@ async def snapshot_sandbox(node: Node, sandbox_id: str, key: str, *, remote: boo
         # Side by side: the restore reads the checkpoint under a name of its own, since
         # sealing renames the staging directory (one after the other if it cannot have one).
         try:
-            image: Path | None = await asyncio.to_thread(node.snapshots.linked_image, staging)
+            image, linked = await asyncio.to_thread(node.snapshots.linked_image, staging), True
         except OSError as exc:
             log.warning("restoring %s before sealing its snapshot: %s", sandbox_id, exc)
-            image = None
+            image, linked = staging / "checkpoint", False
+        restarting = start_again(node, record, image, DOING)
+        sealing = seal(node, record, key, staging, remote=remote)
         try:
-            if image is None:
-                restarted, sealed = (
-                    *await asyncio.gather(start_again(node, record, staging / "checkpoint", DOING),
-                                          return_exceptions=True),
-                    *await asyncio.gather(seal(node, record, key, staging, remote=remote),
-                                          return_exceptions=True),
-                )  # fmt: skip
-            else:
-                restarted, sealed = await asyncio.gather(
-                    start_again(node, record, image, DOING),
-                    seal(node, record, key, staging, remote=remote),
-                    return_exceptions=True,
-                )
+            if linked:
+                restarted, sealed = await asyncio.gather(restarting, sealing,
+                                                         return_exceptions=True)  # fmt: skip
+            else:  # sealing moves the checkpoint: one after the other
+                (restarted,) = await asyncio.gather(restarting, return_exceptions=True)
+                (sealed,) = await asyncio.gather(sealing, return_exceptions=True)
         finally:
-            if image is not None:
+            if linked:
                 await asyncio.to_thread(node.snapshots.discard, image)
         if isinstance(restarted, BaseException):
             log.error("sandbox %s ended while its snapshot %s was taken: %s", sandbox_id, key,
