@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-import uvicorn
-
 from . import PORT
 from .app import create_app
+from .serving import QuietServer, config
 from .state import EnvdState
 
 
@@ -24,11 +23,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     app = create_app(EnvdState(default_user=args.default_user, identity=args.identity))
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            access_log=False, timeout_keep_alive=300, http="h11",
-                            # Attached process streams must not hold up a stop.
-                            timeout_graceful_shutdown=2)  # fmt: skip
-    asyncio.run(uvicorn.Server(config).serve())
+    asyncio.run(QuietServer(config(app, args.host, args.port)).serve())
 
 
 if __name__ == "__main__":

@@ -11,12 +11,16 @@ import ctypes
 import gc
 import os
 import pwd
-
-import uvicorn
+from typing import TYPE_CHECKING
 
 from . import PORT
 from .app import create_app
 from .contexts import Contexts
+
+if TYPE_CHECKING:  # see app.py: envd is a top-level package in the template
+    from vivarium.guest.envd.serving import QuietServer, config
+else:
+    from envd.serving import QuietServer, config
 
 TRIM = "import gc, ctypes\ngc.collect()\nctypes.CDLL('libc.so.6').malloc_trim(0)\ndel gc, ctypes"
 
@@ -51,10 +55,7 @@ async def serve(host: str, port: int) -> None:
     await ctx.housekeeping(TRIM)
     gc.collect()
     _trim()
-    config = uvicorn.Config(create_app(contexts), host=host, port=port, log_level="warning",
-                            access_log=False, timeout_keep_alive=300, http="h11",
-                            timeout_graceful_shutdown=2)  # fmt: skip
-    await uvicorn.Server(config).serve()
+    await QuietServer(config(create_app(contexts), host, port)).serve()
 
 
 def main() -> None:

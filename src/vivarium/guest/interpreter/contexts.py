@@ -143,7 +143,9 @@ class Context:
         if self.client is not None:
             self.client.stop_channels()
         self.client = self.manager.client()
-        self.client.start_channels()
+        # No heartbeat: its pings wake both processes every second in every idle sandbox, and
+        # is_alive (the kernel's process) already tells a dead kernel.
+        self.client.start_channels(hb=False)
         await self.client.wait_for_ready(timeout=START_TIMEOUT_S)
         self.global_env = {}
 
