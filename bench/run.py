@@ -136,6 +136,12 @@ SNAPSHOT_TARGET_RATIO = 1.2  # create_snapshot p50 at most this times a raw chec
 SNAPSHOT_CREATE_TARGET_RATIO = 1.1  # create from a snapshot against one from the template
 FORK_COUNT = 10
 FORK_TARGET_RATIO = 1.2  # fork(10) at most this times a raw checkpoint + 10 concurrent creates
+# Deduplicated storage (issue 14): STORAGE_SANDBOXES paused sandboxes of one template, each
+# with STORAGE_OWN_MIB of random bytes of its own, against one snapshot + their own bytes.
+STORAGE_SANDBOXES = 100
+STORAGE_OWN_MIB = 1
+STORAGE_BATCH = 10
+STORAGE_TARGET_RATIO = 1.2
 WARM_POOL_SIZE = 5
 WARM_CREATES = 20  # sequential SDK creates, each with the pool full
 WARM_BURST = 20  # SDK creates released together against the full pool
@@ -667,6 +673,8 @@ class NodeFigures:
     dirty_resume_ms: list[float] = field(default_factory=list)
     dirty_snapshot_bytes: list[int] = field(default_factory=list)
     dirty_rss_kib: int = 0
+    storage_bytes: int = 0  # what STORAGE_SANDBOXES paused sandboxes take in the chunk store
+    storage_paused: int = 0
     ci_base_create_ms: list[float] = field(default_factory=list)  # alternating with the next
     ci_first_result_ms: list[float] = field(default_factory=list)  # create -> "1+1" result
     ci_cell_ms: list[float] = field(default_factory=list)  # run_code("1+1") round trips
@@ -848,7 +856,8 @@ def _pause_cycles(
             raise RuntimeError(f"sandbox {sbx.sandbox_id} was already paused")
         pause_ms.append(elapsed_ms(start))
         manifest = json.loads((snapshots / sbx.sandbox_id / "manifest.json").read_text())
-        sizes.append(int(manifest["size_bytes"]))
+        # What the pause added to the store: a chunked snapshot shares the rest.
+        sizes.append(int(manifest.get("stored_bytes", manifest["size_bytes"])))
         fleet.settle(poll_s=0.05)
         start = time.perf_counter()
         sbx = fleet.sdk_connect(sbx.sandbox_id, PROXY_URL, timeout=SANDBOX_TIMEOUT_S)
@@ -899,6 +908,42 @@ def measure_pause(fleet: Fleet, figures: NodeFigures) -> None:
                 fleet.api_kill(sandbox_id)
             except Exception as exc:  # the leftover check reports any snapshot it kept
                 log(f"could not kill {sandbox_id} through the API: {exc}")
+
+
+def measure_storage(fleet: Fleet, figures: NodeFigures) -> None:
+    """STORAGE_SANDBOXES sandboxes, each writing STORAGE_OWN_MIB of random bytes and paused;
+    then the bytes on disk of every chunk their manifests name (each counted once), which is
+    what storing them takes, whatever else the store holds."""
+    snapshots = fleet.socket.parent / "snapshots"
+    own = f"head -c {STORAGE_OWN_MIB << 20} /dev/urandom > /home/user/own.bin"
+
+    def one() -> str:
+        sbx = fleet.sdk_create()[0]
+        sbx.commands.run(own)
+        if not sbx.pause():
+            raise RuntimeError(f"sandbox {sbx.sandbox_id} was already paused")
+        return sbx.sandbox_id
+
+    paused: list[str] = []
+    try:
+        for _ in range(STORAGE_SANDBOXES // STORAGE_BATCH):
+            results = _run_parallel([one] * STORAGE_BATCH)
+            paused += [r for r in results if isinstance(r, str)]  # killed below, whatever happens
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+        named: set[str] = set()
+        for sandbox_id in paused:
+            manifest = json.loads((snapshots / sandbox_id / "manifest.json").read_text())
+            if "files" not in manifest:
+                raise RuntimeError(f"the snapshot of {sandbox_id} is not kept as chunks")
+            named.update(d for recipe in manifest["files"].values() for d, _ in recipe)
+            figures.storage_bytes += (snapshots / sandbox_id / "manifest.json").stat().st_size
+        chunks = snapshots / "chunks"
+        figures.storage_bytes += sum((chunks / d[:2] / d).stat().st_size for d in named)
+        figures.storage_paused = len(paused)
+    finally:
+        _run_parallel([functools.partial(fleet.api_kill, i) for i in paused], KILL_PARALLEL)
 
 
 def measure_interpreter(fleet: Fleet, figures: NodeFigures) -> None:
@@ -1041,6 +1086,10 @@ def measure_node(fleet: Fleet, server: Server) -> NodeFigures:
         log(f"node: {PAUSE_IDLE_CYCLES} pause/resume cycles idle, {PAUSE_DIRTY_CYCLES} with "
             f"{DIRTY_MIB} MiB written")  # fmt: skip
         measure_pause(fleet, figures)
+        fleet.settle()
+        log(f"node: {STORAGE_SANDBOXES} sandboxes paused with {STORAGE_OWN_MIB} MiB of their "
+            "own each")  # fmt: skip
+        measure_storage(fleet, figures)
         fleet.settle()
         log(f"node: {SNAPSHOT_RUNS} snapshots of a running sandbox, {SNAPSHOT_CREATES} "
             f"creates from one, a fork of {FORK_COUNT}")  # fmt: skip
@@ -1203,15 +1252,20 @@ def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row
         Row("resume_p50_ms", "SDK connect() resume p50 (idle)", p50(node.resume_ms), "ms",
             ckpt_restore50, "raw restore from checkpoint p50", max_ratio=RESUME_TARGET_RATIO,
             samples=tuple(node.resume_ms)),
-        Row("snapshot_mib", "snapshot size (idle)", idle_snapshot, "MiB", raw_snapshot,
+        Row("snapshot_mib", "snapshot stored per pause (idle)", idle_snapshot, "MiB", raw_snapshot,
             "raw bare checkpoint", max_value=IDLE_SNAPSHOT_MAX_MIB,
             samples=tuple(b / MIB for b in node.snapshot_bytes)),
+        Row("storage_mib", f"storage: {node.storage_paused} paused, {STORAGE_OWN_MIB} MiB own "
+            "each", node.storage_bytes / MIB, "MiB",
+            raw_snapshot + node.storage_paused * STORAGE_OWN_MIB,
+            f"raw bare checkpoint + {node.storage_paused} x {STORAGE_OWN_MIB} MiB",
+            max_ratio=STORAGE_TARGET_RATIO),
         Row("dirty_pause_p50_ms", f"SDK pause() p50 ({dirty})", p50(node.dirty_pause_ms), "ms",
             ckpt50, "raw checkpoint p50, bare", samples=tuple(node.dirty_pause_ms)),
         Row("dirty_resume_p50_ms", f"SDK connect() resume p50 ({dirty})",
             p50(node.dirty_resume_ms), "ms", ckpt_restore50,
             "raw restore from checkpoint p50, bare", samples=tuple(node.dirty_resume_ms)),
-        Row("dirty_snapshot_mib", f"snapshot size ({dirty})", dirty_snapshot, "MiB",
+        Row("dirty_snapshot_mib", f"snapshot stored per pause ({dirty})", dirty_snapshot, "MiB",
             raw_snapshot + DIRTY_MIB, f"raw bare checkpoint + {DIRTY_MIB} MiB",
             samples=tuple(b / MIB for b in node.dirty_snapshot_bytes)),
         Row("team_snapshot_p50_ms", "SDK create_snapshot() p50 (idle; it keeps running)",

@@ -11,7 +11,9 @@ uncompressed, 16 KiB average chunks): 127 MiB of checkpoints in 14.7 MiB of chun
 sandbox, holding 1 MiB of random bytes of its own, added 1.4 MiB.
 
 Reads are verified: a chunk whose bytes no longer hash to its name, or that is missing, fails
-the file being rebuilt (ChunkCorrupt) and nothing else; it is left in place for inspection.
+the file being rebuilt (ChunkCorrupt) and nothing else. A damaged chunk is moved aside
+(`.corrupt-<digest>`, kept for inspection), so that the next snapshot holding those bytes stores
+them again instead of naming the damaged copy; that also makes the failed snapshot whole again.
 
 Collection is crash-safe. Chunks are written to a temporary name, fsync'ed and renamed into
 place before the recipe naming them is written, so a recipe never names a chunk that a crash
@@ -22,6 +24,7 @@ and that no snapshot being added holds (see `adding` and `collect`), one unlink 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import mmap
@@ -29,7 +32,7 @@ import os
 import secrets
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,61 +73,37 @@ class ChunkStore:
     # -- adding ----------------------------------------------------------------------------
 
     @contextmanager
-    def adding(self) -> Iterator[Callable[[Path], Recipe]]:
-        """`add(path)` stores a file's chunks and returns its recipe. The chunks stay safe from
-        collection until the block ends: write the recipe (durably) inside it."""
-        pinned: list[str] = []
-
-        def add(path: Path) -> Recipe:
-            return self._add(path, pinned)
-
+    def adding(self) -> Iterator[ChunkBatch]:
+        """`batch.file(path)` stores a file's chunks and returns its recipe. The chunks stay
+        safe from collection until the block ends: write the recipe (durably) inside it."""
+        batch = ChunkBatch(self)
         try:
-            yield add
+            yield batch
         finally:
             with self._lock:
-                self._pins.subtract(pinned)
+                self._pins.subtract(batch.pinned)
                 self._pins += Counter()  # drops the counts that reached zero
 
-    def _add(self, path: Path, pinned: list[str]) -> Recipe:
-        recipe: Recipe = []
-        new_dirs: set[Path] = set()
-        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-        with path.open("rb") as file:
-            if os.fstat(file.fileno()).st_size == 0:
-                return recipe
-            with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                chunks = fastcdc(data, min_size=MIN_CHUNK, avg_size=AVG_CHUNK,
-                                 max_size=MAX_CHUNK, hf=hashlib.sha256)  # fmt: skip
-                try:
-                    for chunk in chunks:
-                        digest = chunk.hash
-                        with self._lock:  # before the existence check: collect() skips it now
-                            self._pins[digest] += 1
-                            if self._touched is not None:
-                                self._touched.add(digest)
-                        pinned.append(digest)
-                        target = self.path(digest)
-                        if not target.exists():
-                            body = data[chunk.offset : chunk.offset + chunk.length]
-                            self._write(target, compressor.compress(body))
-                            new_dirs.add(target.parent)
-                        recipe.append((digest, chunk.length))
-                finally:
-                    chunks.close()  # drops its views of the map, which cannot close under them
-        for directory in [*new_dirs, self.root] if new_dirs else []:
-            _fsync_dir(directory)  # the renames (and any new directory) are durable
-        return recipe
+    def _pin(self, digest: str) -> None:
+        with self._lock:  # before the existence check: from now on collect() skips it
+            self._pins[digest] += 1
+            if self._touched is not None:
+                self._touched.add(digest)
 
     def _write(self, target: Path, body: bytes) -> None:
-        target.parent.mkdir(mode=0o700, exist_ok=True)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = target.with_name(f".tmp-{target.name}-{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.rename(target)  # two adds of one chunk write the same bytes: either rename wins
+            # A buffered file writes all of `body` or raises (os.write may stop short on a
+            # full disk, and a short chunk would then be named and reused as if whole).
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+                out.write(body)
+                out.flush()
+                os.fsync(out.fileno())
+            tmp.rename(target)  # two adds of one chunk write the same bytes: either rename wins
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -142,39 +121,40 @@ class ChunkStore:
 
     def _read(self, decompressor: zstandard.ZstdDecompressor, digest: str, length: int) -> bytes:
         where = self.path(digest)
-        kept = "it is kept for inspection; the snapshot cannot be restored from this copy"
         try:
             data = decompressor.decompress(where.read_bytes(), max_output_size=length)
         except FileNotFoundError:
-            raise ChunkCorrupt(f"chunk {where} is missing", "the snapshot cannot be restored "
-                               "from this copy") from None  # fmt: skip
+            hint = "the snapshot cannot be restored from this copy"
+            raise ChunkCorrupt(f"chunk {where} is missing", hint) from None
         except zstandard.ZstdError as exc:
-            raise ChunkCorrupt(f"chunk {where} does not decompress: {exc}", kept) from None
+            raise self._damaged(where, f"does not decompress: {exc}") from None
         if len(data) != length or hashlib.sha256(data).hexdigest() != digest:
-            raise ChunkCorrupt(f"chunk {where} is corrupt (its bytes do not match its name)", kept)
+            raise self._damaged(where, "is corrupt (its bytes do not match its name)")
         return data
 
-    def verify(self, recipe: Recipe) -> None:
-        """Read and check every chunk of `recipe` without writing anything (ChunkCorrupt)."""
-        decompressor = zstandard.ZstdDecompressor()
-        for digest, length in recipe:
-            self._read(decompressor, digest, length)
+    def _damaged(self, where: Path, what: str) -> ChunkCorrupt:
+        aside = where.with_name(f".corrupt-{where.name}")
+        with contextlib.suppress(FileNotFoundError):  # another restore moved it already
+            where.rename(aside)
+        return ChunkCorrupt(f"chunk {where} {what}", f"it is kept as {aside}; the snapshot "
+                            "cannot be restored from this copy")  # fmt: skip
 
     # -- collection ------------------------------------------------------------------------
 
-    def collect(self, live: Callable[[], Iterable[str]]) -> int:
-        """Delete the chunks that no recipe names; returns how many went.
+    def collect(self, live: Callable[[], Collection[str]]) -> int | None:
+        """Delete the chunks that no recipe names; returns how many went (None if another
+        collection is running: it may have read the recipes before the latest change).
 
         `live()` reads every recipe kept now. It is called after collection began, so a recipe
         written meanwhile is either seen by it or was still being added when collection began
         or later, and then its chunks were pinned: either way they are kept."""
         with self._lock:
             if self._touched is not None:
-                return 0  # one collection at a time; the running one will do
+                return None
             self._touched = set(self._pins)
         removed = 0
         try:
-            keep = set(live())
+            keep = live()
             for directory in self._chunk_dirs():
                 for entry in os.scandir(directory):
                     digest = entry.name
@@ -200,11 +180,55 @@ class ChunkStore:
                     os.unlink(entry.path)
 
     def _chunk_dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
         return [p for p in self.root.iterdir() if p.is_dir() and len(p.name) == 2]
 
     def stored_bytes(self) -> int:
         """What the chunks take on disk (compressed)."""
         return sum(entry.stat().st_size for d in self._chunk_dirs() for entry in os.scandir(d))
+
+
+class ChunkBatch:
+    """The chunks one snapshot adds, pinned until its recipes are written (ChunkStore.adding)."""
+
+    def __init__(self, store: ChunkStore) -> None:
+        self.store = store
+        self.pinned: list[str] = []
+        self.new_bytes = 0  # what the chunks it was the first to store take (compressed)
+
+    def file(self, path: Path) -> Recipe:
+        store = self.store
+        recipe: Recipe = []
+        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        with path.open("rb") as file:
+            if os.fstat(file.fileno()).st_size == 0:
+                return recipe
+            with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                chunks = fastcdc(data, min_size=MIN_CHUNK, avg_size=AVG_CHUNK,
+                                 max_size=MAX_CHUNK, hf=hashlib.sha256)  # fmt: skip
+                try:
+                    for chunk in chunks:
+                        digest = chunk.hash
+                        store._pin(digest)
+                        self.pinned.append(digest)
+                        target = store.path(digest)
+                        if not target.exists():
+                            body = compressor.compress(
+                                data[chunk.offset : chunk.offset + chunk.length]
+                            )
+                            store._write(target, body)
+                            self.new_bytes += len(body)
+                        recipe.append((digest, chunk.length))
+                finally:
+                    chunks.close()  # drops its views of the map, which cannot close under them
+        # Every chunk named durable, also one another add renamed in and has not synced yet:
+        # a directory with nothing pending syncs at once.
+        for directory in sorted({store.path(digest).parent for digest, _ in recipe}):
+            _fsync_dir(directory)
+        if recipe:
+            _fsync_dir(store.root)
+        return recipe
 
 
 def _fsync_dir(path: Path) -> None:

@@ -28,6 +28,7 @@ from vivarium.errors import (
     InvalidArgument,
     NotFound,
     RuntimeFailure,
+    VivariumError,
 )
 from vivarium.guest.envd import PORT as ENVD_PORT
 from vivarium.guest.envd.state import EnvdState
@@ -88,6 +89,7 @@ class Node:
         # Snapshots sandboxes are being started from: deleting one waits until they are.
         self._snapshot_users: Counter[str] = Counter()
         self._deleted_in_use: set[str] = set()
+        self._collecting: asyncio.Task[None] | None = None
         self.pool = SlotPool(
             settings.slot_prefix, settings.slot_cidr, settings.egress_allow,
             settings.slot_prewarm, settings.max_sandboxes,
@@ -170,6 +172,8 @@ class Node:
             self._reaper.cancel()
             await asyncio.gather(self._reaper, return_exceptions=True)
         await self._drain_cleanups()
+        if self._collecting is not None:  # a thread: it finishes (and is crash-safe anyway)
+            await asyncio.gather(self._collecting, return_exceptions=True)
         if self._remote_deletes:
             await asyncio.gather(*self._remote_deletes, return_exceptions=True)
         await self.pool.stop()
@@ -505,6 +509,21 @@ class Node:
             task = asyncio.create_task(asyncio.to_thread(self.snapshots.delete_remote, key))
             self._remote_deletes.add(task)
             task.add_done_callback(self._remote_deletes.discard)
+
+    def collect_chunks_soon(self) -> None:
+        """Collect unused chunks in the background (one collection at a time)."""
+        if self._collecting is None or self._collecting.done():
+            self._collecting = asyncio.create_task(self._collect_chunks())
+
+    async def _collect_chunks(self) -> None:
+        try:
+            await asyncio.to_thread(self.snapshots.collect_chunks)
+        except Exception as exc:  # the next round tries again; nothing named was touched
+            self.snapshots.may_hold_unnamed_chunks = True
+            if isinstance(exc, VivariumError):
+                log.warning("unused snapshot chunks not collected: %s (%s)", exc.message, exc.hint)
+            else:
+                log.exception("collecting unused snapshot chunks failed")
 
     @contextmanager
     def snapshot_in_use(self, key: str) -> Iterator[None]:

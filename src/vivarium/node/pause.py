@@ -53,7 +53,8 @@ async def pause_sandbox(node: Node, record: SandboxRecord) -> Snapshot:
         await asyncio.to_thread(node.snapshots.discard, staging)
         raise
     await node.destroy(record)  # the checkpoint stopped it: free the slot and container
-    log.info("sandbox %s paused (%d MiB snapshot)", record.sandbox_id, snapshot.size >> 20)
+    log.info("sandbox %s paused (%d MiB image, %.1f MiB of it new in the store)",
+             record.sandbox_id, snapshot.size >> 20, snapshot.stored / (1 << 20))  # fmt: skip
     return snapshot
 
 
@@ -77,7 +78,10 @@ async def checkpoint_sandbox(
     slot = node.pool.range.slot(record.slot_index)
     staging = await asyncio.to_thread(node.snapshots.staging, key)
     try:
-        await _checkpoint(node, record, slot, staging / "checkpoint")
+        # A snapshot kept as chunks is saved uncompressed: the chunk store compresses the
+        # chunks it does not hold already, and compressed bytes would share none.
+        await _checkpoint(node, record, slot, staging / "checkpoint",
+                          compress=not node.snapshots.chunked(key))  # fmt: skip
     except BaseException as exc:
         await asyncio.to_thread(node.snapshots.discard, staging)
         if await asyncio.shield(_thaw(node, record, slot)):
@@ -146,9 +150,12 @@ async def resume_sandbox(node: Node, sandbox_id: str, timeout_s: int) -> Sandbox
         # start limit: a long download must not hold up other creates.
         snapshot = await asyncio.to_thread(node.snapshots.load, sandbox_id,
                                            runtime.probe.runsc_version)  # fmt: skip
-        record = SandboxRecord.from_json(snapshot.record)
-        steps.done("snapshot loaded")
-        restored = await _restore_record(node, record, snapshot.checkpoint, timeout_s, steps)
+        try:
+            record = SandboxRecord.from_json(snapshot.record)
+            steps.done("snapshot loaded")
+            restored = await _restore_record(node, record, snapshot.checkpoint, timeout_s, steps)
+        finally:
+            await asyncio.to_thread(node.snapshots.release, snapshot)
     log.info("sandbox %s resumed", sandbox_id)
     return restored
 
@@ -165,7 +172,9 @@ async def _restore_record(
                                       timeout_s, steps, again=again)  # fmt: skip
 
 
-async def _checkpoint(node: Node, record: SandboxRecord, slot: Slot, image: Path) -> None:
+async def _checkpoint(
+    node: Node, record: SandboxRecord, slot: Slot, image: Path, *, compress: bool
+) -> None:
     """Save the sandbox into `image`, stopping it. New connections are refused meanwhile, and
     the save waits for the handshakes under way to end (handshakes.py)."""
     runtime = node.rt()
@@ -181,7 +190,7 @@ async def _checkpoint(node: Node, record: SandboxRecord, slot: Slot, image: Path
                 "pause again once it is open or has failed",
             )
         await asyncio.sleep(HANDSHAKE_POLL_S)
-    await runtime.checkpoint(record.container_id, image)
+    await runtime.checkpoint(record.container_id, image, compress=compress)
 
 
 async def _put_back(
@@ -208,14 +217,14 @@ async def _put_back(
 def _check_snapshot_space(node: Node, record: SandboxRecord) -> None:
     """A checkpoint that runs out of disk may take the sandbox down with it: refuse up front
     unless the snapshot fits even at its largest (all of the sandbox's memory, and every file
-    written to its disk)."""
+    written to its disk; twice that for a chunked one: the image, then its new chunks)."""
     stats = memory_stats(record.container_id)
     written = disk.usage(node.records.container_dir(record.container_id))
-    need = (
-        (stats.usage_bytes if stats else record.memory_mb << 20)
-        + (written[0] if written else record.disk_mb << 20)  # the writable layer's files
-        + SNAPSHOT_HEADROOM
+    image = (stats.usage_bytes if stats else record.memory_mb << 20) + (
+        written[0] if written else record.disk_mb << 20  # the writable layer's files
     )
+    copies = 2 if node.snapshots.chunked(record.sandbox_id) else 1
+    need = copies * image + SNAPSHOT_HEADROOM
     free = shutil.disk_usage(node.snapshots.root).free
     if free < need:
         raise CannotSave(

@@ -1,5 +1,6 @@
-"""The node's background round: sandboxes past their timeout are killed or paused, and those
-whose container stopped on its own (out of memory, crash) are cleaned up with the reason."""
+"""The node's background round: sandboxes past their timeout are killed or paused, those whose
+container stopped on its own (out of memory, crash) are cleaned up with the reason, and the
+chunks of deleted snapshots are collected."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 
 INTERVAL_S = 0.5
 LIVENESS_EVERY = 4  # rounds between checks that every container still runs
+COLLECT_EVERY = 60  # rounds between collections of the chunks deleted snapshots left
 
 
 class Reaper:
@@ -37,6 +39,8 @@ class Reaper:
                     await self.check_alive()
                 except Exception:
                     log.exception("liveness check failed")
+            if tick % COLLECT_EVERY == 0:
+                self.node.collect_chunks_soon()
             now = time.time()
             for record in [r for r in self.node.sandboxes.values() if r.end_at <= now]:
                 await self.expire(record)

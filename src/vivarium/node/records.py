@@ -26,9 +26,12 @@ ID_ALPHABET = string.ascii_lowercase + string.digits
 ID_LENGTH = 20
 
 
+SANDBOX_PREFIX = "i"  # the letter E2B's sandbox ids start with (teams' snapshots: `s`)
+
+
 def new_sandbox_id() -> str:
     """E2B's id shape: 20 characters of [a-z0-9], starting with a letter."""
-    return "i" + "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LENGTH - 1))
+    return SANDBOX_PREFIX + "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LENGTH - 1))
 
 
 def valid_sandbox_id(value: str) -> bool:

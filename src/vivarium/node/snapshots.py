@@ -6,9 +6,16 @@ The key is a paused sandbox's id (its one snapshot, replaced by each pause), a t
 id (`new_snapshot_id`, started from by creates), or a fork's (`new_fork_key`, kept only while
 its children start). They never collide: sandbox ids start with `i`, team snapshots' with `s`.
 
+A paused sandbox's snapshot (without a remote tier) is kept as chunks (chunks.py): its
+`manifest.json` lists, per file of runsc's image, the chunks it is made of, and the image is
+rebuilt from them, verified chunk by chunk, for each resume. Sandboxes from one template, and
+the successive pauses of one sandbox, share most of their chunks. A team's snapshot or a fork's
+keeps its image whole, in `checkpoint/`, ready for the many creates that start from it.
+
 Writes are atomic: a snapshot is assembled under a temporary name, fsync'ed, checksummed and
 only then renamed into place, so a crash or a full disk never leaves a half snapshot that looks
-complete. A snapshot is verified against its checksum and runsc version before every restore.
+complete. A snapshot is verified against its checksum (or its chunks against their names) and
+runsc version before every restore.
 
 Optionally a remote tier (an `ObjectStore`: S3 or compatible, `snapshot_s3.py`) holds a durable
 copy: a pause is complete only once the snapshot is stored there too, and a snapshot missing
@@ -18,6 +25,7 @@ place. The local directory stays the working copy: runsc restores from local fil
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,13 +37,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vivarium.errors import Conflict, HostNotReady, NotFound, RuntimeFailure
-from vivarium.node.records import ID_ALPHABET, ID_LENGTH
+from vivarium.node.chunks import ChunkCorrupt, ChunkStore, Recipe
+from vivarium.node.records import ID_ALPHABET, ID_LENGTH, SANDBOX_PREFIX
 from vivarium.templates.store import dir_size, sha256_dir
 
 log = logging.getLogger(__name__)
 
 TEAM_PREFIX = "s"
 FORK_PREFIX = "fork_"  # `_` is in no sandbox or snapshot id: the sweep below cannot take one
+CHUNKS = "chunks"  # the chunk store's directory: no key starts with `c`
+ROOM_HEADROOM = 64 << 20  # kept free beyond a rebuilt image
 
 
 def new_snapshot_id() -> str:
@@ -108,9 +119,15 @@ class Snapshot:
     sandbox_id: str
     path: Path
     manifest: dict[str, Any]
+    # A chunked snapshot's image, rebuilt for one restore (SnapshotStore.release removes it).
+    rebuilt: Path | None = None
 
     @property
     def checkpoint(self) -> Path:
+        if self.rebuilt is not None:
+            return self.rebuilt
+        if "files" in self.manifest:
+            raise RuntimeError(f"the image of chunked snapshot {self.sandbox_id} was not rebuilt")
         return self.path / "checkpoint"
 
     @property
@@ -122,6 +139,11 @@ class Snapshot:
         return int(self.manifest["size_bytes"])
 
     @property
+    def stored(self) -> int:
+        """What it added to the node's disk: a chunked snapshot shares the rest."""
+        return int(self.manifest.get("stored_bytes", self.size))
+
+    @property
     def checksum(self) -> str:
         return str(self.manifest["checksum"])
 
@@ -129,12 +151,16 @@ class Snapshot:
 def _fsync_tree(top: Path) -> None:
     for root, _dirs, files in os.walk(top):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_file(Path(root, name))
         _fsync_dir(Path(root))
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -150,10 +176,19 @@ class SnapshotStore:
         self.root = root
         self.remote = remote
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.chunks = ChunkStore(root / CHUNKS)
+        # Set when a snapshot went (and at start: a crash may have left chunks behind).
+        self.may_hold_unnamed_chunks = True
         # A team's snapshot never changes once sealed (each one taken is a new key): it is
         # checksummed once per process, not on each of the many creates it serves. Key ->
         # generation; plain dict operations, which are atomic across the threads that load.
         self._verified: dict[str, str] = {}
+
+    def chunked(self, key: str) -> bool:
+        """Whether the snapshot `key` is kept as chunks: a paused sandbox's, which is restored
+        once and is much like the others. The remote tier stores whole images (for now), so
+        with one configured nothing is chunked."""
+        return self.remote is None and key.startswith(SANDBOX_PREFIX)
 
     def check(self) -> None:
         """Raise SnapshotStoreUnavailable unless the remote tier (if any) answers. Blocking."""
@@ -187,15 +222,32 @@ class SnapshotStore:
         checkpoint = staging / "checkpoint"
         manifest = {
             "sandbox_id": sandbox_id, "record": record, "runsc_version": runsc_version,
-            "checksum": sha256_dir(checkpoint), "size_bytes": dir_size(checkpoint),
-            "created_at": time.time(),
+            "size_bytes": dir_size(checkpoint), "created_at": time.time(),
             # Names the copy in the remote tier; later pauses sort after earlier ones.
             "generation": f"{time.time_ns():020d}-{secrets.token_hex(4)}",
         }  # fmt: skip
-        (staging / "manifest.json").write_text(json.dumps(manifest))
-        _fsync_tree(staging)
-        if self.remote is not None and remote:
-            self.remote.put(sandbox_id, staging, manifest)
+        if not self.chunked(sandbox_id):
+            manifest["checksum"] = sha256_dir(checkpoint)
+            (staging / "manifest.json").write_text(json.dumps(manifest))
+            _fsync_tree(staging)
+            if self.remote is not None and remote:
+                self.remote.put(sandbox_id, staging, manifest)
+            return self._replace(sandbox_id, staging, manifest)
+        with self.chunks.adding() as adding:  # pinned until the manifest naming them is written
+            files = {path.name: adding.file(path) for path in _image_files(checkpoint)}
+            manifest["files"] = files
+            manifest["stored_bytes"] = adding.new_bytes  # what it added to the store
+            manifest["checksum"] = _recipes_digest(files)  # what the catalog records
+            (staging / "manifest.json").write_text(json.dumps(manifest))
+            _fsync_file(staging / "manifest.json")  # the chunks it names are durable already
+            _fsync_dir(staging)
+            snapshot = self._replace(sandbox_id, staging, manifest)
+        # Only now: until the snapshot is in place, a failure restores the sandbox from it.
+        shutil.rmtree(snapshot.path / "checkpoint", ignore_errors=True)
+        return snapshot
+
+    def _replace(self, sandbox_id: str, staging: Path, manifest: dict[str, Any]) -> Snapshot:
+        """Rename the sealed `staging` into place as the snapshot `sandbox_id`."""
         final = self.root / sandbox_id
         old = None
         if final.exists():  # the previous pause's snapshot: replaced only once this one is whole
@@ -205,6 +257,7 @@ class SnapshotStore:
         _fsync_dir(self.root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+            self.may_hold_unnamed_chunks = True
         return Snapshot(sandbox_id, final, manifest)
 
     def load(self, sandbox_id: str, runsc_version: str) -> Snapshot:
@@ -221,6 +274,8 @@ class SnapshotStore:
             raise SnapshotCorrupt(f"snapshot of {sandbox_id} has an unreadable manifest",
                                   f"inspect {path}; it is kept as it is") from None  # fmt: skip
         _check_version(sandbox_id, manifest, runsc_version)
+        if "files" in manifest:
+            return self._rebuild(sandbox_id, path, manifest)
         snapshot = Snapshot(sandbox_id, path, manifest)
         generation = str(manifest.get("generation"))
         if self._verified.get(sandbox_id) == generation:
@@ -231,6 +286,64 @@ class SnapshotStore:
         if sandbox_id.startswith(TEAM_PREFIX):
             self._verified[sandbox_id] = generation
         return snapshot
+
+    def _rebuild(self, sandbox_id: str, path: Path, manifest: dict[str, Any]) -> Snapshot:
+        """A chunked snapshot's image, rebuilt and verified into a directory of its own (which
+        release() removes); SnapshotCorrupt if a chunk is missing or damaged."""
+        image = self.root / f".tmp-{sandbox_id}-{secrets.token_hex(4)}-image"
+        _check_room(self.root, int(manifest.get("size_bytes", 0)), sandbox_id)
+        image.mkdir(mode=0o700)
+        try:
+            for name, recipe in manifest["files"].items():
+                if "/" in name or name.startswith("."):
+                    raise ChunkCorrupt(f"unexpected file name {name!r} in its manifest")
+                self.chunks.rebuild([(str(d), int(n)) for d, n in recipe], image / name)
+        except ChunkCorrupt as exc:
+            self.discard(image)
+            raise SnapshotCorrupt(f"snapshot of {sandbox_id} is corrupt: {exc.message}",
+                                  f"it is kept for inspection in {path}") from None  # fmt: skip
+        except BaseException:
+            self.discard(image)
+            raise
+        return Snapshot(sandbox_id, path, manifest, rebuilt=image)
+
+    def release(self, snapshot: Snapshot) -> None:
+        """Done restoring from `snapshot`: remove its rebuilt image, if it has one. (A restored
+        sandbox keeps the files it has open; runsc reads the rest during the restore.)"""
+        if snapshot.rebuilt is not None:
+            self.discard(snapshot.rebuilt)
+
+    def collect_chunks(self) -> int:
+        """Remove the chunks no snapshot names any more, if a snapshot went since the last time
+        (crash-safe: chunks.py). Blocking."""
+        if not self.may_hold_unnamed_chunks:
+            return 0
+        # Cleared before the manifests are read: a snapshot going meanwhile sets it again.
+        self.may_hold_unnamed_chunks = False
+        removed = self.chunks.collect(self._named_chunks)
+        if removed is None:  # another collection was running: this one's turn is still due
+            self.may_hold_unnamed_chunks = True
+        return removed or 0
+
+    def _named_chunks(self) -> set[str]:
+        named: set[str] = set()
+        # `.old-` ones too (a crash between the renames of a commit makes one current again);
+        # not `.tmp-` ones, being written: their chunks are pinned until they are in place.
+        for entry in self.root.iterdir():
+            if entry.name.startswith(".tmp-"):
+                continue
+            try:
+                files = json.loads((entry / "manifest.json").read_text()).get("files") or {}
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # no snapshot (the chunk store itself), or deleted meanwhile
+            except ValueError:
+                raise SnapshotCorrupt(
+                    f"{entry / 'manifest.json'} is unreadable: no chunk is collected until it is",
+                    "repair or remove that snapshot",
+                ) from None
+            for recipe in files.values():
+                named.update(str(digest) for digest, _ in recipe)
+        return named
 
     def _fetch(self, remote: ObjectStore, sandbox_id: str, runsc_version: str) -> Snapshot:
         """Download the newest remote snapshot into a staging directory, verify it and only
@@ -275,6 +388,7 @@ class SnapshotStore:
     def delete_local(self, sandbox_id: str) -> None:
         self._verified.pop(sandbox_id, None)
         shutil.rmtree(self.root / sandbox_id, ignore_errors=True)
+        self.may_hold_unnamed_chunks = True
 
     def delete_remote(self, sandbox_id: str) -> None:
         """Best effort: a store that cannot be reached is logged, not raised (the sandbox is
@@ -294,12 +408,45 @@ class SnapshotStore:
         snapshots (a fork that a crash cut short has no children left to start)."""
         for path in [*self.root.glob(".tmp-*"), *self.root.glob(f"{FORK_PREFIX}*")]:
             shutil.rmtree(path, ignore_errors=True)
+        self.chunks.sweep()
+        for image in self.root.glob(f"{SANDBOX_PREFIX}*/checkpoint"):  # a commit cut short
+            if "files" in json.loads((image.parent / "manifest.json").read_text()):
+                shutil.rmtree(image)
         for path in self.root.glob(".old-*"):
             sandbox_id = path.name[len(".old-") :].rsplit("-", 1)[0]
             if (self.root / sandbox_id).exists():
                 shutil.rmtree(path, ignore_errors=True)
             else:  # crashed between the two renames: the previous snapshot is still the one
                 path.rename(self.root / sandbox_id)
+
+
+def _check_room(root: Path, size: int, sandbox_id: str) -> None:
+    """A rebuilt image needs its whole size on the node's disk."""
+    free = shutil.disk_usage(root).free
+    if free < size + ROOM_HEADROOM:
+        raise HostNotReady(
+            f"not enough disk space to resume {sandbox_id}: {free >> 20} MiB free in {root}, "
+            f"{(size + ROOM_HEADROOM) >> 20} MiB needed",
+            "free some disk space and resume again; the snapshot is kept",
+        )
+
+
+def _image_files(checkpoint: Path) -> list[Path]:
+    """The files of runsc's image (it writes no directories)."""
+    entries = sorted(checkpoint.iterdir())
+    if any(not entry.is_file() for entry in entries):
+        raise RuntimeFailure(f"runsc's image {checkpoint} holds more than files", "report this")
+    return entries
+
+
+def _recipes_digest(files: dict[str, Recipe]) -> str:
+    """One SHA-256 naming a chunked snapshot's content: over its files' names and chunks."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0".encode())
+        for chunk, length in files[name]:
+            digest.update(f"{chunk}:{length}\0".encode())
+    return digest.hexdigest()
 
 
 def _check_version(sandbox_id: str, manifest: dict[str, Any], runsc_version: str) -> None:

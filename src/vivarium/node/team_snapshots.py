@@ -87,5 +87,8 @@ async def start_from_snapshot(node: Node, req: CreateRequest, key: str) -> Sandb
         template = node.templates.build(source.template, source.build_id)
         resources = Resources(source.memory_mb, source.cpus, source.pids, source.disk_mb)
         steps = Steps(f"create from snapshot {key}")
-        return await node.restore_in_turn(req, template, snapshot.checkpoint, resources,
-                                          timeout_s, steps)  # fmt: skip
+        try:
+            return await node.restore_in_turn(req, template, snapshot.checkpoint, resources,
+                                              timeout_s, steps)  # fmt: skip
+        finally:
+            await asyncio.to_thread(node.snapshots.release, snapshot)

@@ -75,11 +75,14 @@ class Runsc:
         )
         await run(argv, timeout=START_TIMEOUT_S, log=console_log)
 
-    async def checkpoint(self, cid: str, image: Path) -> None:
-        """Save memory and the overlay to `image`; the container is left stopped."""
+    async def checkpoint(self, cid: str, image: Path, *, compress: bool = True) -> None:
+        """Save memory and the overlay to `image`; the container is left stopped. Without
+        `compress` the image is written as it is (for the chunk store, which compresses the
+        chunks it does not already hold)."""
         image.mkdir(parents=True, exist_ok=True)
-        res = await run(self._argv("checkpoint", "--image-path", str(image), cid), check=False,
-                        timeout=600)  # fmt: skip
+        flags = [] if compress else ["--compression=none"]
+        res = await run(self._argv("checkpoint", *flags, "--image-path", str(image), cid),
+                        check=False, timeout=600)  # fmt: skip
         if not res.ok:
             log.warning("runsc checkpoint %s failed:\n%s", cid, res.stderr[-20000:])
             raise CheckpointFailed(f"runsc checkpoint {cid} failed: {checkpoint_error(res.stderr)}")
