@@ -48,6 +48,7 @@ from vivarium.network.addressing import Slot, SlotRange
 from vivarium.network.firewall import HostFirewall
 from vivarium.network.pool import SlotPool, create_slot, destroy_slot, reset_sandbox_side
 from vivarium.node.client import NodeClient, NodeError
+from vivarium.node.snapshots import named_chunks
 from vivarium.runtime import disk
 from vivarium.runtime.bundle import CGROUP_PARENT, Resources, cgroup_path, for_sandbox, write_bundle
 from vivarium.runtime.cgroups import CGROUP_ROOT, memory_stats
@@ -937,7 +938,7 @@ def measure_storage(fleet: Fleet, figures: NodeFigures) -> None:
             manifest = json.loads((snapshots / sandbox_id / "manifest.json").read_text())
             if "files" not in manifest:
                 raise RuntimeError(f"the snapshot of {sandbox_id} is not kept as chunks")
-            named.update(d for recipe in manifest["files"].values() for d, _ in recipe)
+            named |= named_chunks(manifest)
             figures.storage_bytes += (snapshots / sandbox_id / "manifest.json").stat().st_size
         chunks = snapshots / "chunks"
         figures.storage_bytes += sum((chunks / d[:2] / d).stat().st_size for d in named)

@@ -18,6 +18,7 @@ from e2b import PtySize, Sandbox, SandboxState
 
 from tests.integration.support import Server
 from tests.pause.conftest import opts as _opts
+from vivarium.node.snapshots import named_chunks
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -143,8 +144,7 @@ def test_a_corrupt_chunk_refuses_only_that_resume_and_is_kept(server: Server) ->
     snapshots = server.state_dir / "snapshots"
 
     def chunks(sandbox_id: str) -> set[str]:
-        files = json.loads((snapshots / sandbox_id / "manifest.json").read_text())["files"]
-        return {digest for recipe in files.values() for digest, _ in recipe}
+        return named_chunks(json.loads((snapshots / sandbox_id / "manifest.json").read_text()))
 
     # The two share most chunks (one template); one of the first's own is damaged.
     shared = chunks(damaged.sandbox_id) & chunks(intact.sandbox_id)

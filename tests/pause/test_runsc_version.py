@@ -14,13 +14,14 @@ from e2b.exceptions import SandboxException
 
 from tests.integration.support import Server
 from tests.pause.conftest import opts as _opts
+from vivarium.node.snapshots import named_chunks
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def _stored(snapshots: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
     """The chunks the snapshot is made of, as they are on disk."""
-    named = {digest for recipe in manifest["files"].values() for digest, _ in recipe}
+    named = named_chunks(manifest)
     return {d: (snapshots / "chunks" / d[:2] / d).read_bytes() for d in sorted(named)}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vivarium.node.records import new_sandbox_id
-from vivarium.node.snapshots import SnapshotCorrupt, SnapshotStore, new_snapshot_id
+from vivarium.node.snapshots import SnapshotCorrupt, SnapshotStore, named_chunks, new_snapshot_id
 
 RUNSC = "0.0~test"
 TEMPLATE = random.Random(1).randbytes(4 << 20)  # what every sandbox of a template holds alike
@@ -68,8 +68,7 @@ def test_a_damaged_chunk_refuses_only_the_snapshots_that_hold_it(tmp_path: Path)
     _commit(store, intact, _image(4))
 
     def chunks(key: str) -> set[str]:
-        files = json.loads((tmp_path / key / "manifest.json").read_text())["files"]
-        return {digest for recipe in files.values() for digest, _ in recipe}
+        return named_chunks(json.loads((tmp_path / key / "manifest.json").read_text()))
 
     own = sorted(chunks(damaged) - chunks(intact))[0]
     path = store.chunks.path(own)

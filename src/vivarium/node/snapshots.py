@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vivarium.errors import Conflict, HostNotReady, NotFound, RuntimeFailure
-from vivarium.node.chunks import ChunkCorrupt, ChunkStore, Recipe
+from vivarium.node.chunks import ChunkCorrupt, ChunkStore, Recipe, decode_recipe, encode_recipe
 from vivarium.node.records import ID_ALPHABET, ID_LENGTH, SANDBOX_PREFIX
 from vivarium.templates.store import dir_size, sha256_dir
 
@@ -235,7 +235,7 @@ class SnapshotStore:
             return self._replace(sandbox_id, staging, manifest)
         with self.chunks.adding() as adding:  # pinned until the manifest naming them is written
             files = {path.name: adding.file(path) for path in _image_files(checkpoint)}
-            manifest["files"] = files
+            manifest["files"] = {name: encode_recipe(recipe) for name, recipe in files.items()}
             manifest["stored_bytes"] = adding.new_bytes  # what it added to the store
             manifest["checksum"] = _recipes_digest(files)  # what the catalog records
             (staging / "manifest.json").write_text(json.dumps(manifest))
@@ -297,7 +297,11 @@ class SnapshotStore:
             for name, recipe in manifest["files"].items():
                 if "/" in name or name.startswith("."):
                     raise ChunkCorrupt(f"unexpected file name {name!r} in its manifest")
-                self.chunks.rebuild([(str(d), int(n)) for d, n in recipe], image / name)
+                try:
+                    chunks = decode_recipe(recipe)
+                except ValueError as exc:
+                    raise ChunkCorrupt(f"the recipe of {name} is unreadable: {exc}") from None
+                self.chunks.rebuild(chunks, image / name)
         except ChunkCorrupt as exc:
             self.discard(image)
             raise SnapshotCorrupt(f"snapshot of {sandbox_id} is corrupt: {exc.message}",
@@ -333,7 +337,7 @@ class SnapshotStore:
             if entry.name.startswith(".tmp-"):
                 continue
             try:
-                files = json.loads((entry / "manifest.json").read_text()).get("files") or {}
+                named |= named_chunks(json.loads((entry / "manifest.json").read_text()))
             except (FileNotFoundError, NotADirectoryError):
                 continue  # no snapshot (the chunk store itself), or deleted meanwhile
             except ValueError:
@@ -341,8 +345,6 @@ class SnapshotStore:
                     f"{entry / 'manifest.json'} is unreadable: no chunk is collected until it is",
                     "repair or remove that snapshot",
                 ) from None
-            for recipe in files.values():
-                named.update(str(digest) for digest, _ in recipe)
         return named
 
     def _fetch(self, remote: ObjectStore, sandbox_id: str, runsc_version: str) -> Snapshot:
@@ -437,6 +439,13 @@ def _image_files(checkpoint: Path) -> list[Path]:
     if any(not entry.is_file() for entry in entries):
         raise RuntimeFailure(f"runsc's image {checkpoint} holds more than files", "report this")
     return entries
+
+
+def named_chunks(manifest: dict[str, Any]) -> set[str]:
+    """The chunks a snapshot's manifest names (none for a whole image). ValueError if a recipe
+    is unreadable."""
+    return {digest for text in (manifest.get("files") or {}).values()
+            for digest, _ in decode_recipe(text)}  # fmt: skip
 
 
 def _recipes_digest(files: dict[str, Recipe]) -> str:
