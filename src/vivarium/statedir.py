@@ -40,6 +40,22 @@ def write_private(path: Path, text: str) -> None:
     tmp.rename(path)
 
 
+def fsync_path(path: Path) -> None:
+    """Make a file's content, or a directory's entries (a rename into it), durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(top: Path) -> None:
+    for root, _dirs, files in os.walk(top):
+        for name in files:
+            fsync_path(Path(root, name))
+        fsync_path(Path(root))
+
+
 def prepare(state_dir: Path) -> list[str]:
     """Check the path, create the directory if needed and tighten it; returns what changed."""
     check_path(state_dir)

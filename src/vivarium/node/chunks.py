@@ -42,6 +42,7 @@ import zstandard
 from fastcdc import fastcdc
 
 from vivarium.errors import RuntimeFailure
+from vivarium.statedir import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -244,15 +245,7 @@ class ChunkBatch:
         # Every chunk named durable, also one another add renamed in and has not synced yet:
         # a directory with nothing pending syncs at once.
         for directory in sorted({store.path(digest).parent for digest, _ in recipe}):
-            _fsync_dir(directory)
+            fsync_path(directory)
         if recipe:
-            _fsync_dir(store.root)
+            fsync_path(store.root)
         return recipe
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 from vivarium.errors import Conflict, HostNotReady, NotFound, RuntimeFailure
 from vivarium.node.chunks import ChunkCorrupt, ChunkStore, Recipe, decode_recipe, encode_recipe
 from vivarium.node.records import ID_ALPHABET, ID_LENGTH, SANDBOX_PREFIX
+from vivarium.statedir import fsync_path, fsync_tree
 from vivarium.templates.store import dir_size, sha256_dir
 
 log = logging.getLogger(__name__)
@@ -148,29 +149,6 @@ class Snapshot:
         return str(self.manifest["checksum"])
 
 
-def _fsync_tree(top: Path) -> None:
-    for root, _dirs, files in os.walk(top):
-        for name in files:
-            _fsync_file(Path(root, name))
-        _fsync_dir(Path(root))
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class SnapshotStore:
     def __init__(self, root: Path, remote: ObjectStore | None = None) -> None:
         self.root = root
@@ -229,7 +207,7 @@ class SnapshotStore:
         if not self.chunked(sandbox_id):
             manifest["checksum"] = sha256_dir(checkpoint)
             (staging / "manifest.json").write_text(json.dumps(manifest))
-            _fsync_tree(staging)
+            fsync_tree(staging)
             if self.remote is not None and remote:
                 self.remote.put(sandbox_id, staging, manifest)
             return self._replace(sandbox_id, staging, manifest)
@@ -239,8 +217,8 @@ class SnapshotStore:
             manifest["stored_bytes"] = adding.new_bytes  # what it added to the store
             manifest["checksum"] = _recipes_digest(files)  # what the catalog records
             (staging / "manifest.json").write_text(json.dumps(manifest))
-            _fsync_file(staging / "manifest.json")  # the chunks it names are durable already
-            _fsync_dir(staging)
+            fsync_path(staging / "manifest.json")  # the chunks it names are durable already
+            fsync_path(staging)
             snapshot = self._replace(sandbox_id, staging, manifest)
         # Only now: until the snapshot is in place, a failure restores the sandbox from it.
         shutil.rmtree(snapshot.path / "checkpoint", ignore_errors=True)
@@ -254,7 +232,7 @@ class SnapshotStore:
             old = self.root / f".old-{sandbox_id}-{secrets.token_hex(4)}"
             final.rename(old)
         staging.rename(final)
-        _fsync_dir(self.root)
+        fsync_path(self.root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
             self.may_hold_unnamed_chunks = True
@@ -364,11 +342,11 @@ class SnapshotStore:
                     "(checksum mismatch)", "it is kept there for inspection; nothing was restored",
                 )  # fmt: skip
             (staging / "manifest.json").write_text(json.dumps(manifest))
-            _fsync_tree(staging)
+            fsync_tree(staging)
             final = self.root / sandbox_id
             shutil.rmtree(final, ignore_errors=True)  # at most a directory without a manifest
             staging.rename(final)
-            _fsync_dir(self.root)
+            fsync_path(self.root)
         except BaseException:
             self.discard(staging)
             raise
