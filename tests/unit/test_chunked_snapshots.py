@@ -116,3 +116,19 @@ def test_teams_snapshots_stay_whole_and_older_paused_ones_still_resume(tmp_path:
     (tmp_path / old / "manifest.json").write_text(json.dumps(manifest))  # same bytes: same sum
     store.collect_chunks()
     assert _restored(store, old) == _image(8)
+
+
+def test_a_start_removes_what_a_crashed_commit_left_and_survives_a_broken_manifest(
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    store = SnapshotStore(tmp_path)
+    key, broken = new_sandbox_id(), new_sandbox_id()
+    _commit(store, key, _image(10))
+    (tmp_path / key / "checkpoint").mkdir()  # the whole image a crash left beside its chunks
+    (tmp_path / key / "checkpoint" / "pages.img").write_bytes(b"x" * 4096)
+    (tmp_path / broken / "checkpoint").mkdir(parents=True)
+    (tmp_path / broken / "manifest.json").write_text("{not json")
+    SnapshotStore(tmp_path).sweep_staging()  # what a start does
+    assert not (tmp_path / key / "checkpoint").exists()
+    assert (tmp_path / broken / "checkpoint").exists()  # left for inspection
+    assert _restored(store, key) == _image(10)
