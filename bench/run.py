@@ -918,8 +918,11 @@ def measure_storage(fleet: Fleet, figures: NodeFigures) -> None:
     snapshots = fleet.socket.parent / "snapshots"
     own = f"head -c {STORAGE_OWN_MIB << 20} /dev/urandom > /home/user/own.bin"
 
+    created: list[str] = []  # killed at the end, whatever state each was left in
+
     def one() -> str:
         sbx = fleet.sdk_create()[0]
+        created.append(sbx.sandbox_id)
         sbx.commands.run(own)
         if not sbx.pause():
             raise RuntimeError(f"sandbox {sbx.sandbox_id} was already paused")
@@ -929,7 +932,7 @@ def measure_storage(fleet: Fleet, figures: NodeFigures) -> None:
     try:
         for _ in range(STORAGE_SANDBOXES // STORAGE_BATCH):
             results = _run_parallel([one] * STORAGE_BATCH)
-            paused += [r for r in results if isinstance(r, str)]  # killed below, whatever happens
+            paused += [r for r in results if isinstance(r, str)]
             for result in results:
                 if isinstance(result, Exception):
                     raise result
@@ -944,7 +947,10 @@ def measure_storage(fleet: Fleet, figures: NodeFigures) -> None:
         figures.storage_bytes += sum((chunks / d[:2] / d).stat().st_size for d in named)
         figures.storage_paused = len(paused)
     finally:
-        _run_parallel([functools.partial(fleet.api_kill, i) for i in paused], KILL_PARALLEL)
+        kills = [functools.partial(fleet.api_kill, i) for i in created]
+        for sandbox_id, outcome in zip(created, _run_parallel(kills, KILL_PARALLEL), strict=True):
+            if isinstance(outcome, Exception):  # the leftover check reports what it kept
+                log(f"could not kill {sandbox_id} through the API: {outcome}")
 
 
 def measure_interpreter(fleet: Fleet, figures: NodeFigures) -> None:

@@ -63,6 +63,13 @@ class HostNotReady(VivariumError):
     http_status = 503
 
 
+class InsufficientStorage(HostNotReady):
+    """The node's disk cannot take what is asked now (a resume's rebuilt image): retry once
+    space is freed."""
+
+    code = "insufficient_storage"
+
+
 class RuntimeFailure(VivariumError):
     """runsc or a network command failed; the message carries its stderr."""
 

@@ -151,3 +151,14 @@ def test_kill_9_during_collection_loses_nothing_referenced(tmp_path: Path) -> No
     assert ChunkStore(root).collect(lambda: {d for d, _ in kept}) == left - len(
         {d for d, _ in kept}
     )
+
+
+def test_a_wrong_recipe_fails_without_touching_the_chunks_it_names(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path / "chunks")
+    recipe = _add(store, tmp_path / "a", _bytes(15, 256 << 10))
+    digest, length = recipe[0]
+    with pytest.raises(ChunkCorrupt, match="the recipe says"):
+        store.rebuild([(digest, length + 1)], tmp_path / "out")
+    assert store.path(digest).exists()  # a sound chunk others may name stays in place
+    store.rebuild(recipe, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == (tmp_path / "a").read_bytes()

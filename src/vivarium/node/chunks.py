@@ -141,15 +141,20 @@ class ChunkStore:
 
     def _read(self, decompressor: zstandard.ZstdDecompressor, digest: str, length: int) -> bytes:
         where = self.path(digest)
+        hint = "the snapshot cannot be restored from this copy"
         try:
             data = decompressor.decompress(where.read_bytes(), max_output_size=length)
         except FileNotFoundError:
-            hint = "the snapshot cannot be restored from this copy"
             raise ChunkCorrupt(f"chunk {where} is missing", hint) from None
+        except OSError as exc:  # the disk, not the chunk: left where it is
+            raise ChunkCorrupt(f"chunk {where} could not be read: {exc}", hint) from None
         except zstandard.ZstdError as exc:
             raise self._damaged(where, f"does not decompress: {exc}") from None
-        if len(data) != length or hashlib.sha256(data).hexdigest() != digest:
+        if hashlib.sha256(data).hexdigest() != digest:
             raise self._damaged(where, "is corrupt (its bytes do not match its name)")
+        if len(data) != length:  # the recipe is wrong, not the chunk, which others may need
+            raise ChunkCorrupt(f"chunk {where} has {len(data)} bytes, the recipe says {length}",
+                               hint)  # fmt: skip
         return data
 
     def _damaged(self, where: Path, what: str) -> ChunkCorrupt:

@@ -53,8 +53,8 @@ async def pause_sandbox(node: Node, record: SandboxRecord) -> Snapshot:
         await asyncio.to_thread(node.snapshots.discard, staging)
         raise
     await node.destroy(record)  # the checkpoint stopped it: free the slot and container
-    log.info("sandbox %s paused (%d MiB image, %.1f MiB of it new in the store)",
-             record.sandbox_id, snapshot.size >> 20, snapshot.stored / (1 << 20))  # fmt: skip
+    log.info("sandbox %s paused (%d MiB image, %.1f MiB stored anew)", record.sandbox_id,
+             snapshot.size >> 20, snapshot.stored / (1 << 20))  # fmt: skip
     return snapshot
 
 
@@ -148,8 +148,7 @@ async def resume_sandbox(node: Node, sandbox_id: str, timeout_s: int) -> Sandbox
         # No wait for the paused incarnation's `runsc delete`: this one gets its own container
         # id and slot (see Node.restore). The snapshot is verified (or fetched) outside the
         # start limit: a long download must not hold up other creates.
-        snapshot = await asyncio.to_thread(node.snapshots.load, sandbox_id,
-                                           runtime.probe.runsc_version)  # fmt: skip
+        snapshot = await load_snapshot(node, sandbox_id, runtime.probe.runsc_version)
         try:
             record = SandboxRecord.from_json(snapshot.record)
             steps.done("snapshot loaded")
@@ -158,6 +157,22 @@ async def resume_sandbox(node: Node, sandbox_id: str, timeout_s: int) -> Sandbox
             await asyncio.to_thread(node.snapshots.release, snapshot)
     log.info("sandbox %s resumed", sandbox_id)
     return restored
+
+
+async def load_snapshot(node: Node, key: str, runsc_version: str) -> Snapshot:
+    """SnapshotStore.load in a thread. If the caller is cancelled meanwhile, what the load
+    rebuilt is released once it is done, not left on disk until the next start."""
+    loading = asyncio.ensure_future(asyncio.to_thread(node.snapshots.load, key, runsc_version))
+    try:
+        return await asyncio.shield(loading)
+    except asyncio.CancelledError:
+
+        def release(done: asyncio.Future[Snapshot]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                node.snapshots.release(done.result())
+
+        loading.add_done_callback(release)
+        raise
 
 
 async def _restore_record(

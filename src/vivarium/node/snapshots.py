@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from vivarium.errors import Conflict, HostNotReady, NotFound, RuntimeFailure
+from vivarium.errors import Conflict, HostNotReady, InsufficientStorage, NotFound, RuntimeFailure
 from vivarium.node.chunks import ChunkCorrupt, ChunkStore, Recipe, decode_recipe, encode_recipe
 from vivarium.node.records import ID_ALPHABET, ID_LENGTH, SANDBOX_PREFIX
 from vivarium.statedir import fsync_path, fsync_tree
@@ -272,14 +272,11 @@ class SnapshotStore:
         _check_room(self.root, int(manifest.get("size_bytes", 0)), sandbox_id)
         image.mkdir(mode=0o700)
         try:
-            for name, recipe in manifest["files"].items():
-                if "/" in name or name.startswith("."):
-                    raise ChunkCorrupt(f"unexpected file name {name!r} in its manifest")
-                try:
-                    chunks = decode_recipe(recipe)
-                except ValueError as exc:
-                    raise ChunkCorrupt(f"the recipe of {name} is unreadable: {exc}") from None
-                self.chunks.rebuild(chunks, image / name)
+            recipes = _decoded(manifest)
+            if _recipes_digest(recipes) != manifest.get("checksum"):  # before any chunk is read
+                raise ChunkCorrupt("its recipes do not match its checksum")
+            for name, recipe in recipes.items():
+                self.chunks.rebuild(recipe, image / name)
         except ChunkCorrupt as exc:
             self.discard(image)
             raise SnapshotCorrupt(f"snapshot of {sandbox_id} is corrupt: {exc.message}",
@@ -315,7 +312,10 @@ class SnapshotStore:
             if entry.name.startswith(".tmp-"):
                 continue
             try:
-                named |= named_chunks(json.loads((entry / "manifest.json").read_text()))
+                manifest = json.loads((entry / "manifest.json").read_text())
+                if not isinstance(manifest, dict):
+                    raise ValueError("not an object")
+                named |= named_chunks(manifest)
             except (FileNotFoundError, NotADirectoryError):
                 continue  # no snapshot (the chunk store itself), or deleted meanwhile
             except ValueError:
@@ -392,10 +392,10 @@ class SnapshotStore:
         for image in self.root.glob(f"{SANDBOX_PREFIX}*/checkpoint"):  # a commit cut short
             try:
                 chunked = "files" in json.loads((image.parent / "manifest.json").read_text())
-            except (OSError, ValueError):
-                continue  # not a sealed snapshot: left as it is, and refused when loaded
+            except Exception:  # not a sealed snapshot: left as it is, and refused when loaded
+                continue
             if chunked:
-                shutil.rmtree(image)
+                shutil.rmtree(image, ignore_errors=True)
         for path in self.root.glob(".old-*"):
             sandbox_id = path.name[len(".old-") :].rsplit("-", 1)[0]
             if (self.root / sandbox_id).exists():
@@ -408,7 +408,7 @@ def _check_room(root: Path, size: int, sandbox_id: str) -> None:
     """A rebuilt image needs its whole size on the node's disk."""
     free = shutil.disk_usage(root).free
     if free < size + ROOM_HEADROOM:
-        raise HostNotReady(
+        raise InsufficientStorage(
             f"not enough disk space to resume {sandbox_id}: {free >> 20} MiB free in {root}, "
             f"{(size + ROOM_HEADROOM) >> 20} MiB needed",
             "free some disk space and resume again; the snapshot is kept",
@@ -424,10 +424,26 @@ def _image_files(checkpoint: Path) -> list[Path]:
 
 
 def named_chunks(manifest: dict[str, Any]) -> set[str]:
-    """The chunks a snapshot's manifest names (none for a whole image). ValueError if a recipe
-    is unreadable."""
-    return {digest for text in (manifest.get("files") or {}).values()
-            for digest, _ in decode_recipe(text)}  # fmt: skip
+    """The chunks a snapshot's manifest names (none for a whole image). ValueError if its
+    recipes are unreadable."""
+    if "files" not in manifest:
+        return set()
+    try:
+        recipes = _decoded(manifest)
+    except ChunkCorrupt as exc:
+        raise ValueError(exc.message) from None
+    return {digest for recipe in recipes.values() for digest, _ in recipe}
+
+
+def _decoded(manifest: dict[str, Any]) -> dict[str, Recipe]:
+    """A chunked manifest's recipes, by file name; ChunkCorrupt if they are unreadable."""
+    try:
+        recipes = {str(name): decode_recipe(text) for name, text in manifest["files"].items()}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ChunkCorrupt(f"its recipes are unreadable: {exc}") from None
+    if any("/" in name or name.startswith(".") for name in recipes):
+        raise ChunkCorrupt(f"its manifest names unexpected files: {sorted(recipes)}")
+    return recipes
 
 
 def _recipes_digest(files: dict[str, Recipe]) -> str:

@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from vivarium.errors import RuntimeFailure, VivariumError
-from vivarium.node.pause import checkpoint_sandbox, seal, start_again
+from vivarium.node.pause import checkpoint_sandbox, load_snapshot, seal, start_again
 from vivarium.node.records import SandboxRecord
 from vivarium.node.request import CreateRequest
 from vivarium.node.snapshots import Snapshot
@@ -80,7 +80,7 @@ async def start_from_snapshot(node: Node, req: CreateRequest, key: str) -> Sandb
     timeout_s = node.timeout(req.timeout_s)
     with node.snapshot_in_use(key):
         version = node.rt().probe.runsc_version
-        snapshot = await asyncio.to_thread(node.snapshots.load, key, version)
+        snapshot = await load_snapshot(node, key, version)
         source = SandboxRecord.from_json(snapshot.record)
         # envd keeps the source's variables (they are in the checkpoint); the request's add to them.
         req = replace(req, env_vars={**source.env_vars, **(req.env_vars or {})})
