@@ -27,7 +27,9 @@ COLLECT_EVERY = 60  # rounds between collections of the chunks deleted snapshots
 class Reaper:
     def __init__(self, node: Node) -> None:
         self.node = node
-        self._suspects: set[str] = set()  # sandbox ids that looked dead in the last check
+        # Containers (not sandboxes: a pause or snapshot gives a sandbox a new one) that looked
+        # dead in the last check.
+        self._suspects: set[str] = set()
 
     async def run(self) -> None:
         tick = 0
@@ -53,20 +55,24 @@ class Reaper:
         running = {c.id for c in await runtime.list() if c.status == "running"}
         node.warm.prune(running)
         for record in [r for r in node.sandboxes.values() if r.container_id not in running]:
-            # `runsc list` can miss a container whose state file is being rewritten: ask it
-            # directly, and act only when a sandbox looked dead in two checks in a row.
+            lock = node.lock(record.sandbox_id)
+            if lock.locked():
+                continue  # being created, killed, paused or snapshotted: its container changes
+            # `runsc list` can miss a container whose state file is being rewritten (and the
+            # list may predate a new incarnation): ask it directly, and act only when the same
+            # container looked dead in two checks in a row.
             state = await runtime.state(record.container_id)
             if state is not None and state.status == "running":
                 continue
-            if record.sandbox_id not in suspects:
-                self._suspects.add(record.sandbox_id)
+            if record.container_id not in suspects:
+                self._suspects.add(record.container_id)
                 continue
-            lock = node.lock(record.sandbox_id)
             if lock.locked():
-                continue  # being created, killed or changed right now
+                continue
             async with lock:
-                if record.sandbox_id not in node.sandboxes:
-                    continue
+                current = node.sandboxes.get(record.sandbox_id)
+                if current is None or current.container_id != record.container_id:
+                    continue  # gone, or started again in another container meanwhile
                 stats = memory_stats(record.container_id)
                 if stats and stats.oom_kills:
                     reason = f"out of memory: exceeded its {record.memory_mb} MiB limit"
