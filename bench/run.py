@@ -48,7 +48,7 @@ from vivarium.network.addressing import Slot, SlotRange
 from vivarium.network.firewall import HostFirewall
 from vivarium.network.pool import SlotPool, create_slot, destroy_slot, reset_sandbox_side
 from vivarium.node.client import NodeClient, NodeError
-from vivarium.node.snapshots import named_chunks
+from vivarium.node.snapshots import CHUNKS, SnapshotStore, named_chunks
 from vivarium.runtime import disk
 from vivarium.runtime.bundle import CGROUP_PARENT, Resources, cgroup_path, for_sandbox, write_bundle
 from vivarium.runtime.cgroups import CGROUP_ROOT, memory_stats
@@ -1147,7 +1147,13 @@ async def sweep(work: Path, server_state: Path) -> list[str]:
     # Snapshots of paused sandboxes (the API's kill removes them) and the raw checkpoints.
     snapshots = server_state / "snapshots"
     if snapshots.is_dir():
-        problems += [f"snapshot {path}" for path in snapshots.iterdir()]
+        problems += [f"snapshot {path}" for path in snapshots.iterdir() if path.name != CHUNKS]
+        # Chunks wait for the node's next collection; a collection now must leave none.
+        store = SnapshotStore(snapshots)
+        await asyncio.to_thread(store.collect_chunks)
+        left = [p for d in store.chunks.root.glob("??") for p in d.iterdir()]
+        if left:
+            problems.append(f"{len(left)} chunk(s) in {store.chunks.root} after a collection")
     if (work / "raw-checkpoints").exists():
         problems.append(f"raw checkpoints in {work / 'raw-checkpoints'}")
     return problems

@@ -30,6 +30,7 @@ from vivarium.proxy import Refusal, SandboxProxy, Upstream
 from vivarium.tls import ReloadingContext
 
 log = logging.getLogger("vivarium")
+KEEP_ALIVE_S = 75  # idle keep-alive connections of the API and node socket (see _listen)
 
 
 class _Server(uvicorn.Server):
@@ -121,16 +122,20 @@ async def _listen(
     tls: ReloadingContext | None,
 ) -> None:  # fmt: skip
     """Serve the node socket and the API until SIGINT or SIGTERM."""
+    # Keep-alive: longer than clients keep an idle connection (httpx: 5 s, uvicorn's own
+    # default too), so that the client closes it first. With both at 5 s, a request sent as
+    # the server closed the connection failed on a loaded host ("cannot reach the server").
     api_config = uvicorn.Config(
         create_api_app(control), host=settings.api_host, port=settings.api_port,
-        log_level="warning", lifespan="off",
+        log_level="warning", lifespan="off", timeout_keep_alive=KEEP_ALIVE_S,
     )  # fmt: skip
     if tls:
         api_config.load()
         api_config.ssl = tls.context  # ours, so that a renewed certificate reaches it
     servers = [
         _Server(uvicorn.Config(create_node_app(node), fd=node_socket.fileno(),
-                               log_level="warning", lifespan="off")),
+                               log_level="warning", lifespan="off",
+                               timeout_keep_alive=KEEP_ALIVE_S)),
         _Server(api_config),
     ]  # fmt: skip
     loop = asyncio.get_running_loop()

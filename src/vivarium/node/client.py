@@ -37,9 +37,14 @@ class NodeClient:
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         try:
             response = self._http.request(method, path, json=body)
-        except httpx.TransportError:
+        except httpx.TimeoutException:
             raise HostNotReady(
-                f"cannot reach the vivarium server at {self.socket_path}",
+                f"the vivarium server at {self.socket_path} did not answer {method} {path} in time",
+                "it may be overloaded; see its log",
+            ) from None
+        except httpx.TransportError as exc:
+            raise HostNotReady(
+                f"cannot reach the vivarium server at {self.socket_path} ({exc!r})",
                 "start it with `make run` or `vivarium serve`",
             ) from None
         if response.status_code >= 400:
