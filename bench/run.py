@@ -911,10 +911,23 @@ def measure_pause(fleet: Fleet, figures: NodeFigures) -> None:
                 log(f"could not kill {sandbox_id} through the API: {exc}")
 
 
-def measure_storage(fleet: Fleet, figures: NodeFigures) -> None:
-    """STORAGE_SANDBOXES sandboxes, each writing STORAGE_OWN_MIB of random bytes and paused;
-    then the bytes on disk of every chunk their manifests name (each counted once), which is
-    what storing them takes, whatever else the store holds."""
+def measure_storage(fleet: Fleet, server: Server, figures: NodeFigures) -> None:
+    """With deduplicated snapshots (the server restarted with VIVARIUM_SNAPSHOT_DEDUP=1, and
+    back without it after): STORAGE_SANDBOXES sandboxes, each writing STORAGE_OWN_MIB of random
+    bytes and paused; then the bytes on disk of every chunk their manifests name (each counted
+    once), which is what storing them takes, whatever else the store holds."""
+    server.stop()
+    server.env["VIVARIUM_SNAPSHOT_DEDUP"] = "1"
+    server.start()
+    try:
+        _paused_storage(fleet, figures)
+    finally:
+        server.stop()
+        del server.env["VIVARIUM_SNAPSHOT_DEDUP"]
+        server.start()
+
+
+def _paused_storage(fleet: Fleet, figures: NodeFigures) -> None:
     snapshots = fleet.socket.parent / "snapshots"
     own = f"head -c {STORAGE_OWN_MIB << 20} /dev/urandom > /home/user/own.bin"
 
@@ -1096,7 +1109,7 @@ def measure_node(fleet: Fleet, server: Server) -> NodeFigures:
         fleet.settle()
         log(f"node: {STORAGE_SANDBOXES} sandboxes paused with {STORAGE_OWN_MIB} MiB of their "
             "own each")  # fmt: skip
-        measure_storage(fleet, figures)
+        measure_storage(fleet, server, figures)
         fleet.settle()
         log(f"node: {SNAPSHOT_RUNS} snapshots of a running sandbox, {SNAPSHOT_CREATES} "
             f"creates from one, a fork of {FORK_COUNT}")  # fmt: skip

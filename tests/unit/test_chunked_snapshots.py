@@ -45,7 +45,7 @@ def _restored(store: SnapshotStore, key: str) -> dict[str, bytes]:
 def test_paused_snapshots_are_chunks_that_come_back_whole_and_share_storage(
     tmp_path: Path,
 ) -> None:  # fmt: skip
-    store = SnapshotStore(tmp_path)
+    store = SnapshotStore(tmp_path, dedup=True)
     first, second = new_sandbox_id(), new_sandbox_id()
     _commit(store, first, _image(1))
     alone = store.chunks.stored_bytes()
@@ -62,7 +62,7 @@ def test_paused_snapshots_are_chunks_that_come_back_whole_and_share_storage(
 
 
 def test_a_damaged_chunk_refuses_only_the_snapshots_that_hold_it(tmp_path: Path) -> None:
-    store = SnapshotStore(tmp_path)
+    store = SnapshotStore(tmp_path, dedup=True)
     damaged, intact = new_sandbox_id(), new_sandbox_id()
     _commit(store, damaged, _image(3))
     _commit(store, intact, _image(4))
@@ -84,7 +84,7 @@ def test_a_damaged_chunk_refuses_only_the_snapshots_that_hold_it(tmp_path: Path)
 
 
 def test_chunks_of_replaced_and_deleted_snapshots_are_collected(tmp_path: Path) -> None:
-    store = SnapshotStore(tmp_path)
+    store = SnapshotStore(tmp_path, dedup=True)
     kept, deleted = new_sandbox_id(), new_sandbox_id()
     _commit(store, kept, _image(5))
     _commit(store, deleted, _image(6))
@@ -100,7 +100,7 @@ def test_chunks_of_replaced_and_deleted_snapshots_are_collected(tmp_path: Path) 
 
 
 def test_teams_snapshots_stay_whole_and_older_paused_ones_still_resume(tmp_path: Path) -> None:
-    store = SnapshotStore(tmp_path)
+    store = SnapshotStore(tmp_path, dedup=True)
     team = new_snapshot_id()
     _commit(store, team, _image(8))
     assert (tmp_path / team / "checkpoint" / "pages.img").read_bytes() == _image(8)["pages.img"]
@@ -121,14 +121,14 @@ def test_teams_snapshots_stay_whole_and_older_paused_ones_still_resume(tmp_path:
 def test_a_start_removes_what_a_crashed_commit_left_and_survives_a_broken_manifest(
     tmp_path: Path,
 ) -> None:  # fmt: skip
-    store = SnapshotStore(tmp_path)
+    store = SnapshotStore(tmp_path, dedup=True)
     key, broken = new_sandbox_id(), new_sandbox_id()
     _commit(store, key, _image(10))
     (tmp_path / key / "checkpoint").mkdir()  # the whole image a crash left beside its chunks
     (tmp_path / key / "checkpoint" / "pages.img").write_bytes(b"x" * 4096)
     (tmp_path / broken / "checkpoint").mkdir(parents=True)
     (tmp_path / broken / "manifest.json").write_text("{not json")
-    SnapshotStore(tmp_path).sweep_staging()  # what a start does
+    SnapshotStore(tmp_path, dedup=True).sweep_staging()  # what a start does
     assert not (tmp_path / key / "checkpoint").exists()
     assert (tmp_path / broken / "checkpoint").exists()  # left for inspection
     assert _restored(store, key) == _image(10)

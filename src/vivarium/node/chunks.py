@@ -81,8 +81,7 @@ class ChunkCorrupt(RuntimeFailure):
 
 class ChunkStore:
     def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.root = root  # made with the first chunk
         self._lock = threading.Lock()
         self._pins: Counter[str] = Counter()  # chunks of snapshots being added
         self._touched: set[str] | None = None  # pinned since the running collection began
@@ -111,7 +110,8 @@ class ChunkStore:
                 self._touched.add(digest)
 
     def _write(self, target: Path, body: bytes) -> None:
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, exist_ok=True)
+        target.parent.mkdir(mode=0o700, exist_ok=True)
         tmp = target.with_name(f".tmp-{target.name}-{secrets.token_hex(4)}")
         try:
             # A buffered file writes all of `body` or raises (os.write may stop short on a

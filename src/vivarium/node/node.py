@@ -84,6 +84,7 @@ class Node:
         self.snapshots = SnapshotStore(
             settings.state_dir / "snapshots",
             remote_store(settings.snapshot_url, settings.s3_endpoint_url),
+            dedup=settings.snapshot_dedup,
         )
         self._remote_deletes: set[asyncio.Task[None]] = set()
         # Snapshots sandboxes are being started from: deleting one waits until they are.

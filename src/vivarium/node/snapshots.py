@@ -6,9 +6,9 @@ The key is a paused sandbox's id (its one snapshot, replaced by each pause), a t
 id (`new_snapshot_id`, started from by creates), or a fork's (`new_fork_key`, kept only while
 its children start). They never collide: sandbox ids start with `i`, team snapshots' with `s`.
 
-A paused sandbox's snapshot (without a remote tier) is kept as chunks (chunks.py): its
-`manifest.json` lists, per file of runsc's image, the chunks it is made of, and the image is
-rebuilt from them, verified chunk by chunk, for each resume. Sandboxes from one template, and
+With VIVARIUM_SNAPSHOT_DEDUP=1 (and no remote tier), a paused sandbox's snapshot is kept as
+chunks (chunks.py): its `manifest.json` lists, per file of runsc's image, the chunks it is made
+of, and the image is rebuilt from them, verified chunk by chunk, for each resume. Sandboxes from one template, and
 the successive pauses of one sandbox, share most of their chunks. A team's snapshot or a fork's
 keeps its image whole, in `checkpoint/`, ready for the many creates that start from it.
 
@@ -150,9 +150,11 @@ class Snapshot:
 
 
 class SnapshotStore:
-    def __init__(self, root: Path, remote: ObjectStore | None = None) -> None:
+    def __init__(self, root: Path, remote: ObjectStore | None = None, *,
+                 dedup: bool = False) -> None:  # fmt: skip
         self.root = root
         self.remote = remote
+        self.dedup = dedup
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.chunks = ChunkStore(root / CHUNKS)
         # Set when a snapshot went (and at start: a crash may have left chunks behind).
@@ -163,10 +165,11 @@ class SnapshotStore:
         self._verified: dict[str, str] = {}
 
     def chunked(self, key: str) -> bool:
-        """Whether the snapshot `key` is kept as chunks: a paused sandbox's, which is restored
-        once and is much like the others. The remote tier stores whole images (for now), so
-        with one configured nothing is chunked."""
-        return self.remote is None and key.startswith(SANDBOX_PREFIX)
+        """Whether the snapshot `key` is kept as chunks: with dedup on, a paused sandbox's,
+        which is restored once and is much like the others. The remote tier stores whole
+        images (for now), so with one configured nothing is chunked. (Snapshots already kept
+        as chunks are read as such whatever the setting: their manifests say.)"""
+        return self.dedup and self.remote is None and key.startswith(SANDBOX_PREFIX)
 
     def check(self) -> None:
         """Raise SnapshotStoreUnavailable unless the remote tier (if any) answers. Blocking."""
