@@ -8,9 +8,10 @@ its children start). They never collide: sandbox ids start with `i`, team snapsh
 
 With VIVARIUM_SNAPSHOT_DEDUP=1 (and no remote tier), a paused sandbox's snapshot is kept as
 chunks (chunks.py): its `manifest.json` lists, per file of runsc's image, the chunks it is made
-of, and the image is rebuilt from them, verified chunk by chunk, for each resume. Sandboxes from one template, and
-the successive pauses of one sandbox, share most of their chunks. A team's snapshot or a fork's
-keeps its image whole, in `checkpoint/`, ready for the many creates that start from it.
+of, and the image is rebuilt from them, verified chunk by chunk, for each resume. Sandboxes
+from one template, and the successive pauses of one sandbox, share most of their chunks. A
+team's snapshot or a fork's keeps its image whole, in `checkpoint/`, ready for the many creates
+that start from it.
 
 Writes are atomic: a snapshot is assembled under a temporary name, fsync'ed, checksummed and
 only then renamed into place, so a crash or a full disk never leaves a half snapshot that looks
