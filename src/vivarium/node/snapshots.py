@@ -299,8 +299,8 @@ class SnapshotStore:
     def collect_chunks(self) -> int:
         """Remove the chunks no snapshot names any more, if a snapshot went since the last time
         (crash-safe: chunks.py). Blocking."""
-        if not self.may_hold_unnamed_chunks:
-            return 0
+        if not self.may_hold_unnamed_chunks or not self.chunks.root.is_dir():
+            return 0  # (without dedup there is no chunk store: no manifest to read every round)
         # Cleared before the manifests are read: a snapshot going meanwhile sets it again.
         self.may_hold_unnamed_chunks = False
         removed = self.chunks.collect(self._named_chunks)
@@ -392,6 +392,8 @@ class SnapshotStore:
         snapshots (a fork that a crash cut short has no children left to start)."""
         for path in [*self.root.glob(".tmp-*"), *self.root.glob(f"{FORK_PREFIX}*")]:
             shutil.rmtree(path, ignore_errors=True)
+        if not self.chunks.root.is_dir():
+            return  # never deduplicated here: nothing below to look for in each manifest
         self.chunks.sweep()
         for image in self.root.glob(f"{SANDBOX_PREFIX}*/checkpoint"):  # a commit cut short
             try:
