@@ -389,13 +389,15 @@ async def measure_raw(template: Template, work: Path) -> RawFloor:
     raw = RawFloor(platform=runtime.probe.platform)
     slot = SlotRange(RAW_PREFIX, RAW_CIDR).slot(0)
     spec = template.spec
+    hub = work / "raw-hub"  # no volumes: an empty hub, as the node gives such sandboxes
+    hub.mkdir(parents=True, exist_ok=True)
     await destroy_slot(slot.prefix, slot.index)  # one left behind by an interrupted run
     live: str | None = None
     try:
         await create_slot(slot)
         for i in range(RESTORE_RUNS):
             cid = raw_cid(i)
-            config = for_sandbox(spec, Path(slot.netns_path), RAW_RESOURCES, cid)
+            config = for_sandbox(spec, Path(slot.netns_path), RAW_RESOURCES, cid, hub)
             bundle = write_bundle(work / "raw" / cid, config)
             live = cid
             filestore = _new_disk(work / "raw" / f"{cid}-disk")

@@ -79,6 +79,10 @@ class Settings:
     database_url: str = ""
     # Sandboxes one team may run at once (E2B's per-team concurrency limit).
     team_max_sandboxes: int = 20
+    # Volumes (node/volumes.py): how many a team may have, and each one's size (a sparse image:
+    # only what is written costs disk).
+    team_max_volumes: int = 100
+    volume_size_mb: int = 10240
     # Paused sandboxes whose snapshot is older are deleted (0: kept until killed).
     snapshot_max_age_s: int = 30 * 24 * 3600
     # Durable copy of every snapshot: s3://bucket[/prefix] (empty: snapshots on local disk only).
@@ -124,6 +128,8 @@ class Settings:
             tls_key=Path(k) if (k := _env("TLS_KEY", "")) else None,
             database_url=_env("DATABASE_URL", ""),
             team_max_sandboxes=_env_int("TEAM_MAX_SANDBOXES", 20),
+            team_max_volumes=_env_int("TEAM_MAX_VOLUMES", 100),
+            volume_size_mb=_env_int("VOLUME_SIZE_MB", 10240),
             snapshot_max_age_s=_env_int("SNAPSHOT_MAX_AGE", 30 * 24 * 3600),
             snapshot_url=_env("SNAPSHOT_URL", ""),
             s3_endpoint_url=_env("S3_ENDPOINT_URL", ""),
@@ -168,6 +174,10 @@ class Settings:
             raise ConfigError("VIVARIUM_TEAM_MAX_SANDBOXES must be at least 1")
         if self.max_starting < 1:
             raise ConfigError("VIVARIUM_MAX_STARTING must be at least 1")
+        if self.team_max_volumes < 0:
+            raise ConfigError("VIVARIUM_TEAM_MAX_VOLUMES must be 0 or more")
+        if not 16 <= self.volume_size_mb <= 4 << 20:
+            raise ConfigError("VIVARIUM_VOLUME_SIZE_MB must be 16..4194304 (4 TiB)")
         if self.max_sandboxes < 1:
             raise ConfigError("VIVARIUM_MAX_SANDBOXES must be at least 1")
         if self.snapshot_url:
@@ -195,6 +205,10 @@ class Settings:
     @property
     def runsc_root(self) -> Path:
         return self.state_dir / "runsc"
+
+    @property
+    def volumes_dir(self) -> Path:
+        return self.state_dir / "volumes"
 
     @property
     def node_socket(self) -> Path:

@@ -33,6 +33,11 @@ class InvalidArgument(VivariumError):
     http_status = 400
 
 
+class Unauthenticated(VivariumError):
+    code = "unauthenticated"
+    http_status = 401
+
+
 class NotFound(VivariumError):
     code = "not_found"
     http_status = 404

@@ -43,12 +43,15 @@ def compat() -> Iterator[Compat]:
     # With a warm pool: the official clients meet warm sandboxes as well as restored ones.
     srv = make_server("compat", "vx", "10.237.0.0/20", API_PORT, max_sandboxes="40",
                       team_max_sandboxes="30", slot_prewarm="8",
-                      warm_pool="base=2,code-interpreter-v1=1")  # fmt: skip
+                      warm_pool="base=2,code-interpreter-v1=1", team_max_volumes="6",
+                      volume_size_mb="64")  # fmt: skip
     srv.start()
     key = (srv.state_dir / "admin.key").read_text().strip()
     env = Compat(srv, f"http://127.0.0.1:{API_PORT}", f"http://127.0.0.1:{API_PORT + 1000}", key)
-    saved = {k: os.environ.get(k) for k in ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL")}
-    os.environ.update(E2B_API_KEY=key, E2B_API_URL=env.api_url, E2B_SANDBOX_URL=env.sandbox_url)
+    names = ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL", "E2B_VOLUME_API_URL")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(E2B_API_KEY=key, E2B_API_URL=env.api_url, E2B_SANDBOX_URL=env.sandbox_url,
+                      E2B_VOLUME_API_URL=env.api_url)  # fmt: skip
     try:
         yield env
     finally:

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from vivarium.node.client import NodeClient
+from vivarium.runtime import disk
 
 REPO = Path(__file__).resolve().parents[2]
 VIVARIUM = str(Path(sys.executable).parent / "vivarium")
@@ -88,6 +89,10 @@ class Server:
         self.proc.send_signal(sig)
         code = self.proc.wait(timeout)
         self.proc = None
+        # Volumes stay mounted when a server stops (the next start finds them): a test server
+        # lets go of its own, as a host restart would, so test runs leave no loop devices.
+        for point in disk.mounts_under(self.state_dir / "volumes"):
+            subprocess.run(["umount", "--lazy", str(point)], check=False)
         return code
 
     def log_tail(self, lines: int = 30) -> str:

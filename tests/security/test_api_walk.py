@@ -32,9 +32,17 @@ def victim(owner: httpx.Client) -> Iterator[dict[str, Any]]:
     sandbox_id = created.json()["sandboxID"]
     snapshot = owner.post(f"/sandboxes/{sandbox_id}/snapshots", json={})  # the team's, too
     assert snapshot.status_code == 201, snapshot.text
-    yield {**created.json(), "snapshotID": snapshot.json()["snapshotID"]}
+    volume = owner.post("/volumes", json={"name": f"walk-{uuid.uuid4().hex[:6]}"})  # and this
+    assert volume.status_code == 201, volume.text
+    yield {
+        **created.json(),
+        "snapshotID": snapshot.json()["snapshotID"],
+        "volumeID": volume.json()["volumeID"],
+        "volumeToken": volume.json()["token"],
+    }
     owner.delete(f"/sandboxes/{sandbox_id}")
     owner.delete(f"/templates/{snapshot.json()['snapshotID']}")
+    owner.delete(f"/volumes/{volume.json()['volumeID']}")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +59,9 @@ def _call(http: httpx.Client, method: str, path: str, victim: dict[str, Any]) ->
             "templateID": "base"}  # fmt: skip
     url = path.replace("{sandbox_id}", victim["sandboxID"])
     url = url.replace("{template_id}", victim["snapshotID"])
+    url = url.replace("{volume_id}", victim["volumeID"])
+    if "/volumecontent/" in url:
+        url += "?path=/"
     if method in ("post", "put", "patch"):
         return http.request(method, url, json=body)
     return http.request(method, url)
@@ -82,7 +93,9 @@ def test_another_team_sees_and_changes_nothing_of_a_sandbox(
     with _api(server, team.json()["apiKey"]) as other:
         for method, path in routes:
             response = _call(other, method, path, victim)
-            if "{sandbox_id}" in path or "{template_id}" in path:
+            if path.startswith("/volumecontent/"):
+                _json_error(response, 401)  # the volume's token, not a team's key, opens it
+            elif "{sandbox_id}" in path or "{template_id}" in path or "{volume_id}" in path:
                 _json_error(response, 404)
             elif path == "/teams":
                 _json_error(response, 404)  # only admin keys make teams
@@ -92,6 +105,11 @@ def test_another_team_sees_and_changes_nothing_of_a_sandbox(
             elif path.endswith("sandboxes") and method == "post":  # its own, in its own team
                 assert response.status_code == 201, response.text
                 other.delete(f"/sandboxes/{response.json()['sandboxID']}")
+            elif path == "/volumes" and method == "post":
+                assert response.status_code == 201, response.text
+                other.delete(f"/volumes/{response.json()['volumeID']}")
+            elif path == "/volumes":
+                assert response.status_code == 200 and victim["volumeID"] not in response.text
             elif path == "/api-keys":
                 assert response.status_code in (200, 201)
                 assert owner.headers["X-API-Key"] not in response.text
@@ -103,5 +121,9 @@ def test_another_team_sees_and_changes_nothing_of_a_sandbox(
     after = owner.get(f"/sandboxes/{sandbox_id}").json()
     assert after["state"] == "running" and after["endAt"] == before["endAt"]
     assert after["metadata"] == {"owner": "a"}
+    token = {"Authorization": f"Bearer {victim['volumeToken']}"}
+    listing = owner.get(f"/volumecontent/{victim['volumeID']}/dir", params={"path": "/"},
+                        headers=token)  # fmt: skip
+    assert listing.status_code == 200 and listing.json() == []  # nothing written into it
     listed = owner.get("/snapshots", params={"sandboxID": sandbox_id}).json()
     assert [s["snapshotID"] for s in listed] == [victim["snapshotID"]]

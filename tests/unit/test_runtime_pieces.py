@@ -7,19 +7,26 @@ import pytest
 
 from vivarium.config import Settings
 from vivarium.errors import ConfigError, HostNotReady, InvalidArgument
+from vivarium.guest.envd import VOLUME_HUB
 from vivarium.node.records import RecordStore, SandboxRecord, new_sandbox_id, valid_sandbox_id
 from vivarium.runtime import procsys
-from vivarium.runtime.bundle import Resources, base_spec, for_sandbox
+from vivarium.runtime.bundle import Resources, base_spec, for_sandbox, has_volume_hub
 from vivarium.runtime.cgroups import memory_stats, pids_limit_hits, settle_cpu
 from vivarium.runtime.probe import Probe, check_release, release_date
 from vivarium.runtime.runsc import checkpoint_error
 from vivarium.templates.recipe import Recipe
 
 
-def test_sandbox_spec_changes_only_netns_resources_and_cgroup() -> None:
-    spec = base_spec(Path("/t/rootfs"), ["/init"], ["A=1"], "sandbox", 100)
-    out = for_sandbox(spec, Path("/var/run/netns/x"), Resources(256, 0.5, 100, 1024), "iabc")
-    assert out["root"] == spec["root"] and out["mounts"] == spec["mounts"]
+def test_sandbox_spec_changes_only_netns_resources_cgroup_and_hub() -> None:
+    spec = base_spec(Path("/t/rootfs"), ["/init"], ["A=1"], "sandbox", 100, Path("/t/hub"))
+    out = for_sandbox(spec, Path("/var/run/netns/x"), Resources(256, 0.5, 100, 1024), "iabc",
+                      Path("/c/hub"))  # fmt: skip
+    assert out["root"] == spec["root"]
+    hub = {"destination": VOLUME_HUB, "type": "bind", "source": "/t/hub",
+           "options": ["rbind", "rw", "nosuid", "nodev"]}  # fmt: skip
+    assert hub in spec["mounts"] and has_volume_hub(spec)
+    assert out["mounts"] == [m if m != hub else {**hub, "source": "/c/hub"}
+                             for m in spec["mounts"]]  # fmt: skip
     assert out["process"] == spec["process"]
     assert {"type": "network", "path": "/var/run/netns/x"} in out["linux"]["namespaces"]
     assert out["linux"]["resources"] == {

@@ -15,20 +15,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from vivarium.api import shapes
+from vivarium.api import shapes, volume_routes
 from vivarium.api.control import ControlPlane
 from vivarium.api.openapi import document
-from vivarium.errors import InvalidArgument, VivariumError
+from vivarium.errors import InvalidArgument, Unauthenticated, VivariumError
 from vivarium.guest.envd import ENVD_VERSION
 from vivarium.httpjson import guarded, json_body, typed
 
 Row = dict[str, Any]
 TeamHandler = Callable[[Request, Row], Awaitable[Response]]
-
-
-class Unauthenticated(VivariumError):
-    code = "unauthenticated"
-    http_status = 401
 
 
 def _name(data: dict[str, Any]) -> str:
@@ -239,5 +234,6 @@ def create_app(control: ControlPlane) -> Starlette:
         Route("/api-keys", authed(list_keys), methods=["GET"]),
         Route("/api-keys", authed(create_key), methods=["POST"]),
         Route("/teams", authed(create_team), methods=["POST"]),
+        *volume_routes.routes(control, authed),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

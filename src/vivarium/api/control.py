@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from vivarium.api import keys, store
 from vivarium.api.db.engine import migrate, open_engine
+from vivarium.api.volumes import VolumeCatalog
 from vivarium.config import Settings
 from vivarium.errors import (
     CapacityExhausted,
@@ -37,6 +38,7 @@ from vivarium.node.node import Node
 from vivarium.node.records import SandboxRecord, new_sandbox_id
 from vivarium.node.request import CreateRequest
 from vivarium.node.snapshots import Snapshot, new_fork_key, new_snapshot_id
+from vivarium.node.volumes import VolumeMount
 from vivarium.statedir import write_private
 from vivarium.templates.store import validate_name
 
@@ -61,6 +63,7 @@ class NewSandbox:
     auto_resume: bool = False
     allow_internet: bool = True
     secure: bool = True
+    volume_mounts: tuple[tuple[str, str], ...] = ()  # (volume name, path), as asked
 
 
 class ControlPlane:
@@ -77,6 +80,7 @@ class ControlPlane:
         self._snapshot_names: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task[None]] = set()
         self._retention: asyncio.Task[None] | None = None
+        self.volumes = VolumeCatalog(self)
 
     # -- start and stop ------------------------------------------------------------------------
 
@@ -207,7 +211,14 @@ class ControlPlane:
         self._check_timeout(new.timeout_s)
         saved = await store.team_snapshot(self.engine, team["id"], new.template)
         if saved is not None:
-            row = self._new_row(team, new, saved["template_id"], "")
+            if new.volume_mounts:
+                raise InvalidArgument(
+                    "a sandbox started from a snapshot mounts the volumes its source mounted",
+                    "leave volumeMounts out",
+                )
+            source = await store.get_sandbox(self.engine, saved["sandbox_id"])
+            row = self._new_row(team, new, saved["template_id"], "",
+                                source["volume_mounts"] if source else [])  # fmt: skip
             await self._reserve(team, [row])
             build = saved["build_key"]
             started = await self._start(row, new, partial(self.node.create_from_snapshot,
@@ -218,11 +229,14 @@ class ControlPlane:
                 self.node.delete_snapshot(build)
             return started
         template = self.node.templates.get(new.template)  # NotFound for unknown templates
-        row = self._new_row(team, new, template.name, template.build_id)
+        mounts = await self.volumes.resolve(team, new.volume_mounts)
+        row = self._new_row(team, new, template.name, template.build_id,
+                            [m.to_json() for m in mounts])  # fmt: skip
         await self._reserve(team, [row])
         return await self._start(row, new, self.node.create)
 
-    def _new_row(self, team: Row, new: NewSandbox, template_id: str, build_id: str) -> Row:
+    def _new_row(self, team: Row, new: NewSandbox, template_id: str, build_id: str,
+                 volume_mounts: list[dict[str, str]]) -> Row:  # fmt: skip
         now = time.time()
         return {
             "id": new_sandbox_id(), "team_id": team["id"], "template_id": template_id,
@@ -233,11 +247,16 @@ class ControlPlane:
             "allow_internet": new.allow_internet,
             "secure": new.secure, "envd_version": ENVD_VERSION, "started_at": now,
             "end_at": now + new.timeout_s, "created_at": now, "ended_at": None,
-            "end_reason": None,
+            "end_reason": None, "volume_mounts": volume_mounts,
         }  # fmt: skip
 
+    def team_lock(self, team_id: str) -> asyncio.Lock:
+        """Held while a team's sandboxes are reserved and while its volumes are checked for
+        users, so a volume is never deleted under a sandbox that is about to mount it."""
+        return self._team_locks[team_id]
+
     async def _reserve(self, team: Row, rows: list[Row]) -> None:
-        async with self._team_locks[team["id"]]:
+        async with self.team_lock(team["id"]):
             if not await store.reserve_sandboxes(self.engine, team, rows):
                 raise _limit_reached(team)
 
@@ -249,6 +268,7 @@ class ControlPlane:
             template=row["template_id"], sandbox_id=row["id"], access_token=self.envd_token(row),
             timeout_s=new.timeout_s, metadata=new.metadata, env_vars=new.env_vars,
             allow_internet=new.allow_internet, on_timeout="pause" if new.auto_pause else "kill",
+            volume_mounts=tuple(VolumeMount.from_json(m) for m in row["volume_mounts"]),
         )  # fmt: skip
         try:
             record = await start(request)
@@ -259,7 +279,7 @@ class ControlPlane:
         started = time.time()
         values = {"state": "running", "started_at": started, "end_at": record.end_at,
                   "build_id": record.build_id, "cpu_count": max(1, round(record.cpus)),
-                  "memory_mb": record.memory_mb}  # fmt: skip
+                  "memory_mb": record.memory_mb, "volume_mounts": record.volumes}  # fmt: skip
         await store.update_sandbox(self.engine, row["id"], **values)
         return {**row, **values}
 
@@ -438,8 +458,8 @@ class ControlPlane:
                          metadata=parent["metadata"], auto_pause=parent["auto_pause"],
                          auto_resume=parent["auto_resume"],
                          allow_internet=parent["allow_internet"])  # fmt: skip
-        rows = [self._new_row(team, new, parent["template_id"], parent["build_id"])
-                for _ in range(count)]  # fmt: skip
+        rows = [self._new_row(team, new, parent["template_id"], parent["build_id"],
+                              parent["volume_mounts"]) for _ in range(count)]  # fmt: skip
         await self._reserve(team, rows)
         key = new_fork_key()
         try:

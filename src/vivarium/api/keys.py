@@ -26,3 +26,8 @@ def shown_prefix(key: str) -> str:
 def envd_token(seed: bytes, sandbox_id: str) -> str:
     """The sandbox's envd access token: derived, so it never needs storing in the catalog."""
     return hmac.new(seed, f"envd:{sandbox_id}".encode(), hashlib.sha256).hexdigest()
+
+
+def volume_token(seed: bytes, volume_id: str) -> str:
+    """The bearer token of a volume's content API: derived like envd's, never stored."""
+    return hmac.new(seed, f"volume:{volume_id}".encode(), hashlib.sha256).hexdigest()

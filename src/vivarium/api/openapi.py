@@ -61,7 +61,24 @@ SNAPSHOT_INFO: Schema = {
     "properties": {"snapshotID": {"type": "string"},
                    "names": {"type": "array", "items": {"type": "string"}}},
 }  # fmt: skip
+VOLUME: Schema = {
+    "type": "object",
+    "required": ["volumeID", "name"],
+    "properties": {"volumeID": {"type": "string"}, "name": {"type": "string"},
+                   "token": {"type": "string"}},
+}  # fmt: skip
+VOLUME_ENTRY: Schema = {
+    "type": "object",
+    "required": ["name", "type", "path", "size", "mode", "uid", "gid", "atime", "mtime", "ctime"],
+    "properties": {
+        "name": {"type": "string"}, "path": {"type": "string"}, "target": {"type": "string"},
+        "type": {"type": "string", "enum": ["file", "directory", "symlink", "unknown"]},
+        **{k: {"type": "integer"} for k in ("size", "mode", "uid", "gid")},
+        **{k: {"type": "string", "format": "date-time"} for k in ("atime", "mtime", "ctime")},
+    },
+}  # fmt: skip
 ID = {"name": "sandbox_id", "in": "path", "required": True, "schema": {"type": "string"}}
+VOLUME_ID = {"name": "volume_id", "in": "path", "required": True, "schema": {"type": "string"}}
 TIME_RANGE = [
     {"name": name, "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}}
     for name in ("start", "end")
@@ -90,6 +107,43 @@ def _op(
 
 def _no_content() -> dict[str, Schema]:
     return {"204": {"description": "done"}}
+
+
+def _volume_content() -> Schema:
+    """The volume content API: the volume's token as a bearer token, not an API key."""
+    entry = {"description": "the entry", **_json(VOLUME_ENTRY)}
+
+    def op(summary: str, ok: dict[str, Schema], query: tuple[str, ...] = (), **kw: Any) -> Schema:
+        kinds = {"depth": "integer", "uid": "integer", "gid": "integer", "mode": "integer",
+                 "force": "boolean"}  # fmt: skip
+        params = [VOLUME_ID, {"name": "path", "in": "query", "required": True,
+                              "schema": {"type": "string"}}]  # fmt: skip
+        params += [{"name": q, "in": "query", "schema": {"type": kinds[q]}} for q in query]
+        return {
+            **_op(summary, ok, params=params, errors=(404, 507), **kw),
+            "security": [{"VolumeToken": []}],
+        }
+
+    content = "/volumecontent/{volume_id}"
+    owner = ("uid", "gid", "mode")
+    return {
+        content + "/path": {
+            "get": op("stat an entry", {"200": entry}),
+            "delete": op("remove a file or directory (recursively)", _no_content()),
+            "patch": op("change owner or mode", {"200": entry},
+                        body={"type": "object", "properties": {
+                            k: {"type": "integer"} for k in owner}}),
+        },
+        content + "/dir": {
+            "get": op("list a directory", {"200": {"description": "entries", **_json(
+                {"type": "array", "items": VOLUME_ENTRY})}}, ("depth",)),
+            "post": op("make a directory", {"201": entry}, (*owner, "force")),
+        },
+        content + "/file": {
+            "get": op("read a file", {"200": {"description": "its bytes"}}),
+            "put": op("write a file (atomically replaced)", {"201": entry}, (*owner, "force")),
+        },
+    }  # fmt: skip
 
 
 def document() -> Schema:
@@ -173,6 +227,21 @@ def document() -> Schema:
                         body={"type": "object", "required": ["name"],
                               "properties": {"name": {"type": "string"}}}, errors=()),
         },
+        "/volumes": {
+            "post": _op("create a volume", {"201": {"description": "the volume and its token",
+                                                    **_json(VOLUME)}},
+                        body={"type": "object", "required": ["name"],
+                              "properties": {"name": {"type": "string"}}}, errors=(409, 429)),
+            "get": _op("list volumes", {"200": {"description": "volumes", **_json(
+                {"type": "array", "items": VOLUME})}}, errors=()),
+        },
+        "/volumes/{volume_id}": {
+            "get": _op("a volume and its token", {"200": {"description": "volume",
+                                                          **_json(VOLUME)}}, params=[VOLUME_ID]),
+            "delete": _op("delete a volume (none may mount it)", _no_content(),
+                          params=[VOLUME_ID], errors=(404, 409)),
+        },
+        **_volume_content(),
         "/teams": {"post": _op(
             "create a team (admin keys only; 404 to others)",
             {"201": {"description": "the team and its first key, shown once"}},
@@ -184,7 +253,8 @@ def document() -> Schema:
         "openapi": "3.0.3",
         "info": {"title": "vivarium (E2B-compatible API)", "version": "1"},
         "components": {"securitySchemes": {
-            "ApiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}},
+            "ApiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            "VolumeToken": {"type": "http", "scheme": "bearer"}}},
         "security": [{"ApiKeyAuth": []}],
         "paths": paths,
     }  # fmt: skip

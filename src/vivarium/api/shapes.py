@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from vivarium.api.control import NewSandbox
+from vivarium.api.volumes import mounts_request
 from vivarium.errors import InvalidArgument
 from vivarium.httpjson import str_map, typed
 
@@ -48,7 +49,6 @@ def new_sandbox(data: dict[str, Any], default_timeout: int, *, v1: bool) -> NewS
     if len(metadata) > MAX_METADATA:
         raise InvalidArgument(f"metadata has more than {MAX_METADATA} entries")
     _unsupported(data, "mcp", "MCP gateways")
-    _unsupported(data, "volumeMounts", "volume mounts")
     network = typed(data, "network", dict, {})
     for key in ("allowOut", "denyOut", "rules", "egressProxy"):
         _unsupported(network, key, f"network.{key}")
@@ -69,6 +69,7 @@ def new_sandbox(data: dict[str, Any], default_timeout: int, *, v1: bool) -> NewS
         allow_internet=typed(data, "allow_internet_access", bool, True),
         # v2 sandboxes always secure envd; v1 clients could opt out.
         secure=typed(data, "secure", bool, True) if v1 else True,
+        volume_mounts=mounts_request(data.get("volumeMounts")),
     )
 
 
@@ -176,7 +177,9 @@ def listed(row: Row, client_id: str) -> Row:
             "clientID": client_id, "startedAt": rfc3339(row["started_at"]),
             "endAt": rfc3339(row["end_at"]), "cpuCount": row["cpu_count"],
             "memoryMB": row["memory_mb"], "diskSizeMB": row["disk_mb"], "state": row["state"],
-            "envdVersion": row["envd_version"], "metadata": row["metadata"]}  # fmt: skip
+            "envdVersion": row["envd_version"], "metadata": row["metadata"],
+            "volumeMounts": [{"name": m["name"], "path": m["path"]}
+                             for m in row["volume_mounts"]]}  # fmt: skip
 
 
 def detail(row: Row, token: str | None, client_id: str) -> Row:
@@ -213,3 +216,9 @@ def team_key(row: Row) -> Row:
     return {"id": row["id"], "name": row["name"], "mask": {"prefix": row["prefix"]},
             "createdAt": rfc3339(row["created_at"]),
             "lastUsed": rfc3339(row["last_used_at"]) if row["last_used_at"] else None}  # fmt: skip
+
+
+def volume(row: Row, token: str | None = None) -> Row:
+    """`Volume`, or `VolumeAndToken` with its token."""
+    body = {"volumeID": row["id"], "name": row["name"]}
+    return body if token is None else {**body, "token": token}

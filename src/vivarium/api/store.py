@@ -11,7 +11,14 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from vivarium.api import keys
-from vivarium.api.db.schema import api_keys, sandboxes, snapshots, team_snapshots, teams
+from vivarium.api.db.schema import (
+    api_keys,
+    sandboxes,
+    snapshots,
+    team_snapshots,
+    teams,
+    volumes,
+)
 
 Row = dict[str, Any]
 LIVE = ("starting", "running")  # counted against a team's concurrency limit
@@ -231,3 +238,46 @@ async def drop_team_snapshot(engine: AsyncEngine, snapshot_id: str) -> bool:
             delete(team_snapshots).where(team_snapshots.c.id == snapshot_id)
         )
     return bool(result.rowcount)
+
+
+# -- volumes ---------------------------------------------------------------------------------
+
+
+async def insert_volume(engine: AsyncEngine, row: Row) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(insert(volumes).values(**row))
+
+
+async def team_volumes(engine: AsyncEngine, team_id: str) -> list[Row]:
+    query = select(volumes).where(volumes.c.team_id == team_id).order_by(volumes.c.created_at)
+    async with engine.connect() as conn:
+        return [dict(r) for r in (await conn.execute(query)).mappings()]
+
+
+async def team_volume(engine: AsyncEngine, team_id: str, *, volume_id: str = "",
+                      name: str = "") -> Row | None:  # fmt: skip
+    where = volumes.c.id == volume_id if volume_id else volumes.c.name == name
+    query = select(volumes).where(volumes.c.team_id == team_id, where)
+    async with engine.connect() as conn:
+        return _row(await conn.execute(query))
+
+
+async def get_volume(engine: AsyncEngine, volume_id: str) -> Row | None:
+    async with engine.connect() as conn:
+        return _row(await conn.execute(select(volumes).where(volumes.c.id == volume_id)))
+
+
+async def drop_volume(engine: AsyncEngine, volume_id: str) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(delete(volumes).where(volumes.c.id == volume_id))
+
+
+async def sandboxes_mounting(engine: AsyncEngine, team_id: str, volume_id: str) -> list[str]:
+    """Sandboxes of the team not yet ended (starting, running, paused ...) that mount it."""
+    query = select(sandboxes.c.id, sandboxes.c.volume_mounts).where(
+        sandboxes.c.team_id == team_id, sandboxes.c.state != "killed"
+    )
+    async with engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    return [r.id for r in rows if any(m.get("volume_id") == volume_id
+                                      for m in r.volume_mounts or [])]  # fmt: skip

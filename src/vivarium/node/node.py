@@ -10,6 +10,7 @@ reconcile.py (what a start finds), guards.py (memory guards), request.py (what a
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import Counter
@@ -32,6 +33,7 @@ from vivarium.errors import (
 )
 from vivarium.guest.envd import PORT as ENVD_PORT
 from vivarium.guest.envd.state import EnvdState
+from vivarium.guest.envd.volumes import MOUNT_COMMAND
 from vivarium.network import firewall
 from vivarium.network.pool import SlotPool
 from vivarium.node import exclusive
@@ -53,10 +55,17 @@ from vivarium.node.request import ON_TIMEOUT, CreateRequest
 from vivarium.node.snapshots import FORK_PREFIX, Snapshot, SnapshotStore, remote_store
 from vivarium.node.steps import Steps
 from vivarium.node.team_snapshots import snapshot_sandbox, start_from_snapshot
+from vivarium.node.volumes import VolumeMount, VolumeStore, check_mounts
 from vivarium.node.warm import WarmPool
 from vivarium.proc import Result
 from vivarium.runtime import cgroups, disk
-from vivarium.runtime.bundle import Resources, for_sandbox, write_bundle
+from vivarium.runtime.bundle import (
+    DEFAULT_CAPS,
+    Resources,
+    for_sandbox,
+    has_volume_hub,
+    write_bundle,
+)
 from vivarium.runtime.runsc import Runsc, open_runtime
 from vivarium.templates.store import Template, TemplateStore
 
@@ -95,6 +104,7 @@ class Node:
             settings.slot_prefix, settings.slot_cidr, settings.egress_allow,
             settings.slot_prewarm, settings.max_sandboxes,
         )  # fmt: skip
+        self.volumes = VolumeStore(settings.volumes_dir, settings.volume_size_mb)
         self.disks = DiskPool(settings.state_dir / "disks", settings.default_disk_mb,
                               settings.slot_prewarm)  # fmt: skip
         self.runtime: Runsc | None = None
@@ -141,6 +151,8 @@ class Node:
             self.settings.runsc_root, self.settings.runsc_platform,
         )  # fmt: skip
         steps.done("runsc probes")
+        await asyncio.to_thread(self.volumes.mount_all)  # before sandboxes using them start
+        steps.done("volumes")
         found = await reconcile(self.runtime, self.records)
         self.sandboxes.update(found.adopted)
         for record, reason in found.lost:
@@ -227,6 +239,7 @@ class Node:
             raise InvalidArgument(f"sandbox id {req.sandbox_id!r} is invalid or in use")
         template = self.templates.get(req.template)
         self._check_built_here(template)
+        self.check_volumes(template, req.volume_mounts)
         usual = self.default_resources(template)
         resources = Resources(
             usual.memory_mb if req.memory_mb is None else req.memory_mb,
@@ -235,7 +248,8 @@ class Node:
             usual.disk_mb,
         )
         resources.validate()
-        if resources == usual and (warm := self.warm.take(template)):
+        # A warm sandbox has an empty volume hub: one that mounts volumes is restored for it.
+        if resources == usual and not req.volume_mounts and (warm := self.warm.take(template)):
             try:
                 return await self._claim(warm, req, template, timeout_s)
             except RuntimeFailure as exc:  # hand_over removed it: restore one instead
@@ -259,6 +273,18 @@ class Node:
             )  # fmt: skip
         finally:
             self._creating -= 1
+
+    def check_volumes(self, template: Template, mounts: tuple[VolumeMount, ...]) -> None:
+        if not mounts:
+            return
+        if not has_volume_hub(template.spec):
+            raise InvalidArgument(
+                f"template {template.name!r} was built before volumes existed",
+                f"rebuild it to mount volumes: `vivarium template build {template.name}`",
+            )
+        check_mounts(list(mounts))
+        for mount in mounts:
+            self.volumes.data(mount.volume_id)  # NotFound if it is gone
 
     def built_here(self, template: Template) -> bool:
         """A checkpoint restores only under the runsc release and platform that made it (under
@@ -341,15 +367,16 @@ class Node:
         # the previous one may still be being deleted in the background, and its slot stays
         # taken until it is gone, so a resume takes another.
         started = await self.launch(new_container_id(sandbox_id), spec, image, resources, steps,
-                                    allow_internet=req.allow_internet)  # fmt: skip
+                                    allow_internet=req.allow_internet,
+                                    volumes=req.volume_mounts)  # fmt: skip
         return await self.hand_over(started, req, sandbox_id, template, build_id, timeout_s, steps)
 
     async def launch(
         self, container_id: str, spec: dict[str, Any], image: Path, resources: Resources,
-        steps: Steps, *, allow_internet: bool,
+        steps: Steps, *, allow_internet: bool, volumes: tuple[VolumeMount, ...] = (),
     ) -> Launched:  # fmt: skip
-        """Restore a container from `image` in a network slot of its own; it is nobody's yet
-        (hand_over makes it a sandbox)."""
+        """Restore a container from `image` in a network slot of its own, with `volumes` in its
+        hub (node/volumes.py); it is nobody's yet (hand_over makes it a sandbox)."""
         directory = self.records.container_dir(container_id)
         slot = await self.pool.acquire()
         steps.done("network slot")
@@ -360,9 +387,10 @@ class Node:
         try:
             filestore = await self.disks.take(directory, resources.disk_mb)
             steps.done("disk")
+            hub = await asyncio.to_thread(self.volumes.attach, filestore, list(volumes))
             bundle = await asyncio.to_thread(
                 write_bundle, directory / "bundle",
-                for_sandbox(spec, Path(slot.netns_path), resources, container_id),
+                for_sandbox(spec, Path(slot.netns_path), resources, container_id, hub),
             )  # fmt: skip
             await self.rt().restore(container_id, bundle, image, filestore,
                                     directory / "console.log")  # fmt: skip
@@ -395,6 +423,8 @@ class Node:
                 init_envd(self.http, slot.router_ip, sandbox_id=sandbox_id, template_id=template,
                           env_vars=dict(req.env_vars or {}), access_token=req.access_token,
                           timeout_s=init_timeout_s),
+                *([self._mount_volumes(container_id, req.volume_mounts)]
+                  if req.volume_mounts else []),
             )  # fmt: skip
             steps.done("envd init")
             cgroups.settle_cpu(container_id)  # up: no more weight than its siblings
@@ -406,7 +436,7 @@ class Node:
                 pids=resources.pids, disk_mb=resources.disk_mb, allow_internet=req.allow_internet,
                 metadata=dict(req.metadata or {}), env_vars=dict(req.env_vars or {}),
                 on_timeout=req.on_timeout, access_token=req.access_token,
-                container_id=container_id,
+                container_id=container_id, volumes=[m.to_json() for m in req.volume_mounts],
             )  # fmt: skip
             await self.save(record)
         except BaseException as exc:
@@ -416,6 +446,20 @@ class Node:
         self.sandboxes[sandbox_id] = record
         steps.report(f"of {sandbox_id} done")
         return record
+
+    async def _mount_volumes(self, container_id: str, mounts: tuple[VolumeMount, ...]) -> None:
+        """Mount each volume from the hub where the create asked for it: a mount needs
+        CAP_SYS_ADMIN, which only this one command gets (guest/envd/volumes.py). After a resume
+        the mounts are already there and are left as they are."""
+        wanted = json.dumps([{"name": m.name, "path": m.path} for m in mounts])
+        result = await self.rt().exec(
+            container_id, ["/usr/bin/python3", "-I", "-c", MOUNT_COMMAND, wanted],
+            caps=(*DEFAULT_CAPS, "CAP_SYS_ADMIN"), timeout=INIT_TIMEOUT_S,
+        )  # fmt: skip
+        if not result.ok:
+            why = (result.stderr or result.stdout).strip()[-500:]
+            raise RuntimeFailure(f"mounting volumes failed: {why}",
+                                 "check that nothing else is at the mount paths")  # fmt: skip
 
     async def discard(self, started: Launched) -> None:
         """Remove a container that is no sandbox (a failed start, a warm one given up) and free

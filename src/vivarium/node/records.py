@@ -65,6 +65,7 @@ class SandboxRecord:
     # written before incarnations had their own containers lack it: theirs is the sandbox id.
     container_id: str = ""
     disk_mb: int = 10240  # the size of its writable layer (runtime/disk.py)
+    volumes: list[dict[str, str]] = field(default_factory=list)  # VolumeMount.to_json()s
 
     def __post_init__(self) -> None:
         if not self.container_id:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vivarium.node.records import SandboxRecord
+from vivarium.node.volumes import VolumeMount
 
 ON_TIMEOUT = ("kill", "pause")
 
@@ -21,6 +22,7 @@ class CreateRequest:
     allow_internet: bool = True
     memory_mb: int | None = None
     cpus: float | None = None
+    volume_mounts: tuple[VolumeMount, ...] = ()
 
 
 def resume_request(record: SandboxRecord) -> CreateRequest:
@@ -28,5 +30,11 @@ def resume_request(record: SandboxRecord) -> CreateRequest:
     return CreateRequest(
         template=record.template, sandbox_id=record.sandbox_id, access_token=record.access_token,
         metadata=record.metadata, env_vars=record.env_vars, allow_internet=record.allow_internet,
-        on_timeout=record.on_timeout,
+        on_timeout=record.on_timeout, volume_mounts=mounts_of(record),
     )  # fmt: skip
+
+
+def mounts_of(record: SandboxRecord) -> tuple[VolumeMount, ...]:
+    """The volumes the sandbox mounts: each of its incarnations, and every sandbox started
+    from its snapshots, must mount them too (the mounts are in its memory)."""
+    return tuple(VolumeMount.from_json(v) for v in record.volumes)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from vivarium.errors import RuntimeFailure, VivariumError
 from vivarium.node.pause import checkpoint_sandbox, load_snapshot, seal, start_again
 from vivarium.node.records import SandboxRecord
-from vivarium.node.request import CreateRequest
+from vivarium.node.request import CreateRequest, mounts_of
 from vivarium.node.snapshots import Snapshot
 from vivarium.node.steps import Steps
 from vivarium.runtime.bundle import Resources
@@ -82,8 +82,10 @@ async def start_from_snapshot(node: Node, req: CreateRequest, key: str) -> Sandb
         version = node.rt().probe.runsc_version
         snapshot = await load_snapshot(node, key, version)
         source = SandboxRecord.from_json(snapshot.record)
-        # envd keeps the source's variables (they are in the checkpoint); the request's add to them.
-        req = replace(req, env_vars={**source.env_vars, **(req.env_vars or {})})
+        # envd keeps the source's variables (they are in the checkpoint); the request's add to
+        # them. Its volume mounts are in the checkpoint too: the same volumes go in the hub.
+        req = replace(req, env_vars={**source.env_vars, **(req.env_vars or {})},
+                      volume_mounts=mounts_of(source))  # fmt: skip
         template = node.templates.build(source.template, source.build_id)
         resources = Resources(source.memory_mb, source.cpus, source.pids, source.disk_mb)
         steps = Steps(f"create from snapshot {key}")

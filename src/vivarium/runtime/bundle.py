@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vivarium.errors import InvalidArgument
+from vivarium.guest.envd import VOLUME_HUB
 
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -90,13 +91,21 @@ def host_tasks(processes: int) -> int:
 
 
 def base_spec(
-    rootfs: Path, args: list[str], env: list[str], hostname: str, processes: int
+    rootfs: Path,
+    args: list[str],
+    env: list[str],
+    hostname: str,
+    processes: int,
+    hub: Path | None = None,
 ) -> dict[str, Any]:
     """The spec a template is booted with; restores reuse it with `for_sandbox`. The rlimits are
     its init's, inherited by everything in every sandbox restored from it: a restore keeps the
-    saved kernel's."""
+    saved kernel's. Its mounts are every sandbox's: a restore sees only the mounts the
+    checkpoint was taken with (one added then, or mounted on the host afterwards, is not seen
+    or not written through), so the volume hub is there from the start, its source a
+    directory of each container's own (`for_sandbox`)."""
     caps = list(DEFAULT_CAPS)
-    return {
+    spec: dict[str, Any] = {
         "ociVersion": "1.0.0",
         "process": {
             "terminal": False,
@@ -130,6 +139,11 @@ def base_spec(
             "resources": {},
         },
     }
+    if hub is not None:
+        # rbind: the volumes bind-mounted below the source on the host come along.
+        spec["mounts"].append({"destination": VOLUME_HUB, "type": "bind", "source": str(hub),
+                               "options": ["rbind", "rw", "nosuid", "nodev"]})  # fmt: skip
+    return spec
 
 
 CGROUP_PARENT = "vivarium"
@@ -140,10 +154,19 @@ def cgroup_path(container_id: str) -> str:
     return f"/{CGROUP_PARENT}/{container_id}"
 
 
+def has_volume_hub(spec: dict[str, Any]) -> bool:
+    """Templates built before volumes existed have none: their sandboxes cannot mount any."""
+    return any(m["destination"] == VOLUME_HUB for m in spec["mounts"])
+
+
 def for_sandbox(
-    spec: dict[str, Any], netns: Path, resources: Resources, container_id: str
+    spec: dict[str, Any], netns: Path, resources: Resources, container_id: str, hub: Path
 ) -> dict[str, Any]:
+    """The template's spec for one container; `hub` holds the volumes it mounts (or none)."""
     out: dict[str, Any] = json.loads(json.dumps(spec))
+    for mount in out["mounts"]:
+        if mount["destination"] == VOLUME_HUB:
+            mount["source"] = str(hub)
     out["linux"]["cgroupsPath"] = cgroup_path(container_id)
     namespaces = [ns for ns in out["linux"]["namespaces"] if ns["type"] != "network"]
     namespaces.append({"type": "network", "path": str(netns)})

@@ -22,20 +22,24 @@ asked for, across any number of pauses.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 from pathlib import Path
 
 from vivarium.proc import run_sync
 
+log = logging.getLogger(__name__)
+
 IMAGE = "disk.img"
 MOUNT = "disk"
 RESERVE = "reserve"  # beside runsc's filestore, on the disk's root
 SLACK = 32 << 20
-# No journal: the file system lives only as long as one incarnation of the sandbox, and runsc's
-# filestore file is unlinked on creation; nothing on it needs to survive a host crash.
-MKFS = ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal",
-        "-E", "lazy_itable_init=1,nodiscard"]  # fmt: skip
+MKFS = ["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,nodiscard"]
+# A sandbox's disk has no journal: the file system lives only as long as one incarnation of the
+# sandbox, and runsc's filestore file is unlinked on creation; nothing on it needs to survive a
+# host crash. A volume's does (node/volumes.py).
+NO_JOURNAL = ["-O", "^has_journal"]
 
 
 def mount_point(directory: Path) -> Path:
@@ -48,17 +52,39 @@ def create(directory: Path, size_bytes: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     image, target = directory / IMAGE, mount_point(directory)
     remove(directory)
+    make_filesystem(image, size_bytes + SLACK, journal=False)
+    mount(image, target)
+    target.chmod(0o700)
+    return target
+
+
+def make_filesystem(image: Path, size_bytes: int, *, journal: bool) -> None:
+    """A sparse ext4 image of `size_bytes` (only what is written costs disk)."""
     with open(image, "wb") as f:
-        f.truncate(size_bytes + SLACK)
+        f.truncate(size_bytes)
     try:
-        run_sync([*MKFS, str(image)])
-        target.mkdir(exist_ok=True)
-        run_sync(["mount", "-o", "loop,discard,nosuid,nodev", str(image), str(target)])
+        run_sync([*MKFS, *([] if journal else NO_JOURNAL), str(image)])
     except BaseException:
         image.unlink(missing_ok=True)
         raise
-    target.chmod(0o700)
-    return target
+
+
+def mount(image: Path, target: Path) -> None:
+    target.mkdir(exist_ok=True)
+    run_sync(["mount", "-o", "loop,discard,nosuid,nodev", str(image), str(target)])
+
+
+def mounts_under(directory: Path) -> list[Path]:
+    """Mount points at or below `directory`, deepest first (the order to unmount them in)."""
+    base = os.path.realpath(directory)
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            # Field 5 is the mount point, with spaces and the like escaped as octal.
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == base or point.startswith(base + "/"):
+                found.append(Path(point))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
 
 
 def hold_back(directory: Path) -> None:
@@ -88,9 +114,16 @@ def remove(directory: Path) -> None:
 
 
 def discard(directory: Path) -> None:
-    """Remove the disk, then `directory` with everything else in it (rmtree must never walk
-    into a mounted disk)."""
+    """Remove the disk, then `directory` with everything else in it. rmtree must never walk
+    into a mount: below the disk are the volumes the sandbox mounted (node/volumes.py), which
+    outlive it. So every mount below is detached first, and if one stays, nothing is deleted
+    (logged; the next start tries again)."""
+    for point in mounts_under(directory):
+        run_sync(["umount", "--lazy", str(point)], check=False)
     remove(directory)
+    if left := mounts_under(directory):
+        log.error("%s is still mounted: %s is left as it is", left[0], directory)
+        return
     shutil.rmtree(directory, ignore_errors=True)
 
 

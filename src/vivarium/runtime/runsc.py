@@ -96,8 +96,10 @@ class Runsc:
         env: list[str] | None = None,
         cwd: str = "/",
         timeout: float = 60.0,
+        caps: tuple[str, ...] = (),
     ) -> Result:
-        args = ["exec", "--user", user, "--cwd", cwd]
+        """Run `argv` in the container; `caps`, if any, are all the capabilities it gets."""
+        args = ["exec", "--user", user, "--cwd", cwd, *(f"--cap={c}" for c in caps)]
         for item in env or []:
             args += ["--env", item]
         return await run(self._argv(*args, cid, *argv), check=False, timeout=timeout)

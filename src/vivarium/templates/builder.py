@@ -22,6 +22,7 @@ import httpx
 from vivarium.config import Settings
 from vivarium.errors import HostNotReady, NotFound, RuntimeFailure
 from vivarium.guest.envd import PORT as ENVD_PORT
+from vivarium.guest.envd import VOLUME_HUB
 from vivarium.network.addressing import SlotRange
 from vivarium.network.pool import create_slot, destroy_slot
 from vivarium.node.envd_init import until_answered
@@ -196,8 +197,12 @@ async def wait_ready(address: str, port: int, name: str) -> None:
 async def boot_and_checkpoint(
     settings: Settings, recipe: Recipe, build_dir: Path, runtime: Runsc, say: Stopwatch
 ) -> None:
+    # Booted with an empty volume hub of its own; every sandbox gets one (node/volumes.py).
+    hub = build_dir / "volume-hub"
+    hub.mkdir(exist_ok=True)
+    (build_dir / "rootfs" / VOLUME_HUB.lstrip("/")).mkdir(parents=True, exist_ok=True)
     spec = base_spec(build_dir / "rootfs", list(recipe.init), list(recipe.env), HOSTNAME,
-                     settings.default_pids)  # fmt: skip
+                     settings.default_pids, hub)  # fmt: skip
     (build_dir / "spec.json").write_text(json.dumps(spec, indent=1))
     slots = SlotRange(settings.slot_prefix, settings.slot_cidr)
     slot = slots.slot(slots.capacity - 1)  # reserved for builds
@@ -208,7 +213,7 @@ async def boot_and_checkpoint(
     try:
         resources = Resources(settings.default_memory_mb, settings.default_cpus,
                               settings.default_pids, settings.default_disk_mb)  # fmt: skip
-        write_bundle(bundle, for_sandbox(spec, Path(slot.netns_path), resources, cid))
+        write_bundle(bundle, for_sandbox(spec, Path(slot.netns_path), resources, cid, hub))
         filestore = disk.create(build_dir / "boot", resources.disk_mb << 20)
         say("booting under runsc")
         await runtime.start(cid, bundle, filestore, build_dir / "build-console.log")
@@ -224,6 +229,7 @@ async def boot_and_checkpoint(
         await destroy_slot(slot.prefix, slot.index)
         shutil.rmtree(bundle, ignore_errors=True)
         disk.discard(build_dir / "boot")
+        hub.rmdir()
 
 
 async def build(

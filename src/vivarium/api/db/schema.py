@@ -69,6 +69,8 @@ sandboxes = Table(
     Column("created_at", Float, nullable=False),
     Column("ended_at", Float, nullable=True),
     Column("end_reason", Text, nullable=True),
+    # [{"name", "path", "volume_id"}]: the team's volumes it mounts (kept for its snapshots).
+    Column("volume_mounts", JSON, nullable=False, default=list),
     Index("ix_sandboxes_team_state", "team_id", "state"),
 )
 
@@ -106,4 +108,17 @@ team_snapshots = Table(
     Column("size_bytes", BigInteger, nullable=False),
     Column("created_at", Float, nullable=False),
     UniqueConstraint("team_id", "name", name="uq_team_snapshots_team_name"),
+)
+
+# A team's volumes (node/volumes.py): the node that holds the files, and the name sandboxes
+# mount them by.
+volumes = Table(
+    "volumes",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("team_id", String(36), ForeignKey("teams.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(63), nullable=False),
+    Column("node_id", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("team_id", "name", name="uq_volumes_team_name"),
 )

@@ -1,0 +1,56 @@
+"""Volumes across a restart of the server (whose stop also unmounts the volumes, as a host
+restart would): a running sandbox that mounts one is adopted and keeps writing into it, a paused
+one resumes with it, and what either wrote is in the volume."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from e2b import Sandbox, Volume
+
+from tests.integration.support import Server, running_server, sdk_options
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    with running_server("volumes", "vm", "10.252.0.0/24", 3131, volume_size_mb="64") as srv:
+        yield srv
+
+
+def test_volumes_outlive_a_restart_with_their_sandboxes_running_and_paused(
+    server: Server,
+) -> None:  # fmt: skip
+    opts = sdk_options(server)
+    api = {"api_key": opts["api_key"], "api_url": opts["api_url"]}
+    vol = Volume.create("kept", **api)  # type: ignore[arg-type]
+    running = Sandbox.create(timeout=600, volume_mounts={"/mnt/data": vol}, **opts)  # type: ignore[arg-type]
+    paused = Sandbox.create(timeout=600, volume_mounts={"/data": vol}, **opts)  # type: ignore[arg-type]
+    try:
+        running.files.write("/mnt/data/before.txt", "before")
+        paused.commands.run("sleep 600", background=True)
+        assert paused.pause()
+        server.stop()
+        mounts = Path("/proc/self/mountinfo").read_text()
+        assert str(server.state_dir / "volumes") not in mounts  # as after a host restart
+        server.start()
+
+        running = Sandbox.connect(running.sandbox_id, **opts)  # type: ignore[arg-type]
+        running.files.write("/mnt/data/after.txt", "after")
+        assert vol.read_file("/after.txt", api_url=opts["api_url"]) == "after"
+        paused = Sandbox.connect(paused.sandbox_id, **opts)  # type: ignore[arg-type]
+        assert "sleep 600" in paused.commands.run("ps -eo args").stdout
+        assert paused.files.read("/data/before.txt") == "before"
+        assert paused.files.read("/data/after.txt") == "after"
+        paused.files.write("/data/resumed.txt", "resumed")
+        assert running.files.read("/mnt/data/resumed.txt") == "resumed"
+    finally:
+        running.kill()
+        paused.kill()
+    names = sorted(e.name for e in vol.list("/", api_url=opts["api_url"]))
+    assert names == ["after.txt", "before.txt", "resumed.txt"]
+    assert Volume.destroy(vol.volume_id, **api)  # type: ignore[arg-type]
+    assert not (server.state_dir / "volumes" / vol.volume_id).exists()
