@@ -72,21 +72,23 @@ def _argv(args: Sequence[str]) -> list[str]:
 
 def _run_blocking(
     args: Sequence[str], stdin: bytes | None, log: Path | None, timeout: float,
-    started: list[subprocess.Popen[bytes]],
+    started: list[subprocess.Popen[bytes]], stdout_to: Path | None = None,
 ) -> tuple[int, bytes, bytes]:  # fmt: skip
     log_file = log.open("ab") if log is not None else None
     offset = log_file.tell() if log_file else 0
+    out_file = stdout_to.open("wb") if stdout_to is not None else None
     try:
         proc = subprocess.Popen(
             _argv(args),
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=log_file or subprocess.PIPE,
+            stdout=out_file or log_file or subprocess.PIPE,
             stderr=log_file or subprocess.PIPE,
             start_new_session=True,
         )
     finally:
-        if log_file:
-            log_file.close()
+        for opened in (log_file, out_file):
+            if opened:
+                opened.close()
     started.append(proc)
     try:
         out, err = proc.communicate(stdin, timeout=timeout)
@@ -95,9 +97,9 @@ def _run_blocking(
         proc.wait()
         raise TimeoutError(f"{args[0]} did not finish within {timeout:g}s") from None
     if log is not None:
-        with log.open("rb") as f:
-            f.seek(offset)
-            err = f.read(64 * 1024)
+        with log.open("rb") as logged:
+            logged.seek(offset)
+            err = logged.read(64 * 1024)
     return proc.returncode, out or b"", err or b""
 
 
@@ -108,15 +110,17 @@ async def run(
     timeout: float = 60.0,
     stdin: bytes | None = None,
     log: Path | None = None,
+    stdout_to: Path | None = None,
 ) -> Result:
     """Run a command to completion.
 
     With `log`, output is appended to that file instead of pipes: for commands that leave a
     process behind holding their stdio (detached containers), which a pipe would wait for.
+    With `stdout_to`, standard output goes to that file (for output too large to hold).
     """
     started: list[subprocess.Popen[bytes]] = []
     job = asyncio.get_running_loop().run_in_executor(
-        _executor(), _run_blocking, args, stdin, log, timeout, started
+        _executor(), _run_blocking, args, stdin, log, timeout, started, stdout_to
     )
     try:
         code, out, err = await asyncio.shield(job)

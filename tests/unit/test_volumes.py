@@ -39,7 +39,8 @@ def test_good_mount_paths(path: str) -> None:
 @pytest.mark.parametrize(
     "path",
     ["/", "", "mnt", "/mnt/../etc", "/mnt/", "//mnt", "/mnt//x", "/a\0b", "/proc", "/proc/x",
-     "/sys/fs", "/dev", "/opt/vivarium", "/opt/vivarium/volumes/x", "/" + "a" * 1100],
+     "/sys/fs", "/dev", "/opt/vivarium", "/opt/vivarium/volumes/x", "/" + "a" * 1100,
+     "/opt", "/run", "/run/vivarium/x"],
 )  # fmt: skip
 def test_bad_mount_paths(path: str) -> None:
     with pytest.raises(InvalidArgument):

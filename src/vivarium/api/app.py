@@ -114,14 +114,18 @@ def create_app(control: ControlPlane) -> Starlette:
         return Response(status_code=204)
 
     async def connect(request: Request, team: Row) -> Response:
-        timeout = typed(await json_body(request), "timeout", int, default_timeout)
-        row, resumed = await control.connect(team, sid(request), timeout)
+        data = await json_body(request)
+        timeout = typed(data, "timeout", int, default_timeout)
+        # `memory: false` is the client's on_resume="reboot": the files only, started afresh.
+        reboot = not typed(data, "memory", bool, True)
+        row, resumed = await control.connect(team, sid(request), timeout, reboot)
         body = shapes.sandbox(row, control.envd_token(row), client_id)
         return JSONResponse(body, status_code=201 if resumed else 200)
 
     async def pause(request: Request, team: Row) -> Response:
-        await json_body(request)  # `memory` and `requireHealthyGuest`: pauses always keep memory
-        await control.pause(team, sid(request))
+        # `requireHealthyGuest`: a pause always needs envd's cooperation no more than runsc's.
+        memory = typed(await json_body(request), "memory", bool, True)
+        await control.pause(team, sid(request), memory)
         return Response(status_code=204)
 
     async def resume(request: Request, team: Row) -> Response:
@@ -130,8 +134,8 @@ def create_app(control: ControlPlane) -> Starlette:
         return JSONResponse(shapes.sandbox(row, control.envd_token(row), client_id), 201)
 
     async def create_snapshot(request: Request, team: Row) -> Response:
-        name = shapes.snapshot_request(await json_body(request))
-        row = await control.create_snapshot(team, sid(request), name)
+        name, memory = shapes.snapshot_request(await json_body(request))
+        row = await control.create_snapshot(team, sid(request), name, memory)
         return JSONResponse(shapes.snapshot_info(row), 201)
 
     async def list_snapshots(request: Request, team: Row) -> Response:

@@ -96,6 +96,7 @@ class ControlPlane:
             first_key, _ = await store.create_key(self.engine, team["id"], "default")
             write_private(self.settings.admin_key_file, first_key + "\n")
         await self._reconcile()
+        await self.volumes.reconcile()
         await self._warm_up()
         self.node.on_ended = self._node_ended
         self.node.on_paused = self._node_paused
@@ -216,9 +217,7 @@ class ControlPlane:
                     "a sandbox started from a snapshot mounts the volumes its source mounted",
                     "leave volumeMounts out",
                 )
-            source = await store.get_sandbox(self.engine, saved["sandbox_id"])
-            row = self._new_row(team, new, saved["template_id"], "",
-                                source["volume_mounts"] if source else [])  # fmt: skip
+            row = self._new_row(team, new, saved["template_id"], "", saved["volume_mounts"])
             await self._reserve(team, [row])
             build = saved["build_key"]
             started = await self._start(row, new, partial(self.node.create_from_snapshot,
@@ -303,16 +302,17 @@ class ControlPlane:
             await store.end_sandbox(self.engine, row["id"], "killed")
         self._sandbox_locks.pop(sandbox_id, None)  # ended for good: nothing left to serialize
 
-    async def pause(self, team: Row, sandbox_id: str) -> None:
-        """Checkpoint memory, processes and files; the sandbox then lists as paused. A failed
-        pause leaves it running (the node guarantees it) and reports why."""
+    async def pause(self, team: Row, sandbox_id: str, memory: bool = True) -> None:
+        """Checkpoint memory, processes and files (only files without `memory`); the sandbox
+        then lists as paused. A failed pause leaves it running (the node guarantees it) and
+        reports why."""
         await self.get(team, sandbox_id)
         async with self._sandbox_locks[sandbox_id]:
             if not await store.transition(self.engine, sandbox_id, ["running"], "pausing"):
                 row = await self.get(team, sandbox_id)
                 raise Conflict(f"sandbox {sandbox_id!r} is {row['state']}, not running")
             try:
-                snapshot = await self.node.pause(sandbox_id)
+                snapshot = await self.node.pause(sandbox_id, memory=memory)
             except BaseException:
                 if sandbox_id in self.node.sandboxes:
                     await store.transition(self.engine, sandbox_id, ["pausing"], "running")
@@ -342,15 +342,17 @@ class ControlPlane:
         await store.update_sandbox(self.engine, sandbox_id, end_at=record.end_at)
         return {**row, "end_at": record.end_at}
 
-    async def connect(self, team: Row, sandbox_id: str, timeout_s: int) -> tuple[Row, bool]:
+    async def connect(self, team: Row, sandbox_id: str, timeout_s: int,
+                      reboot: bool = False) -> tuple[Row, bool]:  # fmt: skip
         """(the sandbox, whether it was resumed). A running sandbox only gets a longer timeout;
-        a paused one is restored from its snapshot, with the same id, metadata and token."""
+        a paused one is restored from its snapshot, with the same id, metadata and token (with
+        `reboot`, its files only, on the template started afresh)."""
         self._check_timeout(timeout_s)
         await self.get(team, sandbox_id)
         async with self._sandbox_locks[sandbox_id]:
             row = await self.get(team, sandbox_id)
             if row["state"] == "paused":
-                return await self._resume(team, row, timeout_s), True
+                return await self._resume(team, row, timeout_s, reboot), True
             if row["state"] != "running":
                 raise Conflict(f"sandbox {sandbox_id!r} is {row['state']}", "retry in a moment")
         return await self.set_timeout(team, sandbox_id, timeout_s, extend_only=True), False
@@ -369,7 +371,7 @@ class ControlPlane:
         log.info("sandbox %s resumed by traffic", sandbox_id)
         return True
 
-    async def _resume(self, team: Row, row: Row, timeout_s: int) -> Row:
+    async def _resume(self, team: Row, row: Row, timeout_s: int, reboot: bool = False) -> Row:
         sandbox_id = row["id"]
         async with self._team_locks[team["id"]]:
             reserved = await store.resume_reservation(self.engine, team, sandbox_id)
@@ -378,7 +380,7 @@ class ControlPlane:
         if reserved is None:
             raise Conflict(f"sandbox {sandbox_id!r} is not paused any more")
         try:
-            record = await self.node.resume(sandbox_id, timeout_s)
+            record = await self.node.resume(sandbox_id, timeout_s, reboot=reboot)
         except BaseException:
             await store.transition(self.engine, sandbox_id, ["starting"], "paused")
             raise
@@ -388,9 +390,11 @@ class ControlPlane:
 
     # -- snapshots and forks -------------------------------------------------------------------
 
-    async def create_snapshot(self, team: Row, sandbox_id: str, name: str | None) -> Row:
+    async def create_snapshot(self, team: Row, sandbox_id: str, name: str | None,
+                              memory: bool = True) -> Row:  # fmt: skip
         """Save the running sandbox as one of the team's snapshots; it keeps running. A name
-        already taken by one of the team's snapshots gives that snapshot the new contents."""
+        already taken by one of the team's snapshots gives that snapshot the new contents.
+        Without `memory`, only its files are saved."""
         if name is not None:
             validate_name(name)
             if name in self.node.templates.names():
@@ -405,12 +409,14 @@ class ControlPlane:
                 raise InvalidArgument(f"{name!r} is the id of another snapshot",
                                       "give the snapshot another name")  # fmt: skip
             build = new_snapshot_id()
-            snapshot = await self._on_node(team, sandbox_id, self.node.snapshot(sandbox_id, build))
+            taking = self.node.snapshot(sandbox_id, build, memory=memory)
+            snapshot = await self._on_node(team, sandbox_id, taking)
             saved: Row = {
                 "id": taken["id"] if taken else new_snapshot_id(), "team_id": team["id"],
                 "name": name, "build_key": build, "sandbox_id": sandbox_id,
                 "template_id": row["template_id"], "node_id": self.node_id,
                 "size_bytes": snapshot.size, "created_at": snapshot.manifest["created_at"],
+                "volume_mounts": row["volume_mounts"],
             }  # fmt: skip
             try:
                 await store.save_team_snapshot(self.engine, saved)

@@ -73,21 +73,10 @@ def new_sandbox(data: dict[str, Any], default_timeout: int, *, v1: bool) -> NewS
     )
 
 
-class FilesystemSnapshotsUnsupported(InvalidArgument):
-    """E2B's answer when filesystem-only snapshots are off: its client names the code."""
-
-    code = "snapshot_filesystem_only_disabled"
-
-
-def snapshot_request(data: dict[str, Any]) -> str | None:
-    """The name of a new snapshot (`SandboxSnapshotRequest`), or None."""
-    if not typed(data, "memory", bool, True):
-        raise FilesystemSnapshotsUnsupported(
-            "filesystem-only snapshots are not supported by this server yet",
-            "take a full snapshot (the default mode): it keeps the files too",
-        )
+def snapshot_request(data: dict[str, Any]) -> tuple[str | None, bool]:
+    """(name, whether memory is kept) of a new snapshot (`SandboxSnapshotRequest`)."""
     name = typed(data, "name", str)
-    return name or None
+    return name or None, typed(data, "memory", bool, True)
 
 
 def fork_request(data: dict[str, Any], default_timeout: int) -> tuple[int, int]:

@@ -272,6 +272,23 @@ async def drop_volume(engine: AsyncEngine, volume_id: str) -> None:
         await conn.execute(delete(volumes).where(volumes.c.id == volume_id))
 
 
+async def node_volumes(engine: AsyncEngine, node_id: str) -> list[Row]:
+    async with engine.connect() as conn:
+        result = await conn.execute(select(volumes).where(volumes.c.node_id == node_id))
+        return [dict(r) for r in result.mappings()]
+
+
+async def snapshots_mounting(engine: AsyncEngine, team_id: str, volume_id: str) -> list[str]:
+    """The team's snapshots whose sandboxes mount it."""
+    query = select(team_snapshots.c.id, team_snapshots.c.volume_mounts).where(
+        team_snapshots.c.team_id == team_id
+    )
+    async with engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    return [r.id for r in rows if any(m.get("volume_id") == volume_id
+                                      for m in r.volume_mounts or [])]  # fmt: skip
+
+
 async def sandboxes_mounting(engine: AsyncEngine, team_id: str, volume_id: str) -> list[str]:
     """Sandboxes of the team not yet ended (starting, running, paused ...) that mount it."""
     query = select(sandboxes.c.id, sandboxes.c.volume_mounts).where(

@@ -5,6 +5,7 @@ sends content requests to `E2B_VOLUME_API_URL`: this same listener."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -112,10 +113,13 @@ def routes(control: ControlPlane, authed: Authed) -> list[Route]:
 
     @guarded
     async def read(request: Request) -> Response:
-        volume = await files(request)
-        fd, _ = await asyncio.to_thread(volume.open_read, _path(request))
+        volume, path = await files(request), _path(request)
+        fd, _ = await asyncio.to_thread(volume.open_read, path)  # errors answered here
+        os.close(fd)
 
         async def chunks() -> AsyncIterator[bytes]:
+            # Opened here, so that no descriptor is left open if the response never starts.
+            fd, _ = await asyncio.to_thread(volume.open_read, path)
             try:
                 while chunk := await asyncio.to_thread(os.read, fd, READ_CHUNK):
                     yield chunk
@@ -138,8 +142,9 @@ def routes(control: ControlPlane, authed: Authed) -> list[Route]:
             entry = await asyncio.to_thread(pending.commit)
         except VivariumError:  # a full volume, say: the client hears why once it has sent all
             await asyncio.to_thread(pending.abort)
-            async for _ in request.stream():
-                pass
+            with contextlib.suppress(RuntimeError):  # "Stream consumed": all was read already
+                async for _ in request.stream():
+                    pass
             raise
         except BaseException:
             await asyncio.to_thread(pending.abort)

@@ -74,8 +74,21 @@ class VolumeCatalog:
                 raise Conflict(f"volume {row['name']!r} is mounted by sandbox "
                                f"{', '.join(sorted(users))}",
                                "kill those sandboxes first (paused ones too)")  # fmt: skip
+            snapshots = await store.snapshots_mounting(self.engine, team["id"], row["id"])
+            if snapshots:  # sandboxes started from them would mount it
+                raise Conflict(f"volume {row['name']!r} is mounted by the sandboxes of snapshot "
+                               f"{', '.join(sorted(snapshots))}",
+                               "delete those snapshots first")  # fmt: skip
             await store.drop_volume(self.engine, row["id"])
             await asyncio.to_thread(self.node.volumes.delete, row["id"])
+
+    async def reconcile(self) -> None:
+        """After a restart: volumes on the node that the catalog does not know (a crash between
+        making one and recording it, or between forgetting one and removing it) are removed."""
+        known = {r["id"] for r in await store.node_volumes(self.engine, self.control.node_id)}
+        for volume_id in await asyncio.to_thread(self.node.volumes.ids):
+            if volume_id not in known:
+                await asyncio.to_thread(self.node.volumes.delete, volume_id)
 
     async def resolve(self, team: Row, asked: tuple[tuple[str, str], ...]) -> list[VolumeMount]:
         """The team's volumes a create names, as (name, path) pairs."""
@@ -96,7 +109,9 @@ class VolumeCatalog:
                 "missing volume token", "send it as Authorization: Bearer <the volume's token>"
             )
         row = await store.get_volume(self.engine, volume_id)
-        if row is None or not hmac.compare_digest(token.strip(), self.token(row["id"])):
+        if row is None:
+            raise NotFound(f"volume {volume_id!r} not found")
+        if not hmac.compare_digest(token.strip(), self.token(row["id"])):
             raise Unauthenticated("invalid volume token for this volume")
         return VolumeFiles(self.node.volumes.data(row["id"]))
 

@@ -21,3 +21,5 @@ class Launched:
     internet: bool  # whether its egress is open (or being opened by `egress`)
     egress: asyncio.Task[None] | None  # opening its egress, if asked at launch
     held_back: bool = False  # the disk's slack already taken back (runtime/disk.py)
+    files: bool = False  # a filesystem-only snapshot waits in its hub (node/file_snapshots.py)
+    fresh: bool = False  # restored from its template's checkpoint: nothing of a sandbox in it

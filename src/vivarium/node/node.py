@@ -36,7 +36,7 @@ from vivarium.guest.envd.state import EnvdState
 from vivarium.guest.envd.volumes import MOUNT_COMMAND
 from vivarium.network import firewall
 from vivarium.network.pool import SlotPool
-from vivarium.node import exclusive
+from vivarium.node import exclusive, file_snapshots
 from vivarium.node.disks import DiskPool
 from vivarium.node.envd_init import INIT_TIMEOUT_S, envd_http, init_envd
 from vivarium.node.guards import Guards
@@ -345,22 +345,27 @@ class Node:
 
     async def restore_in_turn(
         self, req: CreateRequest, template: Template, image: Path, resources: Resources,
-        timeout_s: int, steps: Steps, *, again: bool = False,
+        timeout_s: int, steps: Steps, *, again: bool = False, files: Path | None = None,
     ) -> SandboxRecord:  # fmt: skip
         """restore() on the template's build once a start slot is free (creates, resumes and
         starts from snapshots alike). `again`: a new incarnation of a sandbox that keeps its
-        place on the node (after a snapshot), restored at once, ahead of any queue."""
+        place on the node (after a snapshot), restored at once, ahead of any queue. `files`: a
+        filesystem-only snapshot laid over it (node/file_snapshots.py)."""
+        # From the template's own checkpoint, nothing of the sandbox is in it yet: its volumes
+        # are mounted and its files laid over it.
+        fresh = image == template.checkpoint
         if again:
             return await self.restore(req, template.name, template.build_id, template.spec,
-                                      image, resources, timeout_s, steps)  # fmt: skip
+                                      image, resources, timeout_s, steps, files, fresh)  # fmt: skip
         async with self.start_slot():
             steps.done("waiting for a start slot")
             return await self.restore(req, template.name, template.build_id, template.spec,
-                                      image, resources, timeout_s, steps)  # fmt: skip
+                                      image, resources, timeout_s, steps, files, fresh)  # fmt: skip
 
     async def restore(
         self, req: CreateRequest, template: str, build_id: str, spec: dict[str, Any],
         image: Path, resources: Resources, timeout_s: int, steps: Steps,
+        files: Path | None = None, fresh: bool = False,
     ) -> SandboxRecord:  # fmt: skip
         sandbox_id = req.sandbox_id or new_sandbox_id()
         # Every incarnation gets a container (and cgroup, directory) of its own: after a pause
@@ -368,12 +373,14 @@ class Node:
         # taken until it is gone, so a resume takes another.
         started = await self.launch(new_container_id(sandbox_id), spec, image, resources, steps,
                                     allow_internet=req.allow_internet,
-                                    volumes=req.volume_mounts)  # fmt: skip
+                                    volumes=req.volume_mounts, files=files,
+                                    fresh=fresh)  # fmt: skip
         return await self.hand_over(started, req, sandbox_id, template, build_id, timeout_s, steps)
 
     async def launch(
         self, container_id: str, spec: dict[str, Any], image: Path, resources: Resources,
         steps: Steps, *, allow_internet: bool, volumes: tuple[VolumeMount, ...] = (),
+        files: Path | None = None, fresh: bool = False,
     ) -> Launched:  # fmt: skip
         """Restore a container from `image` in a network slot of its own, with `volumes` in its
         hub (node/volumes.py); it is nobody's yet (hand_over makes it a sandbox)."""
@@ -383,11 +390,13 @@ class Node:
         # Egress opens while runsc restores: until then the slot refuses it, as free ones do.
         egress = (asyncio.create_task(firewall.apply_router_rules(slot, allow_internet=True))
                   if allow_internet else None)  # fmt: skip
-        started = Launched(container_id, directory, slot, resources, allow_internet, egress)
+        started = Launched(container_id, directory, slot, resources, allow_internet, egress,
+                           files=files is not None, fresh=fresh)  # fmt: skip
         try:
             filestore = await self.disks.take(directory, resources.disk_mb)
             steps.done("disk")
-            hub = await asyncio.to_thread(self.volumes.attach, filestore, list(volumes))
+            hub = await asyncio.to_thread(self.volumes.attach, filestore, list(volumes), files,
+                                          file_snapshots.IN_HUB)  # fmt: skip
             bundle = await asyncio.to_thread(
                 write_bundle, directory / "bundle",
                 for_sandbox(spec, Path(slot.netns_path), resources, container_id, hub),
@@ -423,8 +432,7 @@ class Node:
                 init_envd(self.http, slot.router_ip, sandbox_id=sandbox_id, template_id=template,
                           env_vars=dict(req.env_vars or {}), access_token=req.access_token,
                           timeout_s=init_timeout_s),
-                *([self._mount_volumes(container_id, req.volume_mounts)]
-                  if req.volume_mounts else []),
+                self._settle_in(started, req.volume_mounts),
             )  # fmt: skip
             steps.done("envd init")
             cgroups.settle_cpu(container_id)  # up: no more weight than its siblings
@@ -447,10 +455,19 @@ class Node:
         steps.report(f"of {sandbox_id} done")
         return record
 
+    async def _settle_in(self, started: Launched, mounts: tuple[VolumeMount, ...]) -> None:
+        """A sandbox restored from its template's checkpoint gets its volumes mounted, then
+        its files laid back if it starts from a filesystem-only snapshot. Anything else was
+        saved with both in place. The mount comes first: it runs with CAP_SYS_ADMIN and must
+        run the template's own code, not files of the sandbox's."""
+        if started.fresh and mounts:
+            await self._mount_volumes(started.container_id, mounts)
+        if started.files:
+            await file_snapshots.apply(self, started.container_id)
+
     async def _mount_volumes(self, container_id: str, mounts: tuple[VolumeMount, ...]) -> None:
         """Mount each volume from the hub where the create asked for it: a mount needs
-        CAP_SYS_ADMIN, which only this one command gets (guest/envd/volumes.py). After a resume
-        the mounts are already there and are left as they are."""
+        CAP_SYS_ADMIN, which only this one command gets (guest/envd/volumes.py)."""
         wanted = json.dumps([{"name": m.name, "path": m.path} for m in mounts])
         result = await self.rt().exec(
             container_id, ["/usr/bin/python3", "-I", "-c", MOUNT_COMMAND, wanted],
@@ -533,14 +550,17 @@ class Node:
 
     # -- pause and resume (pause.py) --------------------------------------------------------
 
-    async def pause(self, sandbox_id: str) -> Snapshot:
-        """Checkpoint the sandbox (memory, processes, filesystem changes) into its snapshot and
-        free its resources. If the checkpoint fails, the sandbox keeps running unchanged."""
+    async def pause(self, sandbox_id: str, *, memory: bool = True) -> Snapshot:
+        """Checkpoint the sandbox (memory, processes, filesystem changes; only its files without
+        `memory`) into its snapshot and free its resources. If that fails, the sandbox keeps
+        running unchanged."""
         async with self.locked(sandbox_id) as record:
-            return await pause_sandbox(self, record)
+            return await pause_sandbox(self, record, memory=memory)
 
-    async def resume(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
-        return await resume_sandbox(self, sandbox_id, timeout_s)
+    async def resume(
+        self, sandbox_id: str, timeout_s: int, *, reboot: bool = False
+    ) -> SandboxRecord:
+        return await resume_sandbox(self, sandbox_id, timeout_s, reboot=reboot)
 
     def delete_snapshot(self, key: str) -> None:
         """The local copy now (or once the sandboxes starting from it have started); the remote
@@ -585,10 +605,11 @@ class Node:
 
     # -- snapshots of running sandboxes (team_snapshots.py) ----------------------------------
 
-    async def snapshot(self, sandbox_id: str, key: str, *, remote: bool = True) -> Snapshot:
-        """Save the running sandbox (memory, processes, files) as the snapshot `key`; it keeps
-        running, stopped only for the checkpoint."""
-        return await snapshot_sandbox(self, sandbox_id, key, remote=remote)
+    async def snapshot(self, sandbox_id: str, key: str, *, remote: bool = True,
+                       memory: bool = True) -> Snapshot:  # fmt: skip
+        """Save the running sandbox (memory, processes, files; only files without `memory`) as
+        the snapshot `key`; it keeps running, stopped only for the checkpoint."""
+        return await snapshot_sandbox(self, sandbox_id, key, remote=remote, memory=memory)
 
     async def create_from_snapshot(self, req: CreateRequest, key: str) -> SandboxRecord:
         return await start_from_snapshot(self, req, key)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, NoReturn
 from vivarium.errors import CannotSave, Conflict, RuntimeFailure
 from vivarium.network import firewall, handshakes
 from vivarium.network.addressing import Slot
+from vivarium.node import file_snapshots
 from vivarium.node.records import SandboxRecord
 from vivarium.node.request import resume_request
 from vivarium.node.snapshots import Snapshot
@@ -41,9 +42,12 @@ HANDSHAKE_WAIT_S = 3.5
 HANDSHAKE_POLL_S = 0.02
 
 
-async def pause_sandbox(node: Node, record: SandboxRecord) -> Snapshot:
+async def pause_sandbox(node: Node, record: SandboxRecord, *, memory: bool = True) -> Snapshot:
     """Checkpoint the sandbox into its snapshot and free its resources; the caller holds the
-    sandbox's lock. If the checkpoint fails, the sandbox keeps running unchanged."""
+    sandbox's lock. If the checkpoint fails, the sandbox keeps running unchanged. Without
+    `memory`, only its files are kept (node/file_snapshots.py)."""
+    if not memory:
+        return await _pause_files(node, record)
     staging = await checkpoint_sandbox(node, record, record.sandbox_id, "pausing")
     try:
         snapshot = await seal(node, record, record.sandbox_id, staging)
@@ -56,6 +60,34 @@ async def pause_sandbox(node: Node, record: SandboxRecord) -> Snapshot:
     log.info("sandbox %s paused (%d MiB image, %.1f MiB stored anew)", record.sandbox_id,
              snapshot.size >> 20, snapshot.stored / (1 << 20))  # fmt: skip
     return snapshot
+
+
+async def _pause_files(node: Node, record: SandboxRecord) -> Snapshot:
+    """Keep only the sandbox's files as its snapshot, then stop it. If saving them fails it
+    keeps running, unchanged."""
+    staging = await capture_files(node, record, record.sandbox_id)
+    try:
+        snapshot = await seal(node, record, record.sandbox_id, staging, mode=file_snapshots.MODE)
+    except BaseException:
+        await asyncio.to_thread(node.snapshots.discard, staging)
+        raise
+    await node.destroy(record)
+    log.info("sandbox %s paused, files only (%d MiB)", record.sandbox_id, snapshot.size >> 20)
+    return snapshot
+
+
+async def capture_files(node: Node, record: SandboxRecord, key: str) -> Path:
+    """The running sandbox's files in a new staging directory for the snapshot `key`; it
+    keeps running."""
+    _check_snapshot_space(node, record)
+    await asyncio.to_thread(node.snapshots.check)
+    staging = await asyncio.to_thread(node.snapshots.staging, key)
+    try:
+        await file_snapshots.capture(node, record, staging / "checkpoint")
+    except BaseException:
+        await asyncio.to_thread(node.snapshots.discard, staging)
+        raise
+    return staging
 
 
 async def checkpoint_sandbox(
@@ -103,13 +135,14 @@ async def checkpoint_sandbox(
 
 
 async def seal(
-    node: Node, record: SandboxRecord, key: str, staging: Path, *, remote: bool = True
-) -> Snapshot:
+    node: Node, record: SandboxRecord, key: str, staging: Path, *, remote: bool = True,
+    mode: str = "full",
+) -> Snapshot:  # fmt: skip
     """The checkpoint in `staging` as the snapshot `key` (snapshots.py: checksummed, fsync'ed,
     stored remotely first if `remote` and there is a store, then renamed into place)."""
     version = node.rt().probe.runsc_version
     return await asyncio.to_thread(node.snapshots.commit, key, staging, record.to_json(), version,
-                                   remote=remote)  # fmt: skip
+                                   remote=remote, mode=mode)  # fmt: skip
 
 
 async def start_again(node: Node, record: SandboxRecord, image: Path, doing: str) -> SandboxRecord:
@@ -134,9 +167,13 @@ async def start_again(node: Node, record: SandboxRecord, image: Path, doing: str
         raise RuntimeFailure(f"{doing} sandbox {sandbox_id} failed: {err}", lost) from None
 
 
-async def resume_sandbox(node: Node, sandbox_id: str, timeout_s: int) -> SandboxRecord:
+async def resume_sandbox(
+    node: Node, sandbox_id: str, timeout_s: int, *, reboot: bool = False
+) -> SandboxRecord:
     """Restore a paused sandbox from its verified snapshot, with a new timeout. A failed resume
-    leaves the snapshot as it was, ready for another try."""
+    leaves the snapshot as it was, ready for another try. A filesystem-only snapshot, or any
+    with `reboot`, starts the template afresh with the sandbox's files (E2B's
+    `on_resume="reboot"`): from a full one, its files are first taken from it, restored."""
     if sandbox_id in node.sandboxes:
         raise Conflict(f"sandbox {sandbox_id!r} is already running")
     runtime = node.rt()
@@ -152,9 +189,17 @@ async def resume_sandbox(node: Node, sandbox_id: str, timeout_s: int) -> Sandbox
         try:
             record = SandboxRecord.from_json(snapshot.record)
             steps.done("snapshot loaded")
-            restored = await _restore_record(node, record, snapshot.checkpoint, timeout_s, steps)
+            restored = await _restore_record(node, record, snapshot, timeout_s, steps)
         finally:
             await asyncio.to_thread(node.snapshots.release, snapshot)
+        if reboot and snapshot.mode != file_snapshots.MODE:
+            steps = Steps(f"reboot of {sandbox_id}")
+            await _pause_files(node, restored)
+            snapshot = await load_snapshot(node, sandbox_id, runtime.probe.runsc_version)
+            try:
+                restored = await _restore_record(node, record, snapshot, timeout_s, steps)
+            finally:
+                await asyncio.to_thread(node.snapshots.release, snapshot)
     log.info("sandbox %s resumed", sandbox_id)
     return restored
 
@@ -176,15 +221,21 @@ async def load_snapshot(node: Node, key: str, runsc_version: str) -> Snapshot:
 
 
 async def _restore_record(
-    node: Node, record: SandboxRecord, image: Path, timeout_s: int, steps: Steps,
+    node: Node, record: SandboxRecord, image: Path | Snapshot, timeout_s: int, steps: Steps,
     *, again: bool = False,
 ) -> SandboxRecord:  # fmt: skip
-    """A new incarnation of a sandbox from a checkpoint of it, on the template build it was
-    created from, once a start slot is free (or at once: Node.restore_in_turn)."""
+    """A new incarnation of a sandbox from a checkpoint or snapshot of it, on the template
+    build it was created from, once a start slot is free (or at once: Node.restore_in_turn)."""
     template = node.templates.build(record.template, record.build_id)
     resources = Resources(record.memory_mb, record.cpus, record.pids, record.disk_mb)
+    files = None
+    if isinstance(image, Snapshot):
+        if image.mode == file_snapshots.MODE:  # the template afresh, the files laid over it
+            files, image = image.checkpoint, template.checkpoint
+        else:
+            image = image.checkpoint
     return await node.restore_in_turn(resume_request(record), template, image, resources,
-                                      timeout_s, steps, again=again)  # fmt: skip
+                                      timeout_s, steps, again=again, files=files)  # fmt: skip
 
 
 async def _checkpoint(

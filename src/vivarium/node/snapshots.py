@@ -149,6 +149,11 @@ class Snapshot:
     def checksum(self) -> str:
         return str(self.manifest["checksum"])
 
+    @property
+    def mode(self) -> str:
+        """ "full" (a runsc image: memory and files) or "filesystem" (node/file_snapshots.py)."""
+        return str(self.manifest.get("mode", "full"))
+
 
 class SnapshotStore:
     def __init__(self, root: Path, remote: ObjectStore | None = None, *,
@@ -196,14 +201,17 @@ class SnapshotStore:
                 os.link(Path(directory) / name, target / name)
         return linked
 
-    def commit(self, sandbox_id: str, staging: Path, record: dict[str, Any],
-               runsc_version: str, *, remote: bool = True) -> Snapshot:  # fmt: skip
+    def commit(
+        self, sandbox_id: str, staging: Path, record: dict[str, Any], runsc_version: str, *,
+        remote: bool = True, mode: str = "full",
+    ) -> Snapshot:  # fmt: skip
         """Seal `staging` (which holds `checkpoint/`) as the snapshot `sandbox_id`, storing it
         in the remote tier first if there is one and `remote` (SnapshotNotStored: `staging` is
         left as it is, sealed, and nothing replaced the previous snapshot). Blocking."""
         checkpoint = staging / "checkpoint"
         manifest = {
             "sandbox_id": sandbox_id, "record": record, "runsc_version": runsc_version,
+            "mode": mode,
             "size_bytes": dir_size(checkpoint), "created_at": time.time(),
             # Names the copy in the remote tier; later pauses sort after earlier ones.
             "generation": f"{time.time_ns():020d}-{secrets.token_hex(4)}",

@@ -17,7 +17,14 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from vivarium.errors import RuntimeFailure, VivariumError
-from vivarium.node.pause import checkpoint_sandbox, load_snapshot, seal, start_again
+from vivarium.node import file_snapshots
+from vivarium.node.pause import (
+    capture_files,
+    checkpoint_sandbox,
+    load_snapshot,
+    seal,
+    start_again,
+)
 from vivarium.node.records import SandboxRecord
 from vivarium.node.request import CreateRequest, mounts_of
 from vivarium.node.snapshots import Snapshot
@@ -32,13 +39,23 @@ log = logging.getLogger(__name__)
 DOING = "snapshotting"
 
 
-async def snapshot_sandbox(node: Node, sandbox_id: str, key: str, *, remote: bool) -> Snapshot:
+async def snapshot_sandbox(
+    node: Node, sandbox_id: str, key: str, *, remote: bool, memory: bool = True
+) -> Snapshot:
     """Save the running sandbox as the snapshot `key`, and start it again from the checkpoint
     while the snapshot is sealed, so that it is stopped only for the checkpoint and that
     restore. If the checkpoint fails it keeps running unchanged; if only sealing fails, it runs
     on and no snapshot is kept; if only starting it again fails, the snapshot is still made (it
     holds everything the sandbox had) and the sandbox's end is an event, as when one dies."""
     async with node.locked(sandbox_id) as record:
+        if not memory:  # its files, read while it runs on (node/file_snapshots.py)
+            staging = await capture_files(node, record, key)
+            try:
+                return await seal(node, record, key, staging, remote=remote,
+                                  mode=file_snapshots.MODE)  # fmt: skip
+            except BaseException:
+                await asyncio.to_thread(node.snapshots.discard, staging)
+                raise
         staging = await checkpoint_sandbox(node, record, key, DOING, remote=remote)
         # Side by side: the restore reads the checkpoint under a name of its own, since
         # sealing renames the staging directory (one after the other if it cannot have one).
@@ -89,8 +106,11 @@ async def start_from_snapshot(node: Node, req: CreateRequest, key: str) -> Sandb
         template = node.templates.build(source.template, source.build_id)
         resources = Resources(source.memory_mb, source.cpus, source.pids, source.disk_mb)
         steps = Steps(f"create from snapshot {key}")
+        # A filesystem-only snapshot: the template afresh, with the source's files laid over it.
+        files = snapshot.checkpoint if snapshot.mode == file_snapshots.MODE else None
+        image = template.checkpoint if files is not None else snapshot.checkpoint
         try:
-            return await node.restore_in_turn(req, template, snapshot.checkpoint, resources,
-                                              timeout_s, steps)  # fmt: skip
+            return await node.restore_in_turn(req, template, image, resources, timeout_s, steps,
+                                              files=files)  # fmt: skip
         finally:
             await asyncio.to_thread(node.snapshots.release, snapshot)

@@ -45,7 +45,7 @@ OWNER_UID = OWNER_GID = 1000
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 MAX_MOUNTS = 16
 # Paths a volume may not be mounted over: the sandbox's own machinery.
-RESERVED = ("/proc", "/sys", "/dev", "/opt/vivarium")
+RESERVED = ("/proc", "/sys", "/dev", "/opt/vivarium", "/run/vivarium")
 
 
 def new_volume_id() -> str:
@@ -97,8 +97,9 @@ def check_mount_path(path: str) -> str:
     if path == "/":
         raise InvalidArgument("a volume cannot be mounted over /", "use a path like /mnt/data")
     for reserved in RESERVED:
-        if path == reserved or path.startswith(reserved + "/"):
-            raise InvalidArgument(f"a volume cannot be mounted at {path} (under {reserved})")
+        if path == reserved or path.startswith(reserved + "/") or reserved.startswith(path + "/"):
+            raise InvalidArgument(f"a volume cannot be mounted at {path}",
+                                  f"{reserved} is the sandbox's own")  # fmt: skip
     return path
 
 
@@ -155,6 +156,9 @@ class VolumeStore:
             raise RuntimeError(f"{target} could not be unmounted")
         shutil.rmtree(directory, ignore_errors=True)
 
+    def ids(self) -> list[str]:
+        return [d.name for d in self.root.iterdir() if valid_volume_id(d.name)]
+
     def mount_all(self) -> int:
         """Mount every volume's file system (after a host restart); returns how many there are.
         Half-made volumes (no image) are removed."""
@@ -167,7 +171,10 @@ class VolumeStore:
                 continue
             count += 1
             if not os.path.ismount(directory / FS):
-                self._mount(directory)
+                try:
+                    self._mount(directory)
+                except Exception:  # that volume answers 404; the node and the rest go on
+                    log.exception("could not mount volume %s", directory.name)
         return count
 
     @staticmethod
@@ -197,14 +204,22 @@ class VolumeStore:
         used = (st.f_blocks - st.f_bfree) * st.f_frsize
         return used, used + st.f_bavail * st.f_frsize
 
-    def attach(self, filestore: Path, mounts: list[VolumeMount]) -> Path:
+    def attach(self, filestore: Path, mounts: list[VolumeMount], files: Path | None = None,
+               files_name: str = "") -> Path:  # fmt: skip
         """The hub of a container about to be restored, on its disk (`filestore`, where runsc's
-        filestore goes), with each volume bind-mounted under its name."""
+        filestore goes), with each volume bind-mounted under its name, and `files` (a
+        filesystem-only snapshot, node/file_snapshots.py) read-only under `files_name`."""
         hub = filestore / HUB
         hub.mkdir(mode=0o755, exist_ok=True)
         for mount in mounts:
-            source = self.data(mount.volume_id)
-            target = hub / mount.name
-            target.mkdir(mode=0o755, exist_ok=True)
-            run_sync(["mount", "--bind", str(source), str(target)])
+            _bind(self.data(mount.volume_id), hub / mount.name)
+        if files is not None:
+            _bind(files, hub / files_name, read_only=True)
         return hub
+
+
+def _bind(source: Path, target: Path, *, read_only: bool = False) -> None:
+    target.mkdir(mode=0o755, exist_ok=True)
+    run_sync(["mount", "--bind", str(source), str(target)])
+    if read_only:
+        run_sync(["mount", "-o", "remount,bind,ro", str(target)])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def mounts_under(directory: Path) -> list[Path]:
     with open("/proc/self/mountinfo") as f:
         for line in f:
             # Field 5 is the mount point, with spaces and the like escaped as octal.
-            point = line.split()[4].encode().decode("unicode_escape")
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
             if point == base or point.startswith(base + "/"):
                 found.append(Path(point))
     return sorted(found, key=lambda p: len(p.parts), reverse=True)

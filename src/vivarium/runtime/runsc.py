@@ -97,12 +97,15 @@ class Runsc:
         cwd: str = "/",
         timeout: float = 60.0,
         caps: tuple[str, ...] = (),
+        stdout_to: Path | None = None,
     ) -> Result:
-        """Run `argv` in the container; `caps`, if any, are all the capabilities it gets."""
+        """Run `argv` in the container; `caps`, if any, are all the capabilities it gets;
+        `stdout_to` takes its standard output (a file on the host)."""
         args = ["exec", "--user", user, "--cwd", cwd, *(f"--cap={c}" for c in caps)]
         for item in env or []:
             args += ["--env", item]
-        return await run(self._argv(*args, cid, *argv), check=False, timeout=timeout)
+        return await run(self._argv(*args, cid, *argv), check=False, timeout=timeout,
+                         stdout_to=stdout_to)  # fmt: skip
 
     async def pause(self, cid: str) -> None:
         """Freeze every process of the container (gVisor's freezer; the network stack runs on).

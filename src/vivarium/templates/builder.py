@@ -229,7 +229,7 @@ async def boot_and_checkpoint(
         await destroy_slot(slot.prefix, slot.index)
         shutil.rmtree(bundle, ignore_errors=True)
         disk.discard(build_dir / "boot")
-        hub.rmdir()
+        shutil.rmtree(hub, ignore_errors=True)
 
 
 async def build(

@@ -107,6 +107,7 @@ team_snapshots = Table(
     Column("node_id", String(64), nullable=False),
     Column("size_bytes", BigInteger, nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("volume_mounts", JSON, nullable=False, default=list),  # the source's
     UniqueConstraint("team_id", "name", name="uq_team_snapshots_team_name"),
 )
 

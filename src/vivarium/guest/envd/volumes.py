@@ -5,8 +5,8 @@ process of the sandbox has otherwise (`runsc exec --cap`):
 
     python3 -I -c "<MOUNT_COMMAND>" '[{"name": ..., "path": ...}]'
 
-A mount is part of the sandbox's saved state: after a resume the mounts are found in place and
-left as they are.
+It runs only in a sandbox just restored from its template's checkpoint, before anything of the
+user's is in it (after a resume the mounts are part of the saved state already).
 """
 
 from __future__ import annotations
@@ -31,11 +31,6 @@ class VolumeMountError(Exception):
     pass
 
 
-def _mount_points() -> set[str]:
-    with open("/proc/self/mountinfo") as f:
-        return {line.split()[4].encode().decode("unicode_escape") for line in f}
-
-
 def _bind(source: str, target: str) -> None:
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     if libc.mount(source.encode(), target.encode(), None, MS_BIND, None) != 0:
@@ -44,15 +39,12 @@ def _bind(source: str, target: str) -> None:
 
 
 def mount_volumes(mounts: list[dict[str, str]]) -> None:
-    present = _mount_points()
     for mount in mounts:
         name, path = mount["name"], mount["path"]
         if not name or "/" in name or name in (".", ".."):
             raise VolumeMountError(f"invalid volume name {name!r}")
         if not path.startswith("/") or path == "/":
             raise VolumeMountError(f"invalid volume mount path {path!r}")
-        if path in present:  # mounted before this sandbox was saved
-            continue
         source = os.path.join(VOLUME_HUB, name)
         if not os.path.isdir(source):
             raise VolumeMountError(f"volume {name!r} is not in this sandbox's hub")

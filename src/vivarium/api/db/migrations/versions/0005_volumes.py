@@ -1,4 +1,4 @@
-"""volumes, and the volumes each sandbox mounts
+"""volumes, and the volumes each sandbox (and each snapshot's sandboxes) mount
 
 Revision ID: 0005
 Revises: 0004
@@ -30,13 +30,14 @@ def upgrade() -> None:
         sa.Column("created_at", sa.Float(), nullable=False),
         sa.UniqueConstraint("team_id", "name", name="uq_volumes_team_name"),
     )
-    with op.batch_alter_table("sandboxes") as batch:
-        batch.add_column(
-            sa.Column("volume_mounts", sa.JSON(), nullable=False, server_default=sa.text("'[]'"))
-        )
+    for table in ("sandboxes", "team_snapshots"):
+        with op.batch_alter_table(table) as batch:
+            batch.add_column(sa.Column("volume_mounts", sa.JSON(), nullable=False,
+                                       server_default=sa.text("'[]'")))  # fmt: skip
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("sandboxes") as batch:
-        batch.drop_column("volume_mounts")
+    for table in ("sandboxes", "team_snapshots"):
+        with op.batch_alter_table(table) as batch:
+            batch.drop_column("volume_mounts")
     op.drop_table("volumes")
