@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -95,3 +96,26 @@ def test_a_filesystem_snapshot_starts_sandboxes_with_the_files(compat: Compat) -
         Sandbox.delete_snapshot(snapshot.snapshot_id)
     finally:
         source.kill()
+
+
+def test_an_auto_pause_can_keep_the_files_only(compat: Compat) -> None:
+    lifecycle = {"on_timeout": {"action": "pause", "mode": "filesystem"}}
+    sandbox = Sandbox.create(timeout=5, lifecycle=lifecycle)  # type: ignore[arg-type]
+    try:
+        sandbox.commands.run(SETUP)
+        sandbox.commands.run("sleep 4242", background=True)
+        deadline = time.monotonic() + 60
+        while Sandbox.get_info(sandbox.sandbox_id).state != SandboxState.PAUSED:
+            assert time.monotonic() < deadline, "it did not pause at its timeout"
+            time.sleep(0.5)
+        sandbox = Sandbox.connect(sandbox.sandbox_id, timeout=120)
+        _files_are_back(sandbox)
+        assert not _sleeping(sandbox)
+    finally:
+        sandbox.kill()
+    # Traffic could not wake it as it was: refused (the client refuses it too, before asking).
+    body = {"templateID": "base", "autoPause": True, "autoPauseMemory": False,
+            "autoResume": {"enabled": True}}  # fmt: skip
+    with compat.admin() as http:
+        answer = http.post("/v2/sandboxes", json=body)
+    assert answer.status_code == 400 and "autoResume" in answer.json()["message"]

@@ -64,6 +64,7 @@ class NewSandbox:
     allow_internet: bool = True
     secure: bool = True
     volume_mounts: tuple[tuple[str, str], ...] = ()  # (volume name, path), as asked
+    auto_pause_memory: bool = True  # False: an auto-pause keeps the files only
 
 
 class ControlPlane:
@@ -268,6 +269,7 @@ class ControlPlane:
             timeout_s=new.timeout_s, metadata=new.metadata, env_vars=new.env_vars,
             allow_internet=new.allow_internet, on_timeout="pause" if new.auto_pause else "kill",
             volume_mounts=tuple(VolumeMount.from_json(m) for m in row["volume_mounts"]),
+            pause_memory=new.auto_pause_memory,
         )  # fmt: skip
         try:
             record = await start(request)

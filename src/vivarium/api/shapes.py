@@ -59,6 +59,11 @@ def new_sandbox(data: dict[str, Any], default_timeout: int, *, v1: bool) -> NewS
     if auto_resume and not auto_pause:
         raise InvalidArgument("autoResume needs autoPause: only a sandbox that pauses at its "
                               "timeout can be resumed by traffic")  # fmt: skip
+    auto_pause_memory = typed(data, "autoPauseMemory", bool, True)
+    if auto_resume and not auto_pause_memory:
+        raise InvalidArgument("autoResume needs an auto-pause that keeps memory: a sandbox "
+                              "paused with its files only starts afresh, so traffic cannot "
+                              "wake it transparently")  # fmt: skip
     return NewSandbox(
         template=template,
         timeout_s=timeout,
@@ -70,6 +75,7 @@ def new_sandbox(data: dict[str, Any], default_timeout: int, *, v1: bool) -> NewS
         # v2 sandboxes always secure envd; v1 clients could opt out.
         secure=typed(data, "secure", bool, True) if v1 else True,
         volume_mounts=mounts_request(data.get("volumeMounts")),
+        auto_pause_memory=auto_pause_memory,
     )
 
 

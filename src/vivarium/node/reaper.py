@@ -91,7 +91,7 @@ class Reaper:
                     if current.end_at > time.time():  # given more time meanwhile (a snapshot)
                         return
                     log.info("sandbox %s timed out; pausing it", record.sandbox_id)
-                    snapshot = await pause_sandbox(node, current)
+                    snapshot = await pause_sandbox(node, current, memory=current.pause_memory)
             except NotFound:
                 return
             except Exception:

@@ -66,6 +66,7 @@ class SandboxRecord:
     container_id: str = ""
     disk_mb: int = 10240  # the size of its writable layer (runtime/disk.py)
     volumes: list[dict[str, str]] = field(default_factory=list)  # VolumeMount.to_json()s
+    pause_memory: bool = True  # what an auto-pause keeps: memory and files, or files only
 
     def __post_init__(self) -> None:
         if not self.container_id:

@@ -23,6 +23,7 @@ class CreateRequest:
     memory_mb: int | None = None
     cpus: float | None = None
     volume_mounts: tuple[VolumeMount, ...] = ()
+    pause_memory: bool = True  # an auto-pause (on_timeout "pause") keeps memory, or files only
 
 
 def resume_request(record: SandboxRecord) -> CreateRequest:
@@ -31,6 +32,7 @@ def resume_request(record: SandboxRecord) -> CreateRequest:
         template=record.template, sandbox_id=record.sandbox_id, access_token=record.access_token,
         metadata=record.metadata, env_vars=record.env_vars, allow_internet=record.allow_internet,
         on_timeout=record.on_timeout, volume_mounts=mounts_of(record),
+        pause_memory=record.pause_memory,
     )  # fmt: skip
 
 
