@@ -79,6 +79,10 @@ class Settings:
     database_url: str = ""
     # Sandboxes one team may run at once (E2B's per-team concurrency limit).
     team_max_sandboxes: int = 20
+    # Who may read GET /metrics on the API (telemetry.py): "off", "local" (clients on this host
+    # only) or "token" (Authorization: Bearer <metrics_token>, from anywhere).
+    metrics: str = "local"
+    metrics_token: str = ""
     # Volumes (node/volumes.py): how many a team may have, and each one's size (a sparse image:
     # only what is written costs disk).
     team_max_volumes: int = 100
@@ -128,6 +132,8 @@ class Settings:
             tls_key=Path(k) if (k := _env("TLS_KEY", "")) else None,
             database_url=_env("DATABASE_URL", ""),
             team_max_sandboxes=_env_int("TEAM_MAX_SANDBOXES", 20),
+            metrics=_env("METRICS", "local"),
+            metrics_token=_env("METRICS_TOKEN", ""),
             team_max_volumes=_env_int("TEAM_MAX_VOLUMES", 100),
             volume_size_mb=_env_int("VOLUME_SIZE_MB", 10240),
             snapshot_max_age_s=_env_int("SNAPSHOT_MAX_AGE", 30 * 24 * 3600),
@@ -174,6 +180,11 @@ class Settings:
             raise ConfigError("VIVARIUM_TEAM_MAX_SANDBOXES must be at least 1")
         if self.max_starting < 1:
             raise ConfigError("VIVARIUM_MAX_STARTING must be at least 1")
+        if self.metrics not in ("off", "local", "token"):
+            raise ConfigError("VIVARIUM_METRICS must be off, local or token")
+        if self.metrics == "token" and len(self.metrics_token) < 16:
+            raise ConfigError("VIVARIUM_METRICS=token needs VIVARIUM_METRICS_TOKEN",
+                              "set it to a secret of 16 characters or more")  # fmt: skip
         if self.team_max_volumes < 0:
             raise ConfigError("VIVARIUM_TEAM_MAX_VOLUMES must be 0 or more")
         if not 16 <= self.volume_size_mb <= 4 << 20:

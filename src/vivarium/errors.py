@@ -38,6 +38,11 @@ class Unauthenticated(VivariumError):
     http_status = 401
 
 
+class Forbidden(VivariumError):
+    code = "forbidden"
+    http_status = 403
+
+
 class NotFound(VivariumError):
     code = "not_found"
     http_status = 404

@@ -11,10 +11,12 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from vivarium import telemetry
 from vivarium.api import shapes, volume_routes
 from vivarium.api.control import ControlPlane
 from vivarium.api.openapi import document
@@ -57,6 +59,14 @@ def create_app(control: ControlPlane) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     openapi_document = JSONResponse(document())  # the same for every request
+
+    @guarded
+    async def prometheus(request: Request) -> Response:
+        telemetry.check_access(control.settings, request.client.host if request.client else None,
+                               request.headers.get("authorization", ""))  # fmt: skip
+        await telemetry.refresh_node(control.node)
+        telemetry.refresh_catalog(await control.state_counts())
+        return Response(telemetry.exposition(), media_type=telemetry.CONTENT_TYPE)
 
     async def openapi(request: Request) -> Response:
         return openapi_document
@@ -215,6 +225,7 @@ def create_app(control: ControlPlane) -> Starlette:
     routes = [
         Route("/health", health),
         Route("/openapi.json", openapi),
+        Route("/metrics", prometheus),
         Route("/sandboxes", authed(create_v1), methods=["POST"]),
         Route("/v2/sandboxes", authed(create_v2), methods=["POST"]),
         Route("/sandboxes", authed(list_v1), methods=["GET"]),
@@ -240,4 +251,5 @@ def create_app(control: ControlPlane) -> Starlette:
         Route("/teams", authed(create_team), methods=["POST"]),
         *volume_routes.routes(control, authed),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error},
+                     middleware=[Middleware(telemetry.RequestMetrics, routes=routes)])  # fmt: skip

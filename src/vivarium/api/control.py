@@ -40,6 +40,7 @@ from vivarium.node.request import CreateRequest
 from vivarium.node.snapshots import Snapshot, new_fork_key, new_snapshot_id
 from vivarium.node.volumes import VolumeMount
 from vivarium.statedir import write_private
+from vivarium.telemetry import timed_operation
 from vivarium.templates.store import validate_name
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,7 @@ class ControlPlane:
 
     # -- sandboxes -----------------------------------------------------------------------------
 
+    @timed_operation("create")
     async def create(self, team: Row, new: NewSandbox) -> Row:
         """A sandbox from a template, or from one of the team's snapshots when `new.template`
         names one (by id or name), as E2B's `Sandbox.create(snapshot_id)`."""
@@ -294,6 +296,7 @@ class ControlPlane:
     async def list_sandboxes(self, team: Row, states: list[str]) -> list[Row]:
         return await store.team_sandboxes(self.engine, team["id"], states)
 
+    @timed_operation("kill")
     async def kill(self, team: Row, sandbox_id: str) -> None:
         row = await self.get(team, sandbox_id)
         async with self._sandbox_locks[sandbox_id]:
@@ -304,6 +307,7 @@ class ControlPlane:
             await store.end_sandbox(self.engine, row["id"], "killed")
         self._sandbox_locks.pop(sandbox_id, None)  # ended for good: nothing left to serialize
 
+    @timed_operation("pause")
     async def pause(self, team: Row, sandbox_id: str, memory: bool = True) -> None:
         """Checkpoint memory, processes and files (only files without `memory`); the sandbox
         then lists as paused. A failed pause leaves it running (the node guarantees it) and
@@ -344,6 +348,7 @@ class ControlPlane:
         await store.update_sandbox(self.engine, sandbox_id, end_at=record.end_at)
         return {**row, "end_at": record.end_at}
 
+    @timed_operation("connect")
     async def connect(self, team: Row, sandbox_id: str, timeout_s: int,
                       reboot: bool = False) -> tuple[Row, bool]:  # fmt: skip
         """(the sandbox, whether it was resumed). A running sandbox only gets a longer timeout;
@@ -373,6 +378,7 @@ class ControlPlane:
         log.info("sandbox %s resumed by traffic", sandbox_id)
         return True
 
+    @timed_operation("resume")
     async def _resume(self, team: Row, row: Row, timeout_s: int, reboot: bool = False) -> Row:
         sandbox_id = row["id"]
         async with self._team_locks[team["id"]]:
@@ -392,6 +398,7 @@ class ControlPlane:
 
     # -- snapshots and forks -------------------------------------------------------------------
 
+    @timed_operation("snapshot")
     async def create_snapshot(self, team: Row, sandbox_id: str, name: str | None,
                               memory: bool = True) -> Row:  # fmt: skip
         """Save the running sandbox as one of the team's snapshots; it keeps running. A name
@@ -453,6 +460,7 @@ class ControlPlane:
             raise NotFound(f"snapshot {snapshot_id!r} was not found")
         self.node.delete_snapshot(row["build_key"])
 
+    @timed_operation("fork")
     async def fork(self, team: Row, sandbox_id: str, count: int,
                    timeout_s: int) -> list[Row | VivariumError]:  # fmt: skip
         """`count` new sandboxes, each with the running sandbox's memory, processes and files,
@@ -509,6 +517,9 @@ class ControlPlane:
         if not 1 <= timeout_s <= self.settings.max_timeout_s:
             raise InvalidArgument(f"timeout {timeout_s}s is out of range",
                                   f"use 1..{self.settings.max_timeout_s} seconds")  # fmt: skip
+
+    async def state_counts(self) -> list[tuple[str, str, int]]:
+        return await store.state_counts(self.engine)
 
     # -- teams and keys ------------------------------------------------------------------------
 

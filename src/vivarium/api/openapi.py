@@ -163,6 +163,10 @@ def document() -> Schema:
                             "responses": {"200": {"description": "ok"}}}},
         "/openapi.json": {"get": {"summary": "this document", "security": [],
                                   "responses": {"200": {"description": "OpenAPI 3"}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics (VIVARIUM_METRICS: off, this host "
+                                        "only, or a bearer token)", "security": [],
+                             "responses": {"200": {"description": "text exposition format"},
+                                           **_errors(403, 404)}}},
         "/sandboxes": {
             "post": _op("create (v1)", created, body=NEW_SANDBOX, errors=(404, 429)),
             "get": _op("list running (v1)", listing, params=list_params[1:2], errors=()),

@@ -289,6 +289,17 @@ async def snapshots_mounting(engine: AsyncEngine, team_id: str, volume_id: str) 
                                       for m in r.volume_mounts or [])]  # fmt: skip
 
 
+async def state_counts(engine: AsyncEngine) -> list[tuple[str, str, int]]:
+    """(state, template, count) of the sandboxes that have not ended."""
+    query = (
+        select(sandboxes.c.state, sandboxes.c.template_id, func.count())
+        .where(sandboxes.c.state != "killed")
+        .group_by(sandboxes.c.state, sandboxes.c.template_id)
+    )
+    async with engine.connect() as conn:
+        return [(str(s), str(t), int(n)) for s, t, n in (await conn.execute(query)).all()]
+
+
 async def sandboxes_mounting(engine: AsyncEngine, team_id: str, volume_id: str) -> list[str]:
     """Sandboxes of the team not yet ended (starting, running, paused ...) that mount it."""
     query = select(sandboxes.c.id, sandboxes.c.volume_mounts).where(

@@ -13,6 +13,7 @@ from vivarium.errors import NotFound
 from vivarium.node.pause import AUTO_PAUSE_RETRY_S, pause_sandbox
 from vivarium.node.records import SandboxRecord
 from vivarium.runtime.cgroups import memory_stats, pids_limit_hits
+from vivarium.telemetry import timed
 
 if TYPE_CHECKING:
     from vivarium.node.node import Node
@@ -91,7 +92,9 @@ class Reaper:
                     if current.end_at > time.time():  # given more time meanwhile (a snapshot)
                         return
                     log.info("sandbox %s timed out; pausing it", record.sandbox_id)
-                    snapshot = await pause_sandbox(node, current, memory=current.pause_memory)
+                    with timed("auto_pause"):
+                        snapshot = await pause_sandbox(node, current,
+                                                       memory=current.pause_memory)  # fmt: skip
             except NotFound:
                 return
             except Exception:

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from vivarium import telemetry
 from vivarium.errors import InvalidArgument
 from vivarium.httpjson import guarded, json_body, str_map, typed
 from vivarium.node.node import Node
@@ -20,6 +21,11 @@ def create_app(node: Node) -> Starlette:
     @guarded
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
+
+    @guarded
+    async def metrics(request: Request) -> Response:
+        await telemetry.refresh_node(node)
+        return Response(telemetry.exposition(), media_type=telemetry.CONTENT_TYPE)
 
     @guarded
     async def info(request: Request) -> Response:
@@ -81,6 +87,7 @@ def create_app(node: Node) -> Starlette:
         routes=[
             Route("/health", health),
             Route("/node", info),
+            Route("/metrics", metrics),
             Route("/sandboxes", create, methods=["POST"]),
             Route("/sandboxes", list_sandboxes, methods=["GET"]),
             Route("/sandboxes/{sandbox_id}", get_sandbox, methods=["GET"]),

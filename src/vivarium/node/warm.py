@@ -90,9 +90,13 @@ class WarmPool:
         """Until the restore under way (if any) has ended, its sandbox in the pool or gone."""
         await self._filled.wait()
 
+    def ready(self) -> dict[str, int]:
+        """Warm sandboxes waiting, by template."""
+        return {name: len(entries) for name, entries in self._entries.items()}
+
     def info(self) -> dict[str, object]:
         return {
-            "ready": {name: len(entries) for name, entries in self._entries.items()},
+            "ready": self.ready(),
             "filling": self._filling, "refills": self.refills, "claims": self.claims,
             "dead": self.dead,
             "containers": sorted(w.started.container_id for e in self._entries.values() for w in e),

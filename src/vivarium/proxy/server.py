@@ -27,6 +27,7 @@ from vivarium.proxy.exchange import Exchange, ProxyError
 from vivarium.proxy.pool import ConnectionPool, PoolKey
 from vivarium.proxy.routing import RoutingError, route_request
 from vivarium.proxy.stream import MAX_HEAD, READ_SIZE, ClientGone, HttpStream, UpstreamCut
+from vivarium.telemetry import PROXY_REQUESTS
 
 log = logging.getLogger("vivarium.proxy")
 
@@ -251,7 +252,9 @@ class SandboxProxy:
             return await self._reply(client, request, 409, upstream.message, upstream.body())
         key = PoolKey(route.sandbox_id, upstream.key, upstream.host, route.port)
         try:
-            return await Exchange(client, request, key, self._pool, client_ip).run()
+            keep = await Exchange(client, request, key, self._pool, client_ip).run()
+            PROXY_REQUESTS.labels("forwarded").inc()
+            return keep
         except ProxyError as e:
             return await self._reply(client, request, e.status, e.message)
 
@@ -260,6 +263,7 @@ class SandboxProxy:
         payload: dict[str, Any] | None = None,
     ) -> bool:  # fmt: skip
         """A response of the proxy's own. `request` None: the request was unreadable, close."""
+        PROXY_REQUESTS.labels(str(status)).inc()
         if payload is None:
             payload = {"status": "ok"} if message is None else {"code": status, "message": message}
         body = json.dumps(payload).encode()
