@@ -83,6 +83,8 @@ class Settings:
     # only) or "token" (Authorization: Bearer <metrics_token>, from anywhere).
     metrics: str = "local"
     metrics_token: str = ""
+    # How long a killed sandbox's metrics history is kept (node/metrics_history.py).
+    metrics_retention_s: int = 3600
     # Volumes (node/volumes.py): how many a team may have, and each one's size (a sparse image:
     # only what is written costs disk).
     team_max_volumes: int = 100
@@ -134,6 +136,7 @@ class Settings:
             team_max_sandboxes=_env_int("TEAM_MAX_SANDBOXES", 20),
             metrics=_env("METRICS", "local"),
             metrics_token=_env("METRICS_TOKEN", ""),
+            metrics_retention_s=_env_int("METRICS_RETENTION", 3600),
             team_max_volumes=_env_int("TEAM_MAX_VOLUMES", 100),
             volume_size_mb=_env_int("VOLUME_SIZE_MB", 10240),
             snapshot_max_age_s=_env_int("SNAPSHOT_MAX_AGE", 30 * 24 * 3600),

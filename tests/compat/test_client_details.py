@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -78,9 +79,19 @@ def test_metrics_come_only_from_inside_the_range_asked_for(sbx: Sandbox) -> None
     now = datetime.now(UTC)
     past = sbx.get_metrics(start=now - timedelta(hours=2), end=now - timedelta(hours=1))
     assert past == []  # nothing was sampled then; a sample taken now is not from then
-    (sample,) = sbx.get_metrics(start=now - timedelta(minutes=1), end=now + timedelta(minutes=1))
-    assert now - timedelta(minutes=1) <= sample.timestamp <= now + timedelta(minutes=1)
-    assert sample.mem_total > 0
+    sbx.commands.run("python3 -c 'sum(range(10**7))'")  # some CPU between samples
+    time.sleep(11)  # the node samples every 5 s: a history builds up
+    later = datetime.now(UTC)
+    samples = sbx.get_metrics(start=now - timedelta(minutes=1), end=later)
+    assert len(samples) >= 2
+    assert all(now - timedelta(minutes=1) <= s.timestamp <= later for s in samples)
+    assert [s.timestamp for s in samples] == sorted(s.timestamp for s in samples)
+    assert all(s.mem_total > 0 and 0 < s.mem_used <= s.mem_total for s in samples)
+    assert all(0 <= s.cpu_used_pct <= 100 and s.disk_total > 0 for s in samples)
+    middle = samples[len(samples) // 2].timestamp  # ranges are whole seconds on the wire
+    narrower = sbx.get_metrics(start=middle, end=later)
+    assert narrower and all(s.timestamp >= middle - timedelta(seconds=1) for s in narrower)
+    assert len(narrower) < len(samples)
     with pytest.raises(SandboxException, match="400: start .* is after end"):
         sbx.get_metrics(start=now, end=now - timedelta(hours=1))
 

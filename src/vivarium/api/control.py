@@ -499,9 +499,11 @@ class ControlPlane:
     async def refresh(self, team: Row, sandbox_id: str, duration_s: int) -> None:
         await self.set_timeout(team, sandbox_id, max(duration_s, MIN_REFRESH_S), extend_only=True)
 
-    async def metrics(self, team: Row, sandbox_id: str) -> dict[str, Any]:
-        await self._running(team, sandbox_id)
-        return await self.node.metrics(sandbox_id)
+    async def metrics(self, team: Row, sandbox_id: str, start: float | None,
+                      end: float | None) -> list[dict[str, Any]]:  # fmt: skip
+        """Its samples in the range (also while paused, and for a while after it was killed)."""
+        await self.get(team, sandbox_id, live=False)
+        return [s.to_json() for s in await self.node.metrics(sandbox_id, start, end)]
 
     async def logs(self, team: Row, sandbox_id: str) -> list[tuple[float, str]]:
         await self._running(team, sandbox_id)

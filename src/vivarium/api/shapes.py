@@ -191,7 +191,7 @@ def snapshot_info(row: Row) -> Row:
 
 
 def metric(data: dict[str, Any]) -> Row:
-    """envd's /metrics -> `SandboxMetric`."""
+    """A sample (node/metrics_history.py) -> `SandboxMetric`."""
     ts = float(data.get("ts") or time.time())
     return {"timestamp": rfc3339(ts), "timestampUnix": int(ts),
             "cpuCount": int(data.get("cpu_count", 0)),

@@ -19,8 +19,6 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from vivarium import statedir
 from vivarium.config import Settings
 from vivarium.errors import (
@@ -31,7 +29,6 @@ from vivarium.errors import (
     RuntimeFailure,
     VivariumError,
 )
-from vivarium.guest.envd import PORT as ENVD_PORT
 from vivarium.guest.envd.state import EnvdState
 from vivarium.guest.envd.volumes import MOUNT_COMMAND
 from vivarium.network import firewall
@@ -41,6 +38,7 @@ from vivarium.node.disks import DiskPool
 from vivarium.node.envd_init import INIT_TIMEOUT_S, envd_http, init_envd
 from vivarium.node.guards import Guards
 from vivarium.node.launched import Launched
+from vivarium.node.metrics_history import MetricsHistory, Sample
 from vivarium.node.pause import pause_sandbox, resume_sandbox
 from vivarium.node.reaper import Reaper
 from vivarium.node.reconcile import reconcile
@@ -105,6 +103,8 @@ class Node:
             settings.slot_prewarm, settings.max_sandboxes,
         )  # fmt: skip
         self.volumes = VolumeStore(settings.volumes_dir, settings.volume_size_mb)
+        self.history = MetricsHistory(settings.metrics_retention_s, self.records.container_dir)
+        self._sampler: asyncio.Task[None] | None = None
         self.disks = DiskPool(settings.state_dir / "disks", settings.default_disk_mb,
                               settings.slot_prewarm)  # fmt: skip
         self.runtime: Runsc | None = None
@@ -169,6 +169,7 @@ class Node:
             self.guards.arm(self.runtime, record.sandbox_id, record.container_id,
                             record.memory_mb)  # fmt: skip
         self._reaper = asyncio.create_task(Reaper(self).run())
+        self._sampler = asyncio.create_task(self.history.run(self.list_sandboxes))
         self.warm.start()
         steps.report()
         log.info(
@@ -181,9 +182,10 @@ class Node:
     async def stop(self) -> None:
         """Stop managing; running sandboxes keep running and are adopted by the next start."""
         await self.warm.stop()
-        if self._reaper:
-            self._reaper.cancel()
-            await asyncio.gather(self._reaper, return_exceptions=True)
+        for task in (self._reaper, self._sampler):
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self._drain_cleanups()
         if self._collecting is not None:  # a thread: it finishes (and is crash-safe anyway)
             await asyncio.gather(self._collecting, return_exceptions=True)
@@ -505,6 +507,7 @@ class Node:
         task.add_done_callback(self._cleanups.discard)
 
     async def kill(self, sandbox_id: str) -> None:
+        self.history.killed(sandbox_id)  # paused ones too (for which the lookup fails)
         async with self.locked(sandbox_id) as record:
             await self.destroy(record)
 
@@ -668,22 +671,18 @@ class Node:
             return []
         return [(stamp, line) for line in lines]
 
-    async def metrics(self, sandbox_id: str) -> dict[str, Any]:
-        """envd's view of CPU and memory inside the sandbox, and the host's of its disk."""
-        record = self.get(sandbox_id)
-        headers = {"X-Access-Token": record.access_token} if record.access_token else {}
-        url = f"http://{record.slot_address}:{ENVD_PORT}/metrics"
-        try:
-            response = await self.http.get(url, headers=headers)
-            response.raise_for_status()
-            data: dict[str, Any] = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise RuntimeFailure(f"sandbox {sandbox_id} did not report metrics: {exc}") from None
-        # Inside, statfs reports gVisor's 8 EiB: the disk's real figures are the host's.
-        written = disk.usage(self.records.container_dir(record.container_id))
-        if written is not None:
-            data["disk_used"], data["disk_total"] = written
-        return data
+    async def metrics(
+        self, sandbox_id: str, start: float | None, end: float | None
+    ) -> list[Sample]:
+        """The sandbox's samples between `start` and `end` (node/metrics_history.py). A sandbox
+        too new to have one is sampled now, if now is in the range."""
+        samples = self.history.between(sandbox_id, start, end)
+        now = time.time()
+        record = self.sandboxes.get(sandbox_id)
+        if not samples and record and (start or now) <= now <= (end or now):
+            taken = await asyncio.to_thread(self.history.now, record)
+            samples = [taken] if taken else []
+        return samples
 
     def record_event(self, record: SandboxRecord, reason: str) -> None:
         log.warning("sandbox %s ended: %s", record.sandbox_id, reason)
@@ -693,6 +692,7 @@ class Node:
         self.tell_ended(record.sandbox_id, reason)
 
     def tell_ended(self, sandbox_id: str, reason: str) -> None:
+        self.history.killed(sandbox_id)
         if self.on_ended is not None:
             try:
                 self.on_ended(sandbox_id, reason)

@@ -69,6 +69,28 @@ def memory_stats(container_id: str, root: Path = CGROUP_ROOT) -> MemoryStats | N
     return None
 
 
+def cpu_usage_ns(container_id: str, root: Path = CGROUP_ROOT) -> int | None:
+    """CPU time the sandbox has used, all its host tasks together (sentry, gofer, platform)."""
+    rel = cgroup_path(container_id).lstrip("/")
+    v1 = root / "cpuacct" / rel / "cpuacct.usage"
+    if v1.exists():
+        return _read_int(v1)
+    v2 = root / rel / "cpu.stat"
+    if v2.exists():
+        return _read_keyed(v2, "usage_usec") * 1000
+    return None
+
+
+def memory_cache_bytes(container_id: str, root: Path = CGROUP_ROOT) -> int:
+    """Page cache charged to the sandbox (its disk's files, mostly): reclaimable."""
+    rel = cgroup_path(container_id).lstrip("/")
+    for path, key in ((root / "memory" / rel / "memory.stat", "total_cache"),
+                      (root / rel / "memory.stat", "file")):  # fmt: skip
+        if path.exists():
+            return _read_keyed(path, key)
+    return 0
+
+
 def settle_cpu(container_id: str, root: Path = CGROUP_ROOT) -> bool:
     """Give a sandbox that is up the CPU weight of a running one (it started with more, see
     bundle.STARTING_CPU_SHARES); False if its cgroup is gone."""
