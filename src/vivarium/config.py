@@ -83,6 +83,9 @@ class Settings:
     # only) or "token" (Authorization: Bearer <metrics_token>, from anywhere).
     metrics: str = "local"
     metrics_token: str = ""
+    # Lifecycle events are also posted there, signed with the secret (api/events.py).
+    webhook_url: str = ""
+    webhook_secret: str = ""
     # How long a killed sandbox's metrics history is kept (node/metrics_history.py).
     metrics_retention_s: int = 3600
     # Volumes (node/volumes.py): how many a team may have, and each one's size (a sparse image:
@@ -137,6 +140,8 @@ class Settings:
             metrics=_env("METRICS", "local"),
             metrics_token=_env("METRICS_TOKEN", ""),
             metrics_retention_s=_env_int("METRICS_RETENTION", 3600),
+            webhook_url=_env("WEBHOOK_URL", ""),
+            webhook_secret=_env("WEBHOOK_SECRET", ""),
             team_max_volumes=_env_int("TEAM_MAX_VOLUMES", 100),
             volume_size_mb=_env_int("VOLUME_SIZE_MB", 10240),
             snapshot_max_age_s=_env_int("SNAPSHOT_MAX_AGE", 30 * 24 * 3600),
@@ -188,6 +193,13 @@ class Settings:
         if self.metrics == "token" and len(self.metrics_token) < 16:
             raise ConfigError("VIVARIUM_METRICS=token needs VIVARIUM_METRICS_TOKEN",
                               "set it to a secret of 16 characters or more")  # fmt: skip
+        hook = urlparse(self.webhook_url)
+        if self.webhook_url and (hook.scheme not in ("http", "https") or not hook.netloc):
+            raise ConfigError(f"VIVARIUM_WEBHOOK_URL={self.webhook_url!r} is not an http(s) URL")
+        if self.webhook_url and len(self.webhook_secret) < 16:
+            raise ConfigError("VIVARIUM_WEBHOOK_URL needs VIVARIUM_WEBHOOK_SECRET",
+                              "set it to a secret of 16 characters or more: receivers check "
+                              "the signature with it")  # fmt: skip
         if self.team_max_volumes < 0:
             raise ConfigError("VIVARIUM_TEAM_MAX_VOLUMES must be 0 or more")
         if not 16 <= self.volume_size_mb <= 4 << 20:

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -13,6 +15,23 @@ import pytest
 from tests.integration.support import TEMPLATE_DIR, Server, make_server
 
 API_PORT = 3110  # proxy on API_PORT + 1000
+WEBHOOK_PORT = 3119  # the session's webhook receiver (lifecycle events)
+WEBHOOK_SECRET = "compat-webhook-secret-0123456789"
+
+
+class Webhook(BaseHTTPRequestHandler):
+    """Keeps what the server posts: (headers, body), in the order received."""
+
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Webhook.received.append((dict(self.headers), body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -44,7 +63,10 @@ def compat() -> Iterator[Compat]:
     srv = make_server("compat", "vx", "10.237.0.0/20", API_PORT, max_sandboxes="40",
                       team_max_sandboxes="30", slot_prewarm="8",
                       warm_pool="base=2,code-interpreter-v1=1", team_max_volumes="6",
-                      volume_size_mb="64")  # fmt: skip
+                      volume_size_mb="64", webhook_secret=WEBHOOK_SECRET,
+                      webhook_url=f"http://127.0.0.1:{WEBHOOK_PORT}/events")  # fmt: skip
+    hook = ThreadingHTTPServer(("127.0.0.1", WEBHOOK_PORT), Webhook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
     srv.start()
     key = (srv.state_dir / "admin.key").read_text().strip()
     env = Compat(srv, f"http://127.0.0.1:{API_PORT}", f"http://127.0.0.1:{API_PORT + 1000}", key)
@@ -65,3 +87,4 @@ def compat() -> Iterator[Compat]:
                 for row in page:
                     http.delete(f"/sandboxes/{row['sandboxID']}")
         srv.stop()
+        hook.shutdown()

@@ -110,6 +110,8 @@ def test_another_team_sees_and_changes_nothing_of_a_sandbox(
                 other.delete(f"/volumes/{response.json()['volumeID']}")
             elif path == "/volumes":
                 assert response.status_code == 200 and victim["volumeID"] not in response.text
+            elif path == "/events":
+                assert response.status_code == 200 and sandbox_id not in response.text
             elif path == "/api-keys":
                 assert response.status_code in (200, 201)
                 assert owner.headers["X-API-Key"] not in response.text

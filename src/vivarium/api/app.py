@@ -19,6 +19,7 @@ from starlette.routing import Route
 from vivarium import telemetry
 from vivarium.api import shapes, volume_routes
 from vivarium.api.control import ControlPlane
+from vivarium.api.events import shape as event_shape
 from vivarium.api.openapi import document
 from vivarium.errors import InvalidArgument, Unauthenticated, VivariumError
 from vivarium.guest.envd import ENVD_VERSION
@@ -175,6 +176,12 @@ def create_app(control: ControlPlane) -> Starlette:
         samples = await control.metrics(team, sid(request), start, end)
         return JSONResponse([shapes.metric(s) for s in samples])
 
+    async def events(request: Request, team: Row) -> Response:
+        after, limit = shapes.event_query(request.query_params)
+        sandbox_id = request.path_params.get("sandbox_id")
+        rows = await control.events_of(team, sandbox_id, after, limit)
+        return JSONResponse([event_shape(r) for r in rows])
+
     async def logs(request: Request, team: Row) -> Response:
         return JSONResponse(shapes.log_lines(await control.logs(team, sid(request))))
 
@@ -235,6 +242,8 @@ def create_app(control: ControlPlane) -> Starlette:
         Route(sandbox + "/resume", authed(resume), methods=["POST"]),
         Route(sandbox + "/metrics", authed(metrics), methods=["GET"]),
         Route(sandbox + "/logs", authed(logs), methods=["GET"]),
+        Route(sandbox + "/events", authed(events), methods=["GET"]),
+        Route("/events", authed(events), methods=["GET"]),
         Route("/v2" + sandbox + "/logs", authed(logs), methods=["GET"]),
         Route(sandbox + "/snapshots", authed(create_snapshot), methods=["POST"]),
         Route(sandbox + "/fork", authed(fork), methods=["POST"]),

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from vivarium.api import keys, store
 from vivarium.api.db.engine import migrate, open_engine
+from vivarium.api.events import EventLog, actor, ended_type
 from vivarium.api.volumes import VolumeCatalog
 from vivarium.config import Settings
 from vivarium.errors import (
@@ -83,6 +84,7 @@ class ControlPlane:
         self._tasks: set[asyncio.Task[None]] = set()
         self._retention: asyncio.Task[None] | None = None
         self.volumes = VolumeCatalog(self)
+        self.events = EventLog(self.engine, settings.webhook_url, settings.webhook_secret)
 
     # -- start and stop ------------------------------------------------------------------------
 
@@ -99,6 +101,7 @@ class ControlPlane:
             write_private(self.settings.admin_key_file, first_key + "\n")
         await self._reconcile()
         await self.volumes.reconcile()
+        self.events.start()
         await self._warm_up()
         self.node.on_ended = self._node_ended
         self.node.on_paused = self._node_paused
@@ -125,6 +128,7 @@ class ControlPlane:
         self.node.on_paused = None
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.events.stop()
         await self.engine.dispose()
 
     async def _reconcile(self) -> None:
@@ -167,7 +171,14 @@ class ControlPlane:
                 log.exception("snapshot retention pass failed")
 
     def _node_ended(self, sandbox_id: str, reason: str) -> None:
-        self._background(store.end_sandbox(self.engine, sandbox_id, reason))
+        self._background(self._ended(sandbox_id, reason))
+
+    async def _ended(self, sandbox_id: str, reason: str) -> None:
+        row = await store.get_sandbox(self.engine, sandbox_id)
+        await store.end_sandbox(self.engine, sandbox_id, reason)
+        if row is not None and row["state"] != "killed":
+            who = "timeout" if reason == "timeout" else "node"
+            await self.events.record(row["team_id"], sandbox_id, ended_type(reason), who, reason)
 
     def _node_paused(self, sandbox_id: str, snapshot: Snapshot) -> None:
         self._background(self._record_pause(sandbox_id, snapshot))
@@ -177,7 +188,8 @@ class ControlPlane:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _record_pause(self, sandbox_id: str, snapshot: Snapshot) -> None:
+    async def _record_pause(self, sandbox_id: str, snapshot: Snapshot,
+                            who: str = "timeout") -> None:  # fmt: skip
         row = await store.get_sandbox(self.engine, sandbox_id)
         if row is None:
             return
@@ -189,7 +201,9 @@ class ControlPlane:
             "runsc_version": snapshot.manifest["runsc_version"],
             "created_at": snapshot.manifest["created_at"],
         })  # fmt: skip
-        await store.transition(self.engine, sandbox_id, ["running", "pausing"], "paused")
+        if await store.transition(self.engine, sandbox_id, ["running", "pausing"], "paused"):
+            kind = "files only" if snapshot.mode != "full" else None
+            await self.events.record(row["team_id"], sandbox_id, "paused", who, kind)
 
     @property
     def default_cpu_count(self) -> int:
@@ -224,7 +238,8 @@ class ControlPlane:
             await self._reserve(team, [row])
             build = saved["build_key"]
             started = await self._start(row, new, partial(self.node.create_from_snapshot,
-                                                          key=build))  # fmt: skip
+                                                          key=build),
+                                        actor(team), f"from snapshot {saved['id']}")  # fmt: skip
             if await store.team_snapshot(self.engine, team["id"], saved["id"]) != saved:
                 # Deleted or taken again while this create read it (the node fetched it anew,
                 # maybe from the remote store): nobody else will.
@@ -235,7 +250,9 @@ class ControlPlane:
         row = self._new_row(team, new, template.name, template.build_id,
                             [m.to_json() for m in mounts])  # fmt: skip
         await self._reserve(team, [row])
-        return await self._start(row, new, self.node.create)
+        return await self._start(
+            row, new, self.node.create, actor(team), f"from template {template.name}"
+        )
 
     def _new_row(self, team: Row, new: NewSandbox, template_id: str, build_id: str,
                  volume_mounts: list[dict[str, str]]) -> Row:  # fmt: skip
@@ -263,8 +280,9 @@ class ControlPlane:
                 raise _limit_reached(team)
 
     async def _start(
-        self, row: Row, new: NewSandbox, start: Callable[[CreateRequest], Awaitable[SandboxRecord]]
-    ) -> Row:
+        self, row: Row, new: NewSandbox, start: Callable[[CreateRequest], Awaitable[SandboxRecord]],
+        who: str, how: str,
+    ) -> Row:  # fmt: skip
         """Start the reserved sandbox `row` on the node; its row ends if that fails."""
         request = CreateRequest(
             template=row["template_id"], sandbox_id=row["id"], access_token=self.envd_token(row),
@@ -284,6 +302,7 @@ class ControlPlane:
                   "build_id": record.build_id, "cpu_count": max(1, round(record.cpus)),
                   "memory_mb": record.memory_mb, "volume_mounts": record.volumes}  # fmt: skip
         await store.update_sandbox(self.engine, row["id"], **values)
+        await self.events.record(row["team_id"], row["id"], "created", who, how)
         return {**row, **values}
 
     async def get(self, team: Row, sandbox_id: str, *, live: bool = True) -> Row:
@@ -305,6 +324,7 @@ class ControlPlane:
             self.node.delete_snapshot(sandbox_id)  # a paused sandbox's memory goes with it
             await store.drop_snapshot(self.engine, sandbox_id)
             await store.end_sandbox(self.engine, row["id"], "killed")
+            await self.events.record(team["id"], sandbox_id, "killed", actor(team))
         self._sandbox_locks.pop(sandbox_id, None)  # ended for good: nothing left to serialize
 
     @timed_operation("pause")
@@ -325,7 +345,7 @@ class ControlPlane:
                 else:  # lost: ended like any sandbox that ends, with when and why
                     await store.end_sandbox(self.engine, sandbox_id, "lost while pausing")
                 raise
-            await self._record_pause(sandbox_id, snapshot)
+            await self._record_pause(sandbox_id, snapshot, actor(team))
 
     async def set_timeout(self, team: Row, sandbox_id: str, timeout_s: int,
                           *, extend_only: bool = False) -> Row:  # fmt: skip
@@ -349,8 +369,8 @@ class ControlPlane:
         return {**row, "end_at": record.end_at}
 
     @timed_operation("connect")
-    async def connect(self, team: Row, sandbox_id: str, timeout_s: int,
-                      reboot: bool = False) -> tuple[Row, bool]:  # fmt: skip
+    async def connect(self, team: Row, sandbox_id: str, timeout_s: int, reboot: bool = False,
+                      who: str | None = None) -> tuple[Row, bool]:  # fmt: skip
         """(the sandbox, whether it was resumed). A running sandbox only gets a longer timeout;
         a paused one is restored from its snapshot, with the same id, metadata and token (with
         `reboot`, its files only, on the template started afresh)."""
@@ -359,7 +379,15 @@ class ControlPlane:
         async with self._sandbox_locks[sandbox_id]:
             row = await self.get(team, sandbox_id)
             if row["state"] == "paused":
-                return await self._resume(team, row, timeout_s, reboot), True
+                resumed = await self._resume(team, row, timeout_s, reboot)
+                await self.events.record(
+                    team["id"],
+                    sandbox_id,
+                    "resumed",
+                    who or actor(team),
+                    "files only, started afresh" if reboot else None,
+                )
+                return resumed, True
             if row["state"] != "running":
                 raise Conflict(f"sandbox {sandbox_id!r} is {row['state']}", "retry in a moment")
         return await self.set_timeout(team, sandbox_id, timeout_s, extend_only=True), False
@@ -374,7 +402,7 @@ class ControlPlane:
         team = await store.get_team(self.engine, row["team_id"])
         if team is None:
             return False
-        await self.connect(team, sandbox_id, self.settings.default_timeout_s)
+        await self.connect(team, sandbox_id, self.settings.default_timeout_s, who="traffic")
         log.info("sandbox %s resumed by traffic", sandbox_id)
         return True
 
@@ -434,6 +462,13 @@ class ControlPlane:
                 raise
         if taken is not None:  # its previous build, once the creates reading it are done
             self.node.delete_snapshot(taken["build_key"])
+        await self.events.record(
+            team["id"],
+            sandbox_id,
+            "snapshot",
+            actor(team),
+            f"snapshot {saved['id']}" + ("" if memory else ", files only"),
+        )
         return saved
 
     async def _on_node(self, team: Row, sandbox_id: str, work: Awaitable[T]) -> T:
@@ -489,10 +524,13 @@ class ControlPlane:
             raise
         try:
             start = partial(self.node.create_from_snapshot, key=key)
-            started = await asyncio.gather(*(self._start(row, new, start) for row in rows),
+            how = f"fork of {sandbox_id}"
+            started = await asyncio.gather(*(self._start(row, new, start, actor(team), how)
+                                             for row in rows),
                                            return_exceptions=True)  # fmt: skip
         finally:
             self.node.delete_snapshot(key)
+        await self.events.record(team["id"], sandbox_id, "forked", actor(team), f"{count} children")
         return [r if isinstance(r, (dict, VivariumError))
                 else RuntimeFailure(f"the fork did not start: {r}") for r in started]  # fmt: skip
 
@@ -519,6 +557,13 @@ class ControlPlane:
         if not 1 <= timeout_s <= self.settings.max_timeout_s:
             raise InvalidArgument(f"timeout {timeout_s}s is out of range",
                                   f"use 1..{self.settings.max_timeout_s} seconds")  # fmt: skip
+
+    async def events_of(self, team: Row, sandbox_id: str | None, after_id: int,
+                        limit: int) -> list[Row]:  # fmt: skip
+        """The team's lifecycle events (one sandbox's, also once it ended), oldest first."""
+        if sandbox_id is not None:
+            await self.get(team, sandbox_id, live=False)
+        return await store.events(self.engine, team["id"], sandbox_id, after_id, limit)
 
     async def state_counts(self) -> list[tuple[str, str, int]]:
         return await store.state_counts(self.engine)

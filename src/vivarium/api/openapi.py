@@ -77,6 +77,16 @@ VOLUME_ENTRY: Schema = {
         **{k: {"type": "string", "format": "date-time"} for k in ("atime", "mtime", "ctime")},
     },
 }  # fmt: skip
+EVENT: Schema = {
+    "type": "object",
+    "required": ["id", "sandboxID", "type", "actor", "timestamp"],
+    "properties": {
+        "id": {"type": "integer"}, "sandboxID": {"type": "string"},
+        "type": {"type": "string"}, "actor": {"type": "string"},
+        "reason": {"type": "string", "nullable": True},
+        "timestamp": {"type": "string", "format": "date-time"},
+    },
+}  # fmt: skip
 ID = {"name": "sandbox_id", "in": "path", "required": True, "schema": {"type": "string"}}
 VOLUME_ID = {"name": "volume_id", "in": "path", "required": True, "schema": {"type": "string"}}
 TIME_RANGE = [
@@ -158,6 +168,9 @@ def document() -> Schema:
         {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"]}},
     ]
     sandbox = "/sandboxes/{sandbox_id}"
+    events = {"200": {"description": "events", **_json({"type": "array", "items": EVENT})}}
+    event_params = [{"name": n, "in": "query", "schema": {"type": "integer", "minimum": 0}}
+                    for n in ("after", "limit")]  # fmt: skip
     paths: Schema = {
         "/health": {"get": {"summary": "liveness", "security": [],
                             "responses": {"200": {"description": "ok"}}}},
@@ -200,6 +213,10 @@ def document() -> Schema:
                                        errors=(404, 409))},
         "/v2" + sandbox + "/logs": {"get": _op("logs (v2)", {"200": {"description": "logs"}},
                                                params=[ID], errors=(404, 409))},
+        sandbox + "/events": {"get": _op(
+            "the sandbox's lifecycle events, oldest first", events, params=[ID, *event_params])},
+        "/events": {"get": _op("the team's lifecycle events, oldest first", events,
+                               params=event_params, errors=())},
         sandbox + "/snapshots": {"post": _op(
             "snapshot (the sandbox keeps running)",
             {"201": {"description": "the snapshot", **_json(SNAPSHOT_INFO)}}, params=[ID],

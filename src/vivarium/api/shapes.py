@@ -113,6 +113,16 @@ def paging(params: Any) -> tuple[int, str | None]:
     return int(raw_limit), params.get("nextToken") or None
 
 
+def event_query(params: Any) -> tuple[int, int]:
+    """(after id, limit) of an events query: `after` is the last id already read."""
+    raw_after, raw_limit = params.get("after") or "0", params.get("limit") or str(MAX_LIMIT)
+    if not raw_after.isdigit():
+        raise InvalidArgument("after must be an event id (a whole number)")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+        raise InvalidArgument(f"limit must be 1..{MAX_LIMIT}")
+    return int(raw_after), int(raw_limit)
+
+
 def time_range(params: Any) -> tuple[int | None, int | None]:
     """`start` and `end` of a metrics query: unix seconds, either one optional."""
     bounds: list[int | None] = []

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from vivarium.api import keys
 from vivarium.api.db.schema import (
     api_keys,
+    sandbox_events,
     sandboxes,
     snapshots,
     team_snapshots,
@@ -74,8 +75,9 @@ async def list_keys(engine: AsyncEngine, team_id: str) -> list[Row]:
 
 
 async def team_for_key(engine: AsyncEngine, key: str) -> Row | None:
+    """The key's team, with `key_name` (who is calling, for events)."""
     query = (
-        select(teams)
+        select(teams, api_keys.c.name.label("key_name"))
         .join(api_keys, api_keys.c.team_id == teams.c.id)
         .where(api_keys.c.key_hash == keys.key_hash(key))
     )
@@ -309,3 +311,25 @@ async def sandboxes_mounting(engine: AsyncEngine, team_id: str, volume_id: str) 
         rows = (await conn.execute(query)).all()
     return [r.id for r in rows if any(m.get("volume_id") == volume_id
                                       for m in r.volume_mounts or [])]  # fmt: skip
+
+
+# -- lifecycle events --------------------------------------------------------------------------
+
+
+async def add_event(engine: AsyncEngine, row: Row) -> Row:
+    """Insert it; returns it with its id (ids grow in the order events were added)."""
+    async with engine.begin() as conn:
+        query = insert(sandbox_events).values(**row).returning(sandbox_events.c.id)
+        return {**row, "id": int((await conn.execute(query)).scalar_one())}
+
+
+async def events(engine: AsyncEngine, team_id: str, sandbox_id: str | None = None,
+                 after_id: int = 0, limit: int = 100) -> list[Row]:  # fmt: skip
+    """The team's events (one sandbox's, if given) in order, after `after_id`."""
+    query = select(sandbox_events).where(sandbox_events.c.team_id == team_id,
+                                         sandbox_events.c.id > after_id)  # fmt: skip
+    if sandbox_id is not None:
+        query = query.where(sandbox_events.c.sandbox_id == sandbox_id)
+    query = query.order_by(sandbox_events.c.id).limit(limit)
+    async with engine.connect() as conn:
+        return [dict(r) for r in (await conn.execute(query)).mappings()]

@@ -123,3 +123,18 @@ volumes = Table(
     Column("created_at", Float, nullable=False),
     UniqueConstraint("team_id", "name", name="uq_volumes_team_name"),
 )
+
+# What happened to each sandbox, and who or what made it happen (api/events.py).
+sandbox_events = Table(
+    "sandbox_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("team_id", String(36), ForeignKey("teams.id", ondelete="CASCADE"), nullable=False),
+    Column("sandbox_id", String(64), nullable=False),
+    Column("type", String(32), nullable=False),
+    Column("actor", String(200), nullable=False),  # "key:<name>", "timeout", "traffic", "node"
+    Column("reason", Text, nullable=True),
+    Column("at", Float, nullable=False),
+    Index("ix_sandbox_events_team_at", "team_id", "at"),
+    Index("ix_sandbox_events_sandbox_at", "sandbox_id", "at"),
+)
