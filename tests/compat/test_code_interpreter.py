@@ -13,6 +13,14 @@ import httpx
 import pytest
 from e2b import NotFoundException, SandboxException, TimeoutException
 from e2b_code_interpreter import Execution, OutputMessage, Sandbox
+from e2b_code_interpreter.charts import (
+    BarChart,
+    BoxAndWhiskerChart,
+    LineChart,
+    PieChart,
+    ScaleType,
+    SuperChart,
+)
 
 from tests.compat.conftest import Compat
 
@@ -96,6 +104,44 @@ def test_matplotlib_figure_comes_back_as_png(sbx: Sandbox) -> None:
     pngs = [r.png for r in execution.results if r.png]
     assert len(pngs) == 1
     assert base64.b64decode(pngs[0]).startswith(PNG_MAGIC)
+
+
+def test_figures_come_back_as_typed_charts_too(sbx: Sandbox) -> None:
+    execution = sbx.run_code(
+        "import matplotlib.pyplot as plt\n"
+        "fig, ax = plt.subplots()\nax.bar(['a', 'b'], [3, 5])\nax.set_title('sold')\n"
+        "ax.set_ylabel('weight (kg)')\nplt.show()"
+    )
+    (bar,) = [r.chart for r in execution.results if r.png]
+    assert isinstance(bar, BarChart) and bar.title == "sold" and bar.y_unit == "kg"
+    assert [(e.label, e.value) for e in bar.elements] == [("a", 3.0), ("b", 5.0)]
+    execution = sbx.run_code(
+        "fig, (l, r) = plt.subplots(1, 2)\nl.plot([1, 2], [10, 100], label='up')\n"
+        "l.set_yscale('log')\nr.pie([1, 3], labels=['x', 'y'])\nplt.show()"
+    )
+    (both,) = [r.chart for r in execution.results if r.png]
+    assert isinstance(both, SuperChart)
+    line, pie = both.elements
+    assert isinstance(line, LineChart) and line.y_scale == ScaleType.LOG
+    assert line.elements[0].label == "up" and line.elements[0].points == [(1.0, 10.0),
+                                                                          (2.0, 100.0)]  # fmt: skip
+    assert isinstance(pie, PieChart) and [round(e.angle) for e in pie.elements] == [90, 270]
+    execution = sbx.run_code("fig, ax = plt.subplots()\nax.boxplot([[1, 2, 3, 4, 5, 40]])\n"
+                             "plt.show()")  # fmt: skip
+    (box,) = [r.chart for r in execution.results if r.png]
+    assert isinstance(box, BoxAndWhiskerChart)
+    assert (box.elements[0].median, box.elements[0].outliers) == (3.5, [40.0])
+    # A figure with nothing to read still comes back, as a PNG alone.
+    execution = sbx.run_code("fig = plt.figure()\nfig.text(0.5, 0.5, 'hi')\nplt.show()")
+    (empty,) = [r for r in execution.results if r.png]
+    assert empty.chart is None and execution.error is None
+
+
+def test_dataframe_comes_back_with_its_data(sbx: Sandbox) -> None:
+    code = "import pandas as pd\npd.DataFrame({'name': ['ada', 'bob'], 'score': [42, None]})"
+    execution = sbx.run_code(code)
+    (result,) = execution.results
+    assert result.data == {"name": ["ada", "bob"], "score": [42.0, None]}
 
 
 def test_dataframe_comes_back_as_html(sbx: Sandbox) -> None:

@@ -5,10 +5,12 @@ libzmq's epoll watch it; this runsc refuses to save a TCP socket an epoll instan
 the failed save takes the whole sandbox down. The same pipe over a Unix socket saves fine.
 """
 
+import importlib.util
 import os
 import sys
+from types import ModuleType
 
-del sys.path[0]  # this script's directory: the user's kernel must not import our modules
+HERE = sys.path.pop(0)  # this script's directory: the user's kernel must not import our modules
 
 import zmq  # noqa: E402
 from ipykernel import iostream  # noqa: E402
@@ -45,8 +47,22 @@ def main() -> None:
         from bash_kernel.kernel import BashKernel
 
         IPKernelApp.launch_instance(kernel_class=BashKernel)
-    else:
-        IPKernelApp.launch_instance()
+        return
+    app = IPKernelApp.instance()
+    app.initialize()
+    _load_display().install(app.shell)  # charts and DataFrame data (display.py)
+    app.start()
+
+
+def _load_display() -> ModuleType:
+    """display.py by its path: our directory is not on the kernel's import path."""
+    path = os.path.join(HERE, "display.py")
+    spec = importlib.util.spec_from_file_location("_vivarium_display", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 if __name__ == "__main__":

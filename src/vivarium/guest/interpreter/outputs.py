@@ -6,6 +6,8 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+from .display import CHART_MIME, DATA_MIME
+
 # MIME type -> the key E2B's Result uses. Images and PDF arrive base64-encoded already.
 MIME_KEYS = {
     "text/plain": "text",
@@ -18,6 +20,8 @@ MIME_KEYS = {
     "text/latex": "latex",
     "application/json": "json",
     "application/javascript": "javascript",
+    CHART_MIME: "chart",  # display.py: what a matplotlib figure holds
+    DATA_MIME: "data",  # display.py: a DataFrame's columns
 }
 
 
@@ -39,7 +43,7 @@ def result(bundle: dict[str, Any], *, main: bool) -> dict[str, Any]:
         key = MIME_KEYS.get(mime)
         if key is None:
             extra[mime] = value
-        elif key == "json" and not isinstance(value, dict):
+        elif key in ("json", "chart", "data") and not isinstance(value, dict):
             extra[mime] = value  # the client's Result.json is a dict
         else:
             out[key] = value.rstrip("\n") if key in ("png", "jpeg", "pdf") else value
