@@ -97,7 +97,9 @@ async def serve(settings: Settings) -> None:
             if record.state != "running":  # pausing: no new connections
                 return Refusal.transitioning(sandbox_id)
             # Slot addresses are reused: the start time tells this instance from an earlier one.
-            return Upstream(record.slot_address, f"{sandbox_id}:{record.started_at}")
+            return Upstream(
+                record.slot_address, f"{sandbox_id}:{record.started_at}", record.traffic_token
+            )
 
         # Everything loaded so far lives as long as the server: keep it out of the collector's
         # full passes, which otherwise grow with it and pause the event loop.

@@ -53,6 +53,10 @@ def create_app(control: ControlPlane) -> Starlette:
 
         return guarded(endpoint)
 
+    def sandbox_body(row: Row) -> Row:
+        """`Sandbox`, with the tokens the client needs for it."""
+        return shapes.sandbox(row, control.envd_token(row), client_id, control.traffic_token(row))
+
     def sid(request: Request) -> str:
         return str(request.path_params["sandbox_id"])
 
@@ -81,7 +85,7 @@ def create_app(control: ControlPlane) -> Starlette:
     async def _create(request: Request, team: Row, *, v1: bool) -> Response:
         new = shapes.new_sandbox(await json_body(request), default_timeout, v1=v1)
         row = await control.create(team, new)
-        return JSONResponse(shapes.sandbox(row, control.envd_token(row), client_id), 201)
+        return JSONResponse(sandbox_body(row), 201)
 
     async def list_v2(request: Request, team: Row) -> Response:
         states, metadata, limit, token = shapes.list_query(request.query_params)
@@ -130,7 +134,7 @@ def create_app(control: ControlPlane) -> Starlette:
         # `memory: false` is the client's on_resume="reboot": the files only, started afresh.
         reboot = not typed(data, "memory", bool, True)
         row, resumed = await control.connect(team, sid(request), timeout, reboot)
-        body = shapes.sandbox(row, control.envd_token(row), client_id)
+        body = sandbox_body(row)
         return JSONResponse(body, status_code=201 if resumed else 200)
 
     async def pause(request: Request, team: Row) -> Response:
@@ -142,7 +146,7 @@ def create_app(control: ControlPlane) -> Starlette:
     async def resume(request: Request, team: Row) -> Response:
         timeout = typed(await json_body(request), "timeout", int, default_timeout)
         row, _ = await control.connect(team, sid(request), timeout)
-        return JSONResponse(shapes.sandbox(row, control.envd_token(row), client_id), 201)
+        return JSONResponse(sandbox_body(row), 201)
 
     async def create_snapshot(request: Request, team: Row) -> Response:
         name, memory = shapes.snapshot_request(await json_body(request))
@@ -167,7 +171,7 @@ def create_app(control: ControlPlane) -> Starlette:
         count, timeout = shapes.fork_request(await json_body(request), default_timeout)
         results = await control.fork(team, sid(request), count, timeout)
         body = [{"error": r.to_json()} if isinstance(r, VivariumError)
-                else {"sandbox": shapes.sandbox(r, control.envd_token(r), client_id)}
+                else {"sandbox": sandbox_body(r)}
                 for r in results]  # fmt: skip
         return JSONResponse(body, 201)
 

@@ -65,6 +65,7 @@ class NewSandbox:
     auto_resume: bool = False
     allow_internet: bool = True
     secure: bool = True
+    public_traffic: bool = True  # False: its ports need its traffic token
     volume_mounts: tuple[tuple[str, str], ...] = ()  # (volume name, path), as asked
     auto_pause_memory: bool = True  # False: an auto-pause keeps the files only
 
@@ -220,6 +221,9 @@ class ControlPlane:
     def envd_token(self, row: Row) -> str | None:
         return keys.envd_token(self.seed, row["id"]) if row["secure"] else None
 
+    def traffic_token(self, row: Row) -> str | None:
+        return None if row.get("public_traffic", True) else keys.traffic_token(self.seed, row["id"])
+
     # -- sandboxes -----------------------------------------------------------------------------
 
     @timed_operation("create")
@@ -264,7 +268,8 @@ class ControlPlane:
             "memory_mb": self.settings.default_memory_mb, "disk_mb": DISK_MB,
             "auto_pause": new.auto_pause, "auto_resume": new.auto_resume,
             "allow_internet": new.allow_internet,
-            "secure": new.secure, "envd_version": ENVD_VERSION, "started_at": now,
+            "secure": new.secure, "public_traffic": new.public_traffic,
+            "envd_version": ENVD_VERSION, "started_at": now,
             "end_at": now + new.timeout_s, "created_at": now, "ended_at": None,
             "end_reason": None, "volume_mounts": volume_mounts,
         }  # fmt: skip
@@ -289,7 +294,7 @@ class ControlPlane:
             timeout_s=new.timeout_s, metadata=new.metadata, env_vars=new.env_vars,
             allow_internet=new.allow_internet, on_timeout="pause" if new.auto_pause else "kill",
             volume_mounts=tuple(VolumeMount.from_json(m) for m in row["volume_mounts"]),
-            pause_memory=new.auto_pause_memory,
+            pause_memory=new.auto_pause_memory, traffic_token=self.traffic_token(row),
         )  # fmt: skip
         try:
             record = await start(request)
@@ -508,7 +513,8 @@ class ControlPlane:
         new = NewSandbox(template=parent["template_id"], timeout_s=timeout_s,
                          metadata=parent["metadata"], auto_pause=parent["auto_pause"],
                          auto_resume=parent["auto_resume"],
-                         allow_internet=parent["allow_internet"])  # fmt: skip
+                         allow_internet=parent["allow_internet"],
+                         public_traffic=parent["public_traffic"])  # fmt: skip
         rows = [self._new_row(team, new, parent["template_id"], parent["build_id"],
                               parent["volume_mounts"]) for _ in range(count)]  # fmt: skip
         await self._reserve(team, rows)

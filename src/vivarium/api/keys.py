@@ -31,3 +31,8 @@ def envd_token(seed: bytes, sandbox_id: str) -> str:
 def volume_token(seed: bytes, volume_id: str) -> str:
     """The bearer token of a volume's content API: derived like envd's, never stored."""
     return hmac.new(seed, f"volume:{volume_id}".encode(), hashlib.sha256).hexdigest()
+
+
+def traffic_token(seed: bytes, sandbox_id: str) -> str:
+    """What a sandbox without public traffic demands on its ports (e2b-traffic-access-token)."""
+    return hmac.new(seed, f"traffic:{sandbox_id}".encode(), hashlib.sha256).hexdigest()

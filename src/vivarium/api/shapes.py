@@ -52,8 +52,10 @@ def new_sandbox(data: dict[str, Any], default_timeout: int, *, v1: bool) -> NewS
     network = typed(data, "network", dict, {})
     for key in ("allowOut", "denyOut", "rules", "egressProxy"):
         _unsupported(network, key, f"network.{key}")
-    if network.get("allowPublicTraffic") is False:
-        raise InvalidArgument("network.allowPublicTraffic=false is not supported yet")
+    public_traffic = typed(network, "allowPublicTraffic", bool, True)
+    secure = typed(data, "secure", bool, True) if v1 else True
+    if not public_traffic and not secure:
+        raise InvalidArgument("network.allowPublicTraffic=false needs a secure sandbox")
     auto_pause = typed(data, "autoPause", bool, False)
     auto_resume = typed(typed(data, "autoResume", dict, {}), "enabled", bool, False)
     if auto_resume and not auto_pause:
@@ -73,7 +75,8 @@ def new_sandbox(data: dict[str, Any], default_timeout: int, *, v1: bool) -> NewS
         auto_resume=auto_resume,
         allow_internet=typed(data, "allow_internet_access", bool, True),
         # v2 sandboxes always secure envd; v1 clients could opt out.
-        secure=typed(data, "secure", bool, True) if v1 else True,
+        secure=secure,
+        public_traffic=public_traffic,
         volume_mounts=mounts_request(data.get("volumeMounts")),
         auto_pause_memory=auto_pause_memory,
     )
@@ -169,11 +172,11 @@ def matches(row: Row, metadata: dict[str, str]) -> bool:
 # -- responses ---------------------------------------------------------------------------------
 
 
-def sandbox(row: Row, token: str | None, client_id: str) -> Row:
+def sandbox(row: Row, token: str | None, client_id: str, traffic: str | None = None) -> Row:
     """`Sandbox`: what create and connect answer."""
     return {"templateID": row["template_id"], "sandboxID": row["id"], "clientID": client_id,
             "envdVersion": row["envd_version"], "alias": row["template_id"],
-            "envdAccessToken": token, "trafficAccessToken": None, "domain": None}  # fmt: skip
+            "envdAccessToken": token, "trafficAccessToken": traffic, "domain": None}  # fmt: skip
 
 
 def listed(row: Row, client_id: str) -> Row:

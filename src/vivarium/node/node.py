@@ -447,7 +447,7 @@ class Node:
                 metadata=dict(req.metadata or {}), env_vars=dict(req.env_vars or {}),
                 on_timeout=req.on_timeout, access_token=req.access_token,
                 container_id=container_id, volumes=[m.to_json() for m in req.volume_mounts],
-                pause_memory=req.pause_memory,
+                pause_memory=req.pause_memory, traffic_token=req.traffic_token,
             )  # fmt: skip
             await self.save(record)
         except BaseException as exc:

@@ -67,6 +67,7 @@ class SandboxRecord:
     disk_mb: int = 10240  # the size of its writable layer (runtime/disk.py)
     volumes: list[dict[str, str]] = field(default_factory=list)  # VolumeMount.to_json()s
     pause_memory: bool = True  # what an auto-pause keeps: memory and files, or files only
+    traffic_token: str | None = None  # its ports (but envd's) need it (e2b-traffic-access-token)
 
     def __post_init__(self) -> None:
         if not self.container_id:

@@ -24,6 +24,7 @@ class CreateRequest:
     cpus: float | None = None
     volume_mounts: tuple[VolumeMount, ...] = ()
     pause_memory: bool = True  # an auto-pause (on_timeout "pause") keeps memory, or files only
+    traffic_token: str | None = None  # the proxy then demands it on every port but envd's
 
 
 def resume_request(record: SandboxRecord) -> CreateRequest:
@@ -32,7 +33,7 @@ def resume_request(record: SandboxRecord) -> CreateRequest:
         template=record.template, sandbox_id=record.sandbox_id, access_token=record.access_token,
         metadata=record.metadata, env_vars=record.env_vars, allow_internet=record.allow_internet,
         on_timeout=record.on_timeout, volume_mounts=mounts_of(record),
-        pause_memory=record.pause_memory,
+        pause_memory=record.pause_memory, traffic_token=record.traffic_token,
     )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ one made with auto-resume is resumed first (`Waker`) and then served.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,7 @@ from typing import Any
 import h11
 
 from vivarium.errors import NotFound, VivariumError
+from vivarium.guest.envd import PORT as ENVD_PORT
 from vivarium.proxy.exchange import Exchange, ProxyError
 from vivarium.proxy.pool import ConnectionPool, PoolKey
 from vivarium.proxy.routing import RoutingError, route_request
@@ -44,6 +46,8 @@ class Upstream:
 
     host: str
     key: str
+    # If set, requests to its ports but envd's must carry it (E2B's e2b-traffic-access-token).
+    traffic_token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +254,12 @@ class SandboxProxy:
             return await self._reply(client, request, 502, message)
         if isinstance(upstream, Refusal):
             return await self._reply(client, request, 409, upstream.message, upstream.body())
+        if upstream.traffic_token is not None and route.port != ENVD_PORT:
+            sent = _header(request, b"e2b-traffic-access-token")
+            if not hmac.compare_digest(sent.encode(), upstream.traffic_token.encode()):
+                message = (f"The sandbox {route.sandbox_id} takes traffic to its ports only with "
+                           "its traffic access token (e2b-traffic-access-token)")  # fmt: skip
+                return await self._reply(client, request, 403, message)
         key = PoolKey(route.sandbox_id, upstream.key, upstream.host, route.port)
         try:
             keep = await Exchange(client, request, key, self._pool, client_ip).run()
@@ -295,3 +305,10 @@ class SandboxProxy:
         except (h11.RemoteProtocolError, TimeoutError):
             return False
         return True
+
+
+def _header(request: h11.Request, name: bytes) -> str:
+    for key, value in request.headers:
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return ""

@@ -63,6 +63,8 @@ sandboxes = Table(
     Column("auto_resume", Boolean, nullable=False, default=False),
     Column("allow_internet", Boolean, nullable=False, default=True),
     Column("secure", Boolean, nullable=False, default=True),
+    # False: its ports (but envd's) answer only requests with its traffic token.
+    Column("public_traffic", Boolean, nullable=False, default=True),
     Column("envd_version", String(32), nullable=False),
     Column("started_at", Float, nullable=False),
     Column("end_at", Float, nullable=False),

@@ -1,4 +1,4 @@
-"""sandboxes' lifecycle events
+"""sandboxes' lifecycle events, and sandboxes whose ports need their traffic token
 
 Revision ID: 0006
 Revises: 0005
@@ -33,7 +33,12 @@ def upgrade() -> None:
     )
     op.create_index("ix_sandbox_events_team_at", "sandbox_events", ["team_id", "at"])
     op.create_index("ix_sandbox_events_sandbox_at", "sandbox_events", ["sandbox_id", "at"])
+    with op.batch_alter_table("sandboxes") as batch:
+        batch.add_column(sa.Column("public_traffic", sa.Boolean(), nullable=False,
+                                   server_default=sa.true()))  # fmt: skip
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("sandboxes") as batch:
+        batch.drop_column("public_traffic")
     op.drop_table("sandbox_events")
