@@ -131,8 +131,8 @@ def test_figures_come_back_as_typed_charts_too(sbx: Sandbox) -> None:
     (box,) = [r.chart for r in execution.results if r.png]
     assert isinstance(box, BoxAndWhiskerChart)
     assert (box.elements[0].median, box.elements[0].outliers) == (3.5, [40.0])
-    # A figure with nothing to read still comes back, as a PNG alone.
-    execution = sbx.run_code("fig = plt.figure()\nfig.text(0.5, 0.5, 'hi')\nplt.show()")
+    # A figure with nothing to read (an image) still comes back, as a PNG alone.
+    execution = sbx.run_code("fig, ax = plt.subplots()\nax.imshow([[1, 2], [3, 4]])\nplt.show()")
     (empty,) = [r for r in execution.results if r.png]
     assert empty.chart is None and execution.error is None
 

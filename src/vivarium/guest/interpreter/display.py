@@ -35,15 +35,26 @@ def install(shell: Any) -> None:
     else:
         sys.meta_path.insert(0, _BoxPlotHook())
 
+    class Kept(JSONFormatter):  # type: ignore[misc]
+        """matplotlib's inline backend pops every formatter's Figure printer when it sets
+        up its own (select_figure_formats): ours stay."""
+
+        def pop(self, typ: Any, default: Any = None) -> Any:
+            return default
+
     formatters = shell.display_formatter.formatters
-    for mime, module, name, function in (
-        (CHART_MIME, "matplotlib.figure", "Figure", figure_chart),
-        (DATA_MIME, "pandas.core.frame", "DataFrame", frame_data),
+    for mime, types, function in (
+        (CHART_MIME, [("matplotlib.figure", "Figure")], figure_chart),
+        # pandas 3 names the class's module `pandas`; earlier releases `pandas.core.frame`.
+        (DATA_MIME, [("pandas", "DataFrame"), ("pandas.core.frame", "DataFrame")], frame_data),
     ):
-        formatter = JSONFormatter(parent=shell.display_formatter)
+        formatter = Kept(parent=shell.display_formatter)
         formatter.format_type = mime
-        formatter.for_type_by_name(module, name, _quiet(function))
+        for module, name in types:
+            formatter.for_type_by_name(module, name, _quiet(function))
         formatters[mime] = formatter
+        if mime not in shell.display_formatter.active_types:
+            shell.display_formatter.active_types.append(mime)
 
 
 def _quiet(function: Any) -> Any:
