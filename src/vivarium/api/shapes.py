@@ -119,7 +119,7 @@ def paging(params: Any) -> tuple[int, str | None]:
 def event_query(params: Any) -> tuple[int, int]:
     """(after id, limit) of an events query: `after` is the last id already read."""
     raw_after, raw_limit = params.get("after") or "0", params.get("limit") or str(MAX_LIMIT)
-    if not raw_after.isdigit():
+    if not raw_after.isdigit() or int(raw_after) >= 2**63:
         raise InvalidArgument("after must be an event id (a whole number)")
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
         raise InvalidArgument(f"limit must be 1..{MAX_LIMIT}")

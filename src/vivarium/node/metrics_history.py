@@ -102,8 +102,10 @@ class MetricsHistory:
         series = self._series.get(sandbox_id)
         if series is None:
             return []
-        return [s for s in series.samples
-                if (start is None or s.ts >= start) and (end is None or s.ts <= end)]  # fmt: skip
+        # Sorted: a sample taken on request (now()) may land beside the sampler's own.
+        return sorted((s for s in series.samples
+                       if (start is None or s.ts >= start) and (end is None or s.ts <= end)),
+                      key=lambda s: s.ts)  # fmt: skip
 
     async def run(self, records: Callable[[], list[SandboxRecord]]) -> None:
         while True:

@@ -74,6 +74,7 @@ MAX_EVENTS = 100
 # this, the create restores another rather than wait the full INIT_TIMEOUT_S.
 CLAIM_INIT_TIMEOUT_S = 3.0
 MAX_EXEC_TIMEOUT_S = 3600
+FRESH_S = 1.0  # get_metrics up to now: a sample older than this is taken again
 USERS = {"root": ("0:0", "/root"), "user": ("1000:1000", "/home/user")}
 
 
@@ -674,14 +675,16 @@ class Node:
     async def metrics(
         self, sandbox_id: str, start: float | None, end: float | None
     ) -> list[Sample]:
-        """The sandbox's samples between `start` and `end` (node/metrics_history.py). A sandbox
-        too new to have one is sampled now, if now is in the range."""
+        """The sandbox's samples between `start` and `end` (node/metrics_history.py). If the
+        range reaches now, a running sandbox is sampled now too: the last sample is current
+        (samples are otherwise up to MetricsHistory's interval old)."""
         samples = self.history.between(sandbox_id, start, end)
         now = time.time()
         record = self.sandboxes.get(sandbox_id)
-        if not samples and record and (start or now) <= now <= (end or now):
+        reaches_now = (start or now) <= now <= (end or now)
+        if record and reaches_now and (not samples or now - samples[-1].ts > FRESH_S):
             taken = await asyncio.to_thread(self.history.now, record)
-            samples = [taken] if taken else []
+            samples = [*samples, taken] if taken else samples
         return samples
 
     def record_event(self, record: SandboxRecord, reason: str) -> None:
