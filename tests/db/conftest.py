@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from sqlalchemy import MetaData
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.postgres import postgres_server
+from vivarium.api.db.engine import migrate, open_engine
 
 
 @pytest.fixture
@@ -19,6 +22,18 @@ def anyio_backend() -> str:
 def pg_url() -> Iterator[str]:
     with postgres_server() as url:
         yield url
+
+
+@pytest.fixture
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = open_engine(db_url)
+    async with engine.begin() as conn:  # PostgreSQL's database is shared by the tests
+        existing = MetaData()
+        await conn.run_sync(existing.reflect)
+        await conn.run_sync(existing.drop_all)
+    await migrate(engine)
+    yield engine
+    await engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

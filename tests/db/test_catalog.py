@@ -4,32 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import MetaData, select, text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from vivarium.api import keys, store
-from vivarium.api.db.engine import async_url, migrate, open_engine
+from vivarium.api.db.engine import async_url, migrate
 from vivarium.api.db.schema import api_keys, metadata, sandboxes
 from vivarium.errors import ConfigError
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = open_engine(db_url)
-    async with engine.begin() as conn:  # PostgreSQL's database is shared by the tests
-        existing = MetaData()
-        await conn.run_sync(existing.reflect)
-        await conn.run_sync(existing.drop_all)
-    await migrate(engine)
-    yield engine
-    await engine.dispose()
 
 
 def _sandbox(sandbox_id: str, team_id: str) -> dict[str, object]:

@@ -8,30 +8,16 @@ import hashlib
 import hmac
 import json
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from vivarium.api import events, store
-from vivarium.api.db.engine import migrate, open_engine
 
 pytestmark = pytest.mark.anyio
 SECRET = "a-webhook-secret-for-tests"
-
-
-@pytest.fixture
-async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = open_engine(db_url)
-    async with engine.begin() as conn:  # PostgreSQL's database is shared by the tests
-        existing = MetaData()
-        await conn.run_sync(existing.reflect)
-        await conn.run_sync(existing.drop_all)
-    await migrate(engine)
-    yield engine
-    await engine.dispose()
 
 
 class Receiver(BaseHTTPRequestHandler):

@@ -285,10 +285,7 @@ async def snapshots_mounting(engine: AsyncEngine, team_id: str, volume_id: str) 
     query = select(team_snapshots.c.id, team_snapshots.c.volume_mounts).where(
         team_snapshots.c.team_id == team_id
     )
-    async with engine.connect() as conn:
-        rows = (await conn.execute(query)).all()
-    return [r.id for r in rows if any(m.get("volume_id") == volume_id
-                                      for m in r.volume_mounts or [])]  # fmt: skip
+    return await _ids_mounting(engine, query, volume_id)
 
 
 async def state_counts(engine: AsyncEngine) -> list[tuple[str, str, int]]:
@@ -307,6 +304,12 @@ async def sandboxes_mounting(engine: AsyncEngine, team_id: str, volume_id: str) 
     query = select(sandboxes.c.id, sandboxes.c.volume_mounts).where(
         sandboxes.c.team_id == team_id, sandboxes.c.state != "killed"
     )
+    return await _ids_mounting(engine, query, volume_id)
+
+
+async def _ids_mounting(engine: AsyncEngine, query: Any, volume_id: str) -> list[str]:
+    """The ids of `query`'s rows (id, volume_mounts) whose mounts name the volume (filtered
+    here: JSON queries differ between SQLite and PostgreSQL)."""
     async with engine.connect() as conn:
         rows = (await conn.execute(query)).all()
     return [r.id for r in rows if any(m.get("volume_id") == volume_id

@@ -53,7 +53,6 @@ class Sample:
 class _Series:
     samples: deque[Sample] = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
     cpu: tuple[float, int] | None = None  # (when, ns used) at the last sample, for the rate
-    gone_at: float | None = None  # not running here since (paused or killed)
 
 
 class MetricsHistory:
@@ -70,7 +69,6 @@ class MetricsHistory:
         for record in records:
             running.add(record.sandbox_id)
             series = self._series.setdefault(record.sandbox_id, _Series())
-            series.gone_at = None
             taken = _read(record, series, now, self._directory_of(record.container_id))
             if taken is not None:
                 series.samples.append(taken)
@@ -78,8 +76,6 @@ class MetricsHistory:
             if sandbox_id in running:
                 continue
             series.cpu = None  # a resumed sandbox is a new container: its counter starts anew
-            if series.gone_at is None:
-                series.gone_at = now
             killed = self._killed.get(sandbox_id)
             if killed is not None and now - killed > self.retention_s:
                 del self._series[sandbox_id]
