@@ -1,6 +1,12 @@
-"""Settings for the whole suite, applied before any test module imports the `e2b` client."""
+"""Settings for the whole suite, applied before any test module imports the `e2b` client, and
+the fake internet that the egress tests share."""
 
 import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests import fakenet
 
 # Tests talk to sandboxes at their slot addresses, which are reused by later sandboxes. The
 # client pools keep-alive connections per address for 300 s by default; a pooled connection to a
@@ -8,3 +14,11 @@ import os
 # clients talk to one proxy address and are not affected. (E2B_KEEPALIVE_EXPIRY is the client's
 # documented setting, read when `e2b.api` is imported.)
 os.environ.setdefault("E2B_KEEPALIVE_EXPIRY", "0.2")
+
+
+@pytest.fixture(scope="session")
+def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The fake internet (tests/fakenet.py). A server reaches it with egress_allow=OPENED, and
+    resolves its names with egress_dns=DNS."""
+    with fakenet.fake_internet(tmp_path_factory.mktemp("fakenet")):
+        yield

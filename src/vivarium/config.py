@@ -113,6 +113,9 @@ class Settings:
     # Destinations a sandbox with internet access may reach even though they are private
     # or host addresses (an internal package mirror, say). Empty by default.
     egress_allow: tuple[str, ...] = field(default_factory=tuple)
+    # The DNS servers the egress proxy resolves allowed hostnames with; empty: the host's own
+    # (/etc/resolv.conf).
+    egress_dns: tuple[str, ...] = field(default_factory=tuple)
     default_timeout_s: int = 300
     max_timeout_s: int = 24 * 3600
     default_memory_mb: int = 1024
@@ -155,6 +158,7 @@ class Settings:
             max_starting=_env_int("MAX_STARTING", 4),
             warm_pool=parse_sizes("WARM_POOL", _env("WARM_POOL", "base=2,code-interpreter-v1=1")),
             egress_allow=_env_list("EGRESS_ALLOW"),
+            egress_dns=_env_list("EGRESS_DNS"),
             default_timeout_s=_env_int("DEFAULT_TIMEOUT", 300),
             max_timeout_s=_env_int("MAX_TIMEOUT", 24 * 3600),
             default_memory_mb=_env_int("DEFAULT_MEMORY_MB", 1024),
@@ -181,6 +185,11 @@ class Settings:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError as exc:
                 raise ConfigError(f"VIVARIUM_EGRESS_ALLOW: {exc}") from None
+        for server in self.egress_dns:
+            try:
+                ipaddress.ip_address(server)
+            except ValueError as exc:
+                raise ConfigError(f"VIVARIUM_EGRESS_DNS: {exc}") from None
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("VIVARIUM_TLS_CERT and VIVARIUM_TLS_KEY go together",
                               "set both for HTTPS, or neither for plain HTTP")  # fmt: skip

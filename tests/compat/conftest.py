@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
+from tests import fakenet
 from tests.integration.support import TEMPLATE_DIR, Server, make_server
 
 API_PORT = 3110  # proxy on API_PORT + 1000
@@ -64,6 +65,7 @@ def compat() -> Iterator[Compat]:
                       team_max_sandboxes="30", slot_prewarm="8",
                       warm_pool="base=2,code-interpreter-v1=1", team_max_volumes="6",
                       volume_size_mb="64", webhook_secret=WEBHOOK_SECRET,
+                      egress_allow=fakenet.OPENED, egress_dns=fakenet.DNS,
                       webhook_url=f"http://127.0.0.1:{WEBHOOK_PORT}/events")  # fmt: skip
     hook = ThreadingHTTPServer(("127.0.0.1", WEBHOOK_PORT), Webhook)
     threading.Thread(target=hook.serve_forever, daemon=True).start()

@@ -169,10 +169,10 @@ def running_server(
 @contextlib.contextmanager
 def outside_host(
     ns: str, host_if: str, gateway: str, addresses: list[str], prefix_len: int,
-    server_argv: list[str],
+    *servers: list[str],
 ) -> Iterator[None]:  # fmt: skip
     """A host "on the internet": its own network namespace behind a veth from the root one
-    (`gateway` on our side, `addresses` on its side), running `server_argv` there."""
+    (`gateway` on our side, `addresses` on its side), running each of `servers` there."""
     subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     subprocess.run(["ip", "link", "del", host_if], capture_output=True)
     cmds = [
@@ -186,13 +186,14 @@ def outside_host(
     ]
     for cmd in cmds:
         subprocess.run(cmd, check=True, capture_output=True)
-    server = subprocess.Popen(["ip", "netns", "exec", ns, *server_argv],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    running = [subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL) for argv in servers]  # fmt: skip
     try:
         yield
     finally:
-        server.terminate()
-        server.wait(10)
+        for proc in running:
+            proc.terminate()
+            proc.wait(10)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", host_if], capture_output=True)
 

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from vivarium.network import handshakes
+from vivarium.network import egress, handshakes
 from vivarium.network.addressing import BLOCKED_RANGES, SlotRange
+from vivarium.network.egress import CLOSED, Egress
 from vivarium.network.firewall import HostFirewall, router_rules
 
 
@@ -44,12 +45,16 @@ def test_overlap_detection() -> None:
     assert not slots.overlaps("fd00::/8")
 
 
+SLOT = SlotRange("viv", "10.231.0.0/18").slot(1)  # host side 10.231.0.5
+
+
 def test_router_rules_drop_sandbox_egress_unless_allowed() -> None:
-    closed = router_rules(allow_internet=False)
-    opened = router_rules(allow_internet=True)
+    closed = router_rules(SLOT, CLOSED, 4000)
+    opened = router_rules(SLOT, Egress(), 4000)
     assert ":FORWARD DROP" in closed and ":INPUT DROP" in closed
-    assert "-A EGRESS -j ACCEPT" not in closed
-    assert "-A EGRESS -j ACCEPT" in opened
+    assert "-A EGRESS -d 0.0.0.0/0 -j RETURN\n-A EGRESS -j ACCEPT" in closed  # nothing passes
+    assert "-A EGRESS -d" not in opened and "-A EGRESS -j ACCEPT" in opened
+    assert "EGRESS_NAMES -d" not in opened + closed  # no names allowed: no proxy
     # Inbound from the host always reaches the sandbox address.
     for rules in (closed, opened):
         assert "-A PREROUTING -i up0 -j DNAT --to-destination 169.254.0.21" in rules
@@ -59,6 +64,25 @@ def test_router_rules_drop_sandbox_egress_unless_allowed() -> None:
             "-A INPUT -i gw0 -p tcp -j REJECT --reject-with tcp-reset\n"
             "-A FORWARD -i gw0 -p tcp -j REJECT --reject-with tcp-reset\nCOMMIT\n"
         )
+
+
+def test_router_rules_allow_before_they_deny_and_send_names_to_the_proxy() -> None:
+    rules = egress.parse({"allowOut": ["1.2.3.4", "api.example.com"], "denyOut": ["0.0.0.0/0"],
+                          "dnsServers": ["9.9.9.9"]}, internet=True)  # fmt: skip
+    text = router_rules(SLOT, rules, 4000)
+    order = [
+        "-A EGRESS -d 10.231.0.5/32 -p tcp --dport 4000 -j ACCEPT",  # the egress proxy
+        "-A EGRESS -d 1.2.3.4/32 -j ACCEPT",
+        "-A EGRESS -d 9.9.9.9/32 -j ACCEPT",  # DNS, because a name is allowed
+        "-A EGRESS -d 0.0.0.0/0 -j RETURN",
+    ]
+    assert [text.index(line) for line in order] == sorted(text.index(line) for line in order)
+    assert "-A PREROUTING -i gw0 -j EGRESS_NAMES" in text
+    assert "-A EGRESS_NAMES -d 1.2.3.4/32 -j RETURN" in text
+    assert ("-A EGRESS_NAMES -d 0.0.0.0/0 -p tcp -m multiport --dports 80,443 "
+            "-j DNAT --to-destination 10.231.0.5:4000") in text  # fmt: skip
+    # Without a proxy listening, names cannot be checked: they stay closed.
+    assert "EGRESS_NAMES -d" not in router_rules(SLOT, rules, None)
 
 
 CONNTRACK = """\

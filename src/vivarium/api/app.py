@@ -123,6 +123,11 @@ def create_app(control: ControlPlane) -> Starlette:
         await control.set_timeout(team, sid(request), timeout)
         return Response(status_code=204)
 
+    async def update_network(request: Request, team: Row) -> Response:
+        await control.update_network(team, sid(request), shapes.network_update(
+            await json_body(request)))  # fmt: skip
+        return Response(status_code=204)
+
     async def refresh(request: Request, team: Row) -> Response:
         duration = typed(await json_body(request), "duration", int, 0)
         await control.refresh(team, sid(request), duration)
@@ -240,6 +245,7 @@ def create_app(control: ControlPlane) -> Starlette:
         Route(sandbox, authed(kill), methods=["DELETE"]),
         Route(sandbox + "/timeout", authed(set_timeout), methods=["POST"]),
         Route(sandbox + "/refreshes", authed(refresh), methods=["POST"]),
+        Route(sandbox + "/network", authed(update_network), methods=["PUT"]),
         Route(sandbox + "/connect", authed(connect), methods=["POST"]),
         Route("/v2" + sandbox + "/connect", authed(connect), methods=["POST"]),
         Route(sandbox + "/pause", authed(pause), methods=["POST"]),

@@ -35,6 +35,7 @@ from vivarium.errors import (
     VivariumError,
 )
 from vivarium.guest.envd import ENVD_VERSION
+from vivarium.network.egress import Egress
 from vivarium.node.node import Node
 from vivarium.node.records import SandboxRecord, new_sandbox_id
 from vivarium.node.request import CreateRequest
@@ -63,7 +64,7 @@ class NewSandbox:
     env_vars: dict[str, str] = field(default_factory=dict)
     auto_pause: bool = False
     auto_resume: bool = False
-    allow_internet: bool = True
+    egress: Egress = Egress()  # allow_internet_access and network's rules
     secure: bool = True
     public_traffic: bool = True  # False: its ports need its traffic token
     volume_mounts: tuple[tuple[str, str], ...] = ()  # (volume name, path), as asked
@@ -267,7 +268,7 @@ class ControlPlane:
             "metadata": new.metadata, "cpu_count": self.default_cpu_count,
             "memory_mb": self.settings.default_memory_mb, "disk_mb": DISK_MB,
             "auto_pause": new.auto_pause, "auto_resume": new.auto_resume,
-            "allow_internet": new.allow_internet,
+            "allow_internet": new.egress.internet, "egress": new.egress.to_json(),
             "secure": new.secure, "public_traffic": new.public_traffic,
             "envd_version": ENVD_VERSION, "started_at": now,
             "end_at": now + new.timeout_s, "created_at": now, "ended_at": None,
@@ -292,7 +293,7 @@ class ControlPlane:
         request = CreateRequest(
             template=row["template_id"], sandbox_id=row["id"], access_token=self.envd_token(row),
             timeout_s=new.timeout_s, metadata=new.metadata, env_vars=new.env_vars,
-            allow_internet=new.allow_internet, on_timeout="pause" if new.auto_pause else "kill",
+            egress=new.egress, on_timeout="pause" if new.auto_pause else "kill",
             volume_mounts=tuple(VolumeMount.from_json(m) for m in row["volume_mounts"]),
             pause_memory=new.auto_pause_memory, traffic_token=self.traffic_token(row),
         )  # fmt: skip
@@ -372,6 +373,16 @@ class ControlPlane:
         record = await self.node.set_timeout(sandbox_id, max(1, round(end_at - now)))
         await store.update_sandbox(self.engine, sandbox_id, end_at=record.end_at)
         return {**row, "end_at": record.end_at}
+
+    @timed_operation("update_network")
+    async def update_network(self, team: Row, sandbox_id: str, egress: Egress) -> None:
+        """Replace a running sandbox's egress rules, all at once (E2B's update_network)."""
+        await self.get(team, sandbox_id)
+        async with self._sandbox_locks[sandbox_id]:
+            await self._running(team, sandbox_id)
+            await self._on_node(team, sandbox_id, self.node.update_network(sandbox_id, egress))
+            await store.update_sandbox(self.engine, sandbox_id, allow_internet=egress.internet,
+                                       egress=egress.to_json())  # fmt: skip
 
     @timed_operation("connect")
     async def connect(self, team: Row, sandbox_id: str, timeout_s: int, reboot: bool = False,
@@ -513,7 +524,7 @@ class ControlPlane:
         new = NewSandbox(template=parent["template_id"], timeout_s=timeout_s,
                          metadata=parent["metadata"], auto_pause=parent["auto_pause"],
                          auto_resume=parent["auto_resume"],
-                         allow_internet=parent["allow_internet"],
+                         egress=rules_of(parent),
                          public_traffic=parent["public_traffic"])  # fmt: skip
         rows = [self._new_row(team, new, parent["template_id"], parent["build_id"],
                               parent["volume_mounts"]) for _ in range(count)]  # fmt: skip
@@ -593,6 +604,11 @@ class ControlPlane:
 
     async def list_keys(self, team: Row) -> list[Row]:
         return await store.list_keys(self.engine, team["id"])
+
+
+def rules_of(row: Row) -> Egress:
+    """A catalog row's egress rules."""
+    return Egress.from_json(row.get("egress"), row["allow_internet"])
 
 
 def _limit_reached(team: Row) -> CapacityExhausted:

@@ -17,6 +17,11 @@ ERROR: Schema = {
     "properties": {"code": {"type": "integer"}, "message": {"type": "string"},
                    "error_code": {"type": "string"}},
 }  # fmt: skip
+STR_LIST: Schema = {"type": "array", "items": {"type": "string"}}
+EGRESS: Schema = {
+    "type": "object",
+    "properties": {"allowOut": STR_LIST, "denyOut": STR_LIST, "dnsServers": STR_LIST},
+}
 NEW_SANDBOX: Schema = {
     "type": "object",
     "required": ["templateID"],
@@ -27,6 +32,10 @@ NEW_SANDBOX: Schema = {
         "autoResume": {"type": "object", "properties": {"enabled": {"type": "boolean"}}},
         "allow_internet_access": {"type": "boolean"},
         "secure": {"type": "boolean"},
+        "network": {
+            **EGRESS,
+            "properties": {**EGRESS["properties"], "allowPublicTraffic": {"type": "boolean"}},
+        },
         "metadata": STR_MAP,
         "envVars": STR_MAP,
     },
@@ -198,6 +207,10 @@ def document() -> Schema:
         sandbox + "/refreshes": {"post": _op(
             "extend timeout", _no_content(), params=[ID], errors=(404, 409),
             body={"type": "object", "properties": {"duration": {"type": "integer"}}})},
+        sandbox + "/network": {"put": _op(
+            "replace the egress rules", _no_content(), params=[ID], errors=(400, 404, 409),
+            body={**EGRESS, "properties": {**EGRESS["properties"],
+                                           "allow_internet_access": {"type": "boolean"}}})},
         sandbox + "/connect": {"post": _op("connect (v1)", {"200": created["201"], **created},
                                            body=timeout_body, params=[ID], errors=(404, 409))},
         "/v2" + sandbox + "/connect": {"post": _op(

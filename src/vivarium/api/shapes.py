@@ -11,10 +11,12 @@ import urllib.parse
 from datetime import UTC, datetime
 from typing import Any
 
-from vivarium.api.control import NewSandbox
+from vivarium.api.control import NewSandbox, rules_of
 from vivarium.api.volumes import mounts_request
 from vivarium.errors import InvalidArgument
 from vivarium.httpjson import str_map, typed
+from vivarium.network import egress
+from vivarium.network.egress import Egress
 
 Row = dict[str, Any]
 MAX_METADATA = 64  # entries; E2B does not publish one, this keeps rows small
@@ -50,8 +52,7 @@ def new_sandbox(data: dict[str, Any], default_timeout: int, *, v1: bool) -> NewS
         raise InvalidArgument(f"metadata has more than {MAX_METADATA} entries")
     _unsupported(data, "mcp", "MCP gateways")
     network = typed(data, "network", dict, {})
-    for key in ("allowOut", "denyOut", "rules", "egressProxy"):
-        _unsupported(network, key, f"network.{key}")
+    rules = _egress(network, typed(data, "allow_internet_access", bool, True), "network")
     public_traffic = typed(network, "allowPublicTraffic", bool, True)
     secure = typed(data, "secure", bool, True) if v1 else True
     if not public_traffic and not secure:
@@ -73,13 +74,25 @@ def new_sandbox(data: dict[str, Any], default_timeout: int, *, v1: bool) -> NewS
         env_vars=str_map(data, "envVars"),
         auto_pause=auto_pause,
         auto_resume=auto_resume,
-        allow_internet=typed(data, "allow_internet_access", bool, True),
+        egress=rules,
         # v2 sandboxes always secure envd; v1 clients could opt out.
         secure=secure,
         public_traffic=public_traffic,
         volume_mounts=mounts_request(data.get("volumeMounts")),
         auto_pause_memory=auto_pause_memory,
     )
+
+
+def network_update(data: dict[str, Any]) -> Egress:
+    """The rules of `SandboxNetworkUpdateConfig`: they replace all of the sandbox's, so what is
+    left out is cleared (internet access included, which is then on)."""
+    return _egress(data, typed(data, "allow_internet_access", bool, True), "body")
+
+
+def _egress(network: dict[str, Any], internet: bool, where: str) -> Egress:
+    for key in ("rules", "egressProxy"):
+        _unsupported(network, key, f"{where}.{key}")
+    return egress.parse(network, internet, where)
 
 
 def snapshot_request(data: dict[str, Any]) -> tuple[str | None, bool]:
@@ -194,6 +207,7 @@ def detail(row: Row, token: str | None, client_id: str) -> Row:
     """`SandboxDetail`."""
     return {**listed(row, client_id), "envdAccessToken": token, "domain": None,
             "allowInternetAccess": row["allow_internet"],
+            "network": {**rules_of(row).wire(), "allowPublicTraffic": row["public_traffic"]},
             "lifecycle": {"autoResume": row["auto_resume"],
                           "onTimeout": "pause" if row["auto_pause"] else "kill"}}  # fmt: skip
 

@@ -1,19 +1,24 @@
 """Egress policy, enforced outside the sandbox: in the slot's router namespace and the root one.
 
 Layers, so one mistake does not open everything:
-- router ns: forwarding from the sandbox is dropped unless the sandbox has internet access;
-  traffic from the host into the sandbox is always let through (DNAT to the sandbox address).
-- root ns: anything arriving from a slot for the host itself is dropped (INPUT); forwarded
+- router ns: forwarding from the sandbox follows its egress rules (network/egress.py): none
+  with internet access off; HTTP and TLS to denied addresses go to the egress proxy when the
+  rules allow hostnames. Traffic from the host into the sandbox is always let through (DNAT to
+  the sandbox address).
+- root ns: anything arriving from a slot for the host itself is dropped (INPUT), but for the
+  egress proxy's port; forwarded
   traffic to private, link-local and other reserved ranges is dropped, which also separates
   sandboxes from each other; the rest is masqueraded out of the host. Of the host's own
   processes only root's (the node and the proxy) may open connections to a slot (OUTPUT):
   other local users reach sandboxes through the proxy, like everyone else.
-Operator-listed `egress_allow` ranges pass both root-ns checks for sandboxes with internet.
+Operator-listed `egress_allow` ranges pass both root-ns checks, for sandboxes whose own rules
+let them out; the egress proxy holds allowed names to the same ranges.
 """
 
 from __future__ import annotations
 
 from vivarium.network.addressing import BLOCKED_RANGES, GATEWAY_IF, SANDBOX_IP, UPLINK_IF, Slot
+from vivarium.network.egress import Egress
 from vivarium.proc import run
 
 # A connection the sandbox may not open is refused with a reset rather than dropped: the program
@@ -22,14 +27,36 @@ from vivarium.proc import run
 _REFUSE_TCP = "-p tcp -j REJECT --reject-with tcp-reset\n"
 
 
-def router_rules(allow_internet: bool) -> str:
-    """The full iptables ruleset of a slot's router namespace (for iptables-restore)."""
-    egress = "-A EGRESS -j ACCEPT\n" if allow_internet else ""
+def router_rules(slot: Slot, egress: Egress, proxy_port: int | None = None) -> str:
+    """The full iptables ruleset of a slot's router namespace (for iptables-restore).
+
+    EGRESS decides what the sandbox may open (network/egress.py): allowed addresses, then its
+    DNS servers when it allows names, are accepted before denied ones are refused. With names
+    allowed and a proxy, HTTP and TLS to a denied address go to the egress proxy instead
+    (EGRESS_NAMES, in nat), which lets through only the allowed names."""
+    allow = "".join(f"-A EGRESS -d {net} -j ACCEPT\n" for net in egress.allow_nets)
+    names = bool(egress.allow_names) and proxy_port is not None
+    dns = egress.dns_servers if egress.allow_names else ()
+    allow += "".join(f"-A EGRESS -d {server}/32 -j ACCEPT\n" for server in dns)
+    deny = "".join(f"-A EGRESS -d {net} -j RETURN\n" for net in egress.deny_nets)
+    nat = ""
+    if names:
+        proxy = f"{slot.host_ip}:{proxy_port}"
+        allow = f"-A EGRESS -d {slot.host_ip}/32 -p tcp --dport {proxy_port} -j ACCEPT\n" + allow
+        nat = f"-A PREROUTING -i {GATEWAY_IF} -j EGRESS_NAMES\n" + "".join(
+            f"-A EGRESS_NAMES -d {net} -j RETURN\n"
+            for net in [*egress.allow_nets, *(f"{s}/32" for s in dns)]
+        ) + "".join(
+            f"-A EGRESS_NAMES -d {net} -p tcp -m multiport --dports 80,443 "
+            f"-j DNAT --to-destination {proxy}\n"
+            for net in egress.deny_nets
+        )  # fmt: skip
     return (
         "*nat\n"
         ":PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
-        ":POSTROUTING ACCEPT [0:0]\n"
+        ":POSTROUTING ACCEPT [0:0]\n:EGRESS_NAMES - [0:0]\n"
         f"-A PREROUTING -i {UPLINK_IF} -j DNAT --to-destination {SANDBOX_IP}\n"
+        f"{nat}"
         f"-A POSTROUTING -o {UPLINK_IF} -j MASQUERADE\n"
         "COMMIT\n"
         "*filter\n"
@@ -38,7 +65,7 @@ def router_rules(allow_internet: bool) -> str:
         "-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n"
         f"-A FORWARD -i {UPLINK_IF} -o {GATEWAY_IF} -j ACCEPT\n"
         f"-A FORWARD -i {GATEWAY_IF} -o {UPLINK_IF} -j EGRESS\n"
-        f"{egress}"
+        f"{allow}{deny}-A EGRESS -j ACCEPT\n"
         f"-A INPUT -i {GATEWAY_IF} {_REFUSE_TCP}"
         f"-A FORWARD -i {GATEWAY_IF} {_REFUSE_TCP}"
         "COMMIT\n"
@@ -49,8 +76,10 @@ async def _restore(slot: Slot, rules: str, *flags: str) -> None:
     await run(slot.in_router("iptables-restore", *flags), stdin=rules.encode())
 
 
-async def apply_router_rules(slot: Slot, allow_internet: bool) -> None:
-    await _restore(slot, router_rules(allow_internet))
+async def apply_router_rules(slot: Slot, egress: Egress, proxy_port: int | None = None) -> None:
+    """Replace the slot's rules at once (one iptables-restore): an update never leaves a moment
+    with some of the old rules and some of the new."""
+    await _restore(slot, router_rules(slot, egress, proxy_port))
 
 
 # While a pause saves the sandbox, every TCP connection opened to or from it is refused at once
@@ -80,6 +109,7 @@ class HostFirewall:
         self.prefix = prefix
         self.slot_cidr = slot_cidr
         self.egress_allow = egress_allow
+        self.proxy_port: int | None = None  # the egress proxy's, once it listens
         self.in_chain = f"VIV-{prefix.upper()}-IN"
         self.fwd_chain = f"VIV-{prefix.upper()}-FWD"
         self.nat_chain = f"VIV-{prefix.upper()}-NAT"
@@ -90,11 +120,13 @@ class HostFirewall:
         allow = [["-d", cidr, "-j", "ACCEPT"] for cidr in self.egress_allow]
         established = ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"]
         refuse = ["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"]  # see _REFUSE_TCP
+        proxy = ([["-p", "tcp", "--dport", str(self.proxy_port), "-j", "ACCEPT"]]
+                 if self.proxy_port else [])  # fmt: skip
         blocked: list[list[str]] = []
         for cidr in BLOCKED_RANGES:
             blocked += [["-d", cidr, *refuse], ["-d", cidr, "-j", "DROP"]]
         return {
-            ("filter", self.in_chain): [established, *allow, refuse, ["-j", "DROP"]],
+            ("filter", self.in_chain): [established, *allow, *proxy, refuse, ["-j", "DROP"]],
             ("filter", self.fwd_chain): [
                 established,
                 *allow,

@@ -26,6 +26,7 @@ from vivarium.network.addressing import (
     Slot,
     SlotRange,
 )
+from vivarium.network.egress import CLOSED
 from vivarium.proc import run
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ async def create_slot(slot: Slot) -> None:
     await _sysctl(rt, "net.ipv4.ip_forward=1", "net.ipv6.conf.all.disable_ipv6=1")
     await _sysctl(sb, "net.ipv6.conf.all.disable_ipv6=1")
     await reset_sandbox_side(slot)
-    await firewall.apply_router_rules(slot, allow_internet=False)
+    await firewall.apply_router_rules(slot, CLOSED)
 
 
 async def reset_sandbox_side(slot: Slot) -> None:
@@ -198,7 +199,7 @@ class SlotPool:
         """Return a slot whose sandbox is gone: egress off, addresses restored, back in the pool.
         It stays taken until then, so that _grow cannot build the same index meanwhile."""
         try:
-            await firewall.apply_router_rules(slot, allow_internet=False)
+            await firewall.apply_router_rules(slot, CLOSED)
             await reset_sandbox_side(slot)
         except Exception as exc:  # a broken slot is rebuilt rather than reused
             log.warning("slot %d could not be reset (%s); rebuilding it", slot.index, exc)

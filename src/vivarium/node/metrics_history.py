@@ -18,6 +18,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,12 +105,19 @@ class MetricsHistory:
                       key=lambda s: s.ts)  # fmt: skip
 
     async def run(self, records: Callable[[], list[SandboxRecord]]) -> None:
-        while True:
-            try:
-                await asyncio.to_thread(self.sample, records())
-            except Exception:
-                log.exception("sampling sandboxes' metrics failed")
-            await asyncio.sleep(INTERVAL_S)
+        # A thread of its own: behind a busy default executor (disks being made, snapshots
+        # copied) the samples would come late and sparse. A fixed cadence, not a fixed pause,
+        # so a slow sample does not stretch the interval.
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1, thread_name_prefix="metrics") as sampler:
+            due = loop.time()
+            while True:
+                try:
+                    await loop.run_in_executor(sampler, self.sample, records())
+                except Exception:
+                    log.exception("sampling sandboxes' metrics failed")
+                due = max(due + INTERVAL_S, loop.time())
+                await asyncio.sleep(due - loop.time())
 
 
 def _read(record: SandboxRecord, series: _Series, now: float, directory: Path) -> Sample | None:

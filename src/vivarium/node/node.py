@@ -23,6 +23,7 @@ from vivarium import statedir
 from vivarium.config import Settings
 from vivarium.errors import (
     CapacityExhausted,
+    Conflict,
     HostNotReady,
     InvalidArgument,
     NotFound,
@@ -32,6 +33,9 @@ from vivarium.errors import (
 from vivarium.guest.envd.state import EnvdState
 from vivarium.guest.envd.volumes import MOUNT_COMMAND
 from vivarium.network import firewall
+from vivarium.network.addressing import Slot
+from vivarium.network.egress import Egress
+from vivarium.network.egress_proxy import EgressProxy
 from vivarium.network.pool import SlotPool
 from vivarium.node import exclusive, file_snapshots
 from vivarium.node.disks import DiskPool
@@ -103,6 +107,8 @@ class Node:
             settings.slot_prefix, settings.slot_cidr, settings.egress_allow,
             settings.slot_prewarm, settings.max_sandboxes,
         )  # fmt: skip
+        self.egress_proxy = EgressProxy(self._egress_of, settings.egress_allow,
+                                        settings.egress_dns)  # fmt: skip
         self.volumes = VolumeStore(settings.volumes_dir, settings.volume_size_mb)
         self.history = MetricsHistory(settings.metrics_retention_s, self.records.container_dir)
         self._sampler: asyncio.Task[None] | None = None
@@ -160,13 +166,15 @@ class Node:
             self.record_event(record, reason)
         await asyncio.to_thread(self.snapshots.sweep_staging)
         steps.done("reconcile")
+        # Before any slot's rules name its port (the ones below, every launch).
+        self.pool.firewall.proxy_port = await self.egress_proxy.start()
         await self.pool.start({r.slot_index for r in self.sandboxes.values()})
         steps.done("network slots")
         await self.disks.start()
         steps.done("ready disks")
         for record in self.sandboxes.values():  # a pause cut short may have left them refusing
             slot = self.pool.range.slot(record.slot_index)
-            await firewall.apply_router_rules(slot, record.allow_internet)
+            await self.apply_egress(slot, record.rules)
             self.guards.arm(self.runtime, record.sandbox_id, record.container_id,
                             record.memory_mb)  # fmt: skip
         self._reaper = asyncio.create_task(Reaper(self).run())
@@ -193,6 +201,7 @@ class Node:
         if self._remote_deletes:
             await asyncio.gather(*self._remote_deletes, return_exceptions=True)
         await self.pool.stop()
+        await self.egress_proxy.close()
         await self.disks.stop()
         await self.http.aclose()
         exclusive.release(self._exclusive)
@@ -212,6 +221,30 @@ class Node:
     async def locked(self, sandbox_id: str) -> AsyncIterator[SandboxRecord]:
         async with self.lock(sandbox_id):
             yield self.get(sandbox_id)
+
+    # -- egress ------------------------------------------------------------------------------
+
+    async def apply_egress(self, slot: Slot, egress: Egress) -> None:
+        await firewall.apply_router_rules(slot, egress, self.egress_proxy.port)
+
+    def _egress_of(self, address: str) -> tuple[str, Egress] | None:
+        """The sandbox whose slot has `address` (the egress proxy's peer), and its rules."""
+        for record in self.sandboxes.values():
+            if record.slot_address == address and record.state == "running":
+                return record.sandbox_id, record.rules
+        return None
+
+    async def update_network(self, sandbox_id: str, egress: Egress) -> SandboxRecord:
+        """Replace a running sandbox's egress rules at once. New connections follow them;
+        ones already open stay as they were let through."""
+        async with self.locked(sandbox_id) as record:
+            if record.state != "running":
+                raise Conflict(f"sandbox {sandbox_id} is {record.state}",
+                               "resume it first: rules change on a running sandbox")  # fmt: skip
+            await self.apply_egress(self.pool.range.slot(record.slot_index), egress)
+            record.allow_internet, record.egress = egress.internet, egress.to_json()
+            await self.save(record)
+            return record
 
     # -- sandboxes ---------------------------------------------------------------------------
 
@@ -375,14 +408,14 @@ class Node:
         # the previous one may still be being deleted in the background, and its slot stays
         # taken until it is gone, so a resume takes another.
         started = await self.launch(new_container_id(sandbox_id), spec, image, resources, steps,
-                                    allow_internet=req.allow_internet,
+                                    egress=req.egress,
                                     volumes=req.volume_mounts, files=files,
                                     fresh=fresh)  # fmt: skip
         return await self.hand_over(started, req, sandbox_id, template, build_id, timeout_s, steps)
 
     async def launch(
         self, container_id: str, spec: dict[str, Any], image: Path, resources: Resources,
-        steps: Steps, *, allow_internet: bool, volumes: tuple[VolumeMount, ...] = (),
+        steps: Steps, *, egress: Egress, volumes: tuple[VolumeMount, ...] = (),
         files: Path | None = None, fresh: bool = False,
     ) -> Launched:  # fmt: skip
         """Restore a container from `image` in a network slot of its own, with `volumes` in its
@@ -391,9 +424,9 @@ class Node:
         slot = await self.pool.acquire()
         steps.done("network slot")
         # Egress opens while runsc restores: until then the slot refuses it, as free ones do.
-        egress = (asyncio.create_task(firewall.apply_router_rules(slot, allow_internet=True))
-                  if allow_internet else None)  # fmt: skip
-        started = Launched(container_id, directory, slot, resources, allow_internet, egress,
+        opening = (None if egress.is_closed
+                   else asyncio.create_task(self.apply_egress(slot, egress)))  # fmt: skip
+        started = Launched(container_id, directory, slot, resources, opening is not None, opening,
                            files=files is not None, fresh=fresh)  # fmt: skip
         try:
             filestore = await self.disks.take(directory, resources.disk_mb)
@@ -421,11 +454,9 @@ class Node:
         token and environment, and the record makes it the node's. On failure it is removed."""
         slot, resources, container_id = started.slot, started.resources, started.container_id
         try:
-            if req.allow_internet and not started.internet:  # a warm one: its egress opens now
+            if not started.internet and not req.egress.is_closed:  # a warm one: opens now
                 started.internet = True
-                started.egress = asyncio.create_task(
-                    firewall.apply_router_rules(slot, allow_internet=True)
-                )
+                started.egress = asyncio.create_task(self.apply_egress(slot, req.egress))
             self.guards.arm(self.rt(), sandbox_id, container_id, resources.memory_mb)
             # Independent of each other: done side by side while envd answers.
             await asyncio.gather(
@@ -444,11 +475,12 @@ class Node:
                 sandbox_id=sandbox_id, template=template, build_id=build_id,
                 slot_index=slot.index, slot_address=slot.router_ip, started_at=now,
                 end_at=now + timeout_s, memory_mb=resources.memory_mb, cpus=resources.cpus,
-                pids=resources.pids, disk_mb=resources.disk_mb, allow_internet=req.allow_internet,
+                pids=resources.pids, disk_mb=resources.disk_mb, allow_internet=req.egress.internet,
                 metadata=dict(req.metadata or {}), env_vars=dict(req.env_vars or {}),
                 on_timeout=req.on_timeout, access_token=req.access_token,
                 container_id=container_id, volumes=[m.to_json() for m in req.volume_mounts],
                 pause_memory=req.pause_memory, traffic_token=req.traffic_token,
+                egress=req.egress.to_json(),
             )  # fmt: skip
             await self.save(record)
         except BaseException as exc:

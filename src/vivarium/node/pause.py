@@ -310,7 +310,7 @@ async def _thaw(node: Node, record: SandboxRecord, slot: Slot) -> bool:
         return False
     node.guards.arm(runtime, record.sandbox_id, record.container_id, record.memory_mb)
     try:
-        await firewall.apply_router_rules(slot, record.allow_internet)
+        await node.apply_egress(slot, record.rules)
     except Exception:
         log.exception("could not let sandbox %s connect again", record.sandbox_id)
     return True

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vivarium.network.egress import Egress
 from vivarium.statedir import write_private
 
 ID_ALPHABET = string.ascii_lowercase + string.digits
@@ -68,6 +69,12 @@ class SandboxRecord:
     volumes: list[dict[str, str]] = field(default_factory=list)  # VolumeMount.to_json()s
     pause_memory: bool = True  # what an auto-pause keeps: memory and files, or files only
     traffic_token: str | None = None  # its ports (but envd's) need it (e2b-traffic-access-token)
+    # Its egress rules (Egress.to_json()); records from before rules had `allow_internet` only.
+    egress: dict[str, Any] | None = None
+
+    @property
+    def rules(self) -> Egress:
+        return Egress.from_json(self.egress, self.allow_internet)
 
     def __post_init__(self) -> None:
         if not self.container_id:

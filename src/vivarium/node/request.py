@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vivarium.network.egress import Egress
 from vivarium.node.records import SandboxRecord
 from vivarium.node.volumes import VolumeMount
 
@@ -19,7 +20,7 @@ class CreateRequest:
     timeout_s: int | None = None
     metadata: dict[str, str] | None = None
     env_vars: dict[str, str] | None = None
-    allow_internet: bool = True
+    egress: Egress = Egress()  # its egress rules (network/egress.py): open by default
     memory_mb: int | None = None
     cpus: float | None = None
     volume_mounts: tuple[VolumeMount, ...] = ()
@@ -31,7 +32,7 @@ def resume_request(record: SandboxRecord) -> CreateRequest:
     """The create request that gives a resumed sandbox its old identity back."""
     return CreateRequest(
         template=record.template, sandbox_id=record.sandbox_id, access_token=record.access_token,
-        metadata=record.metadata, env_vars=record.env_vars, allow_internet=record.allow_internet,
+        metadata=record.metadata, env_vars=record.env_vars, egress=record.rules,
         on_timeout=record.on_timeout, volume_mounts=mounts_of(record),
         pause_memory=record.pause_memory, traffic_token=record.traffic_token,
     )  # fmt: skip

@@ -13,6 +13,7 @@ from starlette.routing import Route
 from vivarium import telemetry
 from vivarium.errors import InvalidArgument
 from vivarium.httpjson import guarded, json_body, str_map, typed
+from vivarium.network.egress import Egress
 from vivarium.node.node import Node
 from vivarium.node.request import CreateRequest
 
@@ -39,7 +40,7 @@ def create_app(node: Node) -> Starlette:
             timeout_s=typed(data, "timeout", int),
             metadata=str_map(data, "metadata"),
             env_vars=str_map(data, "env_vars"),
-            allow_internet=typed(data, "allow_internet_access", bool, True),
+            egress=Egress(internet=typed(data, "allow_internet_access", bool, True)),
             memory_mb=typed(data, "memory_mb", int),
             cpus=typed(data, "cpus", (int, float)),
         )

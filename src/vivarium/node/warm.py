@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from vivarium.errors import RuntimeFailure, VivariumError
 from vivarium.guest.envd import PORT as ENVD_PORT
+from vivarium.network.egress import CLOSED
 from vivarium.node.envd_init import INIT_TIMEOUT_S, until_answered
 from vivarium.node.launched import Launched
 from vivarium.node.records import new_container_id
@@ -222,7 +223,7 @@ class WarmPool:
         try:
             started = await node.launch(
                 new_container_id(CONTAINER_PREFIX), template.spec, template.checkpoint,
-                node.default_resources(template), steps, allow_internet=False,
+                node.default_resources(template), steps, egress=CLOSED,
             )  # fmt: skip
             try:
                 await asyncio.to_thread(disk.hold_back, started.directory)

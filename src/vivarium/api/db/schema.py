@@ -62,6 +62,8 @@ sandboxes = Table(
     # Traffic through the proxy to it while paused resumes it (E2B's lifecycle.auto_resume).
     Column("auto_resume", Boolean, nullable=False, default=False),
     Column("allow_internet", Boolean, nullable=False, default=True),
+    # Its egress rules (network/egress.py Egress.to_json()); null: open, or `allow_internet`.
+    Column("egress", JSON, nullable=True),
     Column("secure", Boolean, nullable=False, default=True),
     # False: its ports (but envd's) answer only requests with its traffic token.
     Column("public_traffic", Boolean, nullable=False, default=True),

@@ -1,36 +1,50 @@
-"""Volumes across a restart of the server (whose stop also unmounts the volumes, as a host
-restart would): a running sandbox that mounts one is adopted and keeps writing into it, a paused
-one resumes with it, and what either wrote is in the volume."""
+"""Volumes and egress rules across a restart of the server (whose stop also unmounts the
+volumes, as a host restart would): a running sandbox that mounts one is adopted and keeps
+writing into it, a paused one resumes with it, and what either wrote is in the volume; the
+running one's egress rules hold, names included (the egress proxy listens anew)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2b import Sandbox, Volume
+from e2b import ALL_TRAFFIC, Sandbox, Volume
 
+from tests.fakenet import DENIED, DNS, NAMED, OPENED
 from tests.integration.support import Server, running_server, sdk_options
 
 pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    with running_server("volumes", "vm", "10.252.0.0/24", 3131, volume_size_mb="64") as srv:
+def server(internet: None) -> Iterator[Server]:
+    with running_server("restart", "vm", "10.252.0.0/24", 3131, volume_size_mb="64",
+                        egress_allow=OPENED, egress_dns=DNS) as srv:  # fmt: skip
         yield srv
 
 
-def test_volumes_outlive_a_restart_with_their_sandboxes_running_and_paused(
+def _reaches(sbx: Sandbox, url: str) -> str:
+    """The address that answered `url` (the fake internet says), or "" if nothing did."""
+    out = sbx.commands.run(f"curl -sk -m 5 {url}; true", user="root").stdout
+    return str(json.loads(out)["local"]) if out.startswith("{") else ""
+
+
+def test_volumes_and_rules_outlive_a_restart_with_their_sandboxes_running_and_paused(
     server: Server,
 ) -> None:  # fmt: skip
     opts = sdk_options(server)
     api = {"api_key": opts["api_key"], "api_url": opts["api_url"]}
     vol = Volume.create("kept", **api)  # type: ignore[arg-type]
-    running = Sandbox.create(timeout=600, volume_mounts={"/mnt/data": vol}, **opts)  # type: ignore[arg-type]
+    rules = {"deny_out": [ALL_TRAFFIC], "allow_out": ["pkg.example.test"], "dns_servers": [DNS]}
+    running = Sandbox.create(timeout=600, volume_mounts={"/mnt/data": vol}, network=rules,  # type: ignore[arg-type]
+                             **opts)  # fmt: skip
     paused = Sandbox.create(timeout=600, volume_mounts={"/data": vol}, **opts)  # type: ignore[arg-type]
     try:
         running.files.write("/mnt/data/before.txt", "before")
+        running.commands.run(f"echo nameserver {DNS} > /etc/resolv.conf", user="root")
+        assert _reaches(running, "https://pkg.example.test/") == NAMED
         paused.commands.run("sleep 600", background=True)
         assert paused.pause()
         server.stop()
@@ -40,6 +54,8 @@ def test_volumes_outlive_a_restart_with_their_sandboxes_running_and_paused(
 
         running = Sandbox.connect(running.sandbox_id, **opts)  # type: ignore[arg-type]
         running.files.write("/mnt/data/after.txt", "after")
+        assert _reaches(running, "https://pkg.example.test/") == NAMED
+        assert _reaches(running, f"http://{DENIED}:8080/") == ""
         assert vol.read_file("/after.txt", api_url=opts["api_url"]) == "after"
         paused = Sandbox.connect(paused.sandbox_id, **opts)  # type: ignore[arg-type]
         assert "sleep 600" in paused.commands.run("ps -eo args").stdout

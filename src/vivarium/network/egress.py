@@ -1,0 +1,183 @@
+"""A sandbox's egress rules (E2B's `allowOut`, `denyOut`, `dnsServers`): parsed, checked and
+matched. Pure: the firewall (network/firewall.py) and the egress proxy (network/egress_proxy.py)
+enforce them.
+
+As in E2B:
+- an allowed entry wins over a denied one; what neither names is allowed;
+- `allow_internet_access=false` denies 0.0.0.0/0 (so `allowOut` then makes an allow-list);
+- hostnames are allowed only (never denied), matched on what the sandbox asks for: the TLS
+  server name on port 443, the HTTP Host on port 80. Other ports go by address alone;
+- a wildcard `*.example.com` matches names below example.com at any depth, not example.com;
+- with a hostname allowed, the DNS servers (`dnsServers`, default 8.8.8.8) are allowed too.
+Private, link-local and host ranges stay closed whatever the rules say, unless the operator
+opened them (VIVARIUM_EGRESS_ALLOW; see firewall.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from vivarium.errors import InvalidArgument
+
+ALL_TRAFFIC = "0.0.0.0/0"
+DEFAULT_DNS = ("8.8.8.8",)
+MAX_ENTRIES = 256  # per list: each is a firewall rule in the slot's router
+MAX_DNS = 10
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+@dataclass(frozen=True)
+class Egress:
+    allow: tuple[str, ...] = ()  # CIDRs and hostnames, as normalised by parse()
+    deny: tuple[str, ...] = ()  # CIDRs
+    dns: tuple[str, ...] | None = None  # None: DEFAULT_DNS
+    internet: bool = True  # false denies ALL_TRAFFIC on top of `deny`
+
+    @property
+    def allow_nets(self) -> list[str]:
+        return [e for e in self.allow if _is_net(e)]
+
+    @property
+    def allow_names(self) -> list[str]:
+        return [e for e in self.allow if not _is_net(e)]
+
+    @property
+    def deny_nets(self) -> list[str]:
+        return [*self.deny, *([] if self.internet else [ALL_TRAFFIC])]
+
+    @property
+    def dns_servers(self) -> tuple[str, ...]:
+        return DEFAULT_DNS if self.dns is None else self.dns
+
+    @property
+    def is_closed(self) -> bool:
+        """Nothing at all may leave: the state of a free slot and of a warm sandbox."""
+        return ALL_TRAFFIC in self.deny_nets and not self.allow
+
+    def allows_name(self, name: str) -> bool:
+        name = name.lower().rstrip(".")
+        for entry in self.allow_names:
+            if entry.startswith("*."):
+                if name.endswith(entry[1:]) and len(name) > len(entry) - 1:
+                    return True
+            elif name == entry:
+                return True
+        return False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"allow": list(self.allow), "deny": list(self.deny),
+                "dns": None if self.dns is None else list(self.dns),
+                "internet": self.internet}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None, internet: bool = True) -> Egress:
+        """From to_json(); records written before rules existed had only `internet`."""
+        if not data:
+            return cls(internet=internet)
+        dns = data.get("dns")
+        return cls(tuple(data.get("allow", ())), tuple(data.get("deny", ())),
+                   None if dns is None else tuple(dns),
+                   bool(data.get("internet", internet)))  # fmt: skip
+
+    def wire(self) -> dict[str, Any]:
+        """The rules as `SandboxNetworkConfig` shows them (get_info)."""
+        body: dict[str, Any] = {"allowOut": list(self.allow), "denyOut": list(self.deny_nets)}
+        if self.dns is not None:
+            body["dnsServers"] = list(self.dns)
+        return body
+
+
+CLOSED = Egress(internet=False)
+
+
+def parse(network: dict[str, Any], internet: bool, where: str = "network") -> Egress:
+    """The rules of a `SandboxNetworkConfig` (or `SandboxNetworkUpdateConfig`), checked: every
+    error names the field."""
+    allow = _entries(network.get("allowOut"), f"{where}.allowOut", names=True)
+    deny = _entries(network.get("denyOut"), f"{where}.denyOut", names=False)
+    raw_dns = network.get("dnsServers")
+    dns: tuple[str, ...] | None = None
+    if raw_dns is not None:
+        if not isinstance(raw_dns, list) or len(raw_dns) > MAX_DNS:
+            raise InvalidArgument(f"{where}.dnsServers must be a list of at most {MAX_DNS} "
+                                  "IPv4 addresses")  # fmt: skip
+        dns = tuple(_address(v, f"{where}.dnsServers") for v in raw_dns)
+    return Egress(allow, deny, dns, internet)
+
+
+def _entries(raw: Any, field: str, *, names: bool) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        raise InvalidArgument(f"{field} must be a list of strings")
+    if len(raw) > MAX_ENTRIES:
+        raise InvalidArgument(f"{field} has {len(raw)} entries, more than {MAX_ENTRIES}",
+                              "use CIDR blocks or wildcard names to cover several")  # fmt: skip
+    out: list[str] = []
+    for value in raw:
+        entry = _net(value, field) if _looks_numeric(value) else None
+        if entry is None:
+            if not names:
+                raise InvalidArgument(
+                    f"{field}: {value!r} is not an IPv4 address or CIDR block",
+                    "hostnames can only be allowed: deny everything, then allow them",
+                )
+            entry = _hostname(value, field)
+        if entry not in out:
+            out.append(entry)
+    return tuple(out)
+
+
+def _looks_numeric(value: str) -> bool:
+    """An address or block (IPv6 ones too, to be refused as such), not a hostname."""
+    return ":" in value or (bool(value) and all(c.isdigit() or c in "./" for c in value))
+
+
+def _net(value: str, field: str) -> str:
+    try:
+        net = ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise InvalidArgument(
+            f"{field}: {value!r} is not a valid IPv4 address or CIDR block",
+            "addresses are like 1.2.3.4, blocks like 1.2.3.0/24",
+        ) from None
+    if net.version != 4:
+        raise InvalidArgument(f"{field}: {value!r} is IPv6, and sandboxes have IPv4 only")
+    return str(net)
+
+
+def _address(value: Any, field: str) -> str:
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise InvalidArgument(f"{field}: {value!r} is not an IPv4 address") from None
+
+
+def _hostname(value: str, field: str) -> str:
+    name = value.strip().lower().rstrip(".")
+    labels = name.split(".")
+    wild = labels[0] == "*"
+    if wild:
+        labels = labels[1:]
+    if not labels or len(name) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise InvalidArgument(
+            f"{field}: {value!r} is not an IPv4 address, CIDR block or hostname",
+            "hostnames are like api.example.com, or *.example.com for every name below it",
+        )
+    return name
+
+
+def _is_net(entry: str) -> bool:
+    return entry[:1].isdigit() and "/" in entry
+
+
+def covering(nets: Iterable[str], address: str) -> bool:
+    """Whether `address` lies in one of `nets`."""
+    ip = ipaddress.IPv4Address(address)
+    return any(ip in ipaddress.ip_network(n, strict=False) for n in nets)

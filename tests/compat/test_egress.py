@@ -1,0 +1,176 @@
+"""Egress rules (`network={"allow_out", "deny_out", "dns_servers"}`, `update_network`) through
+the official client, in real sandboxes, against the fake internet of tests/fakenet.py: nothing
+here leaves this machine."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from e2b import ALL_TRAFFIC, Sandbox
+from e2b.exceptions import SandboxException
+
+from tests.compat.conftest import Compat
+from tests.fakenet import BY_IP, CDN, CIDR, DENIED, DNS, IN_CIDR, NAMED, UNOPENED
+
+pytestmark = pytest.mark.usefixtures("compat", "internet")
+
+HELD = """
+import pathlib, socket, time
+s = socket.create_connection(("%s", 8080), timeout=5)
+pathlib.Path("/tmp/held").write_text("open")
+while not pathlib.Path("/tmp/go").exists():
+    time.sleep(0.05)
+s.sendall(b"GET /held HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n")
+pathlib.Path("/tmp/answer").write_bytes(s.recv(4096))
+"""
+
+
+def _fetch(sbx: Sandbox, url: str, extra: str = "") -> dict[str, Any] | None:
+    """What the fake internet answered, or None when the sandbox could not reach it."""
+    out = sbx.commands.run(f"curl -sk -m 5 {extra} {url}; true", user="root").stdout
+    return json.loads(out) if out.startswith("{") else None
+
+
+def _with_rules(**network: Any) -> Sandbox:
+    sbx = Sandbox.create(network=network, timeout=180)
+    # As E2B says: dns_servers opens the firewall; the sandbox's resolv.conf is its own.
+    sbx.commands.run(f"echo nameserver {DNS} > /etc/resolv.conf", user="root")
+    return sbx
+
+
+@pytest.fixture()
+def allow_listed() -> Iterator[Sandbox]:
+    sbx = _with_rules(deny_out=[ALL_TRAFFIC], dns_servers=[DNS],
+                      allow_out=[BY_IP, CIDR, "pkg.example.test", "*.cdn.example.test",
+                                 UNOPENED])  # fmt: skip
+    try:
+        yield sbx
+    finally:
+        sbx.kill()
+
+
+def test_an_allow_list_admits_exactly_the_named_hosts(allow_listed: Sandbox) -> None:
+    sbx = allow_listed
+    # By address and by CIDR, on any port.
+    assert (_fetch(sbx, f"http://{BY_IP}:8080/") or {}).get("local") == BY_IP
+    assert (_fetch(sbx, f"http://{IN_CIDR}:8080/") or {}).get("local") == IN_CIDR
+    assert _fetch(sbx, f"http://{DENIED}:8080/") is None
+    # By name: the TLS server name on 443, the HTTP Host on 80; names resolve through the
+    # DNS server the rules let through.
+    tls = _fetch(sbx, "https://pkg.example.test/")
+    assert tls is not None and tls["tls"] and tls["local"] == NAMED
+    plain = _fetch(sbx, "http://pkg.example.test/")
+    assert plain is not None and plain["host"] == "pkg.example.test" and not plain["tls"]
+    assert _fetch(sbx, "http://pkg.example.test:8080/") is None  # names count on 80 and 443 only
+    # A wildcard covers names below it at any depth, not the name itself.
+    assert (_fetch(sbx, "https://a.cdn.example.test/") or {}).get("local") == CDN
+    assert (_fetch(sbx, "https://b.deep.cdn.example.test/") or {}).get("local") == CDN
+    assert _fetch(sbx, "https://cdn.example.test/") is None
+    # Another name on the allowed name's address gets nothing through it...
+    assert _fetch(sbx, "https://other.example.test/") is None
+    assert _fetch(sbx, "http://other.example.test/") is None
+    # ...and an allowed name goes where it resolves, not to the address the sandbox dialled.
+    forged = _fetch(sbx, "https://pkg.example.test/", f"--resolve pkg.example.test:443:{DENIED}")
+    assert forged is not None and forged["local"] == NAMED
+    # A private address the operator did not open stays closed, even named by a rule.
+    assert _fetch(sbx, f"http://{UNOPENED}:8080/") is None
+    network = sbx.get_info().network or {}
+    assert network.get("deny_out") == [ALL_TRAFFIC]
+    assert network.get("allow_out") == [f"{BY_IP}/32", CIDR, "pkg.example.test",
+                                        "*.cdn.example.test", f"{UNOPENED}/32"]  # fmt: skip
+    assert network.get("dns_servers") == [DNS]
+
+
+def test_an_allowed_address_wins_over_a_denied_one() -> None:
+    sbx = _with_rules(deny_out=[DENIED, BY_IP], allow_out=[BY_IP])
+    try:
+        assert _fetch(sbx, f"http://{DENIED}:8080/") is None
+        assert (_fetch(sbx, f"http://{BY_IP}:8080/") or {}).get("local") == BY_IP
+        assert (_fetch(sbx, f"http://{NAMED}:8080/") or {}).get("local") == NAMED  # not named
+    finally:
+        sbx.kill()
+
+
+def test_update_network_replaces_the_rules_of_a_running_sandbox_and_they_outlive_a_pause() -> None:
+    sbx = _with_rules()
+    try:
+        assert _fetch(sbx, f"http://{DENIED}:8080/") is not None  # open by default
+        # A connection opened under the old rules...
+        sbx.files.write("/tmp/held.py", HELD % DENIED)
+        sbx.commands.run("python3 /tmp/held.py", background=True)
+        _wait_for(sbx, "/tmp/held")
+        sbx.update_network({"deny_out": [ALL_TRAFFIC], "allow_out": [BY_IP]})
+        assert _fetch(sbx, f"http://{DENIED}:8080/") is None  # new connections: the new rules
+        assert _fetch(sbx, f"http://{BY_IP}:8080/") is not None
+        sbx.files.write("/tmp/go", "")
+        _wait_for(sbx, "/tmp/answer")  # ...is kept
+        assert sbx.files.read("/tmp/answer").startswith("HTTP/1.0 200")
+        assert (sbx.get_info().network or {}).get("allow_out") == [f"{BY_IP}/32"]
+
+        sbx.update_network({"deny_out": [ALL_TRAFFIC], "allow_out": ["pkg.example.test"],
+                            "dns_servers": [DNS]})  # fmt: skip
+        assert sbx.beta_pause()
+        sbx.connect()
+        assert _fetch(sbx, f"http://{BY_IP}:8080/") is None
+        assert (_fetch(sbx, "https://pkg.example.test/") or {}).get("local") == NAMED
+
+        sbx.update_network({})  # what is left out is cleared: open again
+        assert _fetch(sbx, f"http://{DENIED}:8080/") is not None
+        assert (sbx.get_info().network or {}).get("allow_out") == []
+    finally:
+        sbx.kill()
+
+
+def _wait_for(sbx: Sandbox, path: str) -> None:
+    deadline = time.monotonic() + 30
+    while not sbx.files.exists(path):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize(
+    ("network", "field"),
+    [
+        ({"allowOut": ["10.0.0.0/33"]}, "network.allowOut"),
+        ({"allowOut": ["bad_host!.example"]}, "network.allowOut"),
+        ({"allowOut": ["2001:db8::1"]}, "IPv6"),
+        ({"denyOut": ["example.com"]}, "network.denyOut"),
+        ({"denyOut": [f"10.{i // 256}.{i % 256}.0/24" for i in range(300)]}, "network.denyOut"),
+        ({"dnsServers": ["dns.example"]}, "network.dnsServers"),
+        ({"allowOut": "1.1.1.1"}, "network.allowOut"),
+        (
+            {"rules": {"pkg.example.test": [{"transform": {"headers": {"A": "b"}}}]}},
+            "network.rules are not supported",
+        ),
+        ({"egressProxy": {"address": "proxy.example.test:1080"}}, "network.egressProxy"),
+    ],
+)
+def test_bad_rules_are_refused_naming_the_field(
+    compat: Compat, network: dict[str, Any], field: str
+) -> None:
+    with compat.admin() as http:
+        before = len(http.get("/v2/sandboxes").json())
+        response = http.post("/v2/sandboxes", json={"templateID": "base", "network": network})
+        assert response.status_code == 400, response.text
+        assert field in response.json()["message"]
+        assert len(http.get("/v2/sandboxes").json()) == before  # nothing was created
+
+
+def test_update_network_on_a_paused_or_killed_sandbox_is_refused(compat: Compat) -> None:
+    sbx = Sandbox.create(timeout=120)
+    try:
+        with httpx.Client(base_url=compat.api_url, headers={"X-API-Key": compat.api_key}) as http:
+            bad = http.put(f"/sandboxes/{sbx.sandbox_id}/network", json={"denyOut": ["x.test"]})
+            assert bad.status_code == 400 and "body.denyOut" in bad.json()["message"]
+        assert sbx.beta_pause()
+        with pytest.raises(SandboxException, match="409.*paused"):
+            sbx.update_network({"deny_out": [ALL_TRAFFIC]})
+    finally:
+        sbx.kill()
+    with pytest.raises(SandboxException, match="not found"):
+        Sandbox.update_network(sbx.sandbox_id, {"deny_out": [ALL_TRAFFIC]})

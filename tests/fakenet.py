@@ -1,0 +1,68 @@
+"""A fake internet for the egress tests, on this machine: one network namespace behind a veth
+from the root one, with several addresses, web servers under several names on each
+(tests/fakenet_server.py) and a DNS server (Debian's dnsmasq) that answers for those names.
+Nothing leaves the machine: every name and address here is the test's own."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dns.exception
+import dns.resolver
+
+from tests.integration.support import outside_host
+
+NS, HOST_IF, GATEWAY = "vx-net", "vx-net0", "10.236.0.1"
+DNS = "10.236.0.2"
+BY_IP = "10.236.0.3"  # allowed by address
+NAMED = "10.236.0.4"  # pkg.example.test (allowed by name) and other.example.test (not)
+CDN = "10.236.0.5"  # names under cdn.example.test (a wildcard), and cdn.example.test itself
+DENIED = "10.236.0.7"
+CIDR, IN_CIDR = "10.236.0.8/30", "10.236.0.9"
+UNOPENED = "10.236.0.200"  # outside OPENED: no rule of a sandbox can reach it
+OPENED = "10.236.0.0/25"  # the operator's VIVARIUM_EGRESS_ALLOW
+NAMES = {
+    "pkg.example.test": NAMED, "other.example.test": NAMED, "cdn.example.test": CDN,
+    "a.cdn.example.test": CDN, "b.deep.cdn.example.test": CDN,
+}  # fmt: skip
+ADDRESSES = [DNS, BY_IP, NAMED, CDN, DENIED, IN_CIDR, UNOPENED]
+
+
+@contextlib.contextmanager
+def fake_internet(workdir: Path) -> Iterator[None]:
+    cert, key = workdir / "fakenet.crt", workdir / "fakenet.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "2", "-subj", "/CN=fakenet", "-keyout", str(key), "-out", str(cert),
+         "-addext", "subjectAltName=DNS:example.test,DNS:*.example.test,DNS:*.cdn.example.test"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    dnsmasq = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
+               "--no-hosts", "--bind-interfaces", f"--listen-address={DNS}",
+               f"--pid-file={workdir / 'dnsmasq.pid'}",
+               *[f"--host-record={name},{address}" for name, address in NAMES.items()]]  # fmt: skip
+    web = [sys.executable, str(Path(__file__).with_name("fakenet_server.py")), str(cert), str(key)]
+    with outside_host(NS, HOST_IF, GATEWAY, ADDRESSES, 24, dnsmasq, web):
+        _wait_until_up()
+        yield
+
+
+def _wait_until_up() -> None:
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers, resolver.lifetime = [DNS], 1
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert str(resolver.resolve("pkg.example.test", "A")[0]) == NAMED
+            for url in (f"http://{NAMED}/", f"http://{NAMED}:8080/", f"https://{NAMED}/"):
+                subprocess.run(["ip", "netns", "exec", NS, "curl", "-skf", "-m", "2", "-o",
+                                "/dev/null", url], check=True)  # fmt: skip
+            return
+        except (dns.exception.DNSException, subprocess.CalledProcessError):
+            assert time.monotonic() < deadline, "the fake internet did not come up"
+            time.sleep(0.2)

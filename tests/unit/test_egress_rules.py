@@ -1,0 +1,89 @@
+"""Egress rules as parsed and matched (network/egress.py), and what the egress proxy reads of
+a connection before it decides (network/egress_proxy.py)."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+
+from vivarium.errors import InvalidArgument
+from vivarium.network import egress
+from vivarium.network.egress import ALL_TRAFFIC, Egress
+from vivarium.network.egress_proxy import http_host, server_name
+
+
+def test_entries_are_sorted_into_addresses_and_names() -> None:
+    rules = egress.parse({"allowOut": ["1.2.3.4", "10.0.0.1/8", "API.Example.com.", "*.cdn.io",
+                                       "1password.com", "1.2.3.4"],
+                          "denyOut": [ALL_TRAFFIC]}, internet=True)  # fmt: skip
+    assert rules.allow_nets == ["1.2.3.4/32", "10.0.0.0/8"]
+    assert rules.allow_names == ["api.example.com", "*.cdn.io", "1password.com"]
+    assert rules.deny_nets == [ALL_TRAFFIC]
+    assert rules.dns_servers == egress.DEFAULT_DNS  # E2B's default when none are given
+
+
+def test_names_match_exactly_or_below_a_wildcard() -> None:
+    rules = Egress(allow=("api.example.com", "*.cdn.io"))
+    assert rules.allows_name("api.example.com") and rules.allows_name("API.example.com.")
+    assert not rules.allows_name("example.com") and not rules.allows_name("xapi.example.com")
+    assert rules.allows_name("a.cdn.io") and rules.allows_name("a.b.cdn.io")
+    assert not rules.allows_name("cdn.io") and not rules.allows_name("evilcdn.io")
+
+
+def test_internet_off_denies_everything_the_rules_do_not_allow() -> None:
+    assert egress.CLOSED.is_closed and egress.CLOSED.deny_nets == [ALL_TRAFFIC]
+    allow_listed = egress.parse({"allowOut": ["1.1.1.1"]}, internet=False)
+    assert not allow_listed.is_closed and allow_listed.deny_nets == [ALL_TRAFFIC]
+    assert Egress.from_json(None, internet=False) == egress.CLOSED  # records before rules
+    assert Egress.from_json(allow_listed.to_json()) == allow_listed
+
+
+@pytest.mark.parametrize(
+    ("network", "message"),
+    [
+        ({"allowOut": ["10.0.0.0/33"]}, "network.allowOut: '10.0.0.0/33' is not a valid"),
+        ({"allowOut": ["1.2.3"]}, "network.allowOut: '1.2.3' is not a valid"),
+        ({"allowOut": ["fd00::/8"]}, "IPv6"),
+        ({"allowOut": ["*"]}, "is not an IPv4 address, CIDR block or hostname"),
+        ({"allowOut": ["a..b"]}, "is not an IPv4 address, CIDR block or hostname"),
+        ({"allowOut": ["-a.b"]}, "is not an IPv4 address, CIDR block or hostname"),
+        ({"allowOut": ["x" * 64 + ".com"]}, "hostname"),
+        ({"allowOut": ["a.com\r\nHost: b"]}, "network.allowOut: 'a.com\\r\\nHost: b' is not"),
+        ({"denyOut": ["example.com"]}, "network.denyOut: 'example.com' is not an IPv4"),
+        ({"denyOut": [f"1.1.{i}.0/24" for i in range(257)]}, "more than 256"),
+        ({"dnsServers": ["1.1.1.1"] * 11}, "at most 10"),
+        ({"dnsServers": ["::1"]}, "network.dnsServers: '::1' is not an IPv4 address"),
+        ({"allowOut": [1]}, "must be a list of strings"),
+    ],
+)
+def test_bad_rules_name_their_field(network: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        egress.parse(network, internet=True)
+    assert message in caught.value.message
+
+
+def _client_hello(name: str | None) -> bytes:
+    context = ssl.create_default_context()
+    if name is None:
+        context.check_hostname = False
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_the_server_name_is_read_from_a_real_client_hello() -> None:
+    hello = _client_hello("api.example.com")
+    assert server_name(hello) == "api.example.com"
+    assert server_name(_client_hello(None)) is None
+    assert server_name(hello[:40]) is None  # cut short: no name, never an exception
+    assert server_name(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00") is None  # not a hello
+
+
+def test_the_host_is_read_from_an_http_request_head() -> None:
+    assert http_host(b"GET / HTTP/1.1\r\nHost: Pkg.Example.test:8080\r\n\r\n") == "pkg.example.test"
+    assert http_host(b"GET / HTTP/1.0\r\n\r\n") is None
+    assert http_host(b"GET / HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n") is None  # an address
+    assert http_host(b"not http at all\r\n\r\n") is None
