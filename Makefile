@@ -24,7 +24,7 @@ test: template lint old-clients
 bench: template
 	$(BIN)/python bench/run.py
 
-# 1,000 pause/resume cycles of one sandbox (about an hour); `make test` runs 100.
+# 1,000 pause/resume cycles of one sandbox (about an hour); `make test` runs 8.
 soak: template
 	VIVARIUM_SOAK_CYCLES=1000 $(BIN)/pytest tests/pause/test_durability.py
 

@@ -17,8 +17,12 @@ os.environ.setdefault("E2B_KEEPALIVE_EXPIRY", "0.2")
 
 
 @pytest.fixture(scope="session")
-def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The fake internet (tests/fakenet.py). A server reaches it with egress_allow=OPENED, and
-    resolves its names with egress_dns=DNS."""
-    with fakenet.fake_internet(tmp_path_factory.mktemp("fakenet")):
-        yield
+def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The fake internet (tests/fakenet.py), up for the session, and the settings a server needs
+    to reach it: its addresses opened, its DNS server, its servers' certificate trusted."""
+    with fakenet.fake_internet(tmp_path_factory.mktemp("fakenet")) as cert:
+        yield {
+            "egress_allow": fakenet.OPENED,
+            "egress_dns": fakenet.DNS,
+            "egress_ca_file": str(cert),
+        }

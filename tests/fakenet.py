@@ -17,15 +17,15 @@ import dns.resolver
 
 from tests.integration.support import outside_host
 
-NS, HOST_IF, GATEWAY = "vx-net", "vx-net0", "10.236.0.1"
-DNS = "10.236.0.2"
-BY_IP = "10.236.0.3"  # allowed by address
-NAMED = "10.236.0.4"  # pkg.example.test (allowed by name) and other.example.test (not)
-CDN = "10.236.0.5"  # names under cdn.example.test (a wildcard), and cdn.example.test itself
-DENIED = "10.236.0.7"
-CIDR, IN_CIDR = "10.236.0.8/30", "10.236.0.9"
-UNOPENED = "10.236.0.200"  # outside OPENED: no rule of a sandbox can reach it
-OPENED = "10.236.0.0/25"  # the operator's VIVARIUM_EGRESS_ALLOW
+NS, HOST_IF, GATEWAY = "fakenet", "fakenet0", "10.253.0.1"
+DNS = "10.253.0.2"
+BY_IP = "10.253.0.3"  # allowed by address
+NAMED = "10.253.0.4"  # pkg.example.test (allowed by name) and other.example.test (not)
+CDN = "10.253.0.5"  # names under cdn.example.test (a wildcard), and cdn.example.test itself
+DENIED = "10.253.0.7"
+CIDR, IN_CIDR = "10.253.0.8/30", "10.253.0.9"
+UNOPENED = "10.253.0.200"  # outside OPENED: no rule of a sandbox can reach it
+OPENED = "10.253.0.0/25"  # the operator's VIVARIUM_EGRESS_ALLOW
 NAMES = {
     "pkg.example.test": NAMED, "other.example.test": NAMED, "cdn.example.test": CDN,
     "a.cdn.example.test": CDN, "b.deep.cdn.example.test": CDN,
@@ -34,7 +34,9 @@ ADDRESSES = [DNS, BY_IP, NAMED, CDN, DENIED, IN_CIDR, UNOPENED]
 
 
 @contextlib.contextmanager
-def fake_internet(workdir: Path) -> Iterator[None]:
+def fake_internet(workdir: Path) -> Iterator[Path]:
+    """Up until the block ends; yields the servers' certificate (self-signed: a server's
+    egress proxy trusts it with VIVARIUM_EGRESS_CA_FILE)."""
     cert, key = workdir / "fakenet.crt", workdir / "fakenet.key"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -49,7 +51,7 @@ def fake_internet(workdir: Path) -> Iterator[None]:
     web = [sys.executable, str(Path(__file__).with_name("fakenet_server.py")), str(cert), str(key)]
     with outside_host(NS, HOST_IF, GATEWAY, ADDRESSES, 24, dnsmasq, web):
         _wait_until_up()
-        yield
+        yield cert
 
 
 def _wait_until_up() -> None:

@@ -116,6 +116,9 @@ class Settings:
     # The DNS servers the egress proxy resolves allowed hostnames with; empty: the host's own
     # (/etc/resolv.conf).
     egress_dns: tuple[str, ...] = field(default_factory=tuple)
+    # CA certificates (PEM) the egress proxy trusts, beside the host's, when it connects on to
+    # hosts whose requests it adds headers to (an internal CA, say).
+    egress_ca_file: Path | None = None
     default_timeout_s: int = 300
     max_timeout_s: int = 24 * 3600
     default_memory_mb: int = 1024
@@ -159,6 +162,7 @@ class Settings:
             warm_pool=parse_sizes("WARM_POOL", _env("WARM_POOL", "base=2,code-interpreter-v1=1")),
             egress_allow=_env_list("EGRESS_ALLOW"),
             egress_dns=_env_list("EGRESS_DNS"),
+            egress_ca_file=Path(f) if (f := _env("EGRESS_CA_FILE", "")) else None,
             default_timeout_s=_env_int("DEFAULT_TIMEOUT", 300),
             max_timeout_s=_env_int("MAX_TIMEOUT", 24 * 3600),
             default_memory_mb=_env_int("DEFAULT_MEMORY_MB", 1024),

@@ -12,7 +12,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from tests import fakenet
 from tests.integration.support import TEMPLATE_DIR, Server, make_server
 
 API_PORT = 3110  # proxy on API_PORT + 1000
@@ -55,7 +54,7 @@ class Compat:
 
 
 @pytest.fixture(scope="session")
-def compat() -> Iterator[Compat]:
+def compat(internet: dict[str, str]) -> Iterator[Compat]:
     if os.geteuid() != 0:
         pytest.fail("the compatibility suite runs real sandboxes and needs root (`make test`)")
     if not os.path.isdir(os.path.join(TEMPLATE_DIR, "base", "current")):
@@ -65,7 +64,7 @@ def compat() -> Iterator[Compat]:
                       team_max_sandboxes="30", slot_prewarm="8",
                       warm_pool="base=2,code-interpreter-v1=1", team_max_volumes="6",
                       volume_size_mb="64", webhook_secret=WEBHOOK_SECRET,
-                      egress_allow=fakenet.OPENED, egress_dns=fakenet.DNS,
+                      **internet,
                       webhook_url=f"http://127.0.0.1:{WEBHOOK_PORT}/events")  # fmt: skip
     hook = ThreadingHTTPServer(("127.0.0.1", WEBHOOK_PORT), Webhook)
     threading.Thread(target=hook.serve_forever, daemon=True).start()

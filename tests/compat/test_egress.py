@@ -5,6 +5,7 @@ here leaves this machine."""
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +18,7 @@ from e2b.exceptions import SandboxException
 from tests.compat.conftest import Compat
 from tests.fakenet import BY_IP, CDN, CIDR, DENIED, DNS, IN_CIDR, NAMED, UNOPENED
 
-pytestmark = pytest.mark.usefixtures("compat", "internet")
+pytestmark = pytest.mark.usefixtures("compat")
 
 HELD = """
 import pathlib, socket, time
@@ -30,9 +31,11 @@ pathlib.Path("/tmp/answer").write_bytes(s.recv(4096))
 """
 
 
-def _fetch(sbx: Sandbox, url: str, extra: str = "") -> dict[str, Any] | None:
-    """What the fake internet answered, or None when the sandbox could not reach it."""
-    out = sbx.commands.run(f"curl -sk -m 5 {extra} {url}; true", user="root").stdout
+def _fetch(sbx: Sandbox, url: str, extra: str = "", verify: bool = False) -> dict[str, Any] | None:
+    """What the fake internet answered, or None when the sandbox could not reach it. Without
+    `verify`, any certificate will do (the fake internet's own are self-signed)."""
+    check = "" if verify else "-k"
+    out = sbx.commands.run(f"curl -s {check} -m 5 {extra} {url}; true", user="root").stdout
     return json.loads(out) if out.startswith("{") else None
 
 
@@ -143,13 +146,18 @@ def _wait_for(sbx: Sandbox, path: str) -> None:
         ({"denyOut": [f"10.{i // 256}.{i % 256}.0/24" for i in range(300)]}, "network.denyOut"),
         ({"dnsServers": ["dns.example"]}, "network.dnsServers"),
         ({"allowOut": "1.1.1.1"}, "network.allowOut"),
-        (
-            {"rules": {"pkg.example.test": [{"transform": {"headers": {"A": "b"}}}]}},
-            "network.rules are not supported",
-        ),
-        ({"egressProxy": {"address": "proxy.example.test:1080"}}, "network.egressProxy"),
+        ({"allowOut": ["pkg.example.test"],
+          "rules": {"other.example.test": [{"transform": {"headers": {"A": "b"}}}]}},
+         "network.rules['other.example.test']: other.example.test is not allowed"),
+        ({"allowOut": ["pkg.example.test"],
+          "rules": {"pkg.example.test": [{"transform": {"headers": {"A": "b\r\nX: y"}}}]}},
+         "without line breaks"),
+        ({"allowOut": ["pkg.example.test"],
+          "rules": {"pkg.example.test": [{"transform": {"headers": {"A\r\nX": "b"}}}]}},
+         "is not a header name"),
+        ({"egressProxy": {"address": "proxy.example.test:1080"}}, "network.egressProxy (SOCKS5"),
     ],
-)
+)  # fmt: skip
 def test_bad_rules_are_refused_naming_the_field(
     compat: Compat, network: dict[str, Any], field: str
 ) -> None:
@@ -159,6 +167,51 @@ def test_bad_rules_are_refused_naming_the_field(
         assert response.status_code == 400, response.text
         assert field in response.json()["message"]
         assert len(http.get("/v2/sandboxes").json()) == before  # nothing was created
+
+
+def test_a_header_rule_reaches_the_server_and_its_secret_never_enters_the_sandbox() -> None:
+    secret = f"sk-{secrets.token_hex(12)}"
+    sbx = _with_rules(
+        deny_out=[ALL_TRAFFIC], dns_servers=[DNS],
+        allow_out=["pkg.example.test", "*.cdn.example.test"],
+        rules={
+            "pkg.example.test": [
+                {"transform": {"headers": {"Authorization": f"Bearer {secret}"}}},
+                {"transform": {"headers": {"X-Team": "blue"}}},
+            ],
+            "*.cdn.example.test": [{"transform": {"headers": {"X-Cdn": "1"}}}],
+        },
+    )  # fmt: skip
+    try:
+        # Verified TLS (no -k): the sandbox trusts the deployment's egress CA.
+        seen = _fetch(sbx, "https://pkg.example.test/", "-H 'Authorization: Bearer mine'",
+                      verify=True)  # fmt: skip
+        assert seen is not None and seen["tls"] and seen["local"] == NAMED
+        assert seen["headers"]["Authorization"] == f"Bearer {secret}"  # replaced, not added
+        assert seen["headers"]["X-Team"] == "blue"
+        plain = _fetch(sbx, "http://pkg.example.test/")
+        assert plain is not None and plain["headers"]["Authorization"] == f"Bearer {secret}"
+        cdn = _fetch(sbx, "https://a.cdn.example.test/", verify=True)
+        assert cdn is not None and cdn["headers"].get("X-Cdn") == "1"
+        assert "Authorization" not in cdn["headers"]
+        python = sbx.commands.run(
+            "python3 -c \"import json, urllib.request; print(json.load(urllib.request.urlopen("
+            "'https://pkg.example.test/'))['headers']['X-Team'])\"", user="user",
+        )  # fmt: skip
+        assert python.stdout.strip() == "blue"
+        # Nowhere inside: not in its environment, files or processes.
+        inside = sbx.commands.run(
+            "env; cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n'; "
+            "grep -rs sk- /etc /root /home /tmp /usr/local/share; ps -eo args; true",
+            user="root",
+        ).stdout  # fmt: skip
+        assert secret not in inside
+        ca = sbx.files.read("/usr/local/share/ca-certificates/vivarium-egress.crt")
+        assert "CERTIFICATE" in ca and "PRIVATE" not in ca
+        rules = (sbx.get_info().network or {}).get("rules", {})
+        assert rules["*.cdn.example.test"] == [{"transform": {"headers": {"X-Cdn": "1"}}}]
+    finally:
+        sbx.kill()
 
 
 def test_update_network_on_a_paused_or_killed_sandbox_is_refused(compat: Compat) -> None:

@@ -25,7 +25,7 @@ from tests.integration.support import Server, running_server, sdk_options
 pytestmark = pytest.mark.timeout(1200)
 
 API_PORT = 3115  # proxy on API_PORT + 1000
-CYCLES = int(os.environ.get("VIVARIUM_RACE_CYCLES", "8"))
+CYCLES = int(os.environ.get("VIVARIUM_RACE_CYCLES", "5"))
 HAMMERS = 4  # host threads opening connections to the server inside, back to back
 PORT = 8000
 

@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 from e2b import ALL_TRAFFIC, Sandbox, Volume
 
-from tests.fakenet import DENIED, DNS, NAMED, OPENED
+from tests.fakenet import DENIED, DNS, NAMED
 from tests.integration.support import Server, running_server, sdk_options
 
 pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
-def server(internet: None) -> Iterator[Server]:
+def server(internet: dict[str, str]) -> Iterator[Server]:
     with running_server("restart", "vm", "10.252.0.0/24", 3131, volume_size_mb="64",
-                        egress_allow=OPENED, egress_dns=DNS) as srv:  # fmt: skip
+                        **internet) as srv:  # fmt: skip
         yield srv
 
 

@@ -9,10 +9,10 @@ import asyncio
 import pytest
 
 from vivarium.network import egress_proxy
-from vivarium.network.egress import Egress
+from vivarium.network.egress import ALL_TRAFFIC, Egress
 from vivarium.network.egress_proxy import EgressProxy
 
-RULES = Egress(allow=("pkg.example.test",))
+RULES = Egress(allow=("pkg.example.test",), deny=(ALL_TRAFFIC,))
 SANDBOXES = {"127.0.0.2": ("a", RULES), "127.0.0.3": ("b", RULES)}
 
 

@@ -10,7 +10,7 @@ import pytest
 from vivarium.errors import InvalidArgument
 from vivarium.network import egress
 from vivarium.network.egress import ALL_TRAFFIC, Egress
-from vivarium.network.egress_proxy import http_host, server_name
+from vivarium.network.egress_proxy import http_host, server_name, with_headers
 
 
 def test_entries_are_sorted_into_addresses_and_names() -> None:
@@ -87,3 +87,32 @@ def test_the_host_is_read_from_an_http_request_head() -> None:
     assert http_host(b"GET / HTTP/1.0\r\n\r\n") is None
     assert http_host(b"GET / HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n") is None  # an address
     assert http_host(b"not http at all\r\n\r\n") is None
+
+
+def test_header_rules_pick_the_exact_host_then_the_longest_wildcard() -> None:
+    rules = egress.parse(
+        {"allowOut": ["api.example.com", "*.example.com"],
+         "rules": {"*.example.com": [{"transform": {"headers": {"X-Who": "any"}}}],
+                   "*.eu.example.com": [{"transform": {"headers": {"X-Who": "eu"}}}],
+                   "api.example.com": [{"transform": {"headers": {"X-Who": "api"}}},
+                                       {"transform": {"headers": {"x-who": "api2", "B": "1"}}}]}},
+        internet=True,
+    )  # fmt: skip
+    assert rules.headers_for("api.example.com") == (("x-who", "api2"), ("B", "1"))
+    assert rules.headers_for("a.eu.example.com") == (("X-Who", "eu"),)
+    assert rules.headers_for("www.example.com") == (("X-Who", "any"),)
+    assert rules.headers_for("example.com") is None and rules.headers_for("other.org") is None
+    assert Egress.from_json(rules.to_json()) == rules
+
+
+def test_headers_are_set_on_the_request_and_the_server_asked_to_close() -> None:
+    head = (b"POST /v1/x HTTP/1.1\r\nHost: api.example.com\r\nAuthorization: mine\r\n"
+            b"Connection: keep-alive\r\nContent-Length: 2\r\n\r\n")  # fmt: skip
+    out = with_headers(head, (("Authorization", "Bearer s3cret"), ("X-Team", "blue")))
+    assert out.startswith(b"POST /v1/x HTTP/1.1\r\n")
+    lines = out.split(b"\r\n")
+    assert b"Authorization: Bearer s3cret" in lines and b"Authorization: mine" not in lines
+    assert b"X-Team: blue" in lines and b"Content-Length: 2" in lines
+    assert [line for line in lines if line.lower().startswith(b"connection")] == [
+        b"connection: close"
+    ]

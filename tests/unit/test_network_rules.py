@@ -81,6 +81,11 @@ def test_router_rules_allow_before_they_deny_and_send_names_to_the_proxy() -> No
     assert "-A EGRESS_NAMES -d 1.2.3.4/32 -j RETURN" in text
     assert ("-A EGRESS_NAMES -d 0.0.0.0/0 -p tcp -m multiport --dports 80,443 "
             "-j DNAT --to-destination 10.231.0.5:4000") in text  # fmt: skip
+    # Rules that add headers send HTTP and TLS to every address through the proxy.
+    with_rules = egress.parse({"allowOut": ["api.example.com"], "rules": {"api.example.com": [
+        {"transform": {"headers": {"A": "b"}}}]}}, internet=True)  # fmt: skip
+    everything = "-A EGRESS_NAMES -p tcp -m multiport --dports 80,443 -j DNAT --to-destination"
+    assert f"{everything} 10.231.0.5:4000" in router_rules(SLOT, with_rules, 4000)
     # Without a proxy listening, names cannot be checked: they stay closed.
     assert "EGRESS_NAMES -d" not in router_rules(SLOT, rules, None)
 

@@ -90,8 +90,7 @@ def network_update(data: dict[str, Any]) -> Egress:
 
 
 def _egress(network: dict[str, Any], internet: bool, where: str) -> Egress:
-    for key in ("rules", "egressProxy"):
-        _unsupported(network, key, f"{where}.{key}")
+    _unsupported(network, "egressProxy", f"{where}.egressProxy (SOCKS5 proxies)")
     return egress.parse(network, internet, where)
 
 

@@ -8,7 +8,11 @@ As in E2B:
 - hostnames are allowed only (never denied), matched on what the sandbox asks for: the TLS
   server name on port 443, the HTTP Host on port 80. Other ports go by address alone;
 - a wildcard `*.example.com` matches names below example.com at any depth, not example.com;
-- with a hostname allowed, the DNS servers (`dnsServers`, default 8.8.8.8) are allowed too.
+- with a hostname allowed, the DNS servers (`dnsServers`, default 8.8.8.8) are allowed too;
+- `rules` inject headers into the HTTP requests to hosts the rules allow: the egress proxy
+  terminates their TLS with the deployment's CA (network/egress_ca.py) and adds them, so a
+  secret never enters the sandbox. Exact hosts win over wildcards, longer wildcards over
+  shorter ones; a host's transforms apply in order, later headers replacing earlier ones.
 Private, link-local and host ranges stay closed whatever the rules say, unless the operator
 opened them (VIVARIUM_EGRESS_ALLOW; see firewall.py).
 """
@@ -27,7 +31,12 @@ ALL_TRAFFIC = "0.0.0.0/0"
 DEFAULT_DNS = ("8.8.8.8",)
 MAX_ENTRIES = 256  # per list: each is a firewall rule in the slot's router
 MAX_DNS = 10
+MAX_RULE_HOSTS = 64
+MAX_HEADERS = 32  # per host
+MAX_HEADER_VALUE = 8192
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")  # RFC 9110 token
+Headers = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,7 @@ class Egress:
     deny: tuple[str, ...] = ()  # CIDRs
     dns: tuple[str, ...] | None = None  # None: DEFAULT_DNS
     internet: bool = True  # false denies ALL_TRAFFIC on top of `deny`
+    rules: tuple[tuple[str, Headers], ...] = ()  # (host, headers to inject), as parsed
 
     @property
     def allow_nets(self) -> list[str]:
@@ -68,10 +78,23 @@ class Egress:
                 return True
         return False
 
+    def headers_for(self, name: str) -> Headers | None:
+        """The headers to inject into requests to `name`; None if no rule covers it."""
+        name = name.lower().rstrip(".")
+        best: tuple[int, Headers] | None = None
+        for host, headers in self.rules:
+            if host == name:
+                return headers
+            wild = host.startswith("*.") and name.endswith(host[1:])
+            if wild and (best is None or len(host) > best[0]):
+                best = (len(host), headers)
+        return None if best is None else best[1]
+
     def to_json(self) -> dict[str, Any]:
         return {"allow": list(self.allow), "deny": list(self.deny),
                 "dns": None if self.dns is None else list(self.dns),
-                "internet": self.internet}  # fmt: skip
+                "internet": self.internet,
+                "rules": [[host, [list(h) for h in hs]] for host, hs in self.rules]}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None, internet: bool = True) -> Egress:
@@ -79,15 +102,20 @@ class Egress:
         if not data:
             return cls(internet=internet)
         dns = data.get("dns")
+        rules = tuple((str(host), tuple((str(k), str(v)) for k, v in headers))
+                      for host, headers in data.get("rules", ()))  # fmt: skip
         return cls(tuple(data.get("allow", ())), tuple(data.get("deny", ())),
                    None if dns is None else tuple(dns),
-                   bool(data.get("internet", internet)))  # fmt: skip
+                   bool(data.get("internet", internet)), rules)  # fmt: skip
 
     def wire(self) -> dict[str, Any]:
         """The rules as `SandboxNetworkConfig` shows them (get_info)."""
         body: dict[str, Any] = {"allowOut": list(self.allow), "denyOut": list(self.deny_nets)}
         if self.dns is not None:
             body["dnsServers"] = list(self.dns)
+        if self.rules:
+            body["rules"] = {host: [{"transform": {"headers": dict(headers)}}]
+                             for host, headers in self.rules}  # fmt: skip
         return body
 
 
@@ -106,7 +134,51 @@ def parse(network: dict[str, Any], internet: bool, where: str = "network") -> Eg
             raise InvalidArgument(f"{where}.dnsServers must be a list of at most {MAX_DNS} "
                                   "IPv4 addresses")  # fmt: skip
         dns = tuple(_address(v, f"{where}.dnsServers") for v in raw_dns)
-    return Egress(allow, deny, dns, internet)
+    base = Egress(allow, deny, dns, internet)
+    return Egress(allow, deny, dns, internet, _rules(network.get("rules"), base, f"{where}.rules"))
+
+
+def _rules(raw: Any, egress: Egress, field: str) -> tuple[tuple[str, Headers], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or len(raw) > MAX_RULE_HOSTS:
+        raise InvalidArgument(f"{field} must map at most {MAX_RULE_HOSTS} hostnames to lists "
+                              "of rules")  # fmt: skip
+    out: list[tuple[str, Headers]] = []
+    for key, rules in raw.items():
+        where = f"{field}[{key!r}]"
+        host = _hostname(key, field) if isinstance(key, str) and not _looks_numeric(key) else None
+        if host is None or host == "*":
+            raise InvalidArgument(f"{where}: rules take hostnames like api.example.com or "
+                                  "*.example.com")  # fmt: skip
+        if not egress.allows_name(host):  # a wildcard host too: "*" is one more label
+            raise InvalidArgument(f"{where}: {host} is not allowed by allowOut",
+                                  "add it to allowOut: rules open no way themselves")  # fmt: skip
+        if not isinstance(rules, list):
+            raise InvalidArgument(f"{where} must be a list of rules")
+        headers: dict[str, tuple[str, str]] = {}
+        for rule in rules:
+            transform = rule.get("transform") or {} if isinstance(rule, dict) else None
+            given = transform.get("headers") or {} if isinstance(transform, dict) else None
+            if not isinstance(given, dict):
+                raise InvalidArgument(f'{where}: a rule is {{"transform": {{"headers": '
+                                      "{name: value}}}")  # fmt: skip
+            for name, value in given.items():
+                headers[str(name).lower()] = _header(name, value, where)
+        if len(headers) > MAX_HEADERS:
+            raise InvalidArgument(f"{where}: more than {MAX_HEADERS} headers")
+        out.append((host, tuple(headers.values())))
+    return tuple(out)
+
+
+def _header(name: Any, value: Any, where: str) -> tuple[str, str]:
+    if not isinstance(name, str) or not _HEADER_NAME.match(name):
+        raise InvalidArgument(f"{where}: {name!r} is not a header name")
+    if (not isinstance(value, str) or len(value) > MAX_HEADER_VALUE
+            or any(c in value for c in "\r\n\0")):  # fmt: skip
+        raise InvalidArgument(f"{where}: the value of header {name} must be text without line "
+                              f"breaks, at most {MAX_HEADER_VALUE} characters")  # fmt: skip
+    return name, value
 
 
 def _entries(raw: Any, field: str, *, names: bool) -> tuple[str, ...]:

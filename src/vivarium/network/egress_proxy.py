@@ -1,15 +1,22 @@
 """The egress proxy: where a sandbox's HTTP (port 80) and TLS (port 443) connections go when
-its rules allow hostnames but deny the address it dialled (network/egress.py).
+its rules allow hostnames (network/egress.py): to denied addresses, and to every address when
+rules inject headers.
 
-The slot's router sends such connections here (firewall.router_rules). The proxy reads what the
-sandbox asks for, the TLS server name or the HTTP Host, before anything reaches the outside:
-- a name the rules do not allow: the connection is reset;
-- an allowed name: the proxy resolves it itself and connects there, never to the address the
-  sandbox dialled, so a name cannot be used to reach an address that other names share, and a
-  literal IP with a forged name reaches only where the name points. Addresses in private,
-  link-local and host ranges are refused unless the operator opened them (egress_allow).
-The sandbox sees the connection accepted before the verdict (as in E2B): a denied one is then
-reset. TLS passes through untouched (no certificate of ours is involved).
+The slot's router sends such connections here (firewall.router_rules). The proxy looks at what
+the sandbox asks for, the TLS server name or the HTTP Host, before anything reaches the outside
+(it peeks: nothing is consumed until it decides):
+- a name the rules allow: the proxy resolves it itself and connects there, never to the address
+  the sandbox dialled, so a name cannot be used to reach an address that other names share,
+  and a literal IP with a forged name reaches only where the name points. TLS passes through
+  untouched;
+- a name whose requests get headers (a rule with a transform): the proxy terminates TLS with a
+  certificate of the deployment's CA (network/egress_ca.py, which sandboxes trust), adds the
+  headers to the request, and sends it on over TLS it verifies itself. The request asks the
+  server to close after its response, so every request of the sandbox passes here;
+- any other name goes where it resolves if the address rules allow that address; else, and
+  without a name, the connection is reset.
+Addresses in private, link-local and host ranges are refused unless the operator opened them
+(egress_allow). The sandbox sees its connection accepted before the verdict (as in E2B).
 
 Each sandbox may hold MAX_PER_SANDBOX connections through the proxy: one flooding it is refused
 more, and the others' keep going.
@@ -22,16 +29,19 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import ssl
 import struct
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import dns.asyncresolver
 import dns.exception
 import h11
 
 from vivarium.network.addressing import BLOCKED_RANGES
-from vivarium.network.egress import Egress, covering
+from vivarium.network.egress import ALL_TRAFFIC, Egress, Headers, covering
+from vivarium.network.egress_ca import EgressCA
 
 log = logging.getLogger(__name__)
 
@@ -47,66 +57,122 @@ PolicyOf = Callable[[str], tuple[str, Egress] | None]
 
 
 class EgressProxy:
-    def __init__(self, policy_of: PolicyOf, opened: Sequence[str],
-                 nameservers: Sequence[str] = ()) -> None:  # fmt: skip
+    def __init__(
+        self, policy_of: PolicyOf, opened: Sequence[str], nameservers: Sequence[str] = (),
+        ca: EgressCA | None = None, upstream_cafile: Path | None = None,
+    ) -> None:  # fmt: skip
         self.policy_of = policy_of
         self.opened = tuple(opened)  # the operator's VIVARIUM_EGRESS_ALLOW
         self.resolver = dns.asyncresolver.Resolver(configure=not nameservers)
         if nameservers:
             self.resolver.nameservers = list(nameservers)
         self.resolver.lifetime = CONNECT_TIMEOUT_S
+        self.ca = ca
+        self.upstream_tls = ssl.create_default_context()
+        if upstream_cafile is not None:
+            self.upstream_tls.load_verify_locations(cafile=str(upstream_cafile))
+        self.upstream_tls.set_alpn_protocols(["http/1.1"])
         self.port = 0
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._connections: set[asyncio.Task[None]] = set()
         self._open: Counter[str] = Counter()
 
     async def start(self) -> int:
         """Listen on an ephemeral port of every host address; the router rules point at it."""
-        self._server = await asyncio.start_server(self._serve, "0.0.0.0", 0, limit=MAX_HEAD)
-        self.port = self._server.sockets[0].getsockname()[1]
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("0.0.0.0", 0))
+        listener.listen(1024)
+        listener.setblocking(False)
+        self._listener, self.port = listener, listener.getsockname()[1]
+        self._accepting = asyncio.create_task(self._accept(listener))
         return self.port
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
+        tasks = [t for t in (self._accepting, *self._connections) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        found = self.policy_of(peer[0]) if peer else None
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, peer = await loop.sock_accept(listener)
+            except OSError:  # out of descriptors, say: the next one may do
+                log.exception("the egress proxy could not accept a connection")
+                await asyncio.sleep(0.1)
+                continue
+            sock.setblocking(False)
+            task = asyncio.create_task(self._serve(sock, peer[0]))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def _serve(self, sock: socket.socket, peer: str) -> None:
+        found = self.policy_of(peer)
         if found is None or self._open[found[0]] >= MAX_PER_SANDBOX:
-            _reset(writer)
+            _reset_socket(sock)
             return
         sandbox_id, egress = found
         self._open[sandbox_id] += 1
         try:
-            await self._relay(sandbox_id, egress, reader, writer)
-        except (TimeoutError, OSError, asyncio.IncompleteReadError):
-            _reset(writer)
+            await self._relay(sandbox_id, egress, sock)
+        except (TimeoutError, OSError, ssl.SSLError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError, h11.ProtocolError):  # fmt: skip
+            _reset_socket(sock)
         finally:
             self._open[sandbox_id] -= 1
             if not self._open[sandbox_id]:
                 del self._open[sandbox_id]
 
-    async def _relay(self, sandbox_id: str, egress: Egress, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:  # fmt: skip
-        head = await asyncio.wait_for(_read_head(reader), HEAD_TIMEOUT_S)
+    async def _relay(self, sandbox_id: str, egress: Egress, sock: socket.socket) -> None:
+        head = await asyncio.wait_for(_peek_head(sock), HEAD_TIMEOUT_S)
         tls = head[:1] == bytes([TLS_HANDSHAKE])
         name = server_name(head) if tls else http_host(head)
         port = 443 if tls else 80
-        if name is None or not egress.allows_name(name):
+        headers = egress.headers_for(name) if name else None
+        by_name = headers is not None or (name is not None and egress.allows_name(name))
+        address = None  # unless a name leaves something the rules could allow
+        if name is not None and (by_name or ALL_TRAFFIC not in egress.deny_nets):
+            address = await self._resolve(name)
+        if name is None or address is None or not (by_name or _allowed(egress, address)):
             log.info("egress of %s to %s:%d refused by its rules", sandbox_id, name, port)
-            _reset(writer)
+            _reset_socket(sock)
             return
-        address = await self._resolve(name)
-        if address is None:
-            log.info("egress of %s to %s:%d: no address it may reach", sandbox_id, name, port)
-            _reset(writer)
+        if headers is not None and self.ca is not None:
+            await self._intercept(sandbox_id, sock, name, address, port, tls, headers)
             return
+        reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
         up_reader, up_writer = await asyncio.wait_for(
             asyncio.open_connection(address, port, limit=READ_SIZE), CONNECT_TIMEOUT_S
         )
-        up_writer.write(head)
+        await _both_ways(reader, writer, up_reader, up_writer)
+
+    async def _intercept(
+        self, sandbox_id: str, sock: socket.socket, name: str, address: str, port: int,
+        tls: bool, headers: Headers,
+    ) -> None:  # fmt: skip
+        """Terminate the sandbox's TLS, add `headers` to its request, and send it on."""
+        assert self.ca is not None
+        if tls:
+            context = await asyncio.to_thread(self.ca.server_context, name)
+            reader, writer = await _accept_tls(sock, context)
+        else:
+            reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
+        up_reader, up_writer = await asyncio.wait_for(
+            asyncio.open_connection(address, port, limit=READ_SIZE,
+                                    ssl=self.upstream_tls if tls else None,
+                                    server_hostname=name if tls else None),
+            CONNECT_TIMEOUT_S,
+        )  # fmt: skip
+        up_writer.write(with_headers(head, headers))
+        # Names only: the values are secrets.
+        log.info("egress of %s to %s:%d: added headers %s", sandbox_id, name, port,
+                 ", ".join(k for k, _ in headers))  # fmt: skip
         await _both_ways(reader, writer, up_reader, up_writer)
 
     async def _resolve(self, name: str) -> str | None:
@@ -122,15 +188,74 @@ class EgressProxy:
         return None
 
 
-async def _read_head(reader: asyncio.StreamReader) -> bytes:
-    """The TLS ClientHello record, or the HTTP request head."""
-    first = await reader.readexactly(5)
-    if first[0] == TLS_HANDSHAKE:
-        return first + await reader.readexactly(int.from_bytes(first[3:5], "big"))
+def _allowed(egress: Egress, address: str) -> bool:
+    """What the firewall would say of a connection to `address`: allowed entries win."""
+    return covering(egress.allow_nets, address) or not covering(egress.deny_nets, address)
+
+
+def with_headers(head: bytes, headers: Headers) -> bytes:
+    """An HTTP/1.x request head with `headers` set (replacing any of the same names), asking
+    the server to close after its response."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(head)
+    request = conn.next_event()
+    if not isinstance(request, h11.Request):
+        raise h11.RemoteProtocolError("not an HTTP request", 400)
+    replaced = {k.lower().encode() for k, _ in headers} | {b"connection"}
+    kept = [(k, v) for k, v in request.headers.raw_items() if k.lower() not in replaced]
+    added = [(k.encode(), v.encode()) for k, v in headers]
+    out = h11.Request(method=request.method, target=request.target,
+                      headers=[*kept, *added, (b"connection", b"close")],
+                      http_version=request.http_version)  # fmt: skip
+    return h11.Connection(h11.CLIENT).send(out) or b""
+
+
+async def _peek_head(sock: socket.socket) -> bytes:
+    """The TLS ClientHello record or the HTTP request head, left unread in the socket."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            data = sock.recv(MAX_HEAD, socket.MSG_PEEK)
+        except BlockingIOError:
+            await _readable(loop, sock)
+            continue
+        if not data:
+            raise asyncio.IncompleteReadError(b"", None)
+        if _complete(data) or len(data) >= MAX_HEAD:
+            return data
+        await asyncio.sleep(0.01)  # the rest is on its way (readable stays true meanwhile)
+
+
+def _complete(data: bytes) -> bool:
+    if data[0] == TLS_HANDSHAKE:
+        return len(data) >= 5 and len(data) >= 5 + int.from_bytes(data[3:5], "big")
+    return b"\r\n\r\n" in data
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
     try:
-        return first + await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError:
-        raise asyncio.IncompleteReadError(first, None) from None
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+async def _accept_tls(
+    sock: socket.socket, context: ssl.SSLContext
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=READ_SIZE)
+    protocol = asyncio.StreamReaderProtocol(reader)
+    transport, _ = await loop.connect_accepted_socket(
+        lambda: protocol, sock, ssl=context, ssl_handshake_timeout=HEAD_TIMEOUT_S
+    )
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 def server_name(record: bytes) -> str | None:
@@ -213,9 +338,8 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.transport.abort()
 
 
-def _reset(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
+def _reset_socket(sock: socket.socket) -> None:
+    """End the connection with a reset: the program inside sees it refused at once."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()

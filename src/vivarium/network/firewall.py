@@ -32,8 +32,8 @@ def router_rules(slot: Slot, egress: Egress, proxy_port: int | None = None) -> s
 
     EGRESS decides what the sandbox may open (network/egress.py): allowed addresses, then its
     DNS servers when it allows names, are accepted before denied ones are refused. With names
-    allowed and a proxy, HTTP and TLS to a denied address go to the egress proxy instead
-    (EGRESS_NAMES, in nat), which lets through only the allowed names."""
+    allowed and a proxy, HTTP and TLS to a denied address (to any address, with rules that add
+    headers) go to the egress proxy instead (EGRESS_NAMES, in nat), which decides by name."""
     allow = "".join(f"-A EGRESS -d {net} -j ACCEPT\n" for net in egress.allow_nets)
     names = bool(egress.allow_names) and proxy_port is not None
     dns = egress.dns_servers if egress.allow_names else ()
@@ -47,9 +47,10 @@ def router_rules(slot: Slot, egress: Egress, proxy_port: int | None = None) -> s
             f"-A EGRESS_NAMES -d {net} -j RETURN\n"
             for net in [*egress.allow_nets, *(f"{s}/32" for s in dns)]
         ) + "".join(
-            f"-A EGRESS_NAMES -d {net} -p tcp -m multiport --dports 80,443 "
+            f"-A EGRESS_NAMES{dst} -p tcp -m multiport --dports 80,443 "
             f"-j DNAT --to-destination {proxy}\n"
-            for net in egress.deny_nets
+            # Rules that add headers need every request: any address may serve their hosts.
+            for dst in ([""] if egress.rules else [f" -d {n}" for n in egress.deny_nets])
         )  # fmt: skip
     return (
         "*nat\n"

@@ -33,10 +33,13 @@ async def init_envd(
     template_id: str,
     env_vars: dict[str, str],
     access_token: str | None = None,
+    ca_bundle: str | None = None,
     timeout_s: float = INIT_TIMEOUT_S,
 ) -> None:
     body: dict[str, object] = {"sandboxId": sandbox_id, "templateId": template_id,
                                "envVars": env_vars, "timestamp": time.time()}  # fmt: skip
+    if ca_bundle:  # the egress CA (network/egress_ca.py): its certificate, never its key
+        body["caBundle"] = ca_bundle
     if access_token:
         body["accessToken"] = access_token
     url = f"http://{address}:{ENVD_PORT}/init"

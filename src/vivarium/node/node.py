@@ -35,6 +35,7 @@ from vivarium.guest.envd.volumes import MOUNT_COMMAND
 from vivarium.network import firewall
 from vivarium.network.addressing import Slot
 from vivarium.network.egress import Egress
+from vivarium.network.egress_ca import EgressCA
 from vivarium.network.egress_proxy import EgressProxy
 from vivarium.network.pool import SlotPool
 from vivarium.node import exclusive, file_snapshots
@@ -107,8 +108,10 @@ class Node:
             settings.slot_prefix, settings.slot_cidr, settings.egress_allow,
             settings.slot_prewarm, settings.max_sandboxes,
         )  # fmt: skip
+        self.egress_ca = EgressCA(settings.state_dir / "egress-ca")
         self.egress_proxy = EgressProxy(self._egress_of, settings.egress_allow,
-                                        settings.egress_dns)  # fmt: skip
+                                        settings.egress_dns, self.egress_ca,
+                                        settings.egress_ca_file)  # fmt: skip
         self.volumes = VolumeStore(settings.volumes_dir, settings.volume_size_mb)
         self.history = MetricsHistory(settings.metrics_retention_s, self.records.container_dir)
         self._sampler: asyncio.Task[None] | None = None
@@ -465,7 +468,7 @@ class Node:
                 *([started.egress] if started.egress else []),
                 init_envd(self.http, slot.router_ip, sandbox_id=sandbox_id, template_id=template,
                           env_vars=dict(req.env_vars or {}), access_token=req.access_token,
-                          timeout_s=init_timeout_s),
+                          ca_bundle=self.egress_ca.cert_pem, timeout_s=init_timeout_s),
                 self._settle_in(started, req.volume_mounts),
             )  # fmt: skip
             steps.done("envd init")

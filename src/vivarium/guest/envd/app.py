@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import files, filesystem, process
+from . import files, filesystem, process, trust
 from .auth import signature_ok, token_ok
 from .connect import unknown_method
 from .identity import new_machine_id
@@ -95,6 +95,13 @@ def create_app(state: EnvdState, spawner: Spawner | None = None) -> Starlette:
         sandbox_id = body.get("sandboxId")
         if state.identity and isinstance(sandbox_id, str) and sandbox_id != state.sandbox_id:
             await asyncio.to_thread(new_machine_id)  # a new sandbox: a machine of its own
+        ca_bundle = body.get("caBundle")
+        if isinstance(ca_bundle, str) and ca_bundle:
+            try:
+                for key, value in (await asyncio.to_thread(trust.install, ca_bundle)).items():
+                    state.env_vars.setdefault(key, value)  # a user's own choice stays
+            except ValueError as exc:
+                return JSONResponse({"code": 400, "message": str(exc)}, status_code=400)
         env_vars = body.get("envVars") or {}
         if isinstance(env_vars, dict):
             state.env_vars.update({str(k): str(v) for k, v in env_vars.items()})
