@@ -19,6 +19,7 @@ Run as root with the base template built: `make bench`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import math
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import httpx
-from e2b import Sandbox
+from e2b import ALL_TRAFFIC, Sandbox
 from e2b_code_interpreter import Sandbox as CodeInterpreter
 
 from vivarium.config import Settings
@@ -57,6 +58,9 @@ from vivarium.runtime.runsc import Runsc, open_runtime
 from vivarium.templates.store import Template, TemplateStore, dir_size
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the tests' fake internet (tests/fakenet.py)
+from tests import fakenet  # noqa: E402
+
 VIVARIUM = Path(sys.executable).parent / "vivarium"
 SETTINGS = Settings.from_env()
 TEMPLATE_DIR = SETTINGS.templates_root  # where `make` built the template
@@ -129,6 +133,15 @@ INTERPRETER_TEMPLATE = "code-interpreter-v1"
 INTERPRETER_CREATES = 10
 INTERPRETER_CELLS = 30
 INTERPRETER_TARGET_RATIO = 2.0  # first result at most this times a plain base create
+
+# The egress proxy (issue 16), from inside one sandbox, against the fake internet of
+# tests/fakenet.py: the same server at an allowed address (straight out: the floor) and under an
+# allowed name on a denied address (through the proxy, passed through), and HTTPS to a host
+# whose rule adds a header (the proxy terminates and re-encrypts) beside HTTPS straight out.
+EGRESS_SMALL_RUNS = 20
+EGRESS_LARGE_RUNS = 5
+EGRESS_LARGE_BYTES = 10 * 2**20
+EGRESS_DOWNLOAD_TARGET_RATIO = 1.2
 
 # The warm pool (issue 13): the server restarts with a pool of WARM_POOL_SIZE `base` sandboxes.
 SNAPSHOT_RUNS = 5  # create_snapshot() of one running sandbox, on a settled node
@@ -541,12 +554,12 @@ class Fleet:
         return Created(data["sandbox_id"], start, end, data["container_id"])
 
     def sdk_create(
-        self, client: type[Sandbox] = Sandbox, template: str = TEMPLATE
+        self, client: type[Sandbox] = Sandbox, template: str = TEMPLATE, **options: Any
     ) -> tuple[Sandbox, Created]:
         """`Sandbox.create()` through the API, timed as a user of the client sees it."""
         start = time.perf_counter()
         sbx = client.create(template, timeout=SANDBOX_TIMEOUT_S, api_key=self.api_key,
-                            api_url=API_URL, sandbox_url=PROXY_URL)  # fmt: skip
+                            api_url=API_URL, sandbox_url=PROXY_URL, **options)  # fmt: skip
         end = time.perf_counter()
         self._track(sbx.sandbox_id)
         return sbx, Created(sbx.sandbox_id, start, end)
@@ -691,6 +704,7 @@ class NodeFigures:
     burst_claims: int = 0
     burst_refill_s: float = 0.0  # from the burst's last create to a full pool again
     burst_levels: list[tuple[float, int]] = field(default_factory=list)  # (s, ready) samples
+    egress_ms: dict[str, list[float]] = field(default_factory=dict)  # by path: see measure_egress
     events: list[dict[str, Any]] = field(default_factory=list)  # sandboxes that ended by themselves
 
 
@@ -1026,6 +1040,36 @@ def measure_snapshots(fleet: Fleet, figures: NodeFigures) -> None:
         fleet.sdk_kill(sbx)
 
 
+def measure_egress(fleet: Fleet, figures: NodeFigures) -> None:
+    """curl's own total time inside one sandbox, each path in turn per round."""
+    host = "pkg.example.test"  # allowed by name; on fakenet.NAMED, which is denied
+    sbx, _ = fleet.sdk_create(network={
+        "deny_out": [ALL_TRAFFIC], "dns_servers": [fakenet.DNS],
+        "allow_out": [fakenet.BY_IP, host, "*.cdn.example.test"],
+        "rules": {"*.cdn.example.test": [{"transform": {"headers": {"X-Bench": "1"}}}]},
+    })  # fmt: skip
+    sbx.commands.run(f"echo nameserver {fakenet.DNS} > /etc/resolv.conf", user="root")
+    paths = {
+        "small_direct": f"http://{fakenet.BY_IP}/", "small_proxy": f"http://{host}/",
+        "tls_direct": f"-k https://{fakenet.BY_IP}/", "tls_rule": "https://a.cdn.example.test/",
+    }  # fmt: skip
+    large = {"large_direct": f"http://{fakenet.BY_IP}/bytes/{EGRESS_LARGE_BYTES}",
+             "large_proxy": f"http://{host}/bytes/{EGRESS_LARGE_BYTES}"}  # fmt: skip
+    script = "".join(
+        f"for i in $(seq {runs}); do\n" + "".join(
+            f"curl -sf -o /dev/null -w '{key} %{{time_total}}\\n' {url}\n"
+            for key, url in urls.items()
+        ) + "done\n"
+        for runs, urls in ((EGRESS_SMALL_RUNS, paths), (EGRESS_LARGE_RUNS, large))
+    )  # fmt: skip
+    sbx.files.write("/tmp/egress.sh", script)
+    out = sbx.commands.run("sh /tmp/egress.sh", timeout=600).stdout
+    for line in out.splitlines():
+        key, seconds = line.split()
+        figures.egress_ms.setdefault(key, []).append(float(seconds) * 1000)
+    fleet.sdk_kill(sbx)
+
+
 def _pool_full(fleet: Fleet) -> dict[str, Any]:
     """Wait until the pool holds WARM_POOL_SIZE ready and nothing is being torn down; the
     node's warm counters then."""
@@ -1121,6 +1165,10 @@ def measure_node(fleet: Fleet, server: Server) -> NodeFigures:
             f"{INTERPRETER_CELLS} cells")  # fmt: skip
         measure_interpreter(fleet, figures)
         fleet.settle()
+        log(f"node: egress proxy: {EGRESS_SMALL_RUNS} small requests and {EGRESS_LARGE_RUNS} "
+            f"downloads of {EGRESS_LARGE_BYTES // MIB} MiB each way")  # fmt: skip
+        measure_egress(fleet, figures)
+        fleet.settle()
         log(f"node: warm pool of {WARM_POOL_SIZE}: {WARM_CREATES} creates, a burst of "
             f"{WARM_BURST}")  # fmt: skip
         measure_warm(fleet, server, figures)
@@ -1192,6 +1240,7 @@ def leftover_cgroups(container_ids: set[str]) -> list[str]:
 
 def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row]:
     restore50, restore95 = p50(raw.restore_ms), p95(raw.restore_ms)
+    egress = node.egress_ms
     rexec50 = p50(raw.exec_ms)
     assert raw.memory is not None
     raw_cg, raw_pss = raw.memory.cgroup_bytes / MIB, raw.memory.pss_bytes / MIB
@@ -1330,6 +1379,16 @@ def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row
             p95(node.burst_ms), "ms", p95(node.sdk_create_ms), "SDK create p95, pool empty"),
         Row("burst_claims", "burst: creates served from the pool", node.burst_claims, "count",
             WARM_POOL_SIZE, "pool size"),
+        Row("egress_small_p50_ms", "HTTP request through the egress proxy (allowed name): p50",
+            p50(egress["small_proxy"]), "ms", p50(egress["small_direct"]),
+            "straight out (allowed address)", samples=tuple(egress["small_proxy"])),
+        Row("egress_rule_p50_ms", "HTTPS request with a header rule (proxy re-encrypts): p50",
+            p50(egress["tls_rule"]), "ms", p50(egress["tls_direct"]), "HTTPS straight out",
+            samples=tuple(egress["tls_rule"])),
+        Row("egress_download_p50_ms",
+            f"{EGRESS_LARGE_BYTES // MIB} MiB download through the egress proxy: p50",
+            p50(egress["large_proxy"]), "ms", p50(egress["large_direct"]), "straight out",
+            max_ratio=EGRESS_DOWNLOAD_TARGET_RATIO, samples=tuple(egress["large_proxy"])),
         Row("burst_refill_s", "burst: pool full again after the last create",
             node.burst_refill_s, "s", WARM_POOL_SIZE * restore50 / 1000,
             f"{WARM_POOL_SIZE} x raw restore p50"),
@@ -1366,7 +1425,10 @@ def run(work: Path) -> int:
     server = Server(server_state)
     fleet = Fleet(server.socket)
     failed = True
+    internet = contextlib.ExitStack()
     try:
+        server.env.update({f"VIVARIUM_{k.upper()}": v for k, v in internet.enter_context(
+            fake_internet_settings(work)).items()})  # fmt: skip
         log(f"floor: {SPAWN_RUNS} native spawns")
         spawn = measure_spawn()
         log(f"floor: {RESTORE_RUNS} raw runsc restores")
@@ -1383,6 +1445,7 @@ def run(work: Path) -> int:
         log("stopping the server and cleaning up")
         try:
             server.stop()
+            internet.close()
             if server.log_path.exists():
                 SERVER_LOG.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(server.log_path, SERVER_LOG)
@@ -1406,6 +1469,17 @@ def run(work: Path) -> int:
     print(f"\ntargets: {'all met' if not missed else 'missed: ' + ', '.join(missed)}")
     print(f"results: {RESULTS.relative_to(REPO)}")
     return 1 if problems else 0
+
+
+@contextlib.contextmanager
+def fake_internet_settings(work: Path) -> Iterator[dict[str, str]]:
+    """The tests' fake internet, up while the server runs, and the settings that let it in."""
+    with fakenet.fake_internet(work) as cert:
+        yield {
+            "egress_allow": fakenet.OPENED,
+            "egress_dns": fakenet.DNS,
+            "egress_ca_file": str(cert),
+        }
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
 """The web servers of the fake internet (tests/fakenet.py), run inside its namespace: HTTP on
 80 and 8080, HTTPS on 443, on every address. Each answer says what reached it, as JSON: the Host
-asked for, the address it came in on, whether over TLS, and the request's headers.
+asked for, the address it came in on, whether over TLS, and the request's headers; but
+`/bytes/N`, which is N bytes.
 
 Usage: python fakenet_server.py CERT KEY
 """
@@ -16,6 +17,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class Echo(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path.startswith("/bytes/"):  # /bytes/N: N bytes, for the bench's downloads
+            self._send_bytes(int(self.path.removeprefix("/bytes/")))
+            return
         body = json.dumps({
             "host": self.headers.get("Host", ""),
             "local": self.connection.getsockname()[0],
@@ -28,6 +32,16 @@ class Echo(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _send_bytes(self, size: int) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        chunk = b"\0" * 65536
+        while size > 0:
+            self.wfile.write(chunk[: min(size, len(chunk))])
+            size -= len(chunk)
 
     def log_message(self, *args: object) -> None:
         pass

@@ -53,7 +53,7 @@ class Compat:
         return str(response.json()["apiKey"])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped once the compat suite is done: it weighs on the rest
 def compat(internet: dict[str, str]) -> Iterator[Compat]:
     if os.geteuid() != 0:
         pytest.fail("the compatibility suite runs real sandboxes and needs root (`make test`)")

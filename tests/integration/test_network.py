@@ -3,6 +3,7 @@ slot addresses, the host's slot-side addresses and the test "internet" host in i
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -108,3 +109,19 @@ def _wait_http(url: str, attempts: int = 30) -> int:
 
             time.sleep(0.2)
     return 0
+
+
+def test_the_cli_creates_a_sandbox_with_egress_rules(
+    server: Server, client: NodeClient, inet_host: str
+) -> None:
+    created = server.cli("sandbox", "create", "--no-internet", "--allow-out", inet_host)
+    assert created.returncode == 0, created.stderr
+    sandbox_id = created.stdout.strip().splitlines()[-1]
+    try:
+        network = json.loads(server.cli("sandbox", "info", sandbox_id).stdout)["network"]
+        assert network["allowOut"] == [f"{inet_host}/32"] and network["denyOut"] == ["0.0.0.0/0"]
+        assert http_code(client, sandbox_id, f"http://{inet_host}:{INET_PORT}/") == "200"
+        bad = server.cli("sandbox", "create", "--deny-out", "example.com")
+        assert bad.returncode != 0 and "network.denyOut" in bad.stderr
+    finally:
+        server.cli("sandbox", "kill", sandbox_id)

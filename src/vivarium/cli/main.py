@@ -126,10 +126,14 @@ def _api() -> ApiClient:
 @click.option("--metadata", "-m", multiple=True, help="KEY=VALUE, repeatable.")
 @click.option("--env", "-e", multiple=True, help="KEY=VALUE, repeatable.")
 @click.option("--internet/--no-internet", default=True, show_default=True)
+@click.option("--allow-out", multiple=True,
+              help="An address, CIDR block or hostname (*.example.com too) it may reach, "
+                   "repeatable; with --no-internet, the only ones.")  # fmt: skip
+@click.option("--deny-out", multiple=True, help="An address or CIDR block it may not reach.")
 @click.option("--auto-pause", is_flag=True, help="Pause at the timeout instead of killing it.")
 def sandbox_create(
     template: str, timeout: int | None, metadata: tuple[str, ...], env: tuple[str, ...],
-    internet: bool, auto_pause: bool,
+    internet: bool, allow_out: tuple[str, ...], deny_out: tuple[str, ...], auto_pause: bool,
 ) -> None:  # fmt: skip
     """Create a sandbox; its id is the last line printed."""
     body: dict[str, Any] = {
@@ -137,6 +141,8 @@ def sandbox_create(
         "envVars": _pairs(env, "--env"), "allow_internet_access": internet,
         "autoPause": auto_pause,
     }  # fmt: skip
+    if allow_out or deny_out:
+        body["network"] = {"allowOut": list(allow_out), "denyOut": list(deny_out)}
     if timeout is not None:
         body["timeout"] = timeout
     t0 = time.monotonic()
