@@ -45,7 +45,7 @@ def fake_internet(workdir: Path) -> Iterator[Path]:
         check=True, capture_output=True,
     )  # fmt: skip
     dnsmasq = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
-               "--no-hosts", "--bind-interfaces", f"--listen-address={DNS}",
+               "--no-hosts", "--bind-interfaces", f"--listen-address={DNS}", "--local-ttl=60",
                f"--pid-file={workdir / 'dnsmasq.pid'}",
                *[f"--host-record={name},{address}" for name, address in NAMES.items()]]  # fmt: skip
     web = [sys.executable, str(Path(__file__).with_name("fakenet_server.py")), str(cert), str(key)]

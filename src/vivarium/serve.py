@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import stat
+from collections.abc import Callable
 from contextlib import AsyncExitStack, nullcontext
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,15 @@ async def serve(settings: Settings) -> None:
         # Everything loaded so far lives as long as the server: keep it out of the collector's
         # full passes, which otherwise grow with it and pause the event loop.
         gc.freeze()
-        proxy = SandboxProxy(upstream, domain=settings.proxy_domain or None, wake=control.wake)
+
+        def signer(made_with: Callable[[str], bool]) -> str | None:
+            for record in list(node.sandboxes.values()):
+                if record.access_token and made_with(record.access_token):
+                    return record.sandbox_id
+            return None
+
+        proxy = SandboxProxy(upstream, domain=settings.proxy_domain or None, wake=control.wake,
+                             signer=signer)  # fmt: skip
         node.on_destroyed.append(proxy.forget)
         await proxy.start(settings.proxy_host, settings.proxy_port,
                           ssl=tls.context if tls else None)  # fmt: skip

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 from e2b import FilesystemEventType, Sandbox, SandboxException
 
@@ -70,6 +71,23 @@ def test_recursive_watches_report_the_same_sequence(sbx: Sandbox) -> None:
         assert [t for t, name in events if name == "later/file.txt"] == [CREATE, CHMOD, WRITE]
     finally:
         handle.stop()
+
+
+# --- signed file URLs ----------------------------------------------------------------------------
+
+
+def test_signed_file_urls_work_as_the_client_returns_them(sbx: Sandbox) -> None:
+    """upload_url() and download_url() point at E2B_SANDBOX_URL with no sandbox named: the
+    proxy finds the sandbox whose token made the signature, and envd checks it again."""
+    upload = sbx.upload_url("/home/user/signed.txt", use_signature_expiration=60)
+    sent = httpx.post(upload, files={"file": ("signed.txt", b"through a signed URL")})
+    assert sent.status_code == 200, sent.text
+    download = sbx.download_url("/home/user/signed.txt", use_signature_expiration=60)
+    assert httpx.get(download).content == b"through a signed URL"
+    forged = download.replace("signature=v1_", "signature=v1_A")
+    assert httpx.get(forged).status_code == 400  # no sandbox signed it: nothing is reached
+    as_write = upload.replace("signed.txt", "other.txt")  # signed for another path
+    assert httpx.post(as_write, files={"file": ("x", b"x")}).status_code == 400
 
 
 # --- 4. metrics over a range ---------------------------------------------------------------------

@@ -3,12 +3,18 @@
 The e2b client, given one `sandbox_url`, names the target with two headers on every request;
 clients that use E2B's public URL shape put it in the host name instead
 (`{port}-{sandboxId}.{domain}`), which needs wildcard DNS and therefore a configured domain.
+Pre-signed `/files` URLs carry neither: the sandbox is the one whose access token made the
+signature (envd checks it again, with its expiry).
 """
 
 from __future__ import annotations
 
+import hmac
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from vivarium.guest.envd.auth import file_signature
 
 ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 
@@ -49,6 +55,35 @@ def route_request(headers: Iterable[tuple[bytes, bytes]], domain: str | None) ->
     if domain and host:
         return _route_from_host(host.decode("latin-1"), domain)
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class SignedFiles:
+    """A pre-signed `/files` URL (the client's `upload_url()`/`download_url()`): it names no
+    sandbox, but its signature was made with one sandbox's access token."""
+
+    path: str
+    operation: str  # "read" or "write", as envd signs them
+    username: str
+    expiration: str
+    signature: str
+
+    def made_with(self, token: str) -> bool:
+        expected = file_signature(self.path, self.operation, self.username, token,
+                                  self.expiration)  # fmt: skip
+        return hmac.compare_digest(expected.encode(), self.signature.encode())
+
+
+def signed_files(method: bytes, target: bytes) -> SignedFiles | None:
+    path, _, query = target.decode("latin-1").partition("?")
+    if path != "/files":
+        return None
+    params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    if not params.get("signature"):
+        return None
+    return SignedFiles(params.get("path", ""), "read" if method == b"GET" else "write",
+                       params.get("username", ""), params.get("signature_expiration", ""),
+                       params["signature"])  # fmt: skip
 
 
 def _route_from_host(host: str, domain: str) -> Route | None:

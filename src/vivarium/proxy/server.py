@@ -27,7 +27,7 @@ from vivarium.errors import NotFound, VivariumError
 from vivarium.guest.envd import PORT as ENVD_PORT
 from vivarium.proxy.exchange import Exchange, ProxyError
 from vivarium.proxy.pool import ConnectionPool, PoolKey
-from vivarium.proxy.routing import RoutingError, route_request
+from vivarium.proxy.routing import Route, RoutingError, route_request, signed_files
 from vivarium.proxy.stream import MAX_HEAD, READ_SIZE, ClientGone, HttpStream, UpstreamCut
 from vivarium.telemetry import PROXY_REQUESTS
 
@@ -82,6 +82,8 @@ Resolver = Callable[[str], Upstream | Refusal | None]
 # Called for a paused sandbox: True once it runs again (auto-resume), False if it is not one that
 # traffic resumes; a VivariumError says why it could not be resumed.
 Waker = Callable[[str], Awaitable[bool]]
+# The running sandbox whose access token passes the check given (a pre-signed URL's), if any.
+Signer = Callable[[Callable[[str], bool]], str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +102,10 @@ class ProxyLimits:
 class SandboxProxy:
     def __init__(
         self, resolve: Resolver, *, domain: str | None = None, limits: ProxyLimits | None = None,
-        wake: Waker | None = None,
+        wake: Waker | None = None, signer: Signer | None = None,
     ) -> None:  # fmt: skip
         self._resolve = resolve
+        self._signer = signer
         self._wake = wake
         self._domain = domain.strip(".").lower() if domain else None
         self.limits = limits or ProxyLimits()
@@ -219,6 +222,10 @@ class SandboxProxy:
             route = route_request(request.headers, self._domain)
         except RoutingError as e:
             return await self._reply(client, request, 400, str(e))
+        if route is None and self._signer is not None:
+            signed = signed_files(request.method, request.target)
+            sandbox_id = self._signer(signed.made_with) if signed else None
+            route = Route(sandbox_id, ENVD_PORT) if sandbox_id else None
         if route is None:
             if request.method in (b"GET", b"HEAD") and request.target.split(b"?")[0] == b"/health":
                 return await self._reply(client, request, 200, None)
