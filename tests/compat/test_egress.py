@@ -145,7 +145,7 @@ def _wait_for(sbx: Sandbox, path: str) -> None:
         ({"denyOut": ["example.com"]}, "network.denyOut"),
         ({"denyOut": [f"10.{i // 256}.{i % 256}.0/24" for i in range(300)]}, "network.denyOut"),
         ({"dnsServers": ["dns.example"]}, "network.dnsServers"),
-        ({"allowOut": "1.1.1.1"}, "network.allowOut"),
+        ({"allowOut": "192.0.2.1"}, "network.allowOut"),
         ({"allowOut": ["pkg.example.test"],
           "rules": {"other.example.test": [{"transform": {"headers": {"A": "b"}}}]}},
          "network.rules['other.example.test']: other.example.test is not allowed"),

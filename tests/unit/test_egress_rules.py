@@ -14,10 +14,10 @@ from vivarium.network.egress_proxy import http_host, server_name, with_headers
 
 
 def test_entries_are_sorted_into_addresses_and_names() -> None:
-    rules = egress.parse({"allowOut": ["1.2.3.4", "10.0.0.1/8", "API.Example.com.", "*.cdn.io",
-                                       "1password.com", "1.2.3.4"],
+    rules = egress.parse({"allowOut": ["192.0.2.4", "10.0.0.1/8", "API.Example.com.", "*.cdn.io",
+                                       "1password.com", "192.0.2.4"],
                           "denyOut": [ALL_TRAFFIC]}, internet=True)  # fmt: skip
-    assert rules.allow_nets == ["1.2.3.4/32", "10.0.0.0/8"]
+    assert rules.allow_nets == ["192.0.2.4/32", "10.0.0.0/8"]
     assert rules.allow_names == ["api.example.com", "*.cdn.io", "1password.com"]
     assert rules.deny_nets == [ALL_TRAFFIC]
     assert rules.dns_servers == egress.DEFAULT_DNS  # E2B's default when none are given
@@ -33,7 +33,7 @@ def test_names_match_exactly_or_below_a_wildcard() -> None:
 
 def test_internet_off_denies_everything_the_rules_do_not_allow() -> None:
     assert egress.CLOSED.is_closed and egress.CLOSED.deny_nets == [ALL_TRAFFIC]
-    allow_listed = egress.parse({"allowOut": ["1.1.1.1"]}, internet=False)
+    allow_listed = egress.parse({"allowOut": ["192.0.2.1"]}, internet=False)
     assert not allow_listed.is_closed and allow_listed.deny_nets == [ALL_TRAFFIC]
     assert Egress.from_json(None, internet=False) == egress.CLOSED  # records before rules
     assert Egress.from_json(allow_listed.to_json()) == allow_listed
@@ -51,8 +51,8 @@ def test_internet_off_denies_everything_the_rules_do_not_allow() -> None:
         ({"allowOut": ["x" * 64 + ".com"]}, "hostname"),
         ({"allowOut": ["a.com\r\nHost: b"]}, "network.allowOut: 'a.com\\r\\nHost: b' is not"),
         ({"denyOut": ["example.com"]}, "network.denyOut: 'example.com' is not an IPv4"),
-        ({"denyOut": [f"1.1.{i}.0/24" for i in range(257)]}, "more than 256"),
-        ({"dnsServers": ["1.1.1.1"] * 11}, "at most 10"),
+        ({"denyOut": [f"10.{i // 256}.{i % 256}.0/24" for i in range(257)]}, "more than 256"),
+        ({"dnsServers": ["192.0.2.1"] * 11}, "at most 10"),
         ({"dnsServers": ["::1"]}, "network.dnsServers: '::1' is not an IPv4 address"),
         ({"allowOut": [1]}, "must be a list of strings"),
     ],

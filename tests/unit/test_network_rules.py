@@ -67,18 +67,18 @@ def test_router_rules_drop_sandbox_egress_unless_allowed() -> None:
 
 
 def test_router_rules_allow_before_they_deny_and_send_names_to_the_proxy() -> None:
-    rules = egress.parse({"allowOut": ["1.2.3.4", "api.example.com"], "denyOut": ["0.0.0.0/0"],
-                          "dnsServers": ["9.9.9.9"]}, internet=True)  # fmt: skip
+    rules = egress.parse({"allowOut": ["192.0.2.4", "api.example.com"], "denyOut": ["0.0.0.0/0"],
+                          "dnsServers": ["192.0.2.9"]}, internet=True)  # fmt: skip
     text = router_rules(SLOT, rules, 4000)
     order = [
         "-A EGRESS -d 10.231.0.5/32 -p tcp --dport 4000 -j ACCEPT",  # the egress proxy
-        "-A EGRESS -d 1.2.3.4/32 -j ACCEPT",
-        "-A EGRESS -d 9.9.9.9/32 -j ACCEPT",  # DNS, because a name is allowed
+        "-A EGRESS -d 192.0.2.4/32 -j ACCEPT",
+        "-A EGRESS -d 192.0.2.9/32 -j ACCEPT",  # DNS, because a name is allowed
         "-A EGRESS -d 0.0.0.0/0 -j RETURN",
     ]
     assert [text.index(line) for line in order] == sorted(text.index(line) for line in order)
     assert "-A PREROUTING -i gw0 -j EGRESS_NAMES" in text
-    assert "-A EGRESS_NAMES -d 1.2.3.4/32 -j RETURN" in text
+    assert "-A EGRESS_NAMES -d 192.0.2.4/32 -j RETURN" in text
     assert ("-A EGRESS_NAMES -d 0.0.0.0/0 -p tcp -m multiport --dports 80,443 "
             "-j DNAT --to-destination 10.231.0.5:4000") in text  # fmt: skip
     # Rules that add headers send HTTP and TLS to every address through the proxy.
