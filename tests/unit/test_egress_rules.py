@@ -36,7 +36,7 @@ def test_internet_off_denies_everything_the_rules_do_not_allow() -> None:
     allow_listed = egress.parse({"allowOut": ["192.0.2.1"]}, internet=False)
     assert not allow_listed.is_closed and allow_listed.deny_nets == [ALL_TRAFFIC]
     assert Egress.from_json(None, internet=False) == egress.CLOSED  # records before rules
-    assert Egress.from_json(allow_listed.to_json()) == allow_listed
+    assert Egress.from_json(allow_listed.to_json(), internet=False) == allow_listed
 
 
 @pytest.mark.parametrize(

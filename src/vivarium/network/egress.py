@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from vivarium.errors import InvalidArgument
@@ -91,14 +91,15 @@ class Egress:
         return None if best is None else best[1]
 
     def to_json(self) -> dict[str, Any]:
+        """The rules but `internet`, which records and rows keep as `allow_internet`."""
         return {"allow": list(self.allow), "deny": list(self.deny),
                 "dns": None if self.dns is None else list(self.dns),
-                "internet": self.internet,
                 "rules": [[host, [list(h) for h in hs]] for host, hs in self.rules]}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None, internet: bool = True) -> Egress:
-        """From to_json(); records written before rules existed had only `internet`."""
+        """From to_json() and the `allow_internet` kept beside it (alone in records and rows
+        written before rules existed)."""
         if not data:
             return cls(internet=internet)
         dns = data.get("dns")
@@ -106,7 +107,7 @@ class Egress:
                       for host, headers in data.get("rules", ()))  # fmt: skip
         return cls(tuple(data.get("allow", ())), tuple(data.get("deny", ())),
                    None if dns is None else tuple(dns),
-                   bool(data.get("internet", internet)), rules)  # fmt: skip
+                   internet, rules)  # fmt: skip
 
     def wire(self) -> dict[str, Any]:
         """The rules as `SandboxNetworkConfig` shows them (get_info)."""
@@ -134,8 +135,8 @@ def parse(network: dict[str, Any], internet: bool, where: str = "network") -> Eg
             raise InvalidArgument(f"{where}.dnsServers must be a list of at most {MAX_DNS} "
                                   "IPv4 addresses")  # fmt: skip
         dns = tuple(_address(v, f"{where}.dnsServers") for v in raw_dns)
-    base = Egress(allow, deny, dns, internet)
-    return Egress(allow, deny, dns, internet, _rules(network.get("rules"), base, f"{where}.rules"))
+    egress = Egress(allow, deny, dns, internet)
+    return replace(egress, rules=_rules(network.get("rules"), egress, f"{where}.rules"))
 
 
 def _rules(raw: Any, egress: Egress, field: str) -> tuple[tuple[str, Headers], ...]:

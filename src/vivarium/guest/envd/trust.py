@@ -4,7 +4,7 @@ it adds headers to. The sandbox gets the certificate only; the key stays on the 
 
 Where programs look for trust: the system bundle (OpenSSL, curl, Python's ssl, Debian's pip),
 certifi's own bundles, and the variables Node.js, requests and httpx read for processes envd
-starts. Installing twice changes nothing.
+starts. Installing twice changes nothing, and costs one small read.
 """
 
 from __future__ import annotations
@@ -25,9 +25,12 @@ def install(pem: str) -> dict[str, str]:
     pem = pem.strip() + "\n"
     if not pem.startswith("-----BEGIN CERTIFICATE-----"):
         raise ValueError("caBundle must be PEM certificates")
-    os.makedirs(os.path.dirname(CA_FILE), exist_ok=True)
-    with open(CA_FILE, "w") as f:
-        f.write(pem)
+    try:
+        with open(CA_FILE) as f:
+            if f.read() == pem:  # installed already (a resume, a fork): no bundle to read
+                return dict(ENV)
+    except OSError:
+        pass
     bundles = [SYSTEM_BUNDLE, *(p for pattern in CERTIFI_BUNDLES for p in glob.glob(pattern))]
     for bundle in bundles:
         path = os.path.realpath(bundle)
@@ -39,4 +42,8 @@ def install(pem: str) -> dict[str, str]:
                 f.write("\n" + pem)
         except OSError:  # a bundle that is not there, or read-only: the others still count
             continue
+    # Last: its presence says the bundles have it too.
+    os.makedirs(os.path.dirname(CA_FILE), exist_ok=True)
+    with open(CA_FILE, "w") as f:
+        f.write(pem)
     return dict(ENV)
