@@ -63,7 +63,9 @@ def test_output_streams_while_the_cell_runs(sbx: Sandbox) -> None:
     code = (
         "import os, sys, time\n"
         "for i in range(4):\n"
-        "    print('tick', i, flush=True)\n"
+        # One write per line: print() writes its parts one by one, and the kernel's output
+        # thread may send what it holds between two of them.
+        "    sys.stdout.write(f'tick {i}\\n'); sys.stdout.flush()\n"
         "    while not os.path.exists(f'/tmp/seen-{i}'):\n"
         "        time.sleep(0.05)\n"
         "print('oops', file=sys.stderr)"

@@ -70,7 +70,11 @@ class MetricsHistory:
         for record in records:
             running.add(record.sandbox_id)
             series = self._series.setdefault(record.sandbox_id, _Series())
-            taken = _read(record, series, now, self._directory_of(record.container_id))
+            try:
+                taken = _read(record, series, now, self._directory_of(record.container_id))
+            except OSError:  # its disk or cgroup going away under us: the others still count
+                log.debug("no sample of %s", record.sandbox_id, exc_info=True)
+                continue
             if taken is not None:
                 series.samples.append(taken)
         for sandbox_id, series in list(self._series.items()):
