@@ -31,13 +31,25 @@ NAMES = {
     "a.cdn.example.test": CDN, "b.deep.cdn.example.test": CDN,
 }  # fmt: skip
 ADDRESSES = [DNS, BY_IP, NAMED, CDN, DENIED, IN_CIDR, UNOPENED]
+_query_log: Path | None = None  # the DNS server's, while the fake internet is up
+
+
+def names_asked() -> list[str]:
+    """Every name the fake internet's DNS server was asked for, in order."""
+    assert _query_log is not None, "the fake internet is not up"
+    text = _query_log.read_text() if _query_log.exists() else ""
+    # "<time> dnsmasq[<pid>]: query[A] <name> from <address>"
+    return [line.split("query[", 1)[1].split()[1] for line in text.splitlines()
+            if "query[" in line]  # fmt: skip
 
 
 @contextlib.contextmanager
 def fake_internet(workdir: Path) -> Iterator[Path]:
     """Up until the block ends; yields the servers' certificate (self-signed: a server's
     egress proxy trusts it with VIVARIUM_EGRESS_CA_FILE)."""
+    global _query_log
     cert, key = workdir / "fakenet.crt", workdir / "fakenet.key"
+    _query_log = workdir / "dns-queries.log"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
          "-nodes", "-days", "2", "-subj", "/CN=fakenet", "-keyout", str(key), "-out", str(cert),
@@ -46,7 +58,8 @@ def fake_internet(workdir: Path) -> Iterator[Path]:
     )  # fmt: skip
     dnsmasq = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
                "--no-hosts", "--bind-interfaces", f"--listen-address={DNS}", "--local-ttl=60",
-               f"--pid-file={workdir / 'dnsmasq.pid'}",
+               f"--pid-file={workdir / 'dnsmasq.pid'}", "--log-queries",
+               f"--log-facility={_query_log}",
                *[f"--host-record={name},{address}" for name, address in NAMES.items()]]  # fmt: skip
     web = [sys.executable, str(Path(__file__).with_name("fakenet_server.py")), str(cert), str(key)]
     with outside_host(NS, HOST_IF, GATEWAY, ADDRESSES, 24, dnsmasq, web):

@@ -71,6 +71,10 @@ class Settings:
     # Sandbox traffic (E2B_SANDBOX_URL): one listener, routed by headers or by Host under domain.
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 3001
+    # What sandboxes' `domain` is (clients build `<port>-<id>.<domain>` of it, get_host): a
+    # wildcard DNS name of the proxy, with its port if not 443. Empty: `localhost:<proxy_port>`,
+    # which works on this machine with no DNS set up (curl, browsers and, through
+    # libnss-myhostname, every program resolve `*.localhost` to loopback).
     proxy_domain: str = ""
     # TLS on the API and the proxy (tls.py): a PEM certificate (chain) and its key; empty: HTTP.
     tls_cert: Path | None = None
@@ -113,8 +117,8 @@ class Settings:
     # Destinations a sandbox with internet access may reach even though they are private
     # or host addresses (an internal package mirror, say). Empty by default.
     egress_allow: tuple[str, ...] = field(default_factory=tuple)
-    # The DNS servers the egress proxy resolves allowed hostnames with; empty: the host's own
-    # (/etc/resolv.conf).
+    # The DNS servers the egress proxy resolves allowed hostnames with, and sandboxes' DNS is
+    # forwarded to unless their rules name others; empty: the host's own (/etc/resolv.conf).
     egress_dns: tuple[str, ...] = field(default_factory=tuple)
     # CA certificates (PEM) the egress proxy trusts, beside the host's, when it connects on to
     # hosts whose requests it adds headers to (an internal CA, say).
@@ -128,6 +132,10 @@ class Settings:
     default_disk_mb: int = 10240
     runsc_path: str = "runsc"
     runsc_platform: str = ""  # empty: probe
+
+    @property
+    def sandbox_domain(self) -> str:
+        return self.proxy_domain or f"localhost:{self.proxy_port}"
 
     @classmethod
     def from_env(cls) -> Settings:

@@ -112,7 +112,7 @@ async def serve(settings: Settings) -> None:
                     return record.sandbox_id
             return None
 
-        proxy = SandboxProxy(upstream, domain=settings.proxy_domain or None, wake=control.wake,
+        proxy = SandboxProxy(upstream, domain=settings.sandbox_domain, wake=control.wake,
                              signer=signer)  # fmt: skip
         node.on_destroyed.append(proxy.forget)
         await proxy.start(settings.proxy_host, settings.proxy_port,

@@ -90,6 +90,28 @@ def test_signed_file_urls_work_as_the_client_returns_them(sbx: Sandbox) -> None:
     assert httpx.post(as_write, files={"file": ("x", b"x")}).status_code == 400
 
 
+def test_get_host_works_as_returned_with_no_dns_set_up(sbx: Sandbox) -> None:
+    """get_host(port) is `<port>-<id>.localhost:<proxy port>`: *.localhost is loopback for the
+    client library (libnss-myhostname) and for curl alike, and the proxy routes by the name."""
+    sbx.files.write("/home/user/site/page.txt", "served through get_host")
+    sbx.commands.run("python3 -m http.server 8000 --directory /home/user/site", background=True)
+    host = sbx.get_host(8000)
+    proxy_port = os.environ["E2B_SANDBOX_URL"].rsplit(":", 1)[1]
+    assert host == f"8000-{sbx.sandbox_id}.localhost:{proxy_port}"
+    deadline = time.monotonic() + 30
+    while True:
+        answer = httpx.get(f"http://{host}/page.txt")
+        if answer.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)  # the server is still starting: the proxy answers 502 meanwhile
+    assert answer.text == "served through get_host"
+    curl = subprocess.run(["curl", "-sS", f"http://{host}/page.txt"], capture_output=True,
+                          text=True, timeout=30, check=True)  # fmt: skip
+    assert curl.stdout == "served through get_host"
+    other = httpx.get(f"http://8000-nosuchsandbox.localhost:{proxy_port}/page.txt")
+    assert other.status_code == 502 and "nosuchsandbox was not found" in other.text
+
+
 # --- 4. metrics over a range ---------------------------------------------------------------------
 
 

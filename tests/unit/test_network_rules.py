@@ -69,11 +69,11 @@ def test_router_rules_drop_sandbox_egress_unless_allowed() -> None:
 def test_router_rules_allow_before_they_deny_and_send_names_to_the_proxy() -> None:
     rules = egress.parse({"allowOut": ["192.0.2.4", "api.example.com"], "denyOut": ["0.0.0.0/0"],
                           "dnsServers": ["192.0.2.9"]}, internet=True)  # fmt: skip
-    text = router_rules(SLOT, rules, 4000)
+    text = router_rules(SLOT, rules, 4000, 5300)
     order = [
         "-A EGRESS -d 10.231.0.5/32 -p tcp --dport 4000 -j ACCEPT",  # the egress proxy
+        "-A EGRESS -d 10.231.0.5/32 -p udp --dport 5300 -j ACCEPT",  # the node's resolver
         "-A EGRESS -d 192.0.2.4/32 -j ACCEPT",
-        "-A EGRESS -d 192.0.2.9/32 -j ACCEPT",  # DNS, because a name is allowed
         "-A EGRESS -d 0.0.0.0/0 -j RETURN",
     ]
     assert [text.index(line) for line in order] == sorted(text.index(line) for line in order)
@@ -88,6 +88,19 @@ def test_router_rules_allow_before_they_deny_and_send_names_to_the_proxy() -> No
     assert f"{everything} 10.231.0.5:4000" in router_rules(SLOT, with_rules, 4000)
     # Without a proxy listening, names cannot be checked: they stay closed.
     assert "EGRESS_NAMES -d" not in router_rules(SLOT, rules, None)
+
+
+def test_dns_to_any_address_goes_to_the_nodes_resolver() -> None:
+    for rules in (Egress(), egress.parse({"allowOut": ["192.0.2.4"]}, internet=False)):
+        text = router_rules(SLOT, rules, 4000, 5300)
+        for proto in ("udp", "tcp"):
+            assert (f"-A PREROUTING -i gw0 -p {proto} --dport 53 -j DNAT --to-destination "
+                    "10.231.0.5:5300") in text  # fmt: skip
+            assert f"-A EGRESS -d 10.231.0.5/32 -p {proto} --dport 5300 -j ACCEPT" in text
+        # The sandbox's own servers are not opened: its queries never leave but through us.
+        assert "192.0.2.9" not in text
+    # A free slot or a warm sandbox asks nothing.
+    assert "--dport 53" not in router_rules(SLOT, CLOSED, 4000, 5300)
 
 
 CONNTRACK = """\

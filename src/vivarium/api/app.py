@@ -55,7 +55,13 @@ def create_app(control: ControlPlane) -> Starlette:
 
     def sandbox_body(row: Row) -> Row:
         """`Sandbox`, with the tokens the client needs for it."""
-        return shapes.sandbox(row, control.envd_token(row), client_id, control.traffic_token(row))
+        return shapes.sandbox(
+            row,
+            control.envd_token(row),
+            client_id,
+            control.traffic_token(row),
+            control.settings.sandbox_domain,
+        )
 
     def sid(request: Request) -> str:
         return str(request.path_params["sandbox_id"])
@@ -110,7 +116,9 @@ def create_app(control: ControlPlane) -> Starlette:
 
     async def get_sandbox(request: Request, team: Row) -> Response:
         row = await control.get(team, sid(request))
-        return JSONResponse(shapes.detail(row, control.envd_token(row), client_id))
+        return JSONResponse(
+            shapes.detail(row, control.envd_token(row), client_id, control.settings.sandbox_domain)
+        )
 
     async def kill(request: Request, team: Row) -> Response:
         await control.kill(team, sid(request))

@@ -184,11 +184,12 @@ def matches(row: Row, metadata: dict[str, str]) -> bool:
 # -- responses ---------------------------------------------------------------------------------
 
 
-def sandbox(row: Row, token: str | None, client_id: str, traffic: str | None = None) -> Row:
+def sandbox(row: Row, token: str | None, client_id: str, traffic: str | None,
+            domain: str) -> Row:  # fmt: skip
     """`Sandbox`: what create and connect answer."""
     return {"templateID": row["template_id"], "sandboxID": row["id"], "clientID": client_id,
             "envdVersion": row["envd_version"], "alias": row["template_id"],
-            "envdAccessToken": token, "trafficAccessToken": traffic, "domain": None}  # fmt: skip
+            "envdAccessToken": token, "trafficAccessToken": traffic, "domain": domain}  # fmt: skip
 
 
 def listed(row: Row, client_id: str) -> Row:
@@ -202,9 +203,9 @@ def listed(row: Row, client_id: str) -> Row:
                              for m in row["volume_mounts"]]}  # fmt: skip
 
 
-def detail(row: Row, token: str | None, client_id: str) -> Row:
+def detail(row: Row, token: str | None, client_id: str, domain: str) -> Row:
     """`SandboxDetail`."""
-    return {**listed(row, client_id), "envdAccessToken": token, "domain": None,
+    return {**listed(row, client_id), "envdAccessToken": token, "domain": domain,
             "allowInternetAccess": row["allow_internet"],
             "network": {**rules_of(row).wire(), "allowPublicTraffic": row["public_traffic"]},
             "lifecycle": {"autoResume": row["auto_resume"],

@@ -8,7 +8,8 @@ As in E2B:
 - hostnames are allowed only (never denied), matched on what the sandbox asks for: the TLS
   server name on port 443, the HTTP Host on port 80. Other ports go by address alone;
 - a wildcard `*.example.com` matches names below example.com at any depth, not example.com;
-- with a hostname allowed, the DNS servers (`dnsServers`, default 8.8.8.8) are allowed too;
+- DNS goes to the node's resolver (network/egress_dns.py), which asks `dnsServers` (default:
+  the node's own servers) and, for an allow-list, answers only the names it allows;
 - `rules` inject headers into the HTTP requests to hosts the rules allow: the egress proxy
   terminates their TLS with the deployment's CA (network/egress_ca.py) and adds them, so a
   secret never enters the sandbox. Exact hosts win over wildcards, longer wildcards over
@@ -28,7 +29,6 @@ from typing import Any
 from vivarium.errors import InvalidArgument
 
 ALL_TRAFFIC = "0.0.0.0/0"
-DEFAULT_DNS = ("8.8.8.8",)
 MAX_ENTRIES = 256  # per list: each is a firewall rule in the slot's router
 MAX_DNS = 10
 MAX_RULE_HOSTS = 64
@@ -43,7 +43,7 @@ Headers = tuple[tuple[str, str], ...]
 class Egress:
     allow: tuple[str, ...] = ()  # CIDRs and hostnames, as normalised by parse()
     deny: tuple[str, ...] = ()  # CIDRs
-    dns: tuple[str, ...] | None = None  # None: DEFAULT_DNS
+    dns: tuple[str, ...] | None = None  # None: the node's DNS servers
     internet: bool = True  # false denies ALL_TRAFFIC on top of `deny`
     rules: tuple[tuple[str, Headers], ...] = ()  # (host, headers to inject), as parsed
 
@@ -60,10 +60,6 @@ class Egress:
         return [*self.deny, *([] if self.internet else [ALL_TRAFFIC])]
 
     @property
-    def dns_servers(self) -> tuple[str, ...]:
-        return DEFAULT_DNS if self.dns is None else self.dns
-
-    @property
     def is_closed(self) -> bool:
         """Nothing at all may leave: the state of a free slot and of a warm sandbox."""
         return ALL_TRAFFIC in self.deny_nets and not self.allow
@@ -77,6 +73,11 @@ class Egress:
             elif name == entry:
                 return True
         return False
+
+    def resolves(self, name: str) -> bool:
+        """Whether the sandbox's DNS answers `name`: an allow-list's names only (anything
+        else could only carry data out in its queries), every name otherwise."""
+        return ALL_TRAFFIC not in self.deny_nets or self.allows_name(name)
 
     def headers_for(self, name: str) -> Headers | None:
         """The headers to inject into requests to `name`; None if no rule covers it."""

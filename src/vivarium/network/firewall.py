@@ -2,13 +2,13 @@
 
 Layers, so one mistake does not open everything:
 - router ns: forwarding from the sandbox follows its egress rules (network/egress.py): none
-  with internet access off; HTTP and TLS to denied addresses go to the egress proxy when the
-  rules allow hostnames. Traffic from the host into the sandbox is always let through (DNAT to
-  the sandbox address).
+  with internet access off; DNS goes to the node's resolver; HTTP and TLS to denied addresses
+  go to the egress proxy when the rules allow hostnames. Traffic from the host into the
+  sandbox is always let through (DNAT to the sandbox address).
 - root ns: anything arriving from a slot for the host itself is dropped (INPUT), but for the
-  egress proxy's port; forwarded
-  traffic to private, link-local and other reserved ranges is dropped, which also separates
-  sandboxes from each other; the rest is masqueraded out of the host. Of the host's own
+  egress proxy's and the sandboxes' resolver's ports; forwarded traffic to private,
+  link-local and other reserved ranges is dropped, which also separates sandboxes from each
+  other; the rest is masqueraded out of the host. Of the host's own
   processes only root's (the node and the proxy) may open connections to a slot (OUTPUT):
   other local users reach sandboxes through the proxy, like everyone else.
 Operator-listed `egress_allow` ranges pass both root-ns checks, for sandboxes whose own rules
@@ -27,25 +27,29 @@ from vivarium.proc import run
 _REFUSE_TCP = "-p tcp -j REJECT --reject-with tcp-reset\n"
 
 
-def router_rules(slot: Slot, egress: Egress, proxy_port: int | None = None) -> str:
+def router_rules(slot: Slot, egress: Egress, proxy_port: int | None = None,
+                 dns_port: int | None = None) -> str:  # fmt: skip
     """The full iptables ruleset of a slot's router namespace (for iptables-restore).
 
-    EGRESS decides what the sandbox may open (network/egress.py): allowed addresses, then its
-    DNS servers when it allows names, are accepted before denied ones are refused. With names
-    allowed and a proxy, HTTP and TLS to a denied address (to any address, with rules that add
-    headers) go to the egress proxy instead (EGRESS_NAMES, in nat), which decides by name."""
+    EGRESS decides what the sandbox may open (network/egress.py): allowed addresses are
+    accepted before denied ones are refused. DNS, to any address, goes to the node's resolver
+    (network/egress_dns.py), which answers by the same rules. With names allowed and a proxy,
+    HTTP and TLS to a denied address (to any address, with rules that add headers) go to the
+    egress proxy instead (EGRESS_NAMES, in nat), which decides by name."""
     allow = "".join(f"-A EGRESS -d {net} -j ACCEPT\n" for net in egress.allow_nets)
-    names = bool(egress.allow_names) and proxy_port is not None
-    dns = egress.dns_servers if egress.allow_names else ()
-    allow += "".join(f"-A EGRESS -d {server}/32 -j ACCEPT\n" for server in dns)
     deny = "".join(f"-A EGRESS -d {net} -j RETURN\n" for net in egress.deny_nets)
     nat = ""
-    if names:
+    if dns_port is not None and not egress.is_closed:
+        nat += "".join(f"-A PREROUTING -i {GATEWAY_IF} -p {proto} --dport 53 "
+                       f"-j DNAT --to-destination {slot.host_ip}:{dns_port}\n"
+                       for proto in ("udp", "tcp"))  # fmt: skip
+        allow = "".join(f"-A EGRESS -d {slot.host_ip}/32 -p {proto} --dport {dns_port} "
+                        "-j ACCEPT\n" for proto in ("udp", "tcp")) + allow  # fmt: skip
+    if egress.allow_names and proxy_port is not None:
         proxy = f"{slot.host_ip}:{proxy_port}"
         allow = f"-A EGRESS -d {slot.host_ip}/32 -p tcp --dport {proxy_port} -j ACCEPT\n" + allow
-        nat = f"-A PREROUTING -i {GATEWAY_IF} -j EGRESS_NAMES\n" + "".join(
-            f"-A EGRESS_NAMES -d {net} -j RETURN\n"
-            for net in [*egress.allow_nets, *(f"{s}/32" for s in dns)]
+        nat += f"-A PREROUTING -i {GATEWAY_IF} -j EGRESS_NAMES\n" + "".join(
+            f"-A EGRESS_NAMES -d {net} -j RETURN\n" for net in egress.allow_nets
         ) + "".join(
             f"-A EGRESS_NAMES{dst} -p tcp -m multiport --dports 80,443 "
             f"-j DNAT --to-destination {proxy}\n"
@@ -77,10 +81,11 @@ async def _restore(slot: Slot, rules: str, *flags: str) -> None:
     await run(slot.in_router("iptables-restore", *flags), stdin=rules.encode())
 
 
-async def apply_router_rules(slot: Slot, egress: Egress, proxy_port: int | None = None) -> None:
+async def apply_router_rules(slot: Slot, egress: Egress, proxy_port: int | None = None,
+                             dns_port: int | None = None) -> None:  # fmt: skip
     """Replace the slot's rules at once (one iptables-restore): an update never leaves a moment
     with some of the old rules and some of the new."""
-    await _restore(slot, router_rules(slot, egress, proxy_port))
+    await _restore(slot, router_rules(slot, egress, proxy_port, dns_port))
 
 
 # While a pause saves the sandbox, every TCP connection opened to or from it is refused at once
@@ -111,6 +116,7 @@ class HostFirewall:
         self.slot_cidr = slot_cidr
         self.egress_allow = egress_allow
         self.proxy_port: int | None = None  # the egress proxy's, once it listens
+        self.dns_port: int | None = None  # the sandboxes' resolver's, once it listens
         self.in_chain = f"VIV-{prefix.upper()}-IN"
         self.fwd_chain = f"VIV-{prefix.upper()}-FWD"
         self.nat_chain = f"VIV-{prefix.upper()}-NAT"
@@ -123,6 +129,8 @@ class HostFirewall:
         refuse = ["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"]  # see _REFUSE_TCP
         proxy = ([["-p", "tcp", "--dport", str(self.proxy_port), "-j", "ACCEPT"]]
                  if self.proxy_port else [])  # fmt: skip
+        proxy += [["-p", proto, "--dport", str(self.dns_port), "-j", "ACCEPT"]
+                  for proto in ("udp", "tcp") if self.dns_port]  # fmt: skip
         blocked: list[list[str]] = []
         for cidr in BLOCKED_RANGES:
             blocked += [["-d", cidr, *refuse], ["-d", cidr, "-j", "DROP"]]

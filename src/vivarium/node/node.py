@@ -36,6 +36,7 @@ from vivarium.network import firewall
 from vivarium.network.addressing import Slot
 from vivarium.network.egress import Egress
 from vivarium.network.egress_ca import EgressCA
+from vivarium.network.egress_dns import EgressDNS
 from vivarium.network.egress_proxy import EgressProxy
 from vivarium.network.pool import SlotPool
 from vivarium.node import exclusive, file_snapshots
@@ -112,6 +113,7 @@ class Node:
         self.egress_proxy = EgressProxy(self._egress_of, settings.egress_allow,
                                         settings.egress_dns, self.egress_ca,
                                         settings.egress_ca_file)  # fmt: skip
+        self.egress_dns = EgressDNS(self._egress_of, settings.egress_allow, settings.egress_dns)
         self.volumes = VolumeStore(settings.volumes_dir, settings.volume_size_mb)
         self.history = MetricsHistory(settings.metrics_retention_s, self.records.container_dir)
         self._sampler: asyncio.Task[None] | None = None
@@ -169,8 +171,9 @@ class Node:
             self.record_event(record, reason)
         await asyncio.to_thread(self.snapshots.sweep_staging)
         steps.done("reconcile")
-        # Before any slot's rules name its port (the ones below, every launch).
+        # Before any slot's rules name their ports (the ones below, every launch).
         self.pool.firewall.proxy_port = await self.egress_proxy.start()
+        self.pool.firewall.dns_port = await self.egress_dns.start()
         await self.pool.start({r.slot_index for r in self.sandboxes.values()})
         steps.done("network slots")
         await self.disks.start()
@@ -205,6 +208,7 @@ class Node:
             await asyncio.gather(*self._remote_deletes, return_exceptions=True)
         await self.pool.stop()
         await self.egress_proxy.close()
+        await self.egress_dns.close()
         await self.disks.stop()
         await self.http.aclose()
         exclusive.release(self._exclusive)
@@ -228,10 +232,12 @@ class Node:
     # -- egress ------------------------------------------------------------------------------
 
     async def apply_egress(self, slot: Slot, egress: Egress) -> None:
-        await firewall.apply_router_rules(slot, egress, self.egress_proxy.port)
+        await firewall.apply_router_rules(slot, egress, self.egress_proxy.port,
+                                          self.egress_dns.port)  # fmt: skip
 
     def _egress_of(self, address: str) -> tuple[str, Egress] | None:
-        """The sandbox whose slot has `address` (the egress proxy's peer), and its rules."""
+        """The sandbox whose slot has `address` (a peer of the egress proxy or the resolver),
+        and its rules."""
         for record in self.sandboxes.values():
             if record.slot_address == address and record.state == "running":
                 return record.sandbox_id, record.rules

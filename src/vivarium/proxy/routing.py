@@ -1,8 +1,9 @@
 """Which sandbox and port a request is for.
 
 The e2b client, given one `sandbox_url`, names the target with two headers on every request;
-clients that use E2B's public URL shape put it in the host name instead
-(`{port}-{sandboxId}.{domain}`), which needs wildcard DNS and therefore a configured domain.
+clients that use E2B's public URL shape (get_host) put it in the host name instead:
+`{port}-{sandboxId}.{domain}`, where the domain is `localhost` unless a wildcard DNS name was
+configured, and any port after it is not part of the name.
 Pre-signed `/files` URLs carry neither: the sandbox is the one whose access token made the
 signature (envd checks it again, with its expiry).
 """
@@ -88,7 +89,7 @@ def signed_files(method: bytes, target: bytes) -> SignedFiles | None:
 
 def _route_from_host(host: str, domain: str) -> Route | None:
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    suffix = "." + domain.strip(".").lower()
+    suffix = "." + domain.rsplit(":", 1)[0].strip(".").lower()
     if not name.lower().endswith(suffix):
         return None
     label = name[: -len(suffix)]
