@@ -22,15 +22,16 @@ DNS = "10.253.0.2"
 BY_IP = "10.253.0.3"  # allowed by address
 NAMED = "10.253.0.4"  # pkg.example.test (allowed by name) and other.example.test (not)
 CDN = "10.253.0.5"  # names under cdn.example.test (a wildcard), and cdn.example.test itself
+SOCKS = "10.253.0.6"  # socks.example.test: a user's SOCKS5 proxy (tests/fakenet_socks.py)
 DENIED = "10.253.0.7"
 CIDR, IN_CIDR = "10.253.0.8/30", "10.253.0.9"
 UNOPENED = "10.253.0.200"  # outside OPENED: no rule of a sandbox can reach it
 OPENED = "10.253.0.0/25"  # the operator's VIVARIUM_EGRESS_ALLOW
 NAMES = {
     "pkg.example.test": NAMED, "other.example.test": NAMED, "cdn.example.test": CDN,
-    "a.cdn.example.test": CDN, "b.deep.cdn.example.test": CDN,
+    "a.cdn.example.test": CDN, "b.deep.cdn.example.test": CDN, "socks.example.test": SOCKS,
 }  # fmt: skip
-ADDRESSES = [DNS, BY_IP, NAMED, CDN, DENIED, IN_CIDR, UNOPENED]
+ADDRESSES = [DNS, BY_IP, NAMED, CDN, SOCKS, DENIED, IN_CIDR, UNOPENED]
 _query_log: Path | None = None  # the DNS server's, while the fake internet is up
 
 
@@ -62,7 +63,9 @@ def fake_internet(workdir: Path) -> Iterator[Path]:
                f"--log-facility={_query_log}",
                *[f"--host-record={name},{address}" for name, address in NAMES.items()]]  # fmt: skip
     web = [sys.executable, str(Path(__file__).with_name("fakenet_server.py")), str(cert), str(key)]
-    with outside_host(NS, HOST_IF, GATEWAY, ADDRESSES, 24, dnsmasq, web):
+    socks = [sys.executable, str(Path(__file__).with_name("fakenet_socks.py")), SOCKS, str(cert),
+             str(key)]  # fmt: skip
+    with outside_host(NS, HOST_IF, GATEWAY, ADDRESSES, 24, dnsmasq, web, socks):
         _wait_until_up()
         yield cert
 
@@ -74,9 +77,10 @@ def _wait_until_up() -> None:
     while True:
         try:
             assert str(resolver.resolve("pkg.example.test", "A")[0]) == NAMED
-            for url in (f"http://{NAMED}/", f"http://{NAMED}:8080/", f"https://{NAMED}/"):
+            for url in (f"http://{NAMED}/", f"http://{NAMED}:8080/", f"https://{NAMED}/",
+                        f"http://{NAMED}/ -x socks5://{SOCKS}:1080"):  # fmt: skip
                 subprocess.run(["ip", "netns", "exec", NS, "curl", "-skf", "-m", "2", "-o",
-                                "/dev/null", url], check=True)  # fmt: skip
+                                "/dev/null", *url.split()], check=True)  # fmt: skip
             return
         except (dns.exception.DNSException, subprocess.CalledProcessError):
             assert time.monotonic() < deadline, "the fake internet did not come up"

@@ -1,7 +1,7 @@
 """The web servers of the fake internet (tests/fakenet.py), run inside its namespace: HTTP on
 80 and 8080, HTTPS on 443, on every address. Each answer says what reached it, as JSON: the Host
-asked for, the address it came in on, whether over TLS, and the request's headers; but
-`/bytes/N`, which is N bytes.
+asked for, the address it came in on and the one it came from, whether over TLS, and the
+request's headers; but `/bytes/N`, which is N bytes.
 
 Usage: python fakenet_server.py CERT KEY
 """
@@ -23,6 +23,7 @@ class Echo(BaseHTTPRequestHandler):
         body = json.dumps({
             "host": self.headers.get("Host", ""),
             "local": self.connection.getsockname()[0],
+            "peer": self.client_address[0],
             "tls": isinstance(self.connection, ssl.SSLSocket),
             "headers": dict(self.headers),
             "path": self.path,

@@ -58,6 +58,8 @@ def test_create_validation(api: httpx.Client) -> None:
     _error(api.post(post, json={"templateID": 42}), 400)
     assert "not found" in _error(api.post(post, json={"templateID": "nope"}), 404)
     _error(api.post(post, json={"templateID": "base", "volumeMounts": [{"name": "v"}]}), 400)
+    mcp = {"templateID": "base", "mcp": {"github": {}}}  # MCP gateways are not built (yet)
+    assert "MCP gateways" in _error(api.post(post, json=mcp), 400)
     # Only a sandbox that pauses at its timeout can be resumed by traffic (as the client checks).
     assert "autoPause" in _error(
         api.post(post, json={"templateID": "base", "autoResume": {"enabled": True}}), 400

@@ -8,6 +8,7 @@ import json
 import secrets
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,7 +18,7 @@ from e2b.exceptions import SandboxException
 
 from tests import fakenet
 from tests.compat.conftest import Compat
-from tests.fakenet import BY_IP, CDN, CIDR, DENIED, DNS, IN_CIDR, NAMED, UNOPENED
+from tests.fakenet import BY_IP, CDN, CIDR, DENIED, DNS, IN_CIDR, NAMED, SOCKS, UNOPENED
 
 pytestmark = pytest.mark.usefixtures("compat")
 
@@ -201,7 +202,15 @@ def _wait_for(sbx: Sandbox, path: str) -> None:
         ({"allowOut": ["pkg.example.test"],
           "rules": {"pkg.example.test": [{"transform": {"headers": {"A\r\nX": "b"}}}]}},
          "is not a header name"),
-        ({"egressProxy": {"address": "proxy.example.test:1080"}}, "network.egressProxy (SOCKS5"),
+        ({"egressProxy": {"address": "proxy.example.test:1080"}},
+         "network.egressProxy.address: proxy.example.test does not resolve"),
+        ({"egressProxy": {"address": f"{UNOPENED}:1080"}}, "network.egressProxy.address"),
+        ({"egressProxy": {"address": "socks.example.test"}}, "is not host:port"),
+        ({"egressProxy": {"address": f"{SOCKS}:1080", "password": "x"}}, "only valid with a"),
+        ({"egressProxy": {"address": f"{SOCKS}:1080", "username": "u" * 256}}, "at most 255"),
+        ({"egressProxy": {"address": f"{SOCKS}:1082", "tls": {"enabled": True,
+                                                             "caCert": "not PEM"}}},
+         "network.egressProxy.tls.caCert is not a PEM CA certificate"),
     ],
 )  # fmt: skip
 def test_bad_rules_are_refused_naming_the_field(
@@ -273,3 +282,71 @@ def test_update_network_on_a_paused_or_killed_sandbox_is_refused(compat: Compat)
         sbx.kill()
     with pytest.raises(SandboxException, match="not found"):
         Sandbox.update_network(sbx.sandbox_id, {"deny_out": [ALL_TRAFFIC]})
+
+
+# --- a SOCKS5 proxy of the user's own (egress_proxy) ---------------------------------------------
+
+CREDENTIALS = {"username": "proxy-user", "password": "proxy-pass"}
+
+
+def _came_from(sbx: Sandbox, url: str) -> str | None:
+    """The address the server saw the sandbox's request come from; None if it never arrived."""
+    return (_fetch(sbx, url) or {}).get("peer")
+
+
+def test_an_egress_proxy_carries_every_connection_the_rules_let_out(
+    internet: dict[str, str],
+) -> None:
+    pem = Path(internet["egress_ca_file"]).read_text()
+    proxy = {"address": "socks.example.test:1081", **CREDENTIALS}
+    sbx = _with_rules(deny_out=[DENIED], egress_proxy=proxy)
+    try:
+        # Any port, by address, plain or TLS: through the proxy, which the server sees.
+        assert _came_from(sbx, f"http://{BY_IP}:8080/") == SOCKS
+        assert _came_from(sbx, f"https://{NAMED}/") == SOCKS
+        # The rules apply before the tunnel, and closed ranges stay closed through it.
+        assert _came_from(sbx, f"http://{DENIED}:8080/") is None
+        assert _came_from(sbx, f"http://{UNOPENED}:8080/") is None
+        network = sbx.get_info().network or {}
+        assert network.get("egress_proxy") == {"address": "socks.example.test:1081",
+                                               "username": "proxy-user"}  # fmt: skip
+        assert "proxy-pass" not in sbx.commands.run(
+            "env; cat /proc/*/cmdline; grep -rs proxy-pas[s] /etc /home /tmp; true", user="root"
+        ).stdout  # fmt: skip
+        assert sbx.beta_pause()
+        sbx.connect()
+        assert _came_from(sbx, f"http://{BY_IP}:8080/") == SOCKS  # still, after a resume
+
+        # An update that leaves the proxy out sends traffic out directly again.
+        sbx.update_network({"deny_out": [DENIED]})
+        assert _came_from(sbx, f"http://{BY_IP}:8080/") not in (None, SOCKS)
+        # Refused credentials: the connection fails; it never goes out directly instead.
+        sbx.update_network({"egress_proxy": {**proxy, "password": "wrong"}})
+        assert _came_from(sbx, f"http://{BY_IP}:8080/") is None
+        # TLS to the proxy, verified against the CA given and the name...
+        tls = {"address": f"{SOCKS}:1082", **CREDENTIALS,
+               "tls": {"server_name": "socks.example.test", "ca_cert": pem}}  # fmt: skip
+        sbx.update_network({"egress_proxy": tls})
+        assert _came_from(sbx, f"http://{BY_IP}:8080/") == SOCKS
+        tls_info = (sbx.get_info().network or {}).get("egress_proxy") or {}
+        assert tls_info.get("tls") == {"server_name": "socks.example.test"}
+        # ...which must match: the address alone is not in the certificate.
+        sbx.update_network({"egress_proxy": {**tls, "tls": {"ca_cert": pem}}})
+        assert _came_from(sbx, f"http://{BY_IP}:8080/") is None
+    finally:
+        sbx.kill()
+
+
+def test_names_and_header_rules_go_through_the_egress_proxy_too() -> None:
+    sbx = _with_rules(
+        deny_out=[ALL_TRAFFIC], allow_out=["pkg.example.test", "*.cdn.example.test"],
+        rules={"*.cdn.example.test": [{"transform": {"headers": {"X-Cdn": "1"}}}]},
+        egress_proxy={"address": f"{SOCKS}:1080"},
+    )  # fmt: skip
+    try:
+        assert _came_from(sbx, "https://pkg.example.test/") == SOCKS
+        assert _came_from(sbx, "https://other.example.test/") is None  # not allowed
+        seen = _fetch(sbx, "https://a.cdn.example.test/", verify=True)
+        assert seen is not None and seen["peer"] == SOCKS and seen["headers"]["X-Cdn"] == "1"
+    finally:
+        sbx.kill()

@@ -37,7 +37,7 @@ def test_one_sandbox_flooding_the_proxy_is_refused_more_and_others_are_not(
 
     async def scenario() -> None:
         proxy = EgressProxy(SANDBOXES.get, opened=())
-        port = await proxy.start()
+        port, _ = await proxy.start()
         try:
             held = [await _open(port, "127.0.0.2") for _ in range(2)]  # a's share, waiting
             await asyncio.sleep(0.2)
@@ -56,7 +56,7 @@ def test_one_sandbox_flooding_the_proxy_is_refused_more_and_others_are_not(
 def test_a_name_the_rules_do_not_allow_is_reset_before_anything_leaves() -> None:
     async def scenario() -> None:
         proxy = EgressProxy(SANDBOXES.get, opened=(), nameservers=["127.0.0.1"])
-        port = await proxy.start()
+        port, _ = await proxy.start()
         try:
             reader, writer = await _open(port, "127.0.0.2")
             writer.write(b"GET / HTTP/1.1\r\nHost: other.example.test\r\n\r\n")

@@ -50,6 +50,21 @@ def test_internet_off_denies_everything_the_rules_do_not_allow() -> None:
     assert Egress.from_json(allow_listed.to_json(), internet=False) == allow_listed
 
 
+def test_an_egress_proxy_is_kept_whole_and_shown_without_its_secrets() -> None:
+    rules = egress.parse({"egressProxy": {"address": "Proxy.Example.com:1080", "username": "u",
+                                          "password": "p", "tls": {"enabled": True,
+                                                                   "serverName": "socks.example"}}},
+                         internet=True)  # fmt: skip
+    assert rules.socks == egress.Socks("proxy.example.com", 1080, "u", "p", True, "socks.example")
+    assert Egress.from_json(rules.to_json()) == rules  # what a resume dials again
+    assert rules.wire()["egressProxy"] == {"address": "proxy.example.com:1080", "username": "u",
+                                           "tls": {"enabled": True,
+                                                   "serverName": "socks.example"}}  # fmt: skip
+    plain = egress.parse({"egressProxy": {"address": "192.0.2.1:1080"}}, internet=True)
+    assert plain.socks == egress.Socks("192.0.2.1", 1080)
+    assert plain.wire()["egressProxy"] == {"address": "192.0.2.1:1080"}
+
+
 @pytest.mark.parametrize(
     ("network", "message"),
     [

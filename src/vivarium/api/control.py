@@ -232,6 +232,7 @@ class ControlPlane:
         """A sandbox from a template, or from one of the team's snapshots when `new.template`
         names one (by id or name), as E2B's `Sandbox.create(snapshot_id)`."""
         self._check_timeout(new.timeout_s)
+        await self.node.egress_proxy.check(new.egress.socks)
         saved = await store.team_snapshot(self.engine, team["id"], new.template)
         if saved is not None:
             if new.volume_mounts:
@@ -378,6 +379,7 @@ class ControlPlane:
     async def update_network(self, team: Row, sandbox_id: str, egress: Egress) -> None:
         """Replace a running sandbox's egress rules, all at once (E2B's update_network)."""
         await self.get(team, sandbox_id)
+        await self.node.egress_proxy.check(egress.socks)
         async with self._sandbox_locks[sandbox_id]:
             await self._running(team, sandbox_id)
             await self._on_node(team, sandbox_id, self.node.update_network(sandbox_id, egress))

@@ -18,10 +18,22 @@ ERROR: Schema = {
                    "error_code": {"type": "string"}},
 }  # fmt: skip
 STR_LIST: Schema = {"type": "array", "items": {"type": "string"}}
+EGRESS_PROXY: Schema = {
+    "type": "object",
+    "required": ["address"],
+    "properties": {
+        "address": {"type": "string"}, "username": {"type": "string"},
+        "password": {"type": "string"},
+        "tls": {"type": "object", "properties": {"enabled": {"type": "boolean"},
+                                                 "serverName": {"type": "string"},
+                                                 "caCert": {"type": "string"}}},
+    },
+}  # fmt: skip
 EGRESS: Schema = {
     "type": "object",
-    "properties": {"allowOut": STR_LIST, "denyOut": STR_LIST, "dnsServers": STR_LIST},
-}
+    "properties": {"allowOut": STR_LIST, "denyOut": STR_LIST, "dnsServers": STR_LIST,
+                   "egressProxy": EGRESS_PROXY},
+}  # fmt: skip
 NEW_SANDBOX: Schema = {
     "type": "object",
     "required": ["templateID"],

@@ -52,7 +52,7 @@ def new_sandbox(data: dict[str, Any], default_timeout: int, *, v1: bool) -> NewS
         raise InvalidArgument(f"metadata has more than {MAX_METADATA} entries")
     _unsupported(data, "mcp", "MCP gateways")
     network = typed(data, "network", dict, {})
-    rules = _egress(network, typed(data, "allow_internet_access", bool, True), "network")
+    rules = egress.parse(network, typed(data, "allow_internet_access", bool, True), "network")
     public_traffic = typed(network, "allowPublicTraffic", bool, True)
     secure = typed(data, "secure", bool, True) if v1 else True
     if not public_traffic and not secure:
@@ -86,12 +86,7 @@ def new_sandbox(data: dict[str, Any], default_timeout: int, *, v1: bool) -> NewS
 def network_update(data: dict[str, Any]) -> Egress:
     """The rules of `SandboxNetworkUpdateConfig`: they replace all of the sandbox's, so what is
     left out is cleared (internet access included, which is then on)."""
-    return _egress(data, typed(data, "allow_internet_access", bool, True), "body")
-
-
-def _egress(network: dict[str, Any], internet: bool, where: str) -> Egress:
-    _unsupported(network, "egressProxy", f"{where}.egressProxy (SOCKS5 proxies)")
-    return egress.parse(network, internet, where)
+    return egress.parse(data, typed(data, "allow_internet_access", bool, True), "body")
 
 
 def snapshot_request(data: dict[str, Any]) -> tuple[str | None, bool]:

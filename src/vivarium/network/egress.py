@@ -13,7 +13,10 @@ As in E2B:
 - `rules` inject headers into the HTTP requests to hosts the rules allow: the egress proxy
   terminates their TLS with the deployment's CA (network/egress_ca.py) and adds them, so a
   secret never enters the sandbox. Exact hosts win over wildcards, longer wildcards over
-  shorter ones; a host's transforms apply in order, later headers replacing earlier ones.
+  shorter ones; a host's transforms apply in order, later headers replacing earlier ones;
+- `egressProxy` (bring your own proxy) tunnels every TCP connection the rules let out through
+  the user's SOCKS5 proxy, on the host; it fails closed (egress_proxy.py). UDP (DNS, QUIC)
+  is not tunnelled.
 Private, link-local and host ranges stay closed whatever the rules say, unless the operator
 opened them (VIVARIUM_EGRESS_ALLOW; see firewall.py).
 """
@@ -22,11 +25,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from vivarium.errors import InvalidArgument
+from vivarium.network.addressing import BLOCKED_RANGES
 
 ALL_TRAFFIC = "0.0.0.0/0"
 MAX_ENTRIES = 256  # per list: each is a firewall rule in the slot's router
@@ -36,7 +41,43 @@ MAX_HEADERS = 32  # per host
 MAX_HEADER_VALUE = 8192
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")  # RFC 9110 token
+MAX_CREDENTIAL = 255  # bytes, RFC 1929
+MAX_CA_CERT = 8192
 Headers = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Socks:
+    """The user's SOCKS5 proxy (E2B's `egressProxy`) that the sandbox's TCP is tunnelled
+    through. The password and CA certificate are kept (a resume dials again) but never shown."""
+
+    host: str  # a hostname or an IPv4 address
+    port: int
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    server_name: str | None = None  # to verify the proxy's certificate against; None: host
+    ca_cert: str | None = None  # PEM; replaces the system's trust store
+
+    def to_json(self) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port, "username": self.username,
+                "password": self.password, "tls": self.tls, "server_name": self.server_name,
+                "ca_cert": self.ca_cert}  # fmt: skip
+
+    def wire(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"address": f"{self.host}:{self.port}"}
+        if self.username is not None:
+            body["username"] = self.username
+        if self.tls:
+            body["tls"] = {"enabled": True, **({"serverName": self.server_name}
+                                               if self.server_name else {})}  # fmt: skip
+        return body
+
+    def tls_context(self) -> ssl.SSLContext:
+        """Verified, TLS 1.2 or later, against `ca_cert` alone when one was given."""
+        context = ssl.create_default_context(cadata=self.ca_cert)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
 
 
 @dataclass(frozen=True)
@@ -46,6 +87,7 @@ class Egress:
     dns: tuple[str, ...] | None = None  # None: the node's DNS servers
     internet: bool = True  # false denies ALL_TRAFFIC on top of `deny`
     rules: tuple[tuple[str, Headers], ...] = ()  # (host, headers to inject), as parsed
+    socks: Socks | None = None  # the user's proxy every TCP connection is tunnelled through
 
     @property
     def allow_nets(self) -> list[str]:
@@ -95,7 +137,8 @@ class Egress:
         """The rules but `internet`, which records and rows keep as `allow_internet`."""
         return {"allow": list(self.allow), "deny": list(self.deny),
                 "dns": None if self.dns is None else list(self.dns),
-                "rules": [[host, [list(h) for h in hs]] for host, hs in self.rules]}  # fmt: skip
+                "rules": [[host, [list(h) for h in hs]] for host, hs in self.rules],
+                "socks": None if self.socks is None else self.socks.to_json()}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None, internet: bool = True) -> Egress:
@@ -106,9 +149,10 @@ class Egress:
         dns = data.get("dns")
         rules = tuple((str(host), tuple((str(k), str(v)) for k, v in headers))
                       for host, headers in data.get("rules", ()))  # fmt: skip
+        socks = data.get("socks")
         return cls(tuple(data.get("allow", ())), tuple(data.get("deny", ())),
                    None if dns is None else tuple(dns),
-                   internet, rules)  # fmt: skip
+                   internet, rules, None if socks is None else Socks(**socks))  # fmt: skip
 
     def wire(self) -> dict[str, Any]:
         """The rules as `SandboxNetworkConfig` shows them (get_info)."""
@@ -118,6 +162,8 @@ class Egress:
         if self.rules:
             body["rules"] = {host: [{"transform": {"headers": dict(headers)}}]
                              for host, headers in self.rules}  # fmt: skip
+        if self.socks is not None:
+            body["egressProxy"] = self.socks.wire()
         return body
 
 
@@ -136,8 +182,54 @@ def parse(network: dict[str, Any], internet: bool, where: str = "network") -> Eg
             raise InvalidArgument(f"{where}.dnsServers must be a list of at most {MAX_DNS} "
                                   "IPv4 addresses")  # fmt: skip
         dns = tuple(_address(v, f"{where}.dnsServers") for v in raw_dns)
-    egress = Egress(allow, deny, dns, internet)
+    egress = Egress(allow, deny, dns, internet, socks=_socks(network.get("egressProxy"),
+                                                             f"{where}.egressProxy"))  # fmt: skip
     return replace(egress, rules=_rules(network.get("rules"), egress, f"{where}.rules"))
+
+
+def _socks(raw: Any, field: str) -> Socks | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("address"), str):
+        raise InvalidArgument(f'{field} must be {{"address": "host:port", ...}}')
+    host, sep, port = raw["address"].strip().rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise InvalidArgument(f"{field}.address: {raw['address']!r} is not host:port",
+                              'like "proxy.example.com:1080"')  # fmt: skip
+    if _looks_numeric(host):
+        host = _address(host, f"{field}.address")
+    else:
+        host = _hostname(host, f"{field}.address")
+        if host.startswith("*"):
+            raise InvalidArgument(f"{field}.address: a proxy has one name, not a wildcard")
+    username, password = raw.get("username"), raw.get("password")
+    for name, value in (("username", username), ("password", password)):
+        if value is not None and (not isinstance(value, str)
+                                  or len(value.encode()) > MAX_CREDENTIAL):  # fmt: skip
+            raise InvalidArgument(f"{field}.{name} must be text of at most {MAX_CREDENTIAL} "
+                                  "bytes")  # fmt: skip
+    if password is not None and username is None:
+        raise InvalidArgument(f"{field}.password is only valid with a username")
+    tls = raw.get("tls") or {}
+    if not isinstance(tls, dict) or not isinstance(tls.get("enabled", False), bool):
+        raise InvalidArgument(f'{field}.tls must be {{"enabled": true, "serverName": ..., '
+                              '"caCert": ...}')  # fmt: skip
+    enabled, server_name, ca_cert = (
+        tls.get("enabled", False),
+        tls.get("serverName"),
+        tls.get("caCert"),
+    )
+    if server_name is not None:
+        server_name = _hostname(str(server_name), f"{field}.tls.serverName")
+    if ca_cert is not None:
+        if not isinstance(ca_cert, str) or len(ca_cert.encode()) > MAX_CA_CERT:
+            raise InvalidArgument(f"{field}.tls.caCert must be PEM of at most {MAX_CA_CERT} bytes")
+        try:
+            ssl.create_default_context(cadata=ca_cert)
+        except (ssl.SSLError, ValueError):
+            raise InvalidArgument(f"{field}.tls.caCert is not a PEM CA certificate") from None
+    return Socks(host, int(port), username, password, enabled, server_name if enabled else None,
+                 ca_cert if enabled else None)  # fmt: skip
 
 
 def _rules(raw: Any, egress: Egress, field: str) -> tuple[tuple[str, Headers], ...]:
@@ -255,3 +347,9 @@ def covering(nets: Iterable[str], address: str) -> bool:
     """Whether `address` lies in one of `nets`."""
     ip = ipaddress.IPv4Address(address)
     return any(ip in ipaddress.ip_network(n, strict=False) for n in nets)
+
+
+def reachable(address: str, opened: Iterable[str]) -> bool:
+    """Whether anything of a sandbox's may go to `address` at all: outside the private,
+    link-local and host ranges, or in ones the operator opened (VIVARIUM_EGRESS_ALLOW)."""
+    return covering(opened, address) or not covering(BLOCKED_RANGES, address)

@@ -35,8 +35,7 @@ import dns.opcode
 import dns.rcode
 import dns.resolver
 
-from vivarium.network.addressing import BLOCKED_RANGES
-from vivarium.network.egress import covering
+from vivarium.network.egress import reachable
 from vivarium.network.egress_proxy import PolicyOf
 
 log = logging.getLogger(__name__)
@@ -118,7 +117,8 @@ class EgressDNS:
             return _reply(query, dns.rcode.NXDOMAIN)
         # The node's servers are the operator's own; ones a sandbox names are held to the
         # ranges a sandbox may reach.
-        servers = [s for s in egress.dns if self._may_ask(s)] if egress.dns else self.nameservers
+        servers = ([s for s in egress.dns if reachable(s, self.opened)] if egress.dns
+                   else self.nameservers)  # fmt: skip
         if not servers:
             log.warning("sandbox %s: none of its DNS servers (%s) may be asked: private "
                         "addresses need VIVARIUM_EGRESS_ALLOW", sandbox_id,
@@ -133,9 +133,6 @@ class EgressDNS:
             self._pending[sandbox_id] -= 1
             if not self._pending[sandbox_id]:
                 del self._pending[sandbox_id]
-
-    def _may_ask(self, server: str) -> bool:
-        return covering(self.opened, server) or not covering(BLOCKED_RANGES, server)
 
     async def _forward(self, query: dns.message.Message, servers: Sequence[str],
                        tcp: bool) -> bytes:  # fmt: skip

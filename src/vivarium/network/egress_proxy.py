@@ -18,6 +18,12 @@ the sandbox asks for, the TLS server name or the HTTP Host, before anything reac
 Addresses in private, link-local and host ranges are refused unless the operator opened them
 (egress_allow). The sandbox sees its connection accepted before the verdict (as in E2B).
 
+A sandbox with a SOCKS5 proxy of its own (`egressProxy`) has every TCP connection its rules let
+out tunnelled through it: the ones above once decided, and all others, which the host sends to
+a second port (the tunnel, HostFirewall.tunnel) with their original destination. The tunnel
+holds them to the same closed ranges, and fails closed: a proxy that cannot be reached, or
+refuses, ends the connection; nothing falls back to going out directly.
+
 Each sandbox may hold MAX_PER_SANDBOX connections through the proxy: one flooding it is refused
 more, and the others' keep going.
 """
@@ -34,7 +40,7 @@ import socket
 import ssl
 import struct
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import dns.asyncresolver
@@ -42,9 +48,11 @@ import dns.exception
 import dns.resolver
 import h11
 
-from vivarium.network.addressing import BLOCKED_RANGES
-from vivarium.network.egress import ALL_TRAFFIC, Egress, Headers, covering
+from vivarium.errors import InvalidArgument
+from vivarium.network.egress import ALL_TRAFFIC, Egress, Headers, Socks, covering, reachable
 from vivarium.network.egress_ca import EgressCA
+from vivarium.network.socks5 import SocksError
+from vivarium.network.socks5 import connect as socks_connect
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +64,11 @@ READ_SIZE = 256 * 1024
 PIPE_SIZE = 1024 * 1024  # per direction of a relayed connection
 WRITE_BUFFER = 4 * 1024 * 1024
 TLS_HANDSHAKE = 0x16
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 
 # (sandbox id, its rules) of the sandbox behind a slot address; None for any other peer.
 PolicyOf = Callable[[str], tuple[str, Egress] | None]
+Handler = Callable[[str, Egress, socket.socket], Awaitable[None]]
 
 
 class EgressProxy:
@@ -81,31 +91,38 @@ class EgressProxy:
             self.upstream_tls.load_verify_locations(cafile=str(upstream_cafile))
         self.upstream_tls.set_alpn_protocols(["http/1.1"])
         self.port = 0
-        self._listener: socket.socket | None = None
-        self._accepting: asyncio.Task[None] | None = None
+        self.tunnel_port = 0
+        self._listeners: list[socket.socket] = []
+        self._accepting: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._open: Counter[str] = Counter()
 
-    async def start(self) -> int:
-        """Listen on an ephemeral port of every host address; the router rules point at it."""
+    async def start(self) -> tuple[int, int]:
+        """Listen on two ephemeral ports of every host address, the router rules' and the
+        tunnel's (HostFirewall.tunnel)."""
+        self.port = self._listen(self._relay)
+        self.tunnel_port = self._listen(self._tunnel)
+        return self.port, self.tunnel_port
+
+    def _listen(self, handler: Handler) -> int:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("0.0.0.0", 0))
         listener.listen(1024)
         listener.setblocking(False)
-        self._listener, self.port = listener, listener.getsockname()[1]
-        self._accepting = asyncio.create_task(self._accept(listener))
-        return self.port
+        self._listeners.append(listener)
+        self._accepting.append(asyncio.create_task(self._accept(listener, handler)))
+        return int(listener.getsockname()[1])
 
     async def close(self) -> None:
-        tasks = [t for t in (self._accepting, *self._connections) if t is not None]
+        tasks = [*self._accepting, *self._connections]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._listener is not None:
-            self._listener.close()
+        for listener in self._listeners:
+            listener.close()
 
-    async def _accept(self, listener: socket.socket) -> None:
+    async def _accept(self, listener: socket.socket, handler: Handler) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -115,11 +132,11 @@ class EgressProxy:
                 await asyncio.sleep(0.1)
                 continue
             sock.setblocking(False)
-            task = asyncio.create_task(self._serve(sock, peer[0]))
+            task = asyncio.create_task(self._serve(sock, peer[0], handler))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
 
-    async def _serve(self, sock: socket.socket, peer: str) -> None:
+    async def _serve(self, sock: socket.socket, peer: str, handler: Handler) -> None:
         found = self.policy_of(peer)
         if found is None or self._open[found[0]] >= MAX_PER_SANDBOX:
             _reset_socket(sock)
@@ -127,10 +144,12 @@ class EgressProxy:
         sandbox_id, egress = found
         self._open[sandbox_id] += 1
         try:
-            await self._relay(sandbox_id, egress, sock)
+            await handler(sandbox_id, egress, sock)
             sock.close()  # done (a reset, or handed to a transport that closed it: no matter)
         except (TimeoutError, OSError, ssl.SSLError, asyncio.IncompleteReadError,
-                asyncio.LimitOverrunError, h11.ProtocolError):  # fmt: skip
+                asyncio.LimitOverrunError, h11.ProtocolError, SocksError) as e:  # fmt: skip
+            if isinstance(e, SocksError):
+                log.info("egress of %s through its SOCKS5 proxy failed: %s", sandbox_id, e)
             _reset_socket(sock)
         finally:
             self._open[sandbox_id] -= 1
@@ -152,7 +171,10 @@ class EgressProxy:
             _reset_socket(sock)
             return
         if headers is not None and self.ca is not None:
-            await self._intercept(sandbox_id, sock, name, address, port, tls, headers)
+            await self._intercept(sandbox_id, egress, sock, name, address, port, tls, headers)
+            return
+        if egress.socks is not None:
+            await self._through_socks(egress.socks, sock, address, port)
             return
         upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -166,8 +188,8 @@ class EgressProxy:
             upstream.close()
 
     async def _intercept(
-        self, sandbox_id: str, sock: socket.socket, name: str, address: str, port: int,
-        tls: bool, headers: Headers,
+        self, sandbox_id: str, egress: Egress, sock: socket.socket, name: str, address: str,
+        port: int, tls: bool, headers: Headers,
     ) -> None:  # fmt: skip
         """Terminate the sandbox's TLS, add `headers` to its request, and send it on."""
         assert self.ca is not None
@@ -177,17 +199,83 @@ class EgressProxy:
         else:
             reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
-        up_reader, up_writer = await asyncio.wait_for(
-            asyncio.open_connection(address, port, limit=READ_SIZE,
-                                    ssl=self.upstream_tls if tls else None,
-                                    server_hostname=name if tls else None),
-            CONNECT_TIMEOUT_S,
-        )  # fmt: skip
+        if egress.socks is None:
+            up_reader, up_writer = await asyncio.wait_for(
+                asyncio.open_connection(address, port, limit=READ_SIZE,
+                                        ssl=self.upstream_tls if tls else None,
+                                        server_hostname=name if tls else None),
+                CONNECT_TIMEOUT_S,
+            )  # fmt: skip
+        else:
+            up_reader, up_writer = await self._socks_stream(egress.socks, address, port)
+            if tls:
+                await asyncio.wait_for(up_writer.start_tls(self.upstream_tls, server_hostname=name),
+                                       CONNECT_TIMEOUT_S)  # fmt: skip
         up_writer.write(with_headers(head, headers))
         # Names only: the values are secrets.
         log.info("egress of %s to %s:%d: added headers %s", sandbox_id, name, port,
                  ", ".join(k for k, _ in headers))  # fmt: skip
         await _both_ways(reader, writer, up_reader, up_writer)
+
+    async def _tunnel(self, sandbox_id: str, egress: Egress, sock: socket.socket) -> None:
+        """A TCP connection of a sandbox with a SOCKS5 proxy, as its router let it out: on to
+        its original destination through the proxy."""
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        address, port = socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big")
+        if egress.socks is None or not (_allowed(egress, address) and self._may_reach(address)):
+            log.info("egress of %s to %s:%d refused by its rules", sandbox_id, address, port)
+            _reset_socket(sock)
+            return
+        await self._through_socks(egress.socks, sock, address, port)
+
+    async def _through_socks(self, socks: Socks, sock: socket.socket, address: str,
+                             port: int) -> None:  # fmt: skip
+        # Dialled first: if the proxy fails, _serve resets the sandbox's connection.
+        up_reader, up_writer = await self._socks_stream(socks, address, port)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
+        await _both_ways(reader, writer, up_reader, up_writer)
+
+    async def _socks_stream(
+        self, socks: Socks, address: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A stream through the sandbox's SOCKS5 proxy to `address`:`port`. The proxy's name
+        is resolved now, and held to the same closed ranges as any destination."""
+        proxy = socks.host if _is_address(socks.host) else await self._resolve(socks.host)
+        if proxy is None or not self._may_reach(proxy):
+            raise SocksError(f"{socks.host} does not resolve to an address sandboxes may reach")
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                proxy, socks.port, limit=READ_SIZE,
+                ssl=socks.tls_context() if socks.tls else None,
+                server_hostname=(socks.server_name or socks.host) if socks.tls else None,
+            ),
+            CONNECT_TIMEOUT_S,
+        )  # fmt: skip
+        try:
+            await asyncio.wait_for(
+                socks_connect(reader, writer, address, port, socks.username, socks.password),
+                CONNECT_TIMEOUT_S,
+            )
+        except BaseException:
+            writer.close()
+            raise
+        return reader, writer
+
+    async def check(self, socks: Socks | None) -> None:
+        """Refuse, before a sandbox has it, a SOCKS5 proxy no sandbox could reach."""
+        if socks is None:
+            return
+        address = socks.host if _is_address(socks.host) else await self._resolve(socks.host)
+        if address is None or not self._may_reach(address):
+            raise InvalidArgument(
+                f"network.egressProxy.address: {socks.host} does not resolve to an address "
+                "sandboxes may reach",
+                "give a proxy on a public address (private and internal ranges need the "
+                "operator's VIVARIUM_EGRESS_ALLOW)",
+            )
+
+    def _may_reach(self, address: str) -> bool:
+        return reachable(address, self.opened)
 
     async def _resolve(self, name: str) -> str | None:
         """The first address of `name` outside the closed ranges (or in ones opened)."""
@@ -196,10 +284,17 @@ class EgressProxy:
         except (dns.exception.DNSException, OSError):
             return None
         for record in answer:
-            address = str(record)
-            if covering(self.opened, address) or not covering(BLOCKED_RANGES, address):
+            if self._may_reach(address := str(record)):
                 return address
         return None
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _allowed(egress: Egress, address: str) -> bool:

@@ -117,10 +117,13 @@ class HostFirewall:
         self.egress_allow = egress_allow
         self.proxy_port: int | None = None  # the egress proxy's, once it listens
         self.dns_port: int | None = None  # the sandboxes' resolver's, once it listens
+        self.tunnel_port: int | None = None  # the egress proxy's for tunnelled TCP (SOCKS5)
+        self._tunnelled: set[int] = set()  # slots whose TCP goes to tunnel_port
         self.in_chain = f"VIV-{prefix.upper()}-IN"
         self.fwd_chain = f"VIV-{prefix.upper()}-FWD"
         self.nat_chain = f"VIV-{prefix.upper()}-NAT"
         self.out_chain = f"VIV-{prefix.upper()}-OUT"
+        self.tunnel_chain = f"VIV-{prefix.upper()}-TUN"
         self.slot_ifs = f"{prefix}h-+"
 
     def chain_rules(self) -> dict[tuple[str, str], list[list[str]]]:
@@ -131,6 +134,8 @@ class HostFirewall:
                  if self.proxy_port else [])  # fmt: skip
         proxy += [["-p", proto, "--dport", str(self.dns_port), "-j", "ACCEPT"]
                   for proto in ("udp", "tcp") if self.dns_port]  # fmt: skip
+        if self.tunnel_port:
+            proxy.append(["-p", "tcp", "--dport", str(self.tunnel_port), "-j", "ACCEPT"])
         blocked: list[list[str]] = []
         for cidr in BLOCKED_RANGES:
             blocked += [["-d", cidr, *refuse], ["-d", cidr, "-j", "DROP"]]
@@ -154,6 +159,7 @@ class HostFirewall:
                 ["-s", self.slot_cidr, "-d", self.slot_cidr, "-j", "RETURN"],
                 ["-s", self.slot_cidr, "-j", "MASQUERADE"],
             ],
+            ("nat", self.tunnel_chain): [],  # a rule per tunnelled slot (tunnel())
         }
 
     def jumps(self) -> list[tuple[str, str, list[str]]]:
@@ -165,7 +171,21 @@ class HostFirewall:
                                    "ESTABLISHED,RELATED", "-j", "DROP"]),
             ("filter", "OUTPUT", ["-o", self.slot_ifs, "-j", self.out_chain]),
             ("nat", "POSTROUTING", ["-j", self.nat_chain]),
+            ("nat", "PREROUTING", ["-i", self.slot_ifs, "-j", self.tunnel_chain]),
         ]  # fmt: skip
+
+    async def tunnel(self, slot: Slot, on: bool) -> None:
+        """Send the slot's TCP, as its router lets it out, to the egress proxy's tunnel (which
+        carries it through the sandbox's SOCKS5 proxy), or stop. DNATed here, in the root
+        namespace, so the tunnel reads each connection's original destination from conntrack
+        (SO_ORIGINAL_DST); what the router already sends to the host itself stays as it is."""
+        if on == (slot.index in self._tunnelled) or self.tunnel_port is None:
+            return
+        rule = ["-i", slot.host_if, "!", "-d", f"{slot.host_ip}/32", "-p", "tcp", "-j", "DNAT",
+                "--to-destination", f"{slot.host_ip}:{self.tunnel_port}"]  # fmt: skip
+        await run(["iptables", "-w", "-t", "nat", "-A" if on else "-D", self.tunnel_chain, *rule],
+                  check=on)  # fmt: skip
+        (self._tunnelled.add if on else self._tunnelled.discard)(slot.index)
 
     async def install(self) -> None:
         await run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])

@@ -172,7 +172,10 @@ class Node:
         await asyncio.to_thread(self.snapshots.sweep_staging)
         steps.done("reconcile")
         # Before any slot's rules name their ports (the ones below, every launch).
-        self.pool.firewall.proxy_port = await self.egress_proxy.start()
+        (
+            self.pool.firewall.proxy_port,
+            self.pool.firewall.tunnel_port,
+        ) = await self.egress_proxy.start()
         self.pool.firewall.dns_port = await self.egress_dns.start()
         await self.pool.start({r.slot_index for r in self.sandboxes.values()})
         steps.done("network slots")
@@ -234,6 +237,7 @@ class Node:
     async def apply_egress(self, slot: Slot, egress: Egress) -> None:
         await firewall.apply_router_rules(slot, egress, self.egress_proxy.port,
                                           self.egress_dns.port)  # fmt: skip
+        await self.pool.firewall.tunnel(slot, egress.socks is not None)
 
     def _egress_of(self, address: str) -> tuple[str, Egress] | None:
         """The sandbox whose slot has `address` (a peer of the egress proxy or the resolver),
