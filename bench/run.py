@@ -58,7 +58,8 @@ from vivarium.runtime.runsc import Runsc, open_runtime
 from vivarium.templates.store import Template, TemplateStore, dir_size
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the tests' fake internet (tests/fakenet.py)
+sys.path.insert(0, str(REPO))  # the tests' fake internet (tests/fakenet.py), an instance of its
+os.environ["VIVARIUM_FAKENET"] = "bench"  # own, so that the bench can run beside `make test`
 from tests import fakenet  # noqa: E402
 
 VIVARIUM = Path(sys.executable).parent / "vivarium"

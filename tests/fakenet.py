@@ -6,6 +6,7 @@ Nothing leaves the machine: every name and address here is the test's own."""
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -17,16 +18,21 @@ import dns.resolver
 
 from tests.integration.support import outside_host
 
-NS, HOST_IF, GATEWAY = "fakenet", "fakenet0", "10.253.0.1"
-DNS = "10.253.0.2"
-BY_IP = "10.253.0.3"  # allowed by address
-NAMED = "10.253.0.4"  # pkg.example.test (allowed by name) and other.example.test (not)
-CDN = "10.253.0.5"  # names under cdn.example.test (a wildcard), and cdn.example.test itself
-SOCKS = "10.253.0.6"  # socks.example.test: a user's SOCKS5 proxy (tests/fakenet_socks.py)
-DENIED = "10.253.0.7"
-CIDR, IN_CIDR = "10.253.0.8/30", "10.253.0.9"
-UNOPENED = "10.253.0.200"  # outside OPENED: no rule of a sandbox can reach it
-OPENED = "10.253.0.0/25"  # the operator's VIVARIUM_EGRESS_ALLOW
+# `make bench` runs a fake internet of its own (VIVARIUM_FAKENET=bench, set before this is
+# imported), so that it can run beside `make test`: its own namespace, link and addresses.
+_BENCH = os.environ.get("VIVARIUM_FAKENET") == "bench"
+NS, HOST_IF = ("fakenet-bench", "fakenetb0") if _BENCH else ("fakenet", "fakenet0")
+_NET = "10.254.200" if _BENCH else "10.253.0"
+GATEWAY = f"{_NET}.1"
+DNS = f"{_NET}.2"
+BY_IP = f"{_NET}.3"  # allowed by address
+NAMED = f"{_NET}.4"  # pkg.example.test (allowed by name) and other.example.test (not)
+CDN = f"{_NET}.5"  # names under cdn.example.test (a wildcard), and cdn.example.test itself
+SOCKS = f"{_NET}.6"  # socks.example.test: a user's SOCKS5 proxy (tests/fakenet_socks.py)
+DENIED = f"{_NET}.7"
+CIDR, IN_CIDR = f"{_NET}.8/30", f"{_NET}.9"
+UNOPENED = f"{_NET}.200"  # outside OPENED: no rule of a sandbox can reach it
+OPENED = f"{_NET}.0/25"  # the operator's VIVARIUM_EGRESS_ALLOW
 NAMES = {
     "pkg.example.test": NAMED, "other.example.test": NAMED, "cdn.example.test": CDN,
     "a.cdn.example.test": CDN, "b.deep.cdn.example.test": CDN, "socks.example.test": SOCKS,
