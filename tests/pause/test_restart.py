@@ -1,7 +1,8 @@
 """Volumes and egress rules across a restart of the server (whose stop also unmounts the
 volumes, as a host restart would): a running sandbox that mounts one is adopted and keeps
 writing into it, a paused one resumes with it, and what either wrote is in the volume; the
-running one's egress rules hold, names included (the egress proxy listens anew)."""
+running one's egress rules hold, names included (the egress proxy listens anew), and so does
+another's tunnel through its SOCKS5 proxy."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from e2b import ALL_TRAFFIC, Sandbox, Volume
 
-from tests.fakenet import DENIED, DNS, NAMED
+from tests.fakenet import BY_IP, DENIED, DNS, NAMED, SOCKS
 from tests.integration.support import Server, running_server, sdk_options
 
 pytestmark = pytest.mark.timeout(900)
@@ -25,10 +26,11 @@ def server(internet: dict[str, str]) -> Iterator[Server]:
         yield srv
 
 
-def _reaches(sbx: Sandbox, url: str) -> str:
-    """The address that answered `url` (the fake internet says), or "" if nothing did."""
+def _reaches(sbx: Sandbox, url: str, side: str = "local") -> str:
+    """The address that answered `url` (or, with side="peer", the one the request came from),
+    as the fake internet says; "" if nothing did."""
     out = sbx.commands.run(f"curl -sk -m 5 {url}; true", user="root").stdout
-    return str(json.loads(out)["local"]) if out.startswith("{") else ""
+    return str(json.loads(out)[side]) if out.startswith("{") else ""
 
 
 def test_volumes_and_rules_outlive_a_restart_with_their_sandboxes_running_and_paused(
@@ -41,7 +43,10 @@ def test_volumes_and_rules_outlive_a_restart_with_their_sandboxes_running_and_pa
     running = Sandbox.create(timeout=600, volume_mounts={"/mnt/data": vol}, network=rules,  # type: ignore[arg-type]
                              **opts)  # fmt: skip
     paused = Sandbox.create(timeout=600, volume_mounts={"/data": vol}, **opts)  # type: ignore[arg-type]
+    proxy = {"address": f"{SOCKS}:1081", "username": "proxy-user", "password": "proxy-pass"}
+    tunnelled = Sandbox.create(timeout=600, network={"egress_proxy": proxy}, **opts)  # type: ignore[arg-type]
     try:
+        assert _reaches(tunnelled, f"http://{BY_IP}:8080/", "peer") == SOCKS
         running.files.write("/mnt/data/before.txt", "before")
         running.commands.run(f"echo nameserver {DNS} > /etc/resolv.conf", user="root")
         assert _reaches(running, "https://pkg.example.test/") == NAMED
@@ -57,6 +62,9 @@ def test_volumes_and_rules_outlive_a_restart_with_their_sandboxes_running_and_pa
         assert _reaches(running, "https://pkg.example.test/") == NAMED
         assert _reaches(running, f"http://{DENIED}:8080/") == ""
         assert vol.read_file("/after.txt", api_url=opts["api_url"]) == "after"
+        # Its tunnel kept (pointed at the tunnel's new port), never opened in between.
+        tunnelled = Sandbox.connect(tunnelled.sandbox_id, **opts)  # type: ignore[arg-type]
+        assert _reaches(tunnelled, f"http://{BY_IP}:8080/", "peer") == SOCKS
         paused = Sandbox.connect(paused.sandbox_id, **opts)  # type: ignore[arg-type]
         assert "sleep 600" in paused.commands.run("ps -eo args").stdout
         assert paused.files.read("/data/before.txt") == "before"
@@ -66,6 +74,7 @@ def test_volumes_and_rules_outlive_a_restart_with_their_sandboxes_running_and_pa
     finally:
         running.kill()
         paused.kill()
+        tunnelled.kill()
     names = sorted(e.name for e in vol.list("/", api_url=opts["api_url"]))
     assert names == ["after.txt", "before.txt", "resumed.txt"]
     assert Volume.destroy(vol.volume_id, **api)  # type: ignore[arg-type]

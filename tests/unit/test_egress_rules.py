@@ -81,6 +81,17 @@ def test_an_egress_proxy_is_kept_whole_and_shown_without_its_secrets() -> None:
         ({"dnsServers": ["192.0.2.1"] * 11}, "at most 10"),
         ({"dnsServers": ["::1"]}, "network.dnsServers: '::1' is not an IPv4 address"),
         ({"allowOut": [1]}, "must be a list of strings"),
+        ({"egressProxy": {"address": "192.0.2.1:1080", "username": ""}}, "1 to 255 bytes"),
+        (
+            {
+                "egressProxy": {
+                    "address": "192.0.2.1:1080",
+                    "tls": {"enabled": False, "serverName": "p.example"},
+                }
+            },
+            "need TLS enabled",
+        ),
+        ({"egressProxy": {"address": "192.0.2.1:0"}}, "is not host:port"),
     ],
 )
 def test_bad_rules_name_their_field(network: dict[str, object], message: str) -> None:

@@ -91,7 +91,9 @@ def test_router_rules_allow_before_they_deny_and_send_names_to_the_proxy() -> No
 
 
 def test_dns_to_any_address_goes_to_the_nodes_resolver() -> None:
-    for rules in (Egress(), egress.parse({"allowOut": ["192.0.2.4"]}, internet=False)):
+    for rules in (Egress(dns=("192.0.2.9",)),
+                  egress.parse({"allowOut": ["192.0.2.4"], "dnsServers": ["192.0.2.9"]},
+                               internet=False)):  # fmt: skip
         text = router_rules(SLOT, rules, 4000, 5300)
         for proto in ("udp", "tcp"):
             assert (f"-A PREROUTING -i gw0 -p {proto} --dport 53 -j DNAT --to-destination "

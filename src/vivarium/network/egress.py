@@ -27,7 +27,7 @@ import ipaddress
 import re
 import ssl
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vivarium.errors import InvalidArgument
@@ -54,10 +54,10 @@ class Socks:
     host: str  # a hostname or an IPv4 address
     port: int
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a log line
     tls: bool = False
     server_name: str | None = None  # to verify the proxy's certificate against; None: host
-    ca_cert: str | None = None  # PEM; replaces the system's trust store
+    ca_cert: str | None = field(default=None, repr=False)  # PEM, instead of the system's CAs
 
     def to_json(self) -> dict[str, Any]:
         return {"host": self.host, "port": self.port, "username": self.username,
@@ -116,10 +116,15 @@ class Egress:
                 return True
         return False
 
+    @property
+    def walled(self) -> bool:
+        """An allow-list: everything denied but what the rules allow."""
+        return ALL_TRAFFIC in self.deny_nets
+
     def resolves(self, name: str) -> bool:
         """Whether the sandbox's DNS answers `name`: an allow-list's names only (anything
         else could only carry data out in its queries), every name otherwise."""
-        return ALL_TRAFFIC not in self.deny_nets or self.allows_name(name)
+        return not self.walled or self.allows_name(name)
 
     def headers_for(self, name: str) -> Headers | None:
         """The headers to inject into requests to `name`; None if no rule covers it."""
@@ -205,9 +210,9 @@ def _socks(raw: Any, field: str) -> Socks | None:
     username, password = raw.get("username"), raw.get("password")
     for name, value in (("username", username), ("password", password)):
         if value is not None and (not isinstance(value, str)
-                                  or len(value.encode()) > MAX_CREDENTIAL):  # fmt: skip
-            raise InvalidArgument(f"{field}.{name} must be text of at most {MAX_CREDENTIAL} "
-                                  "bytes")  # fmt: skip
+                                  or not 0 < len(value.encode()) <= MAX_CREDENTIAL):  # fmt: skip
+            raise InvalidArgument(f"{field}.{name} must be text of 1 to {MAX_CREDENTIAL} "
+                                  "bytes (RFC 1929)")  # fmt: skip
     if password is not None and username is None:
         raise InvalidArgument(f"{field}.password is only valid with a username")
     tls = raw.get("tls") or {}
@@ -219,6 +224,8 @@ def _socks(raw: Any, field: str) -> Socks | None:
         tls.get("serverName"),
         tls.get("caCert"),
     )
+    if not enabled and (server_name is not None or ca_cert is not None):
+        raise InvalidArgument(f"{field}.tls: serverName and caCert need TLS enabled")
     if server_name is not None:
         server_name = _hostname(str(server_name), f"{field}.tls.serverName")
     if ca_cert is not None:
@@ -228,8 +235,7 @@ def _socks(raw: Any, field: str) -> Socks | None:
             ssl.create_default_context(cadata=ca_cert)
         except (ssl.SSLError, ValueError):
             raise InvalidArgument(f"{field}.tls.caCert is not a PEM CA certificate") from None
-    return Socks(host, int(port), username, password, enabled, server_name if enabled else None,
-                 ca_cert if enabled else None)  # fmt: skip
+    return Socks(host, int(port), username, password, enabled, server_name, ca_cert)
 
 
 def _rules(raw: Any, egress: Egress, field: str) -> tuple[tuple[str, Headers], ...]:

@@ -11,8 +11,9 @@ the node's (VIVARIUM_EGRESS_DNS, or the host's resolv.conf), so sandboxes resolv
 host that cannot reach public DNS servers too. Servers in private, link-local and host ranges
 are asked only if the operator opened them (VIVARIUM_EGRESS_ALLOW).
 
-UDP and TCP on one port. Each sandbox may have MAX_PENDING_PER_SANDBOX queries in flight: one
-flooding its resolver is refused more, and the others' are answered.
+UDP and TCP on one port. Each sandbox may have MAX_PENDING_PER_SANDBOX queries in flight and
+MAX_TCP_PER_SANDBOX connections: one flooding its resolver has the rest dropped unread, and the
+others' are answered.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import re
 import socket
 import struct
 from collections import Counter
@@ -31,19 +33,22 @@ import dns.asyncquery
 import dns.exception
 import dns.flags
 import dns.message
+import dns.name
 import dns.opcode
 import dns.rcode
 import dns.resolver
 
-from vivarium.network.egress import reachable
+from vivarium.network.egress import Egress, reachable
 from vivarium.network.egress_proxy import PolicyOf
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING_PER_SANDBOX = 64
+MAX_TCP_PER_SANDBOX = 16
 UPSTREAM_TIMEOUT_S = 3.0
 TCP_IDLE_S = 10.0  # a TCP client may send several queries, but not hold the connection idle
 MAX_MESSAGE = 65535
+_LABEL = re.compile(rb"[A-Za-z0-9_-]{1,63}")
 
 
 class EgressDNS:
@@ -58,7 +63,8 @@ class EgressDNS:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._pending: Counter[str] = Counter()
+        self._pending: Counter[str] = Counter()  # queries in flight, by sandbox
+        self._tcp_open: Counter[str] = Counter()  # TCP connections, by sandbox
 
     async def start(self) -> int:
         """Listen on one ephemeral port, UDP and TCP alike, of every host address."""
@@ -99,20 +105,37 @@ class EgressDNS:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def answer(self, wire: bytes, peer: str, tcp: bool) -> bytes | None:
-        """The reply to one query from `peer`, or None to send nothing (not a DNS query)."""
+    def admit(self, peer: str) -> tuple[str, Egress] | None:
+        """The sandbox behind `peer` and its rules, if it may have one more query in flight
+        (then counted until done()). Asked before anything of the query is read: a stranger,
+        or a sandbox flooding its resolver, costs next to nothing."""
+        policy = self.policy_of(peer)
+        if policy is None or self._pending[policy[0]] >= MAX_PENDING_PER_SANDBOX:
+            return None
+        self._pending[policy[0]] += 1
+        return policy
+
+    def done(self, sandbox_id: str) -> None:
+        self._pending[sandbox_id] -= 1
+        if not self._pending[sandbox_id]:
+            del self._pending[sandbox_id]
+
+    async def answer(self, wire: bytes, sandbox_id: str, egress: Egress,
+                     tcp: bool) -> bytes | None:  # fmt: skip
+        """The reply to one query of the sandbox's, or None to send nothing (not a query)."""
         try:
             query = dns.message.from_wire(wire)
         except dns.exception.DNSException:
             return None
-        policy = self.policy_of(peer)
-        if policy is None or query.flags & dns.flags.QR:
+        if query.flags & dns.flags.QR:
             return None
-        sandbox_id, egress = policy
         if query.opcode() != dns.opcode.QUERY or len(query.question) != 1:
             return _reply(query, dns.rcode.NOTIMP)
-        name = query.question[0].name.to_text(omit_final_dot=True)
-        if not egress.resolves(name):
+        question = query.question[0]
+        name = question.name.to_text(omit_final_dot=True)
+        # Labels are compared as text: one holding a dot (or anything but a hostname's
+        # characters) could pass for a name below an allowed one.
+        if not egress.resolves(name) or (egress.walled and not _plain(question.name)):
             log.debug("sandbox %s: DNS for %s refused by its rules", sandbox_id, name)
             return _reply(query, dns.rcode.NXDOMAIN)
         # The node's servers are the operator's own; ones a sandbox names are held to the
@@ -124,15 +147,13 @@ class EgressDNS:
                         "addresses need VIVARIUM_EGRESS_ALLOW", sandbox_id,
                         ", ".join(egress.dns or ()))  # fmt: skip
             return _reply(query, dns.rcode.REFUSED)
-        if self._pending[sandbox_id] >= MAX_PENDING_PER_SANDBOX:
-            return _reply(query, dns.rcode.REFUSED)
-        self._pending[sandbox_id] += 1
-        try:
-            return await self._forward(query, servers, tcp)
-        finally:
-            self._pending[sandbox_id] -= 1
-            if not self._pending[sandbox_id]:
-                del self._pending[sandbox_id]
+        if egress.walled:  # only the question leaves, not what else the sandbox put in
+            asked = dns.message.make_query(question.name, question.rdtype, question.rdclass,
+                                           use_edns=query.edns if query.edns >= 0 else False,
+                                           payload=max(query.payload, 512))  # fmt: skip
+            asked.id = query.id
+            return await self._forward(asked, servers, tcp)
+        return await self._forward(query, servers, tcp)
 
     async def _forward(self, query: dns.message.Message, servers: Sequence[str],
                        tcp: bool) -> bytes:  # fmt: skip
@@ -159,13 +180,24 @@ class EgressDNS:
         return _reply(query, dns.rcode.SERVFAIL)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")[0]
+        policy = self.policy_of(writer.get_extra_info("peername")[0])
+        if policy is None or self._tcp_open[policy[0]] >= MAX_TCP_PER_SANDBOX:
+            writer.transport.abort()
+            return
+        sandbox_id = policy[0]
+        self._tcp_open[sandbox_id] += 1
         try:
             while True:
                 size = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2),
                                                                   TCP_IDLE_S))[0]  # fmt: skip
                 wire = await asyncio.wait_for(reader.readexactly(size), TCP_IDLE_S)
-                reply = await self.answer(wire, peer, tcp=True)
+                admitted = self.admit(writer.get_extra_info("peername")[0])
+                if admitted is None:
+                    break
+                try:
+                    reply = await self.answer(wire, sandbox_id, admitted[1], tcp=True)
+                finally:
+                    self.done(sandbox_id)
                 if reply is None:
                     break
                 writer.write(struct.pack("!H", len(reply)) + reply)
@@ -173,6 +205,9 @@ class EgressDNS:
         except (TimeoutError, asyncio.IncompleteReadError, OSError):
             pass
         finally:
+            self._tcp_open[sandbox_id] -= 1
+            if not self._tcp_open[sandbox_id]:
+                del self._tcp_open[sandbox_id]
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
@@ -187,12 +222,23 @@ class _Datagrams(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.resolver.spawn(self._answer(data, addr))
+        admitted = self.resolver.admit(addr[0])
+        if admitted is not None:  # else dropped, unread: the client asks again later
+            self.resolver.spawn(self._answer(data, addr, *admitted))
 
-    async def _answer(self, data: bytes, addr: tuple[str, int]) -> None:
-        reply = await self.resolver.answer(data, addr[0], tcp=False)
+    async def _answer(self, data: bytes, addr: tuple[str, int], sandbox_id: str,
+                      egress: Egress) -> None:  # fmt: skip
+        try:
+            reply = await self.resolver.answer(data, sandbox_id, egress, tcp=False)
+        finally:
+            self.resolver.done(sandbox_id)
         if reply is not None and self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
+
+
+def _plain(name: dns.name.Name) -> bool:
+    """Every label a hostname's (letters, digits, hyphens; underscores, as in SRV names)."""
+    return all(_LABEL.fullmatch(label) for label in name.labels if label)
 
 
 def _reply(query: dns.message.Message, rcode: dns.rcode.Rcode) -> bytes:

@@ -49,7 +49,7 @@ import dns.resolver
 import h11
 
 from vivarium.errors import InvalidArgument
-from vivarium.network.egress import ALL_TRAFFIC, Egress, Headers, Socks, covering, reachable
+from vivarium.network.egress import Egress, Headers, Socks, covering, reachable
 from vivarium.network.egress_ca import EgressCA
 from vivarium.network.socks5 import SocksError
 from vivarium.network.socks5 import connect as socks_connect
@@ -164,7 +164,7 @@ class EgressProxy:
         headers = egress.headers_for(name) if name else None
         by_name = headers is not None or (name is not None and egress.allows_name(name))
         address = None  # unless a name leaves something the rules could allow
-        if name is not None and (by_name or ALL_TRAFFIC not in egress.deny_nets):
+        if name is not None and (by_name or not egress.walled):
             address = await self._resolve(name)
         if name is None or address is None or not (by_name or _allowed(egress, address)):
             log.info("egress of %s to %s:%d refused by its rules", sandbox_id, name, port)

@@ -6,9 +6,9 @@ Layers, so one mistake does not open everything:
   go to the egress proxy when the rules allow hostnames. Traffic from the host into the
   sandbox is always let through (DNAT to the sandbox address).
 - root ns: anything arriving from a slot for the host itself is dropped (INPUT), but for the
-  egress proxy's and the sandboxes' resolver's ports; forwarded traffic to private,
-  link-local and other reserved ranges is dropped, which also separates sandboxes from each
-  other; the rest is masqueraded out of the host. Of the host's own
+  egress proxy's ports (its own and its tunnel's) and the sandboxes' resolver's; forwarded
+  traffic to private, link-local and other reserved ranges is dropped, which also separates
+  sandboxes from each other; the rest is masqueraded out of the host. Of the host's own
   processes only root's (the node and the proxy) may open connections to a slot (OUTPUT):
   other local users reach sandboxes through the proxy, like everyone else.
 Operator-listed `egress_allow` ranges pass both root-ns checks, for sandboxes whose own rules
@@ -178,14 +178,48 @@ class HostFirewall:
         """Send the slot's TCP, as its router lets it out, to the egress proxy's tunnel (which
         carries it through the sandbox's SOCKS5 proxy), or stop. DNATed here, in the root
         namespace, so the tunnel reads each connection's original destination from conntrack
-        (SO_ORIGINAL_DST); what the router already sends to the host itself stays as it is."""
-        if on == (slot.index in self._tunnelled) or self.tunnel_port is None:
+        (SO_ORIGINAL_DST); what the router already sends to the host itself stays as it is.
+        Turn it on before the router lets anything out, and off after it no longer does."""
+        if self.tunnel_port is None or on == (slot.index in self._tunnelled):
             return
-        rule = ["-i", slot.host_if, "!", "-d", f"{slot.host_ip}/32", "-p", "tcp", "-j", "DNAT",
-                "--to-destination", f"{slot.host_ip}:{self.tunnel_port}"]  # fmt: skip
-        await run(["iptables", "-w", "-t", "nat", "-A" if on else "-D", self.tunnel_chain, *rule],
-                  check=on)  # fmt: skip
-        (self._tunnelled.add if on else self._tunnelled.discard)(slot.index)
+        if not on:
+            await self.untunnel(slot)
+            return
+        rule = self._tunnel_rule(slot.host_if, slot.host_ip)
+        await run(["iptables", "-w", "-t", "nat", "-A", self.tunnel_chain, *rule])
+        self._tunnelled.add(slot.index)
+
+    async def untunnel(self, slot: Slot) -> None:
+        """Remove the slot's tunnel rule whether or not it is known to be there: a slot being
+        released may keep one that an add cut short (a cancelled create) left unrecorded."""
+        self._tunnelled.discard(slot.index)
+        if self.tunnel_port is None:
+            return
+        rule = self._tunnel_rule(slot.host_if, slot.host_ip)
+        for _ in range(3):  # one is all there should be
+            removed = await run(["iptables", "-w", "-t", "nat", "-D", self.tunnel_chain, *rule],
+                                check=False)  # fmt: skip
+            if not removed.ok:
+                return
+
+    def _tunnel_rule(self, host_if: str, host_ip: str) -> list[str]:
+        return ["-i", host_if, "!", "-d", f"{host_ip}/32", "-p", "tcp", "-j", "DNAT",
+                "--to-destination", f"{host_ip}:{self.tunnel_port}"]  # fmt: skip
+
+    async def _keep_tunnels(self) -> None:
+        """At a start: the tunnel rules are running sandboxes' (adopted next), so they are
+        kept, never flushed (their TCP would leave directly meanwhile), and pointed at the
+        tunnel's new port (until then, at a closed one: refused, the safe side)."""
+        listed = await run(["iptables", "-w", "-t", "nat", "-S", self.tunnel_chain])
+        rules = [line.split() for line in listed.stdout.splitlines()
+                 if line.startswith(f"-A {self.tunnel_chain} ")]  # fmt: skip
+        for number, parts in enumerate(rules, start=1):
+            host_if = parts[parts.index("-i") + 1]
+            host_ip = parts[parts.index("--to-destination") + 1].rsplit(":", 1)[0]
+            if self.tunnel_port is not None:
+                await run(["iptables", "-w", "-t", "nat", "-R", self.tunnel_chain, str(number),
+                           *self._tunnel_rule(host_if, host_ip)])  # fmt: skip
+            self._tunnelled.add(int(host_if.rsplit("-", 1)[1]))
 
     async def install(self) -> None:
         await run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
@@ -193,6 +227,9 @@ class HostFirewall:
             exists = await run(["iptables", "-w", "-t", table, "-n", "-L", chain], check=False)
             if not exists.ok:
                 await run(["iptables", "-w", "-t", table, "-N", chain])
+            elif chain == self.tunnel_chain:
+                await self._keep_tunnels()
+                continue
             await run(["iptables", "-w", "-t", table, "-F", chain])
             for rule in rules:
                 await run(["iptables", "-w", "-t", table, "-A", chain, *rule])

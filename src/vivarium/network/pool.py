@@ -199,8 +199,8 @@ class SlotPool:
         """Return a slot whose sandbox is gone: egress off, addresses restored, back in the pool.
         It stays taken until then, so that _grow cannot build the same index meanwhile."""
         try:
-            await self.firewall.tunnel(slot, False)
             await firewall.apply_router_rules(slot, CLOSED)
+            await self.firewall.untunnel(slot)
             await reset_sandbox_side(slot)
         except Exception as exc:  # a broken slot is rebuilt rather than reused
             log.warning("slot %d could not be reset (%s); rebuilding it", slot.index, exc)

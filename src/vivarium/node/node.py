@@ -235,9 +235,15 @@ class Node:
     # -- egress ------------------------------------------------------------------------------
 
     async def apply_egress(self, slot: Slot, egress: Egress) -> None:
+        # A SOCKS5 tunnel is in place before the router lets anything out, and removed only
+        # after it no longer does: the sandbox's TCP never leaves directly in between.
+        tunnelled = egress.socks is not None
+        if tunnelled:
+            await self.pool.firewall.tunnel(slot, True)
         await firewall.apply_router_rules(slot, egress, self.egress_proxy.port,
                                           self.egress_dns.port)  # fmt: skip
-        await self.pool.firewall.tunnel(slot, egress.socks is not None)
+        if not tunnelled:
+            await self.pool.firewall.tunnel(slot, False)
 
     def _egress_of(self, address: str) -> tuple[str, Egress] | None:
         """The sandbox whose slot has `address` (a peer of the egress proxy or the resolver),
