@@ -208,7 +208,7 @@ def _wait_for(sbx: Sandbox, path: str) -> None:
         ({"egressProxy": {"address": f"{UNOPENED}:1080"}}, "network.egressProxy.address"),
         ({"egressProxy": {"address": "socks.example.test"}}, "is not host:port"),
         ({"egressProxy": {"address": f"{SOCKS}:1080", "password": "x"}}, "only valid with a"),
-        ({"egressProxy": {"address": f"{SOCKS}:1080", "username": "u" * 256}}, "at most 255"),
+        ({"egressProxy": {"address": f"{SOCKS}:1080", "username": "u" * 256}}, "1 to 255 bytes"),
         ({"egressProxy": {"address": f"{SOCKS}:1082", "tls": {"enabled": True,
                                                              "caCert": "not PEM"}}},
          "network.egressProxy.tls.caCert is not a PEM CA certificate"),
