@@ -240,8 +240,8 @@ class EgressProxy:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A stream through the sandbox's SOCKS5 proxy to `address`:`port`. The proxy's name
         is resolved now, and held to the same closed ranges as any destination."""
-        proxy = socks.host if _is_address(socks.host) else await self._resolve(socks.host)
-        if proxy is None or not self._may_reach(proxy):
+        proxy = await self._proxy_address(socks)
+        if proxy is None:
             raise SocksError(f"{socks.host} does not resolve to an address sandboxes may reach")
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(
@@ -265,14 +265,20 @@ class EgressProxy:
         """Refuse, before a sandbox has it, a SOCKS5 proxy no sandbox could reach."""
         if socks is None:
             return
-        address = socks.host if _is_address(socks.host) else await self._resolve(socks.host)
-        if address is None or not self._may_reach(address):
+        if await self._proxy_address(socks) is None:
             raise InvalidArgument(
                 f"network.egressProxy.address: {socks.host} does not resolve to an address "
                 "sandboxes may reach",
                 "give a proxy on a public address (private and internal ranges need the "
                 "operator's VIVARIUM_EGRESS_ALLOW)",
             )
+
+    async def _proxy_address(self, socks: Socks) -> str | None:
+        """Where to dial the SOCKS5 proxy: its address, or its name resolved now, held to the
+        ranges sandboxes may reach."""
+        if not _is_address(socks.host):
+            return await self._resolve(socks.host)  # which holds it to them already
+        return socks.host if self._may_reach(socks.host) else None
 
     def _may_reach(self, address: str) -> bool:
         return reachable(address, self.opened)
