@@ -99,6 +99,13 @@ def test_another_team_sees_and_changes_nothing_of_a_sandbox(
                 _json_error(response, 404)
             elif path == "/teams":
                 _json_error(response, 404)  # only admin keys make teams
+            elif path == "/v3/templates":  # a template of its own, in its own team
+                assert response.status_code == 202, response.text
+                assert other.delete(f"/templates/{response.json()['templateID']}").is_success
+            elif path.startswith("/templates/aliases/"):
+                _json_error(response, 404)
+            elif path == "/templates/tags":
+                _json_error(response, 400)  # the probe names no template of its own
             elif (path.endswith("sandboxes") or path == "/snapshots") and method == "get":
                 assert response.status_code == 200 and sandbox_id not in response.text
                 assert victim["snapshotID"] not in response.text

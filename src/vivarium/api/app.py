@@ -17,13 +17,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vivarium import telemetry
-from vivarium.api import shapes, volume_routes
+from vivarium.api import shapes, template_routes, volume_routes
 from vivarium.api.control import ControlPlane
 from vivarium.api.events import shape as event_shape
 from vivarium.api.openapi import document
 from vivarium.errors import InvalidArgument, Unauthenticated, VivariumError
 from vivarium.guest.envd import ENVD_VERSION
 from vivarium.httpjson import guarded, json_body, typed
+from vivarium.templates.recipe import RECIPES
 
 Row = dict[str, Any]
 TeamHandler = Callable[[Request, Row], Awaitable[Response]]
@@ -176,8 +177,11 @@ def create_app(control: ControlPlane) -> Starlette:
         return JSONResponse([shapes.snapshot_info(r) for r in chunk], headers=headers)
 
     async def delete_template(request: Request, team: Row) -> Response:
-        # Only a team's snapshots: templates are the operator's (`vivarium template`).
-        await control.delete_snapshot(team, str(request.path_params["template_id"]))
+        # A team's own template, or one of its snapshots (E2B deletes both here); the
+        # operator's templates are deleted with `vivarium template`.
+        template_id = str(request.path_params["template_id"])
+        if not await control.templates.delete(team, template_id):
+            await control.delete_snapshot(team, template_id)
         return Response(status_code=204)
 
     async def fork(request: Request, team: Row) -> Response:
@@ -203,8 +207,11 @@ def create_app(control: ControlPlane) -> Starlette:
         return JSONResponse(shapes.log_lines(await control.logs(team, sid(request))))
 
     async def templates(request: Request, team: Row) -> Response:
-        rows = []
+        rows = [template_routes.template_shape(r, ENVD_VERSION)
+                for r in await control.templates.of_team(team)]  # fmt: skip
         for name in control.node.templates.names():
+            if name not in RECIPES:
+                continue  # a team's template, listed above for its own team only
             # The manifest is enough here (get() would checksum an unused checkpoint, blocking).
             template = control.node.templates.current(name)
             if template is None:
@@ -213,7 +220,10 @@ def create_app(control: ControlPlane) -> Starlette:
                          "names": [name], "public": True, "buildStatus": "ready",
                          "cpuCount": control.default_cpu_count,
                          "memoryMB": control.settings.default_memory_mb, "diskSizeMB": 0,
-                         "envdVersion": ENVD_VERSION})  # fmt: skip
+                         "envdVersion": ENVD_VERSION,
+                         "createdAt": template.manifest.get("created_at"),
+                         "updatedAt": template.manifest.get("created_at"), "createdBy": None,
+                         "lastSpawnedAt": None, "spawnCount": 0, "buildCount": 1})  # fmt: skip
         return JSONResponse(rows)
 
     async def list_keys(request: Request, team: Row) -> Response:
@@ -267,6 +277,7 @@ def create_app(control: ControlPlane) -> Starlette:
         Route(sandbox + "/fork", authed(fork), methods=["POST"]),
         Route("/snapshots", authed(list_snapshots), methods=["GET"]),
         Route("/templates", authed(templates), methods=["GET"]),
+        *template_routes.routes(control.templates, authed),
         Route("/templates/{template_id}", authed(delete_template), methods=["DELETE"]),
         Route("/api-keys", authed(list_keys), methods=["GET"]),
         Route("/api-keys", authed(create_key), methods=["POST"]),

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from vivarium.api import keys, store
 from vivarium.api.db.engine import migrate, open_engine
 from vivarium.api.events import EventLog, actor, ended_type
+from vivarium.api.templates import TemplateCatalog
 from vivarium.api.volumes import VolumeCatalog
 from vivarium.config import Settings
 from vivarium.errors import (
@@ -43,7 +44,7 @@ from vivarium.node.snapshots import Snapshot, new_fork_key, new_snapshot_id
 from vivarium.node.volumes import VolumeMount
 from vivarium.statedir import write_private
 from vivarium.telemetry import timed_operation
-from vivarium.templates.store import validate_name
+from vivarium.templates.store import Template, validate_name
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class ControlPlane:
         self._tasks: set[asyncio.Task[None]] = set()
         self._retention: asyncio.Task[None] | None = None
         self.volumes = VolumeCatalog(self)
+        self.templates = TemplateCatalog(self)
         self.events = EventLog(self.engine, settings.webhook_url, settings.webhook_secret)
 
     # -- start and stop ------------------------------------------------------------------------
@@ -103,6 +105,7 @@ class ControlPlane:
             write_private(self.settings.admin_key_file, first_key + "\n")
         await self._reconcile()
         await self.volumes.reconcile()
+        await self.templates.reconcile()
         self.events.start()
         await self._warm_up()
         self.node.on_ended = self._node_ended
@@ -251,7 +254,7 @@ class ControlPlane:
                 # maybe from the remote store): nobody else will.
                 self.node.delete_snapshot(build)
             return started
-        template = self.node.templates.get(new.template)  # NotFound for unknown templates
+        template = await self._template_for(team, new.template)
         mounts = await self.volumes.resolve(team, new.volume_mounts)
         row = self._new_row(team, new, template.name, template.build_id,
                             [m.to_json() for m in mounts])  # fmt: skip
@@ -259,6 +262,17 @@ class ControlPlane:
         return await self._start(
             row, new, self.node.create, actor(team), f"from template {template.name}"
         )
+
+    async def _template_for(self, team: Row, wanted: str) -> Template:
+        """The build a create starts from: one of the team's own templates (by id, name or
+        name:tag), else one of the operator's; never another team's."""
+        resolved = await self.templates.resolve(team, wanted)
+        if resolved is not None:
+            row, build_id = resolved
+            return self.node.templates.build(row["id"], build_id)
+        if await self.templates.foreign(team, wanted):
+            raise NotFound(f"template {wanted!r} not found")
+        return self.node.templates.get(wanted)  # NotFound for unknown templates
 
     def _new_row(self, team: Row, new: NewSandbox, template_id: str, build_id: str,
                  volume_mounts: list[dict[str, str]]) -> Row:  # fmt: skip
@@ -292,7 +306,8 @@ class ControlPlane:
     ) -> Row:  # fmt: skip
         """Start the reserved sandbox `row` on the node; its row ends if that fails."""
         request = CreateRequest(
-            template=row["template_id"], sandbox_id=row["id"], access_token=self.envd_token(row),
+            template=row["template_id"], build_id=row["build_id"] or None,
+            sandbox_id=row["id"], access_token=self.envd_token(row),
             timeout_s=new.timeout_s, metadata=new.metadata, env_vars=new.env_vars,
             egress=new.egress, on_timeout="pause" if new.auto_pause else "kill",
             volume_mounts=tuple(VolumeMount.from_json(m) for m in row["volume_mounts"]),

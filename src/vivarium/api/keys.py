@@ -36,3 +36,8 @@ def volume_token(seed: bytes, volume_id: str) -> str:
 def traffic_token(seed: bytes, sandbox_id: str) -> str:
     """What a sandbox without public traffic demands on its ports (e2b-traffic-access-token)."""
     return hmac.new(seed, f"traffic:{sandbox_id}".encode(), hashlib.sha256).hexdigest()
+
+
+def upload_token(seed: bytes, template_id: str, files_hash: str) -> str:
+    """The signature of a template's file-upload URL (the client PUTs there with no API key)."""
+    return hmac.new(seed, f"upload:{template_id}:{files_hash}".encode(), hashlib.sha256).hexdigest()

@@ -177,6 +177,73 @@ def _volume_content() -> Schema:
     }  # fmt: skip
 
 
+def _template_builds() -> Schema:
+    """A team's template builds, as the SDK's Template.build drives them."""
+    tid = {"name": "template_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    bid = {"name": "build_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    files_hash = {"name": "hash", "in": "path", "required": True, "schema": {"type": "string"}}
+    step = {
+        "type": "object",
+        "required": ["type"],
+        "properties": {
+            "type": {"type": "string"},
+            "args": {"type": "array", "items": {"type": "string"}},
+            "filesHash": {"type": "string"},
+            "force": {"type": "boolean"},
+        },
+    }
+    tags = {"type": "array", "items": {"type": "string"}}
+    obj = {"type": "object"}
+    return {
+        "/v3/templates": {"post": _op(
+            "request a build of a team template (new, or a new build of one)",
+            {"202": {"description": "template and build ids", **_json(obj)}},
+            body={"type": "object", "required": ["name"], "properties": {
+                "name": {"type": "string"}, "tags": tags, "cpuCount": {"type": "integer"},
+                "memoryMB": {"type": "integer"}}}, errors=(409, 429))},
+        "/templates/{template_id}/files/{hash}": {
+            "get": _op("whether a COPY step's files are stored, else where to upload them",
+                       {"201": {"description": "present, or an upload url", **_json(obj)}},
+                       params=[tid, files_hash]),
+            "put": {**_op("upload a COPY step's files (a tar, gzip'd or not)",
+                          {"201": {"description": "stored"}},
+                          params=[tid, files_hash, {"name": "token", "in": "query",
+                                                    "schema": {"type": "string"}}]),
+                    "security": []},
+        },
+        "/v2/templates/{template_id}/builds/{build_id}": {"post": _op(
+            "start the build", {"202": {"description": "started"}}, params=[tid, bid],
+            body={"type": "object", "properties": {
+                "fromImage": {"type": "string"}, "fromTemplate": {"type": "string"},
+                "steps": {"type": "array", "items": step}, "startCmd": {"type": "string"},
+                "readyCmd": {"type": "string"}, "force": {"type": "boolean"}}},
+            errors=(404, 409, 429))},
+        "/templates/{template_id}/builds/{build_id}/status": {"get": _op(
+            "a build's status and log entries", {"200": {"description": "status",
+                                                         **_json(obj)}},
+            params=[tid, bid, *({"name": n, "in": "query", "schema": {"type": t}} for n, t in
+                                (("logsOffset", "integer"), ("limit", "integer"),
+                                 ("level", "string")))])},
+        "/templates/aliases/{alias}": {"get": _op(
+            "the team's template of that name", {"200": {"description": "its id",
+                                                         **_json(obj)}},
+            params=[{"name": "alias", "in": "path", "required": True,
+                     "schema": {"type": "string"}}])},
+        "/templates/tags": {
+            "post": _op("tag a build (target name:tag)", {"201": {"description": "tagged",
+                                                                  **_json(obj)}},
+                        body={"type": "object", "required": ["target", "tags"], "properties": {
+                            "target": {"type": "string"}, "tags": tags}}),
+            "delete": _op("remove tags", _no_content(),
+                          body={"type": "object", "required": ["name", "tags"], "properties": {
+                              "name": {"type": "string"}, "tags": tags}}),
+        },
+        "/templates/{template_id}/tags": {"get": _op(
+            "a template's tags", {"200": {"description": "tags", **_json(
+                {"type": "array", "items": obj})}}, params=[tid])},
+    }  # fmt: skip
+
+
 def document() -> Schema:
     timeout_body = {"type": "object", "properties": {"timeout": {"type": "integer"}}}
     created = {"201": {"description": "created", **_json(SANDBOX)}}
@@ -263,8 +330,9 @@ def document() -> Schema:
                     (("sandboxID", "string"), ("name", "string"), ("limit", "integer"),
                      ("nextToken", "string"))], errors=())},
         "/templates": {"get": _op("templates", {"200": {"description": "templates"}}, errors=())},
+        **_template_builds(),
         "/templates/{template_id}": {"delete": _op(
-            "delete a snapshot (templates are the operator's)", _no_content(),
+            "delete one of the team's templates or snapshots", _no_content(),
             params=[{"name": "template_id", "in": "path", "required": True,
                      "schema": {"type": "string"}}])},
         "/api-keys": {

@@ -17,7 +17,10 @@ from vivarium.api.db.schema import (
     sandboxes,
     snapshots,
     team_snapshots,
+    team_templates,
     teams,
+    template_builds,
+    template_tags,
     volumes,
 )
 
@@ -314,6 +317,136 @@ async def _ids_mounting(engine: AsyncEngine, query: Any, volume_id: str) -> list
         rows = (await conn.execute(query)).all()
     return [r.id for r in rows if any(m.get("volume_id") == volume_id
                                       for m in r.volume_mounts or [])]  # fmt: skip
+
+
+# -- a team's templates ----------------------------------------------------------------------
+
+
+async def insert_team_template(engine: AsyncEngine, row: Row) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(insert(team_templates).values(**row))
+
+
+async def team_template(engine: AsyncEngine, team_id: str, id_or_name: str) -> Row | None:
+    query = select(team_templates).where(
+        team_templates.c.team_id == team_id,
+        (team_templates.c.id == id_or_name) | (team_templates.c.name == id_or_name),
+    )
+    async with engine.connect() as conn:
+        return _row(await conn.execute(query))
+
+
+async def template_owner(engine: AsyncEngine, template_id: str) -> str | None:
+    """The team whose template this id is; None for the operator's templates."""
+    query = select(team_templates.c.team_id).where(team_templates.c.id == template_id)
+    async with engine.connect() as conn:
+        owner = (await conn.execute(query)).scalar()
+    return str(owner) if owner is not None else None
+
+
+async def list_team_templates(engine: AsyncEngine, team_id: str) -> list[Row]:
+    query = select(team_templates).where(team_templates.c.team_id == team_id)
+    async with engine.connect() as conn:
+        return [dict(r) for r in (await conn.execute(query)).mappings()]
+
+
+async def drop_team_template(engine: AsyncEngine, template_id: str) -> None:
+    async with engine.begin() as conn:
+        for table in (template_tags, template_builds):
+            await conn.execute(delete(table).where(table.c.template_id == template_id))
+        await conn.execute(delete(team_templates).where(team_templates.c.id == template_id))
+
+
+async def template_in_use(engine: AsyncEngine, template_id: str) -> bool:
+    """Whether a sandbox not yet ended, or a saved snapshot, was made from it."""
+    live = select(func.count()).where(sandboxes.c.template_id == template_id,
+                                      sandboxes.c.state != "killed")  # fmt: skip
+    saved = select(func.count()).where(team_snapshots.c.template_id == template_id)
+    async with engine.connect() as conn:
+        return bool((await conn.execute(live)).scalar() or (await conn.execute(saved)).scalar())
+
+
+async def insert_build(engine: AsyncEngine, row: Row) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(insert(template_builds).values(**row))
+
+
+async def get_build(engine: AsyncEngine, template_id: str, build_id: str) -> Row | None:
+    query = select(template_builds).where(template_builds.c.id == build_id,
+                                          template_builds.c.template_id == template_id)  # fmt: skip
+    async with engine.connect() as conn:
+        return _row(await conn.execute(query))
+
+
+async def update_build(engine: AsyncEngine, build_id: str, **values: Any) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(template_builds).where(template_builds.c.id == build_id).values(**values)
+        )
+
+
+async def build_ready(engine: AsyncEngine, build: Row, tags: Sequence[str]) -> None:
+    """The build is what creates of the template (and of each tag) use from now on."""
+    now = time.time()
+    template_id = build["template_id"]
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(template_builds).where(template_builds.c.id == build["id"])
+            .values(status="ready", finished_at=now)
+        )  # fmt: skip
+        await conn.execute(
+            update(team_templates).where(team_templates.c.id == template_id)
+            .values(build_id=build["id"], updated_at=now)
+        )  # fmt: skip
+        await _tag(conn, template_id, build["id"], tags, now)
+
+
+async def _tag(conn: AsyncConnection, template_id: str, build_id: str, tags: Sequence[str],
+               now: float) -> None:  # fmt: skip
+    await conn.execute(
+        delete(template_tags).where(
+            template_tags.c.template_id == template_id, template_tags.c.tag.in_(list(tags))
+        )
+    )
+    for tag in tags:
+        await conn.execute(
+            insert(template_tags).values(
+                template_id=template_id, tag=tag, build_id=build_id, created_at=now
+            )
+        )
+
+
+async def tag_build(engine: AsyncEngine, template_id: str, build_id: str,
+                    tags: Sequence[str]) -> None:  # fmt: skip
+    async with engine.begin() as conn:
+        await _tag(conn, template_id, build_id, tags, time.time())
+
+
+async def untag(engine: AsyncEngine, template_id: str, tags: Sequence[str]) -> int:
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            delete(template_tags).where(
+                template_tags.c.template_id == template_id, template_tags.c.tag.in_(list(tags))
+            )  # fmt: skip
+        )
+    return int(result.rowcount)
+
+
+async def template_tag_rows(engine: AsyncEngine, template_id: str) -> list[Row]:
+    query = select(template_tags).where(template_tags.c.template_id == template_id)
+    async with engine.connect() as conn:
+        return [dict(r) for r in (await conn.execute(query)).mappings()]
+
+
+async def interrupt_builds(engine: AsyncEngine) -> None:
+    """Builds a stopped server was running end in error: they are not resumed."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(template_builds)
+            .where(template_builds.c.status.in_(("waiting", "building")))
+            .values(status="error", reason="the build was interrupted by a server restart",
+                    step="base", finished_at=time.time())
+        )  # fmt: skip
 
 
 # -- lifecycle events --------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from vivarium.node.request import ON_TIMEOUT, CreateRequest
 from vivarium.node.snapshots import FORK_PREFIX, Snapshot, SnapshotStore, remote_store
 from vivarium.node.steps import Steps
 from vivarium.node.team_snapshots import snapshot_sandbox, start_from_snapshot
+from vivarium.node.template_builds import BUILD_EGRESS, TemplateBuilds
 from vivarium.node.volumes import VolumeMount, VolumeStore, check_mounts
 from vivarium.node.warm import WarmPool
 from vivarium.proc import Result
@@ -71,6 +72,7 @@ from vivarium.runtime.bundle import (
     write_bundle,
 )
 from vivarium.runtime.runsc import Runsc, open_runtime
+from vivarium.templates.custom import mount_rootfs_images
 from vivarium.templates.store import Template, TemplateStore
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,7 @@ class Node:
         self._starting = asyncio.Semaphore(settings.max_starting)
         self._cleanups: set[asyncio.Task[None]] = set()
         self.warm = WarmPool(self, dict(settings.warm_pool))
+        self.builds = TemplateBuilds(self, settings.state_dir / "template-files")
         self._reaper: asyncio.Task[None] | None = None
         self._exclusive: list[int] = []  # the locks that make this the only node on its state
         self.http = envd_http()
@@ -164,6 +167,7 @@ class Node:
         )  # fmt: skip
         steps.done("runsc probes")
         await asyncio.to_thread(self.volumes.mount_all)  # before sandboxes using them start
+        await asyncio.to_thread(mount_rootfs_images, self.templates)  # teams' templates' too
         steps.done("volumes")
         found = await reconcile(self.runtime, self.records)
         self.sandboxes.update(found.adopted)
@@ -251,6 +255,8 @@ class Node:
         for record in self.sandboxes.values():
             if record.slot_address == address and record.state == "running":
                 return record.sandbox_id, record.rules
+        if address in self.builds.addresses:
+            return f"build:{address}", BUILD_EGRESS
         return None
 
     async def update_network(self, sandbox_id: str, egress: Egress) -> SandboxRecord:
@@ -293,6 +299,8 @@ class Node:
         ):
             raise InvalidArgument(f"sandbox id {req.sandbox_id!r} is invalid or in use")
         template = self.templates.get(req.template)
+        if req.build_id and req.build_id != template.build_id:
+            template = self.templates.build(req.template, req.build_id)
         self._check_built_here(template)
         self.check_volumes(template, req.volume_mounts)
         usual = self.default_resources(template)

@@ -55,15 +55,18 @@ class Runsc:
             *args,
         ]  # fmt: skip
 
-    def _starting(self, disk: Path, *args: str) -> list[str]:
+    def _starting(self, disk: Path | None, *args: str) -> list[str]:
         # --net-disconnect-ok: a connection that crosses the sandbox's interface, open at a
         # checkpoint, is cut there (its peer sees a reset, as if a laptop lid closed) instead
         # of failing the save. Loopback connections inside are saved and keep working.
-        argv = self._argv("--overlay2", f"root:dir={disk}", "--net-disconnect-ok", *args)
+        # Without a disk, writes go straight to the root directory (a template build's steps).
+        overlay = f"root:dir={disk}" if disk is not None else "none"
+        argv = self._argv("--overlay2", overlay, "--net-disconnect-ok", *args)
         return procsys.wrap(argv, self.procsys_copy) if self.probe.netns_workaround else argv
 
-    async def start(self, cid: str, bundle: Path, disk: Path, console_log: Path) -> None:
-        """Boot a container; its stdout/stderr (and runsc's errors) go to `console_log`."""
+    async def start(self, cid: str, bundle: Path, disk: Path | None, console_log: Path) -> None:
+        """Boot a container; its stdout/stderr (and runsc's errors) go to `console_log`.
+        Without `disk`, what it writes lands in its root directory on the host."""
         argv = self._starting(disk, "run", "--detach", "--bundle", str(bundle), cid)
         await run(argv, timeout=START_TIMEOUT_S, log=console_log)
 
@@ -101,11 +104,20 @@ class Runsc:
     ) -> Result:
         """Run `argv` in the container; `caps`, if any, are all the capabilities it gets;
         `stdout_to` takes its standard output (a file on the host)."""
+        return await run(self.exec_argv(cid, argv, user=user, env=env, cwd=cwd, caps=caps),
+                         check=False, timeout=timeout, stdout_to=stdout_to)  # fmt: skip
+
+    def exec_argv(
+        self, cid: str, argv: list[str], *, user: str = "0:0", env: list[str] | None = None,
+        cwd: str = "/", caps: tuple[str, ...] = (), detach: bool = False,
+    ) -> list[str]:  # fmt: skip
+        """The `runsc exec` command line, for callers that read its output as it comes."""
         args = ["exec", "--user", user, "--cwd", cwd, *(f"--cap={c}" for c in caps)]
+        if detach:
+            args.append("--detach")
         for item in env or []:
             args += ["--env", item]
-        return await run(self._argv(*args, cid, *argv), check=False, timeout=timeout,
-                         stdout_to=stdout_to)  # fmt: skip
+        return self._argv(*args, cid, *argv)
 
     async def pause(self, cid: str) -> None:
         """Freeze every process of the container (gVisor's freezer; the network stack runs on).

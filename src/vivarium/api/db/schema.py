@@ -142,3 +142,52 @@ sandbox_events = Table(
     Index("ix_sandbox_events_team_at", "team_id", "at"),
     Index("ix_sandbox_events_sandbox_at", "sandbox_id", "at"),
 )
+
+# Templates a team built with the SDK (node/template_builds.py): named per team, each build a
+# directory on its node; `build_id` is the build that creates use (the latest ready one).
+team_templates = Table(
+    "team_templates",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("team_id", String(36), ForeignKey("teams.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("build_id", String(64), nullable=True),
+    Column("node_id", String(64), nullable=False),
+    Column("cpu_count", Integer, nullable=False),
+    Column("memory_mb", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("team_id", "name", name="uq_team_templates_team_name"),
+)
+
+template_builds = Table(
+    "template_builds",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column(
+        "template_id",
+        String(64),
+        ForeignKey("team_templates.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("status", String(16), nullable=False),  # waiting | building | ready | error
+    Column("reason", Text, nullable=True),
+    Column("step", String(32), nullable=True),  # the failed step, as the client names steps
+    Column("tags", JSON, nullable=False, default=list),  # given to the build once it is ready
+    Column("created_at", Float, nullable=False),
+    Column("finished_at", Float, nullable=True),
+)
+
+template_tags = Table(
+    "template_tags",
+    metadata,
+    Column(
+        "template_id",
+        String(64),
+        ForeignKey("team_templates.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("tag", String(128), primary_key=True),
+    Column("build_id", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+)

@@ -8,6 +8,7 @@ signal is not recognised.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -128,6 +129,19 @@ def run(
     return exit_code(end)
 
 
+def _reader(stdin: BinaryIO) -> Callable[[], bytes]:
+    """What a pipe has now, without waiting for a whole chunk. A file with a descriptor is read
+    raw: this runs in a daemon thread, and one blocked inside a buffered read holds the buffer's
+    lock, which the interpreter takes at exit (a fatal error: "could not acquire lock for
+    <stdin> at interpreter shutdown", the command's exit status lost)."""
+    try:
+        fd = stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        read = getattr(stdin, "read1", stdin.read)
+        return lambda: bytes(read(INPUT_CHUNK))
+    return lambda: os.read(fd, INPUT_CHUNK)
+
+
 def _feed(envd: Envd, pid: int, stdin: bytes | BinaryIO, done: threading.Event) -> None:
     """Send stdin, then close it. Runs beside the output stream: a process that echoes its input
     (`cat`) only reads more once its output is taken."""
@@ -138,9 +152,7 @@ def _feed(envd: Envd, pid: int, stdin: bytes | BinaryIO, done: threading.Event) 
             bytes(view[i : i + INPUT_CHUNK]) for i in range(0, len(view), INPUT_CHUNK)
         )
     else:
-        # read1 forwards what a pipe has now instead of waiting for a whole chunk.
-        read = getattr(stdin, "read1", stdin.read)
-        chunks = iter(lambda: bytes(read(INPUT_CHUNK)), b"")
+        chunks = iter(_reader(stdin), b"")
     try:
         for chunk in chunks:
             if done.is_set():

@@ -1,0 +1,289 @@
+"""A team's own templates in the catalog (E2B's build API, as the SDK's `Template.build` uses
+it): names, builds and their outcome, tags. The node builds them (node/template_builds.py) and
+keeps their files; the operator's templates (`vivarium template build`) are not in here.
+
+A name is the team's own: two teams may both have `lesson-7`. A create that names one of the
+team's templates, by id, name or `name:tag`, starts from that build.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from vivarium.api import keys, store
+from vivarium.errors import (
+    CapacityExhausted,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+    VivariumError,
+)
+from vivarium.node.records import ID_ALPHABET
+from vivarium.templates import build_request
+from vivarium.templates.build_log import BuildLog
+from vivarium.templates.recipe import RECIPES
+
+if TYPE_CHECKING:
+    from vivarium.api.control import ControlPlane
+
+Row = dict[str, Any]
+log = logging.getLogger(__name__)
+
+DEFAULT_TAG = "default"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_BUILDS_PER_TEAM = 2  # running or waiting at once
+MAX_UPLOAD = 2 << 30
+MAX_LOG_PAGE = 100
+
+
+def new_template_id() -> str:
+    return "t" + "".join(secrets.choice(ID_ALPHABET) for _ in range(19))
+
+
+def split_name(value: str) -> tuple[str, str | None]:
+    """`name:tag` -> (name, tag); a name alone has no tag."""
+    name, _, tag = value.partition(":")
+    return name, tag or None
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise InvalidArgument(
+            f"invalid template name {name!r}",
+            "use up to 63 lowercase letters, digits, '.', '_' or '-'",
+        )
+    if name in RECIPES:
+        raise InvalidArgument(f"{name!r} is the name of a built-in template",
+                              "give your template another name")  # fmt: skip
+    return name
+
+
+def check_tags(tags: Any) -> list[str]:
+    if not isinstance(tags, list) or not all(isinstance(t, str) and TAG_RE.match(t) for t in tags):
+        raise InvalidArgument("tags must be a list of names of letters, digits, '.', '_', '-'")
+    return list(dict.fromkeys(tags))
+
+
+class TemplateCatalog:
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+        self.engine = control.engine
+        self.node = control.node
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._running: defaultdict[str, set[str]] = defaultdict(set)  # team -> its builds
+
+    async def reconcile(self) -> None:
+        await store.interrupt_builds(self.engine)
+
+    # -- what creates and lists see --------------------------------------------------------------
+
+    async def resolve(self, team: Row, wanted: str) -> tuple[Row, str] | None:
+        """The team's template (and the build) a create names, or None if it names none."""
+        name, tag = split_name(wanted)
+        row = await store.team_template(self.engine, team["id"], name)
+        if row is None:
+            return None
+        if tag is None or tag == DEFAULT_TAG:
+            build_id = row["build_id"]
+        else:
+            tagged = {t["tag"]: t["build_id"] for t in await store.template_tag_rows(
+                self.engine, row["id"])}  # fmt: skip
+            build_id = tagged.get(tag)
+            if build_id is None:
+                raise NotFound(f"template {name!r} has no tag {tag!r}")
+        if build_id is None:
+            raise NotFound(f"template {name!r} has no finished build yet",
+                           "wait for its build, or see why it failed")  # fmt: skip
+        return row, build_id
+
+    async def foreign(self, team: Row, template_id: str) -> bool:
+        """Whether the id is another team's template (never created from, never listed)."""
+        owner = await store.template_owner(self.engine, template_id)
+        return owner is not None and owner != team["id"]
+
+    async def of_team(self, team: Row) -> list[Row]:
+        return await store.list_team_templates(self.engine, team["id"])
+
+    # -- building --------------------------------------------------------------------------------
+
+    async def request_build(self, team: Row, body: dict[str, Any]) -> tuple[Row, Row]:
+        raw = body.get("name") or body.get("alias")
+        if not isinstance(raw, str) or not raw:
+            raise InvalidArgument("name is required")
+        name, tag = split_name(raw)
+        check_name(name)
+        tags = check_tags(body.get("tags") or ([tag] if tag else [DEFAULT_TAG]))
+        if DEFAULT_TAG not in tags and tag is None and not body.get("tags"):
+            tags.append(DEFAULT_TAG)
+        cpu, memory = body.get("cpuCount"), body.get("memoryMB")
+        for key, value in (("cpuCount", cpu), ("memoryMB", memory)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise InvalidArgument(f"{key} must be a positive whole number")
+        now = time.time()
+        async with self.control.team_lock(team["id"]):
+            row = await store.team_template(self.engine, team["id"], name)
+            if row is None:
+                row = {"id": new_template_id(), "team_id": team["id"], "name": name,
+                       "build_id": None, "node_id": self.control.node_id,
+                       "cpu_count": cpu or self.control.default_cpu_count,
+                       "memory_mb": memory or self.control.settings.default_memory_mb,
+                       "created_at": now, "updated_at": now}  # fmt: skip
+                await store.insert_team_template(self.engine, row)
+            build = {"id": str(uuid.uuid4()), "template_id": row["id"], "status": "waiting",
+                     "reason": None, "step": None, "tags": tags, "created_at": now,
+                     "finished_at": None}  # fmt: skip
+            await store.insert_build(self.engine, build)
+        return row, build
+
+    async def template(self, team: Row, template_id: str) -> Row:
+        row = await store.team_template(self.engine, team["id"], template_id)
+        if row is None:
+            raise NotFound(f"template {template_id!r} was not found")
+        return row
+
+    async def build(self, team: Row, template_id: str, build_id: str) -> tuple[Row, Row]:
+        row = await self.template(team, template_id)
+        build = await store.get_build(self.engine, row["id"], build_id)
+        if build is None:
+            raise NotFound(f"build {build_id!r} of template {template_id!r} was not found")
+        return row, build
+
+    def upload_token(self, template_id: str, files_hash: str) -> str:
+        return keys.upload_token(self.control.seed, template_id, files_hash)
+
+    async def file_link(self, team: Row, template_id: str, files_hash: str) -> tuple[str, bool]:
+        row = await self.template(team, template_id)
+        if not build_request.FILES_HASH_RE.match(files_hash):
+            raise InvalidArgument("the files hash must be 64 hexadecimal digits")
+        return row["id"], self.node.builds.has_file(row["id"], files_hash)
+
+    async def upload(self, template_id: str, files_hash: str, token: str,
+                     chunks: AsyncIterator[bytes]) -> None:  # fmt: skip
+        if not build_request.FILES_HASH_RE.match(files_hash):
+            raise InvalidArgument("the files hash must be 64 hexadecimal digits")
+        if not hmac.compare_digest(token, self.upload_token(template_id, files_hash)):
+            raise Unauthenticated(
+                "the upload URL's signature does not match",
+                "ask for a new one (GET /templates/{id}/files/{hash})",
+            )
+        await self.node.builds.save_file(template_id, files_hash, chunks, MAX_UPLOAD)
+
+    async def start(self, team: Row, template_id: str, build_id: str,
+                    body: dict[str, Any]) -> None:  # fmt: skip
+        row, build = await self.build(team, template_id, build_id)
+        if build["status"] != "waiting" or self.node.builds.log_of(build_id) is not None:
+            raise Conflict(f"build {build_id} has already started")
+        request = build_request.parse(body)
+        base = await self._base(team, request)
+        running = self._running[team["id"]]
+        if len(running) >= MAX_BUILDS_PER_TEAM:
+            raise CapacityExhausted(f"the team already has {len(running)} builds under way",
+                                    "wait for one to finish")  # fmt: skip
+        build_log = self.node.builds.open_log(build_id)
+        running.add(build_id)
+        task = asyncio.create_task(self._run(row, build, base, request, build_log))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: running.discard(build_id))
+
+    async def _base(self, team: Row, request: build_request.BuildRequest) -> str:
+        """The template name on the node the build starts from."""
+        if request.from_image is not None:
+            builtin = build_request.builtin_for_image(request.from_image)
+            assert builtin is not None  # parse() refused the others
+            return builtin
+        assert request.from_template is not None
+        resolved = await self.resolve(team, request.from_template)
+        if resolved is not None:
+            row, build_id = resolved
+            if self.node.templates.current(row["id"]) is None:
+                raise NotFound(f"template {request.from_template!r} has no build on this node")
+            return str(row["id"])
+        if request.from_template in RECIPES:
+            self.node.templates.get(request.from_template)  # NotFound if not built here
+            return request.from_template
+        raise NotFound(f"template {request.from_template!r} was not found")
+
+    async def _run(self, row: Row, build: Row, base: str, request: build_request.BuildRequest,
+                   build_log: BuildLog) -> None:  # fmt: skip
+        await store.update_build(self.engine, build["id"], status="building")
+        try:
+            await self.node.builds.run(row["id"], build["id"], base, request)
+        except VivariumError as exc:
+            await store.update_build(
+                self.engine,
+                build["id"],
+                status="error",
+                reason=build_log.reason or str(exc),
+                step=build_log.failed_step,
+                finished_at=time.time(),
+            )
+            return
+        except Exception as exc:
+            await store.update_build(
+                self.engine,
+                build["id"],
+                status="error",
+                reason=str(exc),
+                step=build_request.BASE_STEP,
+                finished_at=time.time(),
+            )
+            return
+        await store.build_ready(self.engine, build, build["tags"])
+
+    async def status(
+        self, team: Row, template_id: str, build_id: str, offset: int, limit: int, level: str | None
+    ) -> tuple[Row, Row, list[Any]]:
+        """The build's catalog row and its log entries from `offset` (at `level` or above)."""
+        row, build = await self.build(team, template_id, build_id)
+        build_log = self.node.builds.log_of(build_id)
+        entries = build_log.entries[offset : offset + limit] if build_log else []
+        if level:
+            order = ("debug", "info", "warn", "error")
+            entries = [e for e in entries if order.index(e.level) >= order.index(level)]
+        return row, build, entries
+
+    # -- tags, delete ----------------------------------------------------------------------------
+
+    async def assign_tags(self, team: Row, target: str, tags: Any) -> tuple[str, list[str]]:
+        name, tag = split_name(target)
+        tags = check_tags(tags)
+        if not tags:
+            raise InvalidArgument("tags must name at least one tag")
+        resolved = await self.resolve(team, f"{name}:{tag}" if tag else name)
+        if resolved is None:
+            raise NotFound(f"template {name!r} was not found")
+        row, build_id = resolved
+        await store.tag_build(self.engine, row["id"], build_id, tags)
+        return build_id, tags
+
+    async def remove_tags(self, team: Row, name: str, tags: Any) -> None:
+        tags = check_tags(tags)
+        row = await self.template(team, split_name(name)[0])
+        if await store.untag(self.engine, row["id"], tags) == 0:
+            raise NotFound(f"template {name!r} has none of the tags {', '.join(tags)}")
+
+    async def tags(self, team: Row, template_id: str) -> list[Row]:
+        row = await self.template(team, template_id)
+        return await store.template_tag_rows(self.engine, row["id"])
+
+    async def delete(self, team: Row, template_id: str) -> bool:
+        """False when the id is none of the team's templates (it may be a snapshot)."""
+        row = await store.team_template(self.engine, team["id"], template_id)
+        if row is None:
+            return False
+        in_use = await store.template_in_use(self.engine, row["id"])
+        await store.drop_team_template(self.engine, row["id"])
+        await asyncio.to_thread(self.node.builds.remove_template, row["id"], builds=not in_use)
+        return True

@@ -1,0 +1,126 @@
+"""What a team asks a template build to do: the body of E2B's `POST /v2/templates/{id}/builds/
+{buildID}`, as the SDK's Template builder sends it, checked before anything runs.
+
+A build starts from a base (`fromTemplate`, or a `fromImage` we can provide) and applies the
+steps in order (`RUN COPY ENV WORKDIR USER`); `startCmd` is then started and `readyCmd` polled
+until it succeeds, and the sandbox is checkpointed with the program running.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from vivarium.errors import InvalidArgument
+
+STEP_TYPES = ("COPY", "ENV", "RUN", "WORKDIR", "USER")
+MAX_STEPS = 512
+MAX_ARG_BYTES = 64 << 10
+FILES_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+# Build steps are named for the client by where its stack traces are: "base" for the `from_*`
+# call, "1".."N" for the steps, "finalize" for the start and ready commands.
+BASE_STEP = "base"
+FINALIZE_STEP = "finalize"
+
+# Images we provide without pulling: our Debian 12 templates. `from_debian_image()` asks for
+# `debian:<variant>`, `Template()` for E2B's base image.
+_IMAGES = {"e2bdev/base": "base", "e2bdev/code-interpreter": "code-interpreter-v1",
+           "debian": "base"}  # fmt: skip
+_DEBIAN_TAGS = {"", "latest", "stable", "bookworm", "12", "stable-slim", "bookworm-slim",
+                "12-slim"}  # fmt: skip
+
+
+def builtin_for_image(image: str) -> str | None:
+    """The built-in template that stands for `image`, or None when it would have to be pulled."""
+    name, _, tag = image.removeprefix("docker.io/").removeprefix("library/").partition(":")
+    builtin = _IMAGES.get(name)
+    if builtin is None or (name == "debian" and tag not in _DEBIAN_TAGS):
+        return None
+    return builtin
+
+
+@dataclass(frozen=True)
+class Step:
+    type: str
+    args: tuple[str, ...]
+    files_hash: str | None = None
+
+    @property
+    def text(self) -> str:
+        return f"{self.type} {' '.join(a for a in self.args if a)}"[:200]
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    from_template: str | None
+    from_image: str | None
+    steps: tuple[Step, ...]
+    start_cmd: str | None = None
+    ready_cmd: str | None = None
+
+    @property
+    def files(self) -> set[str]:
+        return {s.files_hash for s in self.steps if s.files_hash}
+
+
+def _text(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value.encode()) > MAX_ARG_BYTES:
+        raise InvalidArgument(f"{key} must be a string of at most {MAX_ARG_BYTES} bytes")
+    return value
+
+
+def _step(index: int, raw: Any) -> Step:
+    where = f"steps[{index}]"
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"{where} must be an object with type and args")
+    kind = raw.get("type")
+    if kind not in STEP_TYPES:
+        raise InvalidArgument(f"{where}.type must be one of {', '.join(STEP_TYPES)}, not {kind!r}")
+    args = raw.get("args") or []
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise InvalidArgument(f"{where}.args must be a list of strings")
+    if any(len(a.encode()) > MAX_ARG_BYTES or "\0" in a for a in args):
+        raise InvalidArgument(f"{where}.args: an argument is over {MAX_ARG_BYTES} bytes or "
+                              "holds a NUL byte")  # fmt: skip
+    wanted = {"RUN": (1, 2), "COPY": (2, 4), "WORKDIR": (1, 1), "USER": (1, 1)}.get(kind)
+    if wanted and not (wanted[0] <= len(args) <= wanted[1] and args[0]):
+        raise InvalidArgument(f"{where}: {kind} takes {wanted[0]} to {wanted[1]} arguments, "
+                              f"the first not empty")  # fmt: skip
+    if kind == "ENV" and (not args or len(args) % 2 or not all(args[0::2])):
+        raise InvalidArgument(f"{where}: ENV takes name and value pairs")
+    files_hash = raw.get("filesHash")
+    if kind == "COPY" and not (isinstance(files_hash, str) and FILES_HASH_RE.match(files_hash)):
+        raise InvalidArgument(f"{where}: COPY needs the filesHash of its uploaded files")
+    if kind == "COPY" and len(args) == 4 and args[3] and not re.fullmatch(r"0?[0-7]{3,4}", args[3]):
+        raise InvalidArgument(f"{where}: COPY mode must be octal, like 0755")
+    return Step(kind, tuple(args), files_hash if kind == "COPY" else None)
+
+
+def parse(body: dict[str, Any]) -> BuildRequest:
+    from_template, from_image = _text(body, "fromTemplate"), _text(body, "fromImage")
+    if (from_template is None) == (from_image is None):
+        raise InvalidArgument("a build starts from exactly one of fromTemplate and fromImage")
+    if body.get("fromImageRegistry") is not None:
+        raise InvalidArgument(
+            "images from private registries are not supported yet",
+            "start from_debian_image(), from_base_image() or from_template()",
+        )
+    if from_image is not None and builtin_for_image(from_image) is None:
+        raise InvalidArgument(
+            f"image {from_image!r} would have to be pulled, which this server does not do yet",
+            "start from_debian_image(), from_base_image() or from_template()",
+        )
+    steps = body.get("steps") or []
+    if not isinstance(steps, list) or len(steps) > MAX_STEPS:
+        raise InvalidArgument(f"steps must be a list of at most {MAX_STEPS}")
+    return BuildRequest(
+        from_template=from_template,
+        from_image=from_image,
+        steps=tuple(_step(i, s) for i, s in enumerate(steps)),
+        start_cmd=_text(body, "startCmd") or None,
+        ready_cmd=_text(body, "readyCmd") or None,
+    )

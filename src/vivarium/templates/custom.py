@@ -1,0 +1,427 @@
+"""Building a team's template from the SDK's steps, isolated by gVisor like any sandbox.
+
+Two boots, both under runsc in a network slot of the node's:
+1. Steps: the base's root filesystem, copied, is the container's root with no overlay, so what
+   `RUN` and `COPY` write lands in the template's rootfs (the lower layer every sandbox shares),
+   not in its checkpoint. Each step is a `runsc exec` as its user, in its directory, with its
+   environment. Uploaded files are mounted read-only and unpacked inside.
+2. Start: the finished rootfs boots as a sandbox does (guest init, envd, the base's services);
+   envd gets the template's environment, user and directory, `startCmd` starts, `readyCmd` is
+   polled, and the checkpoint is taken with the program running, so every sandbox restored from
+   it finds the program up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from vivarium.errors import RuntimeFailure, VivariumError
+from vivarium.guest.envd import PORT as ENVD_PORT
+from vivarium.guest.envd import wire
+from vivarium.network.addressing import Slot
+from vivarium.network.pool import reset_sandbox_side
+from vivarium.proc import run, run_lines
+from vivarium.runtime import disk
+from vivarium.runtime.bundle import Resources, for_sandbox, write_bundle
+from vivarium.runtime.runsc import Runsc
+from vivarium.templates.build_log import BuildLog
+from vivarium.templates.build_request import FINALIZE_STEP, BuildRequest, Step
+from vivarium.templates.builder import wait_ready
+from vivarium.templates.store import Template, TemplateStore, dir_size, sha256_dir
+
+FILES_MOUNT = "/.vivarium-build-files"
+ROOTFS_IMAGE = "rootfs.img"
+START_LOG = "/tmp/.vivarium-start.log"  # the start command's output, as its user may write
+READY_TIMEOUT_S = 300.0
+READY_INTERVAL_S = 0.5
+STEP_TIMEOUT_S = 3600.0
+_VAR = re.compile(r"\$(\w+)|\$\{(\w+)\}")
+
+# COPY with Docker's meaning, run as root inside the build: a lone directory's contents go into
+# DEST; a lone file becomes DEST (or goes into it, when DEST ends in / or is a directory); several
+# matches go into DEST. Owner and mode are set in the scratch copy, which `cp -a` keeps.
+COPY_SCRIPT = r"""set -euo pipefail
+archive=$1 src=${2%/} dest=$3 owner=$4 mode=$5
+case $dest in /*) ;; *) dest="$PWD/$dest" ;; esac
+scratch=$(mktemp -d /tmp/.vivarium-copy.XXXXXX)
+trap 'rm -rf "$scratch"' EXIT
+tar -xf "$archive" -C "$scratch" --no-same-owner
+cd "$scratch"
+shopt -s nullglob dotglob globstar
+IFS=$'\n'
+matches=( $src )
+[ ${#matches[@]} -gt 0 ] || { echo "COPY: no uploaded file matches $src" >&2; exit 1; }
+for m in "${matches[@]}"; do
+  [ -z "$owner" ] || chown -R "$owner" -- "$m"
+  [ -z "$mode" ] || chmod -R "$mode" -- "$m"
+done
+if [ ${#matches[@]} -eq 1 ] && [ -d "${matches[0]}" ]; then
+  mkdir -p -- "$dest" && cp -a -- "${matches[0]}/." "$dest/"
+elif [ ${#matches[@]} -eq 1 ] && [[ $dest != */ ]] && [ ! -d "$dest" ]; then
+  mkdir -p -- "$(dirname -- "$dest")" && cp -a -- "${matches[0]}" "$dest"
+else
+  mkdir -p -- "$dest"
+  for m in "${matches[@]}"; do
+    if [ -d "$m" ]; then cp -a -- "$m/." "$dest/"; else cp -a -- "$m" "$dest/"; fi
+  done
+fi
+"""
+# WORKDIR: made if missing, owned by the user the next steps run as (they write there).
+WORKDIR_SCRIPT = 'set -e; [ -d "$1" ] || { mkdir -p -- "$1" && chown -- "$2" "$1"; }'
+
+
+def make_rootfs(build_dir: Path, size_bytes: int) -> None:
+    """An empty, sparse file system of `size_bytes` for a build's rootfs, mounted in place."""
+    image = build_dir / ROOTFS_IMAGE
+    disk.make_filesystem(image, size_bytes, journal=True)  # a template outlives host crashes
+    disk.mount(image, build_dir / "rootfs")
+
+
+def mount_rootfs_images(store: TemplateStore) -> int:
+    """Mount the rootfs of every team template build (at a node's start: mounts do not
+    survive a host restart); returns how many were mounted."""
+    mounted = 0
+    for image in store.root.glob(f"*/builds/*/{ROOTFS_IMAGE}"):
+        rootfs = image.parent / "rootfs"
+        if not rootfs.is_mount():
+            disk.mount(image, rootfs)
+            mounted += 1
+    return mounted
+
+
+class BuildFailed(VivariumError):
+    """A step of the team's own failed (its command, user or files): the build ends in error,
+    with the step the client shows its own code for."""
+
+    code = "build_failed"
+    http_status = 400
+
+    def __init__(self, message: str, step: str | None) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass
+class Identity:
+    uid: int
+    gid: int
+    home: str
+
+    @property
+    def ids(self) -> str:
+        return f"{self.uid}:{self.gid}"
+
+
+@dataclass
+class Context:
+    """What a step runs with; what it is after the last step, every sandbox starts with."""
+
+    user: str
+    identity: Identity
+    workdir: str
+    env: dict[str, str] = field(default_factory=dict)
+
+    def environ(self) -> list[str]:
+        base = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "LANG": "C.UTF-8", "HOME": self.identity.home, "USER": self.user}  # fmt: skip
+        return [f"{k}={v}" for k, v in {**base, **self.env}.items()]
+
+    def expand(self, value: str) -> str:
+        """`$NAME` and `${NAME}` of earlier ENV steps, as a Dockerfile's ENV would."""
+        known = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                 **self.env}  # fmt: skip
+        return _VAR.sub(lambda m: known.get(m.group(1) or m.group(2), ""), value)
+
+
+class Build:
+    """One build: its directory, slot and two containers."""
+
+    def __init__(self, runtime: Runsc, base: Template, build_dir: Path, files: Path, slot: Slot,
+                 resources: Resources, log: BuildLog) -> None:  # fmt: skip
+        self.runtime, self.base, self.build_dir, self.files = runtime, base, build_dir, files
+        self.slot, self.resources, self.log = slot, resources, log
+        self.rootfs = build_dir / "rootfs"
+        self.shell = ["/bin/bash", "-c"]
+
+    # -- boot 1: the steps ----------------------------------------------------------------------
+
+    async def apply(self, request: BuildRequest) -> Context:
+        # The steps write straight to the rootfs, so it is a file system of its own: what they
+        # can write is bounded (the base's size and the sandbox disk's room), not the host's.
+        used = int(self.base.manifest.get("rootfs_bytes") or 0)
+        size = used + used // 8 + (self.resources.disk_mb << 20)
+        await asyncio.to_thread(make_rootfs, self.build_dir, size)
+        self.log.add(f"copying the root filesystem of {self.base.name}", step="base")
+        await run(["cp", "-a", f"{self.base.rootfs}/.", str(self.rootfs)],
+                  timeout=STEP_TIMEOUT_S)  # fmt: skip
+        if not (self.rootfs / "bin/bash").exists():
+            self.shell = ["/bin/sh", "-c"]
+        cid = f"tbuild-{self.build_dir.name}"
+        spec = self._spec(["/bin/sleep", "infinity"])
+        spec["mounts"].append({"destination": FILES_MOUNT, "type": "bind",
+                               "source": str(self.files),
+                               "options": ["rbind", "ro", "nosuid", "nodev"]})  # fmt: skip
+        await self._boot(cid, spec, disk_dir=None)
+        try:
+            ctx = await self._initial_context(cid)
+            for index, step in enumerate(request.steps, start=1):
+                self.log.add(f"[{index}/{len(request.steps)}] {step.text}", step=str(index))
+                await self._step(cid, ctx, step, str(index))
+            return ctx
+        finally:
+            await self._remove(cid)
+
+    async def _initial_context(self, cid: str) -> Context:
+        # E2B's templates run as `user` in its home unless told otherwise, unlike Docker.
+        try:
+            identity = await self._identity(cid, "user")
+            return Context("user", identity, identity.home)
+        except BuildFailed:
+            return Context("root", Identity(0, 0, "/root"), "/root")
+
+    async def _identity(self, cid: str, user: str, step: str = "base") -> Identity:
+        name, _, group = user.partition(":")
+        res = await self.runtime.exec(cid, ["getent", "passwd", name])
+        fields = res.stdout.strip().split(":")
+        if not res.ok or len(fields) < 7:
+            if name.isdigit() and (not group or group.isdigit()):
+                return Identity(int(name), int(group or name), "/")
+            raise BuildFailed(f"user {name!r} does not exist in the template", step)
+        gid = int(fields[3])
+        if group:
+            found = await self.runtime.exec(cid, ["getent", "group", group])
+            parts = found.stdout.strip().split(":")
+            if group.isdigit():
+                gid = int(group)
+            elif found.ok and len(parts) >= 3:
+                gid = int(parts[2])
+            else:
+                raise BuildFailed(f"group {group!r} does not exist in the template", step)
+        return Identity(int(fields[2]), gid, fields[5] or "/")
+
+    async def _step(self, cid: str, ctx: Context, step: Step, name: str) -> None:
+        if step.type == "ENV":
+            pairs = step.args
+            for key, value in zip(pairs[0::2], pairs[1::2], strict=True):
+                ctx.env[key] = ctx.expand(value)
+        elif step.type == "USER":
+            ctx.identity, ctx.user = await self._identity(cid, step.args[0], name), step.args[0]
+        elif step.type == "WORKDIR":
+            path = step.args[0] if step.args[0].startswith("/") else f"{ctx.workdir}/{step.args[0]}"
+            await self._exec(cid, [*self.shell, WORKDIR_SCRIPT, "workdir", path, ctx.identity.ids],
+                             ctx, name, as_root=True)  # fmt: skip
+            ctx.workdir = path
+        elif step.type == "RUN":
+            user = step.args[1] if len(step.args) > 1 and step.args[1] else None
+            who = await self._identity(cid, user, name) if user else ctx.identity
+            await self._exec(cid, [*self.shell, step.args[0]], ctx, name, identity=who)
+        elif step.type == "COPY":
+            src, dest, owner, mode = (*step.args, "", "")[:4]
+            archive = f"{FILES_MOUNT}/{step.files_hash}"
+            await self._exec(
+                cid,
+                [
+                    "/bin/bash",
+                    "-c",
+                    COPY_SCRIPT,
+                    "copy",
+                    archive,
+                    src,
+                    dest,
+                    owner or ctx.identity.ids,
+                    mode,
+                ],
+                ctx,
+                name,
+                as_root=True,
+            )
+
+    async def _exec(self, cid: str, argv: list[str], ctx: Context, step: str, *,
+                    identity: Identity | None = None, as_root: bool = False) -> None:  # fmt: skip
+        who = Identity(0, 0, "/root") if as_root else identity or ctx.identity
+        env = [*ctx.environ(), f"HOME={who.home}"]
+        command = self.runtime.exec_argv(cid, argv, user=who.ids, env=env, cwd=ctx.workdir)
+        try:
+            async for line in run_lines(command, tail=5):
+                self.log.add(line, step=step)
+        except RuntimeFailure as exc:
+            raise BuildFailed(f"step {step} failed: {exc.message}", step) from None
+
+    # -- boot 2: start, ready, checkpoint --------------------------------------------------------
+
+    async def start_and_checkpoint(self, request: BuildRequest, ctx: Context) -> None:
+        cid = f"tstart-{self.build_dir.name}"
+        spec = self._spec(None)
+        (self.build_dir / "spec.json").write_text(json.dumps(spec, indent=1))
+        await reset_sandbox_side(self.slot)  # the first boot's runsc took eth0's address
+        await self._boot(cid, spec, disk_dir=self.build_dir / "boot")
+        try:
+            self.log.add("waiting for envd", step=FINALIZE_STEP)
+            await wait_ready(self.slot.router_ip, ENVD_PORT, "envd")
+            for name, port in self._services():
+                self.log.add(f"waiting for {name} on port {port}", step=FINALIZE_STEP)
+                await wait_ready(self.slot.router_ip, port, name)
+            await self._init_envd(ctx)
+            if request.start_cmd:
+                self.log.add(f"starting: {request.start_cmd[:200]}", step=FINALIZE_STEP)
+                await self._start_program(request.start_cmd, ctx)
+            if request.ready_cmd:
+                await self._until_ready(cid, request.ready_cmd, ctx)
+            self.log.add("checkpointing", step=FINALIZE_STEP)
+            await self.runtime.checkpoint(cid, self.build_dir / "checkpoint")
+        finally:
+            await self._remove(cid)
+            await asyncio.to_thread(disk.discard, self.build_dir / "boot")
+
+    def _services(self) -> list[tuple[str, int]]:
+        """The base's guest services (the interpreter of code-interpreter-v1), from its rootfs."""
+        try:
+            raw = json.loads((self.base.rootfs / "opt/vivarium/services.json").read_text())
+            return [(str(s["name"]), int(s["port"])) for s in raw if int(s.get("port", 0))]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+
+    async def _init_envd(self, ctx: Context) -> None:
+        """The template's environment, user and directory, kept in the checkpointed envd: every
+        sandbox's commands start with them (a create's own env vars are added at its /init)."""
+        body = {"envVars": ctx.env, "defaultUser": ctx.user, "defaultWorkdir": ctx.workdir}
+        async with httpx.AsyncClient(timeout=5) as http:
+            response = await http.post(f"http://{self.slot.router_ip}:{ENVD_PORT}/init", json=body)
+        if not response.is_success:
+            raise BuildFailed(f"envd refused the template's settings: {response.text[:200]}",
+                              FINALIZE_STEP)  # fmt: skip
+
+    async def _start_program(self, command: str, ctx: Context) -> None:
+        """Through envd, as a sandbox's own commands start (a process `runsc exec` starts is
+        not restored from a checkpoint on this runsc). Its output goes to START_LOG; the
+        stream is closed once it has started, and the program runs on."""
+        script = f"exec >>{START_LOG} 2>&1 </dev/null\n{command}"
+        body = {"process": {"cmd": "/bin/bash", "args": ["-l", "-c", script],
+                            "cwd": ctx.workdir}, "tag": "start", "stdin": False}  # fmt: skip
+        user = base64.b64encode(f"{ctx.user}:".encode()).decode()
+        headers = {"Content-Type": "application/connect+json", "Connect-Protocol-Version": "1",
+                   "Authorization": f"Basic {user}"}  # fmt: skip
+        url = f"http://{self.slot.router_ip}:{ENVD_PORT}/process.Process/Start"
+        deframer = wire.Deframer()
+        async with (
+            httpx.AsyncClient(timeout=10) as http,
+            http.stream("POST", url, content=wire.frame(json.dumps(body).encode()),
+                        headers=headers) as response,
+        ):  # fmt: skip
+            async for chunk in response.aiter_bytes():
+                for flags, payload in deframer.feed(chunk):
+                    message = json.loads(payload or b"{}")
+                    if flags & wire.FLAG_END_STREAM:
+                        error = message.get("error", {}).get("message", "it ended at once")
+                        raise BuildFailed(f"the start command could not start: {error}",
+                                          FINALIZE_STEP)  # fmt: skip
+                    if "start" in message.get("event", {}):
+                        return
+        raise BuildFailed(f"envd did not start the start command (HTTP {response.status_code})",
+                          FINALIZE_STEP)  # fmt: skip
+
+    async def _until_ready(self, cid: str, ready_cmd: str, ctx: Context) -> None:
+        self.log.add(f"waiting until ready: {ready_cmd[:200]}", step=FINALIZE_STEP)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            res = await self.runtime.exec(
+                cid,
+                [*self.shell, ready_cmd],
+                user=ctx.identity.ids,
+                env=ctx.environ(),
+                cwd=ctx.workdir,
+                timeout=60,
+            )
+            if res.ok:
+                self.log.add("ready", step=FINALIZE_STEP)
+                return
+            await asyncio.sleep(READY_INTERVAL_S)
+        tail = await self.runtime.exec(cid, ["tail", "-n", "20", START_LOG])
+        for line in tail.stdout.splitlines():
+            self.log.add(f"start command: {line}", "warn", FINALIZE_STEP)
+        raise BuildFailed(f"the ready command did not succeed within {READY_TIMEOUT_S:.0f}s: "
+                          f"{ready_cmd[:200]}", FINALIZE_STEP)  # fmt: skip
+
+    # -- containers -----------------------------------------------------------------------------
+
+    def _spec(self, args: list[str] | None) -> dict[str, Any]:
+        spec: dict[str, Any] = json.loads(json.dumps(self.base.spec))
+        spec["root"]["path"] = str(self.rootfs)
+        if args is not None:
+            spec["process"]["args"] = args
+        return spec
+
+    async def _boot(self, cid: str, spec: dict[str, Any], disk_dir: Path | None) -> None:
+        hub = self.build_dir / "volume-hub"
+        hub.mkdir(exist_ok=True)
+        bundle = self.build_dir / f"bundle-{cid}"
+        write_bundle(bundle, for_sandbox(spec, Path(self.slot.netns_path), self.resources, cid,
+                                         hub))  # fmt: skip
+        filestore = None
+        if disk_dir is not None:
+            filestore = await asyncio.to_thread(disk.create, disk_dir,
+                                                self.resources.disk_mb << 20)  # fmt: skip
+        console = self.build_dir / f"{cid}.log"
+        try:
+            await self.runtime.start(cid, bundle, filestore, console)
+        except RuntimeFailure:
+            tail = console.read_text(errors="replace").strip().splitlines()[-5:]
+            for line in tail:
+                self.log.add(f"runsc: {line}", "warn")
+            raise
+        if disk_dir is not None:
+            await asyncio.to_thread(disk.hold_back, disk_dir)
+
+    async def _remove(self, cid: str) -> None:
+        await self.runtime.delete(cid)
+        shutil.rmtree(self.build_dir / f"bundle-{cid}", ignore_errors=True)
+
+
+async def build_template(
+    runtime: Runsc, store: TemplateStore, base: Template, template_id: str, build_id: str,
+    request: BuildRequest, files: Path, slot: Slot, resources: Resources, log: BuildLog,
+) -> Template:  # fmt: skip
+    """Build, checkpoint and publish `template_id`'s build `build_id`; on failure nothing of it
+    is left and the template's current build is unchanged."""
+    build_dir = store.builds_dir(template_id) / build_id
+    build_dir.mkdir(parents=True)
+    try:
+        build = Build(runtime, base, build_dir, files, slot, resources, log)
+        ctx = await build.apply(request)
+        await build.start_and_checkpoint(request, ctx)
+        manifest: dict[str, Any] = {
+            "name": template_id,
+            "build_id": build_id,
+            "base": {"name": base.name, "build_id": base.build_id},
+            "runsc_version": runtime.probe.runsc_version,
+            "platform": runtime.probe.platform,
+            "disk_mb": base.manifest.get("disk_mb", 0),
+            "created_at": datetime.now(UTC).isoformat(),
+            "defaults": {"user": ctx.user, "workdir": ctx.workdir, "env": sorted(ctx.env)},
+            "rootfs_bytes": await asyncio.to_thread(dir_size, build.rootfs),
+            "checkpoint_bytes": dir_size(build_dir / "checkpoint"),
+            "checkpoint_sha256": await asyncio.to_thread(sha256_dir, build_dir / "checkpoint"),
+        }
+        (build_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        shutil.rmtree(build_dir / "volume-hub", ignore_errors=True)
+    except BaseException:
+        await asyncio.to_thread(disk.discard, build_dir)
+        raise
+    store.publish(template_id, build_dir)
+    log.add(
+        f"template built: checkpoint {manifest['checkpoint_bytes'] >> 20} MiB, "
+        f"root filesystem {manifest['rootfs_bytes'] >> 20} MiB",
+        step=FINALIZE_STEP,
+    )
+    return Template(template_id, build_dir, manifest)

@@ -1,0 +1,181 @@
+"""Custom templates through the official client's Template builder (`Template.build`): files
+copied in, commands run as the template's users, environment and working directory kept, and a
+start command whose program is already running in every sandbox (it is in the checkpoint)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from e2b import BuildException, Sandbox, Template, wait_for_port
+from e2b.template.logger import LogEntry
+from e2b.template.utils import calculate_files_hash
+
+from tests.compat.conftest import Compat
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _name(what: str) -> str:
+    return f"{what}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def context(tmp_path: Path) -> Path:
+    """A build context as a user's project would hold it."""
+    (tmp_path / "app" / "sub").mkdir(parents=True)
+    (tmp_path / "app" / "index.html").write_text("lesson seven\n")
+    (tmp_path / "app" / "sub" / "deep.txt").write_text("deep file\n")
+    (tmp_path / "notes.txt").write_text("teacher's notes\n")
+    return tmp_path
+
+
+@pytest.fixture
+def built(compat: Compat, context: Path) -> Iterator[tuple[str, list[LogEntry]]]:
+    name = _name("lesson")
+    template = (
+        Template(file_context_path=str(context))
+        .from_debian_image()
+        .copy("app/", "/home/user/app")
+        .copy("notes.txt", "/opt/notes/", user="root", mode=0o600)
+        .run_cmd("echo built-by-$(whoami) > /home/user/who.txt")
+        .run_cmd("mkdir -p /srv && echo made-by-$(whoami) > /srv/root.txt", user="root")
+        .set_envs({"MODE": "lesson", "GREETING": "hello-$MODE"})
+        .set_workdir("/home/user/app")
+        # The start command leaves a random mark: the same mark in every sandbox shows the
+        # program was started once, at build time, and is restored running.
+        .set_start_cmd(
+            "echo $RANDOM$RANDOM > /tmp/started && exec python3 -m http.server 8000",
+            wait_for_port(8000),
+        )
+    )
+    logs: list[LogEntry] = []
+    Template.build(template, name, on_build_logs=logs.append)
+    yield name, logs
+    with compat.admin() as http:
+        http.delete(f"/templates/{name}")
+
+
+def test_a_template_built_with_the_sdk_starts_with_its_files_settings_and_server(
+    compat: Compat, built: tuple[str, list[LogEntry]]
+) -> None:
+    name, logs = built
+    messages = [entry.message for entry in logs]
+    assert "[1/6] COPY app/ /home/user/app" in messages, messages  # each step, as it runs
+    assert any(m.startswith("waiting until ready") for m in messages), messages
+    with compat.admin() as http:
+        template_id = http.get(f"/templates/aliases/{name}").json()["templateID"]
+    first, second = Sandbox.create(name), Sandbox.create(name)
+    try:
+        shell = first.commands.run(
+            "pwd; whoami; echo $MODE $GREETING; cat index.html sub/deep.txt /home/user/who.txt "
+            "/srv/root.txt; stat -c '%U %a' /opt/notes/notes.txt; sudo cat /opt/notes/notes.txt"
+        )
+        assert shell.stdout.splitlines() == [
+            "/home/user/app", "user", "lesson hello-lesson", "lesson seven", "deep file",
+            "built-by-user", "made-by-root", "root 600", "teacher's notes",
+        ]  # fmt: skip
+        # The server is up at once in both, started once (at build time), and serves the files.
+        page = first.commands.run("curl -s localhost:8000/index.html")
+        assert page.stdout == "lesson seven\n"
+        marks = {s.files.read("/tmp/started").strip() for s in (first, second)}
+        assert len(marks) == 1 and marks.pop().isdigit()
+        assert second.commands.run("curl -s localhost:8000/sub/deep.txt").stdout == "deep file\n"
+        assert first.get_info().template_id == template_id
+    finally:
+        first.kill()
+        second.kill()
+
+
+def test_a_template_from_a_template_tags_exists_and_delete(
+    compat: Compat, built: tuple[str, list[LogEntry]], context: Path
+) -> None:
+    name, _ = built
+    derived = _name("derived")
+    logs: list[LogEntry] = []
+    template = (
+        Template(file_context_path=str(context))
+        .from_template(name)
+        .copy("notes.txt", "/home/user/notes.txt")
+        .run_cmd("cat /home/user/who.txt /home/user/notes.txt > /home/user/both.txt")
+    )
+    Template.build(template, derived, on_build_logs=logs.append)
+    try:
+        # Its COPY was uploaded once and is now kept: the next build skips the upload.
+        assert "Uploaded 'notes.txt'" in [e.message for e in logs]
+        files_hash = calculate_files_hash("notes.txt", "/home/user/notes.txt", str(context), [],
+                                          False, None)  # fmt: skip
+        with compat.admin() as http:
+            tid = http.get(f"/templates/aliases/{derived}").json()["templateID"]
+            assert http.get(f"/templates/{tid}/files/{files_hash}").json() == {"present": True}
+        sbx = Sandbox.create(derived)
+        try:
+            assert sbx.files.read("/home/user/both.txt") == "built-by-user\nteacher's notes\n"
+        finally:
+            sbx.kill()
+        assert Template.exists(derived)
+        Template.assign_tags(f"{derived}:default", ["stable"])
+        assert {t.tag for t in Template.get_tags(derived)} == {"default", "stable"}
+        tagged = Sandbox.create(f"{derived}:stable")
+        tagged.kill()
+        # Another team sees none of it.
+        other = compat.new_team(_name("team"))
+        assert not Template.exists(derived, api_key=other)
+        with httpx.Client(base_url=compat.api_url, headers={"X-API-Key": other}) as http:
+            listed = {t["templateID"] for t in http.get("/templates").json()}
+            assert "base" in listed and not any(n in listed for n in (name, derived))
+        with pytest.raises(Exception, match="not found"):
+            Sandbox.create(derived, api_key=other)
+    finally:
+        with compat.admin() as http:
+            assert http.delete(f"/templates/{derived}").status_code == 204
+    assert not Template.exists(derived)
+
+
+def test_a_failing_step_fails_the_build_with_its_output(compat: Compat) -> None:
+    name = _name("broken")
+    template = (
+        Template().from_base_image().run_cmd("echo before").run_cmd("echo the-reason >&2; exit 3")
+    )
+    logs: list[LogEntry] = []
+    with pytest.raises(BuildException, match="step 2 failed") as failure:
+        Template.build(template, name, on_build_logs=logs.append)
+    assert "the-reason" in str(failure.value)
+    assert any(e.message == "before" for e in logs)
+    with pytest.raises(Exception, match="no finished build"):
+        Sandbox.create(name)
+    with compat.admin() as http:
+        assert http.delete(f"/templates/{name}").status_code == 204
+
+
+def test_bad_build_requests(compat: Compat) -> None:
+    with compat.admin() as http:
+        assert http.post("/v3/templates", json={"name": "Not A Name"}).status_code == 400
+        assert http.post("/v3/templates", json={"name": "base"}).status_code == 400
+        made = http.post("/v3/templates", json={"name": _name("bad")}).json()
+        tid, bid = made["templateID"], made["buildID"]
+        start = f"/v2/templates/{tid}/builds/{bid}"
+        cases = [
+            ({"fromImage": "python:3.12", "steps": []}, 400, "pulled"),
+            ({"fromImage": "debian:stable", "fromTemplate": "base"}, 400, "exactly one"),
+            ({"fromTemplate": "base", "steps": [{"type": "FROB", "args": []}]}, 400, "type"),
+            ({"fromTemplate": "base", "steps": [{"type": "COPY", "args": ["a", "/b"]}]}, 400,
+             "filesHash"),
+            ({"fromTemplate": "base", "steps": [{"type": "ENV", "args": ["A"]}]}, 400, "pairs"),
+            ({"fromTemplate": "no-such-template"}, 404, "not found"),
+        ]  # fmt: skip
+        for body, status, words in cases:
+            response = http.post(start, json=body)
+            assert response.status_code == status, (body, response.text)
+            assert words in response.json()["message"], response.text
+        link = http.get(f"/templates/{tid}/files/{'0' * 64}")
+        assert link.status_code == 201 and link.json()["present"] is False
+        forged = link.json()["url"].replace("token=", "token=0")
+        assert httpx.put(forged, content=b"x").status_code == 401
+        assert http.get(f"/templates/{tid}/files/not-a-hash").status_code == 400
+        assert http.get(f"/templates/{tid}/builds/{uuid.uuid4()}/status").status_code == 404
+        assert http.get("/templates/nobody-has-this/builds/x/status").status_code == 404
+        assert http.delete(f"/templates/{tid}").status_code == 204

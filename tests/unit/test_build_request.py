@@ -1,0 +1,98 @@
+"""Team template builds' parts that need no sandbox: the SDK's request checked before anything
+runs (templates/build_request.py), the build log, the rootfs image mounted again at start."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vivarium.errors import InvalidArgument
+from vivarium.runtime import disk
+from vivarium.templates.build_log import MAX_ENTRIES, BuildLog
+from vivarium.templates.build_request import builtin_for_image, parse
+from vivarium.templates.custom import make_rootfs, mount_rootfs_images
+from vivarium.templates.store import TemplateStore
+
+HASH = "a" * 64
+
+
+def test_images_we_provide_without_pulling() -> None:
+    assert builtin_for_image("e2bdev/base") == "base"
+    assert builtin_for_image("e2bdev/base:latest") == "base"
+    assert builtin_for_image("debian:bookworm") == "base"
+    assert builtin_for_image("docker.io/library/debian:stable") == "base"
+    assert builtin_for_image("e2bdev/code-interpreter:latest") == "code-interpreter-v1"
+    assert builtin_for_image("debian:trixie") is None
+    assert builtin_for_image("python:3.12") is None
+    assert builtin_for_image("ubuntu:24.04") is None
+
+
+def test_a_request_as_the_client_sends_it() -> None:
+    request = parse({
+        "fromImage": "e2bdev/base", "force": False,
+        "steps": [
+            {"type": "COPY", "args": ["app/", "/home/user/app", "", "0755"], "filesHash": HASH,
+             "force": False},
+            {"type": "RUN", "args": ["pip install pandas", "root"], "force": False},
+            {"type": "ENV", "args": ["A", "1", "B", "$A"], "force": False},
+            {"type": "WORKDIR", "args": ["/app"], "force": False},
+            {"type": "USER", "args": ["user"], "force": False},
+        ],
+        "startCmd": "npm start", "readyCmd": "ss -tuln | grep :3000",
+    })  # fmt: skip
+    assert [s.type for s in request.steps] == ["COPY", "RUN", "ENV", "WORKDIR", "USER"]
+    assert request.files == {HASH}
+    assert request.steps[0].text == "COPY app/ /home/user/app 0755"
+    assert (request.start_cmd, request.ready_cmd) == ("npm start", "ss -tuln | grep :3000")
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({}, "exactly one"),
+        ({"fromImage": "alpine:3.20"}, "pulled"),
+        ({"fromTemplate": "base", "fromImageRegistry": {"type": "registry"}}, "registries"),
+        ({"fromTemplate": "base", "steps": "RUN ls"}, "list"),
+        ({"fromTemplate": "base", "steps": [{"type": "ADD", "args": ["x"]}]}, "type"),
+        ({"fromTemplate": "base", "steps": [{"type": "RUN", "args": []}]}, "RUN takes"),
+        ({"fromTemplate": "base", "steps": [{"type": "RUN", "args": ["a\0b"]}]}, "NUL"),
+        ({"fromTemplate": "base", "steps": [{"type": "ENV", "args": ["A", "1", "B"]}]}, "pairs"),
+        ({"fromTemplate": "base", "steps": [{"type": "COPY", "args": ["a", "/b"],
+                                             "filesHash": "zz"}]}, "filesHash"),
+        ({"fromTemplate": "base", "steps": [{"type": "COPY", "args": ["a", "/b", "", "rwx"],
+                                             "filesHash": HASH}]}, "octal"),
+        ({"fromTemplate": "base", "startCmd": 5}, "startCmd"),
+    ],
+)  # fmt: skip
+def test_bad_requests_say_what_is_wrong(body: dict[str, object], words: str) -> None:
+    with pytest.raises(InvalidArgument, match=words):
+        parse(body)
+
+
+def test_a_full_log_keeps_its_offsets_and_its_errors() -> None:
+    log = BuildLog()
+    for i in range(MAX_ENTRIES + 5):
+        log.add(f"line {i}")
+    log.fail("why it failed", "3")
+    assert len(log.entries) == MAX_ENTRIES + 1 and log.dropped == 5
+    assert log.entries[MAX_ENTRIES - 1].message == f"line {MAX_ENTRIES - 1}"
+    assert (log.status, log.reason, log.failed_step) == ("error", "why it failed", "3")
+
+
+def test_team_template_rootfs_images_are_mounted_again_at_start(tmp_path: Path) -> None:
+    """A host restart unmounts them; the node mounts them before any sandbox restores."""
+    build_dir = tmp_path / "t1" / "builds" / "b1"
+    build_dir.mkdir(parents=True)
+    make_rootfs(build_dir, 64 << 20)
+    try:
+        (build_dir / "rootfs" / "hello").write_text("kept")
+        subprocess.run(["umount", str(build_dir / "rootfs")], check=True)
+        assert not (build_dir / "rootfs" / "hello").exists()
+        assert mount_rootfs_images(TemplateStore(tmp_path)) == 1
+        assert (build_dir / "rootfs" / "hello").read_text() == "kept"
+        assert mount_rootfs_images(TemplateStore(tmp_path)) == 0
+    finally:
+        disk.discard(build_dir)
+    assert not build_dir.exists()
