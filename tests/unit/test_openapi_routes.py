@@ -13,7 +13,8 @@ from vivarium.config import Settings
 
 
 def test_every_served_route_is_in_the_openapi_document() -> None:
-    app = create_app(SimpleNamespace(node_id="n", settings=Settings(), volumes=None, templates=None))  # type: ignore[arg-type]
+    control = SimpleNamespace(node_id="n", settings=Settings(), volumes=None, templates=None)
+    app = create_app(control)  # type: ignore[arg-type]
     served = {
         (route.path, method.lower())
         for route in app.routes
