@@ -138,12 +138,24 @@ def test_a_template_from_a_template_tags_exists_and_delete(
 def test_a_failing_step_fails_the_build_with_its_output(compat: Compat) -> None:
     name = _name("broken")
     template = (
-        Template().from_base_image().run_cmd("echo before").run_cmd("echo the-reason >&2; exit 3")
+        Template()
+        .from_base_image()
+        .run_cmd("echo before; sleep 3")
+        .run_cmd("echo the-reason >&2; exit 3")
     )
     logs: list[LogEntry] = []
+    refused: list[int] = []
+
+    def delete_while_building(entry: LogEntry) -> None:
+        logs.append(entry)
+        if entry.message == "before" and not refused:  # the build is under way
+            with compat.admin() as http:
+                refused.append(http.delete(f"/templates/{name}").status_code)
+
     with pytest.raises(BuildException, match="step 2 failed") as failure:
-        Template.build(template, name, on_build_logs=logs.append)
+        Template.build(template, name, on_build_logs=delete_while_building)
     assert "the-reason" in str(failure.value)
+    assert refused == [409]  # not deleted under its build
     assert any(e.message == "before" for e in logs)
     with pytest.raises(Exception, match="no finished build"):
         Sandbox.create(name)

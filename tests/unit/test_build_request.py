@@ -3,6 +3,7 @@ runs (templates/build_request.py), the build log, the rootfs image mounted again
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from vivarium.errors import InvalidArgument
 from vivarium.runtime import disk
 from vivarium.templates.build_log import MAX_ENTRIES, BuildLog
 from vivarium.templates.build_request import builtin_for_image, parse
-from vivarium.templates.custom import make_rootfs, mount_rootfs_images
+from vivarium.templates.custom import BUILD_LOCK, make_rootfs, mount_rootfs_images
 from vivarium.templates.store import TemplateStore
 
 HASH = "a" * 64
@@ -86,13 +87,26 @@ def test_team_template_rootfs_images_are_mounted_again_at_start(tmp_path: Path) 
     build_dir = tmp_path / "t1" / "builds" / "b1"
     build_dir.mkdir(parents=True)
     make_rootfs(build_dir, 64 << 20)
+    (build_dir / "manifest.json").write_text("{}")
+    unfinished = tmp_path / "t1" / "builds" / "b2"  # a build a restart cut short
+    unfinished.mkdir()
+    make_rootfs(unfinished, 64 << 20)
+    running = tmp_path / "t2" / "builds" / "b3"  # another server's build, under way
+    running.mkdir(parents=True)
+    make_rootfs(running, 64 << 20)
+    held = (running / BUILD_LOCK).open("a")
+    fcntl.flock(held, fcntl.LOCK_EX)
     try:
         (build_dir / "rootfs" / "hello").write_text("kept")
         subprocess.run(["umount", str(build_dir / "rootfs")], check=True)
         assert not (build_dir / "rootfs" / "hello").exists()
         assert mount_rootfs_images(TemplateStore(tmp_path)) == 1
         assert (build_dir / "rootfs" / "hello").read_text() == "kept"
+        assert not unfinished.exists()
+        assert (running / "rootfs").is_mount()
         assert mount_rootfs_images(TemplateStore(tmp_path)) == 0
     finally:
-        disk.discard(build_dir)
+        held.close()
+        for directory in (build_dir, unfinished, running):
+            disk.discard(directory)
     assert not build_dir.exists()

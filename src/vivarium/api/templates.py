@@ -15,7 +15,7 @@ import re
 import secrets
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +82,7 @@ class TemplateCatalog:
         self.node = control.node
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: defaultdict[str, set[str]] = defaultdict(set)  # team -> its builds
+        self._building: Counter[str] = Counter()  # template -> its builds under way
 
     async def reconcile(self) -> None:
         await store.interrupt_builds(self.engine)
@@ -124,8 +125,6 @@ class TemplateCatalog:
         name, tag = split_name(raw)
         check_name(name)
         tags = check_tags(body.get("tags") or ([tag] if tag else [DEFAULT_TAG]))
-        if DEFAULT_TAG not in tags and tag is None and not body.get("tags"):
-            tags.append(DEFAULT_TAG)
         cpu, memory = body.get("cpuCount"), body.get("memoryMB")
         for key, value in (("cpuCount", cpu), ("memoryMB", memory)):
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -192,10 +191,16 @@ class TemplateCatalog:
                                     "wait for one to finish")  # fmt: skip
         build_log = self.node.builds.open_log(build_id)
         running.add(build_id)
+        self._building[row["id"]] += 1
         task = asyncio.create_task(self._run(row, build, base, request, build_log))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda _: running.discard(build_id))
+
+        def done(_: object) -> None:
+            self._tasks.discard(task)
+            running.discard(build_id)
+            self._building[row["id"]] -= 1
+
+        task.add_done_callback(done)
 
     async def _base(self, team: Row, request: build_request.BuildRequest) -> str:
         """The template name on the node the build starts from."""
@@ -283,6 +288,9 @@ class TemplateCatalog:
         row = await store.team_template(self.engine, team["id"], template_id)
         if row is None:
             return False
+        if self._building[row["id"]]:
+            raise Conflict(f"template {template_id!r} has a build under way",
+                           "delete it once the build has finished")  # fmt: skip
         in_use = await store.template_in_use(self.engine, row["id"])
         await store.drop_team_template(self.engine, row["id"])
         await asyncio.to_thread(self.node.builds.remove_template, row["id"], builds=not in_use)

@@ -111,7 +111,7 @@ class TemplateBuilds:
                     template = await build_template(
                         runtime, self.node.templates, base, template_id, build_id, request,
                         self.files(template_id), slot, self.node.default_resources(base),
-                        build_log,
+                        build_log, self.node.settings.cache_dir,
                     )  # fmt: skip
         except BuildFailed as exc:
             build_log.fail(exc.message, exc.step)

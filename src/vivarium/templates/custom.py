@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import json
+import logging
 import re
 import shutil
 import time
@@ -88,11 +90,67 @@ def make_rootfs(build_dir: Path, size_bytes: int) -> None:
     disk.mount(image, build_dir / "rootfs")
 
 
+log = logging.getLogger(__name__)
+_caching = asyncio.Lock()  # one build makes a base's cached image; the others wait for it
+
+
+async def fresh_rootfs(base: Template, build_dir: Path, size: int, cache: Path) -> None:
+    """The base's files on a rootfs image of the build's own. A built-in base's files are put
+    on an image once (per base build and size) and kept in `cache`: each build then copies that
+    one sparse file, seconds faster than copying the base's ~15,000 files."""
+    if "recipe_hash" not in base.manifest:  # a team's template: its image is mounted, in use
+        await asyncio.to_thread(make_rootfs, build_dir, size)
+        await run(["cp", "-a", f"{base.rootfs}/.", str(build_dir / "rootfs")],
+                  timeout=STEP_TIMEOUT_S)  # fmt: skip
+        return
+    cached = cache / f"rootfs-{base.name}-{base.build_id}-{size >> 20}.img"
+    async with _caching:
+        if not cached.exists():
+            partial = cache / f".{cached.name}.partial"
+            await asyncio.to_thread(disk.discard, partial)
+            partial.mkdir(parents=True)
+            try:
+                await asyncio.to_thread(make_rootfs, partial, size)
+                await run(["cp", "-a", f"{base.rootfs}/.", str(partial / "rootfs")],
+                          timeout=STEP_TIMEOUT_S)  # fmt: skip
+                await run(["umount", str(partial / "rootfs")])
+                (partial / ROOTFS_IMAGE).rename(cached)
+            finally:
+                await asyncio.to_thread(disk.discard, partial)
+            for old in cache.glob(f"rootfs-{base.name}-*.img"):
+                if old != cached:  # of an earlier build of the base: no build copies it again
+                    old.unlink()
+    image = build_dir / ROOTFS_IMAGE
+    await run(["cp", "--sparse=always", str(cached), str(image)], timeout=STEP_TIMEOUT_S)
+    await asyncio.to_thread(disk.mount, image, build_dir / "rootfs")
+
+
+BUILD_LOCK = ".building"
+
+
+def _building(build_dir: Path) -> bool:
+    """Whether a live process holds the build's lock (builds hold it until they end)."""
+    try:
+        with (build_dir / BUILD_LOCK).open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def mount_rootfs_images(store: TemplateStore) -> int:
     """Mount the rootfs of every team template build (at a node's start: mounts do not
-    survive a host restart); returns how many were mounted."""
+    survive a host restart); returns how many were mounted. A build a restart cut short (no
+    manifest: never published) is removed."""
     mounted = 0
     for image in store.root.glob(f"*/builds/*/{ROOTFS_IMAGE}"):
+        if not (image.parent / "manifest.json").exists():
+            if not _building(image.parent):  # another server's build, under way
+                log.warning("removing %s, a template build that did not finish", image.parent)
+                disk.discard(image.parent)
+            continue
         rootfs = image.parent / "rootfs"
         if not rootfs.is_mount():
             disk.mount(image, rootfs)
@@ -148,8 +206,9 @@ class Build:
     """One build: its directory, slot and two containers."""
 
     def __init__(self, runtime: Runsc, base: Template, build_dir: Path, files: Path, slot: Slot,
-                 resources: Resources, log: BuildLog) -> None:  # fmt: skip
+                 resources: Resources, log: BuildLog, cache: Path) -> None:  # fmt: skip
         self.runtime, self.base, self.build_dir, self.files = runtime, base, build_dir, files
+        self.cache = cache
         self.slot, self.resources, self.log = slot, resources, log
         self.rootfs = build_dir / "rootfs"
         self.shell = ["/bin/bash", "-c"]
@@ -161,10 +220,8 @@ class Build:
         # can write is bounded (the base's size and the sandbox disk's room), not the host's.
         used = int(self.base.manifest.get("rootfs_bytes") or 0)
         size = used + used // 8 + (self.resources.disk_mb << 20)
-        await asyncio.to_thread(make_rootfs, self.build_dir, size)
         self.log.add(f"copying the root filesystem of {self.base.name}", step="base")
-        await run(["cp", "-a", f"{self.base.rootfs}/.", str(self.rootfs)],
-                  timeout=STEP_TIMEOUT_S)  # fmt: skip
+        await fresh_rootfs(self.base, self.build_dir, size, self.cache)
         if not (self.rootfs / "bin/bash").exists():
             self.shell = ["/bin/sh", "-c"]
         cid = f"tbuild-{self.build_dir.name}"
@@ -391,13 +448,16 @@ class Build:
 async def build_template(
     runtime: Runsc, store: TemplateStore, base: Template, template_id: str, build_id: str,
     request: BuildRequest, files: Path, slot: Slot, resources: Resources, log: BuildLog,
+    cache: Path,
 ) -> Template:  # fmt: skip
     """Build, checkpoint and publish `template_id`'s build `build_id`; on failure nothing of it
     is left and the template's current build is unchanged."""
     build_dir = store.builds_dir(template_id) / build_id
     build_dir.mkdir(parents=True)
+    lock = (build_dir / BUILD_LOCK).open("a")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # until this process ends it: see mount_rootfs_images
     try:
-        build = Build(runtime, base, build_dir, files, slot, resources, log)
+        build = Build(runtime, base, build_dir, files, slot, resources, log, cache)
         ctx = await build.apply(request)
         await build.start_and_checkpoint(request, ctx)
         manifest: dict[str, Any] = {
@@ -418,6 +478,8 @@ async def build_template(
     except BaseException:
         await asyncio.to_thread(disk.discard, build_dir)
         raise
+    finally:
+        lock.close()
     store.publish(template_id, build_dir)
     log.add(
         f"template built: checkpoint {manifest['checkpoint_bytes'] >> 20} MiB, "
