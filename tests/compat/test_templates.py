@@ -117,6 +117,11 @@ def test_a_template_from_a_template_tags_exists_and_delete(
         finally:
             sbx.kill()
         assert Template.exists(derived)
+        # The same steps again: the kept build is the result, nothing is built.
+        again: list[LogEntry] = []
+        Template.build(template, derived, on_build_logs=again.append)
+        assert any("nothing to build" in e.message for e in again), [e.message for e in again]
+        assert not any(e.message.startswith("[1/") for e in again)
         Template.assign_tags(f"{derived}:default", ["stable"])
         assert {t.tag for t in Template.get_tags(derived)} == {"default", "stable"}
         tagged = Sandbox.create(f"{derived}:stable")

@@ -110,3 +110,29 @@ def test_team_template_rootfs_images_are_mounted_again_at_start(tmp_path: Path) 
         for directory in (build_dir, unfinished, running):
             disk.discard(directory)
     assert not build_dir.exists()
+
+
+def test_a_build_is_keyed_by_everything_its_result_depends_on() -> None:
+    def request(**changes: object) -> dict[str, object]:
+        body: dict[str, object] = {
+            "fromTemplate": "base", "startCmd": "serve", "readyCmd": "true",
+            "steps": [{"type": "RUN", "args": ["apt-get update"]},
+                      {"type": "COPY", "args": ["a", "/a"], "filesHash": HASH},
+                      {"type": "ENV", "args": ["A", "1"]}],
+        }  # fmt: skip
+        return {**body, **changes}
+
+    key = parse(request()).key("base/1", "runsc")
+    assert parse(request()).key("base/1", "runsc") == key
+    assert parse(request(force=False)).key("base/1", "runsc") == key
+    assert parse(request()).key("base/2", "runsc") != key  # a rebuilt base
+    assert parse(request()).key("base/1", "runsc-2") != key
+    assert parse(request(startCmd="serve --debug")).key("base/1", "runsc") != key
+    middle = request()
+    middle["steps"][1]["filesHash"] = "b" * 64  # type: ignore[index]
+    assert parse(middle).key("base/1", "runsc") != key  # the copied files changed
+    assert not parse(request()).force
+    assert parse(request(force=True)).force
+    forced_step = request()
+    forced_step["steps"][0]["force"] = True  # type: ignore[index]
+    assert parse(forced_step).force

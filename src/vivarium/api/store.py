@@ -385,8 +385,9 @@ async def update_build(engine: AsyncEngine, build_id: str, **values: Any) -> Non
         )
 
 
-async def build_ready(engine: AsyncEngine, build: Row, tags: Sequence[str]) -> None:
-    """The build is what creates of the template (and of each tag) use from now on."""
+async def build_ready(engine: AsyncEngine, build: Row, made: str, tags: Sequence[str]) -> None:
+    """The build is done; what it made (its own files, or an earlier build's it was the same
+    as) is what creates of the template (and of each tag) use from now on."""
     now = time.time()
     template_id = build["template_id"]
     async with engine.begin() as conn:
@@ -396,9 +397,9 @@ async def build_ready(engine: AsyncEngine, build: Row, tags: Sequence[str]) -> N
         )  # fmt: skip
         await conn.execute(
             update(team_templates).where(team_templates.c.id == template_id)
-            .values(build_id=build["id"], updated_at=now)
+            .values(build_id=made, updated_at=now)
         )  # fmt: skip
-        await _tag(conn, template_id, build["id"], tags, now)
+        await _tag(conn, template_id, made, tags, now)
 
 
 async def _tag(conn: AsyncConnection, template_id: str, build_id: str, tags: Sequence[str],

@@ -224,7 +224,7 @@ class TemplateCatalog:
                    build_log: BuildLog) -> None:  # fmt: skip
         await store.update_build(self.engine, build["id"], status="building")
         try:
-            await self.node.builds.run(row["id"], build["id"], base, request)
+            made = await self.node.builds.run(row["id"], build["id"], base, request)
         except VivariumError as exc:
             await store.update_build(
                 self.engine,
@@ -245,7 +245,8 @@ class TemplateCatalog:
                 finished_at=time.time(),
             )
             return
-        await store.build_ready(self.engine, build, build["tags"])
+        # A build the same as an earlier one is that one (it was kept): creates use its files.
+        await store.build_ready(self.engine, build, made.build_id, build["tags"])
 
     async def status(
         self, team: Row, template_id: str, build_id: str, offset: int, limit: int, level: str | None

@@ -8,8 +8,11 @@ until it succeeds, and the sandbox is checkpointed with the program running.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from vivarium.errors import InvalidArgument
@@ -58,10 +61,23 @@ class BuildRequest:
     steps: tuple[Step, ...]
     start_cmd: str | None = None
     ready_cmd: str | None = None
+    force: bool = False  # build again even if an earlier build did the very same
 
     @property
     def files(self) -> set[str]:
         return {s.files_hash for s in self.steps if s.files_hash}
+
+    def key(self, base_build: str, runtime: str) -> str:
+        """What the build's result depends on: the base's build, the steps (COPY's by the hash
+        of its files), the start and ready commands, the runsc that checkpoints, and how we
+        build (this package's code)."""
+        h = hashlib.sha256()
+        steps = [json.dumps([s.type, s.args, s.files_hash]) for s in self.steps]
+        for part in (base_build, runtime, self.start_cmd or "", self.ready_cmd or "", *steps):
+            h.update(part.encode() + b"\0")
+        for source in sorted(Path(__file__).parent.glob("*.py")):
+            h.update(source.read_bytes())
+        return h.hexdigest()
 
 
 def _text(body: dict[str, Any], key: str) -> str | None:
@@ -123,4 +139,6 @@ def parse(body: dict[str, Any]) -> BuildRequest:
         steps=tuple(_step(i, s) for i, s in enumerate(steps)),
         start_cmd=_text(body, "startCmd") or None,
         ready_cmd=_text(body, "readyCmd") or None,
+        force=body.get("force") is True
+        or any(isinstance(s, dict) and s.get("force") is True for s in steps),
     )

@@ -445,6 +445,18 @@ class Build:
         shutil.rmtree(self.build_dir / f"bundle-{cid}", ignore_errors=True)
 
 
+def _built_before(store: TemplateStore, template_id: str, key: str) -> Template | None:
+    """A finished build of the template from the very same request, if one is kept."""
+    for manifest_file in store.builds_dir(template_id).glob("*/manifest.json"):
+        try:
+            manifest = json.loads(manifest_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if manifest.get("key") == key:
+            return Template(template_id, manifest_file.parent, manifest)
+    return None
+
+
 async def build_template(
     runtime: Runsc, store: TemplateStore, base: Template, template_id: str, build_id: str,
     request: BuildRequest, files: Path, slot: Slot, resources: Resources, log: BuildLog,
@@ -452,6 +464,13 @@ async def build_template(
 ) -> Template:  # fmt: skip
     """Build, checkpoint and publish `template_id`'s build `build_id`; on failure nothing of it
     is left and the template's current build is unchanged."""
+    key = request.key(f"{base.name}/{base.build_id}",
+                      f"{runtime.probe.runsc_version}|{runtime.probe.platform}")  # fmt: skip
+    if not request.force and (same := _built_before(store, template_id, key)) is not None:
+        log.add(f"the same as build {same.build_id}, which is kept: nothing to build "
+                "(force a build with skip_cache)", step=FINALIZE_STEP)  # fmt: skip
+        store.publish(template_id, same.build_dir)
+        return same
     build_dir = store.builds_dir(template_id) / build_id
     build_dir.mkdir(parents=True)
     lock = (build_dir / BUILD_LOCK).open("a")
@@ -463,6 +482,7 @@ async def build_template(
         manifest: dict[str, Any] = {
             "name": template_id,
             "build_id": build_id,
+            "key": key,
             "base": {"name": base.name, "build_id": base.build_id},
             "runsc_version": runtime.probe.runsc_version,
             "platform": runtime.probe.platform,
