@@ -123,6 +123,10 @@ class Settings:
     # CA certificates (PEM) the egress proxy trusts, beside the host's, when it connects on to
     # hosts whose requests it adds headers to (an internal CA, say).
     egress_ca_file: Path | None = None
+    # Where `from_image` names without a registry are pulled from (Docker Hub by default), and
+    # registries reached over plain HTTP (host[:port], e.g. one on the operator's network).
+    registry_mirror: str = ""
+    registry_insecure: tuple[str, ...] = field(default_factory=tuple)
     default_timeout_s: int = 300
     max_timeout_s: int = 24 * 3600
     default_memory_mb: int = 1024
@@ -171,6 +175,8 @@ class Settings:
             egress_allow=_env_list("EGRESS_ALLOW"),
             egress_dns=_env_list("EGRESS_DNS"),
             egress_ca_file=Path(f) if (f := _env("EGRESS_CA_FILE", "")) else None,
+            registry_mirror=_env("REGISTRY_MIRROR", ""),
+            registry_insecure=_env_list("REGISTRY_INSECURE"),
             default_timeout_s=_env_int("DEFAULT_TIMEOUT", 300),
             max_timeout_s=_env_int("MAX_TIMEOUT", 24 * 3600),
             default_memory_mb=_env_int("DEFAULT_MEMORY_MB", 1024),

@@ -17,6 +17,8 @@ from tests.integration.support import TEMPLATE_DIR, Server, make_server
 API_PORT = 3110  # proxy on API_PORT + 1000
 WEBHOOK_PORT = 3119  # the session's webhook receiver (lifecycle events)
 WEBHOOK_SECRET = "compat-webhook-secret-0123456789"
+# The tests' own OCI registry (test_template_images.py), the server's mirror for image names.
+REGISTRY = "127.0.0.1:3132"
 
 
 class Webhook(BaseHTTPRequestHandler):
@@ -64,6 +66,7 @@ def compat(internet: dict[str, str]) -> Iterator[Compat]:
                       team_max_sandboxes="30", slot_prewarm="8",
                       warm_pool="base=2,code-interpreter-v1=1", team_max_volumes="6",
                       volume_size_mb="64", webhook_secret=WEBHOOK_SECRET,
+                      registry_mirror=REGISTRY, registry_insecure=REGISTRY,
                       **internet,
                       webhook_url=f"http://127.0.0.1:{WEBHOOK_PORT}/events")  # fmt: skip
     hook = ThreadingHTTPServer(("127.0.0.1", WEBHOOK_PORT), Webhook)

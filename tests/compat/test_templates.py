@@ -53,10 +53,12 @@ def built(compat: Compat, context: Path) -> Iterator[tuple[str, list[LogEntry]]]
         )
     )
     logs: list[LogEntry] = []
-    Template.build(template, name, on_build_logs=logs.append)
-    yield name, logs
-    with compat.admin() as http:
-        http.delete(f"/templates/{name}")
+    try:
+        Template.build(template, name, on_build_logs=logs.append)
+        yield name, logs
+    finally:
+        with compat.admin() as http:
+            http.delete(f"/templates/{name}")
 
 
 def test_a_template_built_with_the_sdk_starts_with_its_files_settings_and_server(
@@ -102,8 +104,8 @@ def test_a_template_from_a_template_tags_exists_and_delete(
         .copy("notes.txt", "/home/user/notes.txt")
         .run_cmd("cat /home/user/who.txt /home/user/notes.txt > /home/user/both.txt")
     )
-    Template.build(template, derived, on_build_logs=logs.append)
     try:
+        Template.build(template, derived, on_build_logs=logs.append)
         # Its COPY was uploaded once and is now kept: the next build skips the upload.
         assert "Uploaded 'notes.txt'" in [e.message for e in logs]
         files_hash = calculate_files_hash("notes.txt", "/home/user/notes.txt", str(context), [],
@@ -176,7 +178,8 @@ def test_bad_build_requests(compat: Compat) -> None:
         tid, bid = made["templateID"], made["buildID"]
         start = f"/v2/templates/{tid}/builds/{bid}"
         cases = [
-            ({"fromImage": "python:3.12", "steps": []}, 400, "pulled"),
+            ({"fromImage": "python:3.12", "fromImageRegistry": {"type": "gcp"}}, 400,
+             "only type"),
             ({"fromImage": "debian:stable", "fromTemplate": "base"}, 400, "exactly one"),
             ({"fromTemplate": "base", "steps": [{"type": "FROB", "args": []}]}, 400, "type"),
             ({"fromTemplate": "base", "steps": [{"type": "COPY", "args": ["a", "/b"]}]}, 400,

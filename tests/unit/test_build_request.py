@@ -14,6 +14,7 @@ from vivarium.runtime import disk
 from vivarium.templates.build_log import MAX_ENTRIES, BuildLog
 from vivarium.templates.build_request import builtin_for_image, parse
 from vivarium.templates.custom import BUILD_LOCK, make_rootfs, mount_rootfs_images
+from vivarium.templates.oci import Registry
 from vivarium.templates.store import TemplateStore
 
 HASH = "a" * 64
@@ -53,8 +54,8 @@ def test_a_request_as_the_client_sends_it() -> None:
     ("body", "words"),
     [
         ({}, "exactly one"),
-        ({"fromImage": "alpine:3.20"}, "pulled"),
-        ({"fromTemplate": "base", "fromImageRegistry": {"type": "registry"}}, "registries"),
+        ({"fromImage": "alpine", "fromImageRegistry": {"type": "registry"}}, "username"),
+        ({"fromImage": "alpine", "fromImageRegistry": {"type": "aws"}}, "only type"),
         ({"fromTemplate": "base", "steps": "RUN ls"}, "list"),
         ({"fromTemplate": "base", "steps": [{"type": "ADD", "args": ["x"]}]}, "type"),
         ({"fromTemplate": "base", "steps": [{"type": "RUN", "args": []}]}, "RUN takes"),
@@ -136,3 +137,19 @@ def test_a_build_is_keyed_by_everything_its_result_depends_on() -> None:
     forced_step = request()
     forced_step["steps"][0]["force"] = True  # type: ignore[index]
     assert parse(forced_step).force
+
+
+def test_image_names_go_to_the_mirror_unless_they_name_a_registry() -> None:
+    mirror = Registry(mirror="127.0.0.1:3132", insecure=("127.0.0.1:3132",))
+    assert mirror.reference("python:3.12") == "docker://127.0.0.1:3132/library/python:3.12"
+    assert mirror.reference("team/app:1") == "docker://127.0.0.1:3132/team/app:1"
+    assert mirror.reference("ghcr.io/team/app:1") == "docker://ghcr.io/team/app:1"
+    assert mirror.reference("localhost/app") == "docker://localhost/app"
+    assert Registry().reference("python") == "docker://docker.io/library/python"
+    reference = mirror.reference("python:3.12")
+    assert mirror.flags(reference, "src-") == ["--src-tls-verify=false"]
+    assert mirror.flags(reference) == ["--tls-verify=false"]
+    assert Registry(credentials="u:p").flags(reference, "src-") == ["--src-creds=u:p"]
+    for bad in ("Python", "a b", "../x", "-flag", ""):
+        with pytest.raises(InvalidArgument):
+            mirror.reference(bad)

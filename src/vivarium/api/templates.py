@@ -29,6 +29,7 @@ from vivarium.errors import (
     VivariumError,
 )
 from vivarium.node.records import ID_ALPHABET
+from vivarium.node.template_builds import IMAGE_BASE
 from vivarium.templates import build_request
 from vivarium.templates.build_log import BuildLog
 from vivarium.templates.recipe import RECIPES
@@ -206,8 +207,7 @@ class TemplateCatalog:
         """The template name on the node the build starts from."""
         if request.from_image is not None:
             builtin = build_request.builtin_for_image(request.from_image)
-            assert builtin is not None  # parse() refused the others
-            return builtin
+            return builtin or IMAGE_BASE + request.from_image
         assert request.from_template is not None
         resolved = await self.resolve(team, request.from_template)
         if resolved is not None:

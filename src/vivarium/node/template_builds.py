@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -23,16 +24,20 @@ from vivarium.errors import InvalidArgument, VivariumError
 from vivarium.network.addressing import Slot
 from vivarium.network.egress import Egress
 from vivarium.runtime import disk
+from vivarium.runtime.bundle import base_spec
+from vivarium.templates import oci
 from vivarium.templates.build_log import BuildLog
 from vivarium.templates.build_request import BASE_STEP, BuildRequest
 from vivarium.templates.custom import BuildFailed, build_template
-from vivarium.templates.store import Template, validate_name
+from vivarium.templates.recipe import GUEST_PREFIX, HOSTNAME
+from vivarium.templates.store import Template, dir_size, validate_name
 
 if TYPE_CHECKING:
     from vivarium.node.node import Node
 
 log = logging.getLogger(__name__)
 
+IMAGE_BASE = "image:"  # a base that is an OCI image, not a template: image:<reference>
 MAX_BUILDS = 2
 MAX_LOGS = 200  # finished builds' logs kept in memory, newest first
 BUILD_EGRESS = Egress()
@@ -94,7 +99,12 @@ class TemplateBuilds:
         """Build it (in turn with other builds); raises with the log already saying why."""
         build_log = self.logs.get(build_id) or self.open_log(build_id)
         try:
-            base = self.node.templates.get(base_name)
+            guest = None
+            if base_name.startswith(IMAGE_BASE):
+                guest = self.node.templates.get("base")  # our guest, put into the image
+                base = await self._image(base_name.removeprefix(IMAGE_BASE), request, build_log)
+            else:
+                base = self.node.templates.get(base_name)
             missing = [h for h in request.files if not self.has_file(template_id, h)]
             if missing:
                 raise BuildFailed(f"the files of a COPY step were not uploaded ({missing[0]})",
@@ -111,7 +121,7 @@ class TemplateBuilds:
                     template = await build_template(
                         runtime, self.node.templates, base, template_id, build_id, request,
                         self.files(template_id), slot, self.node.default_resources(base),
-                        build_log, self.node.settings.cache_dir,
+                        build_log, self.node.settings.cache_dir, guest,
                     )  # fmt: skip
         except BuildFailed as exc:
             build_log.fail(exc.message, exc.step)
@@ -125,6 +135,33 @@ class TemplateBuilds:
             raise
         build_log.status = "ready"
         return template
+
+    async def _image(self, image: str, request: BuildRequest, build_log: BuildLog) -> Template:
+        """An OCI image as a build's base: pulled once per digest, with the spec our guest boots
+        it with (its init runs on the image's own Python 3, for now)."""
+        settings = self.node.settings
+        registry = oci.Registry(settings.registry_mirror, settings.registry_insecure,
+                                request.credentials)  # fmt: skip
+        pulled = await oci.pull(registry, image, settings.cache_dir,
+                                lambda m: build_log.add(m, step=BASE_STEP))  # fmt: skip
+        if not os.path.lexists(pulled.rootfs / "usr/bin/python3"):
+            raise BuildFailed(f"image {image!r} has no /usr/bin/python3, which the sandbox's "
+                              "agent (envd) needs on this server for now", BASE_STEP)  # fmt: skip
+        bundle = pulled.rootfs.parent
+        env = [e for e in pulled.env if not e.startswith("PATH=")]
+        env += [d for d in ("LANG=C.UTF-8", "HOME=/root")
+                if not any(e.startswith(d.split("=")[0] + "=") for e in env)]  # fmt: skip
+        spec = base_spec(pulled.rootfs, ["/usr/bin/python3", f"{GUEST_PREFIX}/guest/init.py"],
+                         env, HOSTNAME, settings.default_pids, bundle / "volume-hub")  # fmt: skip
+        (bundle / "spec.json").write_text(json.dumps(spec, indent=1))
+        sized = bundle / "rootfs-bytes"
+        if not sized.exists():
+            sized.write_text(str(await asyncio.to_thread(dir_size, pulled.rootfs)))
+        digest = pulled.digest.removeprefix("sha256:")
+        manifest = {"build_id": digest[:24], "recipe_hash": pulled.digest, "disk_mb": 0,
+                    "rootfs_bytes": int(sized.read_text()), "image": pulled.reference,
+                    "env": list(pulled.env), "workdir": pulled.workdir}  # fmt: skip
+        return Template(f"image-{digest[:12]}", bundle, manifest)
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[Slot]:

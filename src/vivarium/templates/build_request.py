@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ class BuildRequest:
     start_cmd: str | None = None
     ready_cmd: str | None = None
     force: bool = False  # build again even if an earlier build did the very same
+    credentials: str | None = field(default=None, repr=False)  # user:password, for the pull
 
     @property
     def files(self) -> set[str]:
@@ -116,20 +117,26 @@ def _step(index: int, raw: Any) -> Step:
     return Step(kind, tuple(args), files_hash if kind == "COPY" else None)
 
 
+def _registry_credentials(raw: Any) -> str | None:
+    """`from_image(..., username=, password=)`; AWS and GCP registries are not supported."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or raw.get("type") != "registry":
+        raise InvalidArgument(
+            "fromImageRegistry: only type 'registry' (username and password) is supported",
+            "use from_image(name, username=..., password=...)",
+        )
+    user, password = raw.get("username"), raw.get("password")
+    if not (isinstance(user, str) and isinstance(password, str) and user and ":" not in user):
+        raise InvalidArgument("fromImageRegistry needs a username (without ':') and a password")
+    return f"{user}:{password}"
+
+
 def parse(body: dict[str, Any]) -> BuildRequest:
     from_template, from_image = _text(body, "fromTemplate"), _text(body, "fromImage")
     if (from_template is None) == (from_image is None):
         raise InvalidArgument("a build starts from exactly one of fromTemplate and fromImage")
-    if body.get("fromImageRegistry") is not None:
-        raise InvalidArgument(
-            "images from private registries are not supported yet",
-            "start from_debian_image(), from_base_image() or from_template()",
-        )
-    if from_image is not None and builtin_for_image(from_image) is None:
-        raise InvalidArgument(
-            f"image {from_image!r} would have to be pulled, which this server does not do yet",
-            "start from_debian_image(), from_base_image() or from_template()",
-        )
+    credentials = _registry_credentials(body.get("fromImageRegistry"))
     steps = body.get("steps") or []
     if not isinstance(steps, list) or len(steps) > MAX_STEPS:
         raise InvalidArgument(f"steps must be a list of at most {MAX_STEPS}")
@@ -139,6 +146,7 @@ def parse(body: dict[str, Any]) -> BuildRequest:
         steps=tuple(_step(i, s) for i, s in enumerate(steps)),
         start_cmd=_text(body, "startCmd") or None,
         ready_cmd=_text(body, "readyCmd") or None,
+        credentials=credentials,
         force=body.get("force") is True
         or any(isinstance(s, dict) and s.get("force") is True for s in steps),
     )

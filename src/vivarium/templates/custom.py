@@ -40,6 +40,7 @@ from vivarium.runtime.runsc import Runsc
 from vivarium.templates.build_log import BuildLog
 from vivarium.templates.build_request import FINALIZE_STEP, BuildRequest, Step
 from vivarium.templates.builder import wait_ready
+from vivarium.templates.recipe import GUEST_PREFIX, HOSTNAME
 from vivarium.templates.store import Template, TemplateStore, dir_size, sha256_dir
 
 FILES_MOUNT = "/.vivarium-build-files"
@@ -78,6 +79,32 @@ else
     if [ -d "$m" ]; then cp -a -- "$m/." "$dest/"; else cp -a -- "$m" "$dest/"; fi
   done
 fi
+"""
+# An image gets what our templates have: the guest (envd and its init), the user `user` who may
+# sudo, the sudo that works under this runsc, and the hostname and hosts every sandbox has.
+GUEST_MOUNT = "/.vivarium-guest"
+INJECT_SCRIPT = f"""set -e
+g={GUEST_MOUNT}
+mkdir -p {GUEST_PREFIX}
+cp -a "$g{GUEST_PREFIX}/." {GUEST_PREFIX}/
+if ! id -u user >/dev/null 2>&1; then
+  if command -v useradd >/dev/null; then useradd --create-home --uid 1000 --shell /bin/bash user
+  else adduser -D -u 1000 user; fi
+fi
+if command -v usermod >/dev/null; then
+  getent group sudo >/dev/null || groupadd sudo
+  usermod -aG sudo user
+else
+  addgroup sudo 2>/dev/null || true
+  addgroup user sudo
+fi
+if [ -e "$g/usr/local/bin/sudo" ]; then
+  mkdir -p /usr/local/bin && cp -a "$g/usr/local/bin/sudo" /usr/local/bin/sudo
+fi
+mkdir -p /etc/sudoers.d && echo 'user ALL=(ALL:ALL) NOPASSWD: ALL' > /etc/sudoers.d/user
+chmod 0440 /etc/sudoers.d/user
+echo {HOSTNAME} > /etc/hostname
+grep -qs localhost /etc/hosts || printf '127.0.0.1 localhost\n::1 localhost\n' >> /etc/hosts
 """
 # WORKDIR: made if missing, owned by the user the next steps run as (they write there).
 WORKDIR_SCRIPT = 'set -e; [ -d "$1" ] || { mkdir -p -- "$1" && chown -- "$2" "$1"; }'
@@ -206,9 +233,11 @@ class Build:
     """One build: its directory, slot and two containers."""
 
     def __init__(self, runtime: Runsc, base: Template, build_dir: Path, files: Path, slot: Slot,
-                 resources: Resources, log: BuildLog, cache: Path) -> None:  # fmt: skip
+                 resources: Resources, log: BuildLog, cache: Path,
+                 guest: Template | None = None) -> None:  # fmt: skip
         self.runtime, self.base, self.build_dir, self.files = runtime, base, build_dir, files
         self.cache = cache
+        self.guest = guest  # an image's base: the template whose guest it gets
         self.slot, self.resources, self.log = slot, resources, log
         self.rootfs = build_dir / "rootfs"
         self.shell = ["/bin/bash", "-c"]
@@ -229,8 +258,16 @@ class Build:
         spec["mounts"].append({"destination": FILES_MOUNT, "type": "bind",
                                "source": str(self.files),
                                "options": ["rbind", "ro", "nosuid", "nodev"]})  # fmt: skip
+        if self.guest is not None:
+            spec["mounts"].append({"destination": GUEST_MOUNT, "type": "bind",
+                                   "source": str(self.guest.rootfs),
+                                   "options": ["rbind", "ro", "nosuid", "nodev"]})  # fmt: skip
         await self._boot(cid, spec, disk_dir=None)
         try:
+            if self.guest is not None:
+                self.log.add("adding the sandbox agent (envd) and the user `user`", step="base")
+                root = Context("root", Identity(0, 0, "/root"), "/")
+                await self._exec(cid, ["/bin/sh", "-c", INJECT_SCRIPT], root, "base")
             ctx = await self._initial_context(cid)
             for index, step in enumerate(request.steps, start=1):
                 self.log.add(f"[{index}/{len(request.steps)}] {step.text}", step=str(index))
@@ -240,12 +277,14 @@ class Build:
             await self._remove(cid)
 
     async def _initial_context(self, cid: str) -> Context:
-        # E2B's templates run as `user` in its home unless told otherwise, unlike Docker.
+        # E2B's templates run as `user` in its home unless told otherwise, unlike Docker. An
+        # image's ENV is the template's first (its PATH included).
+        env = dict(e.split("=", 1) for e in self.base.manifest.get("env", []) if "=" in e)
         try:
             identity = await self._identity(cid, "user")
-            return Context("user", identity, identity.home)
+            return Context("user", identity, identity.home, env)
         except BuildFailed:
-            return Context("root", Identity(0, 0, "/root"), "/root")
+            return Context("root", Identity(0, 0, "/root"), "/root", env)
 
     async def _identity(self, cid: str, user: str, step: str = "base") -> Identity:
         name, _, group = user.partition(":")
@@ -325,10 +364,14 @@ class Build:
         await self._boot(cid, spec, disk_dir=self.build_dir / "boot")
         try:
             self.log.add("waiting for envd", step=FINALIZE_STEP)
-            await wait_ready(self.slot.router_ip, ENVD_PORT, "envd")
-            for name, port in self._services():
-                self.log.add(f"waiting for {name} on port {port}", step=FINALIZE_STEP)
-                await wait_ready(self.slot.router_ip, port, name)
+            try:
+                await wait_ready(self.slot.router_ip, ENVD_PORT, "envd")
+                for name, port in self._services():
+                    self.log.add(f"waiting for {name} on port {port}", step=FINALIZE_STEP)
+                    await wait_ready(self.slot.router_ip, port, name)
+            except RuntimeFailure:
+                self._console_tail(cid)
+                raise
             await self._init_envd(ctx)
             if request.start_cmd:
                 self.log.add(f"starting: {request.start_cmd[:200]}", step=FINALIZE_STEP)
@@ -429,16 +472,22 @@ class Build:
         if disk_dir is not None:
             filestore = await asyncio.to_thread(disk.create, disk_dir,
                                                 self.resources.disk_mb << 20)  # fmt: skip
-        console = self.build_dir / f"{cid}.log"
         try:
-            await self.runtime.start(cid, bundle, filestore, console)
+            await self.runtime.start(cid, bundle, filestore, self.build_dir / f"{cid}.log")
         except RuntimeFailure:
-            tail = console.read_text(errors="replace").strip().splitlines()[-5:]
-            for line in tail:
-                self.log.add(f"runsc: {line}", "warn")
+            self._console_tail(cid)
             raise
         if disk_dir is not None:
             await asyncio.to_thread(disk.hold_back, disk_dir)
+
+    def _console_tail(self, cid: str, lines: int = 10) -> None:
+        """What the container and runsc printed last: why it did not start or answer."""
+        try:
+            text = (self.build_dir / f"{cid}.log").read_text(errors="replace")
+        except OSError:
+            return
+        for line in text.strip().splitlines()[-lines:]:
+            self.log.add(f"console: {line}", "warn", FINALIZE_STEP)
 
     async def _remove(self, cid: str) -> None:
         await self.runtime.delete(cid)
@@ -460,11 +509,11 @@ def _built_before(store: TemplateStore, template_id: str, key: str) -> Template 
 async def build_template(
     runtime: Runsc, store: TemplateStore, base: Template, template_id: str, build_id: str,
     request: BuildRequest, files: Path, slot: Slot, resources: Resources, log: BuildLog,
-    cache: Path,
+    cache: Path, guest: Template | None = None,
 ) -> Template:  # fmt: skip
     """Build, checkpoint and publish `template_id`'s build `build_id`; on failure nothing of it
     is left and the template's current build is unchanged."""
-    key = request.key(f"{base.name}/{base.build_id}",
+    key = request.key(f"{base.name}/{base.build_id}/{guest.build_id if guest else ''}",
                       f"{runtime.probe.runsc_version}|{runtime.probe.platform}")  # fmt: skip
     if not request.force and (same := _built_before(store, template_id, key)) is not None:
         log.add(f"the same as build {same.build_id}, which is kept: nothing to build "
@@ -476,7 +525,7 @@ async def build_template(
     lock = (build_dir / BUILD_LOCK).open("a")
     fcntl.flock(lock, fcntl.LOCK_EX)  # until this process ends it: see mount_rootfs_images
     try:
-        build = Build(runtime, base, build_dir, files, slot, resources, log, cache)
+        build = Build(runtime, base, build_dir, files, slot, resources, log, cache, guest)
         ctx = await build.apply(request)
         await build.start_and_checkpoint(request, ctx)
         manifest: dict[str, Any] = {
