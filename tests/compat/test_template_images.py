@@ -4,6 +4,7 @@ they make from our own debootstrap (umoci, skopeo). Nothing is pulled from a pub
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 import uuid
@@ -20,6 +21,7 @@ from tests.integration.support import TEMPLATE_DIR
 
 pytestmark = pytest.mark.timeout(900)
 IMAGE = "vivarium-tests/debian:12"  # a name without a registry: the mirror's
+BARE = "vivarium-tests/busybox:1"
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +54,71 @@ def debian_image(registry: str, tmp_path_factory: pytest.TempPathFactory) -> str
     """Our own debootstrap of Debian 12 (what `make` built the templates from: no guest, no
     `user`), as an image with an ENV and a working directory of its own, pushed to the registry."""
     pristine = next((Path(TEMPLATE_DIR).parent / "cache").glob("debootstrap-bookworm-*"))
-    layout = tmp_path_factory.mktemp("oci") / "layout"
+    _push(tmp_path_factory.mktemp("oci") / "layout", "12", pristine, registry, IMAGE,
+          "--config.env", "IMAGE_MARK=from-registry", "--config.env",
+          "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")  # fmt: skip
+    return IMAGE
+
+
+def _push(layout: Path, tag: str, source: Path, registry: str, image: str,
+          *config: str) -> None:  # fmt: skip
     for argv in (
         ["umoci", "init", "--layout", str(layout)],
-        ["umoci", "new", "--image", f"{layout}:12"],
-        ["umoci", "insert", "--image", f"{layout}:12", str(pristine), "/"],
-        ["umoci", "config", "--image", f"{layout}:12", "--config.env", "IMAGE_MARK=from-registry",
-         "--config.env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-        ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:12",
-         f"docker://{registry}/{IMAGE}"],
+        ["umoci", "new", "--image", f"{layout}:{tag}"],
+        ["umoci", "insert", "--image", f"{layout}:{tag}", str(source), "/"],
+        ["umoci", "config", "--image", f"{layout}:{tag}", *config],
+        ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:{tag}",
+         f"docker://{registry}/{image}"],
     ):  # fmt: skip
         subprocess.run(argv, check=True, capture_output=True, timeout=600)
-    return IMAGE
+
+
+@pytest.fixture(scope="module")
+def bare_image(registry: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """No Python, no glibc, no package manager: static busybox and bash (Debian's), and the
+    files a Linux userland cannot do without."""
+    rootfs = tmp_path_factory.mktemp("bare") / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    shutil.copy2("/bin/busybox", rootfs / "bin/busybox")
+    shutil.copy2("/bin/bash-static", rootfs / "bin/bash")
+    applets = subprocess.run(["/bin/busybox", "--list"], check=True, capture_output=True,
+                             text=True).stdout.split()  # fmt: skip
+    for applet in applets:
+        if not (rootfs / "bin" / applet).exists():
+            (rootfs / "bin" / applet).symlink_to("busybox")
+    (rootfs / "etc").mkdir()
+    (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (rootfs / "etc/group").write_text("root:x:0:\n")
+    for directory in ("root", "tmp", "home"):
+        (rootfs / directory).mkdir()
+    (rootfs / "tmp").chmod(0o1777)
+    _push(rootfs.parent / "layout", "1", rootfs, registry, BARE, "--config.env",
+          "PATH=/usr/local/bin:/bin", "--config.env", "IMAGE_MARK=bare")  # fmt: skip
+    return BARE
+
+
+def test_a_template_from_an_image_without_python_or_glibc(compat: Compat, bare_image: str) -> None:
+    """envd runs on its own Python, loader and libraries; the image's programs are its own."""
+    name = f"bare-{uuid.uuid4().hex[:8]}"
+    try:
+        Template.build(Template().from_image(bare_image).run_cmd("echo made-here > ~/where.txt"),
+                       name)  # fmt: skip
+        sbx = Sandbox.create(name)
+        try:
+            shell = sbx.commands.run(
+                "cat where.txt; whoami; echo $IMAGE_MARK; ls /usr/bin/python3 2>/dev/null || "
+                "echo no-python; readlink /bin/ls"
+            )
+            assert shell.stdout.splitlines() == ["made-here", "user", "bare", "no-python",
+                                                 "busybox"]  # fmt: skip
+            sbx.files.write("/home/user/f.txt", "files work")
+            assert sbx.files.read("/home/user/f.txt") == "files work"
+            assert sbx.commands.run("sudo id -u").stdout == "0\n"
+        finally:
+            sbx.kill()
+    finally:
+        with compat.admin() as http:
+            http.delete(f"/templates/{name}")
 
 
 def test_a_template_from_an_image_of_a_registry(compat: Compat, debian_image: str) -> None:

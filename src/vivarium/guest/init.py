@@ -167,7 +167,7 @@ def _start_service(service: dict[str, Any]) -> int:
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     os.chown(run_dir, user.pw_uid, user.pw_gid)
     argv = [
-        "/usr/bin/python3", "-I", "-c",
+        sys.executable, "-I", "-c",
         f"import sys, runpy; sys.path.insert(0, {GUEST_LIB!r}); "
         f"runpy.run_module({service['module']!r}, run_name='__main__', alter_sys=True)",
         *service.get("args", []),

@@ -25,7 +25,7 @@ from vivarium.network.addressing import Slot
 from vivarium.network.egress import Egress
 from vivarium.runtime import disk
 from vivarium.runtime.bundle import base_spec
-from vivarium.templates import oci
+from vivarium.templates import guest_runtime, oci
 from vivarium.templates.build_log import BuildLog
 from vivarium.templates.build_request import BASE_STEP, BuildRequest
 from vivarium.templates.custom import BuildFailed, build_template
@@ -101,8 +101,8 @@ class TemplateBuilds:
         try:
             guest = None
             if base_name.startswith(IMAGE_BASE):
-                guest = self.node.templates.get("base")  # our guest, put into the image
                 base = await self._image(base_name.removeprefix(IMAGE_BASE), request, build_log)
+                guest = await self._guest(build_log)
             else:
                 base = self.node.templates.get(base_name)
             missing = [h for h in request.files if not self.has_file(template_id, h)]
@@ -144,14 +144,11 @@ class TemplateBuilds:
                                 request.credentials)  # fmt: skip
         pulled = await oci.pull(registry, image, settings.cache_dir,
                                 lambda m: build_log.add(m, step=BASE_STEP))  # fmt: skip
-        if not os.path.lexists(pulled.rootfs / "usr/bin/python3"):
-            raise BuildFailed(f"image {image!r} has no /usr/bin/python3, which the sandbox's "
-                              "agent (envd) needs on this server for now", BASE_STEP)  # fmt: skip
         bundle = pulled.rootfs.parent
         env = [e for e in pulled.env if not e.startswith("PATH=")]
         env += [d for d in ("LANG=C.UTF-8", "HOME=/root")
                 if not any(e.startswith(d.split("=")[0] + "=") for e in env)]  # fmt: skip
-        spec = base_spec(pulled.rootfs, ["/usr/bin/python3", f"{GUEST_PREFIX}/guest/init.py"],
+        spec = base_spec(pulled.rootfs, [guest_runtime.PYTHON, f"{GUEST_PREFIX}/guest/init.py"],
                          env, HOSTNAME, settings.default_pids, bundle / "volume-hub")  # fmt: skip
         (bundle / "spec.json").write_text(json.dumps(spec, indent=1))
         sized = bundle / "rootfs-bytes"
@@ -162,6 +159,15 @@ class TemplateBuilds:
                     "rootfs_bytes": int(sized.read_text()), "image": pulled.reference,
                     "env": list(pulled.env), "workdir": pulled.workdir}  # fmt: skip
         return Template(f"image-{digest[:12]}", bundle, manifest)
+
+    async def _guest(self, build_log: BuildLog) -> Path:
+        """Our guest with its own Python (guest_runtime.py), staged for images once."""
+        base = self.node.templates.get("base")
+        runtime = self.node.runtime
+        assert runtime is not None
+        build_log.add("preparing the sandbox agent (envd) for the image", step=BASE_STEP)
+        return await asyncio.to_thread(guest_runtime.stage, base, self.node.settings.cache_dir,
+                                       runtime.probe.setuid_blocked)  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[Slot]:

@@ -87,21 +87,27 @@ INJECT_SCRIPT = f"""set -e
 g={GUEST_MOUNT}
 mkdir -p {GUEST_PREFIX}
 cp -a "$g{GUEST_PREFIX}/." {GUEST_PREFIX}/
+if [ -e "$g/usr/local/bin/sudo" ]; then
+  mkdir -p /usr/local/bin
+  cp -a "$g/usr/local/bin/sudo" /usr/local/bin/sudo
+fi
 if ! id -u user >/dev/null 2>&1; then
-  if command -v useradd >/dev/null; then useradd --create-home --uid 1000 --shell /bin/bash user
-  else adduser -D -u 1000 user; fi
+  if command -v useradd >/dev/null; then
+    useradd --create-home --uid 1000 --shell /bin/bash user
+  else  # busybox and bare images: the files themselves
+    echo 'user:x:1000:1000::/home/user:/bin/bash' >> /etc/passwd
+    grep -q '^user:' /etc/group || echo 'user:x:1000:' >> /etc/group
+    mkdir -p /home/user && chown 1000:1000 /home/user
+  fi
 fi
 if command -v usermod >/dev/null; then
-  getent group sudo >/dev/null || groupadd sudo
+  grep -q '^sudo:' /etc/group || groupadd sudo
   usermod -aG sudo user
-else
-  addgroup sudo 2>/dev/null || true
-  addgroup user sudo
+elif ! grep -q '^sudo:' /etc/group; then
+  echo 'sudo:x:27:user' >> /etc/group
 fi
-if [ -e "$g/usr/local/bin/sudo" ]; then
-  mkdir -p /usr/local/bin && cp -a "$g/usr/local/bin/sudo" /usr/local/bin/sudo
-fi
-mkdir -p /etc/sudoers.d && echo 'user ALL=(ALL:ALL) NOPASSWD: ALL' > /etc/sudoers.d/user
+mkdir -p /etc/sudoers.d
+echo 'user ALL=(ALL:ALL) NOPASSWD: ALL' > /etc/sudoers.d/user
 chmod 0440 /etc/sudoers.d/user
 echo {HOSTNAME} > /etc/hostname
 grep -qs localhost /etc/hosts || printf '127.0.0.1 localhost\n::1 localhost\n' >> /etc/hosts
@@ -234,10 +240,10 @@ class Build:
 
     def __init__(self, runtime: Runsc, base: Template, build_dir: Path, files: Path, slot: Slot,
                  resources: Resources, log: BuildLog, cache: Path,
-                 guest: Template | None = None) -> None:  # fmt: skip
+                 guest: Path | None = None) -> None:  # fmt: skip
         self.runtime, self.base, self.build_dir, self.files = runtime, base, build_dir, files
         self.cache = cache
-        self.guest = guest  # an image's base: the template whose guest it gets
+        self.guest = guest  # an image's base: our guest, staged to be copied in
         self.slot, self.resources, self.log = slot, resources, log
         self.rootfs = build_dir / "rootfs"
         self.shell = ["/bin/bash", "-c"]
@@ -254,13 +260,13 @@ class Build:
         if not (self.rootfs / "bin/bash").exists():
             self.shell = ["/bin/sh", "-c"]
         cid = f"tbuild-{self.build_dir.name}"
-        spec = self._spec(["/bin/sleep", "infinity"])
+        spec = self._spec(["/bin/sleep", "2147483647"])  # busybox's sleep takes no "infinity"
         spec["mounts"].append({"destination": FILES_MOUNT, "type": "bind",
                                "source": str(self.files),
                                "options": ["rbind", "ro", "nosuid", "nodev"]})  # fmt: skip
         if self.guest is not None:
             spec["mounts"].append({"destination": GUEST_MOUNT, "type": "bind",
-                                   "source": str(self.guest.rootfs),
+                                   "source": str(self.guest),
                                    "options": ["rbind", "ro", "nosuid", "nodev"]})  # fmt: skip
         await self._boot(cid, spec, disk_dir=None)
         try:
@@ -288,23 +294,26 @@ class Build:
 
     async def _identity(self, cid: str, user: str, step: str = "base") -> Identity:
         name, _, group = user.partition(":")
-        res = await self.runtime.exec(cid, ["getent", "passwd", name])
-        fields = res.stdout.strip().split(":")
-        if not res.ok or len(fields) < 7:
+        # `id` and the passwd file: getent is not in every image (busybox has none).
+        script = 'id -u "$1" && id -g "$1" && grep "^$1:" /etc/passwd | cut -d: -f6'
+        res = await self.runtime.exec(cid, ["/bin/sh", "-c", script, "identity", name])
+        fields = res.stdout.split()
+        if not res.ok or len(fields) < 2 or not all(f.isdigit() for f in fields[:2]):
             if name.isdigit() and (not group or group.isdigit()):
                 return Identity(int(name), int(group or name), "/")
             raise BuildFailed(f"user {name!r} does not exist in the template", step)
-        gid = int(fields[3])
+        gid = int(fields[1])
         if group:
-            found = await self.runtime.exec(cid, ["getent", "group", group])
-            parts = found.stdout.strip().split(":")
+            found = await self.runtime.exec(cid, ["/bin/sh", "-c",
+                                                  'grep "^$1:" /etc/group | cut -d: -f3',
+                                                  "group", group])  # fmt: skip
             if group.isdigit():
                 gid = int(group)
-            elif found.ok and len(parts) >= 3:
-                gid = int(parts[2])
+            elif found.ok and found.stdout.strip().isdigit():
+                gid = int(found.stdout.strip())
             else:
                 raise BuildFailed(f"group {group!r} does not exist in the template", step)
-        return Identity(int(fields[2]), gid, fields[5] or "/")
+        return Identity(int(fields[0]), gid, fields[2] if len(fields) > 2 else "/")
 
     async def _step(self, cid: str, ctx: Context, step: Step, name: str) -> None:
         if step.type == "ENV":
@@ -509,11 +518,11 @@ def _built_before(store: TemplateStore, template_id: str, key: str) -> Template 
 async def build_template(
     runtime: Runsc, store: TemplateStore, base: Template, template_id: str, build_id: str,
     request: BuildRequest, files: Path, slot: Slot, resources: Resources, log: BuildLog,
-    cache: Path, guest: Template | None = None,
+    cache: Path, guest: Path | None = None,
 ) -> Template:  # fmt: skip
     """Build, checkpoint and publish `template_id`'s build `build_id`; on failure nothing of it
     is left and the template's current build is unchanged."""
-    key = request.key(f"{base.name}/{base.build_id}/{guest.build_id if guest else ''}",
+    key = request.key(f"{base.name}/{base.build_id}/{guest.name if guest else ''}",
                       f"{runtime.probe.runsc_version}|{runtime.probe.platform}")  # fmt: skip
     if not request.force and (same := _built_before(store, template_id, key)) is not None:
         log.add(f"the same as build {same.build_id}, which is kept: nothing to build "
