@@ -40,3 +40,20 @@ class Guards:
         guard = self._by_container.pop(container_id, None)
         if guard is not None:
             guard.disarm()
+
+    async def ready_to_save(self, container_id: str, timeout_s: float) -> bool:
+        """Once the sandbox is below its memory threshold (its guard having killed a runaway
+        process), stop watching it and give its save room (MemoryGuard.widen); False, still
+        watched, if it does not get there in time."""
+        guard = self._by_container.get(container_id)
+        if guard is None:
+            return True
+        if not await guard.calm(timeout_s):
+            return False
+        self.disarm(container_id)
+        try:
+            guard.widen()
+        except OSError as exc:  # the usual limit stays: the save may still fit
+            log.warning("could not widen the memory limit of %s for a save: %s",
+                        container_id, exc)  # fmt: skip
+        return True

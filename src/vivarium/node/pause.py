@@ -238,13 +238,21 @@ async def _restore_record(
                                       timeout_s, steps, again=again, files=files)  # fmt: skip
 
 
+MEMORY_CALM_S = 15.0  # how long a pause waits for the memory guard to stop a runaway process
+
+
 async def _checkpoint(
     node: Node, record: SandboxRecord, slot: Slot, image: Path, *, compress: bool
 ) -> None:
     """Save the sandbox into `image`, stopping it. New connections are refused meanwhile, and
     the save waits for the handshakes under way to end (handshakes.py)."""
     runtime = node.rt()
-    node.guards.disarm(record.container_id)  # a frozen init cannot free memory
+    # A frozen init cannot free memory: a runaway process is killed first, or the pause waits.
+    if not await node.guards.ready_to_save(record.container_id, MEMORY_CALM_S):
+        raise CheckpointFailed(
+            f"a process is using all of the sandbox's {record.memory_mb} MiB and is being killed",
+            "pause again in a moment",
+        )
     await firewall.refuse_new_connections(slot)
     await runtime.pause(record.container_id)
     deadline = time.monotonic() + HANDSHAKE_WAIT_S

@@ -103,6 +103,24 @@ class MemoryGuard:
             (self._dir / "memory.max").write_text(hard)
             self._episode = loop.create_task(self._watch(forever=True))
 
+    def widen(self) -> None:
+        """More room for a save: the frozen sandbox allocates nothing more, but the sentry's
+        checkpoint does, and at the hard limit the kernel killed it mid-save (the sandbox was
+        lost: seen with a memory bomb frozen near the limit on a loaded host). `arm` sets the
+        usual limit again."""
+        hard = str(self.limit + 2 * headroom(self.limit))
+        (self._dir / ("memory.limit_in_bytes" if self._v1 else "memory.max")).write_text(hard)
+
+    async def calm(self, timeout_s: float) -> bool:
+        """Wait (at most `timeout_s`) until the working set is below the threshold, i.e. the
+        guard has killed whatever was running away; False if it is still above."""
+        deadline = time.monotonic() + timeout_s
+        while self.working_set() >= self.limit:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(POLL_S)
+        return True
+
     def disarm(self) -> None:
         if self._fds:
             asyncio.get_running_loop().remove_reader(self._fds[0])
