@@ -126,6 +126,8 @@ class Settings:
     # Where `from_image` names without a registry are pulled from (Docker Hub by default), and
     # registries reached over plain HTTP (host[:port], e.g. one on the operator's network).
     registry_mirror: str = ""
+    # A template build's step (RUN, COPY) that runs longer is stopped and fails the build.
+    build_step_timeout_s: int = 3600
     registry_insecure: tuple[str, ...] = field(default_factory=tuple)
     default_timeout_s: int = 300
     max_timeout_s: int = 24 * 3600
@@ -176,6 +178,7 @@ class Settings:
             egress_dns=_env_list("EGRESS_DNS"),
             egress_ca_file=Path(f) if (f := _env("EGRESS_CA_FILE", "")) else None,
             registry_mirror=_env("REGISTRY_MIRROR", ""),
+            build_step_timeout_s=_env_int("BUILD_STEP_TIMEOUT", 3600),
             registry_insecure=_env_list("REGISTRY_INSECURE"),
             default_timeout_s=_env_int("DEFAULT_TIMEOUT", 300),
             max_timeout_s=_env_int("MAX_TIMEOUT", 24 * 3600),

@@ -11,7 +11,7 @@ import contextlib
 import os
 import subprocess
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +160,7 @@ def run_sync(
     return result
 
 
-async def run_lines(args: Sequence[str], *, tail: int = 20) -> AsyncIterator[str]:
+async def run_lines(args: Sequence[str], *, tail: int = 20) -> AsyncGenerator[str, None]:
     """Run a long command, yielding its output (stdout and stderr merged) line by line as it
     comes, for progress reports; raises RuntimeFailure with the last `tail` lines if it fails.
     Closing the iterator early kills the command."""

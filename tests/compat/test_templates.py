@@ -170,6 +170,15 @@ def test_a_failing_step_fails_the_build_with_its_output(compat: Compat) -> None:
         assert http.delete(f"/templates/{name}").status_code == 204
 
 
+def test_a_step_that_runs_forever_is_stopped(compat: Compat) -> None:
+    name = _name("forever")
+    # The compat server stops a step after 20 s (VIVARIUM_BUILD_STEP_TIMEOUT; 1 h by default).
+    with pytest.raises(BuildException, match="step 1 ran for more than 20 s"):
+        Template.build(Template().from_base_image().run_cmd("sleep 100000"), name)
+    with compat.admin() as http:
+        assert http.delete(f"/templates/{name}").status_code == 204
+
+
 def test_bad_build_requests(compat: Compat) -> None:
     with compat.admin() as http:
         assert http.post("/v3/templates", json={"name": "Not A Name"}).status_code == 400

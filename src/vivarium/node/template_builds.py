@@ -122,6 +122,7 @@ class TemplateBuilds:
                         runtime, self.node.templates, base, template_id, build_id, request,
                         self.files(template_id), slot, self.node.default_resources(base),
                         build_log, self.node.settings.cache_dir, guest,
+                        self.node.settings.build_step_timeout_s,
                     )  # fmt: skip
         except BuildFailed as exc:
             build_log.fail(exc.message, exc.step)

@@ -21,6 +21,7 @@ import logging
 import re
 import shutil
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -240,10 +241,12 @@ class Build:
 
     def __init__(self, runtime: Runsc, base: Template, build_dir: Path, files: Path, slot: Slot,
                  resources: Resources, log: BuildLog, cache: Path,
-                 guest: Path | None = None) -> None:  # fmt: skip
+                 guest: Path | None = None,
+                 step_timeout_s: float = STEP_TIMEOUT_S) -> None:  # fmt: skip
         self.runtime, self.base, self.build_dir, self.files = runtime, base, build_dir, files
         self.cache = cache
         self.guest = guest  # an image's base: our guest, staged to be copied in
+        self.step_timeout_s = step_timeout_s
         self.slot, self.resources, self.log = slot, resources, log
         self.rootfs = build_dir / "rootfs"
         self.shell = ["/bin/bash", "-c"]
@@ -357,9 +360,14 @@ class Build:
         who = Identity(0, 0, "/root") if as_root else identity or ctx.identity
         env = [*ctx.environ(), f"HOME={who.home}"]
         command = self.runtime.exec_argv(cid, argv, user=who.ids, env=env, cwd=ctx.workdir)
+        lines = aclosing(run_lines(command, tail=5))  # closing it stops the command
         try:
-            async for line in run_lines(command, tail=5):
-                self.log.add(line, step=step)
+            async with lines as output, asyncio.timeout(self.step_timeout_s):
+                async for line in output:
+                    self.log.add(line, step=step)
+        except TimeoutError:
+            raise BuildFailed(f"step {step} ran for more than {self.step_timeout_s:.0f} s and "
+                              "was stopped", step) from None  # fmt: skip
         except RuntimeFailure as exc:
             raise BuildFailed(f"step {step} failed: {exc.message}", step) from None
 
@@ -518,7 +526,7 @@ def _built_before(store: TemplateStore, template_id: str, key: str) -> Template 
 async def build_template(
     runtime: Runsc, store: TemplateStore, base: Template, template_id: str, build_id: str,
     request: BuildRequest, files: Path, slot: Slot, resources: Resources, log: BuildLog,
-    cache: Path, guest: Path | None = None,
+    cache: Path, guest: Path | None = None, step_timeout_s: float = STEP_TIMEOUT_S,
 ) -> Template:  # fmt: skip
     """Build, checkpoint and publish `template_id`'s build `build_id`; on failure nothing of it
     is left and the template's current build is unchanged."""
@@ -534,7 +542,8 @@ async def build_template(
     lock = (build_dir / BUILD_LOCK).open("a")
     fcntl.flock(lock, fcntl.LOCK_EX)  # until this process ends it: see mount_rootfs_images
     try:
-        build = Build(runtime, base, build_dir, files, slot, resources, log, cache, guest)
+        build = Build(runtime, base, build_dir, files, slot, resources, log, cache, guest,
+                      step_timeout_s)  # fmt: skip
         ctx = await build.apply(request)
         await build.start_and_checkpoint(request, ctx)
         manifest: dict[str, Any] = {
