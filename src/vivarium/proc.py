@@ -7,6 +7,7 @@ detached runsc containers inherit the caller's descriptors and would otherwise h
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import subprocess
@@ -160,12 +161,17 @@ def run_sync(
     return result
 
 
+MAX_LINE = 64 << 10
+
+
 async def run_lines(args: Sequence[str], *, tail: int = 20) -> AsyncGenerator[str, None]:
     """Run a long command, yielding its output (stdout and stderr merged) line by line as it
     comes, for progress reports; raises RuntimeFailure with the last `tail` lines if it fails.
     Closing the iterator early kills the command."""
     loop = asyncio.get_running_loop()
-    lines: asyncio.Queue[str | None] = asyncio.Queue()
+    # Bounded, and lines cut at MAX_LINE: a command that prints without end (or without a
+    # newline) is held back by its pipe, never by our memory.
+    lines: asyncio.Queue[str | None] = asyncio.Queue(maxsize=256)
 
     def spawn() -> subprocess.Popen[bytes]:  # off the loop, as run() spawns
         return subprocess.Popen(_argv(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -173,11 +179,28 @@ async def run_lines(args: Sequence[str], *, tail: int = 20) -> AsyncGenerator[st
 
     proc = await loop.run_in_executor(_executor(), spawn)
 
+    stop = threading.Event()  # no one reads any more
+
+    def deliver(item: str | None) -> bool:
+        future = asyncio.run_coroutine_threadsafe(lines.put(item), loop)
+        while True:
+            try:
+                future.result(timeout=0.5)
+                return True
+            except concurrent.futures.TimeoutError:
+                if stop.is_set():
+                    future.cancel()
+                    return False
+
     def pump() -> None:  # a thread: the loop never blocks on the pipe
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            loop.call_soon_threadsafe(lines.put_nowait, raw.decode(errors="replace").rstrip())
-        loop.call_soon_threadsafe(lines.put_nowait, None)
+        try:
+            while raw := proc.stdout.readline(MAX_LINE):
+                if not deliver(raw.decode(errors="replace").rstrip()):
+                    return
+            deliver(None)
+        except (RuntimeError, concurrent.futures.CancelledError):
+            return  # the loop is gone
 
     threading.Thread(target=pump, daemon=True, name="vivarium-lines").start()
     last: list[str] = []
@@ -187,6 +210,7 @@ async def run_lines(args: Sequence[str], *, tail: int = 20) -> AsyncGenerator[st
             yield line
         code = await loop.run_in_executor(_executor(), proc.wait)
     finally:
+        stop.set()
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()

@@ -170,6 +170,34 @@ def test_a_failing_step_fails_the_build_with_its_output(compat: Compat) -> None:
         assert http.delete(f"/templates/{name}").status_code == 204
 
 
+def test_steps_reach_registries_with_the_hosts_ca_which_the_template_does_not_keep(
+    compat: Compat,
+) -> None:
+    """The compat server's build CA bundle is the fake internet's CA (as a TLS-intercepting
+    proxy's would be in a host's store): a step's curl verifies the server with it."""
+    name = _name("host-ca")
+    template = (
+        Template()
+        .from_base_image()
+        .run_cmd("curl -sS https://pkg.example.test/ > /home/user/fetched.json")
+    )
+    try:
+        Template.build(template, name)
+        sbx = Sandbox.create(name)
+        try:
+            assert '"local"' in sbx.files.read("/home/user/fetched.json")  # the echo's reply
+            kept = sbx.commands.run("echo ${PIP_CERT:-none} ${CURL_CA_BUNDLE:-none} "
+                                    "${GIT_SSL_CAINFO:-none}; "
+                                    "ls /.vivarium-host-ca.crt 2>&1 || true")  # fmt: skip
+            assert kept.stdout.splitlines()[0] == "none none none"
+            assert "No such file" in kept.stdout
+        finally:
+            sbx.kill()
+    finally:
+        with compat.admin() as http:
+            http.delete(f"/templates/{name}")
+
+
 def test_a_step_that_runs_forever_is_stopped(compat: Compat) -> None:
     name = _name("forever")
     # The compat server stops a step after 20 s (VIVARIUM_BUILD_STEP_TIMEOUT; 1 h by default).

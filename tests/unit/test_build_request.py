@@ -4,6 +4,7 @@ runs (templates/build_request.py), the build log, the rootfs image mounted again
 from __future__ import annotations
 
 import fcntl
+import json
 import subprocess
 from pathlib import Path
 
@@ -147,9 +148,21 @@ def test_image_names_go_to_the_mirror_unless_they_name_a_registry() -> None:
     assert mirror.reference("localhost/app") == "docker://localhost/app"
     assert Registry().reference("python") == "docker://docker.io/library/python"
     reference = mirror.reference("python:3.12")
-    assert mirror.flags(reference, "src-") == ["--src-tls-verify=false"]
-    assert mirror.flags(reference) == ["--tls-verify=false"]
-    assert Registry(credentials="u:p").flags(reference, "src-") == ["--src-creds=u:p"]
+    assert mirror.flags(reference, "src-") == ["--src-tls-verify=false", "--src-no-creds"]
+    assert mirror.flags(reference) == ["--tls-verify=false", "--no-creds"]
+    auth = Path("/run/auth.json")
+    assert Registry().flags("docker://docker.io/x", "src-", auth) == [f"--src-authfile={auth}"]
+    with Registry(credentials="u:p").authfile(reference) as path:
+        assert path is not None and path.stat().st_mode & 0o777 == 0o600
+        assert json.loads(path.read_text()) == {"auths": {"127.0.0.1:3132": {"auth": "dTpw"}}}
+    assert not path.exists()
+    # Pulls run on the host: its loopback and private networks only through the operator.
+    mirror.check_host(reference)
+    Registry().check_host("docker://docker.io/library/python")
+    for private in ("docker://127.0.0.1:5000/x", "docker://10.1.2.3/x", "docker://localhost/x",
+                    "docker://[::1]:5000/x", "docker://169.254.169.254/x"):  # fmt: skip
+        with pytest.raises(InvalidArgument, match="operator"):
+            Registry().check_host(private)
     for bad in ("Python", "a b", "../x", "-flag", ""):
         with pytest.raises(InvalidArgument):
             mirror.reference(bad)

@@ -37,7 +37,7 @@ def _guards(root: Path, cid: str) -> Guards:
 def test_a_sandbox_above_its_limit_is_not_frozen_until_it_is_below(tmp_path: Path) -> None:
     directory = _cgroup(tmp_path, "c1", LIMIT + (100 << 20))
     guards = _guards(tmp_path, "c1")
-    assert asyncio.run(guards.ready_to_save("c1", 0.1)) is False
+    assert asyncio.run(guards.calm("c1", 0.1)) is False
     assert "c1" in guards._by_container  # still watched: the runaway process is still there
     assert int((directory / "memory.max").read_text()) == LIMIT + headroom(LIMIT)
 
@@ -45,12 +45,15 @@ def test_a_sandbox_above_its_limit_is_not_frozen_until_it_is_below(tmp_path: Pat
         asyncio.get_running_loop().call_later(
             0.05, (directory / "memory.current").write_text, str(LIMIT // 2)
         )
-        return await guards.ready_to_save("c1", 5)
+        return await guards.calm("c1", 5)
 
     assert asyncio.run(freed_meanwhile()) is True
-    assert "c1" not in guards._by_container  # disarmed for the freeze
+    assert "c1" in guards._by_container  # still watched until it is frozen
+    guards.frozen_for_save("c1")
+    assert "c1" not in guards._by_container
     assert int((directory / "memory.max").read_text()) == LIMIT + 2 * headroom(LIMIT)
 
 
 def test_a_sandbox_without_a_guard_is_saved_as_it_is(tmp_path: Path) -> None:
-    assert asyncio.run(Guards().ready_to_save("nobody", 0.1)) is True
+    assert asyncio.run(Guards().calm("nobody", 0.1)) is True
+    Guards().frozen_for_save("nobody")

@@ -25,7 +25,7 @@ def _count(request: Request, name: str, default: int) -> int:
     raw = request.query_params.get(name)
     if raw in (None, ""):
         return default
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
         raise InvalidArgument(f"{name} must be a whole number, not {raw!r}")
     return int(raw)
 

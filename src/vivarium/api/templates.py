@@ -127,9 +127,9 @@ class TemplateCatalog:
         check_name(name)
         tags = check_tags(body.get("tags") or ([tag] if tag else [DEFAULT_TAG]))
         cpu, memory = body.get("cpuCount"), body.get("memoryMB")
-        for key, value in (("cpuCount", cpu), ("memoryMB", memory)):
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise InvalidArgument(f"{key} must be a positive whole number")
+        for key, value, top in (("cpuCount", cpu, 64), ("memoryMB", memory, 1 << 20)):
+            if value is not None and (type(value) is not int or not 1 <= value <= top):
+                raise InvalidArgument(f"{key} must be a whole number from 1 to {top}")
         now = time.time()
         async with self.control.team_lock(team["id"]):
             row = await store.team_template(self.engine, team["id"], name)
@@ -172,7 +172,8 @@ class TemplateCatalog:
                      chunks: AsyncIterator[bytes]) -> None:  # fmt: skip
         if not build_request.FILES_HASH_RE.match(files_hash):
             raise InvalidArgument("the files hash must be 64 hexadecimal digits")
-        if not hmac.compare_digest(token, self.upload_token(template_id, files_hash)):
+        expected = self.upload_token(template_id, files_hash)
+        if not hmac.compare_digest(token.encode(errors="replace"), expected.encode()):
             raise Unauthenticated(
                 "the upload URL's signature does not match",
                 "ask for a new one (GET /templates/{id}/files/{hash})",
@@ -184,13 +185,18 @@ class TemplateCatalog:
         row, build = await self.build(team, template_id, build_id)
         if build["status"] != "waiting" or self.node.builds.log_of(build_id) is not None:
             raise Conflict(f"build {build_id} has already started")
-        request = build_request.parse(body)
-        base = await self._base(team, request)
-        running = self._running[team["id"]]
-        if len(running) >= MAX_BUILDS_PER_TEAM:
-            raise CapacityExhausted(f"the team already has {len(running)} builds under way",
-                                    "wait for one to finish")  # fmt: skip
+        # Taken before the next await: a second start of the same build meets the log.
         build_log = self.node.builds.open_log(build_id)
+        try:
+            request = build_request.parse(body)
+            base = await self._base(team, request)
+            running = self._running[team["id"]]
+            if len(running) >= MAX_BUILDS_PER_TEAM:
+                raise CapacityExhausted(f"the team already has {len(running)} builds under way",
+                                        "wait for one to finish")  # fmt: skip
+        except BaseException:
+            self.node.builds.logs.pop(build_id, None)
+            raise
         running.add(build_id)
         self._building[row["id"]] += 1
         task = asyncio.create_task(self._run(row, build, base, request, build_log))
@@ -204,7 +210,8 @@ class TemplateCatalog:
         task.add_done_callback(done)
 
     async def _base(self, team: Row, request: build_request.BuildRequest) -> str:
-        """The template name on the node the build starts from."""
+        """What the build starts from, as the node names it: a template (`name`, or
+        `id@build` for a team template's tagged build) or `image:<reference>`."""
         if request.from_image is not None:
             builtin = build_request.builtin_for_image(request.from_image)
             return builtin or IMAGE_BASE + request.from_image
@@ -212,11 +219,10 @@ class TemplateCatalog:
         resolved = await self.resolve(team, request.from_template)
         if resolved is not None:
             row, build_id = resolved
-            if self.node.templates.current(row["id"]) is None:
-                raise NotFound(f"template {request.from_template!r} has no build on this node")
-            return str(row["id"])
+            return f"{row['id']}@{build_id}"
         if request.from_template in RECIPES:
-            self.node.templates.get(request.from_template)  # NotFound if not built here
+            if self.node.templates.current(request.from_template) is None:
+                raise NotFound(f"template {request.from_template!r} is not built on this node")
             return request.from_template
         raise NotFound(f"template {request.from_template!r} was not found")
 

@@ -41,19 +41,21 @@ class Guards:
         if guard is not None:
             guard.disarm()
 
-    async def ready_to_save(self, container_id: str, timeout_s: float) -> bool:
-        """Once the sandbox is below its memory threshold (its guard having killed a runaway
-        process), stop watching it and give its save room (MemoryGuard.widen); False, still
-        watched, if it does not get there in time."""
+    async def calm(self, container_id: str, timeout_s: float) -> bool:
+        """Whether the sandbox is below its memory threshold, waiting (at most `timeout_s`)
+        for its guard, still watching, to kill a runaway process first."""
         guard = self._by_container.get(container_id)
-        if guard is None:
-            return True
-        if not await guard.calm(timeout_s):
-            return False
+        return guard is None or await guard.calm(timeout_s)
+
+    def frozen_for_save(self, container_id: str) -> None:
+        """The sandbox is frozen for a save: stop watching it, and give the save room above
+        its hard limit (MemoryGuard.widen); `arm` again if it thaws."""
+        guard = self._by_container.get(container_id)
         self.disarm(container_id)
+        if guard is None:
+            return
         try:
             guard.widen()
         except OSError as exc:  # the usual limit stays: the save may still fit
             log.warning("could not widen the memory limit of %s for a save: %s",
                         container_id, exc)  # fmt: skip
-        return True

@@ -248,13 +248,14 @@ async def _checkpoint(
     the save waits for the handshakes under way to end (handshakes.py)."""
     runtime = node.rt()
     # A frozen init cannot free memory: a runaway process is killed first, or the pause waits.
-    if not await node.guards.ready_to_save(record.container_id, MEMORY_CALM_S):
+    if not await node.guards.calm(record.container_id, MEMORY_CALM_S):
         raise CheckpointFailed(
             f"a process is using all of the sandbox's {record.memory_mb} MiB and is being killed",
             "pause again in a moment",
         )
     await firewall.refuse_new_connections(slot)
     await runtime.pause(record.container_id)
+    node.guards.frozen_for_save(record.container_id)
     deadline = time.monotonic() + HANDSHAKE_WAIT_S
     while opening := await handshakes.under_way(slot):
         if time.monotonic() > deadline:

@@ -28,7 +28,7 @@ from vivarium.runtime.bundle import base_spec
 from vivarium.templates import guest_runtime, oci
 from vivarium.templates.build_log import BuildLog
 from vivarium.templates.build_request import BASE_STEP, BuildRequest
-from vivarium.templates.custom import BuildFailed, build_template
+from vivarium.templates.custom import BuildFailed, HostAccess, build_template
 from vivarium.templates.recipe import GUEST_PREFIX, HOSTNAME
 from vivarium.templates.store import Template, dir_size, validate_name
 
@@ -103,8 +103,11 @@ class TemplateBuilds:
             if base_name.startswith(IMAGE_BASE):
                 base = await self._image(base_name.removeprefix(IMAGE_BASE), request, build_log)
                 guest = await self._guest(build_log)
-            else:
-                base = self.node.templates.get(base_name)
+            elif "@" in base_name:  # a team template's build (a tag's, maybe)
+                name, _, build = base_name.partition("@")
+                base = await asyncio.to_thread(self.node.templates.build, name, build)
+            else:  # verified against its checksum once per process: off the loop
+                base = await asyncio.to_thread(self.node.templates.get, base_name)
             missing = [h for h in request.files if not self.has_file(template_id, h)]
             if missing:
                 raise BuildFailed(f"the files of a COPY step were not uploaded ({missing[0]})",
@@ -122,7 +125,8 @@ class TemplateBuilds:
                         runtime, self.node.templates, base, template_id, build_id, request,
                         self.files(template_id), slot, self.node.default_resources(base),
                         build_log, self.node.settings.cache_dir, guest,
-                        self.node.settings.build_step_timeout_s,
+                        HostAccess.of_host(self.node.settings.build_ca_file,
+                                           self.node.settings.build_step_timeout_s),
                     )  # fmt: skip
         except BuildFailed as exc:
             build_log.fail(exc.message, exc.step)
@@ -163,7 +167,7 @@ class TemplateBuilds:
 
     async def _guest(self, build_log: BuildLog) -> Path:
         """Our guest with its own Python (guest_runtime.py), staged for images once."""
-        base = self.node.templates.get("base")
+        base = await asyncio.to_thread(self.node.templates.get, "base")
         runtime = self.node.runtime
         assert runtime is not None
         build_log.add("preparing the sandbox agent (envd) for the image", step=BASE_STEP)

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import fcntl
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -96,7 +98,8 @@ if ! id -u user >/dev/null 2>&1; then
   if command -v useradd >/dev/null; then
     useradd --create-home --uid 1000 --shell /bin/bash user
   else  # busybox and bare images: the files themselves
-    echo 'user:x:1000:1000::/home/user:/bin/bash' >> /etc/passwd
+    shell=/bin/sh; [ -x /bin/bash ] && shell=/bin/bash
+    echo "user:x:1000:1000::/home/user:$shell" >> /etc/passwd
     grep -q '^user:' /etc/group || echo 'user:x:1000:' >> /etc/group
     mkdir -p /home/user && chown 1000:1000 /home/user
   fi
@@ -192,6 +195,43 @@ def mount_rootfs_images(store: TemplateStore) -> int:
     return mounted
 
 
+HOST_CA = "/.vivarium-host-ca.crt"
+# What OpenSSL, curl, git, pip, requests and node read for their trusted CAs.
+CA_VARIABLES = ("SSL_CERT_FILE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO", "PIP_CERT",
+                "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")  # fmt: skip
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+                   "NO_PROXY")  # fmt: skip
+
+
+def _without_userinfo(url: str) -> str:
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", url)
+
+
+@dataclass(frozen=True)
+class HostAccess:
+    """How a build's steps reach package registries the way the host does: the host's CA
+    bundle (a TLS-intercepting proxy's CA, say) and its proxy settings. For the steps only: the
+    template keeps neither."""
+
+    ca_file: Path | None = None
+    proxy: tuple[tuple[str, str], ...] = ()
+    step_timeout_s: float = STEP_TIMEOUT_S
+
+    @classmethod
+    def of_host(cls, ca_file: Path | None, step_timeout_s: float) -> HostAccess:
+        # Without credentials in the URL: the steps are the team's code.
+        proxy = tuple((k, _without_userinfo(v)) for k in PROXY_VARIABLES
+                      if (v := os.environ.get(k)))  # fmt: skip
+        usable = ca_file if ca_file is not None and ca_file.is_file() else None
+        return cls(usable, proxy, step_timeout_s)
+
+    def environ(self) -> list[str]:
+        env = [f"{k}={v}" for k, v in self.proxy]
+        if self.ca_file is not None:
+            env += [f"{k}={HOST_CA}" for k in CA_VARIABLES]
+        return env
+
+
 class BuildFailed(VivariumError):
     """A step of the team's own failed (its command, user or files): the build ends in error,
     with the step the client shows its own code for."""
@@ -241,12 +281,11 @@ class Build:
 
     def __init__(self, runtime: Runsc, base: Template, build_dir: Path, files: Path, slot: Slot,
                  resources: Resources, log: BuildLog, cache: Path,
-                 guest: Path | None = None,
-                 step_timeout_s: float = STEP_TIMEOUT_S) -> None:  # fmt: skip
+                 guest: Path | None = None, host: HostAccess = HostAccess()) -> None:  # fmt: skip
         self.runtime, self.base, self.build_dir, self.files = runtime, base, build_dir, files
         self.cache = cache
         self.guest = guest  # an image's base: our guest, staged to be copied in
-        self.step_timeout_s = step_timeout_s
+        self.host = host
         self.slot, self.resources, self.log = slot, resources, log
         self.rootfs = build_dir / "rootfs"
         self.shell = ["/bin/bash", "-c"]
@@ -267,6 +306,10 @@ class Build:
         spec["mounts"].append({"destination": FILES_MOUNT, "type": "bind",
                                "source": str(self.files),
                                "options": ["rbind", "ro", "nosuid", "nodev"]})  # fmt: skip
+        if self.host.ca_file is not None:
+            spec["mounts"].append({"destination": HOST_CA, "type": "bind",
+                                   "source": str(self.host.ca_file),
+                                   "options": ["bind", "ro", "nosuid", "nodev"]})  # fmt: skip
         if self.guest is not None:
             spec["mounts"].append({"destination": GUEST_MOUNT, "type": "bind",
                                    "source": str(self.guest),
@@ -284,6 +327,18 @@ class Build:
             return ctx
         finally:
             await self._remove(cid)
+            self._drop_mount_points()
+
+    def _drop_mount_points(self) -> None:
+        """The empty files and directories runsc made for the first boot's mounts: not part of
+        the template. Entries of the rootfs's top (ours), removed without following links."""
+        for point in (FILES_MOUNT, HOST_CA, GUEST_MOUNT):
+            path = self.rootfs / point.lstrip("/")
+            with contextlib.suppress(OSError):
+                if path.is_dir() and not path.is_symlink():
+                    path.rmdir()
+                else:
+                    path.unlink()
 
     async def _initial_context(self, cid: str) -> Context:
         # E2B's templates run as `user` in its home unless told otherwise, unlike Docker. An
@@ -358,15 +413,15 @@ class Build:
     async def _exec(self, cid: str, argv: list[str], ctx: Context, step: str, *,
                     identity: Identity | None = None, as_root: bool = False) -> None:  # fmt: skip
         who = Identity(0, 0, "/root") if as_root else identity or ctx.identity
-        env = [*ctx.environ(), f"HOME={who.home}"]
+        env = [*ctx.environ(), f"HOME={who.home}", *self.host.environ()]
         command = self.runtime.exec_argv(cid, argv, user=who.ids, env=env, cwd=ctx.workdir)
         lines = aclosing(run_lines(command, tail=5))  # closing it stops the command
         try:
-            async with lines as output, asyncio.timeout(self.step_timeout_s):
+            async with lines as output, asyncio.timeout(self.host.step_timeout_s):
                 async for line in output:
                     self.log.add(line, step=step)
         except TimeoutError:
-            raise BuildFailed(f"step {step} ran for more than {self.step_timeout_s:.0f} s and "
+            raise BuildFailed(f"step {step} ran for more than {self.host.step_timeout_s:.0f} s and "
                               "was stopped", step) from None  # fmt: skip
         except RuntimeFailure as exc:
             raise BuildFailed(f"step {step} failed: {exc.message}", step) from None
@@ -383,7 +438,7 @@ class Build:
             self.log.add("waiting for envd", step=FINALIZE_STEP)
             try:
                 await wait_ready(self.slot.router_ip, ENVD_PORT, "envd")
-                for name, port in self._services():
+                for name, port in self.services():
                     self.log.add(f"waiting for {name} on port {port}", step=FINALIZE_STEP)
                     await wait_ready(self.slot.router_ip, port, name)
             except RuntimeFailure:
@@ -401,8 +456,14 @@ class Build:
             await self._remove(cid)
             await asyncio.to_thread(disk.discard, self.build_dir / "boot")
 
-    def _services(self) -> list[tuple[str, int]]:
-        """The base's guest services (the interpreter of code-interpreter-v1), from its rootfs."""
+    def services(self) -> list[tuple[str, int]]:
+        """The guest services to wait for (the interpreter of code-interpreter-v1): a built-in
+        base's, read from its rootfs (ours); a team template's, from its manifest; an image's:
+        none. A team's or an image's files are never read on the host."""
+        if "image" in self.base.manifest:
+            return []
+        if "recipe_hash" not in self.base.manifest:
+            return [(str(n), int(p)) for n, p in self.base.manifest.get("services", [])]
         try:
             raw = json.loads((self.base.rootfs / "opt/vivarium/services.json").read_text())
             return [(str(s["name"]), int(s["port"])) for s in raw if int(s.get("port", 0))]
@@ -424,7 +485,7 @@ class Build:
         not restored from a checkpoint on this runsc). Its output goes to START_LOG; the
         stream is closed once it has started, and the program runs on."""
         script = f"exec >>{START_LOG} 2>&1 </dev/null\n{command}"
-        body = {"process": {"cmd": "/bin/bash", "args": ["-l", "-c", script],
+        body = {"process": {"cmd": self.shell[0], "args": ["-l", "-c", script],
                             "cwd": ctx.workdir}, "tag": "start", "stdin": False}  # fmt: skip
         user = base64.b64encode(f"{ctx.user}:".encode()).decode()
         headers = {"Content-Type": "application/connect+json", "Connect-Protocol-Version": "1",
@@ -452,14 +513,12 @@ class Build:
         self.log.add(f"waiting until ready: {ready_cmd[:200]}", step=FINALIZE_STEP)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
-            res = await self.runtime.exec(
-                cid,
-                [*self.shell, ready_cmd],
-                user=ctx.identity.ids,
-                env=ctx.environ(),
-                cwd=ctx.workdir,
-                timeout=60,
-            )
+            try:
+                res = await self.runtime.exec(cid, [*self.shell, ready_cmd],
+                                              user=ctx.identity.ids, env=ctx.environ(),
+                                              cwd=ctx.workdir, timeout=60)  # fmt: skip
+            except (TimeoutError, RuntimeFailure):  # an attempt that hangs is one that failed
+                continue
             if res.ok:
                 self.log.add("ready", step=FINALIZE_STEP)
                 return
@@ -493,6 +552,8 @@ class Build:
             await self.runtime.start(cid, bundle, filestore, self.build_dir / f"{cid}.log")
         except RuntimeFailure:
             self._console_tail(cid)
+            with contextlib.suppress(RuntimeFailure):  # a start cut short may leave it behind
+                await self.runtime.delete(cid)
             raise
         if disk_dir is not None:
             await asyncio.to_thread(disk.hold_back, disk_dir)
@@ -526,7 +587,7 @@ def _built_before(store: TemplateStore, template_id: str, key: str) -> Template 
 async def build_template(
     runtime: Runsc, store: TemplateStore, base: Template, template_id: str, build_id: str,
     request: BuildRequest, files: Path, slot: Slot, resources: Resources, log: BuildLog,
-    cache: Path, guest: Path | None = None, step_timeout_s: float = STEP_TIMEOUT_S,
+    cache: Path, guest: Path | None = None, host: HostAccess = HostAccess(),
 ) -> Template:  # fmt: skip
     """Build, checkpoint and publish `template_id`'s build `build_id`; on failure nothing of it
     is left and the template's current build is unchanged."""
@@ -543,7 +604,7 @@ async def build_template(
     fcntl.flock(lock, fcntl.LOCK_EX)  # until this process ends it: see mount_rootfs_images
     try:
         build = Build(runtime, base, build_dir, files, slot, resources, log, cache, guest,
-                      step_timeout_s)  # fmt: skip
+                      host)  # fmt: skip
         ctx = await build.apply(request)
         await build.start_and_checkpoint(request, ctx)
         manifest: dict[str, Any] = {
@@ -556,6 +617,7 @@ async def build_template(
             "disk_mb": base.manifest.get("disk_mb", 0),
             "created_at": datetime.now(UTC).isoformat(),
             "defaults": {"user": ctx.user, "workdir": ctx.workdir, "env": sorted(ctx.env)},
+            "services": build.services(),
             "rootfs_bytes": await asyncio.to_thread(dir_size, build.rootfs),
             "checkpoint_bytes": dir_size(build_dir / "checkpoint"),
             "checkpoint_sha256": await asyncio.to_thread(sha256_dir, build_dir / "checkpoint"),

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import tempfile
+import threading
 from pathlib import Path
 
 from vivarium.proc import run_sync
@@ -27,6 +29,7 @@ LOADER = "ld-linux-x86-64.so.2"
 _LIBRARY = re.compile(r"(/[^\s:]+\.so[^\s:]*) \(")
 # Not needed by envd, its init or the sudo broker: the interpreter's own tests and GUI.
 _SKIP = shutil.ignore_patterns("test", "tests", "idlelib", "tkinter", "turtledemo", "ensurepip")
+_staging = threading.Lock()
 
 
 def _key(base: Template, setuid_blocked: bool) -> str:
@@ -41,29 +44,29 @@ def _key(base: Template, setuid_blocked: bool) -> str:
 
 def stage(base: Template, cache: Path, setuid_blocked: bool) -> Path:
     """A directory holding `opt/vivarium` (and `usr/local/bin/sudo` where setuid is blocked),
-    ready to be copied into an image."""
+    ready to be copied into an image. Earlier stagings stay: a build may be copying one."""
     staged = cache / f"guest-{_key(base, setuid_blocked)}"
-    if (staged / ".done").exists():
-        return staged
-    partial = staged.with_name(staged.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        install_guest(Recipe(name="image"), partial, Stopwatch(lambda _: None))
-        _runtime(base.rootfs, partial / RUNTIME.lstrip("/"))
-        if setuid_blocked:  # the broker instead of a setuid sudo (builder.customize)
-            wrapper = partial / "usr/local/bin/sudo"
-            wrapper.parent.mkdir(parents=True)
-            wrapper.write_text(f'#!/bin/sh\nexec {PYTHON} -I {GUEST_PREFIX}/guest/sudo.py "$@"\n')
-            wrapper.chmod(0o755)
-        (partial / ".done").touch()
-        shutil.rmtree(staged, ignore_errors=True)
-        partial.rename(staged)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    for old in cache.glob("guest-*"):
-        if old != staged and not old.name.endswith(".partial"):
-            shutil.rmtree(old, ignore_errors=True)
+    with _staging:  # builds run in parallel: one stages, the others then find it
+        if (staged / ".done").exists():
+            return staged
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=".guest-", dir=cache))
+        try:
+            install_guest(Recipe(name="image"), partial, Stopwatch(lambda _: None))
+            _runtime(base.rootfs, partial / RUNTIME.lstrip("/"))
+            if setuid_blocked:  # the broker instead of a setuid sudo (builder.customize)
+                wrapper = partial / "usr/local/bin/sudo"
+                wrapper.parent.mkdir(parents=True)
+                wrapper.write_text(
+                    f'#!/bin/sh\nexec {PYTHON} -I {GUEST_PREFIX}/guest/sudo.py "$@"\n'
+                )
+                wrapper.chmod(0o755)
+            partial.chmod(0o755)
+            (partial / ".done").touch()
+            shutil.rmtree(staged, ignore_errors=True)
+            partial.rename(staged)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     return staged
 
 
