@@ -44,6 +44,7 @@ from vivarium.node.snapshots import Snapshot, new_fork_key, new_snapshot_id
 from vivarium.node.volumes import VolumeMount
 from vivarium.statedir import write_private
 from vivarium.telemetry import timed_operation
+from vivarium.templates.recipe import RECIPES
 from vivarium.templates.store import Template, validate_name
 
 log = logging.getLogger(__name__)
@@ -266,6 +267,8 @@ class ControlPlane:
     async def _template_for(self, team: Row, wanted: str) -> Template:
         """The build a create starts from: one of the team's own templates (by id, name or
         name:tag), else one of the operator's; never another team's."""
+        if wanted in RECIPES:  # no team template has a built-in's name: no catalog query
+            return self.node.templates.get(wanted)
         resolved = await self.templates.resolve(team, wanted)
         if resolved is not None:
             row, build_id = resolved

@@ -33,6 +33,7 @@ from vivarium.node.template_builds import IMAGE_BASE
 from vivarium.templates import build_request
 from vivarium.templates.build_log import BuildLog
 from vivarium.templates.recipe import RECIPES
+from vivarium.templates.store import NAME_RE
 
 if TYPE_CHECKING:
     from vivarium.api.control import ControlPlane
@@ -41,7 +42,6 @@ Row = dict[str, Any]
 log = logging.getLogger(__name__)
 
 DEFAULT_TAG = "default"
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_BUILDS_PER_TEAM = 2  # running or waiting at once
 MAX_UPLOAD = 2 << 30
@@ -59,7 +59,7 @@ def split_name(value: str) -> tuple[str, str | None]:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.match(name):  # the store's names: a template is a directory
         raise InvalidArgument(
             f"invalid template name {name!r}",
             "use up to 63 lowercase letters, digits, '.', '_' or '-'",
