@@ -133,7 +133,7 @@ def outside() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def server(outside: str) -> Iterator[Server]:
-    with running_server("netpause", "vn", "10.245.0.0/24", API_PORT,
+    with running_server("netpause", "ve", "10.245.0.0/24", API_PORT,
                         egress_allow=f"{outside}/32") as srv:  # fmt: skip
         yield srv
 
