@@ -157,6 +157,11 @@ STORAGE_SANDBOXES = 100
 STORAGE_OWN_MIB = 1
 STORAGE_BATCH = 10
 STORAGE_TARGET_RATIO = 1.2
+# Team templates (issue 17): a small template built through the SDK, cold (no cached layer),
+# again unchanged, again with its last step changed; creates from one with a server running.
+TEMPLATE_CREATES = 8  # alternating with creates from `base`
+TEMPLATE_REBUILD_MAX_S = 5.0
+TEMPLATE_CREATE_TARGET_RATIO = 1.2
 WARM_POOL_SIZE = 5
 WARM_CREATES = 20  # sequential SDK creates, each with the pool full
 WARM_BURST = 20  # SDK creates released together against the full pool
@@ -699,6 +704,11 @@ class NodeFigures:
     from_snapshot_ms: list[float] = field(default_factory=list)  # SDK creates from it
     from_template_ms: list[float] = field(default_factory=list)  # alternating with those
     fork_ms: float = 0.0  # fork(count=FORK_COUNT), wall
+    build_cold_s: float = 0.0  # Template.build(skip_cache=True) of a small template
+    build_same_s: float = 0.0  # the same again
+    build_last_step_s: float = 0.0  # its last step changed
+    custom_create_ms: list[float] = field(default_factory=list)  # its creates (a server runs)
+    custom_base_create_ms: list[float] = field(default_factory=list)  # alternating, `base`
     warm_create_ms: list[float] = field(default_factory=list)  # SDK creates, pool full
     warm_claims: int = 0  # of those, how many the node served from the pool
     burst_ms: list[float] = field(default_factory=list)  # WARM_BURST SDK creates at once
@@ -1041,6 +1051,54 @@ def measure_snapshots(fleet: Fleet, figures: NodeFigures) -> None:
         fleet.sdk_kill(sbx)
 
 
+def _small_template(last: str) -> Any:
+    from e2b import Template, wait_for_port
+
+    return (
+        Template()
+        .from_base_image()
+        .run_cmd("mkdir -p /home/user/site && echo lesson > /home/user/site/index.html")
+        .set_envs({"MODE": "lesson"})
+        .set_workdir("/home/user/site")
+        .run_cmd(f"echo {last} > /home/user/last")
+        .set_start_cmd("python3 -m http.server 8000", wait_for_port(8000))
+    )
+
+
+def measure_templates(fleet: Fleet, figures: NodeFigures) -> None:
+    """A small template built through the SDK: cold, unchanged, last step changed; then SDK
+    creates from it (its server running) alternating with creates from `base`."""
+    from e2b import Template
+
+    name = f"bench-{os.getpid()}"
+    options = {"api_key": fleet.api_key, "api_url": API_URL}
+
+    def build(last: str, skip_cache: bool = False) -> float:
+        start = time.perf_counter()
+        Template.build(_small_template(last), name, skip_cache=skip_cache, **options)
+        return time.perf_counter() - start
+
+    try:
+        figures.build_cold_s = build("one", skip_cache=True)
+        fleet.settle(poll_s=0.05)
+        figures.build_same_s = build("one")
+        fleet.settle(poll_s=0.05)
+        figures.build_last_step_s = build("two")
+        for _ in range(TEMPLATE_CREATES):
+            fleet.settle(poll_s=0.05)
+            sbx, created = fleet.sdk_create(template=name)
+            figures.custom_create_ms.append(created.ms)
+            fleet.sdk_kill(sbx)
+            fleet.settle(poll_s=0.05)
+            sbx, created = fleet.sdk_create()
+            figures.custom_base_create_ms.append(created.ms)
+            fleet.sdk_kill(sbx)
+    finally:
+        with httpx.Client(base_url=API_URL, headers={"X-API-Key": fleet.api_key},
+                          timeout=60) as http:  # fmt: skip
+            http.delete(f"/templates/{name}")
+
+
 def measure_egress(fleet: Fleet, figures: NodeFigures) -> None:
     """curl's own total time inside one sandbox, each path in turn per round."""
     host = "pkg.example.test"  # allowed by name; on fakenet.NAMED, which is denied
@@ -1176,6 +1234,10 @@ def measure_node(fleet: Fleet, server: Server) -> NodeFigures:
         log(f"node: egress proxy: {EGRESS_SMALL_RUNS} small requests and {EGRESS_LARGE_RUNS} "
             f"downloads of {EGRESS_LARGE_BYTES // MIB} MiB each way")  # fmt: skip
         measure_egress(fleet, figures)
+        fleet.settle()
+        log(f"node: a small team template built cold, unchanged and changed; "
+            f"{TEMPLATE_CREATES} creates from it")  # fmt: skip
+        measure_templates(fleet, figures)
         fleet.settle()
         log(f"node: warm pool of {WARM_POOL_SIZE}: {WARM_CREATES} creates, a burst of "
             f"{WARM_BURST}")  # fmt: skip
@@ -1397,6 +1459,17 @@ def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row
             f"{EGRESS_LARGE_BYTES // MIB} MiB download through the egress proxy: p50",
             p50(egress["large_proxy"]), "ms", p50(egress["large_direct"]), "straight out",
             max_ratio=EGRESS_DOWNLOAD_TARGET_RATIO, samples=tuple(egress["large_proxy"])),
+        Row("template_build_cold_s", "team template build, cold (5 steps, a server started)",
+            node.build_cold_s, "s", ckpt50 / 1000 + restore50 / 1000,
+            "raw checkpoint + raw restore p50"),
+        Row("template_build_same_s", "team template build, nothing changed", node.build_same_s,
+            "s", max_value=TEMPLATE_REBUILD_MAX_S),
+        Row("template_build_last_step_s", "team template build, last step changed",
+            node.build_last_step_s, "s", node.build_cold_s, "the cold build"),
+        Row("template_create_p50_ms", "SDK create from a team template, its server running: p50",
+            p50(node.custom_create_ms), "ms", p50(node.custom_base_create_ms),
+            "SDK create from base p50, alternating", max_ratio=TEMPLATE_CREATE_TARGET_RATIO,
+            samples=tuple(node.custom_create_ms)),
         Row("burst_refill_s", "burst: pool full again after the last create",
             node.burst_refill_s, "s", WARM_POOL_SIZE * restore50 / 1000,
             f"{WARM_POOL_SIZE} x raw restore p50"),

@@ -26,3 +26,9 @@ def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
             "egress_dns": fakenet.DNS,
             "egress_ca_file": str(cert),
         }
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.integration.support import remove_state_dirs  # imports the client: not earlier
+
+    remove_state_dirs()

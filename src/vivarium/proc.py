@@ -140,11 +140,17 @@ async def run(
 
 
 def run_sync(
-    args: Sequence[str], *, check: bool = True, timeout: float = 600.0, stdin: bytes | None = None
+    args: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = 600.0,
+    stdin: bytes | None = None,
+    cwd: Path | None = None,
 ) -> Result:
     completed = subprocess.run(
         _argv(args),
         input=stdin,
+        cwd=cwd,
         stdin=None if stdin is not None else subprocess.DEVNULL,
         capture_output=True,
         timeout=timeout,

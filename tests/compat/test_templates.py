@@ -4,6 +4,9 @@ start command whose program is already running in every sandbox (it is in the ch
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +18,7 @@ from e2b.template.logger import LogEntry
 from e2b.template.utils import calculate_files_hash
 
 from tests.compat.conftest import Compat
+from tests.integration.support import VIVARIUM
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -142,6 +146,104 @@ def test_a_template_from_a_template_tags_exists_and_delete(
     assert not Template.exists(derived)
 
 
+def test_a_rebuild_runs_again_from_its_first_changed_step(compat: Compat) -> None:
+    """Each step's layer is cached by everything before it: a changed middle step runs again
+    with all after it, the steps before it are not run (their random marks stay), and a
+    template that starts the same way shares them."""
+    name, sibling = _name("layers"), _name("sibling")
+
+    def template(middle: str) -> Template:
+        return (
+            Template()
+            .from_base_image()
+            .run_cmd("echo $RANDOM$RANDOM > /home/user/first; rm /home/user/.bashrc")
+            .set_envs({"LESSON": "seven"})
+            .run_cmd(f"echo {middle} > /home/user/middle")
+            .run_cmd("echo $RANDOM$RANDOM > /home/user/last")
+        )
+
+    def build(t: Template, alias: str) -> list[str]:
+        logs: list[LogEntry] = []
+        Template.build(t, alias, on_build_logs=logs.append)
+        return [e.message for e in logs]
+
+    def files(alias: str) -> list[str]:
+        sbx = Sandbox.create(alias)
+        try:
+            cmd = "cat first middle last; echo $LESSON; ls -a | grep -c bashrc || true"
+            return sbx.commands.run(cmd, cwd="/home/user").stdout.split()
+        finally:
+            sbx.kill()
+
+    try:
+        first = build(template("one"), name)
+        assert "[1/4] RUN echo $RANDOM$RANDOM > /home/user/first; rm /home/user/.bashrc" in first
+        mark, _, _, lesson, bashrc = before = files(name)
+        assert before[1] == "one" and lesson == "seven" and bashrc == "0"  # deleted in a layer
+        changed = build(template("two"), name)
+        assert any(m.startswith("[1/4] RUN") and m.endswith("(cached)") for m in changed)
+        assert "[2/4] ENV LESSON seven (cached)" in changed, changed
+        assert "[3/4] RUN echo two > /home/user/middle" in changed, changed
+        assert not any(m.startswith("[4/4]") and m.endswith("(cached)") for m in changed)
+        after = files(name)
+        assert after[:2] == [mark, "two"] and after[2] != before[2] and after[3:] == ["seven", "0"]
+        # Another template of the team's that starts the same way: its first steps are cached.
+        shared = build(template("three"), sibling)
+        assert "[2/4] ENV LESSON seven (cached)" in shared and files(sibling)[0] == mark
+        # skip_cache() runs that step and every one after it again.
+        forced = build(template("two").skip_cache().run_cmd("true"), sibling)
+        assert "[5/5] RUN true" in forced, forced
+        assert any(m.startswith("[4/5]") and m.endswith("(cached)") for m in forced)
+    finally:
+        with compat.admin() as http:
+            http.delete(f"/templates/{name}")
+            http.delete(f"/templates/{sibling}")
+
+
+DOCKERFILE = """\
+FROM debian:bookworm
+COPY greeting.txt /home/user/greeting.txt
+RUN echo built-by-$(whoami) > /home/user/built.txt
+ENV COLOR=blue
+WORKDIR /home/user
+"""
+
+
+def test_the_cli_builds_a_team_template_from_a_dockerfile(compat: Compat, tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text(DOCKERFILE)
+    (tmp_path / "greeting.txt").write_text("hi from the cli\n")
+    name = _name("cli")
+    env = {**os.environ, "VIVARIUM_API_URL": compat.api_url, "VIVARIUM_API_KEY": compat.api_key}
+    argv = [VIVARIUM, "template", "build", name, "--dockerfile", str(tmp_path / "Dockerfile"),
+            "--start-cmd", "sleep infinity"]  # fmt: skip
+    try:
+        first = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+        assert first.returncode == 0, first.stdout + first.stderr
+        output = first.stdout + first.stderr
+        assert "COPY greeting.txt /home/user/greeting.txt" in output, output  # its logs, live
+        build_id = first.stdout.strip().splitlines()[-1]
+        sbx = Sandbox.create(name)
+        try:
+            run = sbx.commands.run("cat greeting.txt built.txt; echo $COLOR; pgrep -x sleep")
+            lines = run.stdout.split()
+            assert lines[:4] == ["hi", "from", "the", "cli"] and lines[4:6] == ["built-by-root",
+                                                                                "blue"]  # fmt: skip
+        finally:
+            sbx.kill()
+        again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] != build_id
+        assert "nothing to build" in again.stdout + again.stderr
+        broken = tmp_path / "Broken"
+        broken.write_text("FROM debian:bookworm\nRUN exit 7\n")
+        failed = subprocess.run([*argv[:4], "-f", str(broken)], env=env, capture_output=True,
+                                text=True, timeout=600)  # fmt: skip
+        assert failed.returncode == 1 and "the build failed" in failed.stderr, failed.stderr
+        assert "exit" in failed.stderr and "Traceback" not in failed.stderr
+    finally:
+        with compat.admin() as http:
+            http.delete(f"/templates/{name}")
+
+
 def test_a_failing_step_fails_the_build_with_its_output(compat: Compat) -> None:
     name = _name("broken")
     template = (
@@ -207,6 +309,32 @@ def test_a_step_that_runs_forever_is_stopped(compat: Compat) -> None:
         assert http.delete(f"/templates/{name}").status_code == 204
 
 
+def test_a_ready_command_that_never_succeeds_fails_the_build(compat: Compat) -> None:
+    name = _name("never-ready")
+    template = Template().from_base_image().set_start_cmd("echo warming-up; sleep infinity",
+                                                          "test -e /tmp/never")  # fmt: skip
+    logs: list[LogEntry] = []
+    # The compat server's default: its 20 s step timeout (300 s on a real node).
+    with pytest.raises(BuildException, match="did not succeed within 20 s"):
+        Template.build(template, name, on_build_logs=logs.append)
+    assert "start command: warming-up" in [e.message for e in logs]  # what it said
+    # A build body's readyTimeout (ours; the official client sends none) sets it.
+    with compat.admin() as http:
+        made = http.post("/v3/templates", json={"name": name}).json()
+        tid, bid = made["templateID"], made["buildID"]
+        body = {"fromTemplate": "base", "startCmd": "sleep infinity", "readyCmd": "false",
+                "readyTimeout": 2}  # fmt: skip
+        assert http.post(f"/v2/templates/{tid}/builds/{bid}", json=body).status_code == 202
+        for _ in range(600):
+            status = http.get(f"/templates/{tid}/builds/{bid}/status").json()
+            if status["status"] in ("ready", "error"):
+                break
+            time.sleep(0.2)
+        assert status["status"] == "error"
+        assert "did not succeed within 2 s" in status["reason"]["message"], status
+        assert http.delete(f"/templates/{tid}").status_code == 204
+
+
 def test_bad_build_requests(compat: Compat) -> None:
     with compat.admin() as http:
         assert http.post("/v3/templates", json={"name": "Not A Name"}).status_code == 400
@@ -222,6 +350,7 @@ def test_bad_build_requests(compat: Compat) -> None:
             ({"fromTemplate": "base", "steps": [{"type": "COPY", "args": ["a", "/b"]}]}, 400,
              "filesHash"),
             ({"fromTemplate": "base", "steps": [{"type": "ENV", "args": ["A"]}]}, 400, "pairs"),
+            ({"fromTemplate": "base", "readyTimeout": 0}, 400, "readyTimeout"),
             ({"fromTemplate": "no-such-template"}, 404, "not found"),
         ]  # fmt: skip
         for body, status, words in cases:

@@ -123,8 +123,12 @@ class Server:
         return done
 
 
+STATE_DIRS: list[Path] = []  # every test server's, removed when the session ends
+
+
 def make_server(name: str, prefix: str, cidr: str, api_port: int, **extra: str) -> Server:
     state_dir = Path(tempfile.mkdtemp(prefix=f"vivarium-{name}-"))
+    STATE_DIRS.append(state_dir)
     # What `make test` found when it probed runsc on this host (cached per runsc version and
     # kernel, so valid here): probing again costs every test server seconds, minutes on a
     # loaded machine.
@@ -208,6 +212,20 @@ def sdk_options(srv: Server) -> dict[str, Any]:
             "api_url": f"http://127.0.0.1:{srv.env['VIVARIUM_API_PORT']}",
             "sandbox_url": f"http://127.0.0.1:{srv.env['VIVARIUM_PROXY_PORT']}",
             "request_timeout": 300}  # fmt: skip
+
+
+def remove_state_dirs() -> None:
+    """What the session's servers left (GBs of template builds, disks and snapshots): their
+    containers deleted, their mounts let go, their files removed. VIVARIUM_TEST_KEEP_STATE=1
+    keeps them, to look into after a run."""
+    if os.environ.get("VIVARIUM_TEST_KEEP_STATE"):
+        return
+    while STATE_DIRS:
+        state_dir = STATE_DIRS.pop()
+        for cid in containers(state_dir):
+            subprocess.run(["runsc", "--root", str(state_dir / "runsc"), "delete", "--force",
+                            cid], capture_output=True)  # fmt: skip
+        disk.discard(state_dir)
 
 
 def netns_names(prefix: str) -> set[str]:

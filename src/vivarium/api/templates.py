@@ -230,7 +230,8 @@ class TemplateCatalog:
                    build_log: BuildLog) -> None:  # fmt: skip
         await store.update_build(self.engine, build["id"], status="building")
         try:
-            made = await self.node.builds.run(row["id"], build["id"], base, request)
+            made = await self.node.builds.run(row["id"], build["id"], base, request,
+                                              row["team_id"])  # fmt: skip
         except VivariumError as exc:
             await store.update_build(
                 self.engine,

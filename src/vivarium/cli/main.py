@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.parse
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import click
@@ -81,16 +82,51 @@ def template() -> None:
 
 @template.command("build")
 @click.argument("name", default="base")
-@click.option("--force", is_flag=True, help="Rebuild even if up to date.")
-def template_build(name: str, force: bool) -> None:
-    """Build template NAME (no-op when its recipe has not changed)."""
+@click.option("--force", is_flag=True, help="Build again even if up to date (no cached layers).")
+@click.option(
+    "--dockerfile",
+    "-f",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Build NAME as a team template from this Dockerfile, through the API.",
+)
+@click.option(
+    "--context",
+    "-c",
+    "context",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Where COPY reads from (default: the Dockerfile's directory).",
+)
+@click.option("--start-cmd", help="Started at build time; running in every sandbox.")
+@click.option("--ready-cmd", help="Polled until it succeeds, before the checkpoint.")
+@click.option("--cpu", type=int, help="vCPUs of its sandboxes.")
+@click.option("--memory-mb", type=int, help="Memory of its sandboxes, in MiB.")
+def template_build(name: str, force: bool, dockerfile: Path | None, context: Path | None,
+                   start_cmd: str | None, ready_cmd: str | None, cpu: int | None,
+                   memory_mb: int | None) -> None:  # fmt: skip
+    """Build template NAME: a built-in one on this host (no-op when its recipe has not
+    changed), or, with --dockerfile, your team's from a Dockerfile (its build's logs stream
+    here; steps the layer cache kept are not run again)."""
+    from vivarium.templates.recipe import RECIPES
+
+    settings = _settings()
+    if dockerfile is not None:
+        from vivarium.cli.template_build import build_from_dockerfile
+
+        build_id = build_from_dockerfile(settings, name, dockerfile, context,
+                                         start_cmd=start_cmd, ready_cmd=ready_cmd,
+                                         skip_cache=force, cpu_count=cpu,
+                                         memory_mb=memory_mb)  # fmt: skip
+        click.echo(build_id)
+        return
+    if name not in RECIPES:
+        raise click.UsageError(f"{name!r} is not a built-in template ({', '.join(RECIPES)}); "
+                               "build a template of your own with --dockerfile")  # fmt: skip
     from vivarium import statedir
     from vivarium.templates.builder import build
 
     def report(line: str) -> None:
         click.echo(line, err=True)
 
-    settings = _settings()
     statedir.prepare(settings.state_dir)  # a fresh install's first step makes it
     built = asyncio.run(build(settings, name, force=force, report=report))
     click.echo(built.build_id)

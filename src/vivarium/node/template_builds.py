@@ -29,6 +29,7 @@ from vivarium.templates import guest_runtime, oci
 from vivarium.templates.build_log import BuildLog
 from vivarium.templates.build_request import BASE_STEP, BuildRequest
 from vivarium.templates.custom import BuildFailed, HostAccess, build_template
+from vivarium.templates.layers import LayerCache
 from vivarium.templates.recipe import GUEST_PREFIX, HOSTNAME
 from vivarium.templates.store import Template, dir_size, validate_name
 
@@ -50,6 +51,7 @@ class TemplateBuilds:
         self.logs: dict[str, BuildLog] = {}
         self.addresses: set[str] = set()  # slots of running builds (their DNS is answered)
         self._turns = asyncio.Semaphore(MAX_BUILDS)
+        self.layers = LayerCache(node.settings.cache_dir / "layers")
 
     def files(self, template_id: str) -> Path:
         return self.files_root / validate_name(template_id)
@@ -94,9 +96,10 @@ class TemplateBuilds:
         self.logs[build_id] = BuildLog()
         return self.logs[build_id]
 
-    async def run(self, template_id: str, build_id: str, base_name: str,
-                  request: BuildRequest) -> Template:  # fmt: skip
-        """Build it (in turn with other builds); raises with the log already saying why."""
+    async def run(self, template_id: str, build_id: str, base_name: str, request: BuildRequest,
+                  scope: str) -> Template:  # fmt: skip
+        """Build it (in turn with other builds), with the cached layers of `scope` (the team);
+        raises with the log already saying why."""
         build_log = self.logs.get(build_id) or self.open_log(build_id)
         try:
             guest = None
@@ -124,7 +127,7 @@ class TemplateBuilds:
                     template = await build_template(
                         runtime, self.node.templates, base, template_id, build_id, request,
                         self.files(template_id), slot, self.node.default_resources(base),
-                        build_log, self.node.settings.cache_dir, guest,
+                        build_log, self.node.settings.cache_dir, self.layers, scope, guest,
                         HostAccess.of_host(self.node.settings.build_ca_file,
                                            self.node.settings.build_step_timeout_s),
                     )  # fmt: skip

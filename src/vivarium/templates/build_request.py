@@ -20,6 +20,7 @@ from vivarium.errors import InvalidArgument
 STEP_TYPES = ("COPY", "ENV", "RUN", "WORKDIR", "USER")
 MAX_STEPS = 512
 MAX_ARG_BYTES = 64 << 10
+MAX_READY_S = 3600
 FILES_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 # Build steps are named for the client by where its stack traces are: "base" for the `from_*`
 # call, "1".."N" for the steps, "finalize" for the start and ready commands.
@@ -43,11 +44,26 @@ def builtin_for_image(image: str) -> str | None:
     return builtin
 
 
+def code_version() -> str:
+    """How we build, as a build's result depends on it: this package's code."""
+    global _code_version
+    if _code_version is None:
+        h = hashlib.sha256()
+        for source in sorted(Path(__file__).parent.glob("*.py")):
+            h.update(source.read_bytes())
+        _code_version = h.hexdigest()
+    return _code_version
+
+
+_code_version: str | None = None
+
+
 @dataclass(frozen=True)
 class Step:
     type: str
     args: tuple[str, ...]
     files_hash: str | None = None
+    force: bool = False  # skip_cache(): run again, as every step after it
 
     @property
     def text(self) -> str:
@@ -61,7 +77,8 @@ class BuildRequest:
     steps: tuple[Step, ...]
     start_cmd: str | None = None
     ready_cmd: str | None = None
-    force: bool = False  # build again even if an earlier build did the very same
+    force: bool = False  # build it all again, whatever an earlier build kept
+    ready_timeout_s: float | None = None  # `readyTimeout`, ours: the node's default otherwise
     credentials: str | None = field(default=None, repr=False)  # user:password, for the pull
 
     @property
@@ -74,10 +91,9 @@ class BuildRequest:
         build (this package's code)."""
         h = hashlib.sha256()
         steps = [json.dumps([s.type, s.args, s.files_hash]) for s in self.steps]
-        for part in (base_build, runtime, self.start_cmd or "", self.ready_cmd or "", *steps):
+        for part in (base_build, runtime, self.start_cmd or "", self.ready_cmd or "", *steps,
+                     code_version()):  # fmt: skip
             h.update(part.encode() + b"\0")
-        for source in sorted(Path(__file__).parent.glob("*.py")):
-            h.update(source.read_bytes())
         return h.hexdigest()
 
 
@@ -114,7 +130,8 @@ def _step(index: int, raw: Any) -> Step:
         raise InvalidArgument(f"{where}: COPY needs the filesHash of its uploaded files")
     if kind == "COPY" and len(args) == 4 and args[3] and not re.fullmatch(r"0?[0-7]{3,4}", args[3]):
         raise InvalidArgument(f"{where}: COPY mode must be octal, like 0755")
-    return Step(kind, tuple(args), files_hash if kind == "COPY" else None)
+    return Step(kind, tuple(args), files_hash if kind == "COPY" else None,
+                raw.get("force") is True)  # fmt: skip
 
 
 def _registry_credentials(raw: Any) -> str | None:
@@ -132,6 +149,16 @@ def _registry_credentials(raw: Any) -> str | None:
     return f"{user}:{password}"
 
 
+def _ready_timeout(raw: Any) -> float | None:
+    """How long the ready command may take to succeed, in seconds: `readyTimeout` of the body
+    (ours; the official client sends none, and the node's default applies)."""
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 1 <= raw <= MAX_READY_S:
+        raise InvalidArgument(f"readyTimeout must be a number of seconds from 1 to {MAX_READY_S}")
+    return float(raw)
+
+
 def parse(body: dict[str, Any]) -> BuildRequest:
     from_template, from_image = _text(body, "fromTemplate"), _text(body, "fromImage")
     if (from_template is None) == (from_image is None):
@@ -147,6 +174,6 @@ def parse(body: dict[str, Any]) -> BuildRequest:
         start_cmd=_text(body, "startCmd") or None,
         ready_cmd=_text(body, "readyCmd") or None,
         credentials=credentials,
-        force=body.get("force") is True
-        or any(isinstance(s, dict) and s.get("force") is True for s in steps),
+        force=body.get("force") is True,
+        ready_timeout_s=_ready_timeout(body.get("readyTimeout")),
     )

@@ -1,10 +1,12 @@
 """Building a team's template from the SDK's steps, isolated by gVisor like any sandbox.
 
-Two boots, both under runsc in a network slot of the node's:
-1. Steps: the base's root filesystem, copied, is the container's root with no overlay, so what
-   `RUN` and `COPY` write lands in the template's rootfs (the lower layer every sandbox shares),
-   not in its checkpoint. Each step is a `runsc exec` as its user, in its directory, with its
-   environment. Uploaded files are mounted read-only and unpacked inside.
+Under runsc, in a network slot of the node's:
+1. Steps, a container each: its root is an overlayfs of the layers of the steps before it (and
+   the base) with an empty upper directory, which becomes the step's layer (layers.py). A step
+   the layer cache has kept (the same base and the same steps before it) is not run again.
+   Each step is a `runsc exec` as its user, in its directory, with its environment. Uploaded
+   files are mounted read-only and unpacked inside. The template's rootfs is then flattened
+   from the base and the layers: the lower layer every sandbox shares, not in its checkpoint.
 2. Start: the finished rootfs boots as a sandbox does (guest init, envd, the base's services);
    envd gets the template's environment, user and directory, `startCmd` starts, `readyCmd` is
    polled, and the checkpoint is taken with the program running, so every sandbox restored from
@@ -17,12 +19,14 @@ import asyncio
 import base64
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
 import re
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,9 +44,11 @@ from vivarium.proc import run, run_lines
 from vivarium.runtime import disk
 from vivarium.runtime.bundle import Resources, for_sandbox, write_bundle
 from vivarium.runtime.runsc import Runsc
+from vivarium.templates import layers
 from vivarium.templates.build_log import BuildLog
-from vivarium.templates.build_request import FINALIZE_STEP, BuildRequest, Step
+from vivarium.templates.build_request import FINALIZE_STEP, BuildRequest, Step, code_version
 from vivarium.templates.builder import wait_ready
+from vivarium.templates.layers import Layer, LayerCache
 from vivarium.templates.recipe import GUEST_PREFIX, HOSTNAME
 from vivarium.templates.store import Template, TemplateStore, dir_size, sha256_dir
 
@@ -263,11 +269,23 @@ class Context:
     identity: Identity
     workdir: str
     env: dict[str, str] = field(default_factory=dict)
+    shell: str = "/bin/bash"  # what RUN, the start and the ready command run with
 
     def environ(self) -> list[str]:
         base = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 "LANG": "C.UTF-8", "HOME": self.identity.home, "USER": self.user}  # fmt: skip
         return [f"{k}={v}" for k, v in {**base, **self.env}.items()]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"user": self.user, "uid": self.identity.uid, "gid": self.identity.gid,
+                "home": self.identity.home, "workdir": self.workdir, "env": self.env,
+                "shell": self.shell}  # fmt: skip
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> Context:
+        identity = Identity(int(data["uid"]), int(data["gid"]), str(data["home"]))
+        return cls(str(data["user"]), identity, str(data["workdir"]), dict(data["env"]),
+                   str(data["shell"]))  # fmt: skip
 
     def expand(self, value: str) -> str:
         """`$NAME` and `${NAME}` of earlier ENV steps, as a Dockerfile's ENV would."""
@@ -280,60 +298,154 @@ class Build:
     """One build: its directory, slot and two containers."""
 
     def __init__(self, runtime: Runsc, base: Template, build_dir: Path, files: Path, slot: Slot,
-                 resources: Resources, log: BuildLog, cache: Path,
-                 guest: Path | None = None, host: HostAccess = HostAccess()) -> None:  # fmt: skip
+                 resources: Resources, log: BuildLog, cache: Path, layer_cache: LayerCache,
+                 scope: str, guest: Path | None = None,
+                 host: HostAccess = HostAccess()) -> None:  # fmt: skip
         self.runtime, self.base, self.build_dir, self.files = runtime, base, build_dir, files
-        self.cache = cache
+        self.cache, self.layer_cache = cache, layer_cache
+        self.scope = scope  # whose layers the build may use: its team's
         self.guest = guest  # an image's base: our guest, staged to be copied in
         self.host = host
         self.slot, self.resources, self.log = slot, resources, log
-        self.rootfs = build_dir / "rootfs"
-        self.shell = ["/bin/bash", "-c"]
+        self.rootfs = build_dir / "rootfs"  # the template's
+        self.merged = build_dir / "merged"  # a step's: its layers on the base
+        self.shell = ["/bin/bash", "-c"]  # the template's (sh in images without bash)
+        self._held: list[str] = []
 
-    # -- boot 1: the steps ----------------------------------------------------------------------
+    # -- boot 1: the steps, a container each -----------------------------------------------------
 
     async def apply(self, request: BuildRequest) -> Context:
-        # The steps write straight to the rootfs, so it is a file system of its own: what they
-        # can write is bounded (the base's size and the sandbox disk's room), not the host's.
-        used = int(self.base.manifest.get("rootfs_bytes") or 0)
-        size = used + used // 8 + (self.resources.disk_mb << 20)
-        self.log.add(f"copying the root filesystem of {self.base.name}", step="base")
-        await fresh_rootfs(self.base, self.build_dir, size, self.cache)
-        if not (self.rootfs / "bin/bash").exists():
-            self.shell = ["/bin/sh", "-c"]
-        cid = f"tbuild-{self.build_dir.name}"
-        spec = self._spec(["/bin/sleep", "2147483647"])  # busybox's sleep takes no "infinity"
-        spec["mounts"].append({"destination": FILES_MOUNT, "type": "bind",
-                               "source": str(self.files),
-                               "options": ["rbind", "ro", "nosuid", "nodev"]})  # fmt: skip
-        if self.host.ca_file is not None:
-            spec["mounts"].append({"destination": HOST_CA, "type": "bind",
-                                   "source": str(self.host.ca_file),
-                                   "options": ["bind", "ro", "nosuid", "nodev"]})  # fmt: skip
-        if self.guest is not None:
-            spec["mounts"].append({"destination": GUEST_MOUNT, "type": "bind",
-                                   "source": str(self.guest),
-                                   "options": ["rbind", "ro", "nosuid", "nodev"]})  # fmt: skip
-        await self._boot(cid, spec, disk_dir=None)
-        try:
-            if self.guest is not None:
-                self.log.add("adding the sandbox agent (envd) and the user `user`", step="base")
-                root = Context("root", Identity(0, 0, "/root"), "/")
-                await self._exec(cid, ["/bin/sh", "-c", INJECT_SCRIPT], root, "base")
-            ctx = await self._initial_context(cid)
-            for index, step in enumerate(request.steps, start=1):
-                self.log.add(f"[{index}/{len(request.steps)}] {step.text}", step=str(index))
-                await self._step(cid, ctx, step, str(index))
-            return ctx
-        finally:
-            await self._remove(cid)
-            self._drop_mount_points()
+        """Run the steps from the first one the layer cache has not kept (layers.py), then
+        flatten the base and the layers into the template's rootfs."""
+        room = self.resources.disk_mb << 20
+        # What one step writes lands on the scratch file system: a step can fill that, not the
+        # host's disk.
+        await asyncio.to_thread(self._scratch, room)
+        lowers: list[Layer] = []  # the layers the next step stands on, topmost first
+        guest = self.guest.name if self.guest is not None else ""
+        key = layers.chain(
+            self.scope, f"{self.base.name}/{self.base.build_id}/{guest}/{code_version()}"
+        )
+        forced = request.force
+        key = layers.chain(key, "base")
+        layer = None if forced else self._cached(key)
+        if layer is None:
+            layer = await self._in_container(key, lowers, "base", self._prepare)
+        lowers.insert(0, layer)
+        for index, step in enumerate(request.steps, start=1):
+            key = layers.chain(key, json.dumps([step.type, step.args, step.files_hash]))
+            forced = forced or step.force  # skip_cache(): this step and all after it
+            label, name = f"[{index}/{len(request.steps)}] {step.text}", str(index)
+            layer = None if forced else self._cached(key)
+            if layer is not None:
+                self.log.add(f"{label} (cached)", step=name)
+            elif step.type == "ENV":  # no files: no container
+                self.log.add(label, step=name)
+                ctx = Context.of(lowers[0].context)
+                self._set_env(ctx, step)
+                layer = await asyncio.to_thread(self.layer_cache.put, key, None, ctx.to_json())
+                self._held.append(layer.key)
+                self.layer_cache.hold(layer.key)
+            else:
+                self.log.add(label, step=name)
+                run_step = functools.partial(self._step, step=step, name=name)
+                layer = await self._in_container(key, lowers, name, run_step)
+            lowers.insert(0, layer)
+        await self._flatten(lowers)
+        ctx = Context.of(lowers[0].context)
+        self.shell = [ctx.shell, "-c"]
+        return ctx
 
-    def _drop_mount_points(self) -> None:
-        """The empty files and directories runsc made for the first boot's mounts: not part of
-        the template. Entries of the rootfs's top (ours), removed without following links."""
+    def _cached(self, key: str) -> Layer | None:
+        layer = self.layer_cache.get(key)
+        if layer is not None:
+            self.layer_cache.hold(key)  # not pruned under this build
+            self._held.append(key)
+        return layer
+
+    def _scratch(self, size: int) -> None:
+        scratch = self.build_dir / "scratch"
+        disk.make_filesystem(self.build_dir / "scratch.img", size, journal=False)
+        disk.mount(self.build_dir / "scratch.img", scratch)
+
+    async def _in_container(self, key: str, lowers: list[Layer], name: str,
+                            work: Callable[[str, Context | None], Awaitable[Context]],
+                            ) -> Layer:  # fmt: skip
+        """Run `work` in a container whose root is `lowers` (and the base) with an empty upper
+        directory, and keep that directory as the layer `key`. Each step gets a container of
+        its own: only a container's end writes back all that runsc caches of its files."""
+        scratch = self.build_dir / "scratch"
+        upper, workdir = scratch / "upper", scratch / "work"
+        for path in (upper, workdir):
+            await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
+            path.mkdir()
+        stack = [layer.diff for layer in lowers if not layer.empty] + [self.base.rootfs]
+        await asyncio.to_thread(layers.mount_overlay, self.merged, stack, upper, workdir)
+        cid = f"tbuild-{self.build_dir.name}-{name}"
+        try:
+            spec = self._spec(["/bin/sleep", "2147483647"], self.merged)  # busybox: no infinity
+            spec["mounts"] += self._step_mounts()
+            await self._boot(cid, spec, disk_dir=None)
+            try:
+                ctx = await work(cid, Context.of(lowers[0].context) if lowers else None)
+            finally:
+                await self._remove(cid)
+        finally:
+            await run(["umount", str(self.merged)], check=False)
+        self._drop_mount_points(upper)
+        layer = await asyncio.to_thread(self.layer_cache.put, key, upper, ctx.to_json())
+        self.layer_cache.hold(layer.key)
+        self._held.append(layer.key)
+        return layer
+
+    def _step_mounts(self) -> list[dict[str, Any]]:
+        mounts = [{"destination": FILES_MOUNT, "type": "bind", "source": str(self.files),
+                   "options": ["rbind", "ro", "nosuid", "nodev"]}]  # fmt: skip
+        if self.host.ca_file is not None:
+            mounts.append({"destination": HOST_CA, "type": "bind",
+                           "source": str(self.host.ca_file),
+                           "options": ["bind", "ro", "nosuid", "nodev"]})  # fmt: skip
+        if self.guest is not None:
+            mounts.append({"destination": GUEST_MOUNT, "type": "bind", "source": str(self.guest),
+                           "options": ["rbind", "ro", "nosuid", "nodev"]})  # fmt: skip
+        return mounts
+
+    async def _prepare(self, cid: str, _: Context | None) -> Context:
+        """The base made ready for the steps: our guest in an image, and whom steps run as."""
+        if self.guest is not None:
+            self.log.add("adding the sandbox agent (envd) and the user `user`", step="base")
+            root = Context("root", Identity(0, 0, "/root"), "/")
+            await self._exec(cid, ["/bin/sh", "-c", INJECT_SCRIPT], root, "base")
+        ctx = await self._initial_context(cid)
+        bash = await self.runtime.exec(cid, ["/bin/sh", "-c", "[ -x /bin/bash ]"])
+        ctx.shell = "/bin/bash" if bash.ok else "/bin/sh"
+        return ctx
+
+    async def _flatten(self, lowers: list[Layer]) -> None:
+        """The template's rootfs: the base's files (a copy of its cached image) with the
+        layers applied, bottom first, on an image with the room of a sandbox's disk to spare."""
+        used = int(self.base.manifest.get("rootfs_bytes") or 0)
+        added = sum(layer.size for layer in lowers)
+        size = used + used // 8 + added + (self.resources.disk_mb << 20)
+        self.log.add("writing the template's root filesystem", step=FINALIZE_STEP)
+        await asyncio.to_thread(disk.discard, self.build_dir / "scratch")
+        (self.build_dir / "scratch.img").unlink(missing_ok=True)
+        await fresh_rootfs(self.base, self.build_dir, size, self.cache)
+        for layer in reversed(lowers):
+            if not layer.empty:
+                await asyncio.to_thread(layers.apply, layer.diff, self.rootfs)
+
+    def release_layers(self) -> None:
+        for key in self._held:
+            self.layer_cache.release(key)
+        self._held.clear()
+
+    @staticmethod
+    def _drop_mount_points(upper: Path) -> None:
+        """The empty files and directories runsc made for a step's mounts: not part of the
+        layer. Entries of its top (ours), removed without following links."""
         for point in (FILES_MOUNT, HOST_CA, GUEST_MOUNT):
-            path = self.rootfs / point.lstrip("/")
+            path = upper / point.lstrip("/")
             with contextlib.suppress(OSError):
                 if path.is_dir() and not path.is_symlink():
                     path.rmdir()
@@ -373,12 +485,16 @@ class Build:
                 raise BuildFailed(f"group {group!r} does not exist in the template", step)
         return Identity(int(fields[0]), gid, fields[2] if len(fields) > 2 else "/")
 
-    async def _step(self, cid: str, ctx: Context, step: Step, name: str) -> None:
-        if step.type == "ENV":
-            pairs = step.args
-            for key, value in zip(pairs[0::2], pairs[1::2], strict=True):
-                ctx.env[key] = ctx.expand(value)
-        elif step.type == "USER":
+    @staticmethod
+    def _set_env(ctx: Context, step: Step) -> None:
+        pairs = step.args
+        for key, value in zip(pairs[0::2], pairs[1::2], strict=True):
+            ctx.env[key] = ctx.expand(value)
+
+    async def _step(self, cid: str, ctx: Context | None, *, step: Step, name: str) -> Context:
+        assert ctx is not None  # the base's layer is below every step
+        self.shell = [ctx.shell, "-c"]
+        if step.type == "USER":
             ctx.identity, ctx.user = await self._identity(cid, step.args[0], name), step.args[0]
         elif step.type == "WORKDIR":
             path = step.args[0] if step.args[0].startswith("/") else f"{ctx.workdir}/{step.args[0]}"
@@ -409,6 +525,7 @@ class Build:
                 name,
                 as_root=True,
             )
+        return ctx
 
     async def _exec(self, cid: str, argv: list[str], ctx: Context, step: str, *,
                     identity: Identity | None = None, as_root: bool = False) -> None:  # fmt: skip
@@ -430,9 +547,8 @@ class Build:
 
     async def start_and_checkpoint(self, request: BuildRequest, ctx: Context) -> None:
         cid = f"tstart-{self.build_dir.name}"
-        spec = self._spec(None)
+        spec = self._spec(None, self.rootfs)
         (self.build_dir / "spec.json").write_text(json.dumps(spec, indent=1))
-        await reset_sandbox_side(self.slot)  # the first boot's runsc took eth0's address
         await self._boot(cid, spec, disk_dir=self.build_dir / "boot")
         try:
             self.log.add("waiting for envd", step=FINALIZE_STEP)
@@ -449,7 +565,7 @@ class Build:
                 self.log.add(f"starting: {request.start_cmd[:200]}", step=FINALIZE_STEP)
                 await self._start_program(request.start_cmd, ctx)
             if request.ready_cmd:
-                await self._until_ready(cid, request.ready_cmd, ctx)
+                await self._until_ready(cid, request.ready_cmd, ctx, request.ready_timeout_s)
             self.log.add("checkpointing", step=FINALIZE_STEP)
             await self.runtime.checkpoint(cid, self.build_dir / "checkpoint")
         finally:
@@ -509,14 +625,19 @@ class Build:
         raise BuildFailed(f"envd did not start the start command (HTTP {response.status_code})",
                           FINALIZE_STEP)  # fmt: skip
 
-    async def _until_ready(self, cid: str, ready_cmd: str, ctx: Context) -> None:
-        self.log.add(f"waiting until ready: {ready_cmd[:200]}", step=FINALIZE_STEP)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
+    async def _until_ready(self, cid: str, ready_cmd: str, ctx: Context,
+                           timeout_s: float | None) -> None:  # fmt: skip
+        """Run the ready command until it succeeds. An attempt may take all the time left (the
+        client's `wait_for_timeout` is a `sleep`)."""
+        limit = timeout_s or min(READY_TIMEOUT_S, self.host.step_timeout_s)
+        self.log.add(f"waiting until ready (at most {limit:.0f} s): {ready_cmd[:200]}",
+                     step=FINALIZE_STEP)  # fmt: skip
+        deadline = time.monotonic() + limit
+        while (left := deadline - time.monotonic()) > 0:
             try:
                 res = await self.runtime.exec(cid, [*self.shell, ready_cmd],
                                               user=ctx.identity.ids, env=ctx.environ(),
-                                              cwd=ctx.workdir, timeout=60)  # fmt: skip
+                                              cwd=ctx.workdir, timeout=left)  # fmt: skip
             except (TimeoutError, RuntimeFailure):  # an attempt that hangs is one that failed
                 continue
             if res.ok:
@@ -526,19 +647,20 @@ class Build:
         tail = await self.runtime.exec(cid, ["tail", "-n", "20", START_LOG])
         for line in tail.stdout.splitlines():
             self.log.add(f"start command: {line}", "warn", FINALIZE_STEP)
-        raise BuildFailed(f"the ready command did not succeed within {READY_TIMEOUT_S:.0f}s: "
+        raise BuildFailed(f"the ready command did not succeed within {limit:.0f} s: "
                           f"{ready_cmd[:200]}", FINALIZE_STEP)  # fmt: skip
 
     # -- containers -----------------------------------------------------------------------------
 
-    def _spec(self, args: list[str] | None) -> dict[str, Any]:
+    def _spec(self, args: list[str] | None, root: Path) -> dict[str, Any]:
         spec: dict[str, Any] = json.loads(json.dumps(self.base.spec))
-        spec["root"]["path"] = str(self.rootfs)
+        spec["root"]["path"] = str(root)
         if args is not None:
             spec["process"]["args"] = args
         return spec
 
     async def _boot(self, cid: str, spec: dict[str, Any], disk_dir: Path | None) -> None:
+        await reset_sandbox_side(self.slot)  # the last boot's runsc took eth0's address
         hub = self.build_dir / "volume-hub"
         hub.mkdir(exist_ok=True)
         bundle = self.build_dir / f"bundle-{cid}"
@@ -587,13 +709,15 @@ def _built_before(store: TemplateStore, template_id: str, key: str) -> Template 
 async def build_template(
     runtime: Runsc, store: TemplateStore, base: Template, template_id: str, build_id: str,
     request: BuildRequest, files: Path, slot: Slot, resources: Resources, log: BuildLog,
-    cache: Path, guest: Path | None = None, host: HostAccess = HostAccess(),
+    cache: Path, layer_cache: LayerCache, scope: str, guest: Path | None = None,
+    host: HostAccess = HostAccess(),
 ) -> Template:  # fmt: skip
     """Build, checkpoint and publish `template_id`'s build `build_id`; on failure nothing of it
     is left and the template's current build is unchanged."""
     key = request.key(f"{base.name}/{base.build_id}/{guest.name if guest else ''}",
                       f"{runtime.probe.runsc_version}|{runtime.probe.platform}")  # fmt: skip
-    if not request.force and (same := _built_before(store, template_id, key)) is not None:
+    forced = request.force or any(step.force for step in request.steps)
+    if not forced and (same := _built_before(store, template_id, key)) is not None:
         log.add(f"the same as build {same.build_id}, which is kept: nothing to build "
                 "(force a build with skip_cache)", step=FINALIZE_STEP)  # fmt: skip
         store.publish(template_id, same.build_dir)
@@ -603,9 +727,13 @@ async def build_template(
     lock = (build_dir / BUILD_LOCK).open("a")
     fcntl.flock(lock, fcntl.LOCK_EX)  # until this process ends it: see mount_rootfs_images
     try:
-        build = Build(runtime, base, build_dir, files, slot, resources, log, cache, guest,
-                      host)  # fmt: skip
-        ctx = await build.apply(request)
+        build = Build(runtime, base, build_dir, files, slot, resources, log, cache, layer_cache,
+                      scope, guest, host)  # fmt: skip
+        try:
+            ctx = await build.apply(request)
+        finally:
+            build.release_layers()
+        await asyncio.to_thread(layer_cache.prune)
         await build.start_and_checkpoint(request, ctx)
         manifest: dict[str, Any] = {
             "name": template_id,
