@@ -128,6 +128,7 @@ class Settings:
     registry_mirror: str = ""
     # A template build's step (RUN, COPY) that runs longer is stopped and fails the build.
     build_step_timeout_s: int = 3600
+    build_disk_mb: int = 10240  # what one step of a template build may write
     # The CA bundle a build's steps trust (the host's store: a TLS-intercepting proxy's CA in
     # it reaches apt, pip, npm and curl in the build).
     build_ca_file: Path | None = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -182,6 +183,7 @@ class Settings:
             egress_ca_file=Path(f) if (f := _env("EGRESS_CA_FILE", "")) else None,
             registry_mirror=_env("REGISTRY_MIRROR", ""),
             build_step_timeout_s=_env_int("BUILD_STEP_TIMEOUT", 3600),
+            build_disk_mb=_env_int("BUILD_DISK_MB", 10240),
             build_ca_file=Path(_env("BUILD_CA_FILE", "/etc/ssl/certs/ca-certificates.crt")),
             registry_insecure=_env_list("REGISTRY_INSECURE"),
             default_timeout_s=_env_int("DEFAULT_TIMEOUT", 300),

@@ -161,3 +161,13 @@ def test_an_image_the_registry_does_not_have_fails_saying_which(
         Template.build(Template().from_image("vivarium-tests/nothing:1"), "no-such-image")
     with compat.admin() as http:
         http.delete("/templates/no-such-image")
+
+
+def test_a_registry_on_this_host_or_a_private_network_is_refused(compat: Compat) -> None:
+    """Pulls run on the host: a team may not point one at the host's loopback or the
+    operator's private network (only the operator's mirror and insecure list are allowed)."""
+    for image in ("127.0.0.2:9/team/app:1", "10.1.2.3:5000/team/app:1", "localhost:80/app"):
+        with pytest.raises(BuildException, match="registry .* (this host|not a public address)"):
+            Template.build(Template().from_image(image), "private-registry")
+    with compat.admin() as http:
+        http.delete("/templates/private-registry")

@@ -300,6 +300,38 @@ def test_steps_reach_registries_with_the_hosts_ca_which_the_template_does_not_ke
             http.delete(f"/templates/{name}")
 
 
+def test_a_team_over_its_build_limit_is_refused_with_429(compat: Compat) -> None:
+    names = [_name("limit") for _ in range(3)]
+    body = {"fromTemplate": "base", "steps": [{"type": "RUN", "args": ["sleep 4"]}]}
+    with compat.admin() as http:
+        builds = [http.post("/v3/templates", json={"name": n}).json() for n in names]
+        started = [http.post(f"/v2/templates/{b['templateID']}/builds/{b['buildID']}", json=body)
+                   for b in builds]  # fmt: skip
+        assert [r.status_code for r in started[:2]] == [202, 202]
+        assert started[2].status_code == 429, started[2].text
+        assert "2 builds under way" in started[2].json()["message"]
+        for b in builds[:2]:
+            for _ in range(600):
+                status = http.get(f"/templates/{b['templateID']}/builds/{b['buildID']}/status")
+                if status.json()["status"] in ("ready", "error"):
+                    break
+                time.sleep(0.2)
+            assert status.json()["status"] == "ready", status.text
+        for b in builds:
+            assert http.delete(f"/templates/{b['templateID']}").status_code == 204
+
+
+def test_a_step_that_fills_its_disk_fails_with_why(compat: Compat) -> None:
+    name = _name("full")
+    # The compat server gives a step 300 MiB (VIVARIUM_BUILD_DISK_MB; 10 GiB by default).
+    template = Template().from_base_image().run_cmd("head -c 400M /dev/zero > /home/user/big")
+    with pytest.raises(BuildException, match="step 1 failed") as failure:
+        Template.build(template, name)
+    assert "No space left on device" in str(failure.value)
+    with compat.admin() as http:
+        assert http.delete(f"/templates/{name}").status_code == 204
+
+
 def test_a_step_that_runs_forever_is_stopped(compat: Compat) -> None:
     name = _name("forever")
     # The compat server stops a step after 20 s (VIVARIUM_BUILD_STEP_TIMEOUT; 1 h by default).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -124,9 +125,12 @@ class TemplateBuilds:
                 async with self._slot() as slot:
                     runtime = self.node.runtime
                     assert runtime is not None
+                    resources = self.node.default_resources(base)
+                    room = min(resources.disk_mb, self.node.settings.build_disk_mb)
+                    resources = dataclasses.replace(resources, disk_mb=room)
                     template = await build_template(
                         runtime, self.node.templates, base, template_id, build_id, request,
-                        self.files(template_id), slot, self.node.default_resources(base),
+                        self.files(template_id), slot, resources,
                         build_log, self.node.settings.cache_dir, self.layers, scope, guest,
                         HostAccess.of_host(self.node.settings.build_ca_file,
                                            self.node.settings.build_step_timeout_s),
