@@ -49,6 +49,8 @@ system-deps:
 	  echo "installing Debian packages:" $$missing; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+	@# npm fetches Deno for the code-interpreter template; any npm will do (one may be there).
+	@command -v npm >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; }
 	@have=$$(dpkg-query -W -f='$${Version}' runsc 2>/dev/null | grep -o '20[0-9]\{6\}' | head -1); \
 	if [ -z "$$have" ] || [ "$$have" -lt $(RUNSC_MIN) ]; then \
 	  echo "installing runsc from bookworm-backports (have: $${have:-none}, need $(RUNSC_MIN) or newer)"; \

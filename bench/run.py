@@ -134,6 +134,10 @@ INTERPRETER_TEMPLATE = "code-interpreter-v1"
 INTERPRETER_CREATES = 10
 INTERPRETER_CELLS = 30
 INTERPRETER_TARGET_RATIO = 2.0  # first result at most this times a plain base create
+# A first cell per language on a new sandbox: Python's kernel is in the checkpoint, the others
+# start on their first cell.
+LANGUAGE_RUNS = 3
+LANGUAGES = ("python", "javascript", "typescript", "r")
 
 # The egress proxy (issue 16), from inside one sandbox, against the fake internet of
 # tests/fakenet.py: the same server at an allowed address (straight out: the floor) and under an
@@ -699,6 +703,8 @@ class NodeFigures:
     storage_paused: int = 0
     ci_base_create_ms: list[float] = field(default_factory=list)  # alternating with the next
     ci_first_result_ms: list[float] = field(default_factory=list)  # create -> "1+1" result
+    ci_create_ms: list[float] = field(default_factory=list)  # the create alone
+    first_cell_ms: dict[str, list[float]] = field(default_factory=dict)  # language -> samples
     ci_cell_ms: list[float] = field(default_factory=list)  # run_code("1+1") round trips
     team_snapshot_ms: list[float] = field(default_factory=list)  # create_snapshot(), idle
     from_snapshot_ms: list[float] = field(default_factory=list)  # SDK creates from it
@@ -1003,6 +1009,7 @@ def measure_interpreter(fleet: Fleet, figures: NodeFigures) -> None:
         fleet.sdk_kill(sbx)
         ci, created = fleet.sdk_create(CodeInterpreter, INTERPRETER_TEMPLATE)
         assert isinstance(ci, CodeInterpreter)
+        figures.ci_create_ms.append(created.ms)
         text = ci.run_code("1+1").text
         figures.ci_first_result_ms.append(elapsed_ms(created.start))
         if text != "2":
@@ -1013,6 +1020,17 @@ def measure_interpreter(fleet: Fleet, figures: NodeFigures) -> None:
                 ci.run_code("1+1")
                 figures.ci_cell_ms.append(elapsed_ms(start))
         fleet.sdk_kill(ci)
+    for _ in range(LANGUAGE_RUNS):
+        for language in LANGUAGES:
+            ci, _ = fleet.sdk_create(CodeInterpreter, INTERPRETER_TEMPLATE)
+            assert isinstance(ci, CodeInterpreter)
+            start = time.perf_counter()
+            execution = ci.run_code("1+1", language=language)
+            figures.first_cell_ms.setdefault(language, []).append(elapsed_ms(start))
+            shown = execution.text or (execution.results[0].text if execution.results else "")
+            if shown not in ("2", "[1] 2"):
+                raise RuntimeError(f"a first {language} cell gave {shown!r}")
+            fleet.sdk_kill(ci)
 
 
 def measure_snapshots(fleet: Fleet, figures: NodeFigures) -> None:
@@ -1430,6 +1448,14 @@ def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row
             p50(node.ci_first_result_ms), "ms", p50(node.ci_base_create_ms),
             "SDK base create p50, alternating", max_ratio=INTERPRETER_TARGET_RATIO,
             samples=tuple(node.ci_first_result_ms)),
+        Row("ci_create_p50_ms", "code interpreter: SDK create p50", p50(node.ci_create_ms), "ms",
+            p50(node.ci_base_create_ms), "SDK base create p50, alternating",
+            samples=tuple(node.ci_create_ms)),
+        *(Row(f"first_cell_{language}_p50_ms",
+              f"code interpreter: first {language} cell on a new sandbox p50",
+              p50(node.first_cell_ms[language]), "ms", p50(node.first_cell_ms["python"]),
+              "first Python cell p50", samples=tuple(node.first_cell_ms[language]))
+          for language in LANGUAGES if language != "python"),
         Row("ci_cell_p50_ms", "code interpreter: run_code('1+1') p50", p50(node.ci_cell_ms),
             "ms", proxy_cmd50, "SDK commands.run('true') p50 (proxy)",
             samples=tuple(node.ci_cell_ms)),

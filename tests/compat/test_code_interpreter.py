@@ -51,7 +51,9 @@ def test_state_persists_between_cells(sbx: Sandbox) -> None:
     assert execution.results[0].is_main_result
     assert execution.execution_count is not None and execution.execution_count >= 2
     sbx.run_code("import json\nwith open('notes.txt', 'w') as f: f.write('kept')")
-    assert sbx.run_code("json.dumps(open('notes.txt').read())").text == "'\"kept\"'"
+    # A string's text comes without the quotes its repr adds, as E2B's does.
+    assert sbx.run_code("json.dumps(open('notes.txt').read())").text == '"kept"'
+    assert sbx.run_code("'it' + 's'").text == "its"
     assert sbx.files.read("/home/user/notes.txt") == "kept"  # the default cwd is the user's home
 
 
@@ -184,7 +186,7 @@ def test_contexts_are_separate_and_take_a_cwd(sbx: Sandbox) -> None:
     ctx = sbx.create_code_context(cwd="/tmp")
     assert ctx.cwd == "/tmp" and ctx.language == "python"
     assert sbx.run_code("'shared' in globals()", context=ctx).text == "False"
-    assert sbx.run_code("import os; os.getcwd()", context=ctx).text == "'/tmp'"
+    assert sbx.run_code("import os; os.getcwd()", context=ctx).text == "/tmp"
     sbx.run_code("mine = 7", context=ctx)
     assert sbx.run_code("mine * 6", context=ctx).text == "42"
     assert sbx.run_code("'mine' in globals()").text == "False"
@@ -210,7 +212,7 @@ def test_bash(sbx: Sandbox) -> None:
 
 def test_environment_variables(sbx: Sandbox) -> None:
     # The sandbox's own variables reach the kernel...
-    assert sbx.run_code("import os; os.environ['COURSE']").text == "'py101'"
+    assert sbx.run_code("import os; os.environ['COURSE']").text == "py101"
     # ...a call's variables apply to that call only...
     execution = sbx.run_code("os.environ.get('LEVEL'), os.environ['COURSE']",
                              envs={"LEVEL": "2", "COURSE": "py102"})  # fmt: skip
@@ -227,7 +229,7 @@ def test_timeout_interrupts_the_cell_and_keeps_the_state(sbx: Sandbox) -> None:
     with pytest.raises(TimeoutException):
         sbx.run_code("while True:\n    pass", timeout=2)
     # Were the loop still spinning, this cell would queue behind it and time out too.
-    assert sbx.run_code("survivor", timeout=60).text == "'still here'"
+    assert sbx.run_code("survivor", timeout=60).text == "still here"
 
 
 def test_dying_kernel_is_reported_and_restarted(sbx: Sandbox) -> None:
@@ -262,6 +264,8 @@ def test_dying_kernel_is_reported_and_restarted(sbx: Sandbox) -> None:
 def test_bad_requests(sbx: Sandbox, compat: Compat) -> None:
     with pytest.raises(SandboxException, match="not available"):
         sbx.run_code("1", language="cobol")
+    with pytest.raises(SandboxException, match="not available"):
+        sbx.run_code("1", language="java")
     with pytest.raises(SandboxException, match="invalid environment variable"):
         sbx.run_code("1", envs={"NOT VALID": "x"})
     headers = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49999"}
@@ -292,7 +296,7 @@ def test_pause_and_resume_keep_variables(compat: Compat) -> None:
         assert sandbox.pause()
         resumed = Sandbox.connect(sandbox.sandbox_id, timeout=300)
         assert resumed.run_code("int(secret)").text == "42"
-        assert resumed.run_code("other", context=ctx).text == "'ctx'"
+        assert resumed.run_code("other", context=ctx).text == "ctx"
         assert _out(resumed.run_code("echo resumed", language="bash")) == "resumed\n"
     finally:
         sandbox.kill()

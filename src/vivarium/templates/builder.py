@@ -61,18 +61,16 @@ async def debootstrap(recipe: Recipe, cache_dir: Path, say: Stopwatch) -> Path:
     say(f"downloading Debian {recipe.suite} ({len(recipe.packages)} extra packages)...")
     counts = {"Retrieving": 0, "Validating": 0, "Extracting": 0, "Unpacking": 0,
               "Configuring": 0}  # fmt: skip
-    last_phase = ""
     try:
         async for line in run_lines(["debootstrap", "--variant=minbase",
                                      f"--include={','.join(recipe.packages)}", recipe.suite,
                                      str(partial), recipe.mirror]):  # fmt: skip
             words = line.split()
             phase = words[1] if len(words) > 1 and words[0] == "I:" else ""
-            if phase in counts:
+            if phase in counts:  # retrieving and validating alternate: each counts on
                 counts[phase] += 1
-                if phase != last_phase or counts[phase] % 25 == 0:
+                if counts[phase] == 1 or counts[phase] % 50 == 0:
                     say(f"debootstrap: {phase.lower()} packages ({counts[phase]} so far)")
-                last_phase = phase
             elif line.startswith(("E:", "W:")):
                 say(f"debootstrap: {line}")
     except RuntimeFailure as exc:
@@ -139,6 +137,35 @@ def fetch_wheels(recipe: Recipe, cache_dir: Path, say: Stopwatch) -> Path:
     return wheelhouse
 
 
+def install_npm_binaries(recipe: Recipe, rootfs: Path, cache_dir: Path, say: Stopwatch) -> None:
+    """Programs from npm packages (`npm pack` on the host, once per version: no install
+    scripts run), copied into the template."""
+    for binary in recipe.npm_binaries:
+        key = hashlib.sha256(binary.package.encode()).hexdigest()[:12]
+        unpacked = cache_dir / f"npm-{key}"
+        if not (unpacked / "package" / binary.path).exists():
+            if not shutil.which("npm"):
+                raise HostNotReady("npm not found", "apt-get install npm (make run does)")
+            say(f"downloading {binary.package} from the npm registry...")
+            partial = unpacked.with_name(unpacked.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            try:
+                packed = run_sync(["npm", "pack", "--silent", binary.package, "--pack-destination",
+                                   str(partial)], timeout=900).stdout.split()  # fmt: skip
+                run_sync(["tar", "-xzf", str(partial / packed[-1]), "-C", str(partial)])
+                (partial / packed[-1]).unlink()
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+            partial.rename(unpacked)
+        say(f"installing {binary.dest} ({binary.package})")
+        dest = rootfs / binary.dest.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(unpacked / "package" / binary.path, dest)
+        dest.chmod(0o755)
+
+
 def install_wheels(recipe: Recipe, rootfs: Path, wheelhouse: Path, say: Stopwatch) -> None:
     """Install into the template's system Python with its own pip, offline."""
     staged = rootfs / "tmp" / "vivarium-wheels"
@@ -155,9 +182,13 @@ def install_wheels(recipe: Recipe, rootfs: Path, wheelhouse: Path, say: Stopwatc
 
 
 def customize(
-    recipe: Recipe, rootfs: Path, probe: Probe, say: Stopwatch, wheelhouse: Path | None = None
-) -> None:
+    recipe: Recipe, rootfs: Path, probe: Probe, say: Stopwatch, wheelhouse: Path | None = None,
+    cache_dir: Path | None = None,
+) -> None:  # fmt: skip
     install_guest(recipe, rootfs, say)
+    if recipe.npm_binaries:
+        assert cache_dir is not None
+        install_npm_binaries(recipe, rootfs, cache_dir, say)
     if wheelhouse is not None:
         install_wheels(recipe, rootfs, wheelhouse, say)
     if probe.setuid_blocked:
@@ -256,7 +287,8 @@ async def build(
         say("copying root filesystem")
         run_sync(["cp", "-a", "--reflink=auto", str(pristine), str(build_dir / "rootfs")])
         wheelhouse = fetch_wheels(recipe, settings.cache_dir, say) if recipe.wheels else None
-        customize(recipe, build_dir / "rootfs", runtime.probe, say, wheelhouse)
+        customize(recipe, build_dir / "rootfs", runtime.probe, say, wheelhouse,
+                  settings.cache_dir)  # fmt: skip
         await boot_and_checkpoint(settings, recipe, build_dir, runtime, say)
         manifest: dict[str, Any] = {
             "name": name,

@@ -61,6 +61,16 @@ class Service:
 
 
 @dataclass(frozen=True)
+class NpmBinary:
+    """A program shipped as an npm package's file (Deno's), fetched on the host with `npm pack`
+    and copied into the template."""
+
+    package: str  # name@version
+    path: str  # in the package
+    dest: str  # in the template
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     suite: str = "bookworm"
@@ -74,6 +84,7 @@ class Recipe:
     # the host, installed inside with `pip --no-index`; the sandbox never needs the network.
     wheels: tuple[str, ...] = ()
     services: tuple[Service, ...] = ()
+    npm_binaries: tuple[NpmBinary, ...] = ()
     disk_mb: int = 0  # the writable layer's size; 0: the node's default (VIVARIUM_DEFAULT_DISK_MB)
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -116,6 +127,10 @@ RECIPES: dict[str, Recipe] = {
     "base": Recipe(name="base"),
     "code-interpreter-v1": Recipe(
         name="code-interpreter-v1",
+        # R with its Jupyter kernel; JavaScript and TypeScript in Deno's. Kernels other than
+        # Python's start on a context's first cell: they are not in the checkpoint.
+        packages=(*BASE_PACKAGES, "r-base-core", "r-cran-irkernel"),
+        npm_binaries=(NpmBinary("@deno/linux-x64-glibc@2.9.6", "deno", "/usr/local/bin/deno"),),
         wheels=INTERPRETER_WHEELS,
         services=(Service("interpreter", "interpreter", user="user", port=49999),),
     ),

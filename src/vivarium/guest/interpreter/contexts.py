@@ -7,7 +7,6 @@ import asyncio
 import os
 import queue
 import re
-import shlex
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,11 +16,10 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from . import outputs
+from .languages import ALIASES, LANGUAGES
 
 KERNEL_SPECS = str(Path(__file__).resolve().parent / "kernels")
 IPC_DIR = os.environ.get("VIVARIUM_RUN_DIR", "/run/vivarium/interpreter")
-LANGUAGES = {"python": "python3", "bash": "bash"}
-ALIASES = {"python3": "python", "py": "python", "sh": "bash", "shell": "bash"}
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 POLL_S = 0.5
 START_TIMEOUT_S = 60
@@ -50,79 +48,22 @@ def check_env(env: dict[str, Any] | None) -> dict[str, str]:
     return {k: str(v) for k, v in env.items()}
 
 
-# Our own names only: a user's `os` must neither be needed nor be deleted.
-def _python_export(env: dict[str, str]) -> str:
-    return f"import os as __vivarium_os\n__vivarium_os.environ.update({env!r})\ndel __vivarium_os\n"
-
-
-def _bash_export(env: dict[str, str]) -> str:
-    return "\n".join(f"export {key}={shlex.quote(value)}" for key, value in env.items())
-
-
-def _python_set(env: dict[str, str]) -> str:
-    """Export `env` for one cell, keeping what it replaces for PYTHON_RESTORE."""
-    keep = f"{{k: __vivarium_os.environ.get(k) for k in {list(env)!r}}}"
-    return f"import os as __vivarium_os\n__vivarium_saved = {keep}\n" + _python_export(env)
-
-
-PYTHON_RESTORE = (
-    "import os as __vivarium_os\n"
-    "for __vivarium_k, __vivarium_v in __vivarium_saved.items():\n"
-    "    if __vivarium_v is None:\n"
-    "        __vivarium_os.environ.pop(__vivarium_k, None)\n"
-    "    else:\n"
-    "        __vivarium_os.environ[__vivarium_k] = __vivarium_v\n"
-    "del __vivarium_os, __vivarium_saved\n"
-    "globals().pop('__vivarium_k', None); globals().pop('__vivarium_v', None)\n"
-)
-
-
-# A kernel started before the template's checkpoint holds the same pseudo-random state in every
-# sandbox restored from it. The first cell in a new sandbox (its id changed) reseeds what a
-# program would draw from without seeding it itself: `random`, numpy's global generator, and
-# tempfile's name sequence (reset, so it is seeded afresh from the kernel's `random`). The
-# kernel's entropy source is the host's, fresh in every sandbox. A resume keeps the sandbox id,
-# and with it the state the user saw.
-PYTHON_RESEED = (
-    "import random as __vivarium_r, sys as __vivarium_s, tempfile as __vivarium_t\n"
-    "__vivarium_r.seed()\n"
-    "if 'numpy' in __vivarium_s.modules:\n"
-    "    __vivarium_s.modules['numpy'].random.seed()\n"
-    "__vivarium_t._name_sequence = None\n"
-    "del __vivarium_r, __vivarium_s, __vivarium_t\n"
-)
-BASH_RESEED = "RANDOM=$SRANDOM"
-
-
-def _bash_set(env: dict[str, str]) -> str:
-    """Export `env` for one cell, keeping what it replaces for _bash_restore."""
-    saved = [f"__vivarium_saved_{i}=${{{key}-__vivarium_unset__}}" for i, key in enumerate(env)]
-    return "\n".join([*saved, _bash_export(env)])
-
-
-def _bash_restore(env: dict[str, str]) -> str:
-    lines = []
-    for i, key in enumerate(env):
-        saved = f"__vivarium_saved_{i}"
-        lines.append(f'if [ "${saved}" = __vivarium_unset__ ]; then unset {key}; '
-                     f'else export {key}="${saved}"; fi; unset {saved}')  # fmt: skip
-    return "\n".join(lines)
-
-
 class Context:
     def __init__(self, language: str, cwd: str, env: dict[str, str]) -> None:
         self.id = str(uuid.uuid4())
         self.language = language
+        self.lang = LANGUAGES[language]
         self.cwd = cwd
         self.lock = asyncio.Lock()
         self.global_env: dict[str, str] = {}  # the sandbox's variables, as last applied
         self._base_env = env
+        where = {"ip": f"{IPC_DIR}/{self.id}"} if self.lang.transport == "ipc" else {}
         self.manager = AsyncKernelManager(
-            kernel_name=LANGUAGES[language],
+            kernel_name=self.lang.kernel,
             kernel_spec_manager=KernelSpecManager(kernel_dirs=[KERNEL_SPECS]),
-            transport="ipc",
-            ip=f"{IPC_DIR}/{self.id}",
+            transport=self.lang.transport,
             connection_file=f"{IPC_DIR}/{self.id}.json",
+            **where,
         )
         self.client: Any = None
 
@@ -169,23 +110,16 @@ class Context:
             if reply["parent_header"].get("msg_id") == msg_id:
                 return
 
-    def _set_code(self, env: dict[str, str]) -> str:
-        return _python_set(env) if self.language == "python" else _bash_set(env)
-
     async def _sync_global_env(self, env: dict[str, str]) -> None:
         """The sandbox's environment variables (set at create) apply to every cell."""
         changed = {k: v for k, v in env.items() if self.global_env.get(k) != v}
         if not changed:
             return
-        python = self.language == "python"
-        code = (_python_export if python else _bash_export)(changed)
-        if "E2B_SANDBOX_ID" in changed:  # a new sandbox, not the one this kernel last ran in
-            code = f"{code}\n{PYTHON_RESEED if python else BASH_RESEED}"
+        code = self.lang.export(changed)
+        if "E2B_SANDBOX_ID" in changed and self.lang.reseed:  # a new sandbox, not its last
+            code = f"{code}\n{self.lang.reseed}"
         await self.housekeeping(code)
         self.global_env.update(changed)
-
-    def _restore_code(self, env: dict[str, str]) -> str:
-        return PYTHON_RESTORE if self.language == "python" else _bash_restore(env)
 
     async def run(self, code: str, env: dict[str, str],
                   global_env: dict[str, str]) -> AsyncIterator[bytes]:  # fmt: skip
@@ -203,7 +137,7 @@ class Context:
                     "its variables and imports are gone]\n"))  # fmt: skip
             await self._sync_global_env(global_env)
             if env:
-                await self.housekeeping(self._set_code(env))
+                await self.housekeeping(self.lang.set(env))
             msg_id = self.client.execute(code, store_history=True, allow_stdin=False)
             finished = False
             try:
@@ -215,7 +149,7 @@ class Context:
                     handed_over = True
                     self._abandon(msg_id, env)
             if env:
-                await self.housekeeping(self._restore_code(env))
+                await self.housekeeping(self.lang.restore(env))
             yield outputs.line({"type": "end_of_execution"})
         finally:
             if not handed_over:
@@ -240,7 +174,7 @@ class Context:
                 count = msg["content"].get("execution_count")
                 yield outputs.line({"type": "number_of_executions", "execution_count": count})
                 continue
-            converted = outputs.convert(msg)
+            converted = outputs.convert(msg, self.lang.quotes)
             if converted is not None:
                 yield outputs.line(converted)
 
@@ -273,7 +207,7 @@ class Context:
                 async for _ in self._outputs(msg_id):
                     pass
                 if env:
-                    await self.housekeeping(self._restore_code(env))
+                    await self.housekeeping(self.lang.restore(env))
             except Exception as exc:  # the kernel is in an unknown state: start afresh
                 print(f"interpreter: draining an interrupted cell failed: {exc!r}", flush=True)
                 await self.restart()

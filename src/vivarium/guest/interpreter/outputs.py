@@ -36,7 +36,8 @@ def timestamp(msg: dict[str, Any]) -> str:
     return str(date) if date else datetime.now(UTC).isoformat()
 
 
-def result(bundle: dict[str, Any], *, main: bool) -> dict[str, Any]:
+def result(bundle: dict[str, Any], *, main: bool, quotes: str = "'") -> dict[str, Any]:
+    """`quotes`: those a string's text is shown in by its language (E2B's text has none)."""
     out: dict[str, Any] = {"type": "result", "is_main_result": main}
     extra: dict[str, Any] = {}
     for mime, value in bundle.items():
@@ -45,6 +46,14 @@ def result(bundle: dict[str, Any], *, main: bool) -> dict[str, Any]:
             extra[mime] = value
         elif key in ("json", "chart", "data") and not isinstance(value, dict):
             extra[mime] = value  # the client's Result.json is a dict
+        elif (
+            key == "text"
+            and isinstance(value, str)
+            and len(value) > 1
+            and value[0] in quotes
+            and value[-1] == value[0]
+        ):
+            out[key] = value[1:-1]
         else:
             out[key] = value.rstrip("\n") if key in ("png", "jpeg", "pdf") else value
     if extra:
@@ -52,7 +61,7 @@ def result(bundle: dict[str, Any], *, main: bool) -> dict[str, Any]:
     return out
 
 
-def convert(msg: dict[str, Any]) -> dict[str, Any] | None:
+def convert(msg: dict[str, Any], quotes: str = "'") -> dict[str, Any] | None:
     """One iopub message of an execution as a stream line, or None if the client has no use for
     it (status, execute_input and comm traffic are handled or ignored by the caller)."""
     kind = msg["msg_type"]
@@ -61,9 +70,9 @@ def convert(msg: dict[str, Any]) -> dict[str, Any] | None:
         name = "stderr" if content.get("name") == "stderr" else "stdout"
         return stream(name, content.get("text", ""), timestamp(msg))
     if kind == "execute_result":
-        return result(content.get("data", {}), main=True)
+        return result(content.get("data", {}), main=True, quotes=quotes)
     if kind in ("display_data", "update_display_data"):
-        return result(content.get("data", {}), main=False)
+        return result(content.get("data", {}), main=False, quotes=quotes)
     if kind == "error":
         return error(content.get("ename", "Error"), content.get("evalue", ""),
                      content.get("traceback") or [])  # fmt: skip

@@ -1,0 +1,115 @@
+"""Cells in JavaScript and TypeScript (Deno's kernel) and R (IRkernel), through the official
+`e2b-code-interpreter` client: state between cells, the sandbox's and a cell's environment
+variables, contexts with a working directory, errors, streaming output, and a kernel that
+dies. Their kernels start on a language's first cell, not in the template's checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from e2b_code_interpreter import Execution, OutputMessage, Sandbox
+
+from tests.compat.conftest import Compat
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _shown(execution: Execution) -> str:
+    """What a cell showed: its result's text (R's come as display data, as with E2B: `[1] 42`,
+    `[1] "text"`), without R's index and quotes."""
+    if execution.text is not None:
+        text = execution.text
+    elif execution.results and execution.results[0].text is not None:
+        text = execution.results[0].text
+    else:
+        return ""
+    return text.removeprefix("[1] ").strip('"')
+
+
+@pytest.fixture(scope="module")
+def sbx(compat: Compat) -> Iterator[Sandbox]:
+    sandbox = Sandbox.create(envs={"COURSE": "polyglot"}, timeout=600)
+    try:
+        yield sandbox
+    finally:
+        sandbox.kill()
+
+
+# language -> (set a variable, read it back, the sandbox's COURSE, a cell's FOO or "default",
+# print to stdout and stderr, a failing cell, its error's name)
+CELLS = {
+    "javascript": ("let x = 41", "x + 1", "process.env.COURSE",
+                   "Deno.env.get('FOO') ?? 'default'",
+                   "console.log('out'); console.error('err')",
+                   "throw new TypeError('boom')", "TypeError"),
+    "typescript": ("const y: number = 41", "y + 1", "Deno.env.get('COURSE')",
+                   "Deno.env.get('FOO') ?? 'default'",
+                   "console.log('out'); console.error('err')",
+                   "const n: number = JSON.parse('{'); n", "SyntaxError"),
+    "r": ("x <- 41", "x + 1", "Sys.getenv('COURSE')",
+          "if (nzchar(Sys.getenv('FOO'))) Sys.getenv('FOO') else 'default'",
+          "cat('out\\n'); message('err')", "stop('boom')", "ERROR"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("language", list(CELLS))
+def test_each_language_keeps_state_env_and_reports_errors(sbx: Sandbox, language: str) -> None:
+    assign, read, course, foo, prints, failing, error_name = CELLS[language]
+    assert sbx.run_code(assign, language=language).error is None
+    answer = sbx.run_code(read, language=language)
+    assert answer.error is None and _shown(answer) == "42", answer
+    # The sandbox's variables, and one cell's own (gone again after it).
+    assert _shown(sbx.run_code(course, language=language)) == "polyglot"
+    own = sbx.run_code(foo, language=language, envs={"FOO": "bar"})
+    assert _shown(own) == "bar", own
+    after = sbx.run_code(foo, language=language)
+    assert _shown(after) == "default", after
+    out: list[str] = []
+    err: list[str] = []
+    sbx.run_code(prints, language=language, on_stdout=lambda m: out.append(m.line),
+                 on_stderr=lambda m: err.append(m.line))  # fmt: skip
+    assert "".join(out).strip() == "out" and "".join(err).strip() == "err"
+    failed = sbx.run_code(failing, language=language)
+    assert failed.error is not None and failed.error.name == error_name, failed.error
+    assert failed.error.traceback
+    # The kernel is still there, with its state.
+    assert _shown(sbx.run_code(read, language=language)) == "42"
+
+
+@pytest.mark.parametrize("language", list(CELLS))
+def test_contexts_of_each_language_take_a_cwd(sbx: Sandbox, language: str) -> None:
+    sbx.files.make_dir("/home/user/lesson")
+    ctx = sbx.create_code_context(language=language, cwd="/home/user/lesson")
+    assert ctx.language == language and ctx.cwd == "/home/user/lesson"
+    where = {"r": "getwd()", "javascript": "Deno.cwd()", "typescript": "Deno.cwd()"}[language]
+    assert _shown(sbx.run_code(where, context=ctx)) == "/home/user/lesson"
+    listed = {c.id: c.language for c in sbx.list_code_contexts()}
+    assert listed[ctx.id] == language
+    sbx.remove_code_context(ctx)
+
+
+def test_aliases_and_execution_counts(sbx: Sandbox) -> None:
+    assert sbx.run_code("1 + 1", language="js").text == "2"
+    # JavaScript's strings come back as E2B's do: without their quotes.
+    assert sbx.run_code("'a' + 'b'", language="js").text == "ab"
+    hello = sbx.run_code('print("Hello, World!")', language="r")
+    assert hello.logs.stdout == ['[1] "Hello, World!"\n']
+    assert sbx.run_code("1 + 1", language="ts").text == "2"
+    streamed: list[OutputMessage] = []
+    counted = sbx.run_code("2 * 21", language="deno", on_stdout=streamed.append)
+    assert counted.text == "42" and counted.execution_count is not None
+    first = sbx.run_code("1", language="r").execution_count
+    sbx.run_code("echo hi", language="bash")
+    second = sbx.run_code("2", language="r").execution_count
+    assert first is not None and second == first + 1
+
+
+def test_a_cell_that_kills_its_kernel(sbx: Sandbox) -> None:
+    for language, fatal in (
+        ("javascript", "Deno.exit(3)"),
+        ("r", "tools::pskill(Sys.getpid(), tools::SIGKILL)"),
+    ):
+        died = sbx.run_code(fatal, language=language)
+        assert died.error is not None and died.error.name == "KernelDied", (language, died)
+        assert _shown(sbx.run_code("40 + 2", language=language)) == "42"
