@@ -137,7 +137,7 @@ INTERPRETER_TARGET_RATIO = 2.0  # first result at most this times a plain base c
 # A first cell per language on a new sandbox: Python's kernel is in the checkpoint, the others
 # start on their first cell.
 LANGUAGE_RUNS = 3
-LANGUAGES = ("python", "javascript", "typescript", "r")
+LANGUAGES = ("python", "javascript", "typescript", "r", "java")
 
 # The egress proxy (issue 16), from inside one sandbox, against the fake internet of
 # tests/fakenet.py: the same server at an allowed address (straight out: the floor) and under an

@@ -264,8 +264,6 @@ def test_dying_kernel_is_reported_and_restarted(sbx: Sandbox) -> None:
 def test_bad_requests(sbx: Sandbox, compat: Compat) -> None:
     with pytest.raises(SandboxException, match="not available"):
         sbx.run_code("1", language="cobol")
-    with pytest.raises(SandboxException, match="not available"):
-        sbx.run_code("1", language="java")
     with pytest.raises(SandboxException, match="invalid environment variable"):
         sbx.run_code("1", envs={"NOT VALID": "x"})
     headers = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49999"}

@@ -1,7 +1,7 @@
-"""Cells in JavaScript and TypeScript (Deno's kernel) and R (IRkernel), through the official
-`e2b-code-interpreter` client: state between cells, the sandbox's and a cell's environment
-variables, contexts with a working directory, errors, streaming output, and a kernel that
-dies. Their kernels start on a language's first cell, not in the template's checkpoint."""
+"""Cells in JavaScript and TypeScript (Deno's kernel), R (IRkernel) and Java (JShell), through
+the official `e2b-code-interpreter` client: state between cells, the sandbox's and a cell's
+environment variables, contexts with a working directory, errors, streaming output, and a
+kernel that dies. Their kernels start on a language's first cell, not in the checkpoint."""
 
 from __future__ import annotations
 
@@ -50,6 +50,10 @@ CELLS = {
     "r": ("x <- 41", "x + 1", "Sys.getenv('COURSE')",
           "if (nzchar(Sys.getenv('FOO'))) Sys.getenv('FOO') else 'default'",
           "cat('out\\n'); message('err')", "stop('boom')", "ERROR"),
+    "java": ("int x = 41;", "x + 1", 'System.getProperty("COURSE")',
+             'System.getProperty("FOO", "default")',
+             'System.out.println("out"); System.err.println("err");',
+             'throw new IllegalStateException("boom");', "java.lang.IllegalStateException"),
 }  # fmt: skip
 
 
@@ -82,7 +86,8 @@ def test_contexts_of_each_language_take_a_cwd(sbx: Sandbox, language: str) -> No
     sbx.files.make_dir("/home/user/lesson")
     ctx = sbx.create_code_context(language=language, cwd="/home/user/lesson")
     assert ctx.language == language and ctx.cwd == "/home/user/lesson"
-    where = {"r": "getwd()", "javascript": "Deno.cwd()", "typescript": "Deno.cwd()"}[language]
+    where = {"r": "getwd()", "javascript": "Deno.cwd()", "typescript": "Deno.cwd()",
+             "java": 'System.getProperty("user.dir")'}[language]  # fmt: skip
     assert _shown(sbx.run_code(where, context=ctx)) == "/home/user/lesson"
     listed = {c.id: c.language for c in sbx.list_code_contexts()}
     assert listed[ctx.id] == language
@@ -107,6 +112,7 @@ def test_aliases_and_execution_counts(sbx: Sandbox) -> None:
 
 def test_a_cell_that_kills_its_kernel(sbx: Sandbox) -> None:
     for language, fatal in (
+        ("java", "System.exit(3);"),
         ("javascript", "Deno.exit(3)"),
         ("r", "tools::pskill(Sys.getpid(), tools::SIGKILL)"),
     ):

@@ -91,7 +91,12 @@ class Recipe:
     def recipe_hash(self, probe: Probe) -> str:
         h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
         for path in sorted(
-            [*GUEST_DIR.rglob("*.py"), *GUEST_DIR.rglob("*.c"), *GUEST_DIR.rglob("*.json")]
+            [
+                *GUEST_DIR.rglob("*.py"),
+                *GUEST_DIR.rglob("*.c"),
+                *GUEST_DIR.rglob("*.json"),
+                *GUEST_DIR.rglob("*.java"),
+            ]
         ):
             h.update(path.name.encode())
             h.update(path.read_bytes())
@@ -127,9 +132,9 @@ RECIPES: dict[str, Recipe] = {
     "base": Recipe(name="base"),
     "code-interpreter-v1": Recipe(
         name="code-interpreter-v1",
-        # R with its Jupyter kernel; JavaScript and TypeScript in Deno's. Kernels other than
-        # Python's start on a context's first cell: they are not in the checkpoint.
-        packages=(*BASE_PACKAGES, "r-base-core", "r-cran-irkernel"),
+        # R with its Jupyter kernel; JavaScript and TypeScript in Deno's; Java's JShell. Kernels
+        # other than Python's start on a context's first cell: they are not in the checkpoint.
+        packages=(*BASE_PACKAGES, "r-base-core", "r-cran-irkernel", "openjdk-17-jdk-headless"),
         npm_binaries=(NpmBinary("@deno/linux-x64-glibc@2.9.6", "deno", "/usr/local/bin/deno"),),
         wheels=INTERPRETER_WHEELS,
         services=(Service("interpreter", "interpreter", user="user", port=49999),),

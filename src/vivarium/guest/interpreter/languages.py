@@ -118,6 +118,31 @@ class R(Language):
         )
 
 
+class Java(Language):
+    """E2B's Java cells read their variables as system properties (`System.getProperty`): a
+    JVM's environment cannot change."""
+
+    def export(self, env: dict[str, str]) -> str:
+        return "".join(f"System.setProperty({_java(k)}, {_java(v)});" for k, v in env.items())
+
+    def set(self, env: dict[str, str]) -> str:
+        keep = "".join(f"__vivarium_saved.put({_java(k)}, System.getProperty({_java(k)}));"
+                       for k in env)  # fmt: skip
+        return ("java.util.Map<String, String> __vivarium_saved = new java.util.HashMap<>();"
+                + keep + self.export(env))  # fmt: skip
+
+    def restore(self, env: dict[str, str]) -> str:
+        return ("__vivarium_saved.forEach((k, v) -> { if (v == null) System.clearProperty(k);"
+                " else System.setProperty(k, v); }); __vivarium_saved = null;")  # fmt: skip
+
+
+def _java(value: str) -> str:
+    """A Java string literal. JSON's escapes are Java's; the \\u00XX it writes for control
+    characters turn into them before the literal is read, which Java allows for all but CR and
+    LF, and JSON writes those as \\r and \\n."""
+    return json.dumps(value, ensure_ascii=False)
+
+
 LANGUAGES: dict[str, Language] = {
     "python": Python("python", "python3",
                      reseed=("import random as __vivarium_r, sys as __vivarium_s, "
@@ -131,6 +156,7 @@ LANGUAGES: dict[str, Language] = {
     "javascript": Deno("javascript", "deno", "tcp", "'\"`"),
     "typescript": Deno("typescript", "deno", "tcp", "'\"`"),
     "deno": Deno("deno", "deno", "tcp", "'\"`"),
+    "java": Java("java", "java", "ipc", '"'),
     "r": R("r", "ir", "tcp", "'",
            reseed='set.seed(readBin("/dev/urandom", "integer", 1L))'),
 }  # fmt: skip

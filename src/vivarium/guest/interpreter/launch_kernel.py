@@ -1,4 +1,4 @@
-"""Start a Jupyter kernel (`python` or `bash`) that this gVisor release can checkpoint.
+"""Start a Jupyter kernel (`python`, `bash` or `java`) that this gVisor release can checkpoint.
 
 ipykernel binds a TCP port on 127.0.0.1 for output piped from forked subprocesses and lets
 libzmq's epoll watch it; this runsc refuses to save a TCP socket an epoll instance watches, and
@@ -48,16 +48,19 @@ def main() -> None:
 
         IPKernelApp.launch_instance(kernel_class=BashKernel)
         return
+    if language == "java":
+        IPKernelApp.launch_instance(kernel_class=_load("java_kernel.py").JavaKernel)
+        return
     app = IPKernelApp.instance()
     app.initialize()
-    _load_display().install(app.shell)  # charts and DataFrame data (display.py)
+    _load("display.py").install(app.shell)  # charts and DataFrame data
     app.start()
 
 
-def _load_display() -> ModuleType:
-    """display.py by its path: our directory is not on the kernel's import path."""
-    path = os.path.join(HERE, "display.py")
-    spec = importlib.util.spec_from_file_location("_vivarium_display", path)
+def _load(name: str) -> ModuleType:
+    """One of our modules, by its path: our directory is not on the kernel's import path."""
+    path = os.path.join(HERE, name)
+    spec = importlib.util.spec_from_file_location(f"_vivarium_{name[:-3]}", path)
     if spec is None or spec.loader is None:
         raise ImportError(path)
     module = importlib.util.module_from_spec(spec)
