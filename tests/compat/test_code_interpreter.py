@@ -278,7 +278,7 @@ def test_bad_requests(sbx: Sandbox, compat: Compat) -> None:
                            headers={"X-Access-Token": "wrong"})  # fmt: skip
         assert denied.status_code == 401
         assert http.post("/contexts", json={"cwd": "relative"}).status_code == 400
-        forbidden = http.post("/contexts", json={"cwd": "/root/nope"})  # kernels run as `user`
+        forbidden = http.post("/contexts", json={"cwd": "/etc/nope"})  # kernels run as `user`
         assert forbidden.status_code == 400 and "cannot use" in forbidden.text
         assert http.delete("/contexts/nope").status_code == 404
         assert http.post("/contexts/nope/restart").status_code == 404

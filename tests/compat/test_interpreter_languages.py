@@ -81,14 +81,15 @@ def test_each_language_keeps_state_env_and_reports_errors(sbx: Sandbox, language
     assert _shown(sbx.run_code(read, language=language)) == "42"
 
 
-@pytest.mark.parametrize("language", list(CELLS))
+@pytest.mark.parametrize("language", ["python", *CELLS])
 def test_contexts_of_each_language_take_a_cwd(sbx: Sandbox, language: str) -> None:
-    sbx.files.make_dir("/home/user/lesson")
-    ctx = sbx.create_code_context(language=language, cwd="/home/user/lesson")
-    assert ctx.language == language and ctx.cwd == "/home/user/lesson"
+    # /root too, as with E2B (its template gives /root to `user`, whom the kernels run as).
+    ctx = sbx.create_code_context(language=language, cwd="/root")
+    assert ctx.language == language and ctx.cwd == "/root"
     where = {"r": "getwd()", "javascript": "Deno.cwd()", "typescript": "Deno.cwd()",
-             "java": 'System.getProperty("user.dir")'}[language]  # fmt: skip
-    assert _shown(sbx.run_code(where, context=ctx)) == "/home/user/lesson"
+             "java": 'System.getProperty("user.dir")', "python": "import os; os.getcwd()",
+             }[language]  # fmt: skip
+    assert _shown(sbx.run_code(where, context=ctx)) == "/root"
     listed = {c.id: c.language for c in sbx.list_code_contexts()}
     assert listed[ctx.id] == language
     sbx.remove_code_context(ctx)
@@ -111,6 +112,10 @@ def test_aliases_and_execution_counts(sbx: Sandbox) -> None:
 
 
 def test_a_cell_that_kills_its_kernel(sbx: Sandbox) -> None:
+    # bash_kernel starts its bash again itself, and says so (as with E2B, which runs it too).
+    killed = sbx.run_code("kill -9 $$", language="bash")
+    assert killed.error is None and "Restarting Bash" in "".join(killed.logs.stdout)
+    assert "".join(sbx.run_code("echo alive", language="bash").logs.stdout) == "alive\n"
     for language, fatal in (
         ("java", "System.exit(3);"),
         ("javascript", "Deno.exit(3)"),
@@ -119,3 +124,25 @@ def test_a_cell_that_kills_its_kernel(sbx: Sandbox) -> None:
         died = sbx.run_code(fatal, language=language)
         assert died.error is not None and died.error.name == "KernelDied", (language, died)
         assert _shown(sbx.run_code("40 + 2", language=language)) == "42"
+
+
+def test_a_new_sandbox_lists_python_and_javascript_and_counts_from_one(compat: Compat) -> None:
+    fresh = Sandbox.create(timeout=120)
+    try:
+        assert {"python", "javascript"} <= {c.language for c in fresh.list_code_contexts()}
+        fresh.run_code("echo 'not python'")  # a SyntaxError is a cell too
+        assert fresh.run_code("!pwd").execution_count == 2
+        # The listed JavaScript context starts on its first cell.
+        assert fresh.run_code("process.cwd()", language="js").text == "/home/user"
+    finally:
+        fresh.kill()
+
+
+def test_a_cell_that_prints_100_mb(sbx: Sandbox) -> None:
+    out: list[str] = []
+    printed = sbx.run_code("print('x' * 100_000_000)", on_stdout=lambda m: out.append(m.line),
+                           timeout=120)  # fmt: skip
+    assert printed.error is None
+    assert sum(len(line) for line in out) == 16 << 20  # the first 16 MiB
+    assert "[output past 16 MiB dropped]" in "".join(printed.logs.stderr)
+    assert sbx.run_code("6 * 7").text == "42"  # and the sandbox goes on

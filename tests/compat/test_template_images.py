@@ -18,6 +18,7 @@ from e2b.template.logger import LogEntry
 
 from tests.compat.conftest import REGISTRY, Compat
 from tests.integration.support import TEMPLATE_DIR
+from vivarium.templates.recipe import RECIPES
 
 pytestmark = pytest.mark.timeout(900)
 IMAGE = "vivarium-tests/debian:12"  # a name without a registry: the mirror's
@@ -53,7 +54,10 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def debian_image(registry: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Our own debootstrap of Debian 12 (what `make` built the templates from: no guest, no
     `user`), as an image with an ENV and a working directory of its own, pushed to the registry."""
-    pristine = next((Path(TEMPLATE_DIR).parent / "cache").glob("debootstrap-bookworm-*"))
+    base = RECIPES["base"]  # the base template's, finished (not the partial one of a build)
+    pristine = (
+        Path(TEMPLATE_DIR).parent / "cache" / f"debootstrap-{base.suite}-{base.debootstrap_key()}"
+    )
     _push(tmp_path_factory.mktemp("oci") / "layout", "12", pristine, registry, IMAGE,
           "--config.env", "IMAGE_MARK=from-registry", "--config.env",
           "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")  # fmt: skip

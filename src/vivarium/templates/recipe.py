@@ -136,6 +136,8 @@ RECIPES: dict[str, Recipe] = {
         # other than Python's start on a context's first cell: they are not in the checkpoint.
         packages=(*BASE_PACKAGES, "r-base-core", "r-cran-irkernel", "openjdk-17-jdk-headless"),
         npm_binaries=(NpmBinary("@deno/linux-x64-glibc@2.9.6", "deno", "/usr/local/bin/deno"),),
+        # The kernels run as `user`; E2B's can work in /root (its template gives it to `user`).
+        steps=(*USER_SETUP, "chown -R user:user /root"),
         wheels=INTERPRETER_WHEELS,
         services=(Service("interpreter", "interpreter", user="user", port=49999),),
     ),

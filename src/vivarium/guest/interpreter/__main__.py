@@ -1,7 +1,8 @@
 """Run the code interpreter: `python3 -m interpreter` inside a sandbox, as the sandbox's user.
 
 The default Python kernel is started and warmed up before the port opens: the template is
-checkpointed once the port answers, so every sandbox restored from it has a kernel ready."""
+checkpointed once the port answers, so every sandbox restored from it has a kernel ready. The
+default JavaScript context is listed but starts on its first cell."""
 
 from __future__ import annotations
 
@@ -51,6 +52,12 @@ async def serve(host: str, port: int) -> None:
     ctx = await contexts.default("python")
     async for _ in ctx.run("1 + 1", {}, {}):  # pay the first cell's costs before the checkpoint
         pass
+    # A user's first cell is the first: In[1], with no Out of ours.
+    await ctx.housekeeping(
+        "__vivarium_ip = get_ipython(); __vivarium_ip.displayhook.flush()\n"
+        "__vivarium_ip.execution_count = 1; del __vivarium_ip"
+    )
+    contexts.declare("javascript")  # E2B lists one; its kernel starts on its first cell
     # Every page still in use is in the template's checkpoint and read back by every restore.
     await ctx.housekeeping(TRIM)
     gc.collect()

@@ -22,6 +22,9 @@ KERNEL_SPECS = str(Path(__file__).resolve().parent / "kernels")
 IPC_DIR = os.environ.get("VIVARIUM_RUN_DIR", "/run/vivarium/interpreter")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 POLL_S = 0.5
+# Characters of output one cell may stream (the rest is dropped): above the Python kernel's own
+# cap (launch_kernel.py), which drops what is past it before it becomes a message.
+MAX_PRINTED = 17 << 20
 START_TIMEOUT_S = 60
 
 
@@ -91,12 +94,15 @@ class Context:
         self.global_env = {}
 
     async def restart(self) -> None:
+        if self.client is None:  # never started: nothing to restart
+            return
         await self.manager.restart_kernel(now=True)
         await self._connect()
 
     async def shutdown(self) -> None:
-        if self.client is not None:
-            self.client.stop_channels()
+        if self.client is None:  # never started
+            return
+        self.client.stop_channels()
         await self.manager.shutdown_kernel(now=True)
         Path(f"{IPC_DIR}/{self.id}.json").unlink(missing_ok=True)
 
@@ -130,7 +136,9 @@ class Context:
         await self.lock.acquire()
         handed_over = False
         try:
-            if not await self.manager.is_alive():  # it exited between cells (killed, OOM)
+            if self.client is None:  # a default context, started on its first cell
+                await self.start()
+            elif not await self.manager.is_alive():  # it exited between cells (killed, OOM)
                 await self.restart()
                 yield outputs.line(outputs.stream(
                     "stderr", f"[the {self.language} kernel had exited; it was restarted and "
@@ -156,6 +164,7 @@ class Context:
                 self.lock.release()
 
     async def _outputs(self, msg_id: str) -> AsyncIterator[bytes]:
+        printed = 0  # bytes of stdout and stderr this cell has sent
         while True:
             try:
                 msg = await self.client.get_iopub_msg(timeout=POLL_S)
@@ -169,14 +178,42 @@ class Context:
             kind = msg["msg_type"]
             if kind == "status" and msg["content"].get("execution_state") == "idle":
                 await self._drain_reply(msg_id)
+                async for late in self._late_outputs(msg_id):
+                    yield late
                 return
             if kind == "execute_input":
                 count = msg["content"].get("execution_count")
                 yield outputs.line({"type": "number_of_executions", "execution_count": count})
                 continue
             converted = outputs.convert(msg, self.lang.quotes)
-            if converted is not None:
-                yield outputs.line(converted)
+            if converted is None:
+                continue
+            if converted["type"] in ("stdout", "stderr"):
+                # What a cell prints is kept within MAX_PRINTED: past it, the rest is dropped
+                # (once said), so neither this server nor the client holds it all.
+                text, left = converted["text"], MAX_PRINTED - printed
+                printed += len(text)
+                if left <= 0:
+                    continue
+                if len(text) > left:
+                    yield outputs.line({**converted, "text": text[:left]})
+                    note = f"\n[output past {MAX_PRINTED >> 20} MiB dropped]\n"
+                    yield outputs.line(outputs.stream("stderr", note))
+                    continue
+            yield outputs.line(converted)
+
+    async def _late_outputs(self, msg_id: str) -> AsyncIterator[bytes]:
+        """What a kernel publishes after saying it is idle (Deno's sometimes sends a cell's
+        result a fraction of a millisecond after): read for `late_s` more."""
+        while self.lang.late_s:
+            try:
+                msg = await self.client.get_iopub_msg(timeout=self.lang.late_s)
+            except queue.Empty:
+                return
+            if msg["parent_header"].get("msg_id") == msg_id:
+                converted = outputs.convert(msg, self.lang.quotes)
+                if converted is not None:
+                    yield outputs.line(converted)
 
     async def _drain_reply(self, msg_id: str) -> None:
         while True:
@@ -231,6 +268,14 @@ class Contexts:
         ctx = Context(language, cwd or self.home, self.env)
         await ctx.start()
         self.by_id[ctx.id] = ctx
+        return ctx
+
+    def declare(self, language: str) -> Context:
+        """A default context that is listed at once, as E2B's are, and whose kernel starts on
+        its first cell: the template's checkpoint does not hold it."""
+        ctx = Context(language, self.home, self.env)
+        self.by_id[ctx.id] = ctx
+        self.defaults[language] = ctx
         return ctx
 
     async def default(self, language: str) -> Context:

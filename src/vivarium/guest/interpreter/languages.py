@@ -16,6 +16,7 @@ class Language:
     kernel: str  # the kernel spec's directory under kernels/
     transport: str = "ipc"  # Deno's and IRkernel's ZeroMQ take TCP addresses only
     quotes: str = "'"  # what a string result's text is quoted with (E2B's text drops them)
+    late_s: float = 0.0  # how long outputs may still come after the kernel said it is idle
 
     def export(self, env: dict[str, str]) -> str:
         raise NotImplementedError
@@ -153,9 +154,9 @@ LANGUAGES: dict[str, Language] = {
                              "__vivarium_t._name_sequence = None\n"
                              "del __vivarium_r, __vivarium_s, __vivarium_t\n")),
     "bash": Bash("bash", "bash", reseed="RANDOM=$SRANDOM"),
-    "javascript": Deno("javascript", "deno", "tcp", "'\"`"),
-    "typescript": Deno("typescript", "deno", "tcp", "'\"`"),
-    "deno": Deno("deno", "deno", "tcp", "'\"`"),
+    "javascript": Deno("javascript", "deno", "tcp", "'\"`", late_s=0.025),
+    "typescript": Deno("typescript", "deno", "tcp", "'\"`", late_s=0.025),
+    "deno": Deno("deno", "deno", "tcp", "'\"`", late_s=0.025),
     "java": Java("java", "java", "ipc", '"'),
     "r": R("r", "ir", "tcp", "'",
            reseed='set.seed(readBin("/dev/urandom", "integer", 1L))'),

@@ -8,7 +8,9 @@ the failed save takes the whole sandbox down. The same pipe over a Unix socket s
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 HERE = sys.path.pop(0)  # this script's directory: the user's kernel must not import our modules
 
@@ -54,7 +56,40 @@ def main() -> None:
     app = IPKernelApp.instance()
     app.initialize()
     _load("display.py").install(app.shell)  # charts and DataFrame data
+    _cap_output(app.shell)
     app.start()
+
+
+# What one cell may print (as the interpreter lets through); the rest is dropped here, before
+# it is copied into messages: a cell printing hundreds of MiB would otherwise take the
+# kernel's memory several times over.
+MAX_PRINTED = 16 << 20
+
+
+def _cap_output(shell: Any) -> None:
+    printed = 0
+    stderr_write = sys.stderr.write
+
+    def capped(write: Callable[[str], Any]) -> Callable[[str], int]:
+        def write_capped(text: str) -> int:
+            nonlocal printed
+            left = MAX_PRINTED - printed
+            printed += len(text)
+            if left > 0:
+                write(text[:left])
+                if len(text) > left:
+                    stderr_write(f"\n[output past {MAX_PRINTED >> 20} MiB dropped]\n")
+            return len(text)
+
+        return write_capped
+
+    def new_cell() -> None:
+        nonlocal printed
+        printed = 0
+
+    sys.stdout.write = capped(sys.stdout.write)  # type: ignore[method-assign]
+    sys.stderr.write = capped(sys.stderr.write)  # type: ignore[method-assign]
+    shell.events.register("pre_execute", new_cell)
 
 
 def _load(name: str) -> ModuleType:
