@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from e2b import TimeoutException
 from e2b_code_interpreter import Execution, OutputMessage, Sandbox
 
 from tests.compat.conftest import Compat
@@ -146,3 +147,17 @@ def test_a_cell_that_prints_100_mb(sbx: Sandbox) -> None:
     assert sum(len(line) for line in out) == 16 << 20  # the first 16 MiB
     assert "[output past 16 MiB dropped]" in "".join(printed.logs.stderr)
     assert sbx.run_code("6 * 7").text == "42"  # and the sandbox goes on
+
+
+@pytest.mark.parametrize("language, keep, spin", [
+    ("javascript", "let kept = 7", "while (true) {}"),
+    ("r", "kept <- 7", "repeat {}"),
+    ("java", "int kept = 7;", "while (true) {}"),
+])  # fmt: skip
+def test_a_client_timeout_interrupts_the_cell_and_keeps_the_state(
+    sbx: Sandbox, language: str, keep: str, spin: str
+) -> None:
+    assert sbx.run_code(keep, language=language).error is None
+    with pytest.raises(TimeoutException):
+        sbx.run_code(spin, language=language, timeout=3)
+    assert _shown(sbx.run_code("kept", language=language, timeout=60)) == "7"

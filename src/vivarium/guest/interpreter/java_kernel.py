@@ -27,7 +27,13 @@ class JavaKernel(Kernel):  # type: ignore[misc]  # ipykernel: in the template on
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.jvm = subprocess.Popen(JAVA, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        # The kernel ignores SIGINT between cells (ipykernel), and a JVM that starts with it
+        # ignored never handles it: JShellRunner stops the running cell on it.
+        ignored = signal.signal(signal.SIGINT, signal.SIG_DFL)
+        try:
+            self.jvm = subprocess.Popen(JAVA, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        finally:
+            signal.signal(signal.SIGINT, ignored)
         for _ in self._frames():  # until it is ready
             pass
 
