@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,8 +124,11 @@ def test_a_loose_state_directory_is_tightened_at_start() -> None:
 
 
 @pytest.mark.parametrize("parent_is", ["writable by others", "owned by another user"])
-def test_a_state_directory_that_others_could_replace_is_refused(parent_is: str) -> None:
-    parent = Path(tempfile.mkdtemp(prefix="vivarium-unsafe-"))
+def test_a_state_directory_that_others_could_replace_is_refused(
+    parent_is: str, tmp_path: Path
+) -> None:
+    parent = tmp_path / "unsafe"  # pytest removes it (old runs' too), not left in /tmp
+    parent.mkdir()
     if parent_is == "writable by others":
         parent.chmod(0o777)
         words = "is writable by other users"
