@@ -310,6 +310,7 @@ class Build:
         self.rootfs = build_dir / "rootfs"  # the template's
         self.merged = build_dir / "merged"  # a step's: its layers on the base
         self.shell = ["/bin/bash", "-c"]  # the template's (sh in images without bash)
+        self.sealed: tuple[int, str] = (0, "")  # the rootfs's bytes, the checkpoint's sha256
         self._held: list[str] = []
 
     # -- boot 1: the steps, a container each -----------------------------------------------------
@@ -547,6 +548,7 @@ class Build:
 
     async def start_and_checkpoint(self, request: BuildRequest, ctx: Context) -> None:
         cid = f"tstart-{self.build_dir.name}"
+        removal: asyncio.Future[None] | None = None
         spec = self._spec(None, self.rootfs)
         (self.build_dir / "spec.json").write_text(json.dumps(spec, indent=1))
         await self._boot(cid, spec, disk_dir=self.build_dir / "boot")
@@ -567,9 +569,14 @@ class Build:
             if request.ready_cmd:
                 await self._until_ready(cid, request.ready_cmd, ctx, request.ready_timeout_s)
             self.log.add("checkpointing", step=FINALIZE_STEP)
-            await self.runtime.checkpoint(cid, self.build_dir / "checkpoint")
+            checkpoint = self.build_dir / "checkpoint"
+            await self.runtime.checkpoint(cid, checkpoint)
+            # The stopped container's teardown (about a second) overlaps the seal.
+            removal = asyncio.ensure_future(self._remove(cid))
+            size = asyncio.to_thread(dir_size, self.rootfs)
+            self.sealed = await asyncio.gather(size, asyncio.to_thread(sha256_dir, checkpoint))
         finally:
-            await self._remove(cid)
+            await (removal if removal is not None else self._remove(cid))
             await asyncio.to_thread(disk.discard, self.build_dir / "boot")
 
     def services(self) -> list[tuple[str, int]]:
@@ -746,9 +753,9 @@ async def build_template(
             "created_at": datetime.now(UTC).isoformat(),
             "defaults": {"user": ctx.user, "workdir": ctx.workdir, "env": sorted(ctx.env)},
             "services": build.services(),
-            "rootfs_bytes": await asyncio.to_thread(dir_size, build.rootfs),
+            "rootfs_bytes": build.sealed[0],
             "checkpoint_bytes": dir_size(build_dir / "checkpoint"),
-            "checkpoint_sha256": await asyncio.to_thread(sha256_dir, build_dir / "checkpoint"),
+            "checkpoint_sha256": build.sealed[1],
         }
         (build_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(build_dir / "volume-hub", ignore_errors=True)
