@@ -72,6 +72,7 @@ def test_layers_flatten_to_what_the_overlay_showed(tmp_path: Path) -> None:
                            "rm -r replace_me_dir; ln -s a replace_me_dir; chmod 700 a")  # fmt: skip
     one = cache.put(layers.chain("scope", "one"), upper1, {"user": "user"})
     assert cache.get(one.key) == one and one.context == {"user": "user"} and not one.empty
+    cache.release(one.key)
     # Step 2, on step 1's cached layer: it removes what step 1 made.
     upper2, shown2 = _step(tmp_path, "two", [one.diff, base],
                            "rm -r fresh opaque/new; echo again > a/gone")  # fmt: skip
@@ -90,14 +91,26 @@ def test_layers_flatten_to_what_the_overlay_showed(tmp_path: Path) -> None:
     assert not any(stat.S_ISCHR(p.lstat().st_mode) for p in flat.rglob("*"))
 
 
-def test_an_empty_step_and_pruning(tmp_path: Path) -> None:
+def test_an_empty_step_pruning_and_a_step_run_again(tmp_path: Path) -> None:
     cache = LayerCache(tmp_path / "cache", budget_bytes=0)
-    empty = cache.put("e" * 64, None, {"env": {"A": "1"}})
-    assert empty.empty and cache.get(empty.key) is not None
+    empty = cache.put("e" * 64, None, {"env": {"A": "1"}})  # held by its build
+    assert empty.empty
+    cache.release(empty.key)
     held = cache.put("h" * 64, None, {})
-    cache.hold(held.key)
     assert cache.prune() >= 1  # over a budget of nothing: all go, but the one a build holds
     assert cache.get(empty.key) is None and cache.get(held.key) is not None
     cache.release(held.key)
+    cache.release(held.key)
     cache.prune()
     assert cache.get(held.key) is None
+    # A step that ran again (skip_cache) replaces what was kept under its key.
+    (tmp_path / "first").mkdir()
+    (tmp_path / "first" / "file").write_text("old")
+    (tmp_path / "second").mkdir()
+    (tmp_path / "second" / "file").write_text("new")
+    first = cache.put("k" * 64, tmp_path / "first", {})
+    cache.release(first.key)
+    second = cache.put("k" * 64, tmp_path / "second", {"again": True})
+    assert (second.diff / "file").read_text() == "new" and second.context == {"again": True}
+    again = cache.get("k" * 64)
+    assert again is not None and (again.diff / "file").read_text() == "new"

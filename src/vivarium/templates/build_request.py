@@ -18,7 +18,7 @@ from typing import Any
 from vivarium.errors import InvalidArgument
 
 STEP_TYPES = ("COPY", "ENV", "RUN", "WORKDIR", "USER")
-MAX_STEPS = 512
+MAX_STEPS = 400  # a layer each: overlayfs stacks 500 at most
 MAX_ARG_BYTES = 64 << 10
 MAX_READY_S = 3600
 FILES_HASH_RE = re.compile(r"^[0-9a-f]{64}$")

@@ -331,13 +331,18 @@ class Build:
         key = layers.chain(key, "base")
         layer = None if forced else self._cached(key)
         if layer is None:
+            forced = True  # see below: what stood on the old base layer runs again
             layer = await self._in_container(key, lowers, "base", self._prepare)
         lowers.insert(0, layer)
         for index, step in enumerate(request.steps, start=1):
             key = layers.chain(key, json.dumps([step.type, step.args, step.files_hash]))
-            forced = forced or step.force  # skip_cache(): this step and all after it
+            # skip_cache(): this step and all after it. A step that runs may leave other files
+            # than the kept layer it replaces (apt fetched newer packages, the layer had been
+            # pruned): the layers kept after it stood on the old one, so all after it run too.
+            forced = forced or step.force
             label, name = f"[{index}/{len(request.steps)}] {step.text}", str(index)
             layer = None if forced else self._cached(key)
+            forced = forced or layer is None
             if layer is not None:
                 self.log.add(f"{label} (cached)", step=name)
             elif step.type == "ENV":  # no files: no container
@@ -346,21 +351,22 @@ class Build:
                 self._set_env(ctx, step)
                 layer = await asyncio.to_thread(self.layer_cache.put, key, None, ctx.to_json())
                 self._held.append(layer.key)
-                self.layer_cache.hold(layer.key)
             else:
                 self.log.add(label, step=name)
                 run_step = functools.partial(self._step, step=step, name=name)
                 layer = await self._in_container(key, lowers, name, run_step)
             lowers.insert(0, layer)
+            if (written := sum(layer.size for layer in lowers)) > room:
+                raise BuildFailed(f"the steps wrote {written >> 20} MiB in all, over the "
+                                  f"{room >> 20} MiB a template may add", name)  # fmt: skip
         await self._flatten(lowers)
         ctx = Context.of(lowers[0].context)
         self.shell = [ctx.shell, "-c"]
         return ctx
 
     def _cached(self, key: str) -> Layer | None:
-        layer = self.layer_cache.get(key)
+        layer = self.layer_cache.get(key)  # held: not pruned under this build
         if layer is not None:
-            self.layer_cache.hold(key)  # not pruned under this build
             self._held.append(key)
         return layer
 
@@ -395,7 +401,6 @@ class Build:
             await run(["umount", str(self.merged)], check=False)
         self._drop_mount_points(upper)
         layer = await asyncio.to_thread(self.layer_cache.put, key, upper, ctx.to_json())
-        self.layer_cache.hold(layer.key)
         self._held.append(layer.key)
         return layer
 
@@ -740,7 +745,7 @@ async def build_template(
             ctx = await build.apply(request)
         finally:
             build.release_layers()
-        await asyncio.to_thread(layer_cache.prune)
+            await asyncio.to_thread(layer_cache.prune)
         await build.start_and_checkpoint(request, ctx)
         manifest: dict[str, Any] = {
             "name": template_id,

@@ -24,6 +24,7 @@ import os
 import shutil
 import stat
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ DIFF = "diff"
 OPAQUE = "trusted.overlay.opaque"
 OVERLAY_XATTRS = "trusted.overlay."
 BUDGET_BYTES = 16 << 30  # the cache's size past which the least recently used layers go
+TRASH = ".replaced."  # a layer a step replaced, kept while a build may still stand on it
+TRASH_AGE_S = 86400.0
 # The upper directory holds whiteouts and opaque marks only: no redirects, metacopy or index
 # entries, which need the very same lower layers (by file handle) to mean anything.
 OVERLAY_OPTIONS = "redirect_dir=off,metacopy=off,index=off,xino=off"
@@ -71,20 +74,24 @@ class LayerCache:
         self._lock = threading.Lock()
 
     def get(self, key: str) -> Layer | None:
+        """The layer `key`, held (not pruned) until `release`; None if not kept."""
         path = self.root / key
-        try:
-            meta = json.loads((path / META).read_text())
-            os.utime(path / META)  # used now: the last to be pruned
-        except (OSError, ValueError):
-            return None
+        with self._lock:  # found and held at once: prune checks holds under the same lock
+            try:
+                meta = json.loads((path / META).read_text())
+                os.utime(path / META)  # used now: the last to be pruned
+            except (OSError, ValueError):
+                return None
+            self._in_use[key] = self._in_use.get(key, 0) + 1
         return Layer(key, path, meta["context"], int(meta["size"]))
 
     def put(self, key: str, upper: Path | None, context: dict[str, Any]) -> Layer:
         """Keep `upper` (a step's overlayfs upper directory; None for a step that writes no
-        files) as the layer `key`: copied whole, then renamed into place."""
+        files) as the layer `key`, held until `release`. A step that ran replaces what was kept
+        under its key (it ran because the cache was skipped, or a step before it changed)."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        partial = self.root / f".{key}.{os.getpid()}.{threading.get_ident()}"
-        shutil.rmtree(partial, ignore_errors=True)
+        unique = f"{os.getpid()}.{threading.get_ident()}.{time.monotonic_ns()}"
+        partial = self.root / f".{key}.{unique}"
         partial.mkdir()
         try:
             if upper is None:
@@ -93,20 +100,19 @@ class LayerCache:
                 run_sync(["cp", "-a", "--", str(upper), str(partial / DIFF)], timeout=3600)
             size = _disk_usage(partial / DIFF)
             (partial / META).write_text(json.dumps({"context": context, "size": size}))
-            try:
-                partial.rename(self.root / key)
-            except OSError:  # another build made the same layer meanwhile: it is the same
-                shutil.rmtree(partial, ignore_errors=True)
+            path, old = self.root / key, self.root / f"{TRASH}{key}.{unique}"
+            with self._lock:
+                held = key in self._in_use
+                if path.exists():
+                    path.rename(old)  # another build may stand on it: removed by prune later
+                partial.rename(path)
+                self._in_use[key] = self._in_use.get(key, 0) + 1
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-        layer = self.get(key)
-        assert layer is not None
-        return layer
-
-    def hold(self, key: str) -> None:
-        with self._lock:
-            self._in_use[key] = self._in_use.get(key, 0) + 1
+        if old.exists() and not held:
+            shutil.rmtree(old, ignore_errors=True)
+        return Layer(key, path, context, size)
 
     def release(self, key: str) -> None:
         with self._lock:
@@ -116,7 +122,13 @@ class LayerCache:
 
     def prune(self) -> int:
         """Remove the least recently used layers no build stands on until the cache is within
-        its budget; returns how many went."""
+        its budget, and replaced layers a day old; returns how many went."""
+        removed = 0
+        for old in self.root.glob(f"{TRASH}*"):
+            with contextlib.suppress(OSError):
+                if time.time() - old.stat().st_mtime > TRASH_AGE_S:
+                    shutil.rmtree(old, ignore_errors=True)
+                    removed += 1
         layers = []
         for meta in self.root.glob(f"*/{META}"):
             try:
@@ -125,7 +137,6 @@ class LayerCache:
             except (OSError, ValueError, KeyError):
                 continue
         total = sum(size for _, _, size in layers)
-        removed = 0
         for _, path, size in sorted(layers):
             if total <= self.budget:
                 break

@@ -55,6 +55,7 @@ async def serve(host: str, port: int) -> None:
     # A user's first cell is the first: In[1], with no Out of ours.
     await ctx.housekeeping(
         "__vivarium_ip = get_ipython(); __vivarium_ip.displayhook.flush()\n"
+        "__vivarium_ip.history_manager.reset(new_session=True)\n"
         "__vivarium_ip.execution_count = 1; del __vivarium_ip"
     )
     contexts.declare("javascript")  # E2B lists one; its kernel starts on its first cell

@@ -7,6 +7,7 @@ import asyncio
 import os
 import queue
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -205,9 +206,10 @@ class Context:
     async def _late_outputs(self, msg_id: str) -> AsyncIterator[bytes]:
         """What a kernel publishes after saying it is idle (Deno's sometimes sends a cell's
         result a fraction of a millisecond after): read for `late_s` more."""
-        while self.lang.late_s:
+        deadline = time.monotonic() + self.lang.late_s
+        while (left := deadline - time.monotonic()) > 0:  # a kernel printing on is cut off
             try:
-                msg = await self.client.get_iopub_msg(timeout=self.lang.late_s)
+                msg = await self.client.get_iopub_msg(timeout=left)
             except queue.Empty:
                 return
             if msg["parent_header"].get("msg_id") == msg_id:

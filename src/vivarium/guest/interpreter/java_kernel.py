@@ -42,11 +42,7 @@ class JavaKernel(Kernel):  # type: ignore[misc]  # ipykernel: in the template on
         interpreter then reports the cell's kernel as dead and starts another."""
         assert self.jvm.stdout is not None
         while True:
-            try:
-                header = self.jvm.stdout.readline()
-            except KeyboardInterrupt:  # the client gave up on the cell: stop it, read on
-                self.jvm.send_signal(signal.SIGINT)
-                continue
+            header = self.jvm.stdout.readline()
             if not header:
                 os._exit(self.jvm.wait() or 1)
             kind, size = header.decode().split()
@@ -58,6 +54,16 @@ class JavaKernel(Kernel):  # type: ignore[misc]  # ipykernel: in the template on
     def do_execute(self, code: str, silent: bool, store_history: bool = True,
                    user_expressions: Any = None, allow_stdin: bool = False,
                    **kwargs: Any) -> dict[str, Any]:  # fmt: skip
+        assert self.jvm.stdin is not None
+        # An interrupt (the client gave up on the cell) stops the cell in the JVM; this side
+        # reads on to the cell's end wherever the signal lands, so no frame is left behind.
+        previous = signal.signal(signal.SIGINT, lambda *_: self.jvm.send_signal(signal.SIGINT))
+        try:
+            return self._execute(code, silent)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _execute(self, code: str, silent: bool) -> dict[str, Any]:
         assert self.jvm.stdin is not None
         data = code.encode()
         self.jvm.stdin.write(f"{len(data)}\n".encode() + data)

@@ -6,9 +6,11 @@
 //   value (an expression's, as JShell shows it), error (name NUL value NUL traceback), done.
 // The cell's System.out and System.err are ours; SIGINT stops the running cell, not the JVM.
 
+import java.io.ByteArrayInputStream;
 import java.io.ByteArrayOutputStream;
 import java.io.DataInputStream;
 import java.io.FileDescriptor;
+import java.io.FileInputStream;
 import java.io.FileOutputStream;
 import java.io.IOException;
 import java.io.OutputStream;
@@ -78,7 +80,8 @@ public class JShellRunner {
         sun.misc.Signal.handle(new sun.misc.Signal("INT"), signal -> shell.stop());
         shell.eval("import java.util.*; import java.util.stream.*; import java.io.*;"
                 + " import java.nio.file.*; import java.math.*;");
-        DataInputStream in = new DataInputStream(System.in);
+        DataInputStream in = new DataInputStream(new FileInputStream(FileDescriptor.in));
+        System.setIn(new ByteArrayInputStream(new byte[0]));  // a cell never reads our frames
         send("ready", "");
         StringBuilder header = new StringBuilder();
         int c;
