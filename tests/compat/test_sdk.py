@@ -189,6 +189,9 @@ while not select.select([sys.stdin], [], [], 0.05)[0]:
 """
 
 
+WARM_BASE = 2  # the compat server's pool of `base` sandboxes (conftest.py, warm_pool)
+
+
 def test_twenty_concurrent_creates_while_health_keeps_answering(compat: Compat) -> None:
     # What this guards is the event loop: a restore awaited in it instead of in a worker would
     # hold every request for a restore's time, so nothing would be answered before the first
@@ -215,8 +218,11 @@ def test_twenty_concurrent_creates_while_health_keeps_answering(compat: Compat) 
     finally:
         answers, _ = prober.communicate(timeout=60)  # closing its stdin stops it
     answered = [float(line) for line in answers.split()]
-    during = [t for t in answered if started < t < min(first_returned)]
-    assert len(during) >= 3, (len(answered), min(first_returned) - started)
+    # The first creates may come from the compat server's warm pool (2 `base` sandboxes) in a
+    # fraction of a second: the window ends when the first create that needed a restore is back.
+    restored = sorted(first_returned)[WARM_BASE]
+    during = [t for t in answered if started < t < restored]
+    assert len(during) >= 3, (len(answered), restored - started)
 
     async def use_and_kill() -> None:
         results = await asyncio.gather(*(s.commands.run("echo ok") for s in sandboxes))
