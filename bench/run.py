@@ -1033,6 +1033,18 @@ def measure_interpreter(fleet: Fleet, figures: NodeFigures) -> None:
             fleet.sdk_kill(ci)
 
 
+def _alternate_creates(fleet: Fleet, template: str, runs: int, ms: list[float],
+                       base_ms: list[float]) -> None:  # fmt: skip
+    """SDK creates from `template` alternating with creates from TEMPLATE, each on a settled
+    node and killed at once: their times go to `ms` and `base_ms`."""
+    for _ in range(runs):
+        for name, times in ((template, ms), (TEMPLATE, base_ms)):
+            fleet.settle(poll_s=0.05)
+            sbx, created = fleet.sdk_create(template=name)
+            times.append(created.ms)
+            fleet.sdk_kill(sbx)
+
+
 def measure_snapshots(fleet: Fleet, figures: NodeFigures) -> None:
     """create_snapshot() of an idle running sandbox; creates from that snapshot alternating
     with creates from its template; one fork of FORK_COUNT children. Each on a settled node."""
@@ -1045,15 +1057,8 @@ def measure_snapshots(fleet: Fleet, figures: NodeFigures) -> None:
             start = time.perf_counter()
             snapshots.append(sbx.create_snapshot().snapshot_id)
             figures.team_snapshot_ms.append(elapsed_ms(start))
-        for _ in range(SNAPSHOT_CREATES):
-            fleet.settle(poll_s=0.05)
-            child, created = fleet.sdk_create(template=snapshots[-1])
-            figures.from_snapshot_ms.append(created.ms)
-            fleet.sdk_kill(child)
-            fleet.settle(poll_s=0.05)
-            child, created = fleet.sdk_create()
-            figures.from_template_ms.append(created.ms)
-            fleet.sdk_kill(child)
+        _alternate_creates(fleet, snapshots[-1], SNAPSHOT_CREATES, figures.from_snapshot_ms,
+                           figures.from_template_ms)  # fmt: skip
         fleet.settle(poll_s=0.05)
         start = time.perf_counter()
         children = sbx.fork(count=FORK_COUNT, timeout=SANDBOX_TIMEOUT_S)
@@ -1102,15 +1107,8 @@ def measure_templates(fleet: Fleet, figures: NodeFigures) -> None:
         figures.build_same_s = build("one")
         fleet.settle(poll_s=0.05)
         figures.build_last_step_s = build("two")
-        for _ in range(TEMPLATE_CREATES):
-            fleet.settle(poll_s=0.05)
-            sbx, created = fleet.sdk_create(template=name)
-            figures.custom_create_ms.append(created.ms)
-            fleet.sdk_kill(sbx)
-            fleet.settle(poll_s=0.05)
-            sbx, created = fleet.sdk_create()
-            figures.custom_base_create_ms.append(created.ms)
-            fleet.sdk_kill(sbx)
+        _alternate_creates(fleet, name, TEMPLATE_CREATES, figures.custom_create_ms,
+                           figures.custom_base_create_ms)  # fmt: skip
     finally:
         with httpx.Client(base_url=API_URL, headers={"X-API-Key": fleet.api_key},
                           timeout=60) as http:  # fmt: skip

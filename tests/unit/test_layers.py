@@ -13,7 +13,11 @@ import pytest
 from vivarium.templates import layers
 from vivarium.templates.layers import LayerCache
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts overlayfs: run as root")
+
+@pytest.fixture(autouse=True)
+def as_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("these tests mount overlayfs: run them as root (`make test`)")
 
 
 def _view(root: Path) -> dict[str, tuple[str, ...]]:

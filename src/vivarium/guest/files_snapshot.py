@@ -122,7 +122,8 @@ def _add(out: tarfile.TarFile, path: str) -> None:
         return  # removed, or unreadable, while we read it
 
 
-def _remove(path: str) -> None:
+def remove_path(path: str) -> None:
+    """Remove what is at `path`, never following a link."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -147,7 +148,7 @@ def apply(archive: tarfile.TarFile) -> None:
         try:  # an entry whose kind changed (a file where a directory was) is replaced
             st = os.lstat(target)
             if stat.S_ISDIR(st.st_mode) != member.isdir():
-                _remove(target)
+                remove_path(target)
         except FileNotFoundError:
             pass
         archive.extract(member, "/", set_attrs=True, numeric_owner=True)
@@ -162,7 +163,7 @@ def apply(archive: tarfile.TarFile) -> None:
         for name in present:
             path = os.path.join(directory, name)
             if name not in keep and path not in skip:
-                _remove(path)
+                remove_path(path)
 
 
 def main(argv: list[str]) -> None:

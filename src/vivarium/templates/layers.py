@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vivarium.guest.files_snapshot import remove_path
 from vivarium.proc import run_sync
 
 log = logging.getLogger(__name__)
@@ -177,18 +178,6 @@ def _is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def _remove(path: str) -> None:
-    """Remove what is at `path`, never following a link."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
-
-
 def _opaque(path: str) -> bool:
     try:
         return os.getxattr(path, OPAQUE, follow_symlinks=False) == b"y"
@@ -222,13 +211,13 @@ def apply(diff: Path, target: Path) -> None:
         opaque = rel != "." and _opaque(dirpath)
         if opaque and os.path.isdir(here) and not os.path.islink(here):
             for entry in os.listdir(here):
-                _remove(os.path.join(here, entry))
+                remove_path(os.path.join(here, entry))
         for name in dirnames + filenames:
             st = os.lstat(os.path.join(dirpath, name))
             below = os.path.join(here, name)
             if _is_whiteout(st):
                 whiteouts.append(below)
-                _remove(below)
+                remove_path(below)
                 continue
             copied.append(below)
             try:
@@ -236,7 +225,7 @@ def apply(diff: Path, target: Path) -> None:
             except FileNotFoundError:
                 continue
             if not (stat.S_ISDIR(st.st_mode) and stat.S_ISDIR(st_below.st_mode)):
-                _remove(below)
+                remove_path(below)
     run_sync(["cp", "-a", "--", f"{diff}/.", str(target)], timeout=3600)
     for path in whiteouts:
         with contextlib.suppress(FileNotFoundError):
