@@ -18,12 +18,13 @@ APT_PACKAGES := debootstrap iproute2 iptables util-linux e2fsprogs gcc libc6-dev
 RUNSC_MIN := 20240729
 DEPS_STAMP := .venv/.deps-$(shell cat pyproject.toml uv.lock | sha1sum | cut -c1-12)
 
-.PHONY: run test bench soak lint fmt system-deps python-deps old-clients template clean-state
+.PHONY: run test bench soak lint fmt system-deps python-deps old-clients template clean-state dashboard browser
 
-run: template
+run: template dashboard
+	@echo "dashboard: http://127.0.0.1:$${VIVARIUM_API_PORT:-3000}/dashboard/ (sign in with the key in $${VIVARIUM_STATE_DIR:-/var/lib/vivarium}/admin.key)"
 	$(BIN)/vivarium serve
 
-test: template lint old-clients
+test: template lint old-clients dashboard browser
 	$(BIN)/pytest tests
 
 bench: template
@@ -74,6 +75,25 @@ $(OLD_E2B)/.synced: tests/clients/e2b-2.45.txt
 	$(PYTHON) -m uv venv --quiet --allow-existing $(OLD_E2B)
 	$(PYTHON) -m uv pip sync --quiet --python $(OLD_E2B)/bin/python tests/clients/e2b-2.45.txt
 	touch $@
+
+# The web dashboard (dashboard/: TypeScript, Vite, xterm.js, uPlot), served by the API at
+# /dashboard/. Rebuilt when its sources or packages change; Vite 8 needs Node.js 20.19 or newer.
+DASHBOARD_SOURCES := $(shell find dashboard/src -type f 2>/dev/null) dashboard/index.html dashboard/vite.config.ts dashboard/tsconfig.json
+dashboard: dashboard/dist/index.html
+
+dashboard/node_modules/.installed: dashboard/package.json dashboard/package-lock.json
+	@node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a==20&&b>=19)?0:1)' || \
+	  { echo "the dashboard needs Node.js 20.19 or newer (have $$(node --version)): install it, e.g. from nodejs.org" >&2; exit 1; }
+	cd dashboard && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+dashboard/dist/index.html: dashboard/node_modules/.installed $(DASHBOARD_SOURCES)
+	cd dashboard && npm run --silent build
+
+# The browser tests drive Debian's Chromium with playwright-core (installed with the dashboard).
+browser: system-deps
+	@command -v chromium >/dev/null || { echo "installing chromium for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 # Built once and cached in the state directory; rebuilt when its recipe changes.
 # code-interpreter-v1 is what the e2b-code-interpreter client creates by default.

@@ -142,6 +142,8 @@ class Settings:
     default_disk_mb: int = 10240
     runsc_path: str = "runsc"
     runsc_platform: str = ""  # empty: probe
+    # The dashboard's built files (Vite's dist/); None: dashboard/dist of this source tree.
+    dashboard_dir: Path | None = None
 
     @property
     def sandbox_domain(self) -> str:
@@ -193,6 +195,7 @@ class Settings:
             default_disk_mb=_env_int("DEFAULT_DISK_MB", 10240),
             runsc_path=_env("RUNSC", "runsc"),
             runsc_platform=_env("RUNSC_PLATFORM", ""),
+            dashboard_dir=Path(d) if (d := _env("DASHBOARD_DIR", "")) else None,
         )
         settings.validate()
         return settings

@@ -34,7 +34,10 @@ def victim(owner: httpx.Client) -> Iterator[dict[str, Any]]:
     assert snapshot.status_code == 201, snapshot.text
     volume = owner.post("/volumes", json={"name": f"walk-{uuid.uuid4().hex[:6]}"})  # and this
     assert volume.status_code == 201, volume.text
+    key = owner.post("/api-keys", json={"name": "walk-victim"})  # and one of its keys
+    assert key.status_code == 201, key.text
     yield {
+        "keyID": key.json()["id"],
         **created.json(),
         "snapshotID": snapshot.json()["snapshotID"],
         "volumeID": volume.json()["volumeID"],
@@ -60,6 +63,9 @@ def _call(http: httpx.Client, method: str, path: str, victim: dict[str, Any]) ->
     url = path.replace("{sandbox_id}", victim["sandboxID"])
     url = url.replace("{template_id}", victim["snapshotID"])
     url = url.replace("{volume_id}", victim["volumeID"])
+    url = url.replace("{key_id}", victim["keyID"])
+    if url == "/sandboxes/metrics":
+        url += f"?sandbox_ids={victim['sandboxID']}"
     if "/volumecontent/" in url:
         url += "?path=/"
     if method in ("post", "put", "patch"):
@@ -95,7 +101,9 @@ def test_another_team_sees_and_changes_nothing_of_a_sandbox(
             response = _call(other, method, path, victim)
             if path.startswith("/volumecontent/"):
                 _json_error(response, 401)  # the volume's token, not a team's key, opens it
-            elif "{sandbox_id}" in path or "{template_id}" in path or "{volume_id}" in path:
+            elif any(
+                f"{{{p}}}" in path for p in ("sandbox_id", "template_id", "volume_id", "key_id")
+            ):
                 _json_error(response, 404)
             elif path == "/teams":
                 _json_error(response, 404)  # only admin keys make teams
@@ -117,7 +125,7 @@ def test_another_team_sees_and_changes_nothing_of_a_sandbox(
                 other.delete(f"/volumes/{response.json()['volumeID']}")
             elif path == "/volumes":
                 assert response.status_code == 200 and victim["volumeID"] not in response.text
-            elif path == "/events":
+            elif path in ("/events", "/sandboxes/metrics"):
                 assert response.status_code == 200 and sandbox_id not in response.text
             elif path == "/api-keys":
                 assert response.status_code in (200, 201)
@@ -127,6 +135,7 @@ def test_another_team_sees_and_changes_nothing_of_a_sandbox(
         keys = other.get("/api-keys").json()
         mine = {k["id"] for k in owner.get("/api-keys").json()}
         assert mine.isdisjoint(k["id"] for k in keys)
+        assert victim["keyID"] in mine  # not revoked by another team
     after = owner.get(f"/sandboxes/{sandbox_id}").json()
     assert after["state"] == "running" and after["endAt"] == before["endAt"]
     assert after["metadata"] == {"owner": "a"}

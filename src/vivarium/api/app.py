@@ -1,7 +1,7 @@
 """The public control-plane listener (default 127.0.0.1:3000): E2B's REST API.
 
-Every route but `/health` and `/openapi.json` needs `X-API-Key`; a team sees only its own
-sandboxes (others' answer 404, exactly like unknown ones).
+Every route but `/health`, `/openapi.json` and the dashboard's files needs `X-API-Key`; a team
+sees only its own sandboxes (others' answer 404, exactly like unknown ones).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vivarium import telemetry
-from vivarium.api import shapes, template_routes, volume_routes
+from vivarium.api import dashboard, shapes, template_routes, volume_routes
 from vivarium.api.control import ControlPlane
 from vivarium.api.events import shape as event_shape
 from vivarium.api.openapi import document
@@ -197,6 +197,10 @@ def create_app(control: ControlPlane) -> Starlette:
         samples = await control.metrics(team, sid(request), start, end)
         return JSONResponse([shapes.metric(s) for s in samples])
 
+    async def latest_metrics(request: Request, team: Row) -> Response:
+        latest = await control.latest_metrics(team, shapes.sandbox_ids(request.query_params))
+        return JSONResponse({"sandboxes": {i: shapes.metric(s) for i, s in latest.items()}})
+
     async def events(request: Request, team: Row) -> Response:
         after, limit = shapes.event_query(request.query_params)
         sandbox_id = request.path_params.get("sandbox_id")
@@ -233,6 +237,10 @@ def create_app(control: ControlPlane) -> Starlette:
         key, row = await control.create_key(team, _name(await json_body(request)))
         return JSONResponse({**shapes.team_key(row), "key": key}, status_code=201)
 
+    async def revoke_key(request: Request, team: Row) -> Response:
+        await control.revoke_key(team, str(request.path_params["key_id"]))
+        return Response(status_code=204)
+
     async def create_team(request: Request, team: Row) -> Response:
         data = await json_body(request)
         name = _name(data)
@@ -259,6 +267,7 @@ def create_app(control: ControlPlane) -> Starlette:
         Route("/v2/sandboxes", authed(create_v2), methods=["POST"]),
         Route("/sandboxes", authed(list_v1), methods=["GET"]),
         Route("/v2/sandboxes", authed(list_v2), methods=["GET"]),
+        Route("/sandboxes/metrics", authed(latest_metrics), methods=["GET"]),
         Route(sandbox, authed(get_sandbox), methods=["GET"]),
         Route(sandbox, authed(kill), methods=["DELETE"]),
         Route(sandbox + "/timeout", authed(set_timeout), methods=["POST"]),
@@ -281,8 +290,10 @@ def create_app(control: ControlPlane) -> Starlette:
         Route("/templates/{template_id}", authed(delete_template), methods=["DELETE"]),
         Route("/api-keys", authed(list_keys), methods=["GET"]),
         Route("/api-keys", authed(create_key), methods=["POST"]),
+        Route("/api-keys/{key_id}", authed(revoke_key), methods=["DELETE"]),
         Route("/teams", authed(create_team), methods=["POST"]),
         *volume_routes.routes(control, authed),
+        dashboard.mount(control.settings),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error},
                      middleware=[Middleware(telemetry.RequestMetrics, routes=routes)])  # fmt: skip

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 Row = dict[str, Any]
 DISK_MB = 0  # the root filesystem lives in the sandbox's memory (overlay), not on a disk
 MIN_REFRESH_S = 15
+LATEST_WINDOW_S = 60  # how old a sample `latest_metrics` still calls current
 T = TypeVar("T")
 MAX_FORKS = 20  # children of one fork, as E2B's client allows
 
@@ -580,6 +581,20 @@ class ControlPlane:
         await self.get(team, sandbox_id, live=False)
         return [s.to_json() for s in await self.node.metrics(sandbox_id, start, end)]
 
+    async def latest_metrics(self, team: Row, sandbox_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The newest sample of each of the team's running sandboxes among `sandbox_ids`
+        (others' and unknown ids are left out, as in a list)."""
+        wanted = set(sandbox_ids)
+        running = [
+            r["id"] for r in await self.list_sandboxes(team, ["running"]) if r["id"] in wanted
+        ]
+        latest = {}
+        for sandbox_id in running:
+            samples = await self.node.metrics(sandbox_id, time.time() - LATEST_WINDOW_S, None)
+            if samples:
+                latest[sandbox_id] = samples[-1].to_json()
+        return latest
+
     async def logs(self, team: Row, sandbox_id: str) -> list[tuple[float, str]]:
         await self._running(team, sandbox_id)
         return self.node.logs(sandbox_id)
@@ -624,6 +639,14 @@ class ControlPlane:
 
     async def list_keys(self, team: Row) -> list[Row]:
         return await store.list_keys(self.engine, team["id"])
+
+    async def revoke_key(self, team: Row, key_id: str) -> None:
+        if key_id == team.get("key_id"):
+            raise InvalidArgument(
+                "a key cannot revoke itself", "sign in with another key of the team to revoke it"
+            )
+        if not await store.delete_key(self.engine, team["id"], key_id):
+            raise NotFound(f"API key {key_id!r} not found")
 
 
 def rules_of(row: Row) -> Egress:

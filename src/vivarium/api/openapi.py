@@ -329,9 +329,19 @@ def document() -> Schema:
             params=[{"name": n, "in": "query", "schema": {"type": t}} for n, t in
                     (("sandboxID", "string"), ("name", "string"), ("limit", "integer"),
                      ("nextToken", "string"))], errors=())},
+        "/sandboxes/metrics": {"get": _op(
+            "the newest sample of each of the named running sandboxes",
+            {"200": {"description": "{sandboxes: {id: SandboxMetric}}"}},
+            params=[{"name": "sandbox_ids", "in": "query", "required": True,
+                     "schema": {"type": "string"}, "description": "1..100, comma-separated"}],
+            errors=(400,))},
         "/templates": {"get": _op("templates", {"200": {"description": "templates"}}, errors=())},
         **_template_builds(),
-        "/templates/{template_id}": {"delete": _op(
+        "/templates/{template_id}": {"get": _op(
+            "one of the team's templates, with its builds (newest first)",
+            {"200": {"description": "TemplateWithBuilds"}},
+            params=[{"name": "template_id", "in": "path", "required": True,
+                     "schema": {"type": "string"}}]), "delete": _op(
             "delete one of the team's templates or snapshots", _no_content(),
             params=[{"name": "template_id", "in": "path", "required": True,
                      "schema": {"type": "string"}}])},
@@ -341,6 +351,10 @@ def document() -> Schema:
                         body={"type": "object", "required": ["name"],
                               "properties": {"name": {"type": "string"}}}, errors=()),
         },
+        "/api-keys/{key_id}": {"delete": _op(
+            "revoke one of the team's keys (not the one calling)", _no_content(),
+            params=[{"name": "key_id", "in": "path", "required": True,
+                     "schema": {"type": "string"}}], errors=(400, 404))},
         "/volumes": {
             "post": _op("create a volume", {"201": {"description": "the volume and its token",
                                                     **_json(VOLUME)}},

@@ -133,6 +133,19 @@ def event_query(params: Any) -> tuple[int, int]:
     return int(raw_after), int(raw_limit)
 
 
+MAX_METRIC_IDS = 100
+
+
+def sandbox_ids(params: Any) -> list[str]:
+    """`sandbox_ids` of `GET /sandboxes/metrics`: comma-separated, 1..100 of them."""
+    ids = [i for i in (params.get("sandbox_ids") or "").split(",") if i]
+    if not 1 <= len(ids) <= MAX_METRIC_IDS:
+        raise InvalidArgument(
+            f"sandbox_ids must name 1..{MAX_METRIC_IDS} sandboxes, comma-separated"
+        )
+    return ids
+
+
 def time_range(params: Any) -> tuple[int | None, int | None]:
     """`start` and `end` of a metrics query: unix seconds, either one optional."""
     bounds: list[int | None] = []

@@ -77,10 +77,17 @@ async def list_keys(engine: AsyncEngine, team_id: str) -> list[Row]:
         return [dict(r) for r in (await conn.execute(query)).mappings()]
 
 
+async def delete_key(engine: AsyncEngine, team_id: str, key_id: str) -> bool:
+    """Revoke one of the team's keys: False if it has no such key."""
+    query = delete(api_keys).where(api_keys.c.team_id == team_id, api_keys.c.id == key_id)
+    async with engine.begin() as conn:
+        return bool((await conn.execute(query)).rowcount)
+
+
 async def team_for_key(engine: AsyncEngine, key: str) -> Row | None:
-    """The key's team, with `key_name` (who is calling, for events)."""
+    """The key's team, with `key_name` and `key_id` (who is calling, for events)."""
     query = (
-        select(teams, api_keys.c.name.label("key_name"))
+        select(teams, api_keys.c.name.label("key_name"), api_keys.c.id.label("key_id"))
         .join(api_keys, api_keys.c.team_id == teams.c.id)
         .where(api_keys.c.key_hash == keys.key_hash(key))
     )
@@ -376,6 +383,14 @@ async def get_build(engine: AsyncEngine, template_id: str, build_id: str) -> Row
                                           template_builds.c.template_id == template_id)  # fmt: skip
     async with engine.connect() as conn:
         return _row(await conn.execute(query))
+
+
+async def builds_of(engine: AsyncEngine, template_id: str, limit: int = 50) -> list[Row]:
+    """A template's builds, newest first."""
+    query = (select(template_builds).where(template_builds.c.template_id == template_id)
+             .order_by(template_builds.c.created_at.desc()).limit(limit))  # fmt: skip
+    async with engine.connect() as conn:
+        return [dict(r) for r in (await conn.execute(query)).mappings()]
 
 
 async def update_build(engine: AsyncEngine, build_id: str, **values: Any) -> None:

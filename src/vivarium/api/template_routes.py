@@ -15,6 +15,7 @@ from starlette.routing import Route
 from vivarium.api import shapes
 from vivarium.api.templates import MAX_LOG_PAGE, TemplateCatalog
 from vivarium.errors import InvalidArgument
+from vivarium.guest.envd import ENVD_VERSION
 from vivarium.httpjson import guarded, json_body
 
 Row = dict[str, Any]
@@ -40,6 +41,16 @@ def template_shape(row: Row, envd_version: str) -> Row:
             "lastSpawnedAt": None, "spawnCount": 0, "buildCount": 1,
             "envdVersion": envd_version,
             "buildStatus": "ready" if row["build_id"] else "building"}  # fmt: skip
+
+
+def build_shape(build: Row, template: Row) -> Row:
+    """A build in `TemplateWithBuilds`."""
+    finished = build["finished_at"]
+    return {"buildID": build["id"], "status": build["status"],
+            "createdAt": shapes.rfc3339(build["created_at"]),
+            "updatedAt": shapes.rfc3339(finished or build["created_at"]),
+            "finishedAt": shapes.rfc3339(finished) if finished else None,
+            "cpuCount": template["cpu_count"], "memoryMB": template["memory_mb"]}  # fmt: skip
 
 
 def routes(catalog: TemplateCatalog, authed: Authed) -> list[Route]:
@@ -129,6 +140,15 @@ def routes(catalog: TemplateCatalog, authed: Authed) -> list[Route]:
             ]
         )
 
+    async def template(request: Request, team: Row) -> Response:
+        # E2B's `TemplateWithBuilds`: the dashboard follows a build's status and logs with it.
+        row, builds = await catalog.with_builds(team, tid(request))
+        body = {
+            **template_shape(row, ENVD_VERSION),
+            "builds": [build_shape(b, row) for b in builds],
+        }
+        return JSONResponse(body)
+
     def tid(request: Request) -> str:
         return str(request.path_params["template_id"])
 
@@ -145,4 +165,5 @@ def routes(catalog: TemplateCatalog, authed: Authed) -> list[Route]:
         Route("/templates/tags", authed(assign_tags), methods=["POST"]),
         Route("/templates/tags", authed(remove_tags), methods=["DELETE"]),
         Route("/templates/{template_id}/tags", authed(tags), methods=["GET"]),
+        Route("/templates/{template_id}", authed(template), methods=["GET"]),
     ]

@@ -152,6 +152,10 @@ class TemplateCatalog:
             raise NotFound(f"template {template_id!r} was not found")
         return row
 
+    async def with_builds(self, team: Row, template_id: str) -> tuple[Row, list[Row]]:
+        row = await self.template(team, template_id)
+        return row, await store.builds_of(self.engine, row["id"])
+
     async def build(self, team: Row, template_id: str, build_id: str) -> tuple[Row, Row]:
         row = await self.template(team, template_id)
         build = await store.get_build(self.engine, row["id"], build_id)

@@ -335,9 +335,18 @@ def keys_list() -> None:
     """List your team's keys (names and prefixes; keys themselves are never stored)."""
     with _api() as api:
         rows = api.call("GET", "/api-keys")
-    click.echo(f"{'NAME':<24}{'PREFIX':<16}CREATED")
+    click.echo(f"{'ID':<38}{'NAME':<24}{'PREFIX':<16}CREATED")
     for r in rows:
-        click.echo(f"{r['name']:<24}{r['mask']['prefix'] + '...':<16}{r['createdAt']}")
+        click.echo(f"{r['id']:<38}{r['name']:<24}{r['mask']['prefix'] + '...':<16}{r['createdAt']}")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke one of your team's keys (its ID from `vivarium keys list`)."""
+    with _api() as api:
+        api.call("DELETE", f"/api-keys/{key_id}")
+    click.echo(f"revoked {key_id}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ HOSTNAME = "e2b.local"
 
 BASE_PACKAGES = (
     "python3", "python3-pip", "python3-venv", "curl", "git", "procps", "iproute2",
-    "ca-certificates", "sudo", "less", "nano", "wget", "unzip", "xz-utils", "locales",
+    "ca-certificates", "sudo", "less", "nano", "vim", "wget", "unzip", "xz-utils", "locales",
     "python-is-python3",
 )  # fmt: skip
 

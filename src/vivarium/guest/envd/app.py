@@ -13,6 +13,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -26,6 +27,9 @@ from .spawner import Spawner
 from .state import EnvdState
 
 OPEN_PATHS = ("/health", "/init")
+# What a browser's script may read of a response: Connect's status headers and downloads' names.
+EXPOSED = ["Grpc-Status", "Grpc-Message", "Connect-Content-Encoding", "Content-Disposition",
+           "Content-Length"]  # fmt: skip
 
 
 class AccessToken:
@@ -140,5 +144,10 @@ def create_app(state: EnvdState, spawner: Spawner | None = None) -> Starlette:
         yield
         spawner.close()
 
-    return Starlette(routes=routes, middleware=[Middleware(AccessToken, state=state)],
-                     lifespan=lifespan)  # fmt: skip
+    # Any origin, as E2B's envd: browsers (the dashboard, the JS client) call it from pages of
+    # their own, and it authenticates by header (X-Access-Token), never by cookie. Outside the
+    # token check, so that preflights and refusals carry the headers a browser needs to read them.
+    cors = Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"],
+                      allow_headers=["*"], expose_headers=EXPOSED, max_age=3600)  # fmt: skip
+    return Starlette(routes=routes, lifespan=lifespan,
+                     middleware=[cors, Middleware(AccessToken, state=state)])  # fmt: skip
