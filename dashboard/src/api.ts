@@ -111,7 +111,11 @@ async function request<T>(method: string, path: string, body?: unknown, key = sa
     } catch {
       // not JSON: the status text says enough
     }
-    if (res.status === 401) window.dispatchEvent(new CustomEvent("vivarium:signed-out", { detail: message }));
+    // Only a refusal of the key signed in now signs out: a late answer to a call made with a
+    // key since replaced (or none) says nothing about the current one.
+    if (res.status === 401 && key && key === savedKey()) {
+      window.dispatchEvent(new CustomEvent("vivarium:signed-out", { detail: message }));
+    }
     throw new ApiError(res.status, message);
   }
   if (res.status === 204) return undefined as T;

@@ -44,7 +44,13 @@ function render(): void {
     return;
   }
   const [pattern, view, section] = route;
-  const param = decodeURIComponent(location.hash.match(pattern)?.[1] ?? "");
+  let param: string;
+  try {
+    param = decodeURIComponent(location.hash.match(pattern)?.[1] ?? "");
+  } catch {
+    location.hash = "#/sandboxes"; // a hand-edited, malformed address
+    return;
+  }
   const main = h("main");
   const link = (name: string, title: string) =>
     h("a", { href: `#/${name}`, class: name === section ? "active" : "" }, title);

@@ -19,6 +19,12 @@ export function openShell(el: HTMLElement, envd: Envd, onEnd: (reason: { exited:
     fontFamily: "ui-monospace, Menlo, Consolas, monospace",
     theme: { background: "#000000" },
     scrollback: 5000,
+    // Links printed by the sandbox (OSC 8) open only if they are web addresses, in a new tab.
+    linkHandler: {
+      activate: (_event, uri) => {
+        if (/^https?:\/\//i.test(uri)) window.open(uri, "_blank", "noopener,noreferrer");
+      },
+    },
   });
   const fit = new FitAddon();
   term.loadAddon(fit);

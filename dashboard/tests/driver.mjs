@@ -10,6 +10,7 @@
 //   {"cmd": "terminal_wait", "text", "timeout"?}  (waits for text in the xterm screen)
 //   {"cmd": "screenshot", "path"}           {"cmd": "dialogs", "accept"}
 //   {"cmd": "viewport", "width", "height"}  {"cmd": "select", "selector", "value"}
+//   {"cmd": "download", "selector", "path"} -> the file's suggested name, saved at path
 //   {"cmd": "requests"}  -> URLs the page asked for (hosts checked by the test)
 import { createInterface } from "node:readline";
 import { chromium } from "playwright-core";
@@ -50,11 +51,19 @@ const commands = {
     for (;;) {
       const shown = await screenText();
       if (shown.includes(text)) return shown;
-      if (Date.now() > deadline) throw new Error(`the terminal never showed ${JSON.stringify(text)}; it shows:\n${shown}`);
+      if (Date.now() > deadline) {
+        const status = await page.locator("[data-test=terminal-status]").innerText().catch(() => "(no status)");
+        throw new Error(`the terminal never showed ${JSON.stringify(text)}; status: ${status}; console: ${consoleErrors.join(" | ")}; it shows:\n${shown}`);
+      }
       await page.waitForTimeout(100);
     }
   },
   screenshot: async ({ path }) => { await page.screenshot({ path }); },
+  download: async ({ selector, path }) => {
+    const [download] = await Promise.all([page.waitForEvent("download"), page.locator(selector).first().click()]);
+    await download.saveAs(path);
+    return download.suggestedFilename();
+  },
   viewport: async ({ width, height }) => { await page.setViewportSize({ width, height }); },
   select: async ({ selector, value }) => { await page.locator(selector).first().selectOption(value); },
   dialogs: async ({ accept }) => { acceptDialogs = accept; },
@@ -74,7 +83,10 @@ for await (const line of lines) {
     const value = await handler(command);
     process.stdout.write(JSON.stringify({ ok: true, value: value ?? null }) + "\n");
   } catch (error) {
-    process.stdout.write(JSON.stringify({ ok: false, error: String(error?.message ?? error) }) + "\n");
+    // What the page showed, for the failure's message.
+    const shown = await page.locator("body").innerText({ timeout: 1000 }).catch(() => "(unreadable)");
+    const detail = `\npage ${page.url()} shows:\n${shown.slice(0, 1500)}\nconsole errors: ${consoleErrors.join(" | ")}`;
+    process.stdout.write(JSON.stringify({ ok: false, error: String(error?.message ?? error) + detail }) + "\n");
   }
 }
 await browser.close();

@@ -164,7 +164,8 @@ async def _listen(
             break
         await asyncio.sleep(0.05)
     if all(s.started for s in servers):
-        log.info("vivarium ready: api %s://%s:%d, sandbox proxy %s://%s:%d, node socket %s",
-                 settings.scheme, settings.api_host, settings.api_port, settings.scheme,
-                 settings.proxy_host, settings.proxy_port, settings.node_socket)  # fmt: skip
+        api = f"{settings.scheme}://{settings.api_host}:{settings.api_port}"
+        log.info("vivarium ready: api %s, sandbox proxy %s://%s:%d, node socket %s, "
+                 "dashboard %s/dashboard/", api, settings.scheme, settings.proxy_host,
+                 settings.proxy_port, settings.node_socket, api)  # fmt: skip
     await asyncio.gather(*tasks)

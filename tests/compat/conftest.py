@@ -67,7 +67,7 @@ def compat(internet: dict[str, str]) -> Iterator[Compat]:
                       warm_pool="base=2,code-interpreter-v1=1", team_max_volumes="6",
                       volume_size_mb="64", webhook_secret=WEBHOOK_SECRET,
                       registry_mirror=REGISTRY, registry_insecure=REGISTRY,
-                      build_step_timeout="20", build_disk_mb="300",
+                      build_step_timeout="15", build_disk_mb="300",
                       build_ca_file=internet["egress_ca_file"],
                       **internet,
                       webhook_url=f"http://127.0.0.1:{WEBHOOK_PORT}/events")  # fmt: skip

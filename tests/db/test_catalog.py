@@ -54,6 +54,20 @@ async def test_keys_are_stored_hashed_and_resolve_their_team(engine: AsyncEngine
     assert [k["name"] for k in await store.list_keys(engine, team["id"])] == ["teacher"]
 
 
+async def test_two_keys_revoking_each_other_at_once_leave_the_team_one(engine: AsyncEngine) -> None:
+    team = await store.create_team(engine, "pair", 3)
+    other = await store.create_team(engine, "stranger", 3)
+    _, a = await store.create_key(engine, team["id"], "a")
+    _, b = await store.create_key(engine, team["id"], "b")
+    _, theirs = await store.create_key(engine, other["id"], "theirs")
+    assert await store.delete_key(engine, team["id"], theirs["id"]) is False  # not its key
+    outcomes = await asyncio.gather(store.delete_key(engine, team["id"], a["id"]),
+                                    store.delete_key(engine, team["id"], b["id"]))  # fmt: skip
+    assert sorted(outcomes, key=str) == [None, True]  # one revoked, the last one kept
+    assert len(await store.list_keys(engine, team["id"])) == 1
+    assert len(await store.list_keys(engine, other["id"])) == 1
+
+
 async def test_concurrent_reservations_never_exceed_the_team_limit(engine: AsyncEngine) -> None:
     team = await store.create_team(engine, "busy", 5)
     other = await store.create_team(engine, "other", 5)

@@ -3,8 +3,23 @@
 import { ApiError } from "../api";
 import { h, notice } from "../ui";
 
+// Subjects (a sandbox id, say) with an action under way: lists redrawn meanwhile draw their
+// buttons disabled, so a second click cannot send a second pause or kill.
+const busy = new Set<string>();
+
+export function isBusy(subject: string): boolean {
+  return busy.has(subject);
+}
+
 /** Runs `action` with its button disabled; a failure is shown in `messages`. */
-export async function act(button: HTMLButtonElement, messages: HTMLElement, action: () => Promise<unknown>): Promise<boolean> {
+export async function act(
+  button: HTMLButtonElement,
+  messages: HTMLElement,
+  action: () => Promise<unknown>,
+  subject = "",
+): Promise<boolean> {
+  if (subject && busy.has(subject)) return false;
+  if (subject) busy.add(subject);
   button.disabled = true;
   messages.replaceChildren();
   try {
@@ -15,6 +30,7 @@ export async function act(button: HTMLButtonElement, messages: HTMLElement, acti
     messages.replaceChildren(notice(text));
     return false;
   } finally {
+    if (subject) busy.delete(subject);
     button.disabled = false;
   }
 }

@@ -56,8 +56,18 @@ export function filesPanel(el: HTMLElement, envd: Envd): () => void {
   }
 
   async function downloadFile(entry: Entry): Promise<void> {
-    // A signed link: the browser saves it to disk as it arrives.
-    const link = h("a", { href: await envd.fileUrl(entry.path, "read"), download: entry.name });
+    // A signed link: the browser saves it to disk as it arrives. Asked once first (and the
+    // answer dropped unread), so that an error is shown here instead of replacing the page.
+    const url = await envd.fileUrl(entry.path, "read");
+    try {
+      const check = await fetch(url);
+      await check.body?.cancel();
+      if (!check.ok) throw new Error(`HTTP ${check.status}`);
+    } catch (error) {
+      fill(messages, notice(`${entry.path} cannot be downloaded: ${(error as Error).message}`));
+      return;
+    }
+    const link = h("a", { href: url, download: entry.name });
     document.body.append(link);
     link.click();
     link.remove();

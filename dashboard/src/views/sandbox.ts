@@ -5,7 +5,7 @@ import { Chart, SERIES } from "../charts";
 import { Envd } from "../envd";
 import { openShell, type Shell } from "../terminal";
 import { duration, fill, h, notice, until } from "../ui";
-import { act, badge, DEFAULT_TIMEOUT_S, EXTEND_S } from "./common";
+import { act, badge, DEFAULT_TIMEOUT_S, EXTEND_S, isBusy } from "./common";
 import { filesPanel } from "./files";
 
 const REFRESH_MS = 5000;
@@ -58,8 +58,8 @@ export function sandboxView(main: HTMLElement, id: string): () => void {
     const left = s.state === "running" ? `, ${duration(until(s.endAt))} left` : "";
     fill(title, h("h1", {}, s.sandboxID, " ", badge(s.state)), h("p", { class: "muted" }, `${s.alias || s.templateID}, ${s.cpuCount} vCPU, ${s.memoryMB} MiB${left}`));
     const button = (label: string, action: () => Promise<unknown>, cls = "") => {
-      const b: HTMLButtonElement = h("button", { class: cls, "data-action": label.toLowerCase() }, label);
-      b.onclick = () => void act(b, messages, action).then(async () => {
+      const b: HTMLButtonElement = h("button", { class: cls, "data-action": label.toLowerCase(), disabled: isBusy(id) }, label);
+      b.onclick = () => void act(b, messages, action, id).then(async () => {
         const before = s.state;
         const now = await load();
         if (now && now.state !== before) show(tab); // a terminal for a resumed sandbox, say

@@ -2,7 +2,7 @@
 
 import { api, type Metric, type Sandbox, sandboxes } from "../api";
 import { bytes, duration, fill, h, since, until } from "../ui";
-import { act, badge, DEFAULT_TIMEOUT_S, EXTEND_S, empty } from "./common";
+import { act, badge, DEFAULT_TIMEOUT_S, EXTEND_S, empty, isBusy } from "./common";
 
 const REFRESH_MS = 3000;
 
@@ -26,26 +26,28 @@ export function sandboxesView(main: HTMLElement): () => void {
 
   let stopped = false;
   let timer = 0;
+  let generation = 0; // only the newest refresh draws: an older, slower one is dropped
   async function refresh(): Promise<void> {
     clearTimeout(timer);
+    const mine = ++generation;
     try {
       const list = await sandboxes(state.value.split(","), metadata.value.trim());
       list.sort((a, b) => Date.parse(b.startedAt) - Date.parse(a.startedAt));
       const running = list.filter((s) => s.state === "running").map((s) => s.sandboxID).slice(0, 100);
       const metrics = running.length ? (await api.latestMetrics(running)).sandboxes : {};
-      if (stopped) return;
+      if (stopped || mine !== generation) return;
       fill(rows, list.length ? list.map((s) => row(s, metrics[s.sandboxID])) : empty(headings.length, "No sandboxes."));
     } catch (error) {
       if (!stopped) fill(messages, h("div", { class: "notice error", role: "alert" }, String((error as Error).message)));
     }
-    if (!stopped) timer = window.setTimeout(() => void refresh(), REFRESH_MS);
+    if (!stopped && mine === generation) timer = window.setTimeout(() => void refresh(), REFRESH_MS);
   }
 
   function row(s: Sandbox, m: Metric | undefined): HTMLTableRowElement {
     const id = s.sandboxID;
     const button = (label: string, action: () => Promise<unknown>, cls = "") => {
-      const b: HTMLButtonElement = h("button", { class: cls, "data-action": label.toLowerCase() }, label);
-      b.onclick = () => void act(b, messages, action).then(refresh);
+      const b: HTMLButtonElement = h("button", { class: cls, "data-action": label.toLowerCase(), disabled: isBusy(id) }, label);
+      b.onclick = () => void act(b, messages, action, id).then(refresh);
       return b;
     };
     const meta = Object.entries(s.metadata ?? {}).map(([k, v]) => h("span", { class: "chip" }, `${k}=${v}`));

@@ -63,8 +63,10 @@ export function templateView(main: HTMLElement, id: string): () => void {
   }
 
   async function readLog(): Promise<void> {
+    const build = selected;
     for (;;) {
-      const page = await api.buildStatus(id, selected, shown);
+      const page = await api.buildStatus(id, build, shown);
+      if (build !== selected) return; // another build was picked meanwhile
       log.textContent += page.logEntries.map((e) => `${e.timestamp}  ${e.message}\n`).join("");
       shown += page.logEntries.length;
       fill(status, badge(page.status), page.reason ? notice(`The build failed${page.reason.step ? ` at step ${page.reason.step}` : ""}: ${page.reason.message}`) : null);

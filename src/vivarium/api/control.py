@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 Row = dict[str, Any]
 DISK_MB = 0  # the root filesystem lives in the sandbox's memory (overlay), not on a disk
 MIN_REFRESH_S = 15
-LATEST_WINDOW_S = 60  # how old a sample `latest_metrics` still calls current
 T = TypeVar("T")
 MAX_FORKS = 20  # children of one fork, as E2B's client allows
 
@@ -583,16 +582,13 @@ class ControlPlane:
 
     async def latest_metrics(self, team: Row, sandbox_ids: list[str]) -> dict[str, dict[str, Any]]:
         """The newest sample of each of the team's running sandboxes among `sandbox_ids`
-        (others' and unknown ids are left out, as in a list)."""
+        (others' and unknown ids are left out, as in a list; so are ones not sampled yet)."""
         wanted = set(sandbox_ids)
-        running = [
-            r["id"] for r in await self.list_sandboxes(team, ["running"]) if r["id"] in wanted
-        ]
         latest = {}
-        for sandbox_id in running:
-            samples = await self.node.metrics(sandbox_id, time.time() - LATEST_WINDOW_S, None)
-            if samples:
-                latest[sandbox_id] = samples[-1].to_json()
+        for row in await self.list_sandboxes(team, ["running"]):
+            sample = self.node.latest_sample(row["id"]) if row["id"] in wanted else None
+            if sample is not None:
+                latest[row["id"]] = sample.to_json()
         return latest
 
     async def logs(self, team: Row, sandbox_id: str) -> list[tuple[float, str]]:
@@ -645,7 +641,10 @@ class ControlPlane:
             raise InvalidArgument(
                 "a key cannot revoke itself", "sign in with another key of the team to revoke it"
             )
-        if not await store.delete_key(self.engine, team["id"], key_id):
+        deleted = await store.delete_key(self.engine, team["id"], key_id)
+        if deleted is None:
+            raise InvalidArgument("a team keeps at least one key", "create another key first")
+        if not deleted:
             raise NotFound(f"API key {key_id!r} not found")
 
 

@@ -77,11 +77,19 @@ async def list_keys(engine: AsyncEngine, team_id: str) -> list[Row]:
         return [dict(r) for r in (await conn.execute(query)).mappings()]
 
 
-async def delete_key(engine: AsyncEngine, team_id: str, key_id: str) -> bool:
-    """Revoke one of the team's keys: False if it has no such key."""
-    query = delete(api_keys).where(api_keys.c.team_id == team_id, api_keys.c.id == key_id)
+async def delete_key(engine: AsyncEngine, team_id: str, key_id: str) -> bool | None:
+    """Revoke one of the team's keys: False if it has no such key, None if it is the team's
+    last (under the team's lock, so two keys revoking each other at once cannot both go)."""
     async with engine.begin() as conn:
-        return bool((await conn.execute(query)).rowcount)
+        await conn.execute(select(teams.c.id).where(teams.c.id == team_id).with_for_update())
+        count = select(func.count()).select_from(api_keys).where(api_keys.c.team_id == team_id)
+        exists = select(api_keys.c.id).where(api_keys.c.team_id == team_id, api_keys.c.id == key_id)
+        if (await conn.execute(exists)).first() is None:
+            return False
+        if int((await conn.execute(count)).scalar_one()) <= 1:
+            return None
+        await conn.execute(delete(api_keys).where(api_keys.c.id == key_id))
+        return True
 
 
 async def team_for_key(engine: AsyncEngine, key: str) -> Row | None:

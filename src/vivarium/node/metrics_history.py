@@ -92,12 +92,14 @@ class MetricsHistory:
             self._killed[sandbox_id] = time.time() if now is None else now
 
     def now(self, record: SandboxRecord) -> Sample | None:
-        """A sample taken now (blocking), kept with the others."""
+        """A sample taken now (blocking) for one answer, not kept: a page polling for current
+        figures would otherwise crowd the history out of its MAX_SAMPLES."""
         series = self._series.setdefault(record.sandbox_id, _Series())
-        taken = _read(record, series, time.time(), self._directory_of(record.container_id))
-        if taken is not None:
-            series.samples.append(taken)
-        return taken
+        return _read(record, series, time.time(), self._directory_of(record.container_id))
+
+    def latest(self, sandbox_id: str) -> Sample | None:
+        series = self._series.get(sandbox_id)
+        return series.samples[-1] if series and series.samples else None
 
     def between(self, sandbox_id: str, start: float | None, end: float | None) -> list[Sample]:
         series = self._series.get(sandbox_id)

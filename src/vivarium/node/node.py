@@ -746,6 +746,10 @@ class Node:
             samples = [*samples, taken] if taken else samples
         return samples
 
+    def latest_sample(self, sandbox_id: str) -> Sample | None:
+        """The newest periodic sample, read from memory: cheap enough for a list of many."""
+        return self.history.latest(sandbox_id)
+
     def record_event(self, record: SandboxRecord, reason: str) -> None:
         log.warning("sandbox %s ended: %s", record.sandbox_id, reason)
         self.events.append({"sandbox_id": record.sandbox_id, "template": record.template,

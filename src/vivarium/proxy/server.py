@@ -284,7 +284,10 @@ class SandboxProxy:
         if payload is None:
             payload = {"status": "ok"} if message is None else {"code": status, "message": message}
         body = json.dumps(payload).encode()
-        headers = [(b"Content-Type", b"application/json"), (b"Content-Length", b"%d" % len(body))]
+        # Readable by pages of any origin, as envd's own answers are (a browser client learns
+        # that a sandbox is paused, not that the network failed); they hold no secret.
+        headers = [(b"Content-Type", b"application/json"), (b"Content-Length", b"%d" % len(body)),
+                   (b"Access-Control-Allow-Origin", b"*")]  # fmt: skip
         if request is None:
             headers.append((b"Connection", b"close"))
         conn = client.h11

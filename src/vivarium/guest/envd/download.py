@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import urllib.parse
 import zlib
 from collections.abc import AsyncIterator
 
@@ -109,7 +110,13 @@ async def get(request: Request, state: EnvdState) -> Response:
         return exc.response()
     except ConnectError as exc:
         return from_connect(exc).response()
-    headers = {"Vary": "Accept-Encoding"}
+    # attachment: a browser that follows a download link (download_url(), the dashboard) saves
+    # the file instead of showing it.
+    name = urllib.parse.quote(os.path.basename(path) or "download")
+    headers = {
+        "Vary": "Accept-Encoding",
+        "Content-Disposition": f"attachment; filename*=UTF-8''{name}",
+    }
     size: int | None = None
     if gzip:
         headers["Content-Encoding"] = "gzip"
