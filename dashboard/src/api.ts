@@ -95,7 +95,8 @@ export async function signIn(key: string): Promise<void> {
   sessionStorage.setItem(KEY, key);
 }
 
-async function request<T>(method: string, path: string, body?: unknown, key = savedKey()): Promise<T> {
+/** One API call: its response, or ApiError with the API's message. */
+async function send(method: string, path: string, body?: unknown, key = savedKey()): Promise<Response> {
   const headers: Record<string, string> = { "X-API-Key": key ?? "" };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let res: Response;
@@ -118,8 +119,12 @@ async function request<T>(method: string, path: string, body?: unknown, key = sa
     }
     throw new ApiError(res.status, message);
   }
-  if (res.status === 204) return undefined as T;
-  return (await res.json()) as T;
+  return res;
+}
+
+async function request<T>(method: string, path: string, body?: unknown, key = savedKey()): Promise<T> {
+  const res = await send(method, path, body, key);
+  return res.status === 204 ? (undefined as T) : ((await res.json()) as T);
 }
 
 export async function sandboxes(states: string[], metadata: string): Promise<Sandbox[]> {
@@ -129,9 +134,7 @@ export async function sandboxes(states: string[], metadata: string): Promise<San
     const query = new URLSearchParams({ state: states.join(","), limit: "100" });
     if (metadata) query.set("metadata", metadata);
     if (token) query.set("nextToken", token);
-    const key = savedKey() ?? "";
-    const res = await fetch(`/v2/sandboxes?${query}`, { headers: { "X-API-Key": key } });
-    if (!res.ok) return request<Sandbox[]>("GET", `/v2/sandboxes?${query}`); // throws the API's error
+    const res = await send("GET", `/v2/sandboxes?${query}`);
     all.push(...((await res.json()) as Sandbox[]));
     token = res.headers.get("x-next-token") ?? "";
     if (!token) break;

@@ -49,12 +49,16 @@ def browser(chromium: Browser, compat: Compat) -> Iterator[Browser]:
     assert not refused, refused
 
 
-def _sign_in(b: Browser, compat: Compat, key: str, hash_: str = "#/sandboxes") -> None:
+def _submit_key(b: Browser, compat: Compat, key: str, hash_: str) -> None:
     b("goto", url=f"{compat.api_url}/dashboard/{hash_}")
     if b("count", selector="text=Sign out"):
         b("click", selector="text=Sign out")
     b("fill", selector="input[name=key]", value=key)
     b("press", key="Enter")
+
+
+def _sign_in(b: Browser, compat: Compat, key: str, hash_: str = "#/sandboxes") -> None:
+    _submit_key(b, compat, key, hash_)
     b("wait_text", selector="header", text="Sign out")
 
 
@@ -93,11 +97,7 @@ def test_the_dashboard_is_served_with_a_policy_and_envd_answers_browsers(compat:
 
 
 def test_a_wrong_key_is_refused_and_shows_nothing(compat: Compat, browser: Browser) -> None:
-    browser("goto", url=f"{compat.api_url}/dashboard/#/sandboxes")
-    if browser("count", selector="text=Sign out"):
-        browser("click", selector="text=Sign out")
-    browser("fill", selector="input[name=key]", value="e2b_" + "0" * 40)
-    browser("press", key="Enter")
+    _submit_key(browser, compat, "e2b_" + "0" * 40, "#/sandboxes")
     message = browser("wait_text", selector="[role=alert]", text="refused")
     assert "vivarium keys create" in message
     assert browser("count", selector="table") == 0 and browser("count", selector="header") == 0
@@ -125,18 +125,14 @@ def test_sign_in_terminal_files_and_lifecycle_buttons(compat: Compat, browser: B
 
         # The terminal: a login shell of the sandbox's user, in a PTY.
         browser("terminal_wait", text="$", timeout=30000)
-        browser("type", text="echo hello | tee /home/user/from-terminal.txt")
-        browser("press", key="Enter")
+        _enter(browser, "echo hello | tee /home/user/from-terminal.txt")
         assert "\nhello" in browser("terminal_wait", text="\nhello")
-        browser("type", text="python3")
-        browser("press", key="Enter")
+        _enter(browser, "python3")
         browser("terminal_wait", text=">>> ")
-        browser("type", text="print(6 * 7)")
-        browser("press", key="Enter")
+        _enter(browser, "print(6 * 7)")
         browser("terminal_wait", text="\n42")
         browser.screenshot("terminal")
-        browser("type", text="exit()")
-        browser("press", key="Enter")
+        _enter(browser, "exit()")
         assert sandbox.files.read("/home/user/from-terminal.txt") == "hello\n"
         _full_screen_programs_and_resize(browser, sandbox)
 
@@ -323,19 +319,16 @@ def test_latest_metrics_of_many_sandboxes(compat: Compat) -> None:
 
 def _full_screen_programs_and_resize(browser: Browser, sandbox: Sandbox) -> None:
     """top and vim draw and quit; a narrower window is a narrower PTY."""
-    browser("type", text="top -d 1")
-    browser("press", key="Enter")
+    _enter(browser, "top -d 1")
     browser("terminal_wait", text="load average")
     browser("type", text="q")
     # Keys typed before top has quit would be flushed with its input: wait for the shell.
     _until(lambda: "load average" not in browser("text", selector=".xterm-rows"))
-    browser("type", text="vim /home/user/from-vim.txt")
-    browser("press", key="Enter")
+    _enter(browser, "vim /home/user/from-vim.txt")
     browser("terminal_wait", text='from-vim.txt" [New]')
     browser("type", text="iwritten in vim")
     browser("press", key="Escape")
-    browser("type", text=":wq")
-    browser("press", key="Enter")
+    _enter(browser, ":wq")
     _until(lambda: sandbox.files.exists("/home/user/from-vim.txt")
            and sandbox.files.read("/home/user/from-vim.txt") == "written in vim\n")  # fmt: skip
     wide = _columns(browser, "wide")
@@ -348,8 +341,7 @@ def _full_screen_programs_and_resize(browser: Browser, sandbox: Sandbox) -> None
 
 def _columns(browser: Browser, mark: str) -> int:
     """The PTY's width, as `tput cols` in the shell says it."""
-    browser("type", text=f"echo {mark}-cols=$(tput cols)")
-    browser("press", key="Enter")
+    _enter(browser, f"echo {mark}-cols=$(tput cols)")
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         found = re.findall(rf"{mark}-cols=(\d+)", browser("text", selector=".xterm-rows"))
@@ -357,6 +349,12 @@ def _columns(browser: Browser, mark: str) -> int:
             return int(found[-1])
         time.sleep(0.1)
     raise AssertionError(f"tput cols printed nothing: {browser('text', selector='.xterm-rows')}")
+
+
+def _enter(browser: Browser, line: str) -> None:
+    """Types a line into the terminal, as a user would."""
+    browser("type", text=line)
+    browser("press", key="Enter")
 
 
 def _state(sandbox_id: str) -> str:

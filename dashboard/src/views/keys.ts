@@ -2,7 +2,7 @@
 
 import { api } from "../api";
 import { fill, h, notice } from "../ui";
-import { act, empty } from "./common";
+import { act, actionButton, empty } from "./common";
 
 export function keysView(main: HTMLElement): void {
   const rows = h("tbody");
@@ -23,10 +23,8 @@ export function keysView(main: HTMLElement): void {
     try {
       const list = await api.keys();
       fill(rows, list.length ? list.map((k) => {
-        const revoke: HTMLButtonElement = h("button", { class: "danger" }, "Revoke");
-        revoke.onclick = () => {
-          if (confirm(`Revoke the key "${k.name}"? Programs using it are refused from now on.`)) void act(revoke, messages, () => api.revokeKey(k.id)).then(refresh);
-        };
+        const revoke = actionButton("Revoke", messages, () => api.revokeKey(k.id), refresh,
+          { danger: true, question: `Revoke the key "${k.name}"? Programs using it are refused from now on.` });
         return h("tr", { "data-key": k.name },
           h("td", {}, k.name), h("td", {}, h("code", {}, `${k.mask.prefix}…`)),
           h("td", {}, new Date(k.createdAt).toLocaleString()),

@@ -5,7 +5,7 @@ import { Chart, SERIES } from "../charts";
 import { Envd } from "../envd";
 import { openShell, type Shell } from "../terminal";
 import { duration, fill, h, notice, until } from "../ui";
-import { act, badge, DEFAULT_TIMEOUT_S, EXTEND_S, isBusy } from "./common";
+import { badge, lifecycleButtons } from "./common";
 import { filesPanel } from "./files";
 
 const REFRESH_MS = 5000;
@@ -57,21 +57,10 @@ export function sandboxView(main: HTMLElement, id: string): () => void {
   function header(s: Sandbox): void {
     const left = s.state === "running" ? `, ${duration(until(s.endAt))} left` : "";
     fill(title, h("h1", {}, s.sandboxID, " ", badge(s.state)), h("p", { class: "muted" }, `${s.alias || s.templateID}, ${s.cpuCount} vCPU, ${s.memoryMB} MiB${left}`));
-    const button = (label: string, action: () => Promise<unknown>, cls = "") => {
-      const b: HTMLButtonElement = h("button", { class: cls, "data-action": label.toLowerCase(), disabled: isBusy(id) }, label);
-      b.onclick = () => void act(b, messages, action, id).then(async () => {
-        const before = s.state;
-        const now = await load();
-        if (now && now.state !== before) show(tab); // a terminal for a resumed sandbox, say
-      });
-      return b;
-    };
-    fill(actions,
-      s.state === "running" ? button("Pause", () => api.pause(id)) : button("Resume", () => api.resume(id, DEFAULT_TIMEOUT_S)),
-      s.state === "running" ? button(`+${EXTEND_S / 60} min`, () => api.setTimeout(id, (Math.max(0, until(s.endAt)) + EXTEND_S) | 0)) : null,
-      button("Kill", async () => {
-        if (confirm(`Kill ${id}? Its memory and files are lost.`)) await api.kill(id);
-      }, "danger"));
+    fill(actions, lifecycleButtons(s, messages, async () => {
+      const now = await load();
+      if (now && now.state !== s.state) show(tab); // a terminal for a resumed sandbox, say
+    }));
   }
 
   function show(next: Tab): void {

@@ -2,7 +2,7 @@
 
 import { api, type Metric, type Sandbox, sandboxes } from "../api";
 import { bytes, duration, fill, h, since, until } from "../ui";
-import { act, badge, DEFAULT_TIMEOUT_S, EXTEND_S, empty, isBusy } from "./common";
+import { act, badge, DEFAULT_TIMEOUT_S, empty, lifecycleButtons } from "./common";
 
 const REFRESH_MS = 3000;
 
@@ -45,11 +45,6 @@ export function sandboxesView(main: HTMLElement): () => void {
 
   function row(s: Sandbox, m: Metric | undefined): HTMLTableRowElement {
     const id = s.sandboxID;
-    const button = (label: string, action: () => Promise<unknown>, cls = "") => {
-      const b: HTMLButtonElement = h("button", { class: cls, "data-action": label.toLowerCase(), disabled: isBusy(id) }, label);
-      b.onclick = () => void act(b, messages, action, id).then(refresh);
-      return b;
-    };
     const meta = Object.entries(s.metadata ?? {}).map(([k, v]) => h("span", { class: "chip" }, `${k}=${v}`));
     return h("tr", { "data-sandbox": id },
       h("td", {}, h("a", { href: `#/sandboxes/${encodeURIComponent(id)}` }, id)),
@@ -60,12 +55,7 @@ export function sandboxesView(main: HTMLElement): () => void {
       h("td", {}, s.state === "running" ? duration(until(s.endAt)) : "—"),
       h("td", {}, m ? `${m.cpuUsedPct.toFixed(1)} % of ${m.cpuCount}` : "—"),
       h("td", {}, m ? `${bytes(m.memUsed)} / ${bytes(m.memTotal)}` : "—"),
-      h("td", { class: "actions" },
-        s.state === "running" ? button("Pause", () => api.pause(id)) : button("Resume", () => api.resume(id, DEFAULT_TIMEOUT_S)),
-        s.state === "running" ? button(`+${EXTEND_S / 60} min`, () => api.setTimeout(id, Math.max(0, until(s.endAt)) + EXTEND_S | 0)) : null,
-        button("Kill", async () => {
-          if (confirm(`Kill ${id}? Its memory and files are lost.`)) await api.kill(id);
-        }, "danger")));
+      h("td", { class: "actions" }, lifecycleButtons(s, messages, refresh)));
   }
 
   async function createOne(): Promise<void> {

@@ -2,7 +2,7 @@
 
 import { api } from "../api";
 import { fill, h } from "../ui";
-import { act, empty } from "./common";
+import { actionButton, empty } from "./common";
 
 export function snapshotsView(main: HTMLElement): void {
   const rows = h("tbody");
@@ -15,10 +15,8 @@ export function snapshotsView(main: HTMLElement): void {
     try {
       const list = await api.snapshots();
       fill(rows, list.length ? list.map((s) => {
-        const remove: HTMLButtonElement = h("button", { class: "danger" }, "Delete");
-        remove.onclick = () => {
-          if (confirm(`Delete snapshot ${s.snapshotID}?`)) void act(remove, messages, () => api.deleteSnapshot(s.snapshotID)).then(refresh);
-        };
+        const remove = actionButton("Delete", messages, () => api.deleteSnapshot(s.snapshotID), refresh,
+          { danger: true, question: `Delete snapshot ${s.snapshotID}?` });
         return h("tr", { "data-snapshot": s.snapshotID }, h("td", {}, s.snapshotID), h("td", {}, s.names.join(", ")), h("td", { class: "actions" }, remove));
       }) : empty(3, "No snapshots."));
     } catch (error) {
