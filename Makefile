@@ -24,8 +24,10 @@ run: template dashboard
 	@echo "dashboard: http://127.0.0.1:$${VIVARIUM_API_PORT:-3000}/dashboard/ (sign in with the key in $${VIVARIUM_STATE_DIR:-/var/lib/vivarium}/admin.key)"
 	$(BIN)/vivarium serve
 
+# The suite in two pytest processes side by side (scripts/test-suite); `$(BIN)/pytest tests`
+# runs the same tests one after another.
 test: template lint old-clients dashboard browser
-	$(BIN)/pytest tests
+	PYTEST=$(BIN)/pytest scripts/test-suite
 
 bench: template
 	$(BIN)/python bench/run.py

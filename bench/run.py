@@ -48,6 +48,7 @@ from vivarium.config import Settings
 from vivarium.network.addressing import Slot, SlotRange
 from vivarium.network.firewall import HostFirewall
 from vivarium.network.pool import SlotPool, create_slot, destroy_slot, reset_sandbox_side
+from vivarium.node.chunks import ChunkStore
 from vivarium.node.client import NodeClient, NodeError
 from vivarium.node.snapshots import CHUNKS, SnapshotStore, named_chunks
 from vivarium.runtime import disk
@@ -944,23 +945,10 @@ def measure_pause(fleet: Fleet, figures: NodeFigures) -> None:
                 log(f"could not kill {sandbox_id} through the API: {exc}")
 
 
-def measure_storage(fleet: Fleet, server: Server, figures: NodeFigures) -> None:
-    """With deduplicated snapshots (the server restarted with VIVARIUM_SNAPSHOT_DEDUP=1, and
-    back without it after): STORAGE_SANDBOXES sandboxes, each writing STORAGE_OWN_MIB of random
-    bytes and paused; then the bytes on disk of every chunk their manifests name (each counted
-    once), which is what storing them takes, whatever else the store holds."""
-    server.stop()
-    server.env["VIVARIUM_SNAPSHOT_DEDUP"] = "1"
-    server.start()
-    try:
-        _paused_storage(fleet, figures)
-    finally:
-        server.stop()
-        del server.env["VIVARIUM_SNAPSHOT_DEDUP"]
-        server.start()
-
-
-def _paused_storage(fleet: Fleet, figures: NodeFigures) -> None:
+def measure_storage(fleet: Fleet, figures: NodeFigures) -> None:
+    """STORAGE_SANDBOXES sandboxes, each writing STORAGE_OWN_MIB of random bytes and paused;
+    then the bytes on disk of every chunk their manifests name (index blocks included, each
+    counted once) plus the manifests: what storing them takes, whatever else the store holds."""
     snapshots = fleet.socket.parent / "snapshots"
     own = f"head -c {STORAGE_OWN_MIB << 20} /dev/urandom > /home/user/own.bin"
 
@@ -987,7 +975,7 @@ def _paused_storage(fleet: Fleet, figures: NodeFigures) -> None:
             manifest = json.loads((snapshots / sandbox_id / "manifest.json").read_text())
             if "files" not in manifest:
                 raise RuntimeError(f"the snapshot of {sandbox_id} is not kept as chunks")
-            named |= named_chunks(manifest)
+            named_chunks(manifest, ChunkStore(snapshots / CHUNKS), into=named)
             figures.storage_bytes += (snapshots / sandbox_id / "manifest.json").stat().st_size
         chunks = snapshots / "chunks"
         figures.storage_bytes += sum((chunks / d[:2] / d).stat().st_size for d in named)
@@ -1237,7 +1225,7 @@ def measure_node(fleet: Fleet, server: Server) -> NodeFigures:
         fleet.settle()
         log(f"node: {STORAGE_SANDBOXES} sandboxes paused with {STORAGE_OWN_MIB} MiB of their "
             "own each")  # fmt: skip
-        measure_storage(fleet, server, figures)
+        measure_storage(fleet, figures)
         fleet.settle()
         log(f"node: {SNAPSHOT_RUNS} snapshots of a running sandbox, {SNAPSHOT_CREATES} "
             f"creates from one, a fork of {FORK_COUNT}")  # fmt: skip

@@ -102,10 +102,9 @@ class Settings:
     # Credentials come from boto3's chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, ...).
     snapshot_url: str = ""
     s3_endpoint_url: str = ""  # an S3-compatible server (MinIO, Ceph ...); empty: AWS
-    # Paused sandboxes' snapshots as deduplicated chunks (node/chunks.py). Off by default: it
-    # needs runsc's uncompressed image format, which on runsc 20240729 once lost a process in
-    # a pause-under-load test; see docs/architecture.md.
-    snapshot_dedup: bool = False
+    # Paused sandboxes' snapshots as deduplicated chunks (node/chunks.py), here and in S3;
+    # off (VIVARIUM_SNAPSHOT_DEDUP=0): whole runsc-compressed images.
+    snapshot_dedup: bool = True
     # Network slots: names are prefixed so several instances can share a host.
     slot_prefix: str = "viv"
     slot_cidr: str = "10.231.0.0/18"
@@ -173,7 +172,7 @@ class Settings:
             snapshot_max_age_s=_env_int("SNAPSHOT_MAX_AGE", 30 * 24 * 3600),
             snapshot_url=_env("SNAPSHOT_URL", ""),
             s3_endpoint_url=_env("S3_ENDPOINT_URL", ""),
-            snapshot_dedup=_env("SNAPSHOT_DEDUP", "0") == "1",
+            snapshot_dedup=_env("SNAPSHOT_DEDUP", "1") == "1",
             slot_prefix=_env("SLOT_PREFIX", "viv"),
             slot_cidr=_env("SLOT_CIDR", "10.231.0.0/18"),
             slot_prewarm=_env_int("SLOT_PREWARM", 4),

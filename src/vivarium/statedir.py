@@ -40,7 +40,7 @@ def write_private(path: Path, text: str) -> None:
     tmp.rename(path)
 
 
-def fsync_path(path: Path) -> None:
+def fsync_path(path: str | Path) -> None:
     """Make a file's content, or a directory's entries (a rename into it), durable."""
     fd = os.open(path, os.O_RDONLY)
     try:

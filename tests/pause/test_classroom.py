@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import subprocess
 import threading
 import time
@@ -17,6 +18,8 @@ from e2b import PtySize, Sandbox, SandboxState
 
 from tests.integration.support import Server
 from tests.pause.conftest import opts as _opts
+from vivarium.node.chunks import ChunkStore
+from vivarium.node.snapshots import chunk_recipes
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -137,13 +140,18 @@ def test_corrupt_snapshot_is_refused_and_kept(server: Server) -> None:
     opts = _opts(server)
     sbx = Sandbox.create(timeout=120, **opts)  # type: ignore[arg-type]
     assert sbx.pause()
-    image = next((server.state_dir / "snapshots" / sbx.sandbox_id / "checkpoint").iterdir())
-    original = image.read_bytes()
-    image.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+    # A chunk of its kernel state: every sandbox's own (tests/pause/test_dedup.py damages one
+    # that siblings share).
+    snapshots = server.state_dir / "snapshots"
+    chunks = ChunkStore(snapshots / "chunks")
+    manifest = json.loads((snapshots / sbx.sandbox_id / "manifest.json").read_text())
+    chunk = chunks.path(chunk_recipes(manifest, chunks)["checkpoint.img"][0][0])
+    original = chunk.read_bytes()
+    chunk.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
     with pytest.raises(Exception, match="corrupt"):
         Sandbox.connect(sbx.sandbox_id, **opts)  # type: ignore[arg-type]
     assert Sandbox.get_info(sbx.sandbox_id, **opts).state == SandboxState.PAUSED  # type: ignore[arg-type]
-    image.write_bytes(original)  # repaired: the same snapshot resumes
+    chunk.write_bytes(original)  # repaired: the same snapshot resumes
     back = Sandbox.connect(sbx.sandbox_id, **opts)  # type: ignore[arg-type]
     assert back.commands.run("echo alive").stdout == "alive\n"
     back.kill()

@@ -11,6 +11,7 @@ import pytest
 from e2b import Sandbox, SandboxState
 
 from tests.integration.support import Server, running_server, sdk_options
+from vivarium.node.chunks import ChunkStore
 from vivarium.node.snapshots import named_chunks
 
 pytestmark = pytest.mark.timeout(900)
@@ -24,7 +25,9 @@ def server() -> Iterator[Server]:
 
 def _chunks(server: Server, sandbox_id: str) -> set[str]:
     manifest = server.state_dir / "snapshots" / sandbox_id / "manifest.json"
-    return named_chunks(json.loads(manifest.read_text()))
+    return named_chunks(
+        json.loads(manifest.read_text()), ChunkStore(manifest.parent.parent / "chunks")
+    )
 
 
 def test_paused_sandboxes_share_chunks_and_a_damaged_one_refuses_only_its_resume(

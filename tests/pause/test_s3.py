@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from e2b import Sandbox, SandboxState
 from e2b.exceptions import SandboxException, ServiceBusyException
 
 from tests.integration.support import Server, running_server, sdk_options
+from tests.s3server import CREDENTIALS, MotoServer, keys
+from vivarium.node.chunks import ChunkStore
+from vivarium.node.snapshots import named_chunks
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -31,8 +30,6 @@ API_PORT = 3114  # proxy on API_PORT + 1000
 ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
 BUCKET = "vivarium-snapshots"
 PREFIX = "ci/node-a"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-               "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
 COUNTER = (
     "import os, time\nn = 0\nwhile True:\n    n += 1\n"
     "    open('/home/user/.count', 'w').write(str(n))\n"
@@ -40,40 +37,9 @@ COUNTER = (
 )
 
 
-class MotoServer:
-    """moto's standalone S3-compatible server, in its own process (its data lives in memory)."""
-
-    def __init__(self) -> None:
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        moto = str(Path(sys.executable).parent / "moto_server")
-        argv = [moto, "-H", "127.0.0.1", "-p", str(S3_PORT)]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
-                return
-            except OSError:
-                assert self.proc.poll() is None, "moto_server exited"
-                assert time.monotonic() < deadline, "moto_server did not start"
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        assert self.proc is not None
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-
 @pytest.fixture(scope="module")
 def moto() -> Iterator[MotoServer]:
-    server = MotoServer()
+    server = MotoServer(S3_PORT)
     server.start()
     try:
         yield server
@@ -84,8 +50,7 @@ def moto() -> Iterator[MotoServer]:
 
 @pytest.fixture(scope="module")
 def s3(moto: MotoServer) -> Any:
-    client = boto3.client("s3", endpoint_url=ENDPOINT, region_name="us-east-1",
-                          aws_access_key_id="test", aws_secret_access_key="test")  # fmt: skip
+    client = moto.client()
     client.create_bucket(Bucket=BUCKET)
     return client
 
@@ -93,8 +58,8 @@ def s3(moto: MotoServer) -> Any:
 @pytest.fixture(scope="module")
 def server(s3: Any) -> Iterator[Server]:
     with running_server("s3", "va", "10.243.0.0/24", API_PORT, env=CREDENTIALS,
-                        snapshot_url=f"s3://{BUCKET}/{PREFIX}",
-                        s3_endpoint_url=ENDPOINT) as srv:  # fmt: skip
+                        snapshot_url=f"s3://{BUCKET}/{PREFIX}", s3_endpoint_url=ENDPOINT,
+                        snapshot_dedup="1") as srv:  # fmt: skip
         yield srv
 
 
@@ -102,9 +67,12 @@ _opts = sdk_options
 
 
 def _keys(s3: Any, sandbox_id: str = "") -> list[str]:
-    prefix = f"{PREFIX}/{sandbox_id}/" if sandbox_id else ""
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+    return keys(s3, BUCKET, f"{PREFIX}/{sandbox_id}/" if sandbox_id else "")
+
+
+def _snapshots(server: Server) -> list[Path]:
+    """What the node's snapshot directory holds besides its chunk store."""
+    return [p for p in (server.state_dir / "snapshots").iterdir() if p.name != "chunks"]
 
 
 def _wait_for(check: Callable[[], bool], timeout: float = 30) -> None:
@@ -130,16 +98,20 @@ def test_snapshot_survives_the_loss_of_the_node_disk(server: Server, s3: Any) ->
     sbx.files.write("/home/user/notes.txt", "written before the pause\n")
     _start_counter(sbx)
     assert sbx.pause()
-    keys = _keys(s3, sbx.sandbox_id)
-    manifests = [k for k in keys if k.endswith("/manifest.json")]
-    assert len(manifests) == 1 and any("/checkpoint/" in k for k in keys), keys
+    manifests = _keys(s3, sbx.sandbox_id)
+    assert len(manifests) == 1 and manifests[0].endswith("/manifest.json"), manifests
     local = server.state_dir / "snapshots" / sbx.sandbox_id
     stored = json.loads(s3.get_object(Bucket=BUCKET, Key=manifests[0])["Body"].read())
     assert stored == json.loads((local / "manifest.json").read_text())
+    # Kept as chunks, shared in the bucket with every other snapshot that holds them.
+    chunks = {k.rsplit("/", 1)[1] for k in _keys(s3, "chunks")}
+    named = named_chunks(stored, ChunkStore(local.parent / "chunks"))
+    assert named and named <= chunks
 
     # The node's disk is lost (or the sandbox moves to a fresh node): only the bucket has it.
-    shutil.rmtree(local)
     server.stop()
+    shutil.rmtree(local)
+    shutil.rmtree(server.state_dir / "snapshots" / "chunks")
     server.start()
     listed = {s.sandbox_id: s.state for s in Sandbox.list(**opts).next_items()}
     assert listed == {sbx.sandbox_id: SandboxState.PAUSED}
@@ -163,11 +135,13 @@ def test_snapshot_survives_the_loss_of_the_node_disk(server: Server, s3: Any) ->
     _wait_for(lambda: _keys(s3, sbx.sandbox_id) == [])
 
 
-def test_a_failed_upload_keeps_the_sandbox_running(server: Server, s3: Any) -> None:
+def test_a_failed_upload_keeps_the_sandbox_running(
+    server: Server, moto: MotoServer, s3: Any
+) -> None:  # fmt: skip
     opts = _opts(server)
     sbx = Sandbox.create(timeout=300, **opts)
     sbx.files.write("/home/user/work.txt", "unsaved work")
-    # 200 MiB in memory: the checkpoint takes a second or more, time enough to pull the bucket
+    # 200 MiB in memory: the checkpoint takes a second or more, time enough to take the store
     # away after the pause checked it and before the snapshot is uploaded.
     sbx.commands.run("head -c 200M /dev/urandom > /home/user/big.bin")
     _start_counter(sbx)
@@ -180,9 +154,7 @@ def test_a_failed_upload_keeps_the_sandbox_running(server: Server, s3: Any) -> N
             if time.monotonic() > deadline:
                 return
             time.sleep(0.005)
-        for key in _keys(s3):
-            s3.delete_object(Bucket=BUCKET, Key=key)
-        s3.delete_bucket(Bucket=BUCKET)
+        moto.stop()  # (and all it held: moto keeps its objects in memory)
         pulled.set()
 
     puller = threading.Thread(target=pull_the_bucket, daemon=True)
@@ -193,6 +165,8 @@ def test_a_failed_upload_keeps_the_sandbox_running(server: Server, s3: Any) -> N
             sbx.pause()
     finally:
         puller.join(60)
+        if moto.proc is None:
+            moto.start()
         s3.create_bucket(Bucket=BUCKET)
     assert pulled.is_set()
     # The sandbox runs on, restored from the checkpoint the store refused: files and processes.
@@ -202,11 +176,13 @@ def test_a_failed_upload_keeps_the_sandbox_running(server: Server, s3: Any) -> N
     now = _count(sbx)
     assert now >= before
     _wait_for(lambda: _count(sbx) > now)
-    # Nothing half-written anywhere.
-    assert list(snapshots.iterdir()) == []
+    # Nothing half-written anywhere (the chunks it added here are named by nothing, and
+    # collected).
+    assert _snapshots(server) == []
     assert _keys(s3, sbx.sandbox_id) == []
 
     # With the bucket back, the same sandbox pauses and resumes.
+    sbx.commands.run("rm /home/user/big.bin")  # (200 MiB of chunks to upload otherwise)
     assert sbx.pause()
     back = Sandbox.connect(sbx.sandbox_id, timeout=300, **opts)
     assert back.files.read("/home/user/work.txt") == "unsaved work"
@@ -237,7 +213,7 @@ def test_a_stored_snapshot_of_another_runsc_version_is_refused_and_kept(
         assert refused.value.status_code == 409  # type: ignore[attr-defined]
         assert f"made by runsc {theirs}, this node runs {ours}" in str(refused.value)
         assert Sandbox.get_info(sbx.sandbox_id, **opts).state == SandboxState.PAUSED
-        assert list(snapshots.iterdir()) == []  # nothing downloaded, nothing half-written
+        assert _snapshots(server) == []  # nothing downloaded, nothing half-written
         assert _keys(s3, sbx.sandbox_id) == keys  # the stored snapshot is kept
 
     s3.put_object(Bucket=BUCKET, Key=manifest_key, Body=original)
@@ -260,7 +236,7 @@ def test_an_unreachable_store_refuses_the_pause_and_the_start(
     assert sbx.is_running()
     assert Sandbox.get_info(sbx.sandbox_id, **opts).state == SandboxState.RUNNING
     assert sbx.files.read("/home/user/work.txt") == "unsaved work"
-    assert list((server.state_dir / "snapshots").iterdir()) == []
+    assert _snapshots(server) == []
 
     # A server whose store cannot be reached does not start, and says what to check.
     server.stop()

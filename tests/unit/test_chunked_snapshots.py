@@ -54,7 +54,10 @@ def test_paused_snapshots_are_chunks_that_come_back_whole_and_share_storage(
     added = store.chunks.stored_bytes() - alone
     assert added < (256 << 10) + (128 << 10), added  # its own bytes and the chunks around them
     manifest = json.loads((tmp_path / second / "manifest.json").read_text())
-    assert manifest["stored_bytes"] == added
+    assert manifest["index_depths"]["pages.img"] >= 1  # its recipe kept as index blocks
+    assert manifest["stored_bytes"] == added  # those blocks included
+    # The manifest lists index blocks, not the ~300 chunks: siblings share those blocks too.
+    assert len(json.dumps(manifest["files"])) < 2048
     assert manifest["size_bytes"] == sum(len(d) for d in _image(2).values())
     assert _restored(store, first) == _image(1)
     assert _restored(store, second) == _image(2)
@@ -68,7 +71,9 @@ def test_a_damaged_chunk_refuses_only_the_snapshots_that_hold_it(tmp_path: Path)
     _commit(store, intact, _image(4))
 
     def chunks(key: str) -> set[str]:
-        return named_chunks(json.loads((tmp_path / key / "manifest.json").read_text()))
+        return named_chunks(
+            json.loads((tmp_path / key / "manifest.json").read_text()), store.chunks
+        )
 
     own = sorted(chunks(damaged) - chunks(intact))[0]
     path = store.chunks.path(own)

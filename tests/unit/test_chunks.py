@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vivarium.node.chunks import ChunkCorrupt, ChunkStore, Recipe
+from vivarium.node.chunks import INDEX_MAX, ChunkCorrupt, ChunkStore, Recipe
 
 
 def _bytes(seed: int, size: int) -> bytes:
@@ -51,6 +51,27 @@ def test_files_that_share_content_share_chunks(tmp_path: Path) -> None:
     assert added < (1 << 20) + (512 << 10), added  # its own bytes and a few chunks around them
     store.rebuild(recipe, tmp_path / "out")
     assert (tmp_path / "out").read_bytes() == bytes(other)
+
+
+def test_recipes_kept_as_index_blocks_share_all_but_the_blocks_around_a_change(
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    store = ChunkStore(tmp_path / "chunks")
+    base = _bytes(9, 40 << 20)  # about 2,500 chunks, as a sandbox's memory
+    recipe = _add(store, tmp_path / "a", base)
+    other = bytearray(base)
+    other[20 << 20 : (20 << 20) + 4096] = _bytes(10, 4096)  # one page of its own
+    changed = _add(store, tmp_path / "b", bytes(other))
+    with store.adding() as adding:
+        (root, depth), (changed_root, changed_depth) = adding.index(recipe), adding.index(changed)
+    levels, changed_levels = store.levels(root, depth), store.levels(changed_root, changed_depth)
+    assert levels[-1] == recipe and changed_levels[-1] == changed
+    assert depth == changed_depth >= 2 and len(root) <= INDEX_MAX  # what a manifest keeps
+    # Each level shares all but the block around the change (or two, where it falls on a cut).
+    for level, changed_level in zip(levels[1:-1], changed_levels[1:-1], strict=True):
+        assert len(set(changed_level) - set(level)) <= 2
+    with pytest.raises(ChunkCorrupt):
+        store.expand([("00" * 32, 36)])  # a block that is not there
 
 
 def test_a_damaged_or_missing_chunk_fails_only_its_files(tmp_path: Path) -> None:

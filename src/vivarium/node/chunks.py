@@ -6,6 +6,13 @@ offsets, so that bytes shifted by an insertion still fall into the same chunks; 
 stored once, zstd-compressed, under the SHA-256 of its uncompressed bytes. A snapshot's
 manifest lists its chunks (a *recipe*: digest and length, in order).
 
+A recipe is itself kept as chunks (an *index*), so that siblings share it too: its entries are
+cut into blocks where a digest says (on average every 16 entries: a sandbox's own chunks change
+only the blocks around them), each block is stored as a chunk, and so on for the recipe of the
+blocks until it has at most INDEX_MAX entries: the manifest keeps that root and its depth.
+Without it, each sandbox's manifest was ~125 KB, as much as a tenth of what it held of its own;
+with it, a few KB.
+
 Measured on this host (2026-12-01, three paused `base` sandboxes, runsc's checkpoint
 uncompressed, 16 KiB average chunks): 127 MiB of checkpoints in 14.7 MiB of chunks; the third
 sandbox, holding 1 MiB of random bytes of its own, added 1.4 MiB.
@@ -34,8 +41,10 @@ import secrets
 import struct
 import threading
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
@@ -46,48 +55,103 @@ from vivarium.statedir import fsync_path
 
 log = logging.getLogger(__name__)
 
-# 16 KiB on average: a sandbox's own writes are page-sized and scattered, and smaller chunks
-# share more (4 KiB: 13.6 MiB for the three checkpoints above; 64 KiB: 17.3 MiB) at the cost
-# of longer recipes (about 2,500 entries for a 40 MiB checkpoint).
-MIN_CHUNK = 4 << 10
-AVG_CHUNK = 16 << 10
-MAX_CHUNK = 128 << 10
-ZSTD_LEVEL = 3  # higher levels gained little on checkpoint pages and cost a pause much more
+
+@dataclass(frozen=True)
+class Chunking:
+    """How a file is cut (FastCDC's minimum, average and maximum) and its chunks compressed."""
+
+    min_size: int
+    avg_size: int
+    max_size: int
+    level: int
+
+
+# Memory: a sandbox's own pages are scattered among its siblings', so small chunks share more:
+# for six paused `base` siblings each holding 1 MiB of its own (2026-12-02), what each stored
+# of its own besides the shared part came to 1172 KiB at 16 KiB on average, 1133 at 8, 1089 at
+# 4, which doubles the chunks (and files, and S3 requests) at each step: 8 KiB, about 5,000
+# chunks for a 40 MiB image. Higher zstd levels gained little here and cost a pause more.
+MEMORY = Chunking(min_size=2 << 10, avg_size=8 << 10, max_size=64 << 10, level=3)
+# Anything else (runsc's kernel state: 1.3 MiB that differs all over from a sibling's, so none
+# of it is shared): large chunks and a higher level compress it better, 160 KiB -> 88 KiB per
+# sandbox, for 14 ms.
+STATE = Chunking(min_size=16 << 10, avg_size=64 << 10, max_size=256 << 10, level=9)
+MAX_CHUNK = max(MEMORY.max_size, STATE.max_size)
+INDEX_LEVEL = 3
 _IO_BUFFER = 1 << 20
+_SYNCERS = 8  # fsyncs at once: the filesystem's journal commits them together
 
 Recipe = list[tuple[str, int]]  # (SHA-256 of the uncompressed chunk, its length), in order
 
 
 _ENTRY = struct.Struct(">32sI")  # a recipe's entry as stored: the digest's bytes, the length
+# An entry whose digest's first byte is below this ends an index block (1 in 16), and a block
+# holds at most INDEX_MAX entries.
+INDEX_CUT = 16
+INDEX_MAX = 64
 
 
-def encode_recipe(recipe: Recipe) -> str:
-    """A recipe as a manifest keeps it: packed and base64'd, about 48 bytes a chunk (as JSON
-    pairs of hex and a number it was 76, which for a 40 MiB image came to 200 KB)."""
-    packed = b"".join(_ENTRY.pack(bytes.fromhex(digest), length) for digest, length in recipe)
-    return base64.b64encode(packed).decode()
+def _pack(recipe: Recipe) -> bytes:
+    return b"".join(_ENTRY.pack(bytes.fromhex(digest), length) for digest, length in recipe)
 
 
-def decode_recipe(text: str) -> Recipe:
-    packed = base64.b64decode(text, validate=True)
+def _unpack(packed: bytes) -> Recipe:
     if len(packed) % _ENTRY.size:
         raise ValueError("a recipe's length is not a whole number of entries")
     return [(digest.hex(), length) for digest, length in _ENTRY.iter_unpack(packed)]
+
+
+def encode_recipe(recipe: Recipe) -> str:
+    """A recipe as a manifest keeps it: packed and base64'd, about 48 bytes a chunk."""
+    return base64.b64encode(_pack(recipe)).decode()
+
+
+def decode_recipe(text: str) -> Recipe:
+    return _unpack(base64.b64decode(text, validate=True))
+
+
+def _index_blocks(recipe: Recipe) -> list[Recipe]:
+    blocks: list[Recipe] = [[]]
+    for entry in recipe:
+        blocks[-1].append(entry)
+        if int(entry[0][:2], 16) < INDEX_CUT or len(blocks[-1]) == INDEX_MAX:
+            blocks.append([])
+    return [block for block in blocks if block]
 
 
 class ChunkCorrupt(RuntimeFailure):
     code = "snapshot_corrupt"
 
 
+def verified(digest: str, body: bytes, length: int | None = None) -> bytes:
+    """A stored chunk's bytes, uncompressed, if they are what its name (and length) say;
+    ChunkCorrupt if not."""
+    try:
+        data = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_CHUNK)
+    except zstandard.ZstdError as exc:
+        raise ChunkCorrupt(f"chunk {digest} does not decompress: {exc}") from None
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ChunkCorrupt(f"chunk {digest} is corrupt (its bytes do not match its name)")
+    if length is not None and len(data) != length:
+        raise ChunkCorrupt(f"chunk {digest} has {len(data)} bytes, the recipe says {length}")
+    return data
+
+
 class ChunkStore:
     def __init__(self, root: Path) -> None:
         self.root = root  # made with the first chunk
+        self._root = str(root)
         self._lock = threading.Lock()
         self._pins: Counter[str] = Counter()  # chunks of snapshots being added
         self._touched: set[str] | None = None  # pinned since the running collection began
 
     def path(self, digest: str) -> Path:
-        return self.root / digest[:2] / digest
+        return Path(self._where(digest))
+
+    def _where(self, digest: str) -> str:
+        # (Strings, not Paths: a pause or resume asks for thousands of chunks, and pathlib's
+        # parsing was a third of what a pause spent here.)
+        return os.path.join(self._root, digest[:2], digest)
 
     # -- adding ----------------------------------------------------------------------------
 
@@ -99,6 +163,8 @@ class ChunkStore:
         try:
             yield batch
         finally:
+            for tmp in batch._pending.values():  # written by an add that failed midway
+                _unlink(tmp)
             with self._lock:
                 self._pins.subtract(batch.pinned)
                 self._pins += Counter()  # drops the counts that reached zero
@@ -109,27 +175,68 @@ class ChunkStore:
             if self._touched is not None:
                 self._touched.add(digest)
 
-    def _write(self, target: Path, body: bytes) -> None:
-        self.root.mkdir(mode=0o700, exist_ok=True)
-        target.parent.mkdir(mode=0o700, exist_ok=True)
-        tmp = target.with_name(f".tmp-{target.name}-{secrets.token_hex(4)}")
+    def add_verified(self, digest: str, body: bytes) -> None:
+        """Store a chunk fetched from elsewhere (compressed, as stored here), once it proved to
+        be the bytes its name says; ChunkCorrupt if not. Pin it first (ChunkBatch.pin)."""
+        verified(digest, body)
+        tmp = self._write_tmp(digest, body)
+        try:
+            fsync_path(tmp)
+            os.rename(tmp, self._where(digest))
+        except BaseException:
+            _unlink(tmp)
+            raise
+
+    def _write_tmp(self, digest: str, body: bytes) -> str:
+        """The chunk written under a temporary name beside its own, not yet synced: the caller
+        syncs it and only then renames it into place, so that a name never holds less than the
+        whole chunk, whatever a crash cuts short."""
+        directory = os.path.join(self._root, digest[:2])
+        if not os.path.isdir(directory):
+            self.root.mkdir(mode=0o700, exist_ok=True)
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        tmp = os.path.join(directory, f".tmp-{digest}-{secrets.token_hex(4)}")
         try:
             # A buffered file writes all of `body` or raises (os.write may stop short on a
             # full disk, and a short chunk would then be named and reused as if whole).
             with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
                 out.write(body)
-                out.flush()
-                os.fsync(out.fileno())
-            tmp.rename(target)  # two adds of one chunk write the same bytes: either rename wins
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            _unlink(tmp)
             raise
+        return tmp
 
     # -- reading ---------------------------------------------------------------------------
 
+    def expand(self, index: Recipe, read: Callable[[str, int], bytes] | None = None) -> Recipe:
+        """The recipe one level of index blocks stands for, the blocks verified (ChunkCorrupt if
+        one is missing or damaged). `read(digest, length)` reads a block this store lacks
+        (verified too)."""
+        decompressor = zstandard.ZstdDecompressor()
+        recipe: Recipe = []
+        for digest, length in index:
+            if read is not None and not self.path(digest).exists():
+                packed = read(digest, length)
+            else:
+                packed = self._read(decompressor, digest, length)
+            try:
+                recipe += _unpack(packed)
+            except ValueError as exc:
+                raise ChunkCorrupt(f"index block {digest} is unreadable: {exc}") from None
+        return recipe
+
+    def levels(self, root: Recipe, depth: int,
+               read: Callable[[str, int], bytes] | None = None) -> list[Recipe]:  # fmt: skip
+        """An index's levels, from its root down to the file's own recipe (the last)."""
+        found = [root]
+        for _ in range(depth):
+            found.append(self.expand(found[-1], read))
+        return found
+
     def rebuild(self, recipe: Recipe, dest: Path) -> None:
         """Write the file `recipe` describes to `dest`, verifying every chunk; ChunkCorrupt
-        (and no `dest`) if one is missing or damaged."""
+        (and no `dest`) if one is missing or damaged. (One thread: reading chunks from several
+        was slower, each chunk being small enough for Python's own work to dominate.)"""
         decompressor = zstandard.ZstdDecompressor()
         try:
             with dest.open("wb", buffering=_IO_BUFFER) as out:
@@ -140,21 +247,23 @@ class ChunkStore:
             raise
 
     def _read(self, decompressor: zstandard.ZstdDecompressor, digest: str, length: int) -> bytes:
-        where = self.path(digest)
         hint = "the snapshot cannot be restored from this copy"
         try:
-            data = decompressor.decompress(where.read_bytes(), max_output_size=length)
+            with open(self._where(digest), "rb") as file:
+                body = file.read()
+            data = decompressor.decompress(body, max_output_size=length)
         except FileNotFoundError:
-            raise ChunkCorrupt(f"chunk {where} is missing", hint) from None
+            raise ChunkCorrupt(f"chunk {self.path(digest)} is missing", hint) from None
         except OSError as exc:  # the disk, not the chunk: left where it is
-            raise ChunkCorrupt(f"chunk {where} could not be read: {exc}", hint) from None
+            raise ChunkCorrupt(f"chunk {self.path(digest)} could not be read: {exc}",
+                               hint) from None  # fmt: skip
         except zstandard.ZstdError as exc:
-            raise self._damaged(where, f"does not decompress: {exc}") from None
+            raise self._damaged(self.path(digest), f"does not decompress: {exc}") from None
         if hashlib.sha256(data).hexdigest() != digest:
-            raise self._damaged(where, "is corrupt (its bytes do not match its name)")
+            raise self._damaged(self.path(digest), "is corrupt (its bytes do not match its name)")
         if len(data) != length:  # the recipe is wrong, not the chunk, which others may need
-            raise ChunkCorrupt(f"chunk {where} has {len(data)} bytes, the recipe says {length}",
-                               hint)  # fmt: skip
+            raise ChunkCorrupt(f"chunk {self.path(digest)} has {len(data)} bytes, the recipe "
+                               f"says {length}", hint)  # fmt: skip
         return data
 
     def _damaged(self, where: Path, what: str) -> ChunkCorrupt:
@@ -166,36 +275,63 @@ class ChunkStore:
 
     # -- collection ------------------------------------------------------------------------
 
-    def collect(self, live: Callable[[], Collection[str]]) -> int | None:
+    def collect(
+        self, live: Callable[[], Collection[str]], stored: Iterable[str] | None = None,
+        remove: Callable[[list[str]], None] | None = None, *, batch: int = 1,
+    ) -> int | None:  # fmt: skip
         """Delete the chunks that no recipe names; returns how many went (None if another
         collection is running: it may have read the recipes before the latest change).
 
         `live()` reads every recipe kept now. It is called after collection began, so a recipe
         written meanwhile is either seen by it or was still being added when collection began
-        or later, and then its chunks were pinned: either way they are kept."""
+        or later, and then its chunks were pinned: either way they are kept.
+
+        By default the chunks are this store's own; `stored` and `remove` collect another copy
+        of them (the remote tier's) under the same pins, `batch` digests per `remove`, each
+        batch under the lock that pins take: a pin waits until its chunk is gone or kept."""
         with self._lock:
             if self._touched is not None:
                 return None
             self._touched = set(self._pins)
         removed = 0
+        pending: list[str] = []
+        unlink = remove or self._unlink
+
+        def flush() -> int:
+            with self._lock:
+                assert self._touched is not None
+                going = [d for d in pending if d not in self._touched and not self._pins[d]]
+                if going:
+                    unlink(going)
+            pending.clear()
+            return len(going)
+
         try:
             keep = live()
-            for directory in self._chunk_dirs():
-                for entry in os.scandir(directory):
-                    digest = entry.name
-                    if digest.startswith(".") or digest in keep:
-                        continue
-                    with self._lock:
-                        if digest in self._touched or self._pins[digest]:
-                            continue
-                        os.unlink(entry.path)
-                    removed += 1
+            for digest in self._stored() if stored is None else stored:
+                if digest.startswith(".") or digest in keep:
+                    continue
+                pending.append(digest)
+                if len(pending) >= batch:
+                    removed += flush()
+            if pending:
+                removed += flush()
         finally:
             with self._lock:
                 self._touched = None
         if removed:
-            log.info("removed %d unreferenced chunk(s) from %s", removed, self.root)
+            where = self.root if stored is None else "the remote store"
+            log.info("removed %d unreferenced chunk(s) from %s", removed, where)
         return removed
+
+    def _unlink(self, digests: list[str]) -> None:
+        for digest in digests:
+            os.unlink(self.path(digest))
+
+    def _stored(self) -> Iterator[str]:
+        for directory in self._chunk_dirs():
+            for entry in os.scandir(directory):
+                yield entry.name
 
     def sweep(self) -> None:
         """Temporary files of adds that a crash cut short. Only before anything is added."""
@@ -220,37 +356,82 @@ class ChunkBatch:
     def __init__(self, store: ChunkStore) -> None:
         self.store = store
         self.pinned: list[str] = []
+        self._pending: dict[str, str] = {}  # digest -> its chunk written, not yet in place
         self.new_bytes = 0  # what the chunks it was the first to store take (compressed)
 
-    def file(self, path: Path) -> Recipe:
-        store = self.store
+    def pin(self, digests: Iterable[str]) -> None:
+        """Keep chunks from collection until the batch ends (ones about to be fetched)."""
+        for digest in digests:
+            self.store._pin(digest)
+            self.pinned.append(digest)
+
+    def file(self, path: Path, chunking: Chunking = MEMORY) -> Recipe:
         recipe: Recipe = []
-        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        compressor = zstandard.ZstdCompressor(level=chunking.level)
         with path.open("rb") as file:
             if os.fstat(file.fileno()).st_size == 0:
                 return recipe
             with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                chunks = fastcdc(data, min_size=MIN_CHUNK, avg_size=AVG_CHUNK,
-                                 max_size=MAX_CHUNK, hf=hashlib.sha256)  # fmt: skip
+                chunks = fastcdc(data, min_size=chunking.min_size, avg_size=chunking.avg_size,
+                                 max_size=chunking.max_size, hf=hashlib.sha256)  # fmt: skip
                 try:
                     for chunk in chunks:
-                        digest = chunk.hash
-                        store._pin(digest)
-                        self.pinned.append(digest)
-                        target = store.path(digest)
-                        if not target.exists():
-                            body = compressor.compress(
-                                data[chunk.offset : chunk.offset + chunk.length]
-                            )
-                            store._write(target, body)
-                            self.new_bytes += len(body)
-                        recipe.append((digest, chunk.length))
+                        view = data[chunk.offset : chunk.offset + chunk.length]
+                        recipe.append((self._add(compressor, chunk.hash, view), chunk.length))
                 finally:
                     chunks.close()  # drops its views of the map, which cannot close under them
-        # Every chunk named durable, also one another add renamed in and has not synced yet:
-        # a directory with nothing pending syncs at once.
-        for directory in sorted({store.path(digest).parent for digest, _ in recipe}):
-            fsync_path(directory)
+        self._sync(recipe)
+        return recipe
+
+    def index(self, recipe: Recipe) -> tuple[Recipe, int]:
+        """Store `recipe` as index blocks (the module's docstring); returns the root and its
+        depth (0: the recipe was short enough to be its own root)."""
+        compressor = zstandard.ZstdCompressor(level=INDEX_LEVEL)
+        depth = 0
+        while len(recipe) > INDEX_MAX:
+            index: Recipe = []
+            for block in _index_blocks(recipe):
+                packed = _pack(block)
+                digest = hashlib.sha256(packed).hexdigest()
+                index.append((self._add(compressor, digest, packed), len(packed)))
+            self._sync(index)
+            recipe, depth = index, depth + 1
+        return recipe, depth
+
+    def _add(self, compressor: zstandard.ZstdCompressor, digest: str, data: bytes) -> str:
+        store = self.store
+        store._pin(digest)
+        self.pinned.append(digest)
+        if digest not in self._pending and not os.path.exists(store._where(digest)):
+            body = compressor.compress(data)
+            self._pending[digest] = store._write_tmp(digest, body)
+            self.new_bytes += len(body)
+        return digest
+
+    def _sync(self, recipe: Recipe) -> None:
+        """Make the chunks written since the last call durable and put them in place (their
+        files synced, then renamed, then their directories synced), and every chunk `recipe`
+        names durable: also one another add renamed in and has not synced yet (a directory
+        with nothing pending syncs at once). Synced by several threads at once, which the
+        filesystem's journal commits together: one by one, they were half of a pause's time
+        here."""
+        store = self.store
+        pending, self._pending = self._pending, {}
+        try:
+            with ThreadPoolExecutor(_SYNCERS) as pool:
+                list(pool.map(fsync_path, pending.values()))
+                for digest, tmp in pending.items():
+                    os.rename(tmp, store._where(digest))  # adds of one chunk write one content
+                pending = {}
+                directories = {os.path.join(store._root, digest[:2]) for digest, _ in recipe}
+                list(pool.map(fsync_path, sorted(directories)))
+        finally:
+            for tmp in pending.values():
+                _unlink(tmp)
         if recipe:
             fsync_path(store.root)
-        return recipe
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -6,7 +6,7 @@ The key is a paused sandbox's id (its one snapshot, replaced by each pause), a t
 id (`new_snapshot_id`, started from by creates), or a fork's (`new_fork_key`, kept only while
 its children start). They never collide: sandbox ids start with `i`, team snapshots' with `s`.
 
-With VIVARIUM_SNAPSHOT_DEDUP=1 (and no remote tier), a paused sandbox's snapshot is kept as
+With VIVARIUM_SNAPSHOT_DEDUP=1, a paused sandbox's snapshot is kept as
 chunks (chunks.py): its `manifest.json` lists, per file of runsc's image, the chunks it is made
 of, and the image is rebuilt from them, verified chunk by chunk, for each resume. Sandboxes
 from one template, and the successive pauses of one sandbox, share most of their chunks. A
@@ -33,12 +33,23 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from vivarium.errors import Conflict, HostNotReady, InsufficientStorage, NotFound, RuntimeFailure
-from vivarium.node.chunks import ChunkCorrupt, ChunkStore, Recipe, decode_recipe, encode_recipe
+from vivarium.node.chunks import (
+    MEMORY,
+    STATE,
+    ChunkBatch,
+    ChunkCorrupt,
+    Chunking,
+    ChunkStore,
+    Recipe,
+    decode_recipe,
+    encode_recipe,
+)
 from vivarium.node.records import ID_ALPHABET, ID_LENGTH, SANDBOX_PREFIX
 from vivarium.statedir import fsync_path, fsync_tree
 from vivarium.templates.store import dir_size, sha256_dir
@@ -89,22 +100,30 @@ class ObjectStore(Protocol):
     def check(self) -> None:
         """Raise unless the store answers and the bucket exists."""
 
-    def put(self, sandbox_id: str, directory: Path, manifest: dict[str, Any]) -> None:
-        """Store `directory/checkpoint/` and then, last, the manifest, as the sandbox's newest
-        snapshot, and drop older ones. Raises SnapshotNotStored, with nothing of this snapshot
-        readable, if any part fails."""
+    def put(self, sandbox_id: str, directory: Path, manifest: dict[str, Any],
+            chunks: ChunkStore) -> None:  # fmt: skip
+        """Store `directory/checkpoint/` (or, for a chunked manifest, the chunks it names that
+        the store lacks, read from `chunks`) and then, last, the manifest, as the sandbox's
+        newest snapshot, and drop older ones. Raises SnapshotNotStored, with nothing of this
+        snapshot readable, if any part fails."""
 
     def manifest(self, sandbox_id: str) -> dict[str, Any] | None:
         """The manifest of the sandbox's newest complete snapshot, or None."""
 
-    def fetch(self, sandbox_id: str, manifest: dict[str, Any], into: Path) -> None:
-        """Download that snapshot's checkpoint into `into/checkpoint/` (unverified)."""
+    def fetch(self, sandbox_id: str, manifest: dict[str, Any], into: Path,
+              adding: ChunkBatch) -> None:  # fmt: skip
+        """Download that snapshot's checkpoint into `into/checkpoint/` (unverified), or, for a
+        chunked one, the chunks the node's store lacks into it, each pinned by `adding` and
+        verified; SnapshotCorrupt if one is damaged."""
 
     def exists(self, sandbox_id: str) -> bool:
         """Whether the sandbox has a complete snapshot in the store."""
 
     def delete(self, sandbox_id: str) -> None:
         """Delete every object of the sandbox (manifests first)."""
+
+    def collect(self, chunks: ChunkStore) -> int | None:
+        """Delete the stored chunks no stored manifest names, under `chunks`' pins."""
 
 
 def remote_store(url: str, endpoint_url: str = "") -> ObjectStore | None:
@@ -163,8 +182,10 @@ class SnapshotStore:
         self.dedup = dedup
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.chunks = ChunkStore(root / CHUNKS)
-        # Set when a snapshot went (and at start: a crash may have left chunks behind).
+        # Set when a snapshot went (and at start: a crash may have left chunks behind), here
+        # and in the remote tier.
         self.may_hold_unnamed_chunks = True
+        self.remote_may_hold_unnamed_chunks = remote is not None
         # A team's snapshot never changes once sealed (each one taken is a new key): it is
         # checksummed once per process, not on each of the many creates it serves. Key ->
         # generation; plain dict operations, which are atomic across the threads that load.
@@ -172,10 +193,10 @@ class SnapshotStore:
 
     def chunked(self, key: str) -> bool:
         """Whether the snapshot `key` is kept as chunks: with dedup on, a paused sandbox's,
-        which is restored once and is much like the others. The remote tier stores whole
-        images (for now), so with one configured nothing is chunked. (Snapshots already kept
-        as chunks are read as such whatever the setting: their manifests say.)"""
-        return self.dedup and self.remote is None and key.startswith(SANDBOX_PREFIX)
+        which is restored once and is much like the others (also in the remote tier). A
+        team's snapshot stays whole, ready for the many creates it serves. (Snapshots already
+        kept as chunks are read as such whatever the setting: their manifests say.)"""
+        return self.dedup and key.startswith(SANDBOX_PREFIX)
 
     def check(self) -> None:
         """Raise SnapshotStoreUnavailable unless the remote tier (if any) answers. Blocking."""
@@ -221,16 +242,26 @@ class SnapshotStore:
             (staging / "manifest.json").write_text(json.dumps(manifest))
             fsync_tree(staging)
             if self.remote is not None and remote:
-                self.remote.put(sandbox_id, staging, manifest)
+                self.remote.put(sandbox_id, staging, manifest, self.chunks)
             return self._replace(sandbox_id, staging, manifest)
         with self.chunks.adding() as adding:  # pinned until the manifest naming them is written
-            files = {path.name: adding.file(path) for path in _image_files(checkpoint)}
+            roots = {path.name: adding.index(adding.file(path, _chunking(path)))
+                     for path in _image_files(checkpoint)}  # fmt: skip
+            files = {name: root for name, (root, _depth) in roots.items()}
             manifest["files"] = {name: encode_recipe(recipe) for name, recipe in files.items()}
+            manifest["index_depths"] = {name: depth for name, (_root, depth) in roots.items()}
             manifest["stored_bytes"] = adding.new_bytes  # what it added to the store
             manifest["checksum"] = _recipes_digest(files)  # what the catalog records
             (staging / "manifest.json").write_text(json.dumps(manifest))
             fsync_path(staging / "manifest.json")  # the chunks it names are durable already
             fsync_path(staging)
+            if self.remote is not None and remote:
+                try:
+                    self.remote.put(sandbox_id, staging, manifest, self.chunks)
+                except BaseException:
+                    self.may_hold_unnamed_chunks = True  # the ones it added, named by nothing
+                    raise
+                self.remote_may_hold_unnamed_chunks = True  # the older generation went
             snapshot = self._replace(sandbox_id, staging, manifest)
         # Only now: until the snapshot is in place, a failure restores the sandbox from it.
         shutil.rmtree(snapshot.path / "checkpoint", ignore_errors=True)
@@ -284,10 +315,9 @@ class SnapshotStore:
         _check_room(self.root, int(manifest.get("size_bytes", 0)), sandbox_id)
         image.mkdir(mode=0o700)
         try:
-            recipes = _decoded(manifest)
-            if _recipes_digest(recipes) != manifest.get("checksum"):  # before any chunk is read
+            if _recipes_digest(_decoded(manifest)) != manifest.get("checksum"):  # before any read
                 raise ChunkCorrupt("its recipes do not match its checksum")
-            for name, recipe in recipes.items():
+            for name, recipe in chunk_recipes(manifest, self.chunks).items():
                 self.chunks.rebuild(recipe, image / name)
         except ChunkCorrupt as exc:
             self.discard(image)
@@ -305,16 +335,28 @@ class SnapshotStore:
             self.discard(snapshot.rebuilt)
 
     def collect_chunks(self) -> int:
-        """Remove the chunks no snapshot names any more, if a snapshot went since the last time
-        (crash-safe: chunks.py). Blocking."""
-        if not self.may_hold_unnamed_chunks or not self.chunks.root.is_dir():
-            return 0  # (without dedup there is no chunk store: no manifest to read every round)
-        # Cleared before the manifests are read: a snapshot going meanwhile sets it again.
-        self.may_hold_unnamed_chunks = False
-        removed = self.chunks.collect(self._named_chunks)
-        if removed is None:  # another collection was running: this one's turn is still due
-            self.may_hold_unnamed_chunks = True
-        return removed or 0
+        """Remove the chunks no snapshot names any more, here and in the remote tier, where a
+        snapshot went since the last time (crash-safe: chunks.py). Blocking."""
+        removed = 0
+        # (Without dedup there is no chunk store: no manifest to read every round.)
+        if self.may_hold_unnamed_chunks and self.chunks.root.is_dir():
+            # Cleared before the manifests are read: a snapshot going meanwhile sets it again.
+            self.may_hold_unnamed_chunks = False
+            here = self.chunks.collect(self._named_chunks)
+            if here is None:  # another collection was running: this one's turn is still due
+                self.may_hold_unnamed_chunks = True
+            removed += here or 0
+        if self.remote is not None and self.remote_may_hold_unnamed_chunks:
+            self.remote_may_hold_unnamed_chunks = False
+            try:
+                there = self.remote.collect(self.chunks)
+            except BaseException:
+                self.remote_may_hold_unnamed_chunks = True
+                raise
+            if there is None:
+                self.remote_may_hold_unnamed_chunks = True
+            removed += there or 0
+        return removed
 
     def _named_chunks(self) -> set[str]:
         named: set[str] = set()
@@ -327,10 +369,10 @@ class SnapshotStore:
                 manifest = json.loads((entry / "manifest.json").read_text())
                 if not isinstance(manifest, dict):
                     raise ValueError("not an object")
-                named |= named_chunks(manifest)
+                named_chunks(manifest, self.chunks, into=named)
             except (FileNotFoundError, NotADirectoryError):
                 continue  # no snapshot (the chunk store itself), or deleted meanwhile
-            except ValueError:
+            except (ValueError, ChunkCorrupt):
                 raise SnapshotCorrupt(
                     f"{entry / 'manifest.json'} is unreadable: no chunk is collected until it is",
                     "repair or remove that snapshot",
@@ -345,25 +387,48 @@ class SnapshotStore:
             raise NotFound(f"no snapshot of sandbox {sandbox_id!r} on this node or in {remote.url}")
         _check_version(sandbox_id, manifest, runsc_version)
         staging = self.staging(sandbox_id)
+        if "files" in manifest:
+            return self._fetch_chunked(remote, sandbox_id, manifest, staging)
         try:
-            remote.fetch(sandbox_id, manifest, staging)
+            with self.chunks.adding() as adding:  # (a whole image: nothing to pin)
+                remote.fetch(sandbox_id, manifest, staging, adding)
             checkpoint = staging / "checkpoint"
             if not checkpoint.is_dir() or sha256_dir(checkpoint) != manifest.get("checksum"):
                 raise SnapshotCorrupt(
                     f"the copy of sandbox {sandbox_id}'s snapshot in {remote.url} is corrupt "
                     "(checksum mismatch)", "it is kept there for inspection; nothing was restored",
                 )  # fmt: skip
-            (staging / "manifest.json").write_text(json.dumps(manifest))
-            fsync_tree(staging)
-            final = self.root / sandbox_id
-            shutil.rmtree(final, ignore_errors=True)  # at most a directory without a manifest
-            staging.rename(final)
-            fsync_path(self.root)
+            final = self._fetched(sandbox_id, staging, manifest)
         except BaseException:
             self.discard(staging)
             raise
         log.info("snapshot of %s fetched from %s", sandbox_id, remote.url)
         return Snapshot(sandbox_id, final, manifest)
+
+    def _fetch_chunked(self, remote: ObjectStore, sandbox_id: str, manifest: dict[str, Any],
+                       staging: Path) -> Snapshot:  # fmt: skip
+        """The chunks this node lacks, verified one by one as they arrive, then the manifest
+        put in place; the image is rebuilt from them as for a snapshot taken here."""
+        try:
+            with self.chunks.adding() as adding:  # pinned until the manifest naming them is here
+                remote.fetch(sandbox_id, manifest, staging, adding)
+                final = self._fetched(sandbox_id, staging, manifest)
+        except BaseException:
+            self.discard(staging)
+            self.may_hold_unnamed_chunks = True
+            raise
+        log.info("snapshot of %s fetched from %s (as chunks)", sandbox_id, remote.url)
+        return self._rebuild(sandbox_id, final, manifest)
+
+    def _fetched(self, sandbox_id: str, staging: Path, manifest: dict[str, Any]) -> Path:
+        """Put a fetched snapshot in place, its manifest last written and all of it durable."""
+        (staging / "manifest.json").write_text(json.dumps(manifest))
+        fsync_tree(staging)
+        final = self.root / sandbox_id
+        shutil.rmtree(final, ignore_errors=True)  # at most a directory without a manifest
+        staging.rename(final)
+        fsync_path(self.root)
+        return final
 
     def held(self, sandbox_id: str) -> bool:
         """Whether this host holds the sandbox's snapshot (no remote call: cheap enough for the
@@ -389,6 +454,7 @@ class SnapshotStore:
             return
         try:
             self.remote.delete(sandbox_id)
+            self.remote_may_hold_unnamed_chunks = True
         except SnapshotStoreUnavailable as exc:
             log.warning("snapshot of %s not deleted from the store: %s", sandbox_id, exc)
 
@@ -437,16 +503,49 @@ def _image_files(checkpoint: Path) -> list[Path]:
     return entries
 
 
-def named_chunks(manifest: dict[str, Any]) -> set[str]:
-    """The chunks a snapshot's manifest names (none for a whole image). ValueError if its
-    recipes are unreadable."""
+def _chunking(path: Path) -> Chunking:
+    return MEMORY if path.name.startswith("pages") else STATE
+
+
+def named_chunks(
+    manifest: dict[str, Any], chunks: ChunkStore, read: Callable[[str, int], bytes] | None = None,
+    into: set[str] | None = None,
+) -> set[str]:  # fmt: skip
+    """The chunks a snapshot's manifest names, its index blocks included (none for a whole
+    image), added to `into` (whose blocks are not read again: what they name is in it). Blocks
+    are read from `chunks`, or with `read` where it lacks them. ChunkCorrupt if its recipes or
+    a block are unreadable."""
+    named = set() if into is None else into
     if "files" not in manifest:
-        return set()
-    try:
-        recipes = _decoded(manifest)
-    except ChunkCorrupt as exc:
-        raise ValueError(exc.message) from None
-    return {digest for recipe in recipes.values() for digest, _ in recipe}
+        return named
+    for root, depth in index_roots(manifest).values():
+        level = root
+        for below in range(depth, -1, -1):
+            unread = [(digest, length) for digest, length in level if digest not in named]
+            named |= {digest for digest, _ in level}
+            if below:
+                level = chunks.expand(unread, read)
+    return named
+
+
+def chunk_recipes(manifest: dict[str, Any], chunks: ChunkStore) -> dict[str, Recipe]:
+    """A chunked manifest's recipes (its index expanded), by file name; ChunkCorrupt if they
+    are unreadable."""
+    return {name: chunks.levels(root, depth)[-1]
+            for name, (root, depth) in index_roots(manifest).items()}  # fmt: skip
+
+
+def index_roots(manifest: dict[str, Any]) -> dict[str, tuple[Recipe, int]]:
+    """A chunked manifest's files: the root of each one's index and its depth (0: the root is
+    the file's recipe); ChunkCorrupt if they are unreadable."""
+    roots = _decoded(manifest)
+    depths = manifest.get("index_depths", {})
+    if not isinstance(depths, dict) or set(depths) - set(roots):
+        raise ChunkCorrupt("its index depths are unreadable")
+    found = {name: (root, depths.get(name, 0)) for name, root in roots.items()}
+    if any(not isinstance(depth, int) or not 0 <= depth <= 8 for _, depth in found.values()):
+        raise ChunkCorrupt(f"its index depths are out of range: {depths}")
+    return found
 
 
 def _decoded(manifest: dict[str, Any]) -> dict[str, Recipe]:
