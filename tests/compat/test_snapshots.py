@@ -30,7 +30,7 @@ def _count(sandbox: Sandbox) -> int:
 
 def _counting(sandbox: Sandbox) -> int:
     """Start the counter and return once it has counted a little."""
-    sandbox.commands.run(COUNTER, background=True)
+    sandbox.commands.run(COUNTER, background=True, timeout=0)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -252,7 +252,9 @@ def test_deleting_a_snapshot_while_sandboxes_start_from_it(compat: Compat) -> No
 def _serving(sandbox: Sandbox, text: str) -> None:
     """A web server on port 8000 inside, answering `text`."""
     sandbox.files.write("/home/user/www/index.html", text)
-    sandbox.commands.run("cd /home/user/www && python3 -m http.server 8000", background=True)
+    sandbox.commands.run(
+        "cd /home/user/www && python3 -m http.server 8000", background=True, timeout=0
+    )
     probe = "curl -sf http://127.0.0.1:8000/index.html"
     deadline = time.monotonic() + 30
     while sandbox.commands.run(probe + " || true").stdout != text:

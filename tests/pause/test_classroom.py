@@ -75,7 +75,7 @@ def test_student_comes_back_to_everything(server: Server) -> None:
     sbx.commands.run("python3 -m pip install --user --break-system-packages --no-index "
                      "/home/user/greeting-1.0-py3-none-any.whl")  # fmt: skip
     sbx.files.write("/home/user/counter.py", COUNTER)
-    sbx.commands.run("python3 /home/user/counter.py", background=True)
+    sbx.commands.run("python3 /home/user/counter.py", background=True, timeout=0)
     terminal = sbx.pty.create(PtySize(rows=24, cols=80))
     screen = bytearray()
     _attach(sbx, terminal.pid, screen)

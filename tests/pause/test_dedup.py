@@ -37,7 +37,7 @@ def test_paused_sandboxes_share_chunks_and_a_damaged_one_refuses_only_its_resume
     damaged, intact = (Sandbox.create(timeout=120, **opts) for _ in range(2))  # type: ignore[arg-type]
     for sbx in (damaged, intact):
         sbx.files.write("/home/user/own.txt", sbx.sandbox_id)
-        sbx.commands.run("sleep 600", background=True)
+        sbx.commands.run("sleep 600", background=True, timeout=0)
         assert sbx.pause()
     snapshots = server.state_dir / "snapshots"
     assert not (snapshots / damaged.sandbox_id / "checkpoint").exists()  # chunks only

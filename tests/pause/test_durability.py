@@ -31,7 +31,7 @@ while True:
 def test_pause_resume_cycles_lose_nothing(server: Server) -> None:
     sbx = Sandbox.create(timeout=600, **opts(server))  # type: ignore[arg-type]
     sbx.files.write("/home/user/ticker.py", TICKER)
-    sbx.commands.run("python3 /home/user/ticker.py", background=True)
+    sbx.commands.run("python3 /home/user/ticker.py", background=True, timeout=0)
     started = sbx.commands.run("while [ ! -s /tmp/n ]; do sleep 0.05; done; cat /tmp/n")
     last_tick = first_tick = int(started.stdout)
     for cycle in range(CYCLES):

@@ -172,17 +172,17 @@ def test_servers_and_open_connections_pause_resume_and_keep_working(server: Serv
         for name, code in (("asyncio_echo.py", ASYNCIO_ECHO), ("app.py", STARLETTE_APP),
                            ("threaded.py", THREADED), ("talker.py", TALKER)):  # fmt: skip
             sbx.files.write(f"/home/user/{name}", code)
-        sbx.commands.run("python3 asyncio_echo.py", background=True, cwd="/home/user")
+        sbx.commands.run("python3 asyncio_echo.py", background=True, timeout=0, cwd="/home/user")
         sbx.commands.run("python3 -m uvicorn --host 0.0.0.0 --port 8001 app:app",
-                         background=True, cwd="/home/user",
+                         background=True, timeout=0, cwd="/home/user",
                          envs={"PYTHONPATH": "/opt/vivarium/lib"})  # fmt: skip
-        sbx.commands.run("python3 threaded.py", background=True, cwd="/home/user")
+        sbx.commands.run("python3 threaded.py", background=True, timeout=0, cwd="/home/user")
         _wait(lambda: _get(server, sbx.sandbox_id, 8001).text == "starlette 1", "uvicorn")
         _wait(lambda: _get(server, sbx.sandbox_id, 8002).text == "threaded", "http.server")
-        sbx.commands.run("python3 talker.py 127.0.0.1 8000 inside", background=True,
+        sbx.commands.run("python3 talker.py 127.0.0.1 8000 inside", background=True, timeout=0,
                          cwd="/home/user")  # fmt: skip
         sbx.commands.run(f"python3 talker.py {OUT_ADDR} {OUT_PORT} outside", background=True,
-                         cwd="/home/user")  # fmt: skip
+                         timeout=0, cwd="/home/user")  # fmt: skip
         _wait(lambda: _talk(sbx, "inside")[1] > 5, "the connection inside")
         _wait(lambda: _talk(sbx, "outside")[1] > 5, "the connection to the outside")
         inside_port, _, _ = _talk(sbx, "inside")
@@ -219,7 +219,7 @@ def test_a_response_streaming_through_the_proxy_is_cut_cleanly_by_a_pause(server
     sbx = Sandbox.create(timeout=300, **opts)  # type: ignore[arg-type]
     try:
         sbx.files.write("/home/user/streamer.py", STREAMER)
-        sbx.commands.run("python3 streamer.py", background=True, cwd="/home/user")
+        sbx.commands.run("python3 streamer.py", background=True, timeout=0, cwd="/home/user")
         headers = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8003"}
         url = f"{opts['sandbox_url']}/"
         _wait(lambda: _first_line(url, headers) == "0", "the streamer")
@@ -274,7 +274,7 @@ def test_a_connection_being_opened_does_not_stop_a_pause(server: Server) -> None
     try:
         sbx.files.write("/home/user/dialer.py", DIALER)
         sbx.files.write("/home/user/kept.txt", "kept")
-        sbx.commands.run(f"python3 dialer.py {OUT_ADDR} {SILENT_PORT}", background=True,
+        sbx.commands.run(f"python3 dialer.py {OUT_ADDR} {SILENT_PORT}", background=True, timeout=0,
                          cwd="/home/user")  # fmt: skip
         ss = sbx.commands.run("sleep 0.5; cat /proc/net/tcp").stdout
         assert " 02 " in ss, "no connection in SYN-SENT inside the sandbox"  # st 02 = SYN_SENT

@@ -159,10 +159,10 @@ def _cycles(srv: Server, sbx: Sandbox, outbound: bool) -> Counter[str]:
 def _start(srv: Server, outbound: bool) -> Sandbox:
     sbx = Sandbox.create(timeout=300, **_opts(srv))  # type: ignore[arg-type]
     sbx.files.write("/home/user/server.py", SERVER)
-    sbx.commands.run("python3 /home/user/server.py", background=True)
+    sbx.commands.run("python3 /home/user/server.py", background=True, timeout=0)
     if outbound:
         sbx.files.write("/home/user/connector.py", CONNECTOR)
-        sbx.commands.run("python3 /home/user/connector.py", background=True)
+        sbx.commands.run("python3 /home/user/connector.py", background=True, timeout=0)
     deadline = time.monotonic() + 30
     while f":{PORT:04X} " not in sbx.commands.run("cat /proc/net/tcp").stdout:
         assert time.monotonic() < deadline, "the server did not start"

@@ -50,7 +50,7 @@ def test_volumes_and_rules_outlive_a_restart_with_their_sandboxes_running_and_pa
         running.files.write("/mnt/data/before.txt", "before")
         running.commands.run(f"echo nameserver {DNS} > /etc/resolv.conf", user="root")
         assert _reaches(running, "https://pkg.example.test/") == NAMED
-        paused.commands.run("sleep 600", background=True)
+        paused.commands.run("sleep 600", background=True, timeout=0)
         assert paused.pause()
         server.stop()
         mounts = Path("/proc/self/mountinfo").read_text()

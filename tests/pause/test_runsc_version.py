@@ -22,7 +22,7 @@ def test_a_snapshot_of_another_runsc_version_is_refused_and_kept(server: Server)
     opts = _opts(server)
     sbx = Sandbox.create(timeout=120, **opts)  # type: ignore[arg-type]
     sbx.files.write("/home/user/work.txt", "kept")
-    sbx.commands.run("sleep 600", background=True)
+    sbx.commands.run("sleep 600", background=True, timeout=0)
     assert sbx.pause()
     snapshots = server.state_dir / "snapshots"
     manifest_file = snapshots / sbx.sandbox_id / "manifest.json"

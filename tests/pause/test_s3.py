@@ -88,7 +88,7 @@ def _count(sbx: Sandbox) -> int:
 
 def _start_counter(sbx: Sandbox) -> None:
     sbx.files.write("/home/user/counter.py", COUNTER)
-    sbx.commands.run("python3 /home/user/counter.py", background=True)
+    sbx.commands.run("python3 /home/user/counter.py", background=True, timeout=0)
     _wait_for(lambda: sbx.files.exists("/home/user/count.txt") and _count(sbx) >= 3)
 
 
