@@ -251,8 +251,7 @@ class S3Store:
     def _known_chunks(self) -> set[str]:
         with self._known_lock:
             if self._known is None:
-                base = self._key(CHUNKS) + "/"
-                self._known = {key.rsplit("/", 1)[-1] for key in self._list(base)}
+                self._known = set(self._stored_chunks())
             return self._known
 
     def _forget(self) -> None:
@@ -274,17 +273,20 @@ class S3Store:
         with ThreadPoolExecutor(CHUNK_CALLS) as pool:
             list(pool.map(upload, missing))  # the first failure is raised
 
+    def _get_chunk(self, digest: str) -> bytes:
+        """A chunk as stored (compressed, unverified)."""
+        answer = self._s3().get_object(Bucket=self.bucket, Key=self._chunk_key(digest))
+        return answer["Body"].read()
+
     def _read_chunk(self, digest: str, length: int) -> bytes:
         """A chunk's bytes, uncompressed and verified, read from the bucket."""
-        body = self._s3().get_object(Bucket=self.bucket, Key=self._chunk_key(digest))
-        return verified(digest, body["Body"].read(), length)
+        return verified(digest, self._get_chunk(digest), length)
 
     def _download_chunks(self, digests: Collection[str], chunks: ChunkStore) -> None:
         missing = sorted(d for d in set(digests) if not chunks.path(d).exists())
 
         def download(digest: str) -> None:
-            body = self._s3().get_object(Bucket=self.bucket, Key=self._chunk_key(digest))
-            chunks.add_verified(digest, body["Body"].read())
+            chunks.add_verified(digest, self._get_chunk(digest))
 
         with ThreadPoolExecutor(CHUNK_CALLS) as pool:
             list(pool.map(download, missing))
@@ -329,8 +331,5 @@ class S3Store:
                 if under and under != top + CHUNKS + "/":
                     yield from (k for k in self._list(under) if k.endswith("/" + MANIFEST))
 
-    def _stored_chunks(self) -> Iterator[str]:
-        pages = self._s3().get_paginator("list_objects_v2")
-        for page in pages.paginate(Bucket=self.bucket, Prefix=self._key(CHUNKS) + "/"):
-            for item in page.get("Contents", []):
-                yield item["Key"].rsplit("/", 1)[-1]
+    def _stored_chunks(self) -> list[str]:
+        return [key.rsplit("/", 1)[-1] for key in self._list(self._key(CHUNKS) + "/")]
