@@ -122,6 +122,22 @@ def test_a_name_taken_again_gives_its_snapshot_new_contents(compat: Compat) -> N
         Sandbox.delete_snapshot(first.snapshot_id)
 
 
+def test_what_follows_a_snapshot_waits_for_its_source_to_run_again(compat: Compat) -> None:
+    # create_snapshot answers once the snapshot is sealed, perhaps before its source is
+    # restored: a pause at once (no request to the sandbox in between) waits for that restore,
+    # and takes a sandbox that runs, its counter included.
+    source = Sandbox.create(timeout=120)
+    try:
+        before = _counting(source)
+        info = source.create_snapshot()
+        assert source.pause()
+        back = Sandbox.connect(source.sandbox_id, timeout=120)
+        _carries_on(back, before)
+        assert Sandbox.delete_snapshot(info.snapshot_id) is True
+    finally:
+        source.kill()
+
+
 def test_fork_children_carry_on_the_parent_and_diverge(compat: Compat) -> None:
     parent = Sandbox.create(timeout=120, metadata={"task": "fix-bug"})
     try:

@@ -7,7 +7,7 @@ stored once, zstd-compressed, under the SHA-256 of its uncompressed bytes. A sna
 manifest lists its chunks (a *recipe*: digest and length, in order).
 
 A recipe is itself kept as chunks (an *index*), so that siblings share it too: its entries are
-cut into blocks where a digest says (on average every 16 entries: a sandbox's own chunks change
+cut into blocks where a digest says (on average every 11 entries: a sandbox's own chunks change
 only the blocks around them), each block is stored as a chunk, and so on for the recipe of the
 blocks until it has at most INDEX_MAX entries: the manifest keeps that root and its depth.
 Without it, each sandbox's manifest was ~125 KB, as much as a tenth of what it held of its own;
@@ -70,11 +70,14 @@ class Chunking:
 # for six paused `base` siblings each holding 1 MiB of its own (2026-12-02), what each stored
 # of its own besides the shared part came to 1172 KiB at 16 KiB on average, 1133 at 8, 1089 at
 # 4, which doubles the chunks (and files, and S3 requests) at each step: 8 KiB, about 5,000
-# chunks for a 40 MiB image. Higher zstd levels gained little here and cost a pause more.
-MEMORY = Chunking(min_size=2 << 10, avg_size=8 << 10, max_size=64 << 10, level=3)
+# chunks for a 40 MiB image. Bounding them closer to the average helps as much for almost
+# no more chunks (a change anywhere in a long chunk costs all of it): 1133 KiB at 2-64 KiB,
+# 1115 at 4-16 KiB, 1105 at 4-12 KiB with 7% more chunks (2026-12-03). Higher zstd levels
+# gained little here and cost a pause more.
+MEMORY = Chunking(min_size=4 << 10, avg_size=8 << 10, max_size=16 << 10, level=3)
 # Anything else (runsc's kernel state: 1.3 MiB that differs all over from a sibling's, so none
 # of it is shared): large chunks and a higher level compress it better, 160 KiB -> 88 KiB per
-# sandbox, for 14 ms.
+# sandbox, for 14 ms; against a sibling's, 49 KiB (state_delta.py).
 STATE = Chunking(min_size=16 << 10, avg_size=64 << 10, max_size=256 << 10, level=9)
 MAX_CHUNK = max(MEMORY.max_size, STATE.max_size)
 INDEX_LEVEL = 3
@@ -85,9 +88,10 @@ Recipe = list[tuple[str, int]]  # (SHA-256 of the uncompressed chunk, its length
 
 
 _ENTRY = struct.Struct(">32sI")  # a recipe's entry as stored: the digest's bytes, the length
-# An entry whose digest's first byte is below this ends an index block (1 in 16), and a block
-# holds at most INDEX_MAX entries.
-INDEX_CUT = 16
+# An entry whose digest's first byte is below this ends an index block (3 in 32), and a block
+# holds at most INDEX_MAX entries. Blocks of ~11 entries left a paused sibling 30 KiB of index
+# of its own, 35 KiB with 16 and 42 KiB with 32 (simulated on six siblings, 2026-12-03).
+INDEX_CUT = 24
 INDEX_MAX = 64
 
 
@@ -246,6 +250,11 @@ class ChunkStore:
             dest.unlink(missing_ok=True)
             raise
 
+    def content(self, recipe: Recipe) -> bytes:
+        """The (small) file `recipe` describes, in memory, every chunk verified."""
+        decompressor = zstandard.ZstdDecompressor()
+        return b"".join(self._read(decompressor, digest, length) for digest, length in recipe)
+
     def _read(self, decompressor: zstandard.ZstdDecompressor, digest: str, length: int) -> bytes:
         hint = "the snapshot cannot be restored from this copy"
         try:
@@ -366,20 +375,24 @@ class ChunkBatch:
             self.pinned.append(digest)
 
     def file(self, path: Path, chunking: Chunking = MEMORY) -> Recipe:
-        recipe: Recipe = []
-        compressor = zstandard.ZstdCompressor(level=chunking.level)
         with path.open("rb") as file:
             if os.fstat(file.fileno()).st_size == 0:
-                return recipe
+                return []
             with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                chunks = fastcdc(data, min_size=chunking.min_size, avg_size=chunking.avg_size,
-                                 max_size=chunking.max_size, hf=hashlib.sha256)  # fmt: skip
-                try:
-                    for chunk in chunks:
-                        view = data[chunk.offset : chunk.offset + chunk.length]
-                        recipe.append((self._add(compressor, chunk.hash, view), chunk.length))
-                finally:
-                    chunks.close()  # drops its views of the map, which cannot close under them
+                return self.data(data, chunking)
+
+    def data(self, data: bytes | mmap.mmap, chunking: Chunking = MEMORY) -> Recipe:
+        recipe: Recipe = []
+        if len(data):
+            compressor = zstandard.ZstdCompressor(level=chunking.level)
+            chunks = fastcdc(data, min_size=chunking.min_size, avg_size=chunking.avg_size,
+                             max_size=chunking.max_size, hf=hashlib.sha256)  # fmt: skip
+            try:
+                for chunk in chunks:
+                    view = data[chunk.offset : chunk.offset + chunk.length]
+                    recipe.append((self._add(compressor, chunk.hash, view), chunk.length))
+            finally:
+                chunks.close()  # drops its views of a map, which cannot close under them
         self._sync(recipe)
         return recipe
 

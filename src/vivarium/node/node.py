@@ -134,6 +134,8 @@ class Node:
         # sooner; the rest wait their turn (E2B's nodes cap "starting" sandboxes the same way).
         self._starting = asyncio.Semaphore(settings.max_starting)
         self._cleanups: set[asyncio.Task[None]] = set()
+        # Sandboxes started again after a snapshot was taken of them (team_snapshots.py).
+        self.restarts: set[asyncio.Task[None]] = set()
         self.warm = WarmPool(self, dict(settings.warm_pool))
         self.builds = TemplateBuilds(self, settings.state_dir / "template-files")
         self._reaper: asyncio.Task[None] | None = None
@@ -208,6 +210,8 @@ class Node:
             if task:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if self.restarts:
+            await asyncio.gather(*self.restarts, return_exceptions=True)
         await self._drain_cleanups()
         if self._collecting is not None:  # a thread: it finishes (and is crash-safe anyway)
             await asyncio.gather(self._collecting, return_exceptions=True)
@@ -672,7 +676,8 @@ class Node:
     async def snapshot(self, sandbox_id: str, key: str, *, remote: bool = True,
                        memory: bool = True) -> Snapshot:  # fmt: skip
         """Save the running sandbox (memory, processes, files; only files without `memory`) as
-        the snapshot `key`; it keeps running, stopped only for the checkpoint."""
+        the snapshot `key`; it keeps running, stopped for the checkpoint and its restore, which
+        may still be under way when this returns."""
         return await snapshot_sandbox(self, sandbox_id, key, remote=remote, memory=memory)
 
     async def create_from_snapshot(self, req: CreateRequest, key: str) -> SandboxRecord:

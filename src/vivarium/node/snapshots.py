@@ -6,10 +6,11 @@ The key is a paused sandbox's id (its one snapshot, replaced by each pause), a t
 id (`new_snapshot_id`, started from by creates), or a fork's (`new_fork_key`, kept only while
 its children start). They never collide: sandbox ids start with `i`, team snapshots' with `s`.
 
-With VIVARIUM_SNAPSHOT_DEDUP=1, a paused sandbox's snapshot is kept as
+By default (VIVARIUM_SNAPSHOT_DEDUP=0 turns it off) a paused sandbox's snapshot is kept as
 chunks (chunks.py): its `manifest.json` lists, per file of runsc's image, the chunks it is made
 of, and the image is rebuilt from them, verified chunk by chunk, for each resume. Sandboxes
-from one template, and the successive pauses of one sandbox, share most of their chunks. A
+from one template, and the successive pauses of one sandbox, share most of their chunks; the
+kernel state, which they cannot share, is kept against a sibling's (state_delta.py). A
 team's snapshot or a fork's keeps its image whole, in `checkpoint/`, ready for the many creates
 that start from it.
 
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vivarium.errors import Conflict, HostNotReady, InsufficientStorage, NotFound, RuntimeFailure
+from vivarium.node import state_delta
 from vivarium.node.chunks import (
     MEMORY,
     STATE,
@@ -182,6 +184,7 @@ class SnapshotStore:
         self.dedup = dedup
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.chunks = ChunkStore(root / CHUNKS)
+        self.bases = state_delta.Bases(self.chunks)
         # Set when a snapshot went (and at start: a crash may have left chunks behind), here
         # and in the remote tier.
         self.may_hold_unnamed_chunks = True
@@ -244,17 +247,36 @@ class SnapshotStore:
             if self.remote is not None and remote:
                 self.remote.put(sandbox_id, staging, manifest, self.chunks)
             return self._replace(sandbox_id, staging, manifest)
+        build = f"{record.get('template')}/{record.get('build_id')}"
         with self.chunks.adding() as adding:  # pinned until the manifest naming them is written
-            roots = {path.name: adding.index(adding.file(path, _chunking(path)))
-                     for path in _image_files(checkpoint)}  # fmt: skip
+            roots: dict[str, tuple[Recipe, int]] = {}
+            new_base = None
+            for path in _image_files(checkpoint):
+                if path.name != state_delta.STATE_FILE:
+                    roots[path.name] = adding.index(adding.file(path, _chunking(path)))
+                    continue
+                state = path.read_bytes()
+                base = self.bases.claim(build, adding)
+                if base is None:
+                    roots[path.name] = new_base = adding.index(adding.data(state, STATE))
+                else:
+                    delta = state_delta.against(base, state)
+                    roots[path.name] = adding.index(adding.data(delta, state_delta.DELTA))
+                    roots[path.name + state_delta.BASE] = (base.root, base.depth)
             files = {name: root for name, (root, _depth) in roots.items()}
-            manifest["files"] = {name: encode_recipe(recipe) for name, recipe in files.items()}
+            manifest["files"] = {name: encode_recipe(recipe) for name, recipe in files.items()
+                                 if not name.endswith(state_delta.BASE)}  # fmt: skip
+            manifest["bases"] = {name[: -len(state_delta.BASE)]: encode_recipe(recipe)
+                                 for name, recipe in files.items()
+                                 if name.endswith(state_delta.BASE)}  # fmt: skip
             manifest["index_depths"] = {name: depth for name, (_root, depth) in roots.items()}
             manifest["stored_bytes"] = adding.new_bytes  # what it added to the store
             manifest["checksum"] = _recipes_digest(files)  # what the catalog records
             (staging / "manifest.json").write_text(json.dumps(manifest))
             fsync_path(staging / "manifest.json")  # the chunks it names are durable already
             fsync_path(staging)
+            if new_base is not None:
+                self.bases.offer(build, *new_base, state)
             if self.remote is not None and remote:
                 try:
                     self.remote.put(sandbox_id, staging, manifest, self.chunks)
@@ -317,8 +339,16 @@ class SnapshotStore:
         try:
             if _recipes_digest(_decoded(manifest)) != manifest.get("checksum"):  # before any read
                 raise ChunkCorrupt("its recipes do not match its checksum")
-            for name, recipe in chunk_recipes(manifest, self.chunks).items():
-                self.chunks.rebuild(recipe, image / name)
+            recipes = chunk_recipes(manifest, self.chunks)
+            for name, recipe in recipes.items():
+                base = recipes.get(name + state_delta.BASE)
+                if name.endswith(state_delta.BASE):
+                    continue
+                if base is None:
+                    self.chunks.rebuild(recipe, image / name)
+                else:
+                    delta, dictionary = self.chunks.content(recipe), self.chunks.content(base)
+                    (image / name).write_bytes(state_delta.restored(delta, dictionary))
         except ChunkCorrupt as exc:
             self.discard(image)
             raise SnapshotCorrupt(f"snapshot of {sandbox_id} is corrupt: {exc.message}",
@@ -529,15 +559,15 @@ def named_chunks(
 
 
 def chunk_recipes(manifest: dict[str, Any], chunks: ChunkStore) -> dict[str, Recipe]:
-    """A chunked manifest's recipes (its index expanded), by file name; ChunkCorrupt if they
-    are unreadable."""
+    """A chunked manifest's recipes (its index expanded), by file name (bases as `_decoded`
+    names them); ChunkCorrupt if they are unreadable."""
     return {name: chunks.levels(root, depth)[-1]
             for name, (root, depth) in index_roots(manifest).items()}  # fmt: skip
 
 
 def index_roots(manifest: dict[str, Any]) -> dict[str, tuple[Recipe, int]]:
-    """A chunked manifest's files: the root of each one's index and its depth (0: the root is
-    the file's recipe); ChunkCorrupt if they are unreadable."""
+    """A chunked manifest's files and bases (`_decoded`): the root of each one's index and its
+    depth (0: the root is the file's recipe); ChunkCorrupt if they are unreadable."""
     roots = _decoded(manifest)
     depths = manifest.get("index_depths", {})
     if not isinstance(depths, dict) or set(depths) - set(roots):
@@ -549,14 +579,20 @@ def index_roots(manifest: dict[str, Any]) -> dict[str, tuple[Recipe, int]]:
 
 
 def _decoded(manifest: dict[str, Any]) -> dict[str, Recipe]:
-    """A chunked manifest's recipes, by file name; ChunkCorrupt if they are unreadable."""
+    """A chunked manifest's recipes, by file name, and those of the bases its files are kept
+    against (state_delta.py), by the file's name and `@base`; ChunkCorrupt if they are
+    unreadable."""
     try:
         recipes = {str(name): decode_recipe(text) for name, text in manifest["files"].items()}
+        bases = {f"{name}{state_delta.BASE}": decode_recipe(text)
+                 for name, text in manifest.get("bases", {}).items()}  # fmt: skip
     except (ValueError, TypeError, AttributeError) as exc:
         raise ChunkCorrupt(f"its recipes are unreadable: {exc}") from None
-    if any("/" in name or name.startswith(".") for name in recipes):
+    if any("/" in name or "@" in name or name.startswith(".") for name in recipes):
         raise ChunkCorrupt(f"its manifest names unexpected files: {sorted(recipes)}")
-    return recipes
+    if any(name[: -len(state_delta.BASE)] not in recipes for name in bases):
+        raise ChunkCorrupt(f"its manifest has bases of no file: {sorted(bases)}")
+    return recipes | bases
 
 
 def _recipes_digest(files: dict[str, Recipe]) -> str:

@@ -2,9 +2,11 @@
 (create one, then create sandboxes from it) and forks (one snapshot, N children at once).
 
 A snapshot is a checkpoint like a pause's, stored the same way (snapshots.py); the sandbox it
-came from is started again from it at once, with its id, token and end time, before the
+came from is started again from it at once, with its id, token and end time, while the
 snapshot is sealed (checksummed, fsync'ed, uploaded), so that it stops only for the checkpoint
-and that restore. A sandbox started from a snapshot is a new sandbox
+and that restore. The caller has its snapshot once it is sealed: a restore takes longer than
+the checkpoint (this runsc stops a sandbox to checkpoint it), and whoever snapshots a sandbox
+to start others from it need not wait for it. A sandbox started from a snapshot is a new sandbox
 (new id and token) with the source's memory, processes and files, on the template build the
 source was created from.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vivarium.errors import RuntimeFailure, VivariumError
@@ -44,11 +47,14 @@ async def snapshot_sandbox(
 ) -> Snapshot:
     """Save the running sandbox as the snapshot `key`, and start it again from the checkpoint
     while the snapshot is sealed, so that it is stopped only for the checkpoint and that
-    restore. If the checkpoint fails it keeps running unchanged; if only sealing fails, it runs
-    on and no snapshot is kept; if only starting it again fails, the snapshot is still made (it
-    holds everything the sandbox had) and the sandbox's end is an event, as when one dies."""
-    async with node.locked(sandbox_id) as record:
-        if not memory:  # its files, read while it runs on (node/file_snapshots.py)
+    restore. Returns once the snapshot is sealed, perhaps before the sandbox runs again: its
+    lock is held until it does (the proxy holds its requests meanwhile), so whatever the caller
+    does with it next waits for that. If the checkpoint fails it keeps running unchanged; if
+    only sealing fails, it runs on and no snapshot is kept; if only starting it again fails,
+    the snapshot is still made (it holds everything the sandbox had) and the sandbox's end is
+    an event, as when one dies."""
+    if not memory:
+        async with node.locked(sandbox_id) as record:  # its files, read while it runs on
             staging = await capture_files(node, record, key)
             try:
                 return await seal(node, record, key, staging, remote=remote,
@@ -56,38 +62,72 @@ async def snapshot_sandbox(
             except BaseException:
                 await asyncio.to_thread(node.snapshots.discard, staging)
                 raise
-        staging = await checkpoint_sandbox(node, record, key, DOING, remote=remote)
-        # Side by side: the restore reads the checkpoint under a name of its own, since
-        # sealing renames the staging directory (one after the other if it cannot have one).
-        try:
-            image, linked = await asyncio.to_thread(node.snapshots.linked_image, staging), True
-        except OSError as exc:
-            log.warning("restoring %s before sealing its snapshot: %s", sandbox_id, exc)
-            image, linked = staging / "checkpoint", False
-        restarting = start_again(node, record, image, DOING)
-        sealing = seal(node, record, key, staging, remote=remote)
-        try:
-            if linked:
-                restarted, sealed = await asyncio.gather(restarting, sealing,
-                                                         return_exceptions=True)  # fmt: skip
-            else:  # sealing moves the checkpoint: one after the other
-                (restarted,) = await asyncio.gather(restarting, return_exceptions=True)
-                (sealed,) = await asyncio.gather(sealing, return_exceptions=True)
-        finally:
-            if linked:
-                await asyncio.to_thread(node.snapshots.discard, image)
-        if isinstance(restarted, BaseException):
-            log.error("sandbox %s ended while its snapshot %s was taken: %s", sandbox_id, key,
-                      restarted)  # fmt: skip
-        if isinstance(sealed, BaseException):
-            await asyncio.to_thread(node.snapshots.discard, staging)
-            if isinstance(sealed, VivariumError):
-                raise sealed
-            raise RuntimeFailure(f"snapshot of sandbox {sandbox_id} not stored: {sealed}",
-                                 "it keeps running; take the snapshot again") from None  # fmt: skip
-        snapshot = sealed
+    sealed: asyncio.Future[Snapshot] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(_snapshot_and_restart(node, sandbox_id, key, remote, sealed))
+    node.restarts.add(task)
+    task.add_done_callback(node.restarts.discard)
+    snapshot = await asyncio.shield(sealed)
     log.info("sandbox %s saved as %s (%d MiB)", sandbox_id, key, snapshot.size >> 20)
     return snapshot
+
+
+async def _snapshot_and_restart(
+    node: Node, sandbox_id: str, key: str, remote: bool, sealed: asyncio.Future[Snapshot]
+) -> None:
+    """snapshot_sandbox's work: `sealed` gets the snapshot (or why there is none) as soon as
+    it is known; the sandbox's lock is held until it runs again."""
+
+    def outcome(result: Snapshot | BaseException) -> None:
+        if sealed.done():
+            return
+        if isinstance(result, BaseException):
+            sealed.set_exception(result)
+        else:
+            sealed.set_result(result)
+
+    try:
+        async with node.locked(sandbox_id) as record:
+            staging = await checkpoint_sandbox(node, record, key, DOING, remote=remote)
+            # Side by side: the restore reads the checkpoint under a name of its own, since
+            # sealing renames the staging directory (one after the other if it cannot).
+            try:
+                image = await asyncio.to_thread(node.snapshots.linked_image, staging)
+            except OSError as exc:
+                log.warning("restoring %s before sealing its snapshot: %s", sandbox_id, exc)
+                await _restart(node, record, staging / "checkpoint", key)
+                outcome(await _sealed(node, record, key, staging, remote))
+                return
+            restarting = asyncio.create_task(_restart(node, record, image, key))
+            try:
+                outcome(await _sealed(node, record, key, staging, remote))
+            finally:
+                await asyncio.gather(restarting, return_exceptions=True)
+                await asyncio.to_thread(node.snapshots.discard, image)
+    except BaseException as exc:
+        outcome(exc)
+        if not isinstance(exc, Exception):
+            raise
+
+
+async def _sealed(node: Node, record: SandboxRecord, key: str, staging: Path,
+                  remote: bool) -> Snapshot | BaseException:  # fmt: skip
+    """The snapshot sealed, or the error that says it was not (its staging removed)."""
+    try:
+        return await seal(node, record, key, staging, remote=remote)
+    except Exception as exc:
+        await asyncio.to_thread(node.snapshots.discard, staging)
+        if isinstance(exc, VivariumError):
+            return exc
+        return RuntimeFailure(f"snapshot of sandbox {record.sandbox_id} not stored: {exc}",
+                              "it keeps running; take the snapshot again")  # fmt: skip
+
+
+async def _restart(node: Node, record: SandboxRecord, image: Path, key: str) -> None:
+    try:
+        await start_again(node, record, image, DOING)
+    except Exception as exc:  # start_again recorded its end as an event
+        log.error("sandbox %s ended while its snapshot %s was taken: %s", record.sandbox_id,
+                  key, exc)  # fmt: skip
 
 
 async def start_from_snapshot(node: Node, req: CreateRequest, key: str) -> SandboxRecord:
