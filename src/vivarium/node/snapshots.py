@@ -250,6 +250,7 @@ class SnapshotStore:
         build = f"{record.get('template')}/{record.get('build_id')}"
         with self.chunks.adding() as adding:  # pinned until the manifest naming them is written
             roots: dict[str, tuple[Recipe, int]] = {}
+            bases: dict[str, tuple[Recipe, int]] = {}  # by the name of the file kept against it
             new_base = None
             for path in _image_files(checkpoint):
                 if path.name != state_delta.STATE_FILE:
@@ -262,13 +263,11 @@ class SnapshotStore:
                 else:
                     delta = state_delta.against(base, state)
                     roots[path.name] = adding.index(adding.data(delta, state_delta.DELTA))
-                    roots[path.name + state_delta.BASE] = (base.root, base.depth)
+                    bases[path.name] = (base.root, base.depth)
+            manifest["files"] = {name: encode_recipe(root) for name, (root, _) in roots.items()}
+            manifest["bases"] = {name: encode_recipe(root) for name, (root, _) in bases.items()}
+            roots |= {name + state_delta.BASE: root for name, root in bases.items()}  # _decoded's
             files = {name: root for name, (root, _depth) in roots.items()}
-            manifest["files"] = {name: encode_recipe(recipe) for name, recipe in files.items()
-                                 if not name.endswith(state_delta.BASE)}  # fmt: skip
-            manifest["bases"] = {name[: -len(state_delta.BASE)]: encode_recipe(recipe)
-                                 for name, recipe in files.items()
-                                 if name.endswith(state_delta.BASE)}  # fmt: skip
             manifest["index_depths"] = {name: depth for name, (_root, depth) in roots.items()}
             manifest["stored_bytes"] = adding.new_bytes  # what it added to the store
             manifest["checksum"] = _recipes_digest(files)  # what the catalog records
@@ -341,9 +340,9 @@ class SnapshotStore:
                 raise ChunkCorrupt("its recipes do not match its checksum")
             recipes = chunk_recipes(manifest, self.chunks)
             for name, recipe in recipes.items():
-                base = recipes.get(name + state_delta.BASE)
                 if name.endswith(state_delta.BASE):
-                    continue
+                    continue  # read with the file kept against it
+                base = recipes.get(name + state_delta.BASE)
                 if base is None:
                     self.chunks.rebuild(recipe, image / name)
                 else:
