@@ -28,6 +28,18 @@ def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         }
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report ends with what the servers it used logged meanwhile."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.failed:
+        from tests.integration.support import server_logs_since
+
+        for name, tail in server_logs_since(call.start):
+            report.sections.append((f"log of test server {name}", tail))
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     from tests.integration.support import remove_state_dirs  # imports the client: not earlier
 

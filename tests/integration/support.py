@@ -214,6 +214,19 @@ def sdk_options(srv: Server) -> dict[str, Any]:
             "request_timeout": 300}  # fmt: skip
 
 
+def server_logs_since(started: float, lines: int = 60) -> list[tuple[str, str]]:
+    """The end of every test server's log written since `started` (a time.time()): what a
+    failed test's report shows, since the state directories are gone after the session."""
+    tails = []
+    for state_dir in STATE_DIRS:
+        path = state_dir / "serve.log"
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime >= started:
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+                tails.append((state_dir.name, "\n".join(text)))
+    return tails
+
+
 def remove_state_dirs() -> None:
     """What the session's servers left (GBs of template builds, disks and snapshots): their
     containers deleted, their mounts let go, their files removed. VIVARIUM_TEST_KEEP_STATE=1
