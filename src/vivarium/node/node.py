@@ -812,8 +812,9 @@ class Node:
             "starts_beside_refill": self.starts_beside_refill,
             "max_sandboxes": self.settings.max_sandboxes,
             "slots_in_use": self.pool.in_use,
-            # Teardowns of killed sandboxes or ready disks still being made in the background.
-            "settling": bool(self._cleanups) or self.disks.filling,
+            # Teardowns of killed sandboxes, ready disks still being made, or restored sentries'
+            # garbage being collected, in the background.
+            "settling": bool(self._cleanups) or self.disks.filling or bool(self._reclaims),
             "templates": self.templates.names(),
             "events": self.events,
         }
