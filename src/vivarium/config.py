@@ -111,9 +111,9 @@ class Settings:
     slot_prewarm: int = 4
     max_sandboxes: int = 128
     max_starting: int = 4  # sandboxes restoring at once; more wait (2 cores: more only thrash)
-    # Collect each restored sentry's garbage at once (Runsc.collect_garbage): ~45 MiB less per
-    # sandbox, for runsc's --profile (its sentry may open files read-only in its chroot).
-    reclaim_sentry_memory: bool = True
+    # Collect each restored sentry's garbage at once (Runsc.collect_garbage): ~40 MiB less per
+    # idle sandbox, for runsc's --profile (security.md) and slower pauses (benchmarks.md).
+    reclaim_sentry_memory: bool = False
     # Sandboxes kept restored per template for instant creates (node/warm.py).
     warm_pool: tuple[tuple[str, int], ...] = DEFAULT_WARM_POOL
     # Destinations a sandbox with internet access may reach even though they are private
@@ -181,7 +181,7 @@ class Settings:
             slot_prewarm=_env_int("SLOT_PREWARM", 4),
             max_sandboxes=_env_int("MAX_SANDBOXES", 128),
             max_starting=_env_int("MAX_STARTING", 4),
-            reclaim_sentry_memory=_env("RECLAIM_SENTRY_MEMORY", "1") == "1",
+            reclaim_sentry_memory=_env("RECLAIM_SENTRY_MEMORY", "0") == "1",
             warm_pool=parse_sizes("WARM_POOL", _env("WARM_POOL", "base=2,code-interpreter-v1=1")),
             egress_allow=_env_list("EGRESS_ALLOW"),
             egress_dns=_env_list("EGRESS_DNS"),
