@@ -488,15 +488,13 @@ class Node:
         """The restore's garbage in the container's sentry handed back to the host, in the
         background, once the start is done (Runsc.collect_garbage)."""
         runtime = self.rt()
-        if not runtime.reclaim:
+        if runtime.reclaim is None:
             return
-        scratch = self.settings.state_dir / "reclaim"
 
         async def reclaiming() -> None:
-            await asyncio.to_thread(scratch.mkdir, mode=0o700, exist_ok=True)
             for delay in RECLAIM_DELAYS_S:
                 await asyncio.sleep(delay)
-                if not await runtime.collect_garbage(container_id, scratch / container_id):
+                if not await runtime.collect_garbage(container_id):
                     return  # gone or being saved meanwhile: nothing to hand back
 
         task = asyncio.create_task(reclaiming())
