@@ -50,10 +50,12 @@ from vivarium.network.firewall import HostFirewall
 from vivarium.network.pool import SlotPool, create_slot, destroy_slot, reset_sandbox_side
 from vivarium.node.chunks import ChunkStore
 from vivarium.node.client import NodeClient, NodeError
+from vivarium.node.idle_timers import CHECK_S as IDLE_CHECK_S
+from vivarium.node.idle_timers import IDLE_AFTER_S
 from vivarium.node.snapshots import CHUNKS, SnapshotStore, named_chunks
 from vivarium.runtime import disk
 from vivarium.runtime.bundle import CGROUP_PARENT, Resources, cgroup_path, for_sandbox, write_bundle
-from vivarium.runtime.cgroups import CGROUP_ROOT, memory_stats
+from vivarium.runtime.cgroups import CGROUP_ROOT, cpu_usage_ns, memory_stats
 from vivarium.runtime.probe import DEFAULT_PLATFORM, runsc_version
 from vivarium.runtime.runsc import Runsc, open_runtime
 from vivarium.templates.store import Template, TemplateStore, dir_size
@@ -81,7 +83,8 @@ PROXY_PORT = 4200
 API_PORT = 3200
 API_URL = f"http://127.0.0.1:{API_PORT}"
 PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
-MAX_SANDBOXES = 64
+SCALE_TOTAL = 200
+MAX_SANDBOXES = SCALE_TOTAL + 20  # room for the warm pool's phase beside stragglers
 PREWARM = 12
 # The raw-restore floor's own slot, outside the server's range.
 RAW_PREFIX = "vbr"
@@ -106,8 +109,14 @@ IDLE_WAIT_S = 3.0
 # sentry's garbage in the seconds after a restore (Node._reclaim_soon), also after 10 at once.
 MEMORY_WAIT_S = 10.0
 IDLE_MAX_MIB = 60.0  # issue 13's target for an idle `base` sandbox
-SCALE_TOTAL = 50
-SCALE_BATCH = 10
+SCALE_BATCH = 10  # creates at once while scaling up
+SCALE_CMD_PARALLEL = 4  # commands.run calls at once across the scaled-up sandboxes
+SCALE_CMD_MAX_MS = 1000.0  # issue 13: each of the 200 answers within a second
+# Idle sandboxes get coarse timers after IDLE_AFTER_S without traffic (node/idle_timers.py).
+SCALE_IDLE_WAIT_S = IDLE_AFTER_S + 3 * IDLE_CHECK_S
+SCALE_CPU_S = 20.0  # host CPU read over this long, all sandboxes idle
+SCALE_API_RUNS = 10
+IDLE_CPU_S = 10.0  # a bare restored container's idle CPU, read over this long
 KILL_PARALLEL = 10
 SETTLE_TIMEOUT_S = 60.0
 # Longer than the whole run, so no sandbox expires in the middle of a measurement.
@@ -337,6 +346,28 @@ def sandbox_memory(container_id: str) -> Memory:
     return Memory(stats.usage_bytes, pss_bytes(pids), len(pids))
 
 
+def idle_cpu_ms_per_s(container_ids: list[str], seconds: float) -> float:
+    """CPU (ms per second) the containers use over `seconds`, on average per container."""
+    before = {c: cpu_usage_ns(c) or 0 for c in container_ids}
+    start = time.perf_counter()
+    time.sleep(seconds)
+    used = sum((cpu_usage_ns(c) or 0) - before[c] for c in container_ids)
+    return used / 1e6 / (time.perf_counter() - start) / max(1, len(container_ids))
+
+
+def host_busy_pct(seconds: float) -> float:
+    """How busy the host's CPUs were over `seconds` (all of them together), from /proc/stat."""
+
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return sum(values), values[3] + values[4]  # all, idle + iowait
+
+    total, idle = sample()
+    time.sleep(seconds)
+    total2, idle2 = sample()
+    return 100.0 * (1 - (idle2 - idle) / max(1, total2 - total))
+
+
 def mem_available() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -363,6 +394,7 @@ class RawFloor:
     exec_ms: list[float] = field(default_factory=list)
     delete_ms: list[float] = field(default_factory=list)
     memory: Memory | None = None
+    idle_cpu_ms_per_s: float = 0.0  # host CPU the idle container uses, all its threads
     checkpoint_ms: list[float] = field(default_factory=list)  # the bare container, idle
     checkpoint_restore_ms: list[float] = field(default_factory=list)  # from that checkpoint
     checkpoint_bytes: list[int] = field(default_factory=list)
@@ -372,6 +404,7 @@ async def _probe_container(runtime: Runsc, cid: str, raw: RawFloor) -> None:
     """Idle memory, then exec round trips, of one bare restored container."""
     await asyncio.sleep(MEMORY_WAIT_S)
     raw.memory = sandbox_memory(cid)
+    raw.idle_cpu_ms_per_s = await asyncio.to_thread(idle_cpu_ms_per_s, [cid], IDLE_CPU_S)
     for _ in range(EXEC_RUNS):
         start = time.perf_counter()
         result = await runtime.exec(cid, ["true"])
@@ -471,6 +504,7 @@ class Server:
             "VIVARIUM_API_PORT": str(API_PORT),
             "VIVARIUM_PROXY_PORT": str(PROXY_PORT),
             "VIVARIUM_MAX_SANDBOXES": str(MAX_SANDBOXES),
+            "VIVARIUM_TEAM_MAX_SANDBOXES": str(MAX_SANDBOXES),
             "VIVARIUM_SLOT_PREWARM": str(PREWARM),
             # No warm pool until its own phase: the other creates are restores (pool empty).
             "VIVARIUM_WARM_POOL": "",
@@ -697,6 +731,12 @@ class NodeFigures:
     scale_create_s: float = 0.0
     scale_wall_s: float = 0.0
     scale_mem_delta_bytes: int = 0
+    scale_cmd_ms: list[float] = field(default_factory=list)  # commands.run, one per sandbox
+    scale_idle_cpu_ms_per_s: float = 0.0  # per sandbox, all idle
+    scale_busy_pct: float = 0.0  # host CPUs, all idle
+    scale_busy_floor_pct: float = 0.0  # host CPUs before the first create
+    scale_api_ms: list[float] = field(default_factory=list)  # GET /sandboxes, all running
+    scale_api_floor_ms: list[float] = field(default_factory=list)  # ... before the first create
     pause_ms: list[float] = field(default_factory=list)  # idle sandbox
     resume_ms: list[float] = field(default_factory=list)
     snapshot_bytes: list[int] = field(default_factory=list)
@@ -847,35 +887,57 @@ def measure_sdk(
             raise RuntimeError("1 MB file read back differently")
 
 
-def _check(fleet: Fleet, sandbox_id: str) -> str | None:
-    """None if the sandbox runs `true` successfully, else what went wrong."""
-    with fleet.client() as client:
-        result = client.exec(sandbox_id, ["true"], user="root", timeout=60)
-    if result["exit_code"] == 0:
-        return None
-    detail = (str(result["stderr"]) or str(result["stdout"])).strip()[-300:]
-    return f"{sandbox_id}: exit {result['exit_code']}: {detail}"
+def _api_list_ms(fleet: Fleet, runs: int) -> list[float]:
+    """GET /sandboxes round trips: how the API answers while the node holds what it holds."""
+    samples = []
+    with httpx.Client(base_url=API_URL, headers={"X-API-Key": fleet.api_key}, timeout=60) as api:
+        for _ in range(runs):
+            start = time.perf_counter()
+            api.get("/sandboxes").raise_for_status()
+            samples.append(elapsed_ms(start))
+    return samples
+
+
+def _scale_cmd(sbx: Sandbox) -> float:
+    start = time.perf_counter()
+    result = sbx.commands.run("true")
+    if result.exit_code != 0:
+        raise RuntimeError(f"{sbx.sandbox_id}: `true` exited {result.exit_code}")
+    return elapsed_ms(start)
 
 
 def measure_scale(fleet: Fleet, figures: NodeFigures) -> None:
+    """SCALE_TOTAL sandboxes made with the official client, left idle, then each runs
+    `commands.run("true")` through the proxy while the rest stay idle."""
+    figures.scale_api_floor_ms = _api_list_ms(fleet, SCALE_API_RUNS)
+    figures.scale_busy_floor_pct = host_busy_pct(SCALE_CPU_S / 4)
     available_before = mem_available()
     start = time.perf_counter()
-    created: list[Created] = []
+    boxes: list[Sandbox] = []
     for _ in range(SCALE_TOTAL // SCALE_BATCH):
-        for result in fleet.create_concurrently(SCALE_BATCH):
-            if isinstance(result, Created):
-                created.append(result)
-            else:
+        for result in _run_parallel([fleet.sdk_create] * SCALE_BATCH):
+            if isinstance(result, Exception):
                 figures.scale_errors.append(f"create: {result!r}")
+            else:
+                boxes.append(result[0])
     figures.scale_create_s = time.perf_counter() - start
-    checks = [functools.partial(_check, fleet, c.sandbox_id) for c in created]
-    for outcome in _run_parallel(checks, SCALE_BATCH):
-        if outcome is None:
-            figures.scale_ok += 1
-        else:
-            figures.scale_errors.append(f"exec: {outcome!r}")
-    figures.scale_wall_s = time.perf_counter() - start
+    time.sleep(SCALE_IDLE_WAIT_S)
+    with fleet.client() as client:
+        containers = [s["container_id"] for s in client.list_sandboxes()]
+    figures.scale_idle_cpu_ms_per_s = idle_cpu_ms_per_s(containers, SCALE_CPU_S / 2)
+    figures.scale_busy_pct = host_busy_pct(SCALE_CPU_S / 2)
     figures.scale_mem_delta_bytes = available_before - mem_available()
+    figures.scale_api_ms = _api_list_ms(fleet, SCALE_API_RUNS)
+    calls = [functools.partial(_scale_cmd, sbx) for sbx in boxes]
+    for outcome in _run_parallel(calls, SCALE_CMD_PARALLEL):
+        if isinstance(outcome, Exception):
+            figures.scale_errors.append(f"commands.run: {outcome!r}")
+        else:
+            figures.scale_cmd_ms.append(outcome)
+            figures.scale_ok += 1
+    figures.scale_wall_s = time.perf_counter() - start
+    # Through the API, which keeps the team's count.
+    _run_parallel([functools.partial(fleet.sdk_kill, sbx) for sbx in boxes], KILL_PARALLEL)
     fleet.kill_all()
 
 
@@ -1396,8 +1458,22 @@ def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row
             "raw restored container", max_value=IDLE_MAX_MIB),
         Row("idle_pss_mib", "idle memory/sandbox (Pss)", idle_pss, "MiB", raw_pss,
             "raw restored container"),
-        Row("scale_ok", "scale: sandboxes answering exec", node.scale_ok, "count",
+        Row("idle_cpu_ms_per_s", "idle CPU/sandbox (host, all threads)",
+            node.scale_idle_cpu_ms_per_s, "ms/s", raw.idle_cpu_ms_per_s,
+            "raw restored container, idle"),
+        Row("scale_ok", "scale: sandboxes answering commands.run", node.scale_ok, "count",
             SCALE_TOTAL, "requested", min_value=SCALE_TOTAL),
+        Row("scale_cmd_p50_ms", f"scale: commands.run('true') p50, {SCALE_TOTAL} running",
+            p50(node.scale_cmd_ms), "ms", proxy_cmd50, "one sandbox alone (proxy) p50",
+            samples=tuple(node.scale_cmd_ms)),
+        Row("scale_cmd_max_ms", f"scale: commands.run('true') slowest, {SCALE_TOTAL} running",
+            max(node.scale_cmd_ms, default=0.0), "ms", proxy_cmd50,
+            "one sandbox alone (proxy) p50", max_value=SCALE_CMD_MAX_MS),
+        Row("scale_host_busy_pct", f"scale: host CPUs busy, {SCALE_TOTAL} idle",
+            node.scale_busy_pct, "%", node.scale_busy_floor_pct, "before the first create"),
+        Row("scale_api_p50_ms", f"scale: API list p50, {SCALE_TOTAL} running",
+            p50(node.scale_api_ms), "ms", p50(node.scale_api_floor_ms),
+            "before the first create"),
         Row("scale_wall_s", f"scale: wall, create+verify {SCALE_TOTAL}", node.scale_wall_s, "s",
             serial_s, f"{SCALE_TOTAL} x (raw restore+exec p50)"),
         Row("scale_host_mem_mib", "scale: host MemAvailable drop", delta, "MiB",

@@ -97,6 +97,7 @@ async def serve(settings: Settings) -> None:
                 return Refusal.paused(sandbox_id) if node.snapshots.held(sandbox_id) else None
             if record.state != "running":  # pausing: no new connections
                 return Refusal.transitioning(sandbox_id)
+            node.idle_timers.busy(record.container_id)  # before the request reaches it
             # Slot addresses are reused: the start time tells this instance from an earlier one.
             return Upstream(
                 record.slot_address, f"{sandbox_id}:{record.started_at}", record.traffic_token

@@ -24,6 +24,8 @@ import pytest
 
 from vivarium.node.client import NodeClient
 from vivarium.runtime import disk
+from vivarium.runtime.bundle import cgroup_path
+from vivarium.runtime.cgroups import CGROUP_ROOT
 
 REPO = Path(__file__).resolve().parents[2]
 VIVARIUM = str(Path(sys.executable).parent / "vivarium")
@@ -262,6 +264,19 @@ def containers(state_dir: Path, running: bool = False) -> list[str]:
     listed = subprocess.run(["runsc", "--root", root, "list", "--format=json"],
                             capture_output=True, text=True).stdout  # fmt: skip
     return [c["id"] for c in json.loads(listed or "[]") or [] if c.get("status") == "running"]
+
+
+def timer_slacks(container_id: str) -> set[int]:
+    """The timer slacks (ns) of a sandbox's host threads (node/idle_timers.py)."""
+    rel = cgroup_path(container_id).lstrip("/")
+    for tasks in (CGROUP_ROOT / "cpuacct" / rel / "tasks", CGROUP_ROOT / rel / "cgroup.threads"):
+        if tasks.exists():
+            slacks = set()
+            for tid in tasks.read_text().split():
+                with contextlib.suppress(OSError):  # exited meanwhile
+                    slacks.add(int(Path(f"/proc/{tid}/timerslack_ns").read_text()))
+            return slacks
+    raise AssertionError(f"no cgroup for container {container_id}")
 
 
 def sh(client: NodeClient, sandbox_id: str, script: str, user: str = "root",

@@ -25,7 +25,9 @@ from tests.integration.support import (
     http_code,
     running_server,
     sdk_options,
+    timer_slacks,
 )
+from vivarium.runtime.cgroups import DEFAULT_TIMER_SLACK_NS
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -102,6 +104,22 @@ def test_each_claim_is_a_sandbox_of_its_own(server: Server) -> None:
     finally:
         for b in boxes:
             b.kill()
+
+
+def test_warm_sandboxes_wait_with_coarse_timers_and_a_claim_makes_them_precise(
+    server: Server,
+) -> None:
+    until(lambda: full(server), f"a pool of {POOL}")
+    waiting = warm(server)["warm"]["containers"]
+    assert all(timer_slacks(c) == {20_000_000} for c in waiting)  # node/idle_timers.py
+    sbx = Sandbox.create(timeout=120, **sdk_options(server))
+    try:
+        with server.client() as client:
+            container_id = client.get(sbx.sandbox_id)["container_id"]
+        assert container_id in waiting
+        assert timer_slacks(container_id) == {DEFAULT_TIMER_SLACK_NS}
+    finally:
+        sbx.kill()
 
 
 def test_a_claim_gets_the_egress_it_asks_for(server: Server, inet_host: str) -> None:

@@ -43,6 +43,7 @@ from vivarium.node import exclusive, file_snapshots
 from vivarium.node.disks import DiskPool
 from vivarium.node.envd_init import INIT_TIMEOUT_S, envd_http, init_envd
 from vivarium.node.guards import Guards
+from vivarium.node.idle_timers import IdleTimers
 from vivarium.node.launched import Launched
 from vivarium.node.metrics_history import MetricsHistory, Sample
 from vivarium.node.pause import pause_sandbox, resume_sandbox
@@ -139,6 +140,8 @@ class Node:
         self._starting = asyncio.Semaphore(settings.max_starting)
         self._cleanups: set[asyncio.Task[None]] = set()
         self._reclaims: set[asyncio.Task[None]] = set()
+        self.idle_timers = IdleTimers(settings.idle_timer_slack_ms * 1_000_000)
+        self._idle_check: asyncio.Task[None] | None = None
         # Sandboxes started again after a snapshot was taken of them (team_snapshots.py).
         self.restarts: set[asyncio.Task[None]] = set()
         self.warm = WarmPool(self, dict(settings.warm_pool))
@@ -200,6 +203,9 @@ class Node:
                             record.memory_mb)  # fmt: skip
         self._reaper = asyncio.create_task(Reaper(self).run())
         self._sampler = asyncio.create_task(self.history.run(self.list_sandboxes))
+        self._idle_check = asyncio.create_task(
+            self.idle_timers.run(self.list_sandboxes, self.latest_sample)
+        )
         self.warm.start()
         steps.report()
         log.info(
@@ -212,7 +218,7 @@ class Node:
     async def stop(self) -> None:
         """Stop managing; running sandboxes keep running and are adopted by the next start."""
         await self.warm.stop()
-        for task in (self._reaper, self._sampler, *self._reclaims):
+        for task in (self._reaper, self._sampler, self._idle_check, *self._reclaims):
             if task:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -244,7 +250,9 @@ class Node:
     @asynccontextmanager
     async def locked(self, sandbox_id: str) -> AsyncIterator[SandboxRecord]:
         async with self.lock(sandbox_id):
-            yield self.get(sandbox_id)
+            record = self.get(sandbox_id)
+            self.idle_timers.busy(record.container_id)
+            yield record
 
     # -- egress ------------------------------------------------------------------------------
 
@@ -576,6 +584,7 @@ class Node:
             started.egress.cancel()
             await asyncio.gather(started.egress, return_exceptions=True)
         self.guards.disarm(started.container_id)
+        self.idle_timers.forget(started.container_id)
         await self.rt().delete(started.container_id)
         await self.pool.release(started.slot)
         await asyncio.to_thread(disk.discard, started.directory)
@@ -613,6 +622,7 @@ class Node:
         """Stop the sandbox's container and tear it down in the background (the returned
         task); the sandbox stays the node's, for a new incarnation to replace (pause.py)."""
         self.guards.disarm(record.container_id)
+        self.idle_timers.forget(record.container_id)
         await self.rt().kill(record.container_id)
         directory = self.records.container_dir(record.container_id)
         (directory / "record.json").unlink(missing_ok=True)
@@ -730,6 +740,7 @@ class Node:
         if not 0 < timeout_s <= MAX_EXEC_TIMEOUT_S:
             raise InvalidArgument(f"exec timeout must be in (0, {MAX_EXEC_TIMEOUT_S}] seconds")
         record = self.get(sandbox_id)
+        self.idle_timers.busy(record.container_id)
         uid_gid, home = USERS[user]
         # The same environment envd gives its processes (guest code may be imported, not import).
         sandbox_env = EnvdState(sandbox_id=record.sandbox_id, template_id=record.template,
@@ -810,6 +821,7 @@ class Node:
             "starts_beside_refill": self.starts_beside_refill,
             "max_sandboxes": self.settings.max_sandboxes,
             "slots_in_use": self.pool.in_use,
+            "coarse_timers": self.idle_timers.coarse,  # idle sandboxes (node/idle_timers.py)
             # Teardowns of killed sandboxes, ready disks still being made, or restored sentries'
             # garbage being collected, in the background.
             "settling": bool(self._cleanups) or self.disks.filling or bool(self._reclaims),

@@ -14,6 +14,7 @@ one its identity (envd's /init: id, token, env vars) instead of waiting for `run
   one (it shares the CPUs with at most one refill).
 - The pool counts against the node's capacity, never a team's, and stays `max_starting` below
   it; when a create finds the node full, the pool gives up sandboxes first.
+- Waiting ones have coarse timers (idle_timers.py); the one a create takes gets precise ones.
 - Only the current build is handed out: entries of a rebuilt or deleted template are removed,
   and one whose sandbox process is gone is replaced. One that does not answer its /init in
   time is removed by the create, which then restores one.
@@ -133,6 +134,7 @@ class WarmPool:
                 found = warm.started
         if found is not None:
             self.claims += 1
+            self.node.idle_timers.busy(found.container_id)
         self._wake.set()
         return found
 
@@ -247,4 +249,5 @@ class WarmPool:
         steps.report("done")
         self._entries[template.name].append(Warm(started, template.name, template.build_id,
                                                  state.pid))  # fmt: skip
+        node.idle_timers.idle(started.container_id)
         self.refills += 1
