@@ -14,8 +14,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -277,6 +278,32 @@ def timer_slacks(container_id: str) -> set[int]:
                     slacks.add(int(Path(f"/proc/{tid}/timerslack_ns").read_text()))
             return slacks
     raise AssertionError(f"no cgroup for container {container_id}")
+
+
+def slacks_seen_during(
+    container_ids: list[str], action: Callable[[], object]
+) -> dict[str, list[set[int]]]:
+    """The timer slacks of sandboxes' host threads, read every 10 ms while `action` runs: a
+    sandbox is precise only for a second after a request (node/idle_timers.py), and a loaded
+    host may take longer than that to answer it."""
+    seen: dict[str, list[set[int]]] = {c: [] for c in container_ids}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for container_id, slacks in seen.items():
+                with contextlib.suppress(AssertionError):  # its container gone meanwhile
+                    slacks.append(timer_slacks(container_id))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        action()
+    finally:
+        done.set()
+        watcher.join()
+    return seen
 
 
 def sh(client: NodeClient, sandbox_id: str, script: str, user: str = "root",

@@ -25,6 +25,7 @@ from tests.integration.support import (
     http_code,
     running_server,
     sdk_options,
+    slacks_seen_during,
     timer_slacks,
 )
 from vivarium.runtime.cgroups import DEFAULT_TIMER_SLACK_NS
@@ -112,14 +113,19 @@ def test_warm_sandboxes_wait_with_coarse_timers_and_a_claim_makes_them_precise(
     until(lambda: full(server), f"a pool of {POOL}")
     waiting = warm(server)["warm"]["containers"]
     assert all(timer_slacks(c) == {20_000_000} for c in waiting)  # node/idle_timers.py
-    sbx = Sandbox.create(timeout=120, **sdk_options(server))
+    made: list[Sandbox] = []
+    # Watched while the create runs: precise for a second after the claim (a loaded host may
+    # answer later).
+    seen = slacks_seen_during(
+        waiting, lambda: made.append(Sandbox.create(timeout=120, **sdk_options(server)))
+    )
     try:
         with server.client() as client:
-            container_id = client.get(sbx.sandbox_id)["container_id"]
+            container_id = client.get(made[0].sandbox_id)["container_id"]
         assert container_id in waiting
-        assert timer_slacks(container_id) == {DEFAULT_TIMER_SLACK_NS}
+        assert {DEFAULT_TIMER_SLACK_NS} in seen[container_id]
     finally:
-        sbx.kill()
+        made[0].kill()
 
 
 def test_a_claim_gets_the_egress_it_asks_for(server: Server, inet_host: str) -> None:

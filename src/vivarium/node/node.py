@@ -182,6 +182,8 @@ class Node:
         steps.done("volumes")
         found = await reconcile(self.runtime, self.records)
         self.sandboxes.update(found.adopted)
+        for record in found.adopted.values():
+            self.idle_timers.adopt(record.container_id)
         for record, reason in found.lost:
             self.record_event(record, reason)
         await asyncio.to_thread(self.snapshots.sweep_staging)
