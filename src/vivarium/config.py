@@ -115,7 +115,7 @@ class Settings:
     # idle sandbox, for runsc's --profile (security.md) and slower pauses (benchmarks.md).
     reclaim_sentry_memory: bool = False
     # Timer slack of idle sandboxes' host threads (node/idle_timers.py): an idle sandbox costs
-    # ~8 ms of CPU a second instead of ~50; 0 keeps every sandbox's timers precise.
+    # 4–8 ms of CPU a second instead of ~50; 0 keeps every sandbox's timers precise.
     idle_timer_slack_ms: int = 20
     # Sandboxes kept restored per template for instant creates (node/warm.py).
     warm_pool: tuple[tuple[str, int], ...] = DEFAULT_WARM_POOL

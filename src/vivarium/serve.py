@@ -97,7 +97,6 @@ async def serve(settings: Settings) -> None:
                 return Refusal.paused(sandbox_id) if node.snapshots.held(sandbox_id) else None
             if record.state != "running":  # pausing: no new connections
                 return Refusal.transitioning(sandbox_id)
-            node.idle_timers.busy(record.container_id)  # before the request reaches it
             # Slot addresses are reused: the start time tells this instance from an earlier one.
             return Upstream(
                 record.slot_address, f"{sandbox_id}:{record.started_at}", record.traffic_token
@@ -113,8 +112,12 @@ async def serve(settings: Settings) -> None:
                     return record.sandbox_id
             return None
 
+        def touch(sandbox_id: str) -> None:
+            if (record := node.sandboxes.get(sandbox_id)) is not None:
+                node.idle_timers.busy(record.container_id)  # before the request reaches it
+
         proxy = SandboxProxy(upstream, domain=settings.sandbox_domain, wake=control.wake,
-                             signer=signer)  # fmt: skip
+                             signer=signer, touch=touch)  # fmt: skip
         node.on_destroyed.append(proxy.forget)
         await proxy.start(settings.proxy_host, settings.proxy_port,
                           ssl=tls.context if tls else None)  # fmt: skip

@@ -10,13 +10,17 @@ from collections.abc import Iterator
 import pytest
 from e2b import Sandbox
 
-from tests.integration.support import Server, sdk_options, slacks_seen_during, timer_slacks
+from tests.integration.support import (
+    IDLE_SLACK_NS,
+    Server,
+    sdk_options,
+    slacks_seen_during,
+    timer_slacks,
+)
 from vivarium.node.client import NodeClient
 from vivarium.node.idle_timers import CHECK_S, IDLE_AFTER_S
 from vivarium.node.metrics_history import INTERVAL_S as SAMPLE_INTERVAL_S
 from vivarium.runtime.cgroups import DEFAULT_TIMER_SLACK_NS
-
-IDLE_SLACK_NS = 20_000_000  # VIVARIUM_IDLE_TIMER_SLACK_MS's default
 
 
 def until_slack(container_id: str, wanted: int, seconds: float = 120) -> None:
@@ -49,6 +53,7 @@ def test_a_busy_sandbox_keeps_precise_timers_with_nobody_talking_to_it(
     sbx: Sandbox, client: NodeClient
 ) -> None:
     container_id = client.get(sbx.sandbox_id)["container_id"]
+    until_slack(container_id, IDLE_SLACK_NS)  # the transition below is the node's doing
     sbx.commands.run("timeout 120 sh -c 'while :; do :; done'", background=True, timeout=0)
     # Until the node's samples show the CPU use, it may have turned coarse for a moment.
     time.sleep(IDLE_AFTER_S + 2 * SAMPLE_INTERVAL_S)

@@ -18,6 +18,7 @@ import pytest
 from e2b import Sandbox
 
 from tests.integration.support import (
+    IDLE_SLACK_NS,
     INET_PORT,
     TEMPLATE_DIR,
     Server,
@@ -112,7 +113,7 @@ def test_warm_sandboxes_wait_with_coarse_timers_and_a_claim_makes_them_precise(
 ) -> None:
     until(lambda: full(server), f"a pool of {POOL}")
     waiting = warm(server)["warm"]["containers"]
-    assert all(timer_slacks(c) == {20_000_000} for c in waiting)  # node/idle_timers.py
+    assert all(timer_slacks(c) == {IDLE_SLACK_NS} for c in waiting)  # node/idle_timers.py
     made: list[Sandbox] = []
     # Watched while the create runs: precise for a second after the claim (a loaded host may
     # answer later).

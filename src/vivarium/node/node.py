@@ -182,8 +182,8 @@ class Node:
         steps.done("volumes")
         found = await reconcile(self.runtime, self.records)
         self.sandboxes.update(found.adopted)
-        for record in found.adopted.values():
-            self.idle_timers.adopt(record.container_id)
+        for record in found.adopted.values():  # idle as far as this run knows
+            self.idle_timers.idle(record.container_id)
         for record, reason in found.lost:
             self.record_event(record, reason)
         await asyncio.to_thread(self.snapshots.sweep_staging)
@@ -253,8 +253,8 @@ class Node:
     async def locked(self, sandbox_id: str) -> AsyncIterator[SandboxRecord]:
         async with self.lock(sandbox_id):
             record = self.get(sandbox_id)
-            self.idle_timers.busy(record.container_id)
-            yield record
+            with self.idle_timers.held(record.container_id):
+                yield record
 
     # -- egress ------------------------------------------------------------------------------
 
@@ -742,17 +742,17 @@ class Node:
         if not 0 < timeout_s <= MAX_EXEC_TIMEOUT_S:
             raise InvalidArgument(f"exec timeout must be in (0, {MAX_EXEC_TIMEOUT_S}] seconds")
         record = self.get(sandbox_id)
-        self.idle_timers.busy(record.container_id)
         uid_gid, home = USERS[user]
         # The same environment envd gives its processes (guest code may be imported, not import).
         sandbox_env = EnvdState(sandbox_id=record.sandbox_id, template_id=record.template,
                                 env_vars=record.env_vars).process_env()  # fmt: skip
         merged = {"HOME": home, "USER": user, "LOGNAME": user, **sandbox_env, **(env or {})}
         try:
-            return await self.rt().exec(
-                record.container_id, cmd, user=uid_gid, cwd=cwd or home, timeout=timeout_s,
-                env=[f"{k}={v}" for k, v in merged.items()],
-            )  # fmt: skip
+            with self.idle_timers.held(record.container_id):
+                return await self.rt().exec(
+                    record.container_id, cmd, user=uid_gid, cwd=cwd or home, timeout=timeout_s,
+                    env=[f"{k}={v}" for k, v in merged.items()],
+                )  # fmt: skip
         except TimeoutError:
             raise InvalidArgument(f"command did not finish within {timeout_s:g}s") from None
 

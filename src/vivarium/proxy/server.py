@@ -84,6 +84,8 @@ Resolver = Callable[[str], Upstream | Refusal | None]
 Waker = Callable[[str], Awaitable[bool]]
 # The running sandbox whose access token passes the check given (a pre-signed URL's), if any.
 Signer = Callable[[Callable[[str], bool]], str | None]
+# Told of each request about to be forwarded to a sandbox (its id), once it passed every check.
+Toucher = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +104,10 @@ class ProxyLimits:
 class SandboxProxy:
     def __init__(
         self, resolve: Resolver, *, domain: str | None = None, limits: ProxyLimits | None = None,
-        wake: Waker | None = None, signer: Signer | None = None,
+        wake: Waker | None = None, signer: Signer | None = None, touch: Toucher | None = None,
     ) -> None:  # fmt: skip
         self._resolve = resolve
+        self._touch = touch
         self._signer = signer
         self._wake = wake
         self._domain = domain.strip(".").lower() if domain else None
@@ -267,6 +270,8 @@ class SandboxProxy:
                 message = (f"The sandbox {route.sandbox_id} takes traffic to its ports only with "
                            "its traffic access token (e2b-traffic-access-token)")  # fmt: skip
                 return await self._reply(client, request, 403, message)
+        if self._touch is not None:
+            self._touch(route.sandbox_id)
         key = PoolKey(route.sandbox_id, upstream.key, upstream.host, route.port)
         try:
             keep = await Exchange(client, request, key, self._pool, client_ip).run()

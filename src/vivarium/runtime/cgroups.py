@@ -114,26 +114,33 @@ def settle_cpu(container_id: str, root: Path = CGROUP_ROOT) -> bool:
 DEFAULT_TIMER_SLACK_NS = 50_000
 
 
-def set_timer_slack(container_id: str, slack_ns: int, root: Path = CGROUP_ROOT) -> int:
-    """Let the kernel defer the timed wakeups of every host thread of a sandbox (sentry, gofer,
-    platform stubs) by up to `slack_ns`, to batch them; threads they make later inherit it.
-    Returns the threads changed: 0 if the cgroup is gone. PermissionError without
-    CAP_SYS_NICE."""
+def thread_ids(container_id: str, root: Path = CGROUP_ROOT) -> list[int]:
+    """Every host thread of a sandbox (sentry, gofer, platform stubs); empty once it is gone."""
     rel = cgroup_path(container_id).lstrip("/")
-    changed = 0
     for tasks in (root / "cpuacct" / rel / "tasks", root / rel / "cgroup.threads"):
         try:
-            tids = tasks.read_text().split()
+            return [int(tid) for tid in tasks.read_text().split()]
         except OSError:
             continue
-        for tid in tids:
+    return []
+
+
+def set_timer_slack(container_id: str, slack_ns: int, root: Path = CGROUP_ROOT) -> int:
+    """Let the kernel defer the timed wakeups of every host thread of a sandbox by up to
+    `slack_ns`, to batch them; threads they make later inherit it. Returns the threads changed:
+    0 if the cgroup is gone. PermissionError without CAP_SYS_NICE."""
+    done: set[int] = set()
+    for _ in range(3):  # a thread made while the list was written is in the next read
+        new = [tid for tid in thread_ids(container_id, root) if tid not in done]
+        if not new:
+            break
+        for tid in new:
+            done.add(tid)
             try:
                 with open(f"/proc/{tid}/timerslack_ns", "w") as f:
                     f.write(str(slack_ns))
             except PermissionError:
                 raise
             except OSError:
-                continue  # exited meanwhile
-            changed += 1
-        break
-    return changed
+                done.discard(tid)  # exited meanwhile
+    return len(done)
