@@ -29,3 +29,16 @@ def test_login_shell_without_command() -> None:
 def test_usage_errors(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         sudo.parse(argv)
+
+
+def test_request_encoding_is_what_init_reads() -> None:
+    """A length, then NUL-terminated fields: user, mode, preserve_env, cwd, argc, argv, env."""
+    request = sudo.parse(["-i", "-u", "user", "ls", "-la"])
+    request["cwd"], request["env"] = "/tmp", {"TERM": "xterm", "A": "b=c"}
+    wire = sudo.encode(request)
+    length = int.from_bytes(wire[:4], "big")
+    assert length == len(wire) - 4
+    fields = wire[4:].split(b"\0")
+    assert fields[-1] == b""
+    assert fields[:-1] == [b"user", b"login", b"0", b"/tmp", b"2", b"ls", b"-la",
+                           b"TERM=xterm", b"A=b=c"]  # fmt: skip

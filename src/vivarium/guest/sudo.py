@@ -1,14 +1,14 @@
 """`sudo` for runsc releases that force NO_NEW_PRIVS on every process (setuid cannot work there).
 
 Installed as /usr/bin/sudo in such templates. It hands the command, its environment, working
-directory and this process's stdin/stdout/stderr to the sandbox's root init over a Unix socket;
-init checks our uid (SO_PEERCRED), runs the command as the target user and returns the exit code.
+directory and this process's stdin/stdout/stderr to the sandbox's root init (guest/init.c, whose
+header describes the request) over a Unix socket; init checks our uid (SO_PEERCRED), runs the
+command as the target user and returns the exit code.
 
 Guest code: standard library only, never imports host code.
 """
 
 import array
-import json
 import os
 import socket
 import struct
@@ -57,6 +57,16 @@ def parse(argv: list[str]) -> dict[str, Any]:
     return request
 
 
+def encode(request: dict[str, Any]) -> bytes:
+    """The request as init reads it: a length, then NUL-terminated strings."""
+    mode = "login" if request["login"] else "shell" if request["shell"] else "command"
+    fields = [request["user"], mode, "1" if request["preserve_env"] else "0", request["cwd"],
+              str(len(request["argv"])), *request["argv"],
+              *(f"{k}={v}" for k, v in request["env"].items())]  # fmt: skip
+    body = b"".join(os.fsencode(field) + b"\0" for field in fields)
+    return struct.pack("!I", len(body)) + body
+
+
 def main() -> None:
     request = parse(sys.argv[1:])
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -64,10 +74,11 @@ def main() -> None:
         sock.connect(SOCKET_PATH)
     except OSError as exc:
         sys.exit(f"sudo: cannot reach the sandbox init ({exc})")
-    payload = json.dumps(request).encode()
+    payload = encode(request)
     fds = array.array("i", [0, 1, 2])
-    header = struct.pack("!I", len(payload))
-    sock.sendmsg([header + payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
+    # The fds ride on the length's 4 bytes, which init reads first; the rest follows.
+    sock.sendmsg([payload[:4]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
+    sock.sendall(payload[4:])
     status = b""
     while len(status) < 4:
         chunk = sock.recv(4 - len(status))

@@ -31,7 +31,7 @@ from vivarium.templates.build_log import BuildLog
 from vivarium.templates.build_request import BASE_STEP, BuildRequest
 from vivarium.templates.custom import BuildFailed, HostAccess, build_template
 from vivarium.templates.layers import LayerCache
-from vivarium.templates.recipe import GUEST_PREFIX, HOSTNAME
+from vivarium.templates.recipe import HOSTNAME, INIT
 from vivarium.templates.store import Template, dir_size, validate_name
 
 if TYPE_CHECKING:
@@ -160,7 +160,7 @@ class TemplateBuilds:
         env = [e for e in pulled.env if not e.startswith("PATH=")]
         env += [d for d in ("LANG=C.UTF-8", "HOME=/root")
                 if not any(e.startswith(d.split("=")[0] + "=") for e in env)]  # fmt: skip
-        spec = base_spec(pulled.rootfs, [guest_runtime.PYTHON, f"{GUEST_PREFIX}/guest/init.py"],
+        spec = base_spec(pulled.rootfs, [INIT, guest_runtime.PYTHON],
                          env, HOSTNAME, settings.default_pids, bundle / "volume-hub")  # fmt: skip
         (bundle / "spec.json").write_text(json.dumps(spec, indent=1))
         sized = bundle / "rootfs-bytes"

@@ -4,7 +4,7 @@ gVisor has no OOM killer of its own: the sandbox's memory is charged to one host
 host kernel at that cgroup's limit kills the whole sandbox (the sentry). So the limit a sandbox
 is given (its `memory_mb`) is a threshold, and the cgroup's hard limit sits `headroom` above it.
 When usage crosses the threshold the guard signals the sandbox's init (SIGUSR1), which kills
-the process group using the most memory inside (guest/init.py); it keeps doing so every
+the process group using the most memory inside (guest/init.c); it keeps doing so every
 `RETRY_S` while usage stays above, since a bomb may have several culprits. The headroom
 must absorb what is allocated meanwhile: measured on this machine kind, a single bomb never
 came near 256 MiB past the threshold, four at once came within 512 MiB.

@@ -12,7 +12,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,14 @@ from vivarium.runtime import disk
 from vivarium.runtime.bundle import Resources, base_spec, for_sandbox, write_bundle
 from vivarium.runtime.probe import Probe
 from vivarium.runtime.runsc import Runsc, open_runtime
-from vivarium.templates.recipe import GUEST_DIR, GUEST_PREFIX, HOSTNAME, RECIPES, Recipe
+from vivarium.templates.recipe import (
+    GUEST_DIR,
+    GUEST_PREFIX,
+    HOSTNAME,
+    RECIPES,
+    SERVICES_FILE,
+    Recipe,
+)
 from vivarium.templates.store import Template, TemplateStore, dir_size, sha256_dir
 
 Report = Callable[[str], None]
@@ -97,12 +103,14 @@ def install_guest(recipe: Recipe, rootfs: Path, say: Stopwatch) -> None:
     for package in ("envd", "interpreter"):
         shutil.copytree(GUEST_DIR / package, lib / package, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
-    services = [asdict(service) for service in recipe.services]
-    (prefix / "services.json").write_text(json.dumps(services, indent=1))
+    (prefix / SERVICES_FILE).write_text(
+        "".join(f"{s.name} {s.module} {s.user} {s.port}\n" for s in recipe.services)
+    )
     (prefix / "bin").mkdir(exist_ok=True)
-    # Static: no dynamic loader to run on every command start.
-    run_sync(["gcc", "-O2", "-static", "-o", str(prefix / "bin" / "vivarium-spawn"),
-              str(GUEST_DIR / "spawn.c")])  # fmt: skip
+    # Static: no dynamic loader to run on every command start, and init runs in any image.
+    for program, c_file in (("vivarium-spawn", "spawn.c"), ("vivarium-init", "init.c")):
+        run_sync(["gcc", "-O2", "-static", "-Wall", "-o", str(prefix / "bin" / program),
+                  str(GUEST_DIR / c_file)])  # fmt: skip
 
 
 # Wheels for the template's CPython 3.11 on Debian 12 (glibc 2.36): pip wants every

@@ -49,7 +49,7 @@ from vivarium.templates.build_log import BuildLog
 from vivarium.templates.build_request import FINALIZE_STEP, BuildRequest, Step, code_version
 from vivarium.templates.builder import wait_ready
 from vivarium.templates.layers import Layer, LayerCache
-from vivarium.templates.recipe import GUEST_PREFIX, HOSTNAME
+from vivarium.templates.recipe import GUEST_PREFIX, HOSTNAME, SERVICES_FILE
 from vivarium.templates.store import Template, TemplateStore, dir_size, sha256_dir
 
 FILES_MOUNT = "/.vivarium-build-files"
@@ -593,9 +593,10 @@ class Build:
         if "recipe_hash" not in self.base.manifest:
             return [(str(n), int(p)) for n, p in self.base.manifest.get("services", [])]
         try:
-            raw = json.loads((self.base.rootfs / "opt/vivarium/services.json").read_text())
-            return [(str(s["name"]), int(s["port"])) for s in raw if int(s.get("port", 0))]
-        except (OSError, ValueError, KeyError, TypeError):
+            lines = (self.base.rootfs / GUEST_PREFIX.lstrip("/") / SERVICES_FILE).read_text()
+            fields = [line.split() for line in lines.splitlines()]
+            return [(f[0], int(f[3])) for f in fields if len(f) == 4 and int(f[3])]
+        except (OSError, ValueError):
             return []
 
     async def _init_envd(self, ctx: Context) -> None:

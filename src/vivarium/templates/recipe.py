@@ -14,6 +14,8 @@ GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
 BUILDER_SOURCE = Path(__file__).resolve().parent / "builder.py"
 # Inside the template: our code lives apart from the user's Python environment.
 GUEST_PREFIX = "/opt/vivarium"
+INIT = f"{GUEST_PREFIX}/bin/vivarium-init"  # PID 1 (guest/init.c)
+SERVICES_FILE = "services"  # under GUEST_PREFIX: a line per service, read by init
 HOSTNAME = "e2b.local"
 
 BASE_PACKAGES = (
@@ -82,7 +84,7 @@ class Recipe:
     packages: tuple[str, ...] = BASE_PACKAGES
     steps: tuple[str, ...] = USER_SETUP
     guest_packages: tuple[str, ...] = GUEST_PACKAGES
-    init: tuple[str, ...] = ("/usr/bin/python3", f"{GUEST_PREFIX}/guest/init.py")
+    init: tuple[str, ...] = (INIT, "/usr/bin/python3")  # PID 1, and the Python it runs envd with
     env: tuple[str, ...] = ("LANG=C.UTF-8", "HOME=/root")
     # Pinned wheels (with all their dependencies) for the template's system Python: fetched on
     # the host, installed inside with `pip --no-index`; the sandbox never needs the network.
