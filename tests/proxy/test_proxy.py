@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from vivarium.errors import NotFound
+from vivarium.guest.envd import PORT as ENVD_PORT
 from vivarium.proxy import ProxyLimits, Refusal, Upstream
 
 from .support import (
@@ -57,6 +58,24 @@ def whoami_app(name: str) -> Starlette:
 
 
 # --- routing ---------------------------------------------------------------------------------
+
+
+def test_envds_init_is_never_forwarded() -> None:
+    """/init sets a sandbox's access token: only the node calls it, at the slot address. Nothing
+    listens on the envd port here, so a request that got through would fail otherwise (502)."""
+
+    async def main() -> None:
+        async with proxy({"sbx-a": local("a")}) as p, httpx.AsyncClient() as c:
+            for target in ("/init", "/%69nit", "/init/", "/init?x=1"):
+                r = await c.post(f"http://127.0.0.1:{p.port}{target}", json={"accessToken": "x"},
+                                 headers=routing("sbx-a", ENVD_PORT))  # fmt: skip
+                assert r.status_code == 403, (target, r.status_code)
+                assert r.json()["message"] == "envd's /init is the node's alone"
+            health = await c.get(f"http://127.0.0.1:{p.port}/initial",
+                                 headers=routing("sbx-a", ENVD_PORT))  # fmt: skip
+            assert health.status_code == 502  # forwarded: only /init itself is the node's
+
+    run(main())
 
 
 def test_routes_by_headers_keeps_host_and_adds_forwarded_for() -> None:

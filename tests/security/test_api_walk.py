@@ -145,3 +145,19 @@ def test_another_team_sees_and_changes_nothing_of_a_sandbox(
     assert listing.status_code == 200 and listing.json() == []  # nothing written into it
     listed = owner.get("/snapshots", params={"sandboxID": sandbox_id}).json()
     assert [s["snapshotID"] for s in listed] == [victim["snapshotID"]]
+
+
+def test_nobody_sets_a_sandboxs_envd_token_through_the_proxy(
+    server: Server, victim: dict[str, Any]
+) -> None:
+    """envd's /init takes a new access token: through the proxy it would hand the sandbox to
+    whoever knew its id. The node calls it at the slot address; the proxy refuses it."""
+    proxy = sdk_options(server)["sandbox_url"]
+    routing = {"E2b-Sandbox-Id": victim["sandboxID"], "E2b-Sandbox-Port": "49983"}
+    hijack = httpx.post(f"{proxy}/init", headers=routing, json={"accessToken": "mine-now"})
+    assert hijack.status_code == 403, hijack.text
+    token = victim["envdAccessToken"]
+    listed = httpx.post(f"{proxy}/process.Process/List", content=b"{}",
+                        headers={**routing, "X-Access-Token": token,
+                                 "Content-Type": "application/json"})  # fmt: skip
+    assert listed.status_code == 200, listed.text  # the owner's token still opens it

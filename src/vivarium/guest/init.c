@@ -72,8 +72,7 @@ static struct service services[MAX_SERVICES];
 static int nservices;
 /* Sessions no OOM kill may touch: init's (with the sudo broker's handlers) and envd's (with its
    spawner), without which the sandbox cannot be reached. */
-static pid_t protected_sessions[MAX_SERVICES + 1] = {1};
-static int nprotected = 1;
+static pid_t protected_sessions[2] = {1, 0};
 
 static double now(void) {
     struct timespec ts;
@@ -232,8 +231,7 @@ static void start_service(struct service *s) {
         return;
     }
     s->pid = pid;
-    if (strcmp(s->name, "envd") == 0 && nprotected <= MAX_SERVICES)
-        protected_sessions[nprotected++] = pid;
+    if (strcmp(s->name, "envd") == 0) protected_sessions[1] = pid; /* setsid: its session */
 }
 
 /* ---- /proc ---- */
@@ -293,9 +291,7 @@ static long resident(pid_t pid, char *name, size_t len) {
 }
 
 static int is_protected(pid_t sid) {
-    for (int i = 0; i < nprotected; i++)
-        if (protected_sessions[i] == sid) return 1;
-    return 0;
+    return sid == protected_sessions[0] || sid == protected_sessions[1];
 }
 
 static struct proc procs[MAX_PROCS];

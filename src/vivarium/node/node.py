@@ -200,6 +200,7 @@ class Node:
         steps.done("ready disks")
         for record in self.sandboxes.values():  # a pause cut short may have left them refusing
             slot = self.pool.range.slot(record.slot_index)
+            await firewall.forget_other_backend(slot)
             await self.apply_egress(slot, record.rules)
             self.guards.arm(self.runtime, record.sandbox_id, record.container_id,
                             record.memory_mb)  # fmt: skip

@@ -6,6 +6,8 @@ one its identity (envd's /init: id, token, env vars) instead of waiting for `run
   removes it like any container without a record (reconcile.py). Its egress stays closed
   until a create that wants it opens it, side by side with /init: a connection a template's
   program opened while it waited would otherwise outlive the closing for a create without.
+- Before it waits, a warm sandbox trusts the egress CA (an /init of no sandbox): installing it
+  rewrites certificate bundles, which made most of a claim's /init.
 - A create takes one; a taken sandbox is never given back. Its identity is made by the same
   /init as a cold start's (a new machine id, see guest/envd/identity.py), and the kernel's
   randomness and clock are the host's, read afresh, so nothing of one claim reaches another.
@@ -230,8 +232,11 @@ class WarmPool:
             try:
                 await asyncio.to_thread(disk.hold_back, started.directory)
                 started.held_back = True
-                url = f"http://{started.slot.router_ip}:{ENVD_PORT}/health"
-                failure = await until_answered(lambda: node.http.get(url, timeout=2),
+                # An /init of no sandbox: envd answers, and trusts the egress CA already (which
+                # rewrites certificate bundles: most of a claim's /init otherwise).
+                url = f"http://{started.slot.router_ip}:{ENVD_PORT}/init"
+                body = {"caBundle": node.egress_ca.cert_pem}
+                failure = await until_answered(lambda: node.http.post(url, json=body, timeout=2),
                                                INIT_TIMEOUT_S, 0.02)  # fmt: skip
                 if failure is not None:
                     raise RuntimeFailure(f"envd did not answer ({failure})")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from ssl import SSLContext
 from typing import Any
+from urllib.parse import unquote
 
 import h11
 
@@ -34,6 +35,10 @@ from vivarium.telemetry import PROXY_REQUESTS
 log = logging.getLogger("vivarium.proxy")
 
 TRANSITION_POLL_S = 0.05
+# envd's endpoints for the node alone, which reaches envd straight at its slot address. /init
+# sets the sandbox's access token: through the proxy, anyone who knew a sandbox's id could take
+# it over (E2B's envd leaves /init open too, behind a proxy that is not the way in).
+NODE_ONLY_ENVD_PATHS = frozenset({"/init"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +242,8 @@ class SandboxProxy:
             return await self._reply(client, request, 400, message)
         if request.method == b"CONNECT":
             return await self._reply(client, request, 400, "CONNECT is not supported")
+        if route.port == ENVD_PORT and _node_only(request.target):
+            return await self._reply(client, request, 403, "envd's /init is the node's alone")
         try:
             upstream = self._resolve(route.sandbox_id)
         except Exception:
@@ -327,3 +334,10 @@ def _header(request: h11.Request, name: bytes) -> str:
         if key.lower() == name:
             return bytes(value).decode("latin-1")
     return ""
+
+
+def _node_only(target: bytes) -> bool:
+    """Whether the request is for a path envd serves to the node only, as envd will read it
+    (percent-decoded, so `/%69nit` is `/init`; a trailing slash only earns a redirect)."""
+    path = unquote(target.split(b"?", 1)[0].decode("latin-1")).rstrip("/")
+    return path in NODE_ONLY_ENVD_PATHS
