@@ -106,6 +106,11 @@ IDLE_WAIT_S = 3.0
 # Before idle memory is read, ours and the bare container's alike: the node collects a restored
 # sentry's garbage in the seconds after a restore (Node._reclaim_soon), also after 10 at once.
 MEMORY_WAIT_S = 10.0
+# Of the concurrent creates, these stay idle until the warm-pool phase (~13 minutes), and their
+# memory is read again then: Go hands a restored sentry's garbage back only after some minutes
+# (architecture.md, *Sentry memory after a restore*), which is the memory a sandbox left idle
+# holds for the rest of its life.
+SETTLED_SANDBOXES = 3
 IDLE_MAX_MIB = 60.0  # issue 13's target for an idle `base` sandbox
 SCALE_BATCH = 10  # creates at once while scaling up
 SCALE_CMD_PARALLEL = 4  # commands.run calls at once across the scaled-up sandboxes
@@ -567,6 +572,7 @@ class Fleet:
         self.api_key = ""  # set once the server has written its first key
         self.alive: set[str] = set()
         self.ever: set[str] = set()  # to check afterwards that none left a cgroup behind
+        self.kept: dict[str, Created] = {}  # left running by kill_all until the final cleanup
         self._lock = threading.Lock()
 
     def client(self) -> NodeClient:
@@ -653,14 +659,17 @@ class Fleet:
                 time.sleep(poll_s)
         log(f"the node still held slots of killed sandboxes after {SETTLE_TIMEOUT_S:g}s")
 
-    def kill_all(self) -> None:
-        """Kill what we created, then anything else the server holds (it is ours alone).
+    def kill_all(self, *, kept_too: bool = False) -> None:
+        """Kill what we created, then anything else the server holds (it is ours alone), but
+        the `kept` sandboxes unless `kept_too`.
 
         In parallel: a kill can take seconds (`runsc delete`), and this is cleanup, not a
         measurement.
         """
         with self.client() as client:
             leftover = set(self.alive) | {s["sandbox_id"] for s in client.list_sandboxes()}
+        if not kept_too:
+            leftover -= set(self.kept)
         calls = [functools.partial(self._kill_quietly, sid) for sid in sorted(leftover)]
         errors = [r for r in _run_parallel(calls, KILL_PARALLEL) if isinstance(r, Exception)]
         if errors:
@@ -708,6 +717,9 @@ class NodeFigures:
     sdk_floor_ms: list[float] = field(default_factory=list)  # runsc exec, same sandbox & time
     sdk_file_ms: list[float] = field(default_factory=list)
     idle: list[Memory] = field(default_factory=list)
+    settled: list[Memory] = field(default_factory=list)  # SETTLED_SANDBOXES, minutes later
+    settled_early: list[Memory] = field(default_factory=list)  # the same, MEMORY_WAIT_S after
+    settled_after_s: float = 0.0  # how long after their create
     scale_ok: int = 0
     scale_errors: list[str] = field(default_factory=list)
     scale_create_s: float = 0.0
@@ -814,6 +826,8 @@ def measure_concurrent_idle_exec(fleet: Fleet, figures: NodeFigures) -> None:
     figures.concurrent_wall_ms = (max(c.end for c in created) - min(c.start for c in created)) * 1e3
     time.sleep(MEMORY_WAIT_S)  # let restore-time activity settle before reading memory
     figures.idle = [sandbox_memory(c.container_id) for c in created]
+    fleet.kept = {c.sandbox_id: c for c in created[:SETTLED_SANDBOXES]}
+    figures.settled_early = figures.idle[:SETTLED_SANDBOXES]
     with fleet.client() as client:
         target = created[0].sandbox_id
         for _ in range(EXEC_RUNS):
@@ -1303,6 +1317,7 @@ def measure_node(fleet: Fleet, server: Server) -> NodeFigures:
         log(f"node: a small team template built cold, unchanged and changed; "
             f"{TEMPLATE_CREATES} creates from it")  # fmt: skip
         measure_templates(fleet, figures)
+        measure_settled(fleet, figures)
         fleet.settle()
         log(f"node: warm pool of {WARM_POOL_SIZE}: {WARM_CREATES} creates, a burst of "
             f"{WARM_BURST}")  # fmt: skip
@@ -1310,8 +1325,17 @@ def measure_node(fleet: Fleet, server: Server) -> NodeFigures:
         with fleet.client() as client:
             figures.events = client.info()["events"]
     finally:
-        fleet.kill_all()
+        fleet.kill_all(kept_too=True)
     return figures
+
+
+def measure_settled(fleet: Fleet, figures: NodeFigures) -> None:
+    """The memory of the sandboxes kept idle since the concurrent creates, then killed."""
+    kept = list(fleet.kept.values())
+    figures.settled = [sandbox_memory(c.container_id) for c in kept]
+    figures.settled_after_s = time.perf_counter() - min(c.end for c in kept)
+    fleet.kill_all(kept_too=True)
+    fleet.kept = {}
 
 
 # -- cleanup ---------------------------------------------------------------------------------
@@ -1453,6 +1477,12 @@ def build_rows(spawn: list[float], raw: RawFloor, node: NodeFigures) -> list[Row
             "raw restored container", max_value=IDLE_MAX_MIB),
         Row("idle_pss_mib", "idle memory/sandbox (Pss)", idle_pss, "MiB", raw_pss,
             "raw restored container"),
+        Row("settled_cgroup_mib",
+            f"idle memory/sandbox, settled ({node.settled_after_s / 60:.0f} min idle)",
+            statistics.mean(m.cgroup_bytes for m in node.settled) / MIB, "MiB",
+            statistics.mean(m.cgroup_bytes for m in node.settled_early) / MIB,
+            f"the same {SETTLED_SANDBOXES}, {MEMORY_WAIT_S:g} s after their create",
+            max_value=IDLE_MAX_MIB),
         Row("idle_cpu_ms_per_s", "idle CPU/sandbox (host, all threads)",
             node.scale_idle_cpu_ms_per_s, "ms/s", raw.idle_cpu_ms_per_s,
             "raw restored container, idle"),
