@@ -141,6 +141,9 @@ def create_app(state: EnvdState, spawner: Spawner | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         spawner.ensure_started()  # with envd, so a template's checkpoint already holds it
+        # The worker thread /init's file writes run on, started now so that the checkpoint
+        # holds it: started by a sandbox's first /init, it cost every create ~30 ms.
+        await asyncio.to_thread(int)
         yield
         spawner.close()
 
