@@ -7,7 +7,6 @@ restore; the retries only cover the restored network stack's first moments.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -17,8 +16,6 @@ from vivarium.errors import RuntimeFailure
 from vivarium.guest.envd import PORT as ENVD_PORT
 
 INIT_TIMEOUT_S = 10.0
-WAKE_POLL_S = 0.005  # while runsc restores: a refused connection costs the node ~0.3 ms
-WAKE_AFTER_S = 1.0  # how long a create waits for envd's first answer once runsc is done
 
 
 def envd_http() -> httpx.AsyncClient:
@@ -50,18 +47,6 @@ async def init_envd(
     if failure is not None:
         raise RuntimeFailure(f"envd in sandbox {sandbox_id} did not answer /init ({failure})",
                              "the template may be broken: rebuild it with --force")  # fmt: skip
-
-
-async def wake_envd(http: httpx.AsyncClient, address: str) -> None:
-    """Ask envd for /health until it answers: run beside `runsc restore`. A restored envd's
-    first request is slow (~40 ms: its pages fault back in); made while runsc finishes, it no
-    longer delays the /init after (measured 2026-12-03: node creates 523 -> 497 ms p50)."""
-    url = f"http://{address}:{ENVD_PORT}/health"
-    while True:
-        with contextlib.suppress(httpx.TransportError):
-            if (await http.get(url, timeout=WAKE_AFTER_S)).is_success:
-                return
-        await asyncio.sleep(WAKE_POLL_S)
 
 
 async def until_answered(

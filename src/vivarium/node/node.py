@@ -10,7 +10,6 @@ reconcile.py (what a start finds), guards.py (memory guards), request.py (what a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -42,13 +41,7 @@ from vivarium.network.egress_proxy import EgressProxy
 from vivarium.network.pool import SlotPool
 from vivarium.node import exclusive, file_snapshots
 from vivarium.node.disks import DiskPool
-from vivarium.node.envd_init import (
-    INIT_TIMEOUT_S,
-    WAKE_AFTER_S,
-    envd_http,
-    init_envd,
-    wake_envd,
-)
+from vivarium.node.envd_init import INIT_TIMEOUT_S, envd_http, init_envd
 from vivarium.node.guards import Guards
 from vivarium.node.idle_timers import IdleTimers
 from vivarium.node.launched import Launched
@@ -492,15 +485,9 @@ class Node:
                 write_bundle, directory / "bundle",
                 for_sandbox(spec, Path(slot.netns_path), resources, container_id, hub),
             )  # fmt: skip
-            waking = asyncio.create_task(wake_envd(self.http, slot.router_ip))
-            try:
-                await self.rt().restore(container_id, bundle, image, filestore,
-                                        directory / "console.log")  # fmt: skip
-                steps.done("runsc restore")
-                with contextlib.suppress(TimeoutError):  # else the hand-over's /init retries
-                    await asyncio.wait_for(asyncio.shield(waking), WAKE_AFTER_S)
-            finally:
-                waking.cancel()
+            await self.rt().restore(container_id, bundle, image, filestore,
+                                    directory / "console.log")  # fmt: skip
+            steps.done("runsc restore")
         except BaseException as exc:
             steps.report(f"failed ({type(exc).__name__})")
             await self.discard(started)
