@@ -36,6 +36,7 @@ from vivarium.templates.recipe import (
     HOSTNAME,
     RECIPES,
     SERVICES_FILE,
+    TEMPLATE_COMPRESSION,
     Recipe,
 )
 from vivarium.templates.store import Template, TemplateStore, dir_size, sha256_dir
@@ -262,7 +263,7 @@ async def boot_and_checkpoint(
             say(f"waiting for {service.name} on port {service.port}")
             await wait_ready(slot.router_ip, service.port, service.name)
         say("checkpointing")
-        await runtime.checkpoint(cid, build_dir / "checkpoint")
+        await runtime.checkpoint(cid, build_dir / "checkpoint", compress=TEMPLATE_COMPRESSION)
     finally:
         await runtime.delete(cid)
         await destroy_slot(slot.prefix, slot.index)

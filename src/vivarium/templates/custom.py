@@ -49,7 +49,12 @@ from vivarium.templates.build_log import BuildLog
 from vivarium.templates.build_request import FINALIZE_STEP, BuildRequest, Step, code_version
 from vivarium.templates.builder import wait_ready
 from vivarium.templates.layers import Layer, LayerCache
-from vivarium.templates.recipe import GUEST_PREFIX, HOSTNAME, SERVICES_FILE
+from vivarium.templates.recipe import (
+    GUEST_PREFIX,
+    HOSTNAME,
+    SERVICES_FILE,
+    TEMPLATE_COMPRESSION,
+)
 from vivarium.templates.store import Template, TemplateStore, dir_size, sha256_dir
 
 FILES_MOUNT = "/.vivarium-build-files"
@@ -575,7 +580,7 @@ class Build:
                 await self._until_ready(cid, request.ready_cmd, ctx, request.ready_timeout_s)
             self.log.add("checkpointing", step=FINALIZE_STEP)
             checkpoint = self.build_dir / "checkpoint"
-            await self.runtime.checkpoint(cid, checkpoint)
+            await self.runtime.checkpoint(cid, checkpoint, compress=TEMPLATE_COMPRESSION)
             # The stopped container's teardown (about a second) overlaps the seal.
             removal = asyncio.ensure_future(self._remove(cid))
             size = asyncio.to_thread(dir_size, self.rootfs)

@@ -16,6 +16,10 @@ BUILDER_SOURCE = Path(__file__).resolve().parent / "builder.py"
 GUEST_PREFIX = "/opt/vivarium"
 INIT = f"{GUEST_PREFIX}/bin/vivarium-init"  # PID 1 (guest/init.c)
 SERVICES_FILE = "services"  # under GUEST_PREFIX: a line per service, read by init
+# Template checkpoints are saved uncompressed (memory in a pages file of its own): every create
+# restores one, and `runsc restore` of `base` took 268 ms p50 so against 470 ms compressed
+# (2026-12-03), for 28 MiB on disk instead of 7 (code-interpreter-v1: 85 instead of 23).
+TEMPLATE_COMPRESSION = False
 HOSTNAME = "e2b.local"
 
 BASE_PACKAGES = (
