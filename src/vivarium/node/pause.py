@@ -110,10 +110,8 @@ async def checkpoint_sandbox(
     slot = node.pool.range.slot(record.slot_index)
     staging = await asyncio.to_thread(node.snapshots.staging, key)
     try:
-        # A snapshot kept as chunks is saved uncompressed: the chunk store compresses the
-        # chunks it does not hold already, and compressed bytes would share none.
         await _checkpoint(node, record, slot, staging / "checkpoint",
-                          compress=not node.snapshots.chunked(key))  # fmt: skip
+                          compress=node.snapshots.compressed(key))  # fmt: skip
     except BaseException as exc:
         await asyncio.to_thread(node.snapshots.discard, staging)
         if await asyncio.shield(_thaw(node, record, slot)):

@@ -201,6 +201,14 @@ class SnapshotStore:
         kept as chunks are read as such whatever the setting: their manifests say.)"""
         return self.dedup and key.startswith(SANDBOX_PREFIX)
 
+    def compressed(self, key: str) -> bool:
+        """Whether the snapshot `key` is saved runsc-compressed: only a paused sandbox's whole
+        image (dedup off), restored once and kept small. Chunks are cut from uncompressed
+        bytes (the chunk store compresses those it does not hold, and compressed bytes would
+        share none), and a team's snapshot restores for every create it serves, faster
+        uncompressed, like a template's (recipe.TEMPLATE_COMPRESSION)."""
+        return not self.chunked(key) and key.startswith(SANDBOX_PREFIX)
+
     def check(self) -> None:
         """Raise SnapshotStoreUnavailable unless the remote tier (if any) answers. Blocking."""
         if self.remote is not None:
