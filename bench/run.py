@@ -103,13 +103,13 @@ SEQUENTIAL_CREATES = 20
 CONCURRENT_CREATES = 10  # also the sandboxes whose idle memory is measured
 HEALTH_IDLE_S = 3  # /health probed this long with nothing running: the floor of the busy probes
 IDLE_WAIT_S = 3.0
-# Before idle memory is read, ours and the bare container's alike: the node collects a restored
-# sentry's garbage in the seconds after a restore (Node._reclaim_soon), also after 10 at once.
+# Before idle memory is read, ours and the bare container's alike: what the restore set going
+# (envd's first requests, the node's /init) settles first.
 MEMORY_WAIT_S = 10.0
 # Of the concurrent creates, these stay idle until the warm-pool phase (~13 minutes), and their
-# memory is read again then: Go hands a restored sentry's garbage back only after some minutes
-# (architecture.md, *Sentry memory after a restore*), which is the memory a sandbox left idle
-# holds for the rest of its life.
+# memory is read again then: what a sandbox left idle holds for the rest of its life (a sentry
+# restored from a compressed image held its decoding's garbage for minutes: architecture.md,
+# *Sentry memory after a restore*).
 SETTLED_SANDBOXES = 3
 IDLE_MAX_MIB = 60.0  # issue 13's target for an idle `base` sandbox
 SCALE_BATCH = 10  # creates at once while scaling up

@@ -111,9 +111,6 @@ class Settings:
     slot_prewarm: int = 4
     max_sandboxes: int = 128
     max_starting: int = 4  # sandboxes restoring at once; more wait (2 cores: more only thrash)
-    # Collect each restored sentry's garbage at once (Runsc.collect_garbage): ~40 MiB less per
-    # idle sandbox, for runsc's --profile (security.md) and slower pauses (benchmarks.md).
-    reclaim_sentry_memory: bool = False
     # Timer slack of idle sandboxes' host threads (node/idle_timers.py): an idle sandbox costs
     # 4–8 ms of CPU a second instead of ~50; 0 keeps every sandbox's timers precise.
     idle_timer_slack_ms: int = 20
@@ -184,7 +181,6 @@ class Settings:
             slot_prewarm=_env_int("SLOT_PREWARM", 4),
             max_sandboxes=_env_int("MAX_SANDBOXES", 128),
             max_starting=_env_int("MAX_STARTING", 4),
-            reclaim_sentry_memory=_env("RECLAIM_SENTRY_MEMORY", "0") == "1",
             idle_timer_slack_ms=_env_int("IDLE_TIMER_SLACK_MS", 20),
             warm_pool=parse_sizes("WARM_POOL", _env("WARM_POOL", "base=2,code-interpreter-v1=1")),
             egress_allow=_env_list("EGRESS_ALLOW"),

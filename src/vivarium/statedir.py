@@ -24,8 +24,7 @@ FILE_MODE = 0o600
 # What may hold a secret or a user's data, below the state directory. The rest (template root
 # filesystems, the /proc/sys copy bind-mounted into sandboxes, the caches) keeps the modes the
 # sandboxes need; the state directory's own mode already closes it to other users.
-PRIVATE_DIRS = ("sandboxes", "snapshots", "disks", "runsc", "runsc-build", "egress-ca",
-                "reclaim")  # fmt: skip
+PRIVATE_DIRS = ("sandboxes", "snapshots", "disks", "runsc", "runsc-build", "egress-ca")
 PRIVATE_FILES = ("vivarium.db", "vivarium.db-wal", "vivarium.db-shm", "admin.key", "secret.key",
                  "node.lock")  # fmt: skip
 

@@ -57,7 +57,6 @@ def server(inet_host: str) -> Iterator[Server]:
     srv = make_server(
         "main", "vt", "10.232.0.0/20", 3100, api_host="0.0.0.0", max_sandboxes="40",
         slot_prewarm="6", egress_allow=f"{INET_ALLOWED}/32",
-        reclaim_sentry_memory="1",  # off by default: tested here
     )  # fmt: skip
     srv.start()
     try:

@@ -67,8 +67,6 @@ def test_cli_create_exec_kill(server: Server) -> None:
 
 
 def test_timeout_kills_sandbox(client: NodeClient, sandbox: Callable[..., str]) -> None:
-    import time
-
     short = sandbox(timeout=2)
     longer = sandbox(timeout=60)
     client.set_timeout(longer, 120)
@@ -83,21 +81,16 @@ def test_timeout_kills_sandbox(client: NodeClient, sandbox: Callable[..., str]) 
     assert client.get(longer)["end_at"] - time.time() > 100
 
 
-def test_a_restored_sentry_hands_back_the_restores_garbage(
+def test_a_restored_sentry_holds_no_restore_garbage(
     server: Server, client: NodeClient, sandbox: Callable[..., str]
 ) -> None:
-    # A restore leaves ~45 MiB of garbage in the sentry's Go heap (63 MiB of anonymous
-    # memory), which Go alone gives back only minutes later; the node collects it at once.
+    # Restored from a runsc-compressed image, a sentry's Go heap held ~45 MiB of the decoding's
+    # garbage (63 MiB of anonymous memory) for minutes; templates are saved uncompressed
+    # (recipe.TEMPLATE_COMPRESSION), whose restore leaves none.
     container_id = client.get(sandbox())["container_id"]
     state = subprocess.run(["runsc", "--root", str(server.state_dir / "runsc"), "state",
                             container_id], capture_output=True, text=True, check=True)  # fmt: skip
     sentry = json.loads(state.stdout)["pid"]
-    deadline, anonymous = time.monotonic() + 60, 0
-    while time.monotonic() < deadline:
-        rollup = Path(f"/proc/{sentry}/smaps_rollup").read_text()
-        anonymous = int(re.search(r"^Anonymous:\s+(\d+) kB", rollup, re.M)[1]) >> 10  # type: ignore[index]
-        if anonymous < 40:
-            break
-        time.sleep(1)
-    assert anonymous < 40, f"the sentry still holds {anonymous} MiB of anonymous memory"
-    assert list((server.state_dir / "reclaim").iterdir()) == []  # no heap profile left
+    rollup = Path(f"/proc/{sentry}/smaps_rollup").read_text()
+    anonymous = int(re.search(r"^Anonymous:\s+(\d+) kB", rollup, re.M)[1]) >> 10  # type: ignore[index]
+    assert anonymous < 40, f"the sentry holds {anonymous} MiB of anonymous memory"

@@ -83,10 +83,6 @@ MAX_EVENTS = 100
 # this, the create restores another rather than wait the full INIT_TIMEOUT_S.
 CLAIM_INIT_TIMEOUT_S = 3.0
 MAX_EXEC_TIMEOUT_S = 3600
-# After a restore, when its start is over: the sentry's first collection finds the garbage,
-# the second (once the first's sweep is done) makes Go hand it back (measured: one alone did
-# not, for two minutes).
-RECLAIM_DELAYS_S = (1.0, 2.0)
 FRESH_S = 1.0  # get_metrics up to now: a sample older than this is taken again
 USERS = {"root": ("0:0", "/root"), "user": ("1000:1000", "/home/user")}
 
@@ -139,7 +135,6 @@ class Node:
         # sooner; the rest wait their turn (E2B's nodes cap "starting" sandboxes the same way).
         self._starting = asyncio.Semaphore(settings.max_starting)
         self._cleanups: set[asyncio.Task[None]] = set()
-        self._reclaims: set[asyncio.Task[None]] = set()
         self.idle_timers = IdleTimers(settings.idle_timer_slack_ms * 1_000_000)
         self._idle_check: asyncio.Task[None] | None = None
         # Sandboxes started again after a snapshot was taken of them (team_snapshots.py).
@@ -174,7 +169,6 @@ class Node:
         self.runtime = await asyncio.to_thread(
             open_runtime, self.settings.runsc_path, self.settings.state_dir,
             self.settings.runsc_root, self.settings.runsc_platform,
-            self.settings.reclaim_sentry_memory,
         )  # fmt: skip
         steps.done("runsc probes")
         await asyncio.to_thread(self.volumes.mount_all)  # before sandboxes using them start
@@ -221,7 +215,7 @@ class Node:
     async def stop(self) -> None:
         """Stop managing; running sandboxes keep running and are adopted by the next start."""
         await self.warm.stop()
-        for task in (self._reaper, self._sampler, self._idle_check, *self._reclaims):
+        for task in (self._reaper, self._sampler, self._idle_check):
             if task:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -492,25 +486,7 @@ class Node:
             steps.report(f"failed ({type(exc).__name__})")
             await self.discard(started)
             raise
-        self._reclaim_soon(container_id)
         return started
-
-    def _reclaim_soon(self, container_id: str) -> None:
-        """The restore's garbage in the container's sentry handed back to the host, in the
-        background, once the start is done (Runsc.collect_garbage)."""
-        runtime = self.rt()
-        if runtime.reclaim is None:
-            return
-
-        async def reclaiming() -> None:
-            for delay in RECLAIM_DELAYS_S:
-                await asyncio.sleep(delay)
-                if not await runtime.collect_garbage(container_id):
-                    return  # gone or being saved meanwhile: nothing to hand back
-
-        task = asyncio.create_task(reclaiming())
-        self._reclaims.add(task)
-        task.add_done_callback(self._reclaims.discard)
 
     async def hand_over(
         self, started: Launched, req: CreateRequest, sandbox_id: str, template: str,
@@ -827,7 +803,7 @@ class Node:
             "coarse_timers": self.idle_timers.coarse,  # idle sandboxes (node/idle_timers.py)
             # Teardowns of killed sandboxes, ready disks still being made, or restored sentries'
             # garbage being collected, in the background.
-            "settling": bool(self._cleanups) or self.disks.filling or bool(self._reclaims),
+            "settling": bool(self._cleanups) or self.disks.filling,
             "templates": self.templates.names(),
             "events": self.events,
         }

@@ -39,18 +39,12 @@ class ContainerState:
 
 
 class Runsc:
-    def __init__(self, binary: str, root: Path, probe: Probe, procsys_copy: Path,
-                 reclaim: Path | None = None) -> None:  # fmt: skip
+    def __init__(self, binary: str, root: Path, probe: Probe, procsys_copy: Path) -> None:
         self.binary = binary
         self.root = root
         self.probe = probe
         self.procsys_copy = procsys_copy
-        # Where collect_garbage's heap profiles land; with it, restored sentries answer it
-        # (runsc's --profile: see there).
-        self.reclaim = reclaim
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if reclaim is not None:
-            reclaim.mkdir(mode=0o700, exist_ok=True)
 
     def _argv(self, *args: str) -> list[str]:
         return [
@@ -79,8 +73,7 @@ class Runsc:
     async def restore(
         self, cid: str, bundle: Path, image: Path, disk: Path, console_log: Path
     ) -> None:
-        profile = ["--profile"] if self.reclaim else []
-        argv = self._starting(disk, *profile, "restore", "--detach", "--image-path", str(image),
+        argv = self._starting(disk, "restore", "--detach", "--image-path", str(image),
                               "--bundle", str(bundle), cid)  # fmt: skip
         await run(argv, timeout=START_TIMEOUT_S, log=console_log)
 
@@ -124,22 +117,6 @@ class Runsc:
         for item in env or []:
             args += ["--env", item]
         return self._argv(*args, cid, *argv)
-
-    async def collect_garbage(self, cid: str) -> bool:
-        """Run the Go garbage collector of a restored container's sentry. A restore leaves
-        ~45 MiB of garbage in the sentry's heap (decoding the saved kernel), held until Go's
-        own collection every two minutes and the release some minutes later; two collections a
-        moment apart hand it back to the host at once. The heap profile is the one control
-        call that collects, and it needs `--profile` at the restore, which also lets the
-        sentry open files read-only (runtime/pprof), within its empty chroot. The profile goes
-        to a file of ours, removed after: runsc deletes the file it was given if the call fails
-        (never /dev/null, then)."""
-        assert self.reclaim is not None, "opened without reclaim"
-        scratch = self.reclaim / cid
-        res = await run(self._argv("debug", "--delay=0s", f"--profile-heap={scratch}", cid),
-                        check=False, timeout=30)  # fmt: skip
-        scratch.unlink(missing_ok=True)
-        return res.ok
 
     async def pause(self, cid: str) -> None:
         """Freeze every process of the container (gVisor's freezer; the network stack runs on).
@@ -199,13 +176,10 @@ def _parse_state(item: dict[str, Any]) -> ContainerState:
     )
 
 
-def open_runtime(
-    binary: str, state_dir: Path, root: Path, platform: str = "", reclaim: bool = False
-) -> Runsc:
-    """Probe the host (cached) and return a driver whose containers live under `root`;
-    `reclaim`: restored sentries answer collect_garbage."""
+def open_runtime(binary: str, state_dir: Path, root: Path, platform: str = "") -> Runsc:
+    """Probe the host (cached) and return a driver whose containers live under `root`."""
     probe = detect(binary, state_dir, platform)
     copy = state_dir / "procsys"
     if probe.netns_workaround:
         procsys.make_copy(copy)  # refreshed every start: sysctl values may change across boots
-    return Runsc(binary, root, probe, copy, state_dir / "reclaim" if reclaim else None)
+    return Runsc(binary, root, probe, copy)
