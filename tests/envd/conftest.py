@@ -41,6 +41,18 @@ def _healthy(url: str) -> bool:
         return False
 
 
+# envd runs commands in login shells, here as the host's root. On hosts whose root profile runs
+# `pyenv init` (this CI's machines do), each such shell takes pyenv's rehash lock and writes to
+# stderr while another holds it: noise in what the tests compare. So the test envd runs in a
+# mount namespace of its own, where root's shell startup files are empty (exec keeps its pid).
+HIDE_ROOT_PROFILE = [
+    "unshare", "--mount", "--propagation", "private", "sh", "-c",
+    'for f in ~/.bashrc ~/.profile ~/.bash_profile ~/.bash_login; do'
+    ' if [ -f "$f" ]; then mount --bind /dev/null "$f" || exit 1; fi; done; exec "$@"',
+    "sh",
+]  # fmt: skip
+
+
 @contextlib.contextmanager
 def run_envd() -> Iterator[str]:
     """A fresh envd process on a free port; yields its base URL."""
@@ -55,8 +67,8 @@ def run_envd() -> Iterator[str]:
     # envd's own output goes to a file so a failing start can show why.
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vivarium.guest.envd", "--host", "127.0.0.1",
-             "--port", str(port), "--default-user", "root"],
+            [*HIDE_ROOT_PROFILE, sys.executable, "-m", "vivarium.guest.envd",
+             "--host", "127.0.0.1", "--port", str(port), "--default-user", "root"],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "VIVARIUM_SPAWN_HELPER": str(helper)},
         )  # fmt: skip
@@ -78,20 +90,6 @@ def run_envd() -> Iterator[str]:
                 proc.kill()
                 proc.wait()
             shutil.rmtree(helper.parent, ignore_errors=True)
-
-
-# On hosts whose root profile runs `pyenv init` (this CI's machines do), every `bash -l` as root
-# takes pyenv's rehash lock for a moment; a test that kills such a shell at that moment leaves
-# the lock behind, and every later login shell then waits a minute for it. Not ours to fix, but
-# it must not turn one killed process into a dozen timeouts.
-PYENV_LOCK = Path.home() / ".pyenv" / "shims" / ".pyenv-shim"
-
-
-@pytest.fixture(autouse=True)
-def _no_stale_pyenv_lock() -> None:
-    with contextlib.suppress(OSError):
-        if time.time() - PYENV_LOCK.stat().st_mtime > 20:
-            PYENV_LOCK.unlink()
 
 
 @pytest.fixture(scope="session")

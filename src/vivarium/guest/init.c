@@ -241,8 +241,8 @@ struct proc {
     uid_t uid;
 };
 
-/* Every process but zombies; returns how many were written to `out`. */
-static int live_processes(struct proc *out, int max) {
+/* Every process, zombies only if `zombies`; returns how many were written to `out`. */
+static int list_processes(struct proc *out, int max, int zombies) {
     DIR *d = opendir("/proc");
     if (!d) return 0;
     int n = 0;
@@ -264,7 +264,7 @@ static int live_processes(struct proc *out, int max) {
         int ppid, pgrp, sid;
         if (!after || sscanf(after + 1, " %c %d %d %d", &state, &ppid, &pgrp, &sid) != 4)
             continue;
-        if (state == 'Z' || state == 'X') continue;
+        if (state == 'X' || (state == 'Z' && !zombies)) continue;
         out[n++] = (struct proc){atoi(e->d_name), pgrp, sid, st.st_uid};
     }
     closedir(d);
@@ -302,7 +302,7 @@ static struct proc procs[MAX_PROCS];
    processes (a forking loop). Logged to the console: the sandbox's log. */
 static void out_of_memory(void) {
     static struct { pid_t pgrp; long kib; int count; char name[32]; } groups[MAX_PROCS];
-    int n = live_processes(procs, MAX_PROCS), ngroups = 0;
+    int n = list_processes(procs, MAX_PROCS, 0), ngroups = 0;
     for (int i = 0; i < n; i++) {
         if (is_protected(procs[i].sid)) continue;
         char name[32] = "";
@@ -335,7 +335,7 @@ static int nat_limit;
 /* SIGKILL every process group of `uid` in session `sid`; each killpg is atomic, so a fork racing
    with it cannot leave a survivor in that group. Returns the processes signalled. */
 static int kill_session(uid_t uid, pid_t sid) {
-    int n = live_processes(procs, MAX_PROCS), killed = 0;
+    int n = list_processes(procs, MAX_PROCS, 0), killed = 0;
     for (int i = 0; i < n; i++)
         if (procs[i].uid == uid && procs[i].sid == sid) {
             killpg(procs[i].pgrp, SIGKILL);
@@ -361,7 +361,9 @@ static void contain_fork_bomb(void) {
         nat_limit = 0;
         return;
     }
-    int n = live_processes(procs, MAX_PROCS); /* zombies being reaped do not count */
+    /* Zombies count: the kernel holds them against the limit until they are reaped, and most
+       of a classic bomb (`:(){ :|:& };:`) is its exited shells waiting for that. */
+    int n = list_processes(procs, MAX_PROCS, 1);
     double t = now();
     static struct { uid_t uid; int count; } users[256];
     int nusers = 0;
