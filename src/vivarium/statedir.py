@@ -29,14 +29,15 @@ PRIVATE_FILES = ("vivarium.db", "vivarium.db-wal", "vivarium.db-shm", "admin.key
                  "node.lock")  # fmt: skip
 
 
-def write_private(path: Path, text: str) -> None:
-    """Replace a file whole, root's alone from its first byte (not after a chmod), and durably:
-    a crash leaves the old content or the new one, never a mix."""
+def write_private(path: Path, text: str, *, durable: bool = True) -> None:
+    """Replace a file whole, root's alone from its first byte (not after a chmod): a crash
+    leaves the old content or the new one, never a mix. `durable`: also after a power loss."""
     tmp = path.with_name(path.name + ".tmp")
     with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     tmp.rename(path)
 
 

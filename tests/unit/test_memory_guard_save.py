@@ -57,3 +57,33 @@ def test_a_sandbox_above_its_limit_is_not_frozen_until_it_is_below(tmp_path: Pat
 def test_a_sandbox_without_a_guard_is_saved_as_it_is(tmp_path: Path) -> None:
     assert asyncio.run(Guards().calm("nobody", 0.1)) is True
     Guards().frozen_for_save("nobody")
+
+
+def test_a_guard_on_cgroup_v1_registers_its_threshold_and_contains_a_sandbox_already_above(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "memory" / cgroup_path("c1").lstrip("/")
+    directory.mkdir(parents=True)
+    usage = directory / "memory.usage_in_bytes"
+    usage.write_text(str(LIMIT + (100 << 20)))  # a resumed sandbox: no crossing to come
+    (directory / "memory.stat").write_text("total_active_file 0\ntotal_inactive_file 0\n")
+    (directory / "cgroup.event_control").write_text("")
+    reaped: list[tuple[int, int]] = []
+
+    async def reap() -> None:  # what the sandbox's init does when signalled
+        usage.write_text(str(LIMIT // 2))
+
+    async def armed() -> str:
+        guard = MemoryGuard("c1", LIMIT, reap, lambda *seen: reaped.append(seen), root=tmp_path)
+        guard.arm()
+        for _ in range(200):
+            if reaped:
+                break
+            await asyncio.sleep(0.01)
+        guard.disarm()
+        return (directory / "cgroup.event_control").read_text()
+
+    event, usage_fd, threshold = asyncio.run(armed()).split()
+    assert int(threshold) == LIMIT and event != usage_fd
+    assert reaped == [(LIMIT + (100 << 20), LIMIT // 2)]
+    assert int((directory / "memory.limit_in_bytes").read_text()) == LIMIT + headroom(LIMIT)

@@ -734,8 +734,8 @@ class Node:
             raise InvalidArgument(f"command did not finish within {timeout_s:g}s") from None
 
     async def save(self, record: SandboxRecord) -> None:
-        # The record is fsync'ed: on a disk busy with restores that can take tens of
-        # milliseconds, which must not stall the event loop (the API and proxy share it).
+        # A file write: on a disk busy with restores even that can take milliseconds, which
+        # must not stall the event loop (the API and proxy share it).
         await asyncio.to_thread(self.records.save, record)
 
     def logs(self, sandbox_id: str, limit: int = 1000) -> list[tuple[float, str]]:

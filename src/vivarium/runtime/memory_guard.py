@@ -68,6 +68,7 @@ class MemoryGuard:
         )  # fmt: skip
         self._fds: list[int] = []
         self._episode: asyncio.Task[None] | None = None
+        self._registering: asyncio.Future[int] | None = None
 
     def usage(self) -> int:
         """What the cgroup is charged, page cache included."""
@@ -95,13 +96,31 @@ class MemoryGuard:
             event = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             usage = os.open(self._usage_file, os.O_RDONLY | os.O_CLOEXEC)
             self._fds = [event, usage]
-            (self._dir / "cgroup.event_control").write_text(f"{event} {usage} {self.limit}")
             loop.add_reader(event, self._crossed)
-            if self.usage() >= self.limit:  # already above (a resumed sandbox): no crossing
-                self._episode = loop.create_task(self._watch(forever=False))
+            # The kernel takes an RCU grace period to register a threshold (8-18 ms measured
+            # here): in a worker thread, so that a create does not wait for it.
+            control = f"{event} {usage} {self.limit}"
+            self._registering = loop.run_in_executor(
+                None, (self._dir / "cgroup.event_control").write_text, control
+            )
+            self._registering.add_done_callback(self._registered)
         else:
             (self._dir / "memory.max").write_text(hard)
             self._episode = loop.create_task(self._watch(forever=True))
+
+    def _registered(self, registering: asyncio.Future[int]) -> None:
+        if registering.cancelled() or not self._fds:  # disarmed meanwhile
+            return
+        if (failure := registering.exception()) is not None:
+            log.warning("no memory threshold event for %s (%s): polling instead", self._dir,
+                        failure)  # fmt: skip
+            forever = True
+        elif self.usage() >= self.limit:  # already above (a resumed sandbox): no crossing
+            forever = False
+        else:
+            return
+        if self._episode is None or self._episode.done():
+            self._episode = asyncio.get_running_loop().create_task(self._watch(forever))
 
     def widen(self) -> None:
         """More room for a save: the frozen sandbox allocates nothing more, but the sentry's
@@ -122,11 +141,14 @@ class MemoryGuard:
         return True
 
     def disarm(self) -> None:
-        if self._fds:
-            asyncio.get_running_loop().remove_reader(self._fds[0])
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        fds, self._fds = self._fds, []
+        if fds:
+            asyncio.get_running_loop().remove_reader(fds[0])
+        if self._registering is not None and not self._registering.done():
+            # The worker still writes these numbers: closed now, they could name another file.
+            self._registering.add_done_callback(lambda _: _close(fds))
+        else:
+            _close(fds)
         if self._episode is not None:
             self._episode.cancel()
 
@@ -158,3 +180,8 @@ class MemoryGuard:
                 await asyncio.sleep(0.005)
         if signals:
             self._on_reaped(before, self.working_set())
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
