@@ -47,6 +47,20 @@ def parse_sizes(name: str, raw: str) -> tuple[tuple[str, int], ...]:
     return tuple(sizes)
 
 
+def parse_labels(raw: str) -> tuple[tuple[str, str], ...]:
+    """VIVARIUM_NODE_LABELS `zone=a,disk=ssd` -> (("zone", "a"), ("disk", "ssd"))."""
+    labels = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"VIVARIUM_NODE_LABELS={raw!r}: {part!r} is not KEY=VALUE",
+                              "for example zone=a,disk=ssd; empty for none")  # fmt: skip
+        labels.append((key.strip(), value.strip()))
+    return tuple(labels)
+
+
 def parse_s3_url(url: str) -> tuple[str, str]:
     """VIVARIUM_SNAPSHOT_URL `s3://bucket/some/prefix` -> ("bucket", "some/prefix")."""
     parsed = urlparse(url)
@@ -116,6 +130,8 @@ class Settings:
     idle_timer_slack_ms: int = 20
     # Sandboxes kept restored per template for instant creates (node/warm.py).
     warm_pool: tuple[tuple[str, int], ...] = DEFAULT_WARM_POOL
+    # This host's node in the registry (api/nodes.py): its labels, shown by `vivarium node list`.
+    node_labels: tuple[tuple[str, str], ...] = ()
     # Destinations a sandbox with internet access may reach even though they are private
     # or host addresses (an internal package mirror, say). Empty by default.
     egress_allow: tuple[str, ...] = field(default_factory=tuple)
@@ -183,6 +199,7 @@ class Settings:
             max_starting=_env_int("MAX_STARTING", 4),
             idle_timer_slack_ms=_env_int("IDLE_TIMER_SLACK_MS", 20),
             warm_pool=parse_sizes("WARM_POOL", _env("WARM_POOL", "base=2,code-interpreter-v1=1")),
+            node_labels=parse_labels(_env("NODE_LABELS", "")),
             egress_allow=_env_list("EGRESS_ALLOW"),
             egress_dns=_env_list("EGRESS_DNS"),
             egress_ca_file=Path(f) if (f := _env("EGRESS_CA_FILE", "")) else None,

@@ -73,6 +73,12 @@ class HostNotReady(VivariumError):
     http_status = 503
 
 
+class NodeUnavailable(HostNotReady):
+    """The node takes no new sandboxes (drained by the operator, or its heartbeat stopped)."""
+
+    code = "node_unavailable"
+
+
 class InsufficientStorage(HostNotReady):
     """The node's disk cannot take what is asked now (a resume's rebuilt image): retry once
     space is freed."""

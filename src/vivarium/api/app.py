@@ -252,6 +252,16 @@ def create_app(control: ControlPlane) -> Starlette:
                 "maxSandboxes": new_team["max_sandboxes"]}  # fmt: skip
         return JSONResponse(body, status_code=201)
 
+    async def list_nodes(request: Request, team: Row) -> Response:
+        return JSONResponse([shapes.node(r) for r in await control.list_nodes(team)])
+
+    def node_state(state: str) -> Callable[[Request, Row], Awaitable[Response]]:
+        async def set_state(request: Request, team: Row) -> Response:
+            row = await control.set_node_state(team, str(request.path_params["node_id"]), state)
+            return JSONResponse(shapes.node(row))
+
+        return set_state
+
     async def http_error(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         message = {404: f"{request.url.path} was not found on this server",
@@ -292,6 +302,9 @@ def create_app(control: ControlPlane) -> Starlette:
         Route("/api-keys", authed(create_key), methods=["POST"]),
         Route("/api-keys/{key_id}", authed(revoke_key), methods=["DELETE"]),
         Route("/teams", authed(create_team), methods=["POST"]),
+        Route("/nodes", authed(list_nodes), methods=["GET"]),
+        Route("/nodes/{node_id}/drain", authed(node_state("draining")), methods=["POST"]),
+        Route("/nodes/{node_id}/undrain", authed(node_state("ready")), methods=["POST"]),
         *volume_routes.routes(control, authed),
         dashboard.mount(control.settings),
     ]

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from vivarium.api import keys, store
+from vivarium.api import keys, nodes, store
 from vivarium.api.db.engine import migrate, open_engine
 from vivarium.api.events import EventLog, actor, ended_type
 from vivarium.api.templates import TemplateCatalog
@@ -90,6 +90,9 @@ class ControlPlane:
         self.volumes = VolumeCatalog(self)
         self.templates = TemplateCatalog(self)
         self.events = EventLog(self.engine, settings.webhook_url, settings.webhook_secret)
+        self.membership = nodes.Membership(self.engine, node, node_id,
+                                           f"unix:{settings.node_socket}",
+                                           dict(settings.node_labels))  # fmt: skip
 
     # -- start and stop ------------------------------------------------------------------------
 
@@ -104,6 +107,7 @@ class ControlPlane:
             team = await store.create_team(self.engine, "default", limit, is_admin=True)
             first_key, _ = await store.create_key(self.engine, team["id"], "default")
             write_private(self.settings.admin_key_file, first_key + "\n")
+        await self.membership.start()
         await self._reconcile()
         await self.volumes.reconcile()
         await self.templates.reconcile()
@@ -125,6 +129,7 @@ class ControlPlane:
         await store.reserve_sandboxes(self.engine, ghost, [{}])  # refused: limit 0
         await store.update_sandbox(self.engine, "", state="running")
         await store.end_sandbox(self.engine, "", "warm-up")
+        await nodes.get(self.engine, self.node_id)
 
     async def stop(self) -> None:
         if self._retention is not None:
@@ -132,6 +137,7 @@ class ControlPlane:
             await asyncio.gather(self._retention, return_exceptions=True)
         self.node.on_ended = None
         self.node.on_paused = None
+        await self.membership.stop()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.events.stop()
@@ -236,6 +242,7 @@ class ControlPlane:
         """A sandbox from a template, or from one of the team's snapshots when `new.template`
         names one (by id or name), as E2B's `Sandbox.create(snapshot_id)`."""
         self._check_timeout(new.timeout_s)
+        await self.membership.check_placeable()
         await self.node.egress_proxy.check(new.egress.socks)
         saved = await store.team_snapshot(self.engine, team["id"], new.template)
         if saved is not None:
@@ -540,6 +547,7 @@ class ControlPlane:
         self._check_timeout(timeout_s)
         if not 1 <= count <= MAX_FORKS:
             raise InvalidArgument(f"count must be 1..{MAX_FORKS}, not {count}")
+        await self.membership.check_placeable()
         parent = await self._running(team, sandbox_id)
         new = NewSandbox(template=parent["template_id"], timeout_s=timeout_s,
                          metadata=parent["metadata"], auto_pause=parent["auto_pause"],
@@ -629,6 +637,23 @@ class ControlPlane:
         team = await store.create_team(self.engine, name, limit)
         key, _ = await store.create_key(self.engine, team["id"], "default")
         return team, key
+
+    # -- nodes (admin keys only) ----------------------------------------------------------------
+
+    async def list_nodes(self, caller: Row) -> list[Row]:
+        if not caller["is_admin"]:
+            raise NotFound("not found")
+        return await nodes.list_nodes(self.engine)
+
+    async def set_node_state(self, caller: Row, node_id: str, state: str) -> Row:
+        """Drain (`draining`: no new sandboxes, the running ones stay) or undrain (`ready`)."""
+        if not caller["is_admin"]:
+            raise NotFound("not found")
+        row = await nodes.set_state(self.engine, node_id, state)
+        if row is None:
+            raise NotFound(f"node {node_id!r} was not found", "see `vivarium node list`")
+        log.info("node %s is now %s", node_id, state)
+        return row
 
     async def create_key(self, team: Row, name: str) -> tuple[str, Row]:
         return await store.create_key(self.engine, team["id"], name)

@@ -110,6 +110,19 @@ EVENT: Schema = {
 }  # fmt: skip
 ID = {"name": "sandbox_id", "in": "path", "required": True, "schema": {"type": "string"}}
 VOLUME_ID = {"name": "volume_id", "in": "path", "required": True, "schema": {"type": "string"}}
+NODE_ID = {"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}
+NODE: Schema = {"type": "object", "properties": {
+    "nodeID": {"type": "string"}, "address": {"type": "string"},
+    "status": {"type": "string", "enum": ["ready", "draining", "unhealthy"]},
+    "state": {"type": "string", "enum": ["ready", "draining"]},
+    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+    "cpuCount": {"type": "integer"}, "memoryMB": {"type": "integer"},
+    "maxSandboxes": {"type": "integer"}, "runscVersion": {"type": "string"},
+    "platform": {"type": "string"}, "sandboxes": {"type": "integer"},
+    "allocatedCPUs": {"type": "number"}, "allocatedMemoryMB": {"type": "integer"},
+    "startedAt": {"type": "string", "format": "date-time"},
+    "heartbeatAt": {"type": "string", "format": "date-time"},
+}}  # fmt: skip
 TIME_RANGE = [
     {"name": name, "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}}
     for name in ("start", "end")
@@ -376,6 +389,15 @@ def document() -> Schema:
             body={"type": "object", "required": ["name"],
                   "properties": {"name": {"type": "string"}, "maxSandboxes": {"type": "integer"}}},
         )},
+        "/nodes": {"get": _op("the node agents and their status (admin keys only; 404 to others)",
+                              {"200": {"description": "nodes",
+                                       **_json({"type": "array", "items": NODE})}})},
+        "/nodes/{node_id}/drain": {"post": _op(
+            "drain a node: no new sandboxes on it, the running ones stay (admin keys only)",
+            {"200": {"description": "the node", **_json(NODE)}}, params=[NODE_ID])},
+        "/nodes/{node_id}/undrain": {"post": _op(
+            "make a drained node take new sandboxes again (admin keys only)",
+            {"200": {"description": "the node", **_json(NODE)}}, params=[NODE_ID])},
     }  # fmt: skip
     return {
         "openapi": "3.0.3",

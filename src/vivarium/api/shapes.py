@@ -11,6 +11,7 @@ import urllib.parse
 from datetime import UTC, datetime
 from typing import Any
 
+from vivarium.api import nodes
 from vivarium.api.control import NewSandbox, rules_of
 from vivarium.api.volumes import mounts_request
 from vivarium.errors import InvalidArgument
@@ -252,3 +253,15 @@ def volume(row: Row, token: str | None = None) -> Row:
     """`Volume`, or `VolumeAndToken` with its token."""
     body = {"volumeID": row["id"], "name": row["name"]}
     return body if token is None else {**body, "token": token}
+
+
+def node(row: Row) -> Row:
+    return {
+        "nodeID": row["id"], "address": row["address"], "status": nodes.status(row),
+        "state": row["state"], "labels": row["labels"], "cpuCount": row["cpu_count"],
+        "memoryMB": row["memory_mb"], "maxSandboxes": row["max_sandboxes"],
+        "runscVersion": row["runsc_version"], "platform": row["platform"],
+        "sandboxes": row["sandboxes"], "allocatedCPUs": row["allocated_cpus"],
+        "allocatedMemoryMB": row["allocated_memory_mb"],
+        "startedAt": rfc3339(row["started_at"]), "heartbeatAt": rfc3339(row["heartbeat_at"]),
+    }  # fmt: skip

@@ -349,5 +349,50 @@ def keys_revoke(key_id: str) -> None:
     click.echo(f"revoked {key_id}")
 
 
+@main.group()
+def node() -> None:
+    """The node agents (admin keys only): list them, drain one before maintenance, undrain it."""
+
+
+@node.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+def node_list(as_json: bool) -> None:
+    """Each node with its status, runsc, and what it runs (as of its last heartbeat)."""
+    with _api() as api:
+        rows = api.call("GET", "/nodes")
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'NODE':<16}{'STATUS':<11}{'SANDBOXES':<11}{'CPUS':<12}{'MEMORY MiB':<18}"
+               f"{'RUNSC':<24}HEARTBEAT")  # fmt: skip
+    for r in rows:
+        cpus = f"{r['allocatedCPUs']:g}/{r['cpuCount']}"
+        memory = f"{r['allocatedMemoryMB']}/{r['memoryMB']}"
+        sandboxes = f"{r['sandboxes']}/{r['maxSandboxes']}"
+        runsc = f"{r['runscVersion']} {r['platform']}"
+        click.echo(f"{r['nodeID']:<16}{r['status']:<11}{sandboxes:<11}{cpus:<12}{memory:<18}"
+                   f"{runsc:<24}{r['heartbeatAt']}")  # fmt: skip
+
+
+@node.command("drain")
+@click.argument("node_id")
+def node_drain(node_id: str) -> None:
+    """No new sandboxes on NODE_ID; its running and paused ones stay."""
+    _steer(node_id, "drain")
+
+
+@node.command("undrain")
+@click.argument("node_id")
+def node_undrain(node_id: str) -> None:
+    """NODE_ID takes new sandboxes again."""
+    _steer(node_id, "undrain")
+
+
+def _steer(node_id: str, action: str) -> None:
+    with _api() as api:
+        row = api.call("POST", f"/nodes/{node_id}/{action}")
+    click.echo(f"node {node_id} is {row['status']}")
+
+
 if __name__ == "__main__":
     main()

@@ -191,3 +191,24 @@ template_tags = Table(
     Column("build_id", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
 )
+
+# The node agents: each registers at start and heartbeats (api/nodes.py). `state` is the
+# operator's choice (ready or draining); a node whose heartbeat stopped shows as unhealthy.
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("address", String(255), nullable=False),  # where the control plane reaches it
+    Column("state", String(16), nullable=False),
+    Column("labels", JSON, nullable=False, default=dict),
+    Column("cpu_count", Integer, nullable=False),
+    Column("memory_mb", Integer, nullable=False),
+    Column("max_sandboxes", Integer, nullable=False),
+    Column("runsc_version", String(64), nullable=False),
+    Column("platform", String(16), nullable=False),
+    Column("sandboxes", Integer, nullable=False, default=0),  # running, as of the heartbeat
+    Column("allocated_cpus", Float, nullable=False, default=0.0),
+    Column("allocated_memory_mb", Integer, nullable=False, default=0),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+)

@@ -1,0 +1,151 @@
+"""The node registry in the catalog: every node agent registers when it starts and heartbeats
+while it runs; the operator drains and undrains nodes (`vivarium node`).
+
+A node's `state` is the operator's: `ready` takes new sandboxes, `draining` keeps the ones it
+has and takes no more. Its `status`, what listings show, is the state unless the heartbeat
+stopped: then `unhealthy`, whatever the state. A node that registers again (a restart) keeps
+the state the operator gave it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from vivarium.api.db.schema import nodes
+from vivarium.api.store import Row, _row
+from vivarium.errors import InvalidArgument, NodeUnavailable
+from vivarium.node.node import Node
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 5.0
+HEARTBEAT_TIMEOUT_S = 30.0  # six missed heartbeats: the node is taken for gone
+STATES = ("ready", "draining")
+
+
+def status(row: Row, now: float | None = None) -> str:
+    """ready, draining or unhealthy (its heartbeat is older than HEARTBEAT_TIMEOUT_S)."""
+    now = time.time() if now is None else now
+    if now - row["heartbeat_at"] > HEARTBEAT_TIMEOUT_S:
+        return "unhealthy"
+    return str(row["state"])
+
+
+async def register(engine: AsyncEngine, node_id: str, address: str, **info: Any) -> Row:
+    """Record a node that starts (`info`: labels, cpu_count, memory_mb, max_sandboxes,
+    runsc_version, platform); a known one keeps its state."""
+    now = time.time()
+    values = {"address": address, "started_at": now, "heartbeat_at": now, "sandboxes": 0,
+              "allocated_cpus": 0.0, "allocated_memory_mb": 0, **info}  # fmt: skip
+    async with engine.begin() as conn:
+        known = _row(await conn.execute(select(nodes.c.id).where(nodes.c.id == node_id)))
+        if known is None:
+            await conn.execute(insert(nodes).values(id=node_id, state="ready", **values))
+        else:
+            await conn.execute(update(nodes).where(nodes.c.id == node_id).values(**values))
+        row = _row(await conn.execute(select(nodes).where(nodes.c.id == node_id)))
+    assert row is not None
+    return row
+
+
+async def heartbeat(engine: AsyncEngine, node_id: str, sandboxes: int, allocated_cpus: float,
+                    allocated_memory_mb: int) -> Row | None:  # fmt: skip
+    """The node is alive and runs this much; its row (None if it was never registered)."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(nodes).where(nodes.c.id == node_id).values(
+                heartbeat_at=time.time(), sandboxes=sandboxes, allocated_cpus=allocated_cpus,
+                allocated_memory_mb=allocated_memory_mb,
+            )
+        )  # fmt: skip
+        return _row(await conn.execute(select(nodes).where(nodes.c.id == node_id)))
+
+
+async def get(engine: AsyncEngine, node_id: str) -> Row | None:
+    async with engine.connect() as conn:
+        return _row(await conn.execute(select(nodes).where(nodes.c.id == node_id)))
+
+
+async def list_nodes(engine: AsyncEngine) -> list[Row]:
+    async with engine.connect() as conn:
+        result = await conn.execute(select(nodes).order_by(nodes.c.id))
+        return [dict(r) for r in result.mappings()]
+
+
+async def set_state(engine: AsyncEngine, node_id: str, state: str) -> Row | None:
+    """Drain (`draining`) or undrain (`ready`) a node; None if there is no such node."""
+    if state not in STATES:
+        raise InvalidArgument(f"state must be one of {', '.join(STATES)}")
+    async with engine.begin() as conn:
+        await conn.execute(update(nodes).where(nodes.c.id == node_id).values(state=state))
+        return _row(await conn.execute(select(nodes).where(nodes.c.id == node_id)))
+
+
+def check_placeable(row: Row | None, node_id: str) -> None:
+    """Refuse a new sandbox on a node that is not ready, saying what to do."""
+    if row is None:
+        raise NodeUnavailable(f"node {node_id!r} is not registered", "restart `vivarium serve`")
+    now = status(row)
+    if now == "draining":
+        raise NodeUnavailable(f"node {node_id!r} is draining: it takes no new sandboxes",
+                           f"undrain it (`vivarium node undrain {node_id}`)")  # fmt: skip
+    if now == "unhealthy":
+        raise NodeUnavailable(f"node {node_id!r} has not sent a heartbeat for "
+                           f"{HEARTBEAT_TIMEOUT_S:.0f} s", "check the node's log")  # fmt: skip
+
+
+def _memory_mb() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) >> 10
+    return 0
+
+
+class Membership:
+    """This process's node in the registry: registered at start, then a heartbeat every
+    HEARTBEAT_S with what it runs. `node` is the in-process node (the all-in-one default)."""
+
+    def __init__(self, engine: AsyncEngine, node: Node, node_id: str, address: str,
+                 labels: dict[str, str]) -> None:  # fmt: skip
+        self.engine = engine
+        self.node = node
+        self.node_id = node_id
+        self.address = address
+        self.labels = labels
+        self._beating: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        info = self.node.info()
+        await register(self.engine, self.node_id, self.address, labels=self.labels,
+                       cpu_count=os.cpu_count() or 1, memory_mb=_memory_mb(),
+                       max_sandboxes=info["max_sandboxes"],
+                       runsc_version=info["runsc_version"], platform=info["platform"])  # fmt: skip
+        self._beating = asyncio.get_running_loop().create_task(self._beat())
+
+    async def stop(self) -> None:
+        if self._beating is not None:
+            self._beating.cancel()
+            await asyncio.gather(self._beating, return_exceptions=True)
+
+    async def check_placeable(self) -> None:
+        """Refuse a new sandbox here unless this node is ready (NodeUnavailable)."""
+        check_placeable(await get(self.engine, self.node_id), self.node_id)
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            running = list(self.node.sandboxes.values())
+            try:
+                await heartbeat(self.engine, self.node_id, len(running),
+                                sum(r.cpus for r in running),
+                                sum(r.memory_mb for r in running))  # fmt: skip
+            except Exception:  # the catalog unreachable for a while: the next beat retries
+                log.exception("could not send node %s's heartbeat", self.node_id)
