@@ -64,6 +64,7 @@ def _call(http: httpx.Client, method: str, path: str, victim: dict[str, Any]) ->
     url = url.replace("{template_id}", victim["snapshotID"])
     url = url.replace("{volume_id}", victim["volumeID"])
     url = url.replace("{key_id}", victim["keyID"])
+    url = url.replace("{node_id}", "local")  # the server's own node
     if url == "/sandboxes/metrics":
         url += f"?sandbox_ids={victim['sandboxID']}"
     if "/volumecontent/" in url:
@@ -105,8 +106,8 @@ def test_another_team_sees_and_changes_nothing_of_a_sandbox(
                 f"{{{p}}}" in path for p in ("sandbox_id", "template_id", "volume_id", "key_id")
             ):
                 _json_error(response, 404)
-            elif path == "/teams":
-                _json_error(response, 404)  # only admin keys make teams
+            elif path == "/teams" or path.startswith("/nodes"):
+                _json_error(response, 404)  # only admin keys make teams and steer nodes
             elif path == "/v3/templates":  # a template of its own, in its own team
                 assert response.status_code == 202, response.text
                 assert other.delete(f"/templates/{response.json()['templateID']}").is_success
@@ -145,6 +146,7 @@ def test_another_team_sees_and_changes_nothing_of_a_sandbox(
     assert listing.status_code == 200 and listing.json() == []  # nothing written into it
     listed = owner.get("/snapshots", params={"sandboxID": sandbox_id}).json()
     assert [s["snapshotID"] for s in listed] == [victim["snapshotID"]]
+    assert [n["status"] for n in owner.get("/nodes").json()] == ["ready"]  # not drained
 
 
 def test_nobody_sets_a_sandboxs_envd_token_through_the_proxy(
