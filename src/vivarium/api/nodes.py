@@ -19,7 +19,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from vivarium.api.db.schema import nodes
-from vivarium.api.store import Row, _row
+from vivarium.api.store import Row, first_row
 from vivarium.errors import InvalidArgument, NodeUnavailable
 from vivarium.node.node import Node
 
@@ -45,12 +45,12 @@ async def register(engine: AsyncEngine, node_id: str, address: str, **info: Any)
     values = {"address": address, "started_at": now, "heartbeat_at": now, "sandboxes": 0,
               "allocated_cpus": 0.0, "allocated_memory_mb": 0, **info}  # fmt: skip
     async with engine.begin() as conn:
-        known = _row(await conn.execute(select(nodes.c.id).where(nodes.c.id == node_id)))
+        known = first_row(await conn.execute(select(nodes.c.id).where(nodes.c.id == node_id)))
         if known is None:
             await conn.execute(insert(nodes).values(id=node_id, state="ready", **values))
         else:
             await conn.execute(update(nodes).where(nodes.c.id == node_id).values(**values))
-        row = _row(await conn.execute(select(nodes).where(nodes.c.id == node_id)))
+        row = first_row(await conn.execute(select(nodes).where(nodes.c.id == node_id)))
     assert row is not None
     return row
 
@@ -65,12 +65,12 @@ async def heartbeat(engine: AsyncEngine, node_id: str, sandboxes: int, allocated
                 allocated_memory_mb=allocated_memory_mb,
             )
         )  # fmt: skip
-        return _row(await conn.execute(select(nodes).where(nodes.c.id == node_id)))
+        return first_row(await conn.execute(select(nodes).where(nodes.c.id == node_id)))
 
 
 async def get(engine: AsyncEngine, node_id: str) -> Row | None:
     async with engine.connect() as conn:
-        return _row(await conn.execute(select(nodes).where(nodes.c.id == node_id)))
+        return first_row(await conn.execute(select(nodes).where(nodes.c.id == node_id)))
 
 
 async def list_nodes(engine: AsyncEngine) -> list[Row]:
@@ -85,7 +85,7 @@ async def set_state(engine: AsyncEngine, node_id: str, state: str) -> Row | None
         raise InvalidArgument(f"state must be one of {', '.join(STATES)}")
     async with engine.begin() as conn:
         await conn.execute(update(nodes).where(nodes.c.id == node_id).values(state=state))
-        return _row(await conn.execute(select(nodes).where(nodes.c.id == node_id)))
+        return first_row(await conn.execute(select(nodes).where(nodes.c.id == node_id)))
 
 
 def check_placeable(row: Row | None, node_id: str) -> None:

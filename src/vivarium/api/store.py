@@ -28,7 +28,8 @@ Row = dict[str, Any]
 LIVE = ("starting", "running")  # counted against a team's concurrency limit
 
 
-def _row(result: Any) -> Row | None:
+def first_row(result: Any) -> Row | None:
+    """The first row of a query result as a dict, or None."""
     row = result.mappings().first()
     return dict(row) if row is not None else None
 
@@ -52,12 +53,12 @@ async def create_team(engine: AsyncEngine, name: str, max_sandboxes: int,
 
 async def get_team(engine: AsyncEngine, team_id: str) -> Row | None:
     async with engine.connect() as conn:
-        return _row(await conn.execute(select(teams).where(teams.c.id == team_id)))
+        return first_row(await conn.execute(select(teams).where(teams.c.id == team_id)))
 
 
 async def team_by_name(engine: AsyncEngine, name: str) -> Row | None:
     async with engine.connect() as conn:
-        return _row(await conn.execute(select(teams).where(teams.c.name == name)))
+        return first_row(await conn.execute(select(teams).where(teams.c.name == name)))
 
 
 async def create_key(engine: AsyncEngine, team_id: str, name: str) -> tuple[str, Row]:
@@ -100,7 +101,7 @@ async def team_for_key(engine: AsyncEngine, key: str) -> Row | None:
         .where(api_keys.c.key_hash == keys.key_hash(key))
     )
     async with engine.connect() as conn:
-        return _row(await conn.execute(query))
+        return first_row(await conn.execute(query))
 
 
 # -- sandboxes -----------------------------------------------------------------------------
@@ -134,7 +135,7 @@ async def _live_count(conn: AsyncConnection, team_id: str) -> int:
 
 async def get_sandbox(engine: AsyncEngine, sandbox_id: str) -> Row | None:
     async with engine.connect() as conn:
-        return _row(await conn.execute(select(sandboxes).where(sandboxes.c.id == sandbox_id)))
+        return first_row(await conn.execute(select(sandboxes).where(sandboxes.c.id == sandbox_id)))
 
 
 async def update_sandbox(engine: AsyncEngine, sandbox_id: str, **values: Any) -> None:
@@ -237,7 +238,7 @@ async def team_snapshot(engine: AsyncEngine, team_id: str, id_or_name: str) -> R
         (team_snapshots.c.id == id_or_name) | (team_snapshots.c.name == id_or_name),
     )
     async with engine.connect() as conn:
-        return _row(await conn.execute(query))
+        return first_row(await conn.execute(query))
 
 
 async def list_team_snapshots(engine: AsyncEngine, team_id: str) -> list[Row]:
@@ -279,12 +280,12 @@ async def team_volume(engine: AsyncEngine, team_id: str, *, volume_id: str = "",
     where = volumes.c.id == volume_id if volume_id else volumes.c.name == name
     query = select(volumes).where(volumes.c.team_id == team_id, where)
     async with engine.connect() as conn:
-        return _row(await conn.execute(query))
+        return first_row(await conn.execute(query))
 
 
 async def get_volume(engine: AsyncEngine, volume_id: str) -> Row | None:
     async with engine.connect() as conn:
-        return _row(await conn.execute(select(volumes).where(volumes.c.id == volume_id)))
+        return first_row(await conn.execute(select(volumes).where(volumes.c.id == volume_id)))
 
 
 async def drop_volume(engine: AsyncEngine, volume_id: str) -> None:
@@ -348,7 +349,7 @@ async def team_template(engine: AsyncEngine, team_id: str, id_or_name: str) -> R
         (team_templates.c.id == id_or_name) | (team_templates.c.name == id_or_name),
     )
     async with engine.connect() as conn:
-        return _row(await conn.execute(query))
+        return first_row(await conn.execute(query))
 
 
 async def template_owner(engine: AsyncEngine, template_id: str) -> str | None:
@@ -390,7 +391,7 @@ async def get_build(engine: AsyncEngine, template_id: str, build_id: str) -> Row
     query = select(template_builds).where(template_builds.c.id == build_id,
                                           template_builds.c.template_id == template_id)  # fmt: skip
     async with engine.connect() as conn:
-        return _row(await conn.execute(query))
+        return first_row(await conn.execute(query))
 
 
 async def builds_of(engine: AsyncEngine, template_id: str, limit: int = 50) -> list[Row]:
