@@ -79,6 +79,12 @@ class NodeUnavailable(HostNotReady):
     code = "node_unavailable"
 
 
+class CatalogUnavailable(HostNotReady):
+    """The database (VIVARIUM_DATABASE_URL) cannot be reached: nothing was changed."""
+
+    code = "catalog_unavailable"
+
+
 class InsufficientStorage(HostNotReady):
     """The node's disk cannot take what is asked now (a resume's rebuilt image): retry once
     space is freed."""

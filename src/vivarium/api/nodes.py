@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from vivarium.api.db.schema import nodes
 from vivarium.api.store import Row, first_row
-from vivarium.errors import InvalidArgument, NodeUnavailable
+from vivarium.errors import CatalogUnavailable, InvalidArgument, NodeUnavailable
 from vivarium.node.node import Node
 
 log = logging.getLogger(__name__)
@@ -147,5 +147,7 @@ class Membership:
                 await heartbeat(self.engine, self.node_id, len(running),
                                 sum(r.cpus for r in running),
                                 sum(r.memory_mb for r in running))  # fmt: skip
-            except Exception:  # the catalog unreachable for a while: the next beat retries
+            except CatalogUnavailable as exc:  # for a while: the next beat retries
+                log.warning("could not send node %s's heartbeat: %s", self.node_id, exc)
+            except Exception:
                 log.exception("could not send node %s's heartbeat", self.node_id)

@@ -10,10 +10,10 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection, ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from vivarium.errors import ConfigError
+from vivarium.errors import CatalogUnavailable, ConfigError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg",
@@ -50,6 +50,27 @@ def _begin_immediate(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+UNREACHABLE_HINT = "the database is down or unreachable; retry once it is back"
+
+
+def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+    # The driver's connect errors (refused, no socket, shutting down) are not the DBAPI's
+    # errors: SQLAlchemy passes them through raw, and the API would answer 500.
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except (OSError, dialect.loaded_dbapi.Error) as exc:
+        raise CatalogUnavailable(
+            f"the catalog cannot be reached ({exc})", UNREACHABLE_HINT
+        ) from exc
+
+
+def _disconnected(context: ExceptionContext) -> None:
+    # A pooled connection the server dropped (it stopped, or restarted): the request fails
+    # as unavailable, and the pool connects anew for the next one.
+    if context.is_disconnect:
+        raise CatalogUnavailable("the catalog connection was lost", UNREACHABLE_HINT)
+
+
 def open_engine(url: str) -> AsyncEngine:
     full = async_url(url)
     if full.startswith("sqlite"):
@@ -62,7 +83,10 @@ def open_engine(url: str) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         event.listen(engine.sync_engine, "begin", _begin_immediate)
         return engine
-    return create_async_engine(full, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_async_engine(full, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    event.listen(engine.sync_engine, "do_connect", _connect)
+    event.listen(engine.sync_engine, "handle_error", _disconnected)
+    return engine
 
 
 def _upgrade(connection: Connection) -> None:
