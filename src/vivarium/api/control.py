@@ -129,7 +129,6 @@ class ControlPlane:
         await store.reserve_sandboxes(self.engine, ghost, [{}])  # refused: limit 0
         await store.update_sandbox(self.engine, "", state="running")
         await store.end_sandbox(self.engine, "", "warm-up")
-        await nodes.get(self.engine, self.node_id)
 
     async def stop(self) -> None:
         if self._retention is not None:
@@ -242,7 +241,7 @@ class ControlPlane:
         """A sandbox from a template, or from one of the team's snapshots when `new.template`
         names one (by id or name), as E2B's `Sandbox.create(snapshot_id)`."""
         self._check_timeout(new.timeout_s)
-        await self.membership.check_placeable()
+        self.membership.check_placeable()
         await self.node.egress_proxy.check(new.egress.socks)
         saved = await store.team_snapshot(self.engine, team["id"], new.template)
         if saved is not None:
@@ -547,7 +546,7 @@ class ControlPlane:
         self._check_timeout(timeout_s)
         if not 1 <= count <= MAX_FORKS:
             raise InvalidArgument(f"count must be 1..{MAX_FORKS}, not {count}")
-        await self.membership.check_placeable()
+        self.membership.check_placeable()
         parent = await self._running(team, sandbox_id)
         new = NewSandbox(template=parent["template_id"], timeout_s=timeout_s,
                          metadata=parent["metadata"], auto_pause=parent["auto_pause"],
@@ -629,8 +628,7 @@ class ControlPlane:
     async def create_team(
         self, caller: Row, name: str, max_sandboxes: int | None
     ) -> tuple[Row, str]:
-        if not caller["is_admin"]:
-            raise NotFound("not found")  # non-admins do not learn that the route exists
+        _admin_only(caller)
         if await store.team_by_name(self.engine, name) is not None:
             raise Conflict(f"team {name!r} already exists")
         limit = self.settings.team_max_sandboxes if max_sandboxes is None else max_sandboxes
@@ -641,17 +639,16 @@ class ControlPlane:
     # -- nodes (admin keys only) ----------------------------------------------------------------
 
     async def list_nodes(self, caller: Row) -> list[Row]:
-        if not caller["is_admin"]:
-            raise NotFound("not found")
+        _admin_only(caller)
         return await nodes.list_nodes(self.engine)
 
     async def set_node_state(self, caller: Row, node_id: str, state: str) -> Row:
         """Drain (`draining`: no new sandboxes, the running ones stay) or undrain (`ready`)."""
-        if not caller["is_admin"]:
-            raise NotFound("not found")
+        _admin_only(caller)
         row = await nodes.set_state(self.engine, node_id, state)
         if row is None:
             raise NotFound(f"node {node_id!r} was not found", "see `vivarium node list`")
+        self.membership.seen(row)
         log.info("node %s is now %s", node_id, state)
         return row
 
@@ -696,3 +693,8 @@ def _load_or_make_secret(path: Path) -> bytes:
     seed = secrets.token_hex(32).encode()
     write_private(path, seed.decode() + "\n")
     return seed
+
+
+def _admin_only(caller: Row) -> None:
+    if not caller["is_admin"]:
+        raise NotFound("not found")  # non-admins do not learn that the route exists

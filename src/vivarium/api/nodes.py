@@ -101,17 +101,11 @@ def check_placeable(row: Row | None, node_id: str) -> None:
                            f"{HEARTBEAT_TIMEOUT_S:.0f} s", "check the node's log")  # fmt: skip
 
 
-def _memory_mb() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) >> 10
-    return 0
-
-
 class Membership:
     """This process's node in the registry: registered at start, then a heartbeat every
-    HEARTBEAT_S with what it runs. `node` is the in-process node (the all-in-one default)."""
+    HEARTBEAT_S with what it runs. `node` is the in-process node (the all-in-one default).
+    Its row is kept from the registration, each heartbeat and each drain made here, so that a
+    create checks it without a query; a drain made elsewhere counts from the next heartbeat."""
 
     def __init__(self, engine: AsyncEngine, node: Node, node_id: str, address: str,
                  labels: dict[str, str]) -> None:  # fmt: skip
@@ -120,14 +114,18 @@ class Membership:
         self.node_id = node_id
         self.address = address
         self.labels = labels
+        self.row: Row | None = None
         self._beating: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         info = self.node.info()
-        await register(self.engine, self.node_id, self.address, labels=self.labels,
-                       cpu_count=os.cpu_count() or 1, memory_mb=_memory_mb(),
-                       max_sandboxes=info["max_sandboxes"],
-                       runsc_version=info["runsc_version"], platform=info["platform"])  # fmt: skip
+        memory_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+        self.row = await register(
+            self.engine, self.node_id, self.address, labels=self.labels,
+            cpu_count=os.cpu_count() or 1, memory_mb=memory_mb,
+            max_sandboxes=info["max_sandboxes"], runsc_version=info["runsc_version"],
+            platform=info["platform"],
+        )  # fmt: skip
         self._beating = asyncio.get_running_loop().create_task(self._beat())
 
     async def stop(self) -> None:
@@ -135,18 +133,25 @@ class Membership:
             self._beating.cancel()
             await asyncio.gather(self._beating, return_exceptions=True)
 
-    async def check_placeable(self) -> None:
+    def check_placeable(self) -> None:
         """Refuse a new sandbox here unless this node is ready (NodeUnavailable)."""
-        check_placeable(await get(self.engine, self.node_id), self.node_id)
+        check_placeable(self.row, self.node_id)
+
+    def seen(self, row: Row) -> None:
+        """A newer row of some node (a drain through this API): kept if it is this one."""
+        if row["id"] == self.node_id:
+            self.row = row
 
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             running = list(self.node.sandboxes.values())
             try:
-                await heartbeat(self.engine, self.node_id, len(running),
-                                sum(r.cpus for r in running),
-                                sum(r.memory_mb for r in running))  # fmt: skip
+                row = await heartbeat(self.engine, self.node_id, len(running),
+                                      sum(r.cpus for r in running),
+                                      sum(r.memory_mb for r in running))  # fmt: skip
+                if row is not None:
+                    self.row = row
             except CatalogUnavailable as exc:  # for a while: the next beat retries
                 log.warning("could not send node %s's heartbeat: %s", self.node_id, exc)
             except Exception:
