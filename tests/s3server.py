@@ -17,19 +17,20 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
 
 
 class MotoServer:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         self.port = port
-        self.endpoint = f"http://127.0.0.1:{port}"
+        self.host = host
+        self.endpoint = f"http://{host}:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         moto = str(Path(sys.executable).parent / "moto_server")
-        argv = [moto, "-H", "127.0.0.1", "-p", str(self.port)]
+        argv = [moto, "-H", self.host, "-p", str(self.port)]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while True:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                socket.create_connection((self.host, self.port), timeout=1).close()
                 return
             except OSError:
                 assert self.proc.poll() is None, "moto_server exited"

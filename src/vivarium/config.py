@@ -73,6 +73,12 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 
 
 DEFAULT_WARM_POOL = (("base", 2), ("code-interpreter-v1", 1))
+# What `vivarium serve` runs (docs/operations.md, *Several hosts*): everything in one process
+# (the default), or one part of a cluster over PostgreSQL: the public API (placement and
+# routing), a node agent (its sandboxes, their lifecycle and its own sandbox proxy), or the
+# public sandbox proxy.
+ROLES = ("all", "api", "node", "proxy")
+MIN_SECRET_CHARS = 32
 
 
 @dataclass(frozen=True)
@@ -130,8 +136,19 @@ class Settings:
     idle_timer_slack_ms: int = 20
     # Sandboxes kept restored per template for instant creates (node/warm.py).
     warm_pool: tuple[tuple[str, int], ...] = DEFAULT_WARM_POOL
-    # This host's node in the registry (api/nodes.py): its labels, shown by `vivarium node list`.
+    # This host's node in the registry (api/nodes.py): its id and labels, shown by
+    # `vivarium node list`.
+    node_id: str = "local"
     node_labels: tuple[tuple[str, str], ...] = ()
+    role: str = "all"
+    # The parts of a cluster prove themselves to each other with it (a node's API answers only
+    # requests that carry it); it also seeds the sandboxes' envd tokens, which every node must
+    # derive alike. Required by every role but `all`.
+    cluster_secret: str = ""
+    # Where the API replicas and the proxy reach this node's API and sandbox proxy (its
+    # cluster address); empty: its API and proxy host and port.
+    node_url: str = ""
+    node_proxy_url: str = ""
     # Destinations a sandbox with internet access may reach even though they are private
     # or host addresses (an internal package mirror, say). Empty by default.
     egress_allow: tuple[str, ...] = field(default_factory=tuple)
@@ -199,7 +216,12 @@ class Settings:
             max_starting=_env_int("MAX_STARTING", 4),
             idle_timer_slack_ms=_env_int("IDLE_TIMER_SLACK_MS", 20),
             warm_pool=parse_sizes("WARM_POOL", _env("WARM_POOL", "base=2,code-interpreter-v1=1")),
+            node_id=_env("NODE_ID", "local"),
             node_labels=parse_labels(_env("NODE_LABELS", "")),
+            role=_env("ROLE", "all"),
+            cluster_secret=_env("CLUSTER_SECRET", ""),
+            node_url=_env("NODE_URL", ""),
+            node_proxy_url=_env("NODE_PROXY_URL", ""),
             egress_allow=_env_list("EGRESS_ALLOW"),
             egress_dns=_env_list("EGRESS_DNS"),
             egress_ca_file=Path(f) if (f := _env("EGRESS_CA_FILE", "")) else None,
@@ -270,12 +292,55 @@ class Settings:
                               "0 keeps idle sandboxes' timers precise")  # fmt: skip
         if self.snapshot_url:
             parse_s3_url(self.snapshot_url)
+        self._validate_cluster()
         endpoint = urlparse(self.s3_endpoint_url)
         if self.s3_endpoint_url and (
             endpoint.scheme not in ("http", "https") or not endpoint.netloc
         ):
             raise ConfigError(f"VIVARIUM_S3_ENDPOINT_URL={self.s3_endpoint_url!r} is not an "
                               "http(s):// URL")  # fmt: skip
+
+    def _validate_cluster(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError(f"VIVARIUM_ROLE={self.role!r} is not one of {', '.join(ROLES)}")
+        if not (1 <= len(self.node_id) <= 64 and self.node_id.replace("-", "").isalnum()):
+            raise ConfigError(f"VIVARIUM_NODE_ID={self.node_id!r}: use 1-64 letters, digits "
+                              "and dashes", "for example the host's name")  # fmt: skip
+        if self.role == "all":
+            return
+        if len(self.cluster_secret) < MIN_SECRET_CHARS:
+            raise ConfigError(
+                f"VIVARIUM_ROLE={self.role} needs VIVARIUM_CLUSTER_SECRET",
+                f"the same secret of {MIN_SECRET_CHARS} characters or more on every part of "
+                "the cluster: `openssl rand -hex 32`",
+            )
+        if not self.database_url.startswith("postgresql"):
+            raise ConfigError(
+                f"VIVARIUM_ROLE={self.role} needs a shared catalog",
+                "set VIVARIUM_DATABASE_URL=postgresql://... on every part",
+            )
+        for name, url in (("NODE_URL", self.node_url), ("NODE_PROXY_URL", self.node_proxy_url)):
+            parsed = urlparse(url)
+            if url and (parsed.scheme not in ("http", "https") or not parsed.port):
+                raise ConfigError(f"VIVARIUM_{name}={url!r} is not an http(s)://host:port URL")
+
+    def node_snapshot_url(self, node_id: str) -> str:
+        """Where a node keeps its snapshots in the shared store: in a cluster, each node its
+        own part (its chunk collection then never meets another node's pauses); others read
+        it to resume a sandbox paused there."""
+        if not self.snapshot_url or self.role == "all":
+            return self.snapshot_url
+        return f"{self.snapshot_url.rstrip('/')}/nodes/{node_id}"
+
+    @property
+    def advertised_node_url(self) -> str:
+        """Where the rest of the cluster reaches this node's API."""
+        return self.node_url or f"{self.scheme}://{self.api_host}:{self.api_port}"
+
+    @property
+    def advertised_proxy_url(self) -> str:
+        """Where the cluster's proxy reaches this node's sandbox proxy."""
+        return self.node_proxy_url or f"{self.scheme}://{self.proxy_host}:{self.proxy_port}"
 
     @property
     def scheme(self) -> str:

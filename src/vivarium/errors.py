@@ -66,6 +66,12 @@ class CapacityExhausted(VivariumError):
     http_status = 429
 
 
+class NodeFull(CapacityExhausted):
+    """This node runs its maximum: in a cluster, the API places the sandbox on another."""
+
+    code = "node_full"
+
+
 class HostNotReady(VivariumError):
     """The host lacks something (root, runsc, a kernel feature): the hint says how to fix it."""
 

@@ -1,4 +1,5 @@
-"""`vivarium serve`: the embedded default, api + node in one process.
+"""`vivarium serve`: the embedded default, api + node in one process; with `--role`, one part
+of a cluster (docs/operations.md, *Several hosts*).
 
 One asyncio loop runs the node and both listeners; SIGINT/SIGTERM stop the listeners, then the
 node (running sandboxes are left running and adopted by the next start).
@@ -22,6 +23,14 @@ import uvicorn
 
 from vivarium.api.app import create_app as create_api_app
 from vivarium.api.control import ControlPlane
+from vivarium.api.db.engine import migrate, open_engine
+from vivarium.api.events import EventLog
+from vivarium.cluster.directory import Directory
+from vivarium.cluster.failover import NodeWatch
+from vivarium.cluster.proxy_routes import ClusterRoutes
+from vivarium.cluster.router import Router
+from vivarium.cluster.router import create_app as create_router_app
+from vivarium.cluster.secret import RequireSecret
 from vivarium.config import Settings
 from vivarium.errors import HostNotReady
 from vivarium.node.node import Node
@@ -81,6 +90,59 @@ async def serve(settings: Settings) -> None:
     tls = None
     if settings.tls_cert and settings.tls_key:
         tls = ReloadingContext(settings.tls_cert, settings.tls_key)
+    if settings.role == "api":
+        await _serve_cluster_api(settings, tls)
+    elif settings.role == "proxy":
+        await _serve_cluster_proxy(settings, tls)
+    else:
+        await _serve_node(settings, tls)
+    log.info("stopped")
+
+
+async def _serve_cluster_api(settings: Settings, tls: ReloadingContext | None) -> None:
+    """An API replica of a cluster: placement and routing over the catalog (cluster/router)."""
+    engine = open_engine(settings.db_url)
+    try:
+        await migrate(engine)
+        directory = Directory(engine)
+        router = Router(directory, settings.cluster_secret)
+        events = EventLog(engine, settings.webhook_url, settings.webhook_secret)
+        events.start()
+        watch = NodeWatch(directory, events)
+        watch.start()
+        try:
+            config = uvicorn.Config(create_router_app(router), host=settings.api_host,
+                                    port=settings.api_port, log_level="warning",
+                                    lifespan="off", timeout_keep_alive=KEEP_ALIVE_S)  # fmt: skip
+            where = f"api {settings.scheme}://{settings.api_host}:{settings.api_port}"
+            await _until_signalled([_Server(_with_tls(config, tls))], tls, where)
+        finally:
+            await watch.stop()
+            await events.stop()
+            await router.close()
+    finally:
+        await engine.dispose()
+
+
+async def _serve_cluster_proxy(settings: Settings, tls: ReloadingContext | None) -> None:
+    """The sandbox proxy of a cluster: each request on to its sandbox's node's proxy."""
+    engine = open_engine(settings.db_url)
+    proxy = SandboxProxy(ClusterRoutes(Directory(engine)), domain=settings.sandbox_domain)
+    try:
+        await proxy.start(settings.proxy_host, settings.proxy_port,
+                          ssl=tls.context if tls else None)  # fmt: skip
+        try:
+            await _until_signalled([], tls, f"sandbox proxy {settings.scheme}://"
+                                   f"{settings.proxy_host}:{settings.proxy_port}")  # fmt: skip
+        finally:
+            await proxy.stop()
+    finally:
+        await engine.dispose()
+
+
+async def _serve_node(settings: Settings, tls: ReloadingContext | None) -> None:
+    """The all-in-one server, or a cluster's node agent (the same parts; its API answers only
+    requests with the cluster secret)."""
     # Each part is stopped, in reverse order, however far the start got.
     async with AsyncExitStack() as running:
         node = Node(settings)
@@ -125,11 +187,7 @@ async def serve(settings: Settings) -> None:
         socket_path = settings.node_socket
         running.callback(socket_path.unlink, missing_ok=True)
         node_socket = running.enter_context(bind_private_socket(socket_path))
-        if tls:
-            watch = asyncio.create_task(tls.watch())
-            running.callback(watch.cancel)
         await _listen(settings, node, control, node_socket, tls)
-    log.info("stopped")
 
 
 async def _listen(
@@ -137,39 +195,65 @@ async def _listen(
     tls: ReloadingContext | None,
 ) -> None:  # fmt: skip
     """Serve the node socket and the API until SIGINT or SIGTERM."""
+    api_app: Any = create_api_app(control)
+    if settings.role == "node":
+        api_app = RequireSecret(api_app, settings.cluster_secret)
     # Keep-alive: longer than clients keep an idle connection (httpx: 5 s, uvicorn's own
     # default too), so that the client closes it first. With both at 5 s, a request sent as
     # the server closed the connection failed on a loaded host ("cannot reach the server").
     api_config = uvicorn.Config(
-        create_api_app(control), host=settings.api_host, port=settings.api_port,
+        api_app, host=settings.api_host, port=settings.api_port,
         log_level="warning", lifespan="off", timeout_keep_alive=KEEP_ALIVE_S,
     )  # fmt: skip
-    if tls:
-        api_config.load()
-        api_config.ssl = tls.context  # ours, so that a renewed certificate reaches it
     servers = [
         _Server(uvicorn.Config(create_node_app(node), fd=node_socket.fileno(),
                                log_level="warning", lifespan="off",
                                timeout_keep_alive=KEEP_ALIVE_S)),
-        _Server(api_config),
+        _Server(_with_tls(api_config, tls)),
     ]  # fmt: skip
+    api = f"{settings.scheme}://{settings.api_host}:{settings.api_port}"
+    role = f"node {settings.node_id}: " if settings.role == "node" else ""
+    await _until_signalled(
+        servers, tls,
+        f"{role}api {api}, sandbox proxy {settings.scheme}://{settings.proxy_host}:"
+        f"{settings.proxy_port}, node socket {settings.node_socket}, dashboard {api}/dashboard/",
+    )  # fmt: skip
+
+
+def _with_tls(config: uvicorn.Config, tls: ReloadingContext | None) -> uvicorn.Config:
+    if tls:
+        config.load()
+        config.ssl = tls.context  # ours, so that a renewed certificate reaches it
+    return config
+
+
+async def _until_signalled(servers: list[_Server], tls: ReloadingContext | None,
+                           listening: str) -> None:  # fmt: skip
+    """Run `servers` until SIGINT or SIGTERM (with none, just wait for one)."""
     loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    watch = asyncio.create_task(tls.watch()) if tls else None
 
     def stop() -> None:
         log.info("stopping")
+        stopped.set()
         for server in servers:
             server.should_exit = True
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
-    tasks = [asyncio.create_task(s.serve()) for s in servers]
-    while not all(s.started for s in servers):
-        if any(t.done() for t in tasks):
-            break
-        await asyncio.sleep(0.05)
-    if all(s.started for s in servers):
-        api = f"{settings.scheme}://{settings.api_host}:{settings.api_port}"
-        log.info("vivarium ready: api %s, sandbox proxy %s://%s:%d, node socket %s, "
-                 "dashboard %s/dashboard/", api, settings.scheme, settings.proxy_host,
-                 settings.proxy_port, settings.node_socket, api)  # fmt: skip
-    await asyncio.gather(*tasks)
+    try:
+        tasks = [asyncio.create_task(s.serve()) for s in servers]
+        while not all(s.started for s in servers):
+            if any(t.done() for t in tasks):
+                break
+            await asyncio.sleep(0.05)
+        if all(s.started for s in servers):
+            log.info("vivarium ready: %s", listening)
+        if tasks:
+            await asyncio.gather(*tasks)
+        else:
+            await stopped.wait()
+    finally:
+        if watch is not None:
+            watch.cancel()

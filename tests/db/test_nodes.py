@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from vivarium.api import nodes
 from vivarium.api.db.schema import nodes as nodes_table
-from vivarium.errors import InvalidArgument, NodeUnavailable
+from vivarium.errors import ConfigError, InvalidArgument, NodeUnavailable
 
 pytestmark = pytest.mark.anyio
 INFO = {"labels": {"zone": "a"}, "cpu_count": 2, "memory_mb": 24000, "max_sandboxes": 200,
@@ -66,3 +66,29 @@ async def test_a_node_whose_heartbeat_stopped_is_unhealthy(engine: AsyncEngine) 
     with pytest.raises(NodeUnavailable, match="heartbeat"):
         nodes.check_placeable(row, "n1")
     assert nodes.status(row, now=stale) == "ready"  # as seen at its last heartbeat
+
+
+async def test_an_id_a_live_node_holds_elsewhere_and_another_secret_are_refused(
+    engine: AsyncEngine,
+) -> None:
+    await nodes.register(engine, "n1", "http://10.0.0.1:3000", secret_check="s1", **INFO)
+    with pytest.raises(ConfigError, match="node id 'n1' is taken by a running node at "
+                       "http://10.0.0.1:3000"):  # fmt: skip
+        await nodes.register(engine, "n1", "http://10.0.0.2:3000", secret_check="s1", **INFO)
+    with pytest.raises(ConfigError, match="cluster secret differs from node 'n1'"):
+        await nodes.register(engine, "n2", "http://10.0.0.2:3000", secret_check="s2", **INFO)
+    # The same node restarting (same address), and a new one with the same secret: welcome.
+    await nodes.register(engine, "n1", "http://10.0.0.1:3000", secret_check="s1", **INFO)
+    await nodes.register(engine, "n2", "http://10.0.0.2:3000", secret_check="s1", **INFO)
+    # Once the holder's heartbeat is older than the timeout, its id may move (a replaced host).
+    async with engine.begin() as conn:
+        await conn.execute(update(nodes_table).where(nodes_table.c.id == "n1").values(
+            heartbeat_at=time.time() - nodes.HEARTBEAT_TIMEOUT_S - 1))  # fmt: skip
+    moved = await nodes.register(engine, "n1", "http://10.0.0.3:3000", secret_check="s1", **INFO)
+    assert moved["address"] == "http://10.0.0.3:3000"
+
+
+def test_a_node_may_not_advertise_more_sandboxes_than_its_memory_holds() -> None:
+    nodes.check_capacity(128, 24000)  # no error
+    with pytest.raises(ConfigError, match="VIVARIUM_MAX_SANDBOXES=10000 is more than this host"):
+        nodes.check_capacity(10000, 24000)

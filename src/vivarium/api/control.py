@@ -26,6 +26,7 @@ from vivarium.api.db.engine import migrate, open_engine
 from vivarium.api.events import EventLog, actor, ended_type
 from vivarium.api.templates import TemplateCatalog
 from vivarium.api.volumes import VolumeCatalog
+from vivarium.cluster import secret
 from vivarium.config import Settings
 from vivarium.errors import (
     CapacityExhausted,
@@ -74,10 +75,10 @@ class NewSandbox:
 
 
 class ControlPlane:
-    def __init__(self, settings: Settings, node: Node, node_id: str = "local") -> None:
+    def __init__(self, settings: Settings, node: Node) -> None:
         self.settings = settings
         self.node = node
-        self.node_id = node_id
+        self.node_id = settings.node_id
         self.engine: AsyncEngine = open_engine(settings.db_url)
         self.seed = b""
         self._team_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -90,9 +91,14 @@ class ControlPlane:
         self.volumes = VolumeCatalog(self)
         self.templates = TemplateCatalog(self)
         self.events = EventLog(self.engine, settings.webhook_url, settings.webhook_secret)
-        self.membership = nodes.Membership(self.engine, node, node_id,
-                                           f"unix:{settings.node_socket}",
-                                           dict(settings.node_labels))  # fmt: skip
+        clustered = settings.role == "node"
+        self.membership = nodes.Membership(
+            self.engine, node, self.node_id,
+            settings.advertised_node_url if clustered else f"unix:{settings.node_socket}",
+            dict(settings.node_labels),
+            proxy_address=settings.advertised_proxy_url if clustered else "",
+            secret_check=secret.check_value(settings.cluster_secret) if clustered else "",
+        )  # fmt: skip
 
     # -- start and stop ------------------------------------------------------------------------
 
@@ -100,14 +106,17 @@ class ControlPlane:
         """Migrate, load the token seed, make the first team and key on a fresh database
         (returned, to be shown once), and reconcile the catalog with what the node runs."""
         await migrate(self.engine)
-        self.seed = _load_or_make_secret(self.settings.secret_file)
+        if self.settings.role == "node":  # every node derives the same tokens
+            self.seed = secret.token_seed(self.settings.cluster_secret)
+        else:
+            self.seed = _load_or_make_secret(self.settings.secret_file)
         first_key = None
         if await store.team_count(self.engine) == 0:
             limit = self.settings.team_max_sandboxes
             team = await store.create_team(self.engine, "default", limit, is_admin=True)
             first_key, _ = await store.create_key(self.engine, team["id"], "default")
             write_private(self.settings.admin_key_file, first_key + "\n")
-        await self.membership.start()
+        await self.membership.start(on_rejoin=self.give_up_abandoned)
         await self._reconcile()
         await self.volumes.reconcile()
         await self.templates.reconcile()
@@ -154,12 +163,25 @@ class ControlPlane:
                 await store.transition(self.engine, row["id"], [row["state"]], "paused")
             else:
                 await store.end_sandbox(self.engine, row["id"], "not running after restart")
+        await self.give_up_abandoned()
         # A crash between sealing a team's snapshot and recording it leaves files nobody owns.
         wanted = await store.node_team_snapshot_builds(self.engine, self.node_id)
         for key in self.node.snapshots.team_snapshot_keys():
             if key not in wanted:
                 log.info("removing snapshot %s: no team owns it", key)
                 self.node.delete_snapshot(key)
+
+    async def give_up_abandoned(self) -> None:
+        """End the sandboxes this node still runs that the cluster gave up while it was lost
+        (ended, or resumed on another node from their snapshot)."""
+        for record in self.node.list_sandboxes():
+            row = await store.get_sandbox(self.engine, record.sandbox_id)
+            if row is None or (row["state"] != "killed" and row["node_id"] == self.node_id):
+                continue  # a warm sandbox (no row yet), or still this node's
+            log.warning("ending sandbox %s: the cluster gave it up (%s)", record.sandbox_id,
+                        row["end_reason"] or f"now on node {row['node_id']}")  # fmt: skip
+            with contextlib.suppress(NotFound):
+                await self.node.kill(record.sandbox_id)
 
     async def _expire_snapshots(self) -> None:
         """Retention: delete paused sandboxes whose snapshot is older than the maximum age."""
@@ -241,7 +263,7 @@ class ControlPlane:
         """A sandbox from a template, or from one of the team's snapshots when `new.template`
         names one (by id or name), as E2B's `Sandbox.create(snapshot_id)`."""
         self._check_timeout(new.timeout_s)
-        self.membership.check_placeable()
+        await self.membership.check_placeable()
         await self.node.egress_proxy.check(new.egress.socks)
         saved = await store.team_snapshot(self.engine, team["id"], new.template)
         if saved is not None:
@@ -352,7 +374,9 @@ class ControlPlane:
         async with self._sandbox_locks[sandbox_id]:
             with contextlib.suppress(NotFound):  # it ended on its own: the catalog follows
                 await self.node.kill(sandbox_id)
-            self.node.delete_snapshot(sandbox_id)  # a paused sandbox's memory goes with it
+            # A paused sandbox's memory goes with it (from the store's part of the node that
+            # paused it, when that node was lost and this one answers for it).
+            self.node.delete_snapshot(sandbox_id, paused_on=row["node_id"])
             await store.drop_snapshot(self.engine, sandbox_id)
             await store.end_sandbox(self.engine, row["id"], "killed")
             await self.events.record(team["id"], sandbox_id, "killed", actor(team))
@@ -451,19 +475,29 @@ class ControlPlane:
     @timed_operation("resume")
     async def _resume(self, team: Row, row: Row, timeout_s: int, reboot: bool = False) -> Row:
         sandbox_id = row["id"]
+        # Paused on another node (placed here by the cluster's API when that one was lost):
+        # fetched from that node's part of the shared store, and this node's from the
+        # reservation on (the lost node's sandboxes that are starting are ended).
+        paused_on = row["node_id"]
         async with self._team_locks[team["id"]]:
-            reserved = await store.resume_reservation(self.engine, team, sandbox_id)
+            reserved = await store.resume_reservation(self.engine, team, sandbox_id,
+                                                      self.node_id)  # fmt: skip
         if reserved is False:
             raise _limit_reached(team)
         if reserved is None:
             raise Conflict(f"sandbox {sandbox_id!r} is not paused any more")
         try:
-            record = await self.node.resume(sandbox_id, timeout_s, reboot=reboot)
+            record = await self.node.resume(sandbox_id, timeout_s, reboot=reboot,
+                                            paused_on=paused_on)  # fmt: skip
         except BaseException:
-            await store.transition(self.engine, sandbox_id, ["starting"], "paused")
+            await store.transition(self.engine, sandbox_id, ["starting"], "paused",
+                                   node_id=paused_on)  # fmt: skip
             raise
         values = {"started_at": time.time(), "end_at": record.end_at}
         await store.transition(self.engine, sandbox_id, ["starting"], "running", **values)
+        if paused_on != self.node_id:
+            log.info("sandbox %s, paused on node %s, resumed here", sandbox_id, paused_on)
+            self.node.delete_snapshot(sandbox_id, paused_on=paused_on)
         return {**row, **values, "state": "running"}
 
     # -- snapshots and forks -------------------------------------------------------------------
@@ -546,7 +580,7 @@ class ControlPlane:
         self._check_timeout(timeout_s)
         if not 1 <= count <= MAX_FORKS:
             raise InvalidArgument(f"count must be 1..{MAX_FORKS}, not {count}")
-        self.membership.check_placeable()
+        await self.membership.check_placeable()
         parent = await self._running(team, sandbox_id)
         new = NewSandbox(template=parent["template_id"], timeout_s=timeout_s,
                          metadata=parent["metadata"], auto_pause=parent["auto_pause"],

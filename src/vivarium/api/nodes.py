@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import insert, select, update
@@ -20,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from vivarium.api.db.schema import nodes
 from vivarium.api.store import Row, first_row
-from vivarium.errors import CatalogUnavailable, InvalidArgument, NodeUnavailable
+from vivarium.errors import CatalogUnavailable, ConfigError, InvalidArgument, NodeUnavailable
 from vivarium.node.node import Node
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 5.0
 HEARTBEAT_TIMEOUT_S = 30.0  # six missed heartbeats: the node is taken for gone
 STATES = ("ready", "draining")
+MIN_SANDBOX_MB = 64  # an idle `base` sandbox takes ~45 MiB (docs/benchmarks.md)
 
 
 def status(row: Row, now: float | None = None) -> str:
@@ -39,12 +41,18 @@ def status(row: Row, now: float | None = None) -> str:
 
 
 async def register(engine: AsyncEngine, node_id: str, address: str, **info: Any) -> Row:
-    """Record a node that starts (`info`: labels, cpu_count, memory_mb, max_sandboxes,
-    runsc_version, platform); a known one keeps its state."""
+    """Record a node that starts (`info`: proxy_address, secret_check, labels, cpu_count,
+    memory_mb, max_sandboxes, runsc_version, platform); a known one keeps its state. Refused
+    (ConfigError) while another live node holds the id, or when live nodes have another
+    cluster secret."""
     now = time.time()
     values = {"address": address, "started_at": now, "heartbeat_at": now, "sandboxes": 0,
               "allocated_cpus": 0.0, "allocated_memory_mb": 0, **info}  # fmt: skip
     async with engine.begin() as conn:
+        live = [dict(r) for r in (await conn.execute(
+            select(nodes).where(nodes.c.heartbeat_at > now - HEARTBEAT_TIMEOUT_S).with_for_update()
+        )).mappings()]  # fmt: skip
+        _check_joining(node_id, address, str(info.get("secret_check", "")), live, now)
         known = first_row(await conn.execute(select(nodes.c.id).where(nodes.c.id == node_id)))
         if known is None:
             await conn.execute(insert(nodes).values(id=node_id, state="ready", **values))
@@ -53,6 +61,22 @@ async def register(engine: AsyncEngine, node_id: str, address: str, **info: Any)
         row = first_row(await conn.execute(select(nodes).where(nodes.c.id == node_id)))
     assert row is not None
     return row
+
+
+def _check_joining(node_id: str, address: str, secret_check: str, live: list[Row],
+                   now: float) -> None:  # fmt: skip
+    for row in live:
+        if row["id"] == node_id and row["address"] != address:
+            raise ConfigError(
+                f"node id {node_id!r} is taken by a running node at {row['address']} (its "
+                f"last heartbeat {now - row['heartbeat_at']:.0f} s ago)",
+                "give this node its own VIVARIUM_NODE_ID, or stop the other one first",
+            )
+        if row["id"] != node_id and row["secret_check"] != secret_check:
+            raise ConfigError(
+                f"this node's cluster secret differs from node {row['id']!r}'s",
+                "set the same VIVARIUM_CLUSTER_SECRET on every part of the cluster",
+            )
 
 
 async def heartbeat(engine: AsyncEngine, node_id: str, sandboxes: int, allocated_cpus: float,
@@ -88,6 +112,18 @@ async def set_state(engine: AsyncEngine, node_id: str, state: str) -> Row | None
         return first_row(await conn.execute(select(nodes).where(nodes.c.id == node_id)))
 
 
+def check_capacity(max_sandboxes: int, memory_mb: int) -> None:
+    """Refuse to advertise more sandboxes than the host's memory holds even idle: placement
+    would keep sending creates to a node that can only fail them."""
+    most = memory_mb // MIN_SANDBOX_MB
+    if max_sandboxes > most:
+        raise ConfigError(
+            f"VIVARIUM_MAX_SANDBOXES={max_sandboxes} is more than this host can run: "
+            f"{memory_mb} MiB of memory holds about {most} idle sandboxes of {MIN_SANDBOX_MB} MiB",
+            f"set VIVARIUM_MAX_SANDBOXES to {most} or less",
+        )
+
+
 def check_placeable(row: Row | None, node_id: str) -> None:
     """Refuse a new sandbox on a node that is not ready, saying what to do."""
     if row is None:
@@ -108,20 +144,29 @@ class Membership:
     create checks it without a query; a drain made elsewhere counts from the next heartbeat."""
 
     def __init__(self, engine: AsyncEngine, node: Node, node_id: str, address: str,
-                 labels: dict[str, str]) -> None:  # fmt: skip
+                 labels: dict[str, str], proxy_address: str = "",
+                 secret_check: str = "") -> None:  # fmt: skip
         self.engine = engine
         self.node = node
         self.node_id = node_id
         self.address = address
         self.labels = labels
+        self.proxy_address = proxy_address
+        self.secret_check = secret_check
         self.row: Row | None = None
+        self._on_rejoin: Callable[[], Awaitable[None]] | None = None
         self._beating: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def start(self, on_rejoin: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Register, then heartbeat; `on_rejoin` runs after a heartbeat that came after the
+        others took this node for lost (it was cut off from the catalog that long)."""
+        self._on_rejoin = on_rejoin
         info = self.node.info()
         memory_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+        check_capacity(int(info["max_sandboxes"]), memory_mb)
         self.row = await register(
             self.engine, self.node_id, self.address, labels=self.labels,
+            proxy_address=self.proxy_address, secret_check=self.secret_check,
             cpu_count=os.cpu_count() or 1, memory_mb=memory_mb,
             max_sandboxes=info["max_sandboxes"], runsc_version=info["runsc_version"],
             platform=info["platform"],
@@ -133,9 +178,15 @@ class Membership:
             self._beating.cancel()
             await asyncio.gather(self._beating, return_exceptions=True)
 
-    def check_placeable(self) -> None:
-        """Refuse a new sandbox here unless this node is ready (NodeUnavailable)."""
-        check_placeable(self.row, self.node_id)
+    async def check_placeable(self) -> None:
+        """Refuse a new sandbox here unless this node is ready (NodeUnavailable). The row kept
+        says so without a query; only a refusal reads it again, since an undrain made through
+        another API would otherwise count from the next heartbeat."""
+        try:
+            check_placeable(self.row, self.node_id)
+        except NodeUnavailable:
+            self.row = await get(self.engine, self.node_id) or self.row
+            check_placeable(self.row, self.node_id)
 
     def seen(self, row: Row) -> None:
         """A newer row of some node (a drain through this API): kept if it is this one."""
@@ -143,6 +194,7 @@ class Membership:
             self.row = row
 
     async def _beat(self) -> None:
+        last = time.time()
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             running = list(self.node.sandboxes.values())
@@ -152,6 +204,11 @@ class Membership:
                                       sum(r.memory_mb for r in running))  # fmt: skip
                 if row is not None:
                     self.row = row
+                if time.time() - last > HEARTBEAT_TIMEOUT_S and self._on_rejoin is not None:
+                    log.warning("node %s is back after %.0f s without a heartbeat",
+                                self.node_id, time.time() - last)  # fmt: skip
+                    await self._on_rejoin()
+                last = time.time()
             except CatalogUnavailable as exc:  # for a while: the next beat retries
                 log.warning("could not send node %s's heartbeat: %s", self.node_id, exc)
             except Exception:

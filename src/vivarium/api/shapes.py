@@ -257,7 +257,8 @@ def volume(row: Row, token: str | None = None) -> Row:
 
 def node(row: Row) -> Row:
     return {
-        "nodeID": row["id"], "address": row["address"], "status": nodes.status(row),
+        "nodeID": row["id"], "address": row["address"], "proxyAddress": row["proxy_address"],
+        "status": nodes.status(row),
         "state": row["state"], "labels": row["labels"], "cpuCount": row["cpu_count"],
         "memoryMB": row["memory_mb"], "maxSandboxes": row["max_sandboxes"],
         "runscVersion": row["runsc_version"], "platform": row["platform"],

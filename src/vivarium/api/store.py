@@ -153,6 +153,21 @@ async def end_sandbox(engine: AsyncEngine, sandbox_id: str, reason: str) -> None
         )
 
 
+async def end_node_sandboxes(engine: AsyncEngine, node_id: str, reason: str) -> list[Row]:
+    """A lost node's sandboxes that were running (or starting, or being paused) have ended
+    with it: marked killed, all at once; the rows (before) of those this call ended. Paused
+    ones stay paused: their snapshots are in the shared store."""
+    where = sandboxes.c.node_id == node_id, sandboxes.c.state.in_([*LIVE, "pausing"])
+    async with engine.begin() as conn:
+        rows = [dict(r) for r in (await conn.execute(
+            select(sandboxes).where(*where).with_for_update()
+        )).mappings()]  # fmt: skip
+        if rows:
+            await conn.execute(update(sandboxes).where(*where).values(
+                state="killed", ended_at=time.time(), end_reason=reason))  # fmt: skip
+    return rows
+
+
 async def team_sandboxes(engine: AsyncEngine, team_id: str, states: Sequence[str]) -> list[Row]:
     query = (
         select(sandboxes)
@@ -187,15 +202,19 @@ async def transition(engine: AsyncEngine, sandbox_id: str, from_states: Sequence
     return bool(result.rowcount)
 
 
-async def resume_reservation(engine: AsyncEngine, team: Row, sandbox_id: str) -> bool | None:
-    """paused -> starting, within the team's limit: None if it was not paused, False if the
-    team runs its maximum already."""
+async def resume_reservation(engine: AsyncEngine, team: Row, sandbox_id: str,
+                             node_id: str) -> bool | None:  # fmt: skip
+    """paused -> starting on `node_id` (another node's paused sandbox is that node's from
+    here on), within the team's limit: None if it was not paused, False if the team runs its
+    maximum already."""
     async with engine.begin() as conn:
         paused = sandboxes.c.id == sandbox_id, sandboxes.c.state == "paused"
         if not await _has_room(conn, team):
             found = await conn.execute(select(sandboxes.c.id).where(*paused))
             return False if found.first() else None
-        result = await conn.execute(update(sandboxes).where(*paused).values(state="starting"))
+        result = await conn.execute(
+            update(sandboxes).where(*paused).values(state="starting", node_id=node_id)
+        )
     return True if result.rowcount else None
 
 

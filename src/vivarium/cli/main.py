@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -16,7 +17,7 @@ import click
 
 from vivarium.cli import envd
 from vivarium.cli.api_client import ApiClient, Endpoints
-from vivarium.config import Settings
+from vivarium.config import ROLES, Settings
 from vivarium.errors import VivariumError
 
 
@@ -52,13 +53,19 @@ def main() -> None:
 
 @main.command()
 @click.option("--log-level", default="info", show_default=True)
-def serve(log_level: str) -> None:
+@click.option("--role", type=click.Choice(ROLES), default=None,
+              help="One part of a cluster (default: VIVARIUM_ROLE, else all of it).")  # fmt: skip
+def serve(log_level: str, role: str | None) -> None:
     """Run the server in the foreground (Ctrl-C stops it)."""
     from vivarium.serve import serve as run_server
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per envd call is noise
-    asyncio.run(run_server(_settings()))
+    settings = _settings()
+    if role is not None:
+        settings = dataclasses.replace(settings, role=role)
+        settings.validate()
+    asyncio.run(run_server(settings))
 
 
 @main.command()

@@ -22,10 +22,10 @@ from typing import Any
 from vivarium import statedir
 from vivarium.config import Settings
 from vivarium.errors import (
-    CapacityExhausted,
     Conflict,
     HostNotReady,
     InvalidArgument,
+    NodeFull,
     NotFound,
     RuntimeFailure,
     VivariumError,
@@ -57,7 +57,13 @@ from vivarium.node.records import (
     valid_sandbox_id,
 )
 from vivarium.node.request import ON_TIMEOUT, CreateRequest
-from vivarium.node.snapshots import FORK_PREFIX, Snapshot, SnapshotStore, remote_store
+from vivarium.node.snapshots import (
+    FORK_PREFIX,
+    ObjectStore,
+    Snapshot,
+    SnapshotStore,
+    remote_store,
+)
 from vivarium.node.steps import Steps
 from vivarium.node.team_snapshots import snapshot_sandbox, start_from_snapshot
 from vivarium.node.template_builds import BUILD_EGRESS, TemplateBuilds
@@ -100,7 +106,7 @@ class Node:
         self.records = RecordStore(settings.sandboxes_dir)
         self.snapshots = SnapshotStore(
             settings.state_dir / "snapshots",
-            remote_store(settings.snapshot_url, settings.s3_endpoint_url),
+            remote_store(settings.node_snapshot_url(settings.node_id), settings.s3_endpoint_url),
             dedup=settings.snapshot_dedup,
         )
         self._remote_deletes: set[asyncio.Task[None]] = set()
@@ -396,7 +402,7 @@ class Node:
                     await self.warm.until_filled()
                 await self._drain_cleanups()
             if self.occupied() > limit:
-                raise CapacityExhausted(
+                raise NodeFull(
                     f"this node runs its maximum of {limit} sandboxes",
                     "kill some, or raise VIVARIUM_MAX_SANDBOXES",
                 )
@@ -639,14 +645,37 @@ class Node:
             return await pause_sandbox(self, record, memory=memory)
 
     async def resume(
-        self, sandbox_id: str, timeout_s: int, *, reboot: bool = False
+        self, sandbox_id: str, timeout_s: int, *, reboot: bool = False, paused_on: str = ""
     ) -> SandboxRecord:
-        return await resume_sandbox(self, sandbox_id, timeout_s, reboot=reboot)
+        """`paused_on`: the node it was paused on, if another: its snapshot is fetched from
+        that node's part of the remote store."""
+        source = None
+        if self._elsewhere(paused_on):
+            source = remote_store(self.settings.node_snapshot_url(paused_on),
+                                  self.settings.s3_endpoint_url)  # fmt: skip
+            if source is None:
+                raise NotFound(f"sandbox {sandbox_id!r} was paused on node {paused_on!r}, and "
+                               "snapshots are not kept in a shared store",
+                               "set VIVARIUM_SNAPSHOT_URL on every node")  # fmt: skip
+        return await resume_sandbox(self, sandbox_id, timeout_s, reboot=reboot, source=source)
 
-    def delete_snapshot(self, key: str) -> None:
+    def _elsewhere(self, node_id: str) -> bool:
+        """Whether `node_id` is another node of this cluster."""
+        return self.settings.role == "node" and node_id not in ("", self.settings.node_id)
+
+    def delete_snapshot(self, key: str, paused_on: str = "") -> None:
         """The local copy now (or once the sandboxes starting from it have started); the remote
         one (if any) in the background: a kill does not wait for the store, and one that is
-        down only leaves objects nothing reads again."""
+        down only leaves objects nothing reads again. `paused_on`: the copy in another node's
+        part of the store (a sandbox that node paused and this one resumed)."""
+        if self._elsewhere(paused_on):
+            other = remote_store(self.settings.node_snapshot_url(paused_on),
+                                 self.settings.s3_endpoint_url)  # fmt: skip
+            if other is not None:
+                task = asyncio.create_task(asyncio.to_thread(_delete_quietly, other, key))
+                self._remote_deletes.add(task)
+                task.add_done_callback(self._remote_deletes.discard)
+            return
         if self._snapshot_users[key]:
             self._deleted_in_use.add(key)
             return
@@ -807,3 +836,11 @@ class Node:
             "templates": self.templates.names(),
             "events": self.events,
         }
+
+
+def _delete_quietly(store: ObjectStore, key: str) -> None:
+    """Best effort, as SnapshotStore.delete_remote: what is left is never read again."""
+    try:
+        store.delete(key)
+    except VivariumError as exc:
+        log.warning("snapshot %s not deleted from %s: %s", key, store.url, exc)

@@ -21,7 +21,7 @@ from vivarium.network.addressing import Slot
 from vivarium.node import file_snapshots
 from vivarium.node.records import SandboxRecord
 from vivarium.node.request import resume_request
-from vivarium.node.snapshots import Snapshot
+from vivarium.node.snapshots import ObjectStore, Snapshot
 from vivarium.node.steps import Steps
 from vivarium.runtime import disk
 from vivarium.runtime.bundle import Resources
@@ -166,8 +166,9 @@ async def start_again(node: Node, record: SandboxRecord, image: Path, doing: str
 
 
 async def resume_sandbox(
-    node: Node, sandbox_id: str, timeout_s: int, *, reboot: bool = False
-) -> SandboxRecord:
+    node: Node, sandbox_id: str, timeout_s: int, *, reboot: bool = False,
+    source: ObjectStore | None = None,
+) -> SandboxRecord:  # fmt: skip
     """Restore a paused sandbox from its verified snapshot, with a new timeout. A failed resume
     leaves the snapshot as it was, ready for another try. A filesystem-only snapshot, or any
     with `reboot`, starts the template afresh with the sandbox's files (E2B's
@@ -183,7 +184,7 @@ async def resume_sandbox(
         # No wait for the paused incarnation's `runsc delete`: this one gets its own container
         # id and slot (see Node.restore). The snapshot is verified (or fetched) outside the
         # start limit: a long download must not hold up other creates.
-        snapshot = await load_snapshot(node, sandbox_id, runtime.probe.runsc_version)
+        snapshot = await load_snapshot(node, sandbox_id, runtime.probe.runsc_version, source)
         try:
             record = SandboxRecord.from_json(snapshot.record)
             steps.done("snapshot loaded")
@@ -202,10 +203,13 @@ async def resume_sandbox(
     return restored
 
 
-async def load_snapshot(node: Node, key: str, runsc_version: str) -> Snapshot:
+async def load_snapshot(node: Node, key: str, runsc_version: str,
+                        source: ObjectStore | None = None) -> Snapshot:  # fmt: skip
     """SnapshotStore.load in a thread. If the caller is cancelled meanwhile, what the load
     rebuilt is released once it is done, not left on disk until the next start."""
-    loading = asyncio.ensure_future(asyncio.to_thread(node.snapshots.load, key, runsc_version))
+    loading = asyncio.ensure_future(
+        asyncio.to_thread(node.snapshots.load, key, runsc_version, source)
+    )
     try:
         return await asyncio.shield(loading)
     except asyncio.CancelledError:

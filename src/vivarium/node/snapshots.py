@@ -310,12 +310,15 @@ class SnapshotStore:
             self.may_hold_unnamed_chunks = True
         return Snapshot(sandbox_id, final, manifest)
 
-    def load(self, sandbox_id: str, runsc_version: str) -> Snapshot:
+    def load(self, sandbox_id: str, runsc_version: str,
+             source: ObjectStore | None = None) -> Snapshot:  # fmt: skip
         """The sandbox's snapshot, verified; it stays in place whatever happens next. Without
-        a local copy it is fetched from the remote tier (if any) first. Blocking."""
+        a local copy it is fetched from the remote tier (if any; `source`, another node's, for
+        a sandbox paused there) first. Blocking."""
         path = self.root / sandbox_id
-        if self.remote is not None and not (path / "manifest.json").exists():
-            return self._fetch(self.remote, sandbox_id, runsc_version)
+        remote = source or self.remote
+        if remote is not None and not (path / "manifest.json").exists():
+            return self._fetch(remote, sandbox_id, runsc_version)
         try:
             manifest = json.loads((path / "manifest.json").read_text())
         except FileNotFoundError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -53,6 +54,9 @@ class Upstream:
     key: str
     # If set, requests to its ports but envd's must carry it (E2B's e2b-traffic-access-token).
     traffic_token: str | None = None
+    # If set, every port of the sandbox is reached through this one: a node's own sandbox
+    # proxy, which routes the request again by its headers (the cluster's proxy).
+    port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +87,9 @@ class Refusal:
 
 
 # None: no such sandbox (502, "was not found": the e2b client's phrase for a sandbox gone).
-Resolver = Callable[[str], Upstream | Refusal | None]
+# Either answers at once (a node's own table) or is awaited (the cluster's catalog).
+Resolved = Upstream | Refusal | None
+Resolver = Callable[[str], Resolved | Awaitable[Resolved]]
 # Called for a paused sandbox: True once it runs again (auto-resume), False if it is not one that
 # traffic resumes; a VivariumError says why it could not be resumed.
 Waker = Callable[[str], Awaitable[bool]]
@@ -245,7 +251,7 @@ class SandboxProxy:
         if route.port == ENVD_PORT and _node_only(request.target):
             return await self._reply(client, request, 403, "envd's /init is the node's alone")
         try:
-            upstream = self._resolve(route.sandbox_id)
+            upstream = await self._lookup(route.sandbox_id)
         except Exception:
             log.exception("proxy: resolving sandbox %s failed", route.sandbox_id)
             return await self._reply(client, request, 502, "The sandbox could not be looked up")
@@ -256,7 +262,7 @@ class SandboxProxy:
             if asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(TRANSITION_POLL_S)
-            upstream = self._resolve(route.sandbox_id)
+            upstream = await self._lookup(route.sandbox_id)
         if isinstance(upstream, Refusal) and upstream.can_auto_resume is not None and self._wake:
             try:  # paused: resumed first if it was made to be, as E2B's proxy does
                 await self._wake(route.sandbox_id)
@@ -265,7 +271,7 @@ class SandboxProxy:
             except VivariumError as e:
                 message = f"The sandbox {route.sandbox_id} could not be resumed: {e}"
                 return await self._reply(client, request, e.http_status, message)
-            upstream = self._resolve(route.sandbox_id)
+            upstream = await self._lookup(route.sandbox_id)
         if upstream is None:
             message = f"The sandbox {route.sandbox_id} was not found"
             return await self._reply(client, request, 502, message)
@@ -279,13 +285,17 @@ class SandboxProxy:
                 return await self._reply(client, request, 403, message)
         if self._touch is not None:
             self._touch(route.sandbox_id)
-        key = PoolKey(route.sandbox_id, upstream.key, upstream.host, route.port)
+        key = PoolKey(route.sandbox_id, upstream.key, upstream.host, upstream.port or route.port)
         try:
             keep = await Exchange(client, request, key, self._pool, client_ip).run()
             PROXY_REQUESTS.labels("forwarded").inc()
             return keep
         except ProxyError as e:
             return await self._reply(client, request, e.status, e.message)
+
+    async def _lookup(self, sandbox_id: str) -> Resolved:
+        found = self._resolve(sandbox_id)
+        return await found if inspect.isawaitable(found) else found
 
     async def _reply(
         self, client: HttpStream, request: h11.Request | None, status: int, message: str | None,

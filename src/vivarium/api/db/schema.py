@@ -199,6 +199,9 @@ nodes = Table(
     metadata,
     Column("id", String(64), primary_key=True),
     Column("address", String(255), nullable=False),  # where the control plane reaches it
+    Column("proxy_address", String(255), nullable=False, default=""),  # its sandbox proxy
+    # An HMAC of a fixed text under its cluster secret: nodes with another secret are refused.
+    Column("secret_check", String(64), nullable=False, default=""),
     Column("state", String(16), nullable=False),
     Column("labels", JSON, nullable=False, default=dict),
     Column("cpu_count", Integer, nullable=False),

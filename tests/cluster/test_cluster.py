@@ -1,0 +1,316 @@
+"""Several hosts on one machine (support.py): 3 node agents, 2 API replicas and 1 proxy, each in
+a network namespace of its own, over a real PostgreSQL, driven by the official client."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from e2b import Sandbox
+
+from tests.cluster.support import (
+    GATEWAY,
+    Host,
+    Part,
+    admin_key,
+    backbone,
+    front_part,
+    node_part,
+)
+from tests.postgres import Postgres, postgres
+from tests.s3server import CREDENTIALS, MotoServer
+from vivarium.cluster.directory import NODES_TTL_S
+from vivarium.cluster.secret import HEADER
+
+NODES = ("n1", "n2", "n3")
+BUCKET = "vivarium-cluster"
+S3_PORT = 9311
+
+
+@dataclass
+class Cluster:
+    nodes: dict[str, Part]
+    apis: list[Part]
+    proxy: Part
+    key: str
+    pg: Postgres
+
+    def sql(self, query: str) -> list[list[str]]:
+        """Rows of a query on the catalog, as psql prints them unaligned."""
+        out = subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-h", self.pg.sock,
+                              "-U", "postgres", "-d", "vivarium", "-At", "-F", "|", "-c", query],
+                             check=True, capture_output=True, text=True).stdout  # fmt: skip
+        return [line.split("|") for line in out.splitlines() if line]
+
+    def opts(self, api: int = 0) -> dict[str, Any]:
+        return {"api_key": self.key, "api_url": self.apis[api].api_url,
+                "sandbox_url": self.proxy.proxy_url, "request_timeout": 300}  # fmt: skip
+
+    def http(self, api: int = 0) -> httpx.Client:
+        return httpx.Client(base_url=self.apis[api].api_url, timeout=300,
+                            headers={"X-API-Key": self.key})  # fmt: skip
+
+    def node_of(self, sandbox_id: str) -> str:
+        with self.http() as http:
+            return str(http.get(f"/sandboxes/{sandbox_id}").json()["clientID"])
+
+    def logs(self) -> str:
+        parts = [*self.nodes.values(), *self.apis, self.proxy]
+        return "\n".join(f"--- {p.role} on {p.host.name}\n{p.log_tail(30)}" for p in parts)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    with backbone(), postgres() as pg, s3_store() as s3:
+        hosts = {name: Host(name, f"10.250.0.{11 + i}") for i, name in enumerate(NODES)}
+        fronts = [Host("a1", "10.250.0.21"), Host("a2", "10.250.0.22"), Host("px", "10.250.0.31")]
+        for host in [*hosts.values(), *fronts]:
+            host.create()
+        nodes = {name: node_part(host, i, pg.url, team_max_sandboxes="100",
+                                 snapshot_url=f"s3://{BUCKET}/cluster", s3_endpoint_url=s3)
+                 for i, (name, host) in enumerate(hosts.items())}  # fmt: skip
+        for node in nodes.values():
+            node.env.update(CREDENTIALS)
+        apis = [front_part("api", fronts[0], pg.url), front_part("api", fronts[1], pg.url)]
+        proxy = front_part("proxy", fronts[2], pg.url)
+        parts = [*nodes.values(), *apis, proxy]
+        try:
+            for part in parts:  # the first node makes the first team and its key
+                part.start()
+            made = Cluster(nodes, apis, proxy, admin_key(nodes["n1"]), pg)
+            _wait_ready(made, len(NODES))
+            yield made
+        finally:
+            for part in reversed(parts):
+                part.stop()
+
+
+@contextlib.contextmanager
+def s3_store() -> Iterator[str]:
+    """moto's S3 server on the backbone (where every host reaches it), with the bucket."""
+    server = MotoServer(S3_PORT, host=GATEWAY)
+    server.start()
+    try:
+        server.client().create_bucket(Bucket=BUCKET)
+        yield server.endpoint
+    finally:
+        server.stop()
+
+
+def _wait_ready(cluster: Cluster, count: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    rows: Any = []
+    while time.monotonic() < deadline:
+        with cluster.http() as http:
+            rows = http.get("/nodes").json()
+        if sum(r.get("status") == "ready" for r in rows) >= count:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{count} nodes were not ready: {rows}\n{cluster.logs()}")
+
+
+def test_creates_spread_over_the_nodes_through_either_api(cluster: Cluster) -> None:
+    sandboxes = [Sandbox.create(**cluster.opts(i % 2)) for i in range(6)]
+    try:
+        homes = Counter(cluster.node_of(s.sandbox_id) for s in sandboxes)
+        assert set(homes) == set(NODES), homes
+        for sbx in sandboxes:  # through the proxy, to the node that runs it
+            sbx.files.write("/home/user/where", sbx.sandbox_id)
+            out = sbx.commands.run("cat /home/user/where; echo; echo $E2B_SANDBOX_ID")
+            assert out.stdout.split() == [sbx.sandbox_id, sbx.sandbox_id]
+            assert sbx.files.read("/home/user/where") == sbx.sandbox_id
+    finally:
+        for sbx in sandboxes:
+            sbx.kill()
+    with cluster.http(1) as http:
+        for sbx in sandboxes:
+            assert http.get(f"/sandboxes/{sbx.sandbox_id}").status_code == 404
+
+
+def test_a_drained_node_gets_no_new_sandboxes(cluster: Cluster) -> None:
+    with cluster.http(1) as http:
+        assert http.post("/nodes/n1/drain").json()["status"] == "draining"
+        time.sleep(NODES_TTL_S)  # every replica knows within that
+        try:
+            made = [Sandbox.create(**cluster.opts(i % 2)) for i in range(4)]
+            try:
+                assert "n1" not in {cluster.node_of(s.sandbox_id) for s in made}
+            finally:
+                for sbx in made:
+                    sbx.kill()
+        finally:
+            assert http.post("/nodes/n1/undrain").json()["status"] == "ready"
+
+
+def test_50_concurrent_creates_across_the_cluster_all_start(cluster: Cluster) -> None:
+    def one(i: int) -> Sandbox:
+        return Sandbox.create(**cluster.opts(i % 2))
+
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(lambda i: _attempt(one, i), range(50)))
+    made = [r for r in results if isinstance(r, Sandbox)]
+    try:
+        failures = [r for r in results if not isinstance(r, Sandbox)]
+        assert not failures, f"{len(failures)} failed, first: {failures[0]!r}\n{cluster.logs()}"
+        homes = Counter(cluster.node_of(s.sandbox_id) for s in made)
+        assert set(homes) == set(NODES), homes
+        assert all(s.commands.run("true").exit_code == 0 for s in made[:5])
+    finally:
+        with ThreadPoolExecutor(10) as pool:
+            list(pool.map(lambda s: _attempt(lambda _: s.kill(), 0), made))
+
+
+def _attempt(call: Any, i: int) -> Any:
+    try:
+        return call(i)
+    except Exception as exc:  # counted by the caller
+        return exc
+
+
+def test_an_api_replica_killed_mid_load_leaves_the_other_serving(cluster: Cluster) -> None:
+    victim = cluster.apis[0]
+    made: list[Sandbox] = []
+    survived: list[Sandbox | Exception] = []
+    lock = threading.Lock()
+
+    def creating(api: int, count: int) -> None:
+        for _ in range(count):
+            try:
+                sbx: Sandbox | Exception = Sandbox.create(**cluster.opts(api))
+            except Exception as exc:
+                sbx = exc
+            with lock:
+                if isinstance(sbx, Sandbox):
+                    made.append(sbx)
+                if api == 1:
+                    survived.append(sbx)
+
+    threads = [threading.Thread(target=creating, args=(0, 6)),
+               threading.Thread(target=creating, args=(1, 6))]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    victim.kill()  # -9, mid-create
+    for thread in threads:
+        thread.join()
+    try:
+        failed = [r for r in survived if isinstance(r, Exception)]
+        assert len(survived) == 6 and not failed, failed
+        # Nothing is left half-made: every sandbox the catalog has runs, or has ended.
+        deadline = time.monotonic() + 60
+        while cluster.sql("select id from sandboxes where state = 'starting'"):
+            assert time.monotonic() < deadline, cluster.sql("select id, state from sandboxes")
+            time.sleep(0.5)
+        running = [r[0] for r in cluster.sql("select id from sandboxes where state = 'running'")]
+        assert {s.sandbox_id for s in made} <= set(running)
+        for sandbox_id in running:  # also any the dead replica started and never answered
+            Sandbox.kill(sandbox_id, **cluster.opts(1))
+    finally:
+        victim.start()
+
+
+def test_a_lost_nodes_paused_sandbox_resumes_on_another_node_with_its_memory(
+    cluster: Cluster,
+) -> None:
+    sbx = Sandbox.create(**cluster.opts())
+    home = cluster.node_of(sbx.sandbox_id)
+    # Another one on the same node (the others drained meanwhile), left running: it ends with
+    # the node.
+    with cluster.http() as http:
+        others = [n for n in NODES if n != home]
+        for node in others:
+            http.post(f"/nodes/{node}/drain").raise_for_status()
+        time.sleep(NODES_TTL_S)
+        try:
+            running = Sandbox.create(**cluster.opts())
+        finally:
+            for node in others:
+                http.post(f"/nodes/{node}/undrain").raise_for_status()
+    assert cluster.node_of(running.sandbox_id) == home
+    sbx.files.write("/home/user/kept", "files survive")
+    sbx.commands.run("python3 -c 'import time\nn = 0\nwhile True:\n n += 1\n "
+                     "open(\"/tmp/n\", \"w\").write(str(n))\n time.sleep(0.2)' &",
+                     background=True, timeout=0)  # fmt: skip
+    time.sleep(1.0)
+    before = int(sbx.files.read("/tmp/n"))
+    sbx.beta_pause()
+    cluster.nodes[home].kill()  # -9: its host is gone as far as the cluster knows
+    try:
+        deadline = time.monotonic() + 90
+        reason = ""
+        while time.monotonic() < deadline and "was lost" not in reason:
+            rows = cluster.sql(
+                f"select end_reason from sandboxes where id = '{running.sandbox_id}'"
+            )
+            reason = rows[0][0] if rows else ""
+            time.sleep(1.0)
+        assert "was lost" in reason, (reason, cluster.logs())
+        assert cluster.sql(f"select state from sandboxes where id = '{sbx.sandbox_id}'") == [
+            ["paused"]
+        ]
+        resumed = Sandbox.connect(sbx.sandbox_id, **cluster.opts(1))
+        assert cluster.node_of(sbx.sandbox_id) not in (home, "")
+        assert resumed.files.read("/home/user/kept") == "files survive"
+        first = int(resumed.files.read("/tmp/n"))  # /tmp is memory: it came with the snapshot
+        assert first >= before
+        time.sleep(1.0)
+        assert int(resumed.files.read("/tmp/n")) > first  # the same process counts on
+        resumed.kill()
+    finally:
+        cluster.nodes[home].start()
+    # Back, the node gives up what the cluster gave up: the sandbox that ran there is gone.
+    with cluster.http() as http:
+        gone = http.get(f"/sandboxes/{running.sandbox_id}")
+        assert gone.status_code == 404, (gone.text, cluster.logs())
+
+
+def test_a_nodes_api_answers_only_the_cluster(cluster: Cluster) -> None:
+    node = cluster.nodes["n1"]
+    for headers in ({}, {"X-API-Key": cluster.key},
+                    {"X-API-Key": cluster.key, HEADER: "0" * 64}):  # fmt: skip
+        answer = httpx.get(f"{node.api_url}/sandboxes", headers=headers, timeout=30)
+        assert answer.status_code == 401, answer.text
+        assert "cluster" in answer.json()["message"]
+    with cluster.http() as http:  # the same request through an API replica
+        assert http.get("/sandboxes").status_code == 200
+
+
+def test_a_sandbox_reaches_no_part_of_the_cluster(cluster: Cluster) -> None:
+    sbx = Sandbox.create(**cluster.opts())
+    try:
+        parts = [*cluster.nodes.values(), *cluster.apis]
+        targets = [p.api_url for p in parts] + [cluster.proxy.proxy_url]
+        for url in targets:
+            out = sbx.commands.run(f"curl -sS -m 3 -o /dev/null {url}/health 2>&1; echo rc=$?")
+            assert "curl: (" in out.stdout and "rc=0" not in out.stdout, (url, out.stdout)
+    finally:
+        sbx.kill()
+
+
+@pytest.mark.parametrize("case", ["duplicate id", "other secret"])
+def test_a_node_with_a_taken_id_or_another_secret_does_not_join(
+    cluster: Cluster, case: str
+) -> None:
+    host = Host("n4", "10.250.0.14")
+    host.create()
+    if case == "duplicate id":
+        part = node_part(host, 3, cluster.pg.url, node_id="n2")
+        expected = "node id 'n2' is taken by a running node at http://10.250.0.12:3000"
+    else:
+        part = node_part(host, 3, cluster.pg.url, cluster_secret="f" * 64)
+        expected = "cluster secret differs from node"
+    with pytest.raises(RuntimeError, match="exited") as failed:
+        part.start()
+    assert expected in str(failed.value)
+    with cluster.http() as http:
+        rows = {r["nodeID"]: r for r in http.get("/nodes").json()}
+    assert rows["n2"]["address"] == "http://10.250.0.12:3000" and "n4" not in rows
