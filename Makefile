@@ -18,7 +18,7 @@ APT_PACKAGES := debootstrap iproute2 iptables util-linux e2fsprogs gcc libc6-dev
 RUNSC_MIN := 20240729
 DEPS_STAMP := .venv/.deps-$(shell cat pyproject.toml uv.lock | sha1sum | cut -c1-12)
 
-.PHONY: run test bench soak lint fmt system-deps python-deps old-clients template clean-state dashboard browser
+.PHONY: run test bench bench-cluster soak lint fmt system-deps python-deps old-clients template clean-state dashboard browser
 
 run: template dashboard
 	@echo "dashboard: http://127.0.0.1:$${VIVARIUM_API_PORT:-3000}/dashboard/ (sign in with the key in $${VIVARIUM_STATE_DIR:-/var/lib/vivarium}/admin.key)"
@@ -31,6 +31,10 @@ test: template lint old-clients dashboard browser
 
 bench: template
 	$(BIN)/python bench/run.py
+
+# The cluster's tiers (2 nodes, an API replica, the proxy in network namespaces): about 3 minutes.
+bench-cluster: template
+	$(BIN)/python bench/cluster.py
 
 # 1,000 pause/resume cycles of one sandbox (about an hour); `make test` runs 8.
 soak: template

@@ -308,21 +308,47 @@ class Settings:
                               "and dashes", "for example the host's name")  # fmt: skip
         if self.role == "all":
             return
-        if len(self.cluster_secret) < MIN_SECRET_CHARS:
-            raise ConfigError(
-                f"VIVARIUM_ROLE={self.role} needs VIVARIUM_CLUSTER_SECRET",
-                f"the same secret of {MIN_SECRET_CHARS} characters or more on every part of "
-                "the cluster: `openssl rand -hex 32`",
-            )
         if not self.database_url.startswith("postgresql"):
             raise ConfigError(
                 f"VIVARIUM_ROLE={self.role} needs a shared catalog",
                 "set VIVARIUM_DATABASE_URL=postgresql://... on every part",
             )
+        if self.role == "proxy":  # it needs no secret, so the public host does not hold it
+            return
+        if len(self.cluster_secret) < MIN_SECRET_CHARS:
+            raise ConfigError(
+                f"VIVARIUM_ROLE={self.role} needs VIVARIUM_CLUSTER_SECRET",
+                f"the same secret of {MIN_SECRET_CHARS} characters or more on the API "
+                "replicas and the nodes: `openssl rand -hex 32`",
+            )
+        if self.role == "node":
+            self._validate_node()
         for name, url in (("NODE_URL", self.node_url), ("NODE_PROXY_URL", self.node_proxy_url)):
             parsed = urlparse(url)
             if url and (parsed.scheme not in ("http", "https") or not parsed.port):
                 raise ConfigError(f"VIVARIUM_{name}={url!r} is not an http(s)://host:port URL")
+
+    def _validate_node(self) -> None:
+        if self.node_id == "local":
+            raise ConfigError("VIVARIUM_ROLE=node needs VIVARIUM_NODE_ID",
+                              "a name of its own for each node: the host's, say")  # fmt: skip
+        for name, url in (("NODE_URL", self.node_url), ("NODE_PROXY_URL", self.node_proxy_url)):
+            host = urlparse(url).hostname or ""
+            if not url or host in ("0.0.0.0", "::", "localhost") or host.startswith("127."):
+                raise ConfigError(f"VIVARIUM_ROLE=node needs VIVARIUM_{name}",
+                                  "the node's address on the cluster network, as the API "
+                                  "replicas and the proxy reach it: http://10.0.0.11:"
+                                  + ("3000" if name == "NODE_URL" else "3001"))  # fmt: skip
+        if self.tls_cert:
+            raise ConfigError("VIVARIUM_TLS_CERT is for the api and proxy roles",
+                              "inside the cluster the parts speak plain HTTP on the cluster "
+                              "network (TLS there is not built yet)")  # fmt: skip
+        if not self.snapshot_url:
+            raise ConfigError(
+                "VIVARIUM_ROLE=node needs a shared snapshot store",
+                "set VIVARIUM_SNAPSHOT_URL=s3://bucket/prefix (the same on every node): a "
+                "sandbox paused on one node resumes on another from it",
+            )
 
     def node_snapshot_url(self, node_id: str) -> str:
         """Where a node keeps its snapshots in the shared store: in a cluster, each node its

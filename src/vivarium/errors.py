@@ -98,6 +98,13 @@ class InsufficientStorage(HostNotReady):
     code = "insufficient_storage"
 
 
+class UpstreamFailed(VivariumError):
+    """A cluster's node took a request and failed to answer it (it may have acted on it)."""
+
+    code = "node_failed"
+    http_status = 502
+
+
 class RuntimeFailure(VivariumError):
     """runsc or a network command failed; the message carries its stderr."""
 

@@ -23,8 +23,9 @@ import uvicorn
 
 from vivarium.api.app import create_app as create_api_app
 from vivarium.api.control import ControlPlane
-from vivarium.api.db.engine import migrate, open_engine
+from vivarium.api.db.engine import migrate, open_engine, startup_lock
 from vivarium.api.events import EventLog
+from vivarium.cluster import moves
 from vivarium.cluster.directory import Directory
 from vivarium.cluster.failover import NodeWatch
 from vivarium.cluster.proxy_routes import ClusterRoutes
@@ -103,7 +104,8 @@ async def _serve_cluster_api(settings: Settings, tls: ReloadingContext | None) -
     """An API replica of a cluster: placement and routing over the catalog (cluster/router)."""
     engine = open_engine(settings.db_url)
     try:
-        await migrate(engine)
+        async with startup_lock(engine):
+            await migrate(engine)
         directory = Directory(engine)
         router = Router(directory, settings.cluster_secret)
         events = EventLog(engine, settings.webhook_url, settings.webhook_secret)
@@ -127,7 +129,9 @@ async def _serve_cluster_api(settings: Settings, tls: ReloadingContext | None) -
 async def _serve_cluster_proxy(settings: Settings, tls: ReloadingContext | None) -> None:
     """The sandbox proxy of a cluster: each request on to its sandbox's node's proxy."""
     engine = open_engine(settings.db_url)
-    proxy = SandboxProxy(ClusterRoutes(Directory(engine)), domain=settings.sandbox_domain)
+    routes = ClusterRoutes(Directory(engine))
+    proxy = SandboxProxy(routes, domain=settings.sandbox_domain)
+    listening = asyncio.create_task(moves.listen(engine, routes.forget, routes.forget_all))
     try:
         await proxy.start(settings.proxy_host, settings.proxy_port,
                           ssl=tls.context if tls else None)  # fmt: skip
@@ -137,6 +141,8 @@ async def _serve_cluster_proxy(settings: Settings, tls: ReloadingContext | None)
         finally:
             await proxy.stop()
     finally:
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
         await engine.dispose()
 
 
@@ -196,14 +202,19 @@ async def _listen(
 ) -> None:  # fmt: skip
     """Serve the node socket and the API until SIGINT or SIGTERM."""
     api_app: Any = create_api_app(control)
+    forwarded_from = None  # uvicorn's default: loopback's X-Forwarded-* only
     if settings.role == "node":
         api_app = RequireSecret(api_app, settings.cluster_secret)
+        # Links it answers with (upload URLs) point where the client called the API replica;
+        # only requests with the secret, so from a replica, get past RequireSecret anyway.
+        forwarded_from = "*"
     # Keep-alive: longer than clients keep an idle connection (httpx: 5 s, uvicorn's own
     # default too), so that the client closes it first. With both at 5 s, a request sent as
     # the server closed the connection failed on a loaded host ("cannot reach the server").
     api_config = uvicorn.Config(
         api_app, host=settings.api_host, port=settings.api_port,
         log_level="warning", lifespan="off", timeout_keep_alive=KEEP_ALIVE_S,
+        forwarded_allow_ips=forwarded_from,
     )  # fmt: skip
     servers = [
         _Server(uvicorn.Config(create_node_app(node), fd=node_socket.fileno(),

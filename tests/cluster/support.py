@@ -1,6 +1,6 @@
 """A cluster on one machine: each "host" is a network namespace the test makes, joined to the
-others and to the root namespace by a bridge (the backbone, 10.250.0.0/24; the root namespace
-is 10.250.0.1 on it). Nodes, API replicas and the proxy run there as `vivarium serve --role`
+others and to the root namespace by a bridge (the backbone, 10.240.0.0/24; the root namespace
+is 10.240.0.1 on it). Nodes, API replicas and the proxy run there as `vivarium serve --role`
 processes, each entered with `nsenter --net` only (`ip netns exec` would remount /sys and hide
 the cgroup file system from runsc). PostgreSQL runs in the root namespace on a Unix socket,
 which every namespace reaches through the file system."""
@@ -22,7 +22,7 @@ import httpx
 from tests.integration.support import VIVARIUM, make_server
 
 BRIDGE = "vcbr0"
-BACKBONE = "10.250.0"
+BACKBONE = "10.240.0"
 GATEWAY = f"{BACKBONE}.1"
 API_PORT = 3000
 PROXY_PORT = 3001
@@ -48,7 +48,7 @@ def backbone() -> Iterator[None]:
 def _teardown_backbone() -> None:
     for ns in subprocess.run(["ip", "netns", "list"], capture_output=True,
                              text=True).stdout.split():  # fmt: skip
-        if ns.startswith("vc-"):
+        if ns.startswith("vcl-"):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
 
@@ -62,7 +62,7 @@ class Host:
 
     @property
     def netns(self) -> str:
-        return f"vc-{self.name}"
+        return f"vcl-{self.name}"
 
     def create(self) -> None:
         veth = f"vc{self.name}0"
@@ -162,7 +162,7 @@ def cluster_env(db_url: str, **extra: str) -> dict[str, str]:
 def node_part(host: Host, index: int, db_url: str, **extra: str) -> Part:
     """A node agent: its own state directory, slot prefix and range (named network
     namespaces and cgroups are the machine's, shared by every host here)."""
-    base = make_server(f"cluster-{host.name}", f"vc{index}", f"10.{251 + index}.0.0/24",
+    base = make_server(f"cluster-{host.name}", f"vc{index}", f"10.{226 + index}.0.0/24",
                        API_PORT)  # fmt: skip
     own = {"node_id": host.name, "node_url": f"http://{host.address}:{API_PORT}",
            "node_proxy_url": f"http://{host.address}:{PROXY_PORT}"}  # fmt: skip
@@ -172,9 +172,11 @@ def node_part(host: Host, index: int, db_url: str, **extra: str) -> Part:
 
 def front_part(role: str, host: Host, db_url: str, **extra: str) -> Part:
     """An API replica or the proxy: no sandboxes, no state but a log."""
-    base = make_server(f"cluster-{role}-{host.name}", "vcx", "10.250.128.0/28", API_PORT)
+    base = make_server(f"cluster-{role}-{host.name}", "vcx", "10.240.128.0/28", API_PORT)
     env = {**{k: v for k, v in base.env.items() if not k.startswith("VIVARIUM_")},
            "VIVARIUM_STATE_DIR": str(base.state_dir), **cluster_env(db_url, **extra)}  # fmt: skip
+    if role == "proxy":  # it needs none, so it gets none
+        del env["VIVARIUM_CLUSTER_SECRET"]
     return Part(role, host, env, base.state_dir)
 
 

@@ -28,6 +28,7 @@ from tests.cluster.support import (
 )
 from tests.postgres import Postgres, postgres
 from tests.s3server import CREDENTIALS, MotoServer
+from vivarium.api.control import CLUSTER_SWEEP_S
 from vivarium.cluster.directory import NODES_TTL_S
 from vivarium.cluster.secret import HEADER
 
@@ -43,6 +44,13 @@ class Cluster:
     proxy: Part
     key: str
     pg: Postgres
+    s3: str  # the S3 server's endpoint
+
+    def new_node(self, host: Host, index: int, **settings: str) -> Part:
+        """A node agent configured as the cluster's are (`settings` override)."""
+        part = node_part(host, index, self.pg.url, **{**node_settings(self.s3), **settings})
+        part.env.update(CREDENTIALS)
+        return part
 
     def sql(self, query: str) -> list[list[str]]:
         """Rows of a query on the catalog, as psql prints them unaligned."""
@@ -71,12 +79,11 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     with backbone(), postgres() as pg, s3_store() as s3:
-        hosts = {name: Host(name, f"10.250.0.{11 + i}") for i, name in enumerate(NODES)}
-        fronts = [Host("a1", "10.250.0.21"), Host("a2", "10.250.0.22"), Host("px", "10.250.0.31")]
+        hosts = {name: Host(name, f"10.240.0.{11 + i}") for i, name in enumerate(NODES)}
+        fronts = [Host("a1", "10.240.0.21"), Host("a2", "10.240.0.22"), Host("px", "10.240.0.31")]
         for host in [*hosts.values(), *fronts]:
             host.create()
-        nodes = {name: node_part(host, i, pg.url, team_max_sandboxes="100",
-                                 snapshot_url=f"s3://{BUCKET}/cluster", s3_endpoint_url=s3)
+        nodes = {name: node_part(host, i, pg.url, **node_settings(s3))
                  for i, (name, host) in enumerate(hosts.items())}  # fmt: skip
         for node in nodes.values():
             node.env.update(CREDENTIALS)
@@ -86,12 +93,17 @@ def cluster() -> Iterator[Cluster]:
         try:
             for part in parts:  # the first node makes the first team and its key
                 part.start()
-            made = Cluster(nodes, apis, proxy, admin_key(nodes["n1"]), pg)
+            made = Cluster(nodes, apis, proxy, admin_key(nodes["n1"]), pg, s3)
             _wait_ready(made, len(NODES))
             yield made
         finally:
             for part in reversed(parts):
                 part.stop()
+
+
+def node_settings(s3_endpoint: str) -> dict[str, str]:
+    return {"team_max_sandboxes": "100", "snapshot_url": f"s3://{BUCKET}/cluster",
+            "s3_endpoint_url": s3_endpoint}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -218,6 +230,66 @@ def test_an_api_replica_killed_mid_load_leaves_the_other_serving(cluster: Cluste
         victim.start()
 
 
+@contextlib.contextmanager
+def drained(cluster: Cluster, node: str) -> Iterator[None]:
+    with cluster.http() as http:
+        http.post(f"/nodes/{node}/drain").raise_for_status()
+        time.sleep(NODES_TTL_S)  # every replica knows within that
+        try:
+            yield
+        finally:
+            http.post(f"/nodes/{node}/undrain").raise_for_status()
+
+
+def test_sandboxes_from_a_snapshot_start_on_other_nodes_from_the_store(cluster: Cluster) -> None:
+    source = Sandbox.create(**cluster.opts())
+    home = cluster.node_of(source.sandbox_id)
+    source.files.write("/home/user/lesson", "prepared")
+    snapshot = source.create_snapshot()
+    made: list[Sandbox] = []
+    try:
+
+        def start(i: int) -> Sandbox:
+            return Sandbox.create(snapshot.snapshot_id, **cluster.opts(i))
+
+        with drained(cluster, home), ThreadPoolExecutor(2) as pool:
+            made = list(pool.map(start, range(2)))
+        for sbx in made:
+            assert cluster.node_of(sbx.sandbox_id) != home
+            assert sbx.files.read("/home/user/lesson") == "prepared"
+            assert sbx.commands.run("echo $E2B_SANDBOX_ID").stdout.strip() == sbx.sandbox_id
+    finally:
+        for sbx in [source, *made]:
+            sbx.kill()
+        Sandbox.delete_snapshot(snapshot.snapshot_id, **cluster.opts())
+
+
+def test_a_paused_sandbox_of_a_draining_node_resumes_on_another(cluster: Cluster) -> None:
+    sbx = Sandbox.create(**cluster.opts())
+    home = cluster.node_of(sbx.sandbox_id)
+    sbx.commands.run("python3 -c 'import time\nn = 0\nwhile True:\n n += 1\n "
+                     "open(\"/tmp/n\", \"w\").write(str(n))\n time.sleep(0.2)' &",
+                     background=True, timeout=0)  # fmt: skip
+    time.sleep(1.0)
+    sbx.beta_pause()
+    with drained(cluster, home):
+        resumed = Sandbox.connect(sbx.sandbox_id, **cluster.opts(1))
+        try:
+            moved = cluster.node_of(sbx.sandbox_id)
+            assert moved != home
+            first = int(resumed.files.read("/tmp/n"))  # at once: the proxy knows it moved
+            time.sleep(1.0)
+            assert int(resumed.files.read("/tmp/n")) > first
+            # The node it left drops its copy of the snapshot (its next sweep).
+            deadline = time.monotonic() + CLUSTER_SWEEP_S + 30
+            held = cluster.nodes[home].state_dir / "snapshots" / sbx.sandbox_id
+            while held.exists():
+                assert time.monotonic() < deadline, f"{held} is still there"
+                time.sleep(1.0)
+        finally:
+            resumed.kill()
+
+
 def test_a_lost_nodes_paused_sandbox_resumes_on_another_node_with_its_memory(
     cluster: Cluster,
 ) -> None:
@@ -300,17 +372,31 @@ def test_a_sandbox_reaches_no_part_of_the_cluster(cluster: Cluster) -> None:
 def test_a_node_with_a_taken_id_or_another_secret_does_not_join(
     cluster: Cluster, case: str
 ) -> None:
-    host = Host("n4", "10.250.0.14")
+    host = Host("n4", "10.240.0.14")
     host.create()
     if case == "duplicate id":
-        part = node_part(host, 3, cluster.pg.url, node_id="n2")
-        expected = "node id 'n2' is taken by a running node at http://10.250.0.12:3000"
+        part = cluster.new_node(host, 3, node_id="n2")
+        expected = "node id 'n2' is taken by a running node at http://10.240.0.12:3000"
     else:
-        part = node_part(host, 3, cluster.pg.url, cluster_secret="f" * 64)
+        part = cluster.new_node(host, 3, cluster_secret="f" * 64)
         expected = "cluster secret differs from node"
     with pytest.raises(RuntimeError, match="exited") as failed:
         part.start()
     assert expected in str(failed.value)
     with cluster.http() as http:
         rows = {r["nodeID"]: r for r in http.get("/nodes").json()}
-    assert rows["n2"]["address"] == "http://10.250.0.12:3000" and "n4" not in rows
+    assert rows["n2"]["address"] == "http://10.240.0.12:3000" and "n4" not in rows
+
+
+def test_an_api_replica_with_another_secret_says_so(cluster: Cluster) -> None:
+    host = Host("a3", "10.240.0.23")
+    host.create()
+    api = front_part("api", host, cluster.pg.url, cluster_secret="e" * 64)
+    api.start()
+    try:
+        answer = httpx.get(f"{api.api_url}/sandboxes", headers={"X-API-Key": cluster.key},
+                           timeout=30)  # fmt: skip
+        assert answer.status_code == 503
+        assert "refused this API replica's cluster secret" in answer.json()["message"]
+    finally:
+        api.stop()

@@ -3,6 +3,7 @@ and the status a listing shows when the heartbeat stops."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -11,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from vivarium.api import nodes
 from vivarium.api.db.schema import nodes as nodes_table
+from vivarium.cluster import moves
 from vivarium.errors import ConfigError, InvalidArgument, NodeUnavailable
 
 pytestmark = pytest.mark.anyio
@@ -92,3 +94,22 @@ def test_a_node_may_not_advertise_more_sandboxes_than_its_memory_holds() -> None
     nodes.check_capacity(128, 24000)  # no error
     with pytest.raises(ConfigError, match="VIVARIUM_MAX_SANDBOXES=10000 is more than this host"):
         nodes.check_capacity(10000, 24000)
+
+
+async def test_a_moved_sandbox_is_announced_to_listeners(engine: AsyncEngine) -> None:
+    if engine.dialect.name != "postgresql":
+        await moves.announce(engine, "isandbox")  # one host: nobody to tell, no error
+        return
+    heard: list[str] = []
+    connected = asyncio.Event()
+    listening = asyncio.create_task(moves.listen(engine, heard.append, connected.set))
+    try:
+        await asyncio.wait_for(connected.wait(), 30)
+        await moves.announce(engine, "isandbox")
+        async with asyncio.timeout(30):
+            while not heard:
+                await asyncio.sleep(0.05)
+        assert heard == ["isandbox"]
+    finally:
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)

@@ -22,11 +22,11 @@ from typing import Any, TypeVar
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from vivarium.api import keys, nodes, store
-from vivarium.api.db.engine import migrate, open_engine
+from vivarium.api.db.engine import migrate, open_engine, startup_lock
 from vivarium.api.events import EventLog, actor, ended_type
 from vivarium.api.templates import TemplateCatalog
 from vivarium.api.volumes import VolumeCatalog
-from vivarium.cluster import secret
+from vivarium.cluster import moves, secret
 from vivarium.config import Settings
 from vivarium.errors import (
     CapacityExhausted,
@@ -55,6 +55,7 @@ DISK_MB = 0  # the root filesystem lives in the sandbox's memory (overlay), not 
 MIN_REFRESH_S = 15
 T = TypeVar("T")
 MAX_FORKS = 20  # children of one fork, as E2B's client allows
+CLUSTER_SWEEP_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class ControlPlane:
         # Two snapshots taken under one new name at once would both make it.
         self._snapshot_names: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._retention: asyncio.Task[None] | None = None
+        self._periodic: list[asyncio.Task[None]] = []  # retention, the cluster sweep
         self.volumes = VolumeCatalog(self)
         self.templates = TemplateCatalog(self)
         self.events = EventLog(self.engine, settings.webhook_url, settings.webhook_secret)
@@ -105,18 +106,20 @@ class ControlPlane:
     async def start(self) -> str | None:
         """Migrate, load the token seed, make the first team and key on a fresh database
         (returned, to be shown once), and reconcile the catalog with what the node runs."""
-        await migrate(self.engine)
         if self.settings.role == "node":  # every node derives the same tokens
             self.seed = secret.token_seed(self.settings.cluster_secret)
         else:
             self.seed = _load_or_make_secret(self.settings.secret_file)
         first_key = None
-        if await store.team_count(self.engine) == 0:
-            limit = self.settings.team_max_sandboxes
-            team = await store.create_team(self.engine, "default", limit, is_admin=True)
-            first_key, _ = await store.create_key(self.engine, team["id"], "default")
-            write_private(self.settings.admin_key_file, first_key + "\n")
-        await self.membership.start(on_rejoin=self.give_up_abandoned)
+        async with startup_lock(self.engine):  # one first team, however many nodes start
+            await migrate(self.engine)
+            if await store.team_count(self.engine) == 0:
+                limit = self.settings.team_max_sandboxes
+                team = await store.create_team(self.engine, "default", limit, is_admin=True)
+                first_key, _ = await store.create_key(self.engine, team["id"], "default")
+                write_private(self.settings.admin_key_file, first_key + "\n")
+        await self.membership.start(on_rejoin=self.give_up_abandoned,
+                                    clustered=self.settings.role == "node")  # fmt: skip
         await self._reconcile()
         await self.volumes.reconcile()
         await self.templates.reconcile()
@@ -124,8 +127,11 @@ class ControlPlane:
         await self._warm_up()
         self.node.on_ended = self._node_ended
         self.node.on_paused = self._node_paused
+        loop = asyncio.get_running_loop()
         if self.settings.snapshot_max_age_s > 0:
-            self._retention = asyncio.get_running_loop().create_task(self._expire_snapshots())
+            self._periodic.append(loop.create_task(self._expire_snapshots()))
+        if self.settings.role == "node":
+            self._periodic.append(loop.create_task(self._sweep_cluster()))
         return first_key
 
     async def _warm_up(self) -> None:
@@ -140,9 +146,9 @@ class ControlPlane:
         await store.end_sandbox(self.engine, "", "warm-up")
 
     async def stop(self) -> None:
-        if self._retention is not None:
-            self._retention.cancel()
-            await asyncio.gather(self._retention, return_exceptions=True)
+        for task in self._periodic:
+            task.cancel()
+        await asyncio.gather(*self._periodic, return_exceptions=True)
         self.node.on_ended = None
         self.node.on_paused = None
         await self.membership.stop()
@@ -163,7 +169,8 @@ class ControlPlane:
                 await store.transition(self.engine, row["id"], [row["state"]], "paused")
             else:
                 await store.end_sandbox(self.engine, row["id"], "not running after restart")
-        await self.give_up_abandoned()
+        if self.settings.role == "node":
+            await self.give_up_abandoned()
         # A crash between sealing a team's snapshot and recording it leaves files nobody owns.
         wanted = await store.node_team_snapshot_builds(self.engine, self.node_id)
         for key in self.node.snapshots.team_snapshot_keys():
@@ -172,16 +179,36 @@ class ControlPlane:
                 self.node.delete_snapshot(key)
 
     async def give_up_abandoned(self) -> None:
-        """End the sandboxes this node still runs that the cluster gave up while it was lost
-        (ended, or resumed on another node from their snapshot)."""
-        for record in self.node.list_sandboxes():
-            row = await store.get_sandbox(self.engine, record.sandbox_id)
+        """What this node holds that the cluster has given to others or given up: sandboxes
+        it still runs that ended while it was lost, and snapshots of paused sandboxes that
+        have since been resumed on another node (their copy here is stale)."""
+        running = [r.sandbox_id for r in self.node.list_sandboxes()]
+        rows = await store.get_sandboxes(self.engine, running)
+        for sandbox_id in running:
+            row = rows.get(sandbox_id)
             if row is None or (row["state"] != "killed" and row["node_id"] == self.node_id):
                 continue  # a warm sandbox (no row yet), or still this node's
-            log.warning("ending sandbox %s: the cluster gave it up (%s)", record.sandbox_id,
+            log.warning("ending sandbox %s: the cluster gave it up (%s)", sandbox_id,
                         row["end_reason"] or f"now on node {row['node_id']}")  # fmt: skip
             with contextlib.suppress(NotFound):
-                await self.node.kill(record.sandbox_id)
+                await self.node.kill(sandbox_id)
+        paused = self.node.snapshots.paused_keys()
+        for sandbox_id, row in (await store.get_sandboxes(self.engine, paused)).items():
+            # Not while another node starts it: that node may be reading this node's copy.
+            if row["node_id"] != self.node_id and row["state"] != "starting":
+                log.info("dropping the snapshot of %s: it is node %s's now", sandbox_id,
+                         row["node_id"])  # fmt: skip
+                self.node.delete_snapshot(sandbox_id)
+
+    async def _sweep_cluster(self) -> None:
+        """A cluster's node: give_up_abandoned every CLUSTER_SWEEP_S (a sandbox moves when
+        its node drains or is lost)."""
+        while True:
+            await asyncio.sleep(CLUSTER_SWEEP_S)
+            try:
+                await self.give_up_abandoned()
+            except Exception:
+                log.exception("could not compare this node's sandboxes with the catalog")
 
     async def _expire_snapshots(self) -> None:
         """Retention: delete paused sandboxes whose snapshot is older than the maximum age."""
@@ -275,8 +302,9 @@ class ControlPlane:
             row = self._new_row(team, new, saved["template_id"], "", saved["volume_mounts"])
             await self._reserve(team, [row])
             build = saved["build_key"]
-            started = await self._start(row, new, partial(self.node.create_from_snapshot,
-                                                          key=build),
+            start = partial(self.node.create_from_snapshot, key=build,
+                            held_by=saved["node_id"])  # fmt: skip
+            started = await self._start(row, new, start,
                                         actor(team), f"from snapshot {saved['id']}")  # fmt: skip
             if await store.team_snapshot(self.engine, team["id"], saved["id"]) != saved:
                 # Deleted or taken again while this create read it (the node fetched it anew,
@@ -486,6 +514,8 @@ class ControlPlane:
             raise _limit_reached(team)
         if reserved is None:
             raise Conflict(f"sandbox {sandbox_id!r} is not paused any more")
+        if paused_on != self.node_id:
+            await moves.announce(self.engine, sandbox_id)
         try:
             record = await self.node.resume(sandbox_id, timeout_s, reboot=reboot,
                                             paused_on=paused_on)  # fmt: skip
@@ -494,7 +524,11 @@ class ControlPlane:
                                    node_id=paused_on)  # fmt: skip
             raise
         values = {"started_at": time.time(), "end_at": record.end_at}
-        await store.transition(self.engine, sandbox_id, ["starting"], "running", **values)
+        if not await store.transition(self.engine, sandbox_id, ["starting"], "running", **values):
+            # Killed meanwhile through another node (its own was lost): it stays killed.
+            with contextlib.suppress(NotFound):
+                await self.node.kill(sandbox_id)
+            raise NotFound(f"sandbox {sandbox_id!r} was killed while it was resumed")
         if paused_on != self.node_id:
             log.info("sandbox %s, paused on node %s, resumed here", sandbox_id, paused_on)
             self.node.delete_snapshot(sandbox_id, paused_on=paused_on)

@@ -13,11 +13,11 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from sqlalchemy import insert, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import ColumnElement, Float, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from vivarium.api.db.schema import nodes
 from vivarium.api.store import Row, first_row
@@ -30,6 +30,19 @@ HEARTBEAT_S = 5.0
 HEARTBEAT_TIMEOUT_S = 30.0  # six missed heartbeats: the node is taken for gone
 STATES = ("ready", "draining")
 MIN_SANDBOX_MB = 64  # an idle `base` sandbox takes ~45 MiB (docs/benchmarks.md)
+
+
+def catalog_now(conn: AsyncConnection) -> ColumnElement[float]:
+    """The catalog server's clock, in seconds since the epoch. Heartbeats are stamped with it
+    and aged by it: the hosts' own clocks may disagree by more than the heartbeat timeout."""
+    if conn.dialect.name == "postgresql":
+        return func.extract("epoch", func.now()).cast(Float)
+    return ((func.julianday("now") - 2440587.5) * 86400.0).cast(Float)
+
+
+async def catalog_time(engine: AsyncEngine) -> float:
+    async with engine.connect() as conn:
+        return float((await conn.execute(select(catalog_now(conn)))).scalar_one())
 
 
 def status(row: Row, now: float | None = None) -> str:
@@ -45,10 +58,10 @@ async def register(engine: AsyncEngine, node_id: str, address: str, **info: Any)
     memory_mb, max_sandboxes, runsc_version, platform); a known one keeps its state. Refused
     (ConfigError) while another live node holds the id, or when live nodes have another
     cluster secret."""
-    now = time.time()
-    values = {"address": address, "started_at": now, "heartbeat_at": now, "sandboxes": 0,
-              "allocated_cpus": 0.0, "allocated_memory_mb": 0, **info}  # fmt: skip
     async with engine.begin() as conn:
+        now = float((await conn.execute(select(catalog_now(conn)))).scalar_one())
+        values = {"address": address, "started_at": now, "heartbeat_at": now, "sandboxes": 0,
+                  "allocated_cpus": 0.0, "allocated_memory_mb": 0, **info}  # fmt: skip
         live = [dict(r) for r in (await conn.execute(
             select(nodes).where(nodes.c.heartbeat_at > now - HEARTBEAT_TIMEOUT_S).with_for_update()
         )).mappings()]  # fmt: skip
@@ -85,7 +98,7 @@ async def heartbeat(engine: AsyncEngine, node_id: str, sandboxes: int, allocated
     async with engine.begin() as conn:
         await conn.execute(
             update(nodes).where(nodes.c.id == node_id).values(
-                heartbeat_at=time.time(), sandboxes=sandboxes, allocated_cpus=allocated_cpus,
+                heartbeat_at=catalog_now(conn), sandboxes=sandboxes, allocated_cpus=allocated_cpus,
                 allocated_memory_mb=allocated_memory_mb,
             )
         )  # fmt: skip
@@ -124,11 +137,12 @@ def check_capacity(max_sandboxes: int, memory_mb: int) -> None:
         )
 
 
-def check_placeable(row: Row | None, node_id: str) -> None:
-    """Refuse a new sandbox on a node that is not ready, saying what to do."""
+def check_placeable(row: Row | None, node_id: str, at: float | None = None) -> None:
+    """Refuse a new sandbox on a node that is not ready (its status `at` that time, in the
+    catalog's clock), saying what to do."""
     if row is None:
         raise NodeUnavailable(f"node {node_id!r} is not registered", "restart `vivarium serve`")
-    now = status(row)
+    now = status(row, at)
     if now == "draining":
         raise NodeUnavailable(f"node {node_id!r} is draining: it takes no new sandboxes",
                            f"undrain it (`vivarium node undrain {node_id}`)")  # fmt: skip
@@ -154,44 +168,63 @@ class Membership:
         self.proxy_address = proxy_address
         self.secret_check = secret_check
         self.row: Row | None = None
-        self._on_rejoin: Callable[[], Awaitable[None]] | None = None
+        self._row_read = time.monotonic()  # when `row`'s heartbeat was written
+        self._on_rejoin: Callable[[], Coroutine[Any, Any, None]] | None = None
+        self._rejoining: set[asyncio.Task[None]] = set()
         self._beating: asyncio.Task[None] | None = None
 
-    async def start(self, on_rejoin: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Register, then heartbeat; `on_rejoin` runs after a heartbeat that came after the
-        others took this node for lost (it was cut off from the catalog that long)."""
+    async def start(self, on_rejoin: Callable[[], Coroutine[Any, Any, None]] | None = None,
+                    clustered: bool = False) -> None:  # fmt: skip
+        """Register, then heartbeat; `on_rejoin` runs (beside the heartbeats) after a heartbeat
+        that came after the others took this node for lost (it was cut off that long). A
+        cluster's node may not advertise more sandboxes than its memory holds."""
         self._on_rejoin = on_rejoin
         info = self.node.info()
         memory_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
-        check_capacity(int(info["max_sandboxes"]), memory_mb)
-        self.row = await register(
+        if clustered:
+            check_capacity(int(info["max_sandboxes"]), memory_mb)
+        row = await register(
             self.engine, self.node_id, self.address, labels=self.labels,
             proxy_address=self.proxy_address, secret_check=self.secret_check,
             cpu_count=os.cpu_count() or 1, memory_mb=memory_mb,
             max_sandboxes=info["max_sandboxes"], runsc_version=info["runsc_version"],
             platform=info["platform"],
         )  # fmt: skip
+        self._keep(row)
         self._beating = asyncio.get_running_loop().create_task(self._beat())
 
     async def stop(self) -> None:
-        if self._beating is not None:
-            self._beating.cancel()
-            await asyncio.gather(self._beating, return_exceptions=True)
+        tasks = [*self._rejoining, *([self._beating] if self._beating else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def check_placeable(self) -> None:
         """Refuse a new sandbox here unless this node is ready (NodeUnavailable). The row kept
         says so without a query; only a refusal reads it again, since an undrain made through
         another API would otherwise count from the next heartbeat."""
         try:
-            check_placeable(self.row, self.node_id)
+            check_placeable(self.row, self.node_id, self._now())
         except NodeUnavailable:
-            self.row = await get(self.engine, self.node_id) or self.row
-            check_placeable(self.row, self.node_id)
+            if (fresh := await get(self.engine, self.node_id)) is not None:
+                self._keep(fresh)
+            check_placeable(self.row, self.node_id, self._now())
+
+    def _now(self) -> float | None:
+        """The catalog's time now, from this host's clock's count since the row was read."""
+        if self.row is None:
+            return None
+        return float(self.row["heartbeat_at"]) + time.monotonic() - self._row_read
 
     def seen(self, row: Row) -> None:
         """A newer row of some node (a drain through this API): kept if it is this one."""
         if row["id"] == self.node_id:
-            self.row = row
+            self._keep(row)
+
+    def _keep(self, row: Row) -> None:
+        if self.row is None or row["heartbeat_at"] != self.row["heartbeat_at"]:
+            self._row_read = time.monotonic()  # a heartbeat written just now
+        self.row = row
 
     async def _beat(self) -> None:
         last = time.time()
@@ -203,11 +236,14 @@ class Membership:
                                       sum(r.cpus for r in running),
                                       sum(r.memory_mb for r in running))  # fmt: skip
                 if row is not None:
-                    self.row = row
+                    self._keep(row)
                 if time.time() - last > HEARTBEAT_TIMEOUT_S and self._on_rejoin is not None:
                     log.warning("node %s is back after %.0f s without a heartbeat",
                                 self.node_id, time.time() - last)  # fmt: skip
-                    await self._on_rejoin()
+                    # Beside the heartbeats: a long one must not make the node lost again.
+                    rejoin = asyncio.get_running_loop().create_task(self._on_rejoin())
+                    self._rejoining.add(rejoin)
+                    rejoin.add_done_callback(self._rejoining.discard)
                 last = time.time()
             except CatalogUnavailable as exc:  # for a while: the next beat retries
                 log.warning("could not send node %s's heartbeat: %s", self.node_id, exc)

@@ -138,6 +138,15 @@ async def get_sandbox(engine: AsyncEngine, sandbox_id: str) -> Row | None:
         return first_row(await conn.execute(select(sandboxes).where(sandboxes.c.id == sandbox_id)))
 
 
+async def get_sandboxes(engine: AsyncEngine, sandbox_ids: Sequence[str]) -> dict[str, Row]:
+    """The rows of those of `sandbox_ids` the catalog has, by id."""
+    if not sandbox_ids:
+        return {}
+    query = select(sandboxes).where(sandboxes.c.id.in_(list(sandbox_ids)))
+    async with engine.connect() as conn:
+        return {r["id"]: dict(r) for r in (await conn.execute(query)).mappings()}
+
+
 async def update_sandbox(engine: AsyncEngine, sandbox_id: str, **values: Any) -> None:
     async with engine.begin() as conn:
         await conn.execute(update(sandboxes).where(sandboxes.c.id == sandbox_id).values(**values))
@@ -151,21 +160,6 @@ async def end_sandbox(engine: AsyncEngine, sandbox_id: str, reason: str) -> None
             .where(sandboxes.c.id == sandbox_id, sandboxes.c.state != "killed")
             .values(state="killed", ended_at=time.time(), end_reason=reason)
         )
-
-
-async def end_node_sandboxes(engine: AsyncEngine, node_id: str, reason: str) -> list[Row]:
-    """A lost node's sandboxes that were running (or starting, or being paused) have ended
-    with it: marked killed, all at once; the rows (before) of those this call ended. Paused
-    ones stay paused: their snapshots are in the shared store."""
-    where = sandboxes.c.node_id == node_id, sandboxes.c.state.in_([*LIVE, "pausing"])
-    async with engine.begin() as conn:
-        rows = [dict(r) for r in (await conn.execute(
-            select(sandboxes).where(*where).with_for_update()
-        )).mappings()]  # fmt: skip
-        if rows:
-            await conn.execute(update(sandboxes).where(*where).values(
-                state="killed", ended_at=time.time(), end_reason=reason))  # fmt: skip
-    return rows
 
 
 async def team_sandboxes(engine: AsyncEngine, team_id: str, states: Sequence[str]) -> list[Row]:

@@ -35,21 +35,29 @@ class Directory:
         self.engine = engine
         self._nodes: list[Row] = []
         self._nodes_at = 0.0
+        self._skew = 0.0  # the catalog's clock minus this host's: heartbeats are in the former
 
     async def nodes(self) -> list[Row]:
         """Every registered node (a second old at most)."""
         if time.monotonic() - self._nodes_at > NODES_TTL_S:
             self._nodes = await nodes.list_nodes(self.engine)
+            self._skew = await nodes.catalog_time(self.engine) - time.time()
             self._nodes_at = time.monotonic()
         return self._nodes
 
     async def node(self, node_id: str) -> Row | None:
         return next((r for r in await self.nodes() if r["id"] == node_id), None)
 
+    async def status(self, node_id: str) -> str | None:
+        """ready, draining or unhealthy by the catalog's clock (None: no such node)."""
+        node = await self.node(node_id)
+        return nodes.status(node, time.time() + self._skew) if node is not None else None
+
     async def ready(self) -> list[Row]:
         """Nodes that take new sandboxes, in id order."""
-        now = time.time()
-        return [r for r in await self.nodes() if nodes.status(r, now) == "ready"]
+        rows = await self.nodes()
+        now = time.time() + self._skew
+        return [r for r in rows if nodes.status(r, now) == "ready"]
 
     def forget_nodes(self) -> None:
         """Read the node rows again next time (a node did not answer)."""

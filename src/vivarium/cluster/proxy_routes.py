@@ -4,7 +4,7 @@ by the same headers and checks its tokens, resumes it if it is paused with auto-
 answers in E2B's shapes as the all-in-one proxy does.
 
 Where a sandbox runs is cached briefly: it changes only when a paused sandbox resumes on another
-node, and a node that does not answer makes the next request look again."""
+node, which that node announces (cluster/moves.py): the entry is dropped then."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 from urllib.parse import urlparse
 
 from vivarium.cluster.directory import Directory
-from vivarium.proxy import Upstream
+from vivarium.proxy import Refusal, Upstream
 
 CACHE_TTL_S = 2.0
 CACHE_MAX = 100_000
@@ -21,27 +21,39 @@ CACHE_MAX = 100_000
 class ClusterRoutes:
     def __init__(self, directory: Directory) -> None:
         self.directory = directory
-        self._homes: dict[str, tuple[float, str | None]] = {}  # sandbox -> (when, node id)
+        # sandbox -> (when looked up, (its node, its state) or None)
+        self._homes: dict[str, tuple[float, tuple[str, str] | None]] = {}
 
-    async def __call__(self, sandbox_id: str) -> Upstream | None:
-        node_id = await self._home(sandbox_id)
-        node = await self.directory.node(node_id) if node_id else None
+    async def __call__(self, sandbox_id: str) -> Upstream | Refusal | None:
+        home = await self._home(sandbox_id)
+        if home is None:
+            return None
+        node_id, state = home
+        node = await self.directory.node(node_id)
         if node is None or not node["proxy_address"]:
             return None
+        if await self.directory.status(node_id) == "unhealthy":
+            # Its node is lost: a paused one waits for a connect() to resume it elsewhere;
+            # a running one has ended with its node.
+            return Refusal.paused(sandbox_id) if state == "paused" else None
         address = urlparse(node["proxy_address"])
         assert address.hostname is not None and address.port is not None
         return Upstream(address.hostname, f"node:{node['id']}", port=address.port)
 
     def forget(self, sandbox_id: str) -> None:
+        """It moved (cluster/moves.py)."""
         self._homes.pop(sandbox_id, None)
 
-    async def _home(self, sandbox_id: str) -> str | None:
+    def forget_all(self) -> None:
+        self._homes.clear()
+
+    async def _home(self, sandbox_id: str) -> tuple[str, str] | None:
         now = time.monotonic()
         cached = self._homes.get(sandbox_id)
         if cached is not None and now - cached[0] < CACHE_TTL_S:
             return cached[1]
-        node_id = await self.directory.owner("sandbox", sandbox_id)
+        home = await self.directory.sandbox_home(sandbox_id)
         if len(self._homes) >= CACHE_MAX:
             self._homes.clear()
-        self._homes[sandbox_id] = (now, node_id)
-        return node_id
+        self._homes[sandbox_id] = (now, home)
+        return home

@@ -2,8 +2,9 @@
 node that should answer it, with the caller's key and the cluster secret.
 
 - A create is placed (placement.py) and tried node after node while nodes refuse it (draining,
-  full, unreachable before it was sent). A create bound to one node, from a team's snapshot,
-  template or volume kept there, goes to that node.
+  full, unreachable before it was sent). A create bound to one node, from a team's template or
+  volume kept there, goes to that node; one from a team's snapshot goes anywhere (the node
+  fetches it from the store) unless the snapshot mounts volumes.
 - A request that names a sandbox, snapshot, template or volume goes to the node the catalog
   says holds it.
 - Anything else (listings, keys, teams, nodes, events: the catalog's business) goes to the first
@@ -15,6 +16,7 @@ the catalog's, so replicas can be added and lost freely.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -28,33 +30,35 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from vivarium.api import nodes, store
+from vivarium.api import store
 from vivarium.api.store import Row
 from vivarium.cluster.directory import Directory
 from vivarium.cluster.placement import Placement
-from vivarium.cluster.secret import HEADER
-from vivarium.errors import NodeUnavailable, VivariumError
+from vivarium.cluster.secret import HEADER, REFUSED
+from vivarium.errors import InvalidArgument, NodeUnavailable, UpstreamFailed, VivariumError
 
 log = logging.getLogger(__name__)
 
 MAX_CREATE_BODY = 1 << 20
-# Hop-by-hop headers (RFC 9110 §7.6.1), and the secret a caller must not get to choose.
+# Hop-by-hop headers (RFC 9110 §7.6.1), what the router sets itself, and the secret a caller
+# must not get to choose. Host passes: the node answers with links to where the client is.
 DROPPED = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-                     "te", "trailer", "transfer-encoding", "upgrade", "host", HEADER})  # fmt: skip
+                     "te", "trailer", "transfer-encoding", "upgrade", "x-forwarded-for",
+                     "x-forwarded-proto", HEADER})  # fmt: skip
 # What a node answers when another node should be tried: it takes no new sandboxes.
 RETRY_CODES = frozenset({"node_unavailable", "node_full", "host_not_ready"})
 # The path segment after which a request names an object a node holds.
-KINDS = {"sandboxes": "sandbox", "volumes": "volume", "templates": "template"}
+KINDS = {"sandboxes": "sandbox", "volumes": "volume", "volumecontent": "volume",
+         "templates": "template"}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Target:
-    """Where a request goes: a node by id, or placed (a create: among the nodes holding what
-    it names, `bound`)."""
+    """Where a request goes: a node by id (None: the first ready one), or placed (a create:
+    among the nodes holding what it names)."""
 
     node_id: str | None = None
     place: bool = False
-    bound: bool = False
 
 
 class Router:
@@ -64,6 +68,7 @@ class Router:
         self._secret = secret
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(600.0, connect=5.0), verify=verify,
+            trust_env=False,  # never an HTTP_PROXY of the environment: keys and the secret
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
         )  # fmt: skip
 
@@ -76,11 +81,8 @@ class Router:
                 return JSONResponse({"status": "ok"})
             target = await self._target(request)
             if target.place:
-                body = await request.body()
-                if len(body) > MAX_CREATE_BODY:
-                    return JSONResponse({"code": 413, "message": "request body too large"}, 413)
-                only = await self._bound(request, body) if target.bound else None
-                return await self._placed(request, body, only)
+                body = await _small_body(request)
+                return await self._placed(request, body, await self._bound(request, body))
             node = await self._node(target.node_id)
             if request.url.path.startswith("/nodes/"):  # a drain: this replica knows at once
                 self.directory.forget_nodes()
@@ -90,25 +92,51 @@ class Router:
 
     async def _target(self, request: Request) -> Target:
         if _is_create(request):
-            return Target(place=True, bound=True)
+            return Target(place=True)
         parts = [p for p in request.url.path.split("/") if p]
         if parts and parts[0] in ("v2", "v3"):
             parts = parts[1:]
-        if len(parts) >= 2 and parts[0] in KINDS and parts[1] not in ("metrics", "aliases", "tags"):
-            kind = KINDS[parts[0]]
+        if len(parts) < 2 or parts[0] not in KINDS or parts[1] in ("metrics", "aliases", "tags"):
+            return Target()
+        kind, object_id = KINDS[parts[0]], parts[1]
+        if kind == "sandbox":
+            home = await self.directory.sandbox_home(object_id)
+            if home is None:
+                return Target()
+            node_id, state = home
             resuming = request.method == "POST" and parts[2:] in (["connect"], ["resume"])
-            if kind == "sandbox" and resuming:
-                home = await self.directory.sandbox_home(parts[1])
-                if home is not None and home[1] == "paused" and not await self._alive(home[0]):
-                    return Target(place=True)  # its node is lost: resumed on another
-            owner = await self.directory.owner(kind, parts[1])
-            if owner is None and kind == "template":  # DELETE /templates/{snapshot id}
-                owner = await self.directory.owner("snapshot", parts[1])
-            # A lost node's: any node answers from the catalog (its running sandboxes have
-            # ended; a kill of a paused one deletes its row, the snapshot stays in the store).
-            if owner is not None and await self._alive(owner):
-                return Target(node_id=owner)
-        return Target()
+            if await self._alive(node_id) and not (resuming and state == "paused"
+                                                   and not await self._ready(node_id)):  # fmt: skip
+                return Target(node_id=node_id)
+            # Its node is lost (or draining, for a resume): every request for it goes to one
+            # node, so that a kill and a resume racing meet in one place.
+            return Target(node_id=await self._stand_in(object_id))
+        owner = await self.directory.owner(kind, object_id)
+        if owner is None and kind == "template":  # DELETE /templates/{snapshot id}
+            owner = await self.directory.owner("snapshot", object_id)
+        if owner is None and kind == "template":  # by name: the caller's own
+            owner = await self._named_template(request, object_id)
+        return Target(node_id=owner) if owner is not None and await self._alive(owner) else Target()
+
+    async def _stand_in(self, sandbox_id: str) -> str | None:
+        """The ready node that answers for a sandbox whose node cannot (rendezvous hashing:
+        the same one from every replica while the ready nodes stay the same)."""
+        ready = [str(n["id"]) for n in await self.directory.ready()]
+        if not ready:
+            return None
+        return max(ready, key=lambda n: hashlib.sha256(f"{n}/{sandbox_id}".encode()).digest())
+
+    async def _named_template(self, request: Request, name: str) -> str | None:
+        """The node holding the caller's template or snapshot of that name (a delete by name)."""
+        engine = self.directory.engine
+        team = await store.team_for_key(engine, request.headers.get("x-api-key", ""))
+        if team is None:
+            return None
+        for row in (await store.team_template(engine, team["id"], name.split(":", 1)[0]),
+                    await store.team_snapshot(engine, team["id"], name)):  # fmt: skip
+            if row is not None:
+                return str(row["node_id"])
+        return None
 
     async def _bound(self, request: Request, body: bytes) -> frozenset[str] | None:
         """The nodes a create may go to: the one holding the team's snapshot, template or
@@ -126,10 +154,13 @@ class Router:
         wanted = data.get("templateID") or data.get("name")
         if isinstance(wanted, str) and wanted:
             engine, name = self.directory.engine, wanted.split(":", 1)[0]
-            for row in (await store.team_snapshot(engine, team["id"], wanted),
-                        await store.team_template(engine, team["id"], name)):  # fmt: skip
-                if row is not None:
-                    held.add(row["node_id"])
+            # Any node fetches a snapshot from the store; not the volumes it mounts.
+            snapshot = await store.team_snapshot(engine, team["id"], wanted)
+            if snapshot is not None and snapshot["volume_mounts"]:
+                held.add(snapshot["node_id"])
+            template = await store.team_template(engine, team["id"], name)
+            if template is not None:
+                held.add(template["node_id"])
         for mount in data.get("volumeMounts") or []:
             if isinstance(mount, dict) and isinstance(mount.get("name"), str):
                 volume = await store.team_volume(self.directory.engine, team["id"],
@@ -139,8 +170,10 @@ class Router:
         return frozenset(held) if held else None
 
     async def _alive(self, node_id: str) -> bool:
-        node = await self.directory.node(node_id)
-        return node is not None and nodes.status(node) != "unhealthy"
+        return await self.directory.status(node_id) in ("ready", "draining")
+
+    async def _ready(self, node_id: str) -> bool:
+        return await self.directory.status(node_id) == "ready"
 
     async def _node(self, node_id: str | None) -> Row:
         if node_id is not None:
@@ -168,7 +201,7 @@ class Router:
             with self.placement.starting(node["id"]):
                 try:
                     response = await self._forward(request, node, body, buffered=True)
-                except NodeUnavailable as exc:
+                except NodeUnreachable as exc:
                     refused = JSONResponse(exc.to_json(), exc.http_status)
                     continue
             if not _refused(response):
@@ -181,37 +214,78 @@ class Router:
     async def _forward(self, request: Request, node: Row, content: bytes | AsyncIterator[bytes],
                        *, buffered: bool = False) -> Response:  # fmt: skip
         """The request, sent on to `node`; its answer, streamed back (read whole if `buffered`).
-        NodeUnavailable if it could not be sent at all: then the node did nothing."""
-        url = node["address"].rstrip("/") + request.url.path
-        if request.url.query:
-            url += "?" + request.url.query
+        NodeUnreachable if it could not be sent at all (the node did nothing: another may be
+        tried); UpstreamFailed if the node took it and did not answer in full."""
+        target = request.scope["raw_path"] or request.url.path.encode()
+        if request.scope["query_string"]:
+            target += b"?" + request.scope["query_string"]
+        url = node["address"].rstrip("/") + target.decode("latin-1")
         headers = [(k, v) for k, v in request.headers.items() if k not in DROPPED]
-        headers.append((HEADER, self._secret))
+        # The node builds the links it answers with (upload URLs) from what the client used.
+        forwarded_for = request.headers.get("x-forwarded-for")
         if request.client is not None:
-            headers.append(("x-forwarded-for", request.client.host))
+            client = request.client.host
+            forwarded_for = f"{forwarded_for}, {client}" if forwarded_for else client
+        if forwarded_for:
+            headers.append(("x-forwarded-for", forwarded_for))
+        headers += [("x-forwarded-proto", request.url.scheme), (HEADER, self._secret)]
         outgoing = self._http.build_request(request.method, url, headers=headers, content=content)
         try:
             response = await self._http.send(outgoing, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             self.directory.forget_nodes()
-            raise NodeUnavailable(
+            raise NodeUnreachable(
                 f"node {node['id']!r} at {node['address']} does not answer ({type(exc).__name__})",
                 "see `vivarium node list`",
             ) from None
         except httpx.TransportError as exc:
-            raise NodeUnavailable(
-                f"node {node['id']!r} did not answer {request.method} {request.url.path}: {exc!r}",
-                "retry; see the node's log",
-            ) from None
-        kept = {k: v for k, v in response.headers.items() if k not in DROPPED}
+            raise _failed(node, request, exc) from None
+        if response.status_code == 401 and REFUSED in response.headers:
+            await response.aclose()
+            raise NodeUnreachable(
+                f"node {node['id']!r} refused this API replica's cluster secret",
+                "set the same VIVARIUM_CLUSTER_SECRET on the API replicas and the nodes",
+            )
+        kept = [(k.encode("latin-1"), v.encode("latin-1"))
+                for k, v in response.headers.multi_items() if k not in DROPPED]  # fmt: skip
         if buffered:
             try:
-                data = await response.aread()
+                data = b"".join([chunk async for chunk in response.aiter_raw()])
+            except httpx.TransportError as exc:
+                raise _failed(node, request, exc) from None
             finally:
                 await response.aclose()
-            return Response(data, response.status_code, headers=kept)
-        return StreamingResponse(response.aiter_raw(), response.status_code, headers=kept,
-                                 background=BackgroundTask(response.aclose))  # fmt: skip
+            answer: Response = Response(data, response.status_code)
+        else:
+            answer = StreamingResponse(response.aiter_raw(), response.status_code,
+                                       background=BackgroundTask(response.aclose))  # fmt: skip
+        answer.raw_headers = kept  # as the node sent them (content-length included)
+        return answer
+
+
+class NodeUnreachable(NodeUnavailable):
+    """The request could not be sent: the node did nothing with it."""
+
+
+def _failed(node: Row, request: Request, exc: Exception) -> UpstreamFailed:
+    return UpstreamFailed(
+        f"node {node['id']!r} did not answer {request.method} {request.url.path} in full "
+        f"({exc!r}); it may have acted on it",
+        "look before retrying (a create may have made a sandbox: list them)",
+    )
+
+
+async def _small_body(request: Request) -> bytes:
+    """A create's body, read whole (it may be sent to several nodes), up to MAX_CREATE_BODY."""
+    too_large = InvalidArgument(f"request body over {MAX_CREATE_BODY} bytes")
+    if int(request.headers.get("content-length") or 0) > MAX_CREATE_BODY:
+        raise too_large
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_CREATE_BODY:
+            raise too_large
+    return body
 
 
 def _is_create(request: Request) -> bool:

@@ -11,6 +11,7 @@ import json
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 HEADER = "x-vivarium-cluster-secret"
+REFUSED = "x-vivarium-cluster-refused"  # on a node's 401: the secret was missing or wrong
 
 
 def check_value(secret: str) -> str:
@@ -32,8 +33,11 @@ class RequireSecret:
         self._secret = secret.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":  # websockets: none is the cluster's
+            await send({"type": "websocket.close", "code": 1008})
             return
         sent = b""
         for name, value in scope["headers"]:
@@ -47,5 +51,6 @@ class RequireSecret:
         body = json.dumps({"code": 401, "message": message}).encode()
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", b"%d" % len(body))]})  # fmt: skip
+                                (b"content-length", b"%d" % len(body)),
+                                (REFUSED.encode(), b"1")]})  # fmt: skip
         await send({"type": "http.response.body", "body": body})

@@ -649,32 +649,29 @@ class Node:
     ) -> SandboxRecord:
         """`paused_on`: the node it was paused on, if another: its snapshot is fetched from
         that node's part of the remote store."""
-        source = None
-        if self._elsewhere(paused_on):
-            source = remote_store(self.settings.node_snapshot_url(paused_on),
-                                  self.settings.s3_endpoint_url)  # fmt: skip
-            if source is None:
-                raise NotFound(f"sandbox {sandbox_id!r} was paused on node {paused_on!r}, and "
-                               "snapshots are not kept in a shared store",
-                               "set VIVARIUM_SNAPSHOT_URL on every node")  # fmt: skip
+        source = self._store_of(paused_on)
         return await resume_sandbox(self, sandbox_id, timeout_s, reboot=reboot, source=source)
 
     def _elsewhere(self, node_id: str) -> bool:
         """Whether `node_id` is another node of this cluster."""
         return self.settings.role == "node" and node_id not in ("", self.settings.node_id)
 
+    def _store_of(self, node_id: str) -> ObjectStore | None:
+        """Another node's part of the shared snapshot store (None for this node's own)."""
+        if not self._elsewhere(node_id):
+            return None
+        return remote_store(self.settings.node_snapshot_url(node_id),
+                            self.settings.s3_endpoint_url)  # fmt: skip
+
     def delete_snapshot(self, key: str, paused_on: str = "") -> None:
         """The local copy now (or once the sandboxes starting from it have started); the remote
         one (if any) in the background: a kill does not wait for the store, and one that is
         down only leaves objects nothing reads again. `paused_on`: the copy in another node's
         part of the store (a sandbox that node paused and this one resumed)."""
-        if self._elsewhere(paused_on):
-            other = remote_store(self.settings.node_snapshot_url(paused_on),
-                                 self.settings.s3_endpoint_url)  # fmt: skip
-            if other is not None:
-                task = asyncio.create_task(asyncio.to_thread(_delete_quietly, other, key))
-                self._remote_deletes.add(task)
-                task.add_done_callback(self._remote_deletes.discard)
+        if (other := self._store_of(paused_on)) is not None:
+            task = asyncio.create_task(asyncio.to_thread(_delete_quietly, other, key))
+            self._remote_deletes.add(task)
+            task.add_done_callback(self._remote_deletes.discard)
             return
         if self._snapshot_users[key]:
             self._deleted_in_use.add(key)
@@ -722,8 +719,11 @@ class Node:
         may still be under way when this returns."""
         return await snapshot_sandbox(self, sandbox_id, key, remote=remote, memory=memory)
 
-    async def create_from_snapshot(self, req: CreateRequest, key: str) -> SandboxRecord:
-        return await start_from_snapshot(self, req, key)
+    async def create_from_snapshot(self, req: CreateRequest, key: str,
+                                   held_by: str = "") -> SandboxRecord:  # fmt: skip
+        """`held_by`: the node that took the snapshot, if another: fetched from its part of
+        the store (and kept here for the next create from it)."""
+        return await start_from_snapshot(self, req, key, self._store_of(held_by))
 
     async def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
         async with self.locked(sandbox_id) as record:

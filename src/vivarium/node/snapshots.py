@@ -316,6 +316,8 @@ class SnapshotStore:
         a local copy it is fetched from the remote tier (if any; `source`, another node's, for
         a sandbox paused there) first. Blocking."""
         path = self.root / sandbox_id
+        if source is not None and (path / "manifest.json").exists():
+            self._drop_if_stale(sandbox_id, source)
         remote = source or self.remote
         if remote is not None and not (path / "manifest.json").exists():
             return self._fetch(remote, sandbox_id, runsc_version)
@@ -339,6 +341,18 @@ class SnapshotStore:
         if sandbox_id.startswith(TEAM_PREFIX):
             self._verified[sandbox_id] = generation
         return snapshot
+
+    def _drop_if_stale(self, sandbox_id: str, source: ObjectStore) -> None:
+        """A copy here of a snapshot `source` (another node's part of the store) holds: left
+        from before the sandbox moved away and was paused again there, it is dropped."""
+        try:
+            mine = json.loads((self.root / sandbox_id / "manifest.json").read_text())
+        except (OSError, ValueError):
+            mine = {}
+        theirs = source.manifest(sandbox_id)
+        if theirs is not None and theirs.get("checksum") != mine.get("checksum"):
+            log.info("dropping this node's older copy of %s's snapshot", sandbox_id)
+            self.delete_local(sandbox_id)
 
     def _rebuild(self, sandbox_id: str, path: Path, manifest: dict[str, Any]) -> Snapshot:
         """A chunked snapshot's image, rebuilt and verified into a directory of its own (which
@@ -477,6 +491,11 @@ class SnapshotStore:
 
     def exists(self, sandbox_id: str) -> bool:
         return self.held(sandbox_id) or (self.remote is not None and self.remote.exists(sandbox_id))
+
+    def paused_keys(self) -> list[str]:
+        """The paused sandboxes whose snapshots are held here."""
+        return [p.name for p in self.root.glob(f"{SANDBOX_PREFIX}*")
+                if (p / "manifest.json").exists()]  # fmt: skip
 
     def team_snapshot_keys(self) -> list[str]:
         """The teams' snapshots held here (their catalog rows say which are still wanted)."""

@@ -30,7 +30,7 @@ from vivarium.node.pause import (
 )
 from vivarium.node.records import SandboxRecord
 from vivarium.node.request import CreateRequest, mounts_of
-from vivarium.node.snapshots import Snapshot
+from vivarium.node.snapshots import ObjectStore, Snapshot
 from vivarium.node.steps import Steps
 from vivarium.runtime.bundle import Resources
 
@@ -130,21 +130,22 @@ async def _restart(node: Node, record: SandboxRecord, image: Path, key: str) -> 
                   key, exc)  # fmt: skip
 
 
-async def start_from_snapshot(node: Node, req: CreateRequest, key: str) -> SandboxRecord:
+async def start_from_snapshot(node: Node, req: CreateRequest, key: str,
+                              source: ObjectStore | None = None) -> SandboxRecord:  # fmt: skip
     """A new sandbox restored from the snapshot `key`: the source's memory, processes, files and
     resources; the request's id, token, environment and timeout. The snapshot stays as it was
     (several may start from it at once, and deleting it waits for them)."""
     timeout_s = node.timeout(req.timeout_s)
     with node.snapshot_in_use(key):
         version = node.rt().probe.runsc_version
-        snapshot = await load_snapshot(node, key, version)
-        source = SandboxRecord.from_json(snapshot.record)
+        snapshot = await load_snapshot(node, key, version, source)
+        origin = SandboxRecord.from_json(snapshot.record)
         # envd keeps the source's variables (they are in the checkpoint); the request's add to
         # them. Its volume mounts are in the checkpoint too: the same volumes go in the hub.
-        req = replace(req, env_vars={**source.env_vars, **(req.env_vars or {})},
-                      volume_mounts=mounts_of(source))  # fmt: skip
-        template = node.templates.build(source.template, source.build_id)
-        resources = Resources(source.memory_mb, source.cpus, source.pids, source.disk_mb)
+        req = replace(req, env_vars={**origin.env_vars, **(req.env_vars or {})},
+                      volume_mounts=mounts_of(origin))  # fmt: skip
+        template = node.templates.build(origin.template, origin.build_id)
+        resources = Resources(origin.memory_mb, origin.cpus, origin.pids, origin.disk_mb)
         steps = Steps(f"create from snapshot {key}")
         # A filesystem-only snapshot: the template afresh, with the source's files laid over it.
         files = snapshot.checkpoint if snapshot.mode == file_snapshots.MODE else None

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -101,3 +103,23 @@ async def migrate(engine: AsyncEngine) -> None:
     """Bring the schema to the newest migration (idempotent; run at every start)."""
     async with engine.begin() as conn:
         await conn.run_sync(_upgrade)
+
+
+STARTUP_LOCK = 0x766976617269  # "vivari": PostgreSQL advisory lock key of the catalog's start
+
+
+@asynccontextmanager
+async def startup_lock(engine: AsyncEngine) -> AsyncIterator[None]:
+    """Held while one process migrates the catalog and makes its first team: parts of a
+    cluster that start together do it one after another (SQLite has one process anyway)."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": STARTUP_LOCK})
+        await conn.commit()
+        try:
+            yield
+        finally:
+            await conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": STARTUP_LOCK})
+            await conn.commit()
