@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -149,6 +150,9 @@ class Settings:
     # cluster address); empty: its API and proxy host and port.
     node_url: str = ""
     node_proxy_url: str = ""
+    # The CA that signed the nodes' certificates (nodes with VIVARIUM_TLS_CERT are reached over
+    # TLS): the API replicas and the proxy verify them with it; empty: the host's store.
+    cluster_ca_file: Path | None = None
     # Destinations a sandbox with internet access may reach even though they are private
     # or host addresses (an internal package mirror, say). Empty by default.
     egress_allow: tuple[str, ...] = field(default_factory=tuple)
@@ -222,6 +226,7 @@ class Settings:
             cluster_secret=_env("CLUSTER_SECRET", ""),
             node_url=_env("NODE_URL", ""),
             node_proxy_url=_env("NODE_PROXY_URL", ""),
+            cluster_ca_file=Path(f) if (f := _env("CLUSTER_CA_FILE", "")) else None,
             egress_allow=_env_list("EGRESS_ALLOW"),
             egress_dns=_env_list("EGRESS_DNS"),
             egress_ca_file=Path(f) if (f := _env("EGRESS_CA_FILE", "")) else None,
@@ -339,10 +344,6 @@ class Settings:
                                   "the node's address on the cluster network, as the API "
                                   "replicas and the proxy reach it: http://10.0.0.11:"
                                   + ("3000" if name == "NODE_URL" else "3001"))  # fmt: skip
-        if self.tls_cert:
-            raise ConfigError("VIVARIUM_TLS_CERT is for the api and proxy roles",
-                              "inside the cluster the parts speak plain HTTP on the cluster "
-                              "network (TLS there is not built yet)")  # fmt: skip
         if not self.snapshot_url:
             raise ConfigError(
                 "VIVARIUM_ROLE=node needs a shared snapshot store",
@@ -357,6 +358,18 @@ class Settings:
         if not self.snapshot_url or self.role == "all":
             return self.snapshot_url
         return f"{self.snapshot_url.rstrip('/')}/nodes/{node_id}"
+
+    def cluster_client_tls(self) -> ssl.SSLContext:
+        """How the API replicas and the proxy verify nodes that serve TLS."""
+        context = ssl.create_default_context()
+        if self.cluster_ca_file is not None:
+            try:
+                context.load_verify_locations(self.cluster_ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"VIVARIUM_CLUSTER_CA_FILE={self.cluster_ca_file}: {exc}",
+                                  "a PEM file of the CA that signed the nodes' certificates"
+                                  ) from None  # fmt: skip
+        return context
 
     @property
     def advertised_node_url(self) -> str:

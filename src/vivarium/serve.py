@@ -107,7 +107,7 @@ async def _serve_cluster_api(settings: Settings, tls: ReloadingContext | None) -
         async with startup_lock(engine):
             await migrate(engine)
         directory = Directory(engine)
-        router = Router(directory, settings.cluster_secret)
+        router = Router(directory, settings.cluster_secret, settings.cluster_client_tls())
         events = EventLog(engine, settings.webhook_url, settings.webhook_secret)
         events.start()
         watch = NodeWatch(directory, events)
@@ -130,7 +130,8 @@ async def _serve_cluster_proxy(settings: Settings, tls: ReloadingContext | None)
     """The sandbox proxy of a cluster: each request on to its sandbox's node's proxy."""
     engine = open_engine(settings.db_url)
     routes = ClusterRoutes(Directory(engine))
-    proxy = SandboxProxy(routes, domain=settings.sandbox_domain)
+    proxy = SandboxProxy(routes, domain=settings.sandbox_domain,
+                         upstream_tls=settings.cluster_client_tls())  # fmt: skip
     listening = asyncio.create_task(moves.listen(engine, routes.forget, routes.forget_all))
     try:
         await proxy.start(settings.proxy_host, settings.proxy_port,

@@ -196,3 +196,21 @@ def admin_key(node: Part) -> str:
     """The first key, saved by whichever node made the first team (None if not this one)."""
     path = node.state_dir / "admin.key"
     return path.read_text().strip() if path.exists() else ""
+
+
+def node_certificate(directory: Path, address: str) -> tuple[Path, Path, Path]:
+    """(CA certificate, node certificate, its key): a CA of the test's own, and a certificate
+    it signed for `address` (an IP address SAN, as nodes are reached by address)."""
+    ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.crt", "node.key",
+                                                          "node.csr", "node.crt"))  # fmt: skip
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _run("openssl", "req", "-x509", *ec, "-days", "2", "-subj", "/CN=vivarium test cluster CA",
+         "-keyout", str(ca_key), "-out", str(ca))  # fmt: skip
+    _run("openssl", "req", "-new", *ec, "-subj", f"/CN={address}", "-keyout", str(key),
+         "-out", str(csr))  # fmt: skip
+    extensions = directory / "san.ext"
+    extensions.write_text(f"subjectAltName=IP:{address}\n")
+    _run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+         "-CAcreateserial", "-days", "2", "-extfile", str(extensions),
+         "-out", str(cert))  # fmt: skip
+    return ca, cert, key

@@ -18,12 +18,15 @@ import pytest
 from e2b import Sandbox
 
 from tests.cluster.support import (
+    API_PORT,
     GATEWAY,
+    PROXY_PORT,
     Host,
     Part,
     admin_key,
     backbone,
     front_part,
+    node_certificate,
     node_part,
 )
 from tests.postgres import Postgres, postgres
@@ -87,8 +90,17 @@ def cluster() -> Iterator[Cluster]:
                  for i, (name, host) in enumerate(hosts.items())}  # fmt: skip
         for node in nodes.values():
             node.env.update(CREDENTIALS)
-        apis = [front_part("api", fronts[0], pg.url), front_part("api", fronts[1], pg.url)]
-        proxy = front_part("proxy", fronts[2], pg.url)
+        # n3 serves its API and proxy over TLS: the fronts reach it as https://, verified.
+        n3 = nodes["n3"]
+        ca, cert, key = node_certificate(n3.state_dir, hosts["n3"].address)
+        at = hosts["n3"].address
+        n3.env.update(VIVARIUM_TLS_CERT=str(cert), VIVARIUM_TLS_KEY=str(key),
+                      VIVARIUM_NODE_URL=f"https://{at}:{API_PORT}",
+                      VIVARIUM_NODE_PROXY_URL=f"https://{at}:{PROXY_PORT}")  # fmt: skip
+        trust = {"cluster_ca_file": str(ca)}
+        apis = [front_part("api", fronts[0], pg.url, **trust),
+                front_part("api", fronts[1], pg.url, **trust)]  # fmt: skip
+        proxy = front_part("proxy", fronts[2], pg.url, **trust)
         parts = [*nodes.values(), *apis, proxy]
         try:
             for part in parts:  # the first node makes the first team and its key
@@ -131,6 +143,9 @@ def _wait_ready(cluster: Cluster, count: int, timeout: float = 60.0) -> None:
 
 
 def test_creates_spread_over_the_nodes_through_either_api(cluster: Cluster) -> None:
+    with cluster.http() as http:
+        addresses = {r["nodeID"]: r["address"] for r in http.get("/nodes").json()}
+    assert addresses["n3"].startswith("https://") and addresses["n1"].startswith("http://")
     sandboxes = [Sandbox.create(**cluster.opts(i % 2)) for i in range(6)]
     try:
         homes = Counter(cluster.node_of(s.sandbox_id) for s in sandboxes)
@@ -230,6 +245,28 @@ def test_an_api_replica_killed_mid_load_leaves_the_other_serving(cluster: Cluste
         victim.start()
 
 
+COUNTER = """
+import os, time
+n = 0
+while True:
+    n += 1
+    with open("/tmp/n.new", "w") as f:
+        f.write(str(n))
+    os.replace("/tmp/n.new", "/tmp/n")  # a reader never sees it half-written
+    time.sleep(0.2)
+"""
+
+
+def start_counter(sbx: Sandbox) -> None:
+    """A process counting in /tmp/n (memory: it goes with the snapshot) five times a second."""
+    sbx.files.write("/home/user/counter.py", COUNTER)
+    sbx.commands.run("python3 /home/user/counter.py", background=True, timeout=0)
+    deadline = time.monotonic() + 30
+    while not sbx.files.exists("/tmp/n"):
+        assert time.monotonic() < deadline, "the counter did not start"
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def drained(cluster: Cluster, node: str) -> Iterator[None]:
     with cluster.http() as http:
@@ -267,9 +304,7 @@ def test_sandboxes_from_a_snapshot_start_on_other_nodes_from_the_store(cluster: 
 def test_a_paused_sandbox_of_a_draining_node_resumes_on_another(cluster: Cluster) -> None:
     sbx = Sandbox.create(**cluster.opts())
     home = cluster.node_of(sbx.sandbox_id)
-    sbx.commands.run("python3 -c 'import time\nn = 0\nwhile True:\n n += 1\n "
-                     "open(\"/tmp/n\", \"w\").write(str(n))\n time.sleep(0.2)' &",
-                     background=True, timeout=0)  # fmt: skip
+    start_counter(sbx)
     time.sleep(1.0)
     sbx.beta_pause()
     with drained(cluster, home):
@@ -309,9 +344,7 @@ def test_a_lost_nodes_paused_sandbox_resumes_on_another_node_with_its_memory(
                 http.post(f"/nodes/{node}/undrain").raise_for_status()
     assert cluster.node_of(running.sandbox_id) == home
     sbx.files.write("/home/user/kept", "files survive")
-    sbx.commands.run("python3 -c 'import time\nn = 0\nwhile True:\n n += 1\n "
-                     "open(\"/tmp/n\", \"w\").write(str(n))\n time.sleep(0.2)' &",
-                     background=True, timeout=0)  # fmt: skip
+    start_counter(sbx)
     time.sleep(1.0)
     before = int(sbx.files.read("/tmp/n"))
     sbx.beta_pause()

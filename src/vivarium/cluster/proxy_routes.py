@@ -38,7 +38,8 @@ class ClusterRoutes:
             return Refusal.paused(sandbox_id) if state == "paused" else None
         address = urlparse(node["proxy_address"])
         assert address.hostname is not None and address.port is not None
-        return Upstream(address.hostname, f"node:{node['id']}", port=address.port)
+        return Upstream(address.hostname, f"node:{node['id']}", port=address.port,
+                        tls=address.scheme == "https")  # fmt: skip
 
     def forget(self, sandbox_id: str) -> None:
         """It moved (cluster/moves.py)."""

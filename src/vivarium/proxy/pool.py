@@ -14,6 +14,7 @@ without sending a reset).
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from typing import NamedTuple
@@ -28,6 +29,7 @@ class PoolKey(NamedTuple):
     instance: str
     host: str
     port: int
+    tls: bool = False  # a cluster node's proxy that serves TLS
 
 
 class ConnectFailed(Exception):
@@ -52,8 +54,10 @@ class UpstreamConnection(HttpStream):
 
 class ConnectionPool:
     def __init__(
-        self, *, connect_timeout: float, max_idle_per_key: int, max_idle_age: float
-    ) -> None:
+        self, *, connect_timeout: float, max_idle_per_key: int, max_idle_age: float,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:  # fmt: skip
+        self.tls = tls
         self.connect_timeout = connect_timeout
         self.max_idle_per_key = max_idle_per_key
         self.max_idle_age = max_idle_age
@@ -76,7 +80,13 @@ class ConnectionPool:
     async def connect(self, key: PoolKey) -> UpstreamConnection:
         try:
             async with asyncio.timeout(self.connect_timeout):
-                reader, writer = await asyncio.open_connection(key.host, key.port, limit=READ_SIZE)
+                if key.tls and self.tls is None:
+                    self.tls = ssl.create_default_context()
+                reader, writer = await asyncio.open_connection(
+                    key.host, key.port, limit=READ_SIZE, ssl=self.tls if key.tls else None
+                )
+        except ssl.SSLError as e:
+            raise ConnectFailed(f"TLS: {e.reason or e}") from None
         except ConnectionRefusedError:
             raise ConnectFailed("refused") from None
         except TimeoutError:

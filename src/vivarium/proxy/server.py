@@ -55,8 +55,10 @@ class Upstream:
     # If set, requests to its ports but envd's must carry it (E2B's e2b-traffic-access-token).
     traffic_token: str | None = None
     # If set, every port of the sandbox is reached through this one: a node's own sandbox
-    # proxy, which routes the request again by its headers (the cluster's proxy).
+    # proxy, which routes the request again by its headers (the cluster's proxy), over TLS
+    # if `tls` (verified with the proxy's `upstream_tls`).
     port: int | None = None
+    tls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,7 @@ class SandboxProxy:
     def __init__(
         self, resolve: Resolver, *, domain: str | None = None, limits: ProxyLimits | None = None,
         wake: Waker | None = None, signer: Signer | None = None, touch: Toucher | None = None,
+        upstream_tls: SSLContext | None = None,
     ) -> None:  # fmt: skip
         self._resolve = resolve
         self._touch = touch
@@ -127,6 +130,7 @@ class SandboxProxy:
             connect_timeout=self.limits.connect_timeout,
             max_idle_per_key=self.limits.pool_max_idle,
             max_idle_age=self.limits.pool_max_idle_age,
+            tls=upstream_tls,
         )
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -285,7 +289,8 @@ class SandboxProxy:
                 return await self._reply(client, request, 403, message)
         if self._touch is not None:
             self._touch(route.sandbox_id)
-        key = PoolKey(route.sandbox_id, upstream.key, upstream.host, upstream.port or route.port)
+        key = PoolKey(route.sandbox_id, upstream.key, upstream.host, upstream.port or route.port,
+                      upstream.tls)  # fmt: skip
         try:
             keep = await Exchange(client, request, key, self._pool, client_ip).run()
             PROXY_REQUESTS.labels("forwarded").inc()
