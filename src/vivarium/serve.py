@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, nullcontext
 from pathlib import Path
 from typing import Any
@@ -160,10 +160,16 @@ async def _serve_node(settings: Settings, tls: ReloadingContext | None) -> None:
         running.push_async_callback(control.stop)
         _announce_key(first_key, settings)
 
-        def upstream(sandbox_id: str) -> Upstream | Refusal | None:
+        async def paused_elsewhere(sandbox_id: str) -> Refusal | None:
+            return Refusal.paused(sandbox_id) if await control.paused(sandbox_id) else None
+
+        def upstream(sandbox_id: str) -> Upstream | Refusal | None | Awaitable[Refusal | None]:
             record = node.sandboxes.get(sandbox_id)
             if record is None:
-                return Refusal.paused(sandbox_id) if node.snapshots.held(sandbox_id) else None
+                if node.snapshots.held(sandbox_id):
+                    return Refusal.paused(sandbox_id)
+                # A cluster's node: the proxy sends it a lost node's paused sandbox to wake.
+                return paused_elsewhere(sandbox_id) if settings.role == "node" else None
             if record.state != "running":  # pausing: no new connections
                 return Refusal.transitioning(sandbox_id)
             # Slot addresses are reused: the start time tells this instance from an earlier one.

@@ -330,8 +330,8 @@ def test_a_lost_nodes_paused_sandbox_resumes_on_another_node_with_its_memory(
 ) -> None:
     sbx = Sandbox.create(**cluster.opts())
     home = cluster.node_of(sbx.sandbox_id)
-    # Another one on the same node (the others drained meanwhile), left running: it ends with
-    # the node.
+    # Two more on the same node (the others drained meanwhile): one left running, which ends
+    # with the node; one paused with auto-resume, which traffic resumes on another node.
     with cluster.http() as http:
         others = [n for n in NODES if n != home]
         for node in others:
@@ -339,10 +339,14 @@ def test_a_lost_nodes_paused_sandbox_resumes_on_another_node_with_its_memory(
         time.sleep(NODES_TTL_S)
         try:
             running = Sandbox.create(**cluster.opts())
+            lifecycle = {"on_timeout": "pause", "auto_resume": True}
+            woken = Sandbox.create(**cluster.opts(), lifecycle=lifecycle)
         finally:
             for node in others:
                 http.post(f"/nodes/{node}/undrain").raise_for_status()
-    assert cluster.node_of(running.sandbox_id) == home
+    assert cluster.node_of(running.sandbox_id) == cluster.node_of(woken.sandbox_id) == home
+    woken.files.write("/home/user/woken", "by traffic")
+    woken.beta_pause()
     sbx.files.write("/home/user/kept", "files survive")
     start_counter(sbx)
     time.sleep(1.0)
@@ -370,6 +374,13 @@ def test_a_lost_nodes_paused_sandbox_resumes_on_another_node_with_its_memory(
         time.sleep(1.0)
         assert int(resumed.files.read("/tmp/n")) > first  # the same process counts on
         resumed.kill()
+        # A request through the proxy resumes the auto-resume one, on another node too.
+        envd = {"E2b-Sandbox-Id": woken.sandbox_id, "E2b-Sandbox-Port": "49983"}
+        answer = httpx.get(f"{cluster.proxy.proxy_url}/health", headers=envd, timeout=300)
+        assert answer.status_code in (200, 204), (answer.status_code, answer.text)
+        assert cluster.node_of(woken.sandbox_id) not in (home, "")
+        assert woken.files.read("/home/user/woken") == "by traffic"
+        woken.kill()
     finally:
         cluster.nodes[home].start()
     # Back, the node gives up what the cluster gave up: the sandbox that ran there is gone.

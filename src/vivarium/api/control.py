@@ -486,6 +486,11 @@ class ControlPlane:
                 raise Conflict(f"sandbox {sandbox_id!r} is {row['state']}", "retry in a moment")
         return await self.set_timeout(team, sandbox_id, timeout_s, extend_only=True), False
 
+    async def paused(self, sandbox_id: str) -> bool:
+        """Whether the catalog has the sandbox paused (wherever its snapshot is)."""
+        row = await store.get_sandbox(self.engine, sandbox_id)
+        return row is not None and row["state"] == "paused"
+
     async def wake(self, sandbox_id: str) -> bool:
         """Auto-resume, for the proxy: traffic for a paused sandbox made with `autoResume`
         resumes it, as E2B's proxy does. False if it is not such a sandbox; the resume's own

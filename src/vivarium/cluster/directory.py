@@ -4,6 +4,7 @@ is. Node rows are kept for a second: placement and routing read them on every re
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -58,6 +59,15 @@ class Directory:
         rows = await self.nodes()
         now = time.time() + self._skew
         return [r for r in rows if nodes.status(r, now) == "ready"]
+
+    async def stand_in(self, sandbox_id: str) -> Row | None:
+        """The ready node that answers for a sandbox whose own node is lost (rendezvous
+        hashing: the same one from every replica and the proxy while the ready nodes stay the
+        same), so that a kill, a resume and traffic that wakes it meet in one place."""
+        ready = await self.ready()
+        if not ready:
+            return None
+        return max(ready, key=lambda n: hashlib.sha256(f"{n['id']}/{sandbox_id}".encode()).digest())
 
     def forget_nodes(self) -> None:
         """Read the node rows again next time (a node did not answer)."""

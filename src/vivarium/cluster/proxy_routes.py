@@ -12,7 +12,7 @@ import time
 from urllib.parse import urlparse
 
 from vivarium.cluster.directory import Directory
-from vivarium.proxy import Refusal, Upstream
+from vivarium.proxy import Upstream
 
 CACHE_TTL_S = 2.0
 CACHE_MAX = 100_000
@@ -24,18 +24,18 @@ class ClusterRoutes:
         # sandbox -> (when looked up, (its node, its state) or None)
         self._homes: dict[str, tuple[float, tuple[str, str] | None]] = {}
 
-    async def __call__(self, sandbox_id: str) -> Upstream | Refusal | None:
+    async def __call__(self, sandbox_id: str) -> Upstream | None:
         home = await self._home(sandbox_id)
         if home is None:
             return None
         node_id, state = home
         node = await self.directory.node(node_id)
+        if node is not None and await self.directory.status(node_id) == "unhealthy":
+            # Its node is lost: a running one has ended with it; a paused one goes to the
+            # stand-in node, whose proxy resumes it there if it was made to be (auto-resume).
+            node = await self.directory.stand_in(sandbox_id) if state == "paused" else None
         if node is None or not node["proxy_address"]:
             return None
-        if await self.directory.status(node_id) == "unhealthy":
-            # Its node is lost: a paused one waits for a connect() to resume it elsewhere;
-            # a running one has ended with its node.
-            return Refusal.paused(sandbox_id) if state == "paused" else None
         address = urlparse(node["proxy_address"])
         assert address.hostname is not None and address.port is not None
         return Upstream(address.hostname, f"node:{node['id']}", port=address.port,

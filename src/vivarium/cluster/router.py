@@ -16,7 +16,6 @@ the catalog's, so replicas can be added and lost freely.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -110,21 +109,14 @@ class Router:
                 return Target(node_id=node_id)
             # Its node is lost (or draining, for a resume): every request for it goes to one
             # node, so that a kill and a resume racing meet in one place.
-            return Target(node_id=await self._stand_in(object_id))
+            stand_in = await self.directory.stand_in(object_id)
+            return Target(node_id=stand_in["id"] if stand_in else None)
         owner = await self.directory.owner(kind, object_id)
         if owner is None and kind == "template":  # DELETE /templates/{snapshot id}
             owner = await self.directory.owner("snapshot", object_id)
         if owner is None and kind == "template":  # by name: the caller's own
             owner = await self._named_template(request, object_id)
         return Target(node_id=owner) if owner is not None and await self._alive(owner) else Target()
-
-    async def _stand_in(self, sandbox_id: str) -> str | None:
-        """The ready node that answers for a sandbox whose node cannot (rendezvous hashing:
-        the same one from every replica while the ready nodes stay the same)."""
-        ready = [str(n["id"]) for n in await self.directory.ready()]
-        if not ready:
-            return None
-        return max(ready, key=lambda n: hashlib.sha256(f"{n}/{sandbox_id}".encode()).digest())
 
     async def _named_template(self, request: Request, name: str) -> str | None:
         """The node holding the caller's template or snapshot of that name (a delete by name)."""
