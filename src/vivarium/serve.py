@@ -161,7 +161,12 @@ async def _serve_node(settings: Settings, tls: ReloadingContext | None) -> None:
         _announce_key(first_key, settings)
 
         async def paused_elsewhere(sandbox_id: str) -> Refusal | None:
-            return Refusal.paused(sandbox_id) if await control.paused(sandbox_id) else None
+            state = await control.catalog_state(sandbox_id)
+            if state == "paused":
+                return Refusal.paused(sandbox_id)
+            if state in ("starting", "pausing"):  # being woken here: wait for it
+                return Refusal.transitioning(sandbox_id)
+            return None
 
         def upstream(sandbox_id: str) -> Upstream | Refusal | None | Awaitable[Refusal | None]:
             record = node.sandboxes.get(sandbox_id)

@@ -278,7 +278,9 @@ def drained(cluster: Cluster, node: str) -> Iterator[None]:
             http.post(f"/nodes/{node}/undrain").raise_for_status()
 
 
-def test_sandboxes_from_a_snapshot_start_on_other_nodes_from_the_store(cluster: Cluster) -> None:
+def test_sandboxes_from_a_snapshot_start_on_the_node_that_holds_it(cluster: Cluster) -> None:
+    """Three at once, through either API: on the snapshot's node (its template build is that
+    node's); with that node drained, the create says why it cannot start."""
     source = Sandbox.create(**cluster.opts())
     home = cluster.node_of(source.sandbox_id)
     source.files.write("/home/user/lesson", "prepared")
@@ -287,14 +289,18 @@ def test_sandboxes_from_a_snapshot_start_on_other_nodes_from_the_store(cluster: 
     try:
 
         def start(i: int) -> Sandbox:
-            return Sandbox.create(snapshot.snapshot_id, **cluster.opts(i))
+            return Sandbox.create(snapshot.snapshot_id, **cluster.opts(i % 2))
 
-        with drained(cluster, home), ThreadPoolExecutor(2) as pool:
-            made = list(pool.map(start, range(2)))
+        with ThreadPoolExecutor(3) as pool:
+            made = list(pool.map(start, range(3)))
         for sbx in made:
-            assert cluster.node_of(sbx.sandbox_id) != home
+            assert cluster.node_of(sbx.sandbox_id) == home
             assert sbx.files.read("/home/user/lesson") == "prepared"
             assert sbx.commands.run("echo $E2B_SANDBOX_ID").stdout.strip() == sbx.sandbox_id
+        with drained(cluster, home), cluster.http() as http:
+            refused = http.post("/sandboxes", json={"templateID": snapshot.snapshot_id})
+            assert refused.status_code == 503, refused.text
+            assert home in refused.json()["message"]
     finally:
         for sbx in [source, *made]:
             sbx.kill()

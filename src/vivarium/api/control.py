@@ -118,8 +118,9 @@ class ControlPlane:
                 team = await store.create_team(self.engine, "default", limit, is_admin=True)
                 first_key, _ = await store.create_key(self.engine, team["id"], "default")
                 write_private(self.settings.admin_key_file, first_key + "\n")
-        await self.membership.start(on_rejoin=self.give_up_abandoned,
-                                    clustered=self.settings.role == "node")  # fmt: skip
+        clustered = self.settings.role == "node"
+        await self.membership.start(on_rejoin=self.give_up_abandoned if clustered else None,
+                                    clustered=clustered)  # fmt: skip
         await self._reconcile()
         await self.volumes.reconcile()
         await self.templates.reconcile()
@@ -486,10 +487,10 @@ class ControlPlane:
                 raise Conflict(f"sandbox {sandbox_id!r} is {row['state']}", "retry in a moment")
         return await self.set_timeout(team, sandbox_id, timeout_s, extend_only=True), False
 
-    async def paused(self, sandbox_id: str) -> bool:
-        """Whether the catalog has the sandbox paused (wherever its snapshot is)."""
+    async def catalog_state(self, sandbox_id: str) -> str | None:
+        """The sandbox's state in the catalog (wherever it runs or its snapshot is)."""
         row = await store.get_sandbox(self.engine, sandbox_id)
-        return row is not None and row["state"] == "paused"
+        return None if row is None else str(row["state"])
 
     async def wake(self, sandbox_id: str) -> bool:
         """Auto-resume, for the proxy: traffic for a paused sandbox made with `autoResume`
@@ -519,8 +520,6 @@ class ControlPlane:
             raise _limit_reached(team)
         if reserved is None:
             raise Conflict(f"sandbox {sandbox_id!r} is not paused any more")
-        if paused_on != self.node_id:
-            await moves.announce(self.engine, sandbox_id)
         try:
             record = await self.node.resume(sandbox_id, timeout_s, reboot=reboot,
                                             paused_on=paused_on)  # fmt: skip
@@ -536,6 +535,8 @@ class ControlPlane:
             raise NotFound(f"sandbox {sandbox_id!r} was killed while it was resumed")
         if paused_on != self.node_id:
             log.info("sandbox %s, paused on node %s, resumed here", sandbox_id, paused_on)
+            with contextlib.suppress(Exception):  # it only spares the proxy a stale entry
+                await moves.announce(self.engine, sandbox_id)
             self.node.delete_snapshot(sandbox_id, paused_on=paused_on)
         return {**row, **values, "state": "running"}
 

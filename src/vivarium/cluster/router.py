@@ -2,9 +2,8 @@
 node that should answer it, with the caller's key and the cluster secret.
 
 - A create is placed (placement.py) and tried node after node while nodes refuse it (draining,
-  full, unreachable before it was sent). A create bound to one node, from a team's template or
-  volume kept there, goes to that node; one from a team's snapshot goes anywhere (the node
-  fetches it from the store) unless the snapshot mounts volumes.
+  full, unreachable before it was sent). A create bound to one node, from a team's snapshot,
+  template or volume kept there, goes to that node.
 - A request that names a sandbox, snapshot, template or volume goes to the node the catalog
   says holds it.
 - Anything else (listings, keys, teams, nodes, events: the catalog's business) goes to the first
@@ -146,9 +145,10 @@ class Router:
         wanted = data.get("templateID") or data.get("name")
         if isinstance(wanted, str) and wanted:
             engine, name = self.directory.engine, wanted.split(":", 1)[0]
-            # Any node fetches a snapshot from the store; not the volumes it mounts.
+            # On its node: the template build it runs on is that node's (templates are not
+            # shared between nodes yet), as may be the volumes it mounts.
             snapshot = await store.team_snapshot(engine, team["id"], wanted)
-            if snapshot is not None and snapshot["volume_mounts"]:
+            if snapshot is not None:
                 held.add(snapshot["node_id"])
             template = await store.team_template(engine, team["id"], name)
             if template is not None:
@@ -213,13 +213,10 @@ class Router:
             target += b"?" + request.scope["query_string"]
         url = node["address"].rstrip("/") + target.decode("latin-1")
         headers = [(k, v) for k, v in request.headers.items() if k not in DROPPED]
-        # The node builds the links it answers with (upload URLs) from what the client used.
-        forwarded_for = request.headers.get("x-forwarded-for")
+        # The node builds the links it answers with (upload URLs) from what the client used;
+        # the client's own X-Forwarded-For is not passed on (a node trusts the first entry).
         if request.client is not None:
-            client = request.client.host
-            forwarded_for = f"{forwarded_for}, {client}" if forwarded_for else client
-        if forwarded_for:
-            headers.append(("x-forwarded-for", forwarded_for))
+            headers.append(("x-forwarded-for", request.client.host))
         headers += [("x-forwarded-proto", request.url.scheme), (HEADER, self._secret)]
         outgoing = self._http.build_request(request.method, url, headers=headers, content=content)
         try:
