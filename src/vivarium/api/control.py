@@ -193,7 +193,7 @@ class ControlPlane:
                         row["end_reason"] or f"now on node {row['node_id']}")  # fmt: skip
             with contextlib.suppress(NotFound):
                 await self.node.kill(sandbox_id)
-        paused = self.node.snapshots.paused_keys()
+        paused = await asyncio.to_thread(self.node.snapshots.paused_keys)  # a directory walk
         for sandbox_id, row in (await store.get_sandboxes(self.engine, paused)).items():
             # Not while another node starts it: that node may be reading this node's copy.
             if row["node_id"] != self.node_id and row["state"] != "starting":
@@ -303,8 +303,7 @@ class ControlPlane:
             row = self._new_row(team, new, saved["template_id"], "", saved["volume_mounts"])
             await self._reserve(team, [row])
             build = saved["build_key"]
-            start = partial(self.node.create_from_snapshot, key=build,
-                            held_by=saved["node_id"])  # fmt: skip
+            start = partial(self.node.create_from_snapshot, key=build)
             started = await self._start(row, new, start,
                                         actor(team), f"from snapshot {saved['id']}")  # fmt: skip
             if await store.team_snapshot(self.engine, team["id"], saved["id"]) != saved:

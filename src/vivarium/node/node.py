@@ -110,6 +110,7 @@ class Node:
             dedup=settings.snapshot_dedup,
         )
         self._remote_deletes: set[asyncio.Task[None]] = set()
+        self._other_stores: dict[str, ObjectStore | None] = {}  # other nodes' parts (_store_of)
         # Snapshots sandboxes are being started from: deleting one waits until they are.
         self._snapshot_users: Counter[str] = Counter()
         self._deleted_in_use: set[str] = set()
@@ -657,30 +658,32 @@ class Node:
         return self.settings.role == "node" and node_id not in ("", self.settings.node_id)
 
     def _store_of(self, node_id: str) -> ObjectStore | None:
-        """Another node's part of the shared snapshot store (None for this node's own)."""
+        """Another node's part of the shared snapshot store (None for this node's own), made
+        once per node."""
         if not self._elsewhere(node_id):
             return None
-        return remote_store(self.settings.node_snapshot_url(node_id),
-                            self.settings.s3_endpoint_url)  # fmt: skip
+        if node_id not in self._other_stores:
+            self._other_stores[node_id] = remote_store(
+                self.settings.node_snapshot_url(node_id), self.settings.s3_endpoint_url
+            )
+        return self._other_stores[node_id]
 
     def delete_snapshot(self, key: str, paused_on: str = "") -> None:
         """The local copy now (or once the sandboxes starting from it have started); the remote
         one (if any) in the background: a kill does not wait for the store, and one that is
         down only leaves objects nothing reads again. `paused_on`: the copy in another node's
         part of the store (a sandbox that node paused and this one resumed)."""
-        if (other := self._store_of(paused_on)) is not None:
-            task = asyncio.create_task(asyncio.to_thread(_delete_quietly, other, key))
-            self._remote_deletes.add(task)
-            task.add_done_callback(self._remote_deletes.discard)
-            return
-        if self._snapshot_users[key]:
-            self._deleted_in_use.add(key)
-            return
-        self.snapshots.delete_local(key)
-        if self.snapshots.remote is not None and not key.startswith(FORK_PREFIX):  # local only
-            task = asyncio.create_task(asyncio.to_thread(self.snapshots.delete_remote, key))
-            self._remote_deletes.add(task)
-            task.add_done_callback(self._remote_deletes.discard)
+        other = self._store_of(paused_on)
+        if other is None:
+            if self._snapshot_users[key]:
+                self._deleted_in_use.add(key)
+                return
+            self.snapshots.delete_local(key)
+            if self.snapshots.remote is None or key.startswith(FORK_PREFIX):  # local only
+                return
+        task = asyncio.create_task(asyncio.to_thread(self.snapshots.delete_remote, key, other))
+        self._remote_deletes.add(task)
+        task.add_done_callback(self._remote_deletes.discard)
 
     def collect_chunks_soon(self) -> None:
         """Collect unused chunks in the background (one collection at a time)."""
@@ -719,11 +722,8 @@ class Node:
         may still be under way when this returns."""
         return await snapshot_sandbox(self, sandbox_id, key, remote=remote, memory=memory)
 
-    async def create_from_snapshot(self, req: CreateRequest, key: str,
-                                   held_by: str = "") -> SandboxRecord:  # fmt: skip
-        """`held_by`: the node that took the snapshot, if another: fetched from its part of
-        the store (and kept here for the next create from it)."""
-        return await start_from_snapshot(self, req, key, self._store_of(held_by))
+    async def create_from_snapshot(self, req: CreateRequest, key: str) -> SandboxRecord:
+        return await start_from_snapshot(self, req, key)
 
     async def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
         async with self.locked(sandbox_id) as record:
@@ -836,11 +836,3 @@ class Node:
             "templates": self.templates.names(),
             "events": self.events,
         }
-
-
-def _delete_quietly(store: ObjectStore, key: str) -> None:
-    """Best effort, as SnapshotStore.delete_remote: what is left is never read again."""
-    try:
-        store.delete(key)
-    except VivariumError as exc:
-        log.warning("snapshot %s not deleted from %s: %s", key, store.url, exc)

@@ -506,14 +506,17 @@ class SnapshotStore:
         shutil.rmtree(self.root / sandbox_id, ignore_errors=True)
         self.may_hold_unnamed_chunks = True
 
-    def delete_remote(self, sandbox_id: str) -> None:
+    def delete_remote(self, sandbox_id: str, other: ObjectStore | None = None) -> None:
         """Best effort: a store that cannot be reached is logged, not raised (the sandbox is
-        gone either way; what is left there is never read again)."""
-        if self.remote is None:
+        gone either way; what is left there is never read again). `other`: another node's
+        part of the store instead of this node's (its chunks are that node's to collect)."""
+        store = other or self.remote
+        if store is None:
             return
         try:
-            self.remote.delete(sandbox_id)
-            self.remote_may_hold_unnamed_chunks = True
+            store.delete(sandbox_id)
+            if other is None:
+                self.remote_may_hold_unnamed_chunks = True
         except SnapshotStoreUnavailable as exc:
             log.warning("snapshot of %s not deleted from the store: %s", sandbox_id, exc)
 

@@ -30,7 +30,7 @@ from vivarium.node.pause import (
 )
 from vivarium.node.records import SandboxRecord
 from vivarium.node.request import CreateRequest, mounts_of
-from vivarium.node.snapshots import ObjectStore, Snapshot
+from vivarium.node.snapshots import Snapshot
 from vivarium.node.steps import Steps
 from vivarium.runtime.bundle import Resources
 
@@ -130,15 +130,14 @@ async def _restart(node: Node, record: SandboxRecord, image: Path, key: str) -> 
                   key, exc)  # fmt: skip
 
 
-async def start_from_snapshot(node: Node, req: CreateRequest, key: str,
-                              source: ObjectStore | None = None) -> SandboxRecord:  # fmt: skip
+async def start_from_snapshot(node: Node, req: CreateRequest, key: str) -> SandboxRecord:
     """A new sandbox restored from the snapshot `key`: the source's memory, processes, files and
     resources; the request's id, token, environment and timeout. The snapshot stays as it was
     (several may start from it at once, and deleting it waits for them)."""
     timeout_s = node.timeout(req.timeout_s)
     with node.snapshot_in_use(key):
         version = node.rt().probe.runsc_version
-        snapshot = await load_snapshot(node, key, version, source)
+        snapshot = await load_snapshot(node, key, version)
         origin = SandboxRecord.from_json(snapshot.record)
         # envd keeps the source's variables (they are in the checkpoint); the request's add to
         # them. Its volume mounts are in the checkpoint too: the same volumes go in the hub.
