@@ -359,6 +359,14 @@ class Settings:
             return self.snapshot_url
         return f"{self.snapshot_url.rstrip('/')}/nodes/{node_id}"
 
+    @property
+    def template_share_url(self) -> str:
+        """Where a cluster's nodes share their team template builds (node/template_share.py);
+        empty on one host, where they never leave it."""
+        if not self.snapshot_url or self.role == "all":
+            return ""
+        return f"{self.snapshot_url.rstrip('/')}/templates"
+
     def cluster_client_tls(self) -> ssl.SSLContext:
         """How the API replicas and the proxy verify nodes that serve TLS."""
         context = ssl.create_default_context()

@@ -19,7 +19,8 @@ from typing import Any
 
 import httpx
 
-from tests.integration.support import VIVARIUM, make_server
+from tests.integration.support import TEMPLATE_DIR, VIVARIUM, make_server
+from vivarium.templates.recipe import RECIPES
 
 BRIDGE = "vcbr0"
 BACKBONE = "10.240.0"
@@ -165,9 +166,22 @@ def node_part(host: Host, index: int, db_url: str, **extra: str) -> Part:
     base = make_server(f"cluster-{host.name}", f"vc{index}", f"10.{226 + index}.0.0/24",
                        API_PORT)  # fmt: skip
     own = {"node_id": host.name, "node_url": f"http://{host.address}:{API_PORT}",
-           "node_proxy_url": f"http://{host.address}:{PROXY_PORT}"}  # fmt: skip
+           "node_proxy_url": f"http://{host.address}:{PROXY_PORT}",
+           "template_dir": str(own_templates(base.state_dir))}  # fmt: skip
     env = {**base.env, **cluster_env(db_url, **{**own, **extra})}
     return Part("node", host, env, base.state_dir)
+
+
+def own_templates(state_dir: Path) -> Path:
+    """A node's template directory, as on a host of its own: the built-in templates `make`
+    built (linked, not copied), and whatever team templates it builds or fetches."""
+    built = Path(TEMPLATE_DIR)
+    own = state_dir / "templates"
+    own.mkdir(exist_ok=True)
+    for name in RECIPES:
+        if (built / name).is_dir():
+            (own / name).symlink_to(built / name)
+    return own
 
 
 def front_part(role: str, host: Host, db_url: str, **extra: str) -> Part:

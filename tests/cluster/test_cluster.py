@@ -4,6 +4,7 @@ a network namespace of its own, over a real PostgreSQL, driven by the official c
 from __future__ import annotations
 
 import contextlib
+import secrets
 import subprocess
 import threading
 import time
@@ -13,9 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import boto3
 import httpx
 import pytest
-from e2b import Sandbox
+from e2b import Sandbox, Template
 
 from tests.cluster.support import (
     API_PORT,
@@ -37,6 +39,8 @@ from vivarium.cluster.secret import HEADER
 
 NODES = ("n1", "n2", "n3")
 BUCKET = "vivarium-cluster"
+S3_ARGS = {"region_name": "us-east-1", "aws_access_key_id": "test",
+           "aws_secret_access_key": "test"}  # fmt: skip
 S3_PORT = 9311
 
 
@@ -305,6 +309,45 @@ def test_sandboxes_from_a_snapshot_start_on_the_node_that_holds_it(cluster: Clus
         for sbx in [source, *made]:
             sbx.kill()
         Sandbox.delete_snapshot(snapshot.snapshot_id, **cluster.opts())
+
+
+def test_a_team_template_built_on_one_node_starts_on_another(cluster: Cluster) -> None:
+    """The node that builds a template publishes it to the store; a node without it fetches it
+    on first use (two creates at once: one fetch), and drops its copy once it is deleted."""
+    name = f"lesson-{secrets.token_hex(3)}"
+    template = (Template().from_template("base").set_envs({"MODE": "lesson"})
+                .run_cmd("echo built-once > /home/user/mark"))  # fmt: skip
+    Template.build(template, name, **cluster.opts())
+    [[template_id, builder]] = cluster.sql(
+        f"SELECT id, node_id FROM team_templates WHERE name = '{name}'"
+    )
+    s3 = boto3.client("s3", endpoint_url=cluster.s3, **S3_ARGS)
+    stored = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"cluster/templates/{template_id}/")
+    assert [o["Key"].rsplit("/", 1)[-1] for o in stored.get("Contents", [])] == [
+        "build.tar.zst", "manifest.json"]  # fmt: skip
+    made: list[Sandbox] = []
+    with drained(cluster, builder):
+        with ThreadPoolExecutor(2) as pool:
+            made = list(pool.map(lambda i: Sandbox.create(name, **cluster.opts(i)), range(2)))
+        try:
+            fetched = {cluster.node_of(sbx.sandbox_id) for sbx in made}
+            assert builder not in fetched
+            for sbx in made:
+                shell = sbx.commands.run("cat /home/user/mark; echo $MODE")
+                assert shell.stdout.split() == ["built-once", "lesson"]
+        finally:
+            for sbx in made:
+                sbx.kill()
+    copies = [cluster.nodes[n].state_dir / "templates" / template_id for n in fetched]
+    assert all(c.is_dir() for c in copies)
+    with cluster.http() as http:
+        http.delete(f"/templates/{template_id}").raise_for_status()
+    stored = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"cluster/templates/{template_id}/")
+    assert not stored.get("Contents")
+    deadline = time.monotonic() + CLUSTER_SWEEP_S + 30
+    while any(c.exists() for c in copies):  # each node's next sweep
+        assert time.monotonic() < deadline, f"copies left: {copies}\n{cluster.logs()}"
+        time.sleep(1.0)
 
 
 def test_a_paused_sandbox_of_a_draining_node_resumes_on_another(cluster: Cluster) -> None:

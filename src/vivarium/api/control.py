@@ -203,13 +203,17 @@ class ControlPlane:
 
     async def _sweep_cluster(self) -> None:
         """A cluster's node: give_up_abandoned every CLUSTER_SWEEP_S (a sandbox moves when
-        its node drains or is lost)."""
+        its node drains or is lost), and drop copies of templates deleted meanwhile."""
         while True:
             await asyncio.sleep(CLUSTER_SWEEP_S)
             try:
                 await self.give_up_abandoned()
             except Exception:
                 log.exception("could not compare this node's sandboxes with the catalog")
+            try:
+                await self.templates.drop_deleted_copies()
+            except Exception:
+                log.exception("could not drop copies of deleted templates")
 
     async def _expire_snapshots(self) -> None:
         """Retention: delete paused sandboxes whose snapshot is older than the maximum age."""
@@ -328,7 +332,7 @@ class ControlPlane:
         resolved = await self.templates.resolve(team, wanted)
         if resolved is not None:
             row, build_id = resolved
-            return self.node.templates.build(row["id"], build_id)
+            return await self.node.template_build(row["id"], build_id)
         if await self.templates.foreign(team, wanted):
             raise NotFound(f"template {wanted!r} not found")
         return self.node.templates.get(wanted)  # NotFound for unknown templates

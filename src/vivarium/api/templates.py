@@ -307,3 +307,21 @@ class TemplateCatalog:
         await store.drop_team_template(self.engine, row["id"])
         await asyncio.to_thread(self.node.builds.remove_template, row["id"], builds=not in_use)
         return True
+
+    async def drop_deleted_copies(self) -> None:
+        """A cluster's node: the builds it fetched of team templates deleted since (through
+        another node), once no sandbox or snapshot made from them is left."""
+        if self.node.template_share is None:
+            return
+        root = self.node.templates.root
+        here = await asyncio.to_thread(
+            lambda: [p.name for p in root.iterdir() if (p / "builds").is_dir()]
+            if root.is_dir() else []
+        )  # fmt: skip
+        for template_id in here:
+            if template_id in RECIPES or await store.template_owner(self.engine, template_id):
+                continue
+            if await store.template_in_use(self.engine, template_id):
+                continue
+            log.info("dropping this node's copy of template %s: it was deleted", template_id)
+            await asyncio.to_thread(self.node.builds.remove_template, template_id, builds=True)

@@ -69,6 +69,16 @@ class Directory:
             return None
         return max(ready, key=lambda n: hashlib.sha256(f"{n['id']}/{sandbox_id}".encode()).digest())
 
+    async def alike(self, node_id: str) -> frozenset[str] | None:
+        """The nodes whose runsc release and platform are `node_id`'s: those that restore what
+        it built (a checkpoint restores under no other). None if `node_id` is unknown."""
+        rows = await self.nodes()
+        made = next((r for r in rows if r["id"] == node_id), None)
+        if made is None:
+            return None
+        return frozenset(r["id"] for r in rows if (r["runsc_version"], r["platform"])
+                         == (made["runsc_version"], made["platform"]))  # fmt: skip
+
     def forget_nodes(self) -> None:
         """Read the node rows again next time (a node did not answer)."""
         self._nodes_at = 0.0

@@ -2,8 +2,9 @@
 node that should answer it, with the caller's key and the cluster secret.
 
 - A create is placed (placement.py) and tried node after node while nodes refuse it (draining,
-  full, unreachable before it was sent). A create bound to one node, from a team's snapshot,
-  template or volume kept there, goes to that node.
+  full, unreachable before it was sent). A create from a team's snapshot, or mounting a volume,
+  goes to the node that keeps it; one from a team's template to any node with the runsc of the
+  node that built it (the build is fetched where it is missing).
 - A request that names a sandbox, snapshot, template or volume goes to the node the catalog
   says holds it.
 - Anything else (listings, keys, teams, nodes, events: the catalog's business) goes to the first
@@ -130,8 +131,8 @@ class Router:
         return None
 
     async def _bound(self, request: Request, body: bytes) -> frozenset[str] | None:
-        """The nodes a create may go to: the one holding the team's snapshot, template or
-        volumes it names; None for any."""
+        """The nodes a create may go to: those holding what it names, or able to fetch it
+        (None: any node)."""
         try:
             data = json.loads(body or b"{}")
         except ValueError:
@@ -141,25 +142,30 @@ class Router:
         team = await store.team_for_key(self.directory.engine, request.headers.get("x-api-key", ""))
         if team is None:
             return None
-        held: set[str] = set()
+        bound: frozenset[str] | None = None
+
+        def within(nodes: frozenset[str]) -> None:
+            nonlocal bound
+            bound = nodes if bound is None else bound & nodes
+
         wanted = data.get("templateID") or data.get("name")
         if isinstance(wanted, str) and wanted:
             engine, name = self.directory.engine, wanted.split(":", 1)[0]
-            # On its node: the template build it runs on is that node's (templates are not
-            # shared between nodes yet), as may be the volumes it mounts.
+            # A snapshot on its node (where its files are); a team template on any node that
+            # restores what its builder built (the others fetch the build: template_share.py).
             snapshot = await store.team_snapshot(engine, team["id"], wanted)
             if snapshot is not None:
-                held.add(snapshot["node_id"])
+                within(frozenset({snapshot["node_id"]}))
             template = await store.team_template(engine, team["id"], name)
-            if template is not None:
-                held.add(template["node_id"])
+            if template is not None and (alike := await self.directory.alike(template["node_id"])):
+                within(alike)
         for mount in data.get("volumeMounts") or []:
             if isinstance(mount, dict) and isinstance(mount.get("name"), str):
                 volume = await store.team_volume(self.directory.engine, team["id"],
                                                  name=mount["name"])  # fmt: skip
-                if volume is not None:
-                    held.add(volume["node_id"])
-        return frozenset(held) if held else None
+                if volume is not None:  # on its node: volumes are node-local
+                    within(frozenset({volume["node_id"]}))
+        return bound
 
     async def _alive(self, node_id: str) -> bool:
         return await self.directory.status(node_id) in ("ready", "draining")

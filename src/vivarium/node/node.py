@@ -67,6 +67,7 @@ from vivarium.node.snapshots import (
 from vivarium.node.steps import Steps
 from vivarium.node.team_snapshots import snapshot_sandbox, start_from_snapshot
 from vivarium.node.template_builds import BUILD_EGRESS, TemplateBuilds
+from vivarium.node.template_share import TemplateShare
 from vivarium.node.volumes import VolumeMount, VolumeStore, check_mounts
 from vivarium.node.warm import WarmPool
 from vivarium.proc import Result
@@ -103,6 +104,10 @@ class Node:
         self.settings = settings
         statedir.prepare(settings.state_dir)  # before anything is made in it
         self.templates = TemplateStore(settings.templates_root)
+        share_url = settings.template_share_url
+        self.template_share = (
+            TemplateShare(share_url, settings.s3_endpoint_url) if share_url else None
+        )
         self.records = RecordStore(settings.sandboxes_dir)
         self.snapshots = SnapshotStore(
             settings.state_dir / "snapshots",
@@ -320,9 +325,15 @@ class Node:
             not valid_sandbox_id(req.sandbox_id) or req.sandbox_id in self.sandboxes
         ):
             raise InvalidArgument(f"sandbox id {req.sandbox_id!r} is invalid or in use")
-        template = self.templates.get(req.template)
-        if req.build_id and req.build_id != template.build_id:
-            template = self.templates.build(req.template, req.build_id)
+        try:
+            template: Template | None = self.templates.get(req.template)
+        except NotFound:  # a team template built on another node, maybe
+            if not req.build_id:
+                raise
+            template = None
+        if req.build_id and (template is None or req.build_id != template.build_id):
+            template = await self.template_build(req.template, req.build_id)
+        assert template is not None
         self._check_built_here(template)
         self.check_volumes(template, req.volume_mounts)
         usual = self.default_resources(template)
@@ -370,6 +381,16 @@ class Node:
         check_mounts(list(mounts))
         for mount in mounts:
             self.volumes.data(mount.volume_id)  # NotFound if it is gone
+
+    async def template_build(self, name: str, build_id: str) -> Template:
+        """A specific build of a template: this node's, or in a cluster fetched from where
+        the node that built it published it (template_share.py)."""
+        try:
+            return self.templates.build(name, build_id)
+        except NotFound:
+            if self.template_share is None:
+                raise
+        return await self.template_share.fetch(self.templates, name, build_id)
 
     def built_here(self, template: Template) -> bool:
         """A checkpoint restores only under the runsc release and platform that made it (under

@@ -228,7 +228,7 @@ async def _restore_record(
 ) -> SandboxRecord:  # fmt: skip
     """A new incarnation of a sandbox from a checkpoint or snapshot of it, on the template
     build it was created from, once a start slot is free (or at once: Node.restore_in_turn)."""
-    template = node.templates.build(record.template, record.build_id)
+    template = await node.template_build(record.template, record.build_id)
     resources = Resources(record.memory_mb, record.cpus, record.pids, record.disk_mb)
     files = None
     if isinstance(image, Snapshot):

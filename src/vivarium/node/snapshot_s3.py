@@ -243,6 +243,30 @@ class S3Store:
         except S3_ERRORS as exc:
             raise self._unavailable(f"deleting the snapshot of sandbox {sandbox_id}", exc) from None
 
+    # -- plain objects (template builds: template_share.py) ----------------------------------
+
+    def upload(self, key: str, path: Path) -> None:
+        self._s3().upload_file(str(path), self.bucket, self._key(key), Config=TRANSFER)
+
+    def download(self, key: str, path: Path) -> None:
+        self._s3().download_file(self.bucket, self._key(key), str(path), Config=TRANSFER)
+
+    def write(self, key: str, body: bytes) -> None:
+        self._s3().put_object(Bucket=self.bucket, Key=self._key(key), Body=body)
+
+    def read(self, key: str) -> bytes | None:
+        """The object's bytes; None if there is no such object."""
+        try:
+            return self._s3().get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+
+    def delete_under(self, key: str) -> None:
+        """Every object below `key`/, its manifest.json first (see _delete_keys)."""
+        self._delete_keys(self._list(self._key(key) + "/"))
+
     # -- chunks ------------------------------------------------------------------------------
 
     def _chunk_key(self, digest: str) -> str:

@@ -143,7 +143,7 @@ async def start_from_snapshot(node: Node, req: CreateRequest, key: str) -> Sandb
         # them. Its volume mounts are in the checkpoint too: the same volumes go in the hub.
         req = replace(req, env_vars={**origin.env_vars, **(req.env_vars or {})},
                       volume_mounts=mounts_of(origin))  # fmt: skip
-        template = node.templates.build(origin.template, origin.build_id)
+        template = await node.template_build(origin.template, origin.build_id)
         resources = Resources(origin.memory_mb, origin.cpus, origin.pids, origin.disk_mb)
         steps = Steps(f"create from snapshot {key}")
         # A filesystem-only snapshot: the template afresh, with the source's files laid over it.

@@ -28,7 +28,7 @@ from vivarium.runtime import disk
 from vivarium.runtime.bundle import base_spec
 from vivarium.templates import guest_runtime, oci
 from vivarium.templates.build_log import BuildLog
-from vivarium.templates.build_request import BASE_STEP, BuildRequest
+from vivarium.templates.build_request import BASE_STEP, FINALIZE_STEP, BuildRequest
 from vivarium.templates.custom import BuildFailed, HostAccess, build_template
 from vivarium.templates.layers import LayerCache
 from vivarium.templates.recipe import HOSTNAME, INIT
@@ -109,7 +109,7 @@ class TemplateBuilds:
                 guest = await self._guest(build_log)
             elif "@" in base_name:  # a team template's build (a tag's, maybe)
                 name, _, build = base_name.partition("@")
-                base = await asyncio.to_thread(self.node.templates.build, name, build)
+                base = await self.node.template_build(name, build)
             else:  # verified against its checksum once per process: off the loop
                 base = await asyncio.to_thread(self.node.templates.get, base_name)
             missing = [h for h in request.files if not self.has_file(template_id, h)]
@@ -135,6 +135,11 @@ class TemplateBuilds:
                         HostAccess.of_host(self.node.settings.build_ca_file,
                                            self.node.settings.build_step_timeout_s),
                     )  # fmt: skip
+            if (share := self.node.template_share) is not None:
+                build_log.add("storing the build for the cluster's other nodes",
+                              step=FINALIZE_STEP)  # fmt: skip
+                size = await asyncio.to_thread(share.publish, template)
+                build_log.add(f"stored ({size >> 20} MiB)", step=FINALIZE_STEP)
         except BuildFailed as exc:
             build_log.fail(exc.message, exc.step)
             raise
@@ -199,6 +204,8 @@ class TemplateBuilds:
         root = self.node.templates.root / validate_name(template_id)
         (root / "current").unlink(missing_ok=True)
         if builds:
+            if self.node.template_share is not None:
+                self.node.template_share.delete(template_id)
             for build_dir in (root / "builds").glob("*"):
                 disk.discard(build_dir)  # unmounts its rootfs first
             shutil.rmtree(root, ignore_errors=True)
