@@ -282,9 +282,12 @@ def drained(cluster: Cluster, node: str) -> Iterator[None]:
             http.post(f"/nodes/{node}/undrain").raise_for_status()
 
 
-def test_sandboxes_from_a_snapshot_start_on_the_node_that_holds_it(cluster: Cluster) -> None:
-    """Three at once, through either API: on the snapshot's node (its template build is that
-    node's); with that node drained, the create says why it cannot start."""
+def test_sandboxes_from_a_snapshot_start_on_its_node_or_fetch_it_elsewhere(
+    cluster: Cluster,
+) -> None:
+    """Three at once, through either API: on the snapshot's node, where it is; with that node
+    drained, on another, which fetches it from the store (and its template build, published by
+    the first snapshot of a sandbox on it) and keeps no copy."""
     source = Sandbox.create(**cluster.opts())
     home = cluster.node_of(source.sandbox_id)
     source.files.write("/home/user/lesson", "prepared")
@@ -301,10 +304,17 @@ def test_sandboxes_from_a_snapshot_start_on_the_node_that_holds_it(cluster: Clus
             assert cluster.node_of(sbx.sandbox_id) == home
             assert sbx.files.read("/home/user/lesson") == "prepared"
             assert sbx.commands.run("echo $E2B_SANDBOX_ID").stdout.strip() == sbx.sandbox_id
-        with drained(cluster, home), cluster.http() as http:
-            refused = http.post("/sandboxes", json={"templateID": snapshot.snapshot_id})
-            assert refused.status_code == 503, refused.text
-            assert home in refused.json()["message"]
+        with drained(cluster, home):
+            with ThreadPoolExecutor(2) as pool:
+                made += list(pool.map(start, range(2)))
+            elsewhere = {cluster.node_of(sbx.sandbox_id) for sbx in made[3:]}
+            assert home not in elsewhere
+            for sbx in made[3:]:
+                assert sbx.files.read("/home/user/lesson") == "prepared"
+            build = cluster.sql(f"SELECT build_key FROM team_snapshots "
+                                f"WHERE id = '{snapshot.snapshot_id}'")[0][0]  # fmt: skip
+            for node in elsewhere:
+                assert not (cluster.nodes[node].state_dir / "snapshots" / build).exists()
     finally:
         for sbx in [source, *made]:
             sbx.kill()

@@ -307,7 +307,7 @@ class ControlPlane:
             row = self._new_row(team, new, saved["template_id"], "", saved["volume_mounts"])
             await self._reserve(team, [row])
             build = saved["build_key"]
-            start = partial(self.node.create_from_snapshot, key=build)
+            start = partial(self.node.create_from_snapshot, key=build, made_on=saved["node_id"])
             started = await self._start(row, new, start,
                                         actor(team), f"from snapshot {saved['id']}")  # fmt: skip
             if await store.team_snapshot(self.engine, team["id"], saved["id"]) != saved:

@@ -2,9 +2,10 @@
 node that should answer it, with the caller's key and the cluster secret.
 
 - A create is placed (placement.py) and tried node after node while nodes refuse it (draining,
-  full, unreachable before it was sent). A create from a team's snapshot, or mounting a volume,
-  goes to the node that keeps it; one from a team's template to any node with the runsc of the
-  node that built it (the build is fetched where it is missing).
+  full, unreachable before it was sent). A create from a team's snapshot goes to the node that
+  took it (while it is ready), one mounting a volume to the node that keeps it, and one from a
+  team's template to any node with the runsc of the node that built it (a build or snapshot is
+  fetched from the object store where it is missing).
 - A request that names a sandbox, snapshot, template or volume goes to the node the catalog
   says holds it.
 - Anything else (listings, keys, teams, nodes, events: the catalog's business) goes to the first
@@ -151,11 +152,16 @@ class Router:
         wanted = data.get("templateID") or data.get("name")
         if isinstance(wanted, str) and wanted:
             engine, name = self.directory.engine, wanted.split(":", 1)[0]
-            # A snapshot on its node (where its files are); a team template on any node that
-            # restores what its builder built (the others fetch the build: template_share.py).
+            # A snapshot on its node, where its files are (on another that restores what that
+            # node made while it is draining or lost: it fetches the snapshot, unless the
+            # snapshot mounts volumes, which stay on their node); a team template on any node
+            # that restores what its builder built (the others fetch the build).
             snapshot = await store.team_snapshot(engine, team["id"], wanted)
             if snapshot is not None:
-                within(frozenset({snapshot["node_id"]}))
+                home = snapshot["node_id"]
+                elsewhere = not snapshot["volume_mounts"] and not await self._ready(home)
+                within(await self.directory.alike(home) or frozenset() if elsewhere
+                       else frozenset({home}))  # fmt: skip
             template = await store.team_template(engine, team["id"], name)
             if template is not None and (alike := await self.directory.alike(template["node_id"])):
                 within(alike)

@@ -119,6 +119,7 @@ class Node:
         # Snapshots sandboxes are being started from: deleting one waits until they are.
         self._snapshot_users: Counter[str] = Counter()
         self._deleted_in_use: set[str] = set()
+        self._copies_in_use: set[str] = set()  # fetched copies to drop (drop_copy)
         self._collecting: asyncio.Task[None] | None = None
         self.pool = SlotPool(
             settings.slot_prefix, settings.slot_cidr, settings.egress_allow,
@@ -391,6 +392,13 @@ class Node:
             if self.template_share is None:
                 raise
         return await self.template_share.fetch(self.templates, name, build_id)
+
+    async def share_template_of(self, record: SandboxRecord) -> None:
+        """In a cluster, the build a sandbox runs on goes to the store before a snapshot of it
+        does: another node may resume it, on that build. RuntimeFailure if it cannot."""
+        if self.template_share is not None:
+            template = await self.template_build(record.template, record.build_id)
+            await self.template_share.share(template)
 
     def built_here(self, template: Template) -> bool:
         """A checkpoint restores only under the runsc release and platform that made it (under
@@ -706,6 +714,14 @@ class Node:
         self._remote_deletes.add(task)
         task.add_done_callback(self._remote_deletes.discard)
 
+    def drop_copy(self, key: str) -> None:
+        """This node's copy of another node's snapshot, once no sandbox is starting from it
+        (that node keeps the snapshot)."""
+        if self._snapshot_users[key]:
+            self._copies_in_use.add(key)
+        else:
+            self.snapshots.delete_local(key)
+
     def collect_chunks_soon(self) -> None:
         """Collect unused chunks in the background (one collection at a time)."""
         if self._collecting is None or self._collecting.done():
@@ -733,6 +749,9 @@ class Node:
                 if key in self._deleted_in_use:
                     self._deleted_in_use.discard(key)
                     self.delete_snapshot(key)
+                if key in self._copies_in_use:
+                    self._copies_in_use.discard(key)
+                    self.snapshots.delete_local(key)
 
     # -- snapshots of running sandboxes (team_snapshots.py) ----------------------------------
 
@@ -743,8 +762,11 @@ class Node:
         may still be under way when this returns."""
         return await snapshot_sandbox(self, sandbox_id, key, remote=remote, memory=memory)
 
-    async def create_from_snapshot(self, req: CreateRequest, key: str) -> SandboxRecord:
-        return await start_from_snapshot(self, req, key)
+    async def create_from_snapshot(self, req: CreateRequest, key: str,
+                                   made_on: str = "") -> SandboxRecord:  # fmt: skip
+        """`made_on`: the node that took the snapshot, if another (it is fetched from that
+        node's part of the store)."""
+        return await start_from_snapshot(self, req, key, self._store_of(made_on))
 
     async def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
         async with self.locked(sandbox_id) as record:

@@ -81,6 +81,7 @@ async def capture_files(node: Node, record: SandboxRecord, key: str) -> Path:
     keeps running."""
     _check_snapshot_space(node, record)
     await asyncio.to_thread(node.snapshots.check)
+    await node.share_template_of(record)
     staging = await asyncio.to_thread(node.snapshots.staging, key)
     try:
         await file_snapshots.capture(node, record, staging / "checkpoint")
@@ -101,6 +102,7 @@ async def checkpoint_sandbox(
     _check_snapshot_space(node, record)
     if remote:
         await asyncio.to_thread(node.snapshots.check)  # the remote store, if any, is reachable
+        await node.share_template_of(record)
     # runsc saves what programs inside do with the network: listening servers and connections
     # inside the sandbox resume as they were; a connection over its interface is cut at the
     # save (--net-disconnect-ok), so the proxy ends its own first, cleanly. Only a connection

@@ -33,7 +33,9 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +195,9 @@ class SnapshotStore:
         # checksummed once per process, not on each of the many creates it serves. Key ->
         # generation; plain dict operations, which are atomic across the threads that load.
         self._verified: dict[str, str] = {}
+        # One fetch of a key at a time: creates from another node's team snapshot start on
+        # this node at once, and the first fetch's copy serves the others.
+        self._fetching: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 
     def chunked(self, key: str) -> bool:
         """Whether the snapshot `key` is kept as chunks: with dedup on, a paused sandbox's,
@@ -320,7 +325,9 @@ class SnapshotStore:
             self._drop_if_stale(sandbox_id, source)
         remote = source or self.remote
         if remote is not None and not (path / "manifest.json").exists():
-            return self._fetch(remote, sandbox_id, runsc_version)
+            with self._fetching[sandbox_id]:
+                if not (path / "manifest.json").exists():
+                    return self._fetch(remote, sandbox_id, runsc_version)
         try:
             manifest = json.loads((path / "manifest.json").read_text())
         except FileNotFoundError:

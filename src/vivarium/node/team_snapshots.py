@@ -30,7 +30,7 @@ from vivarium.node.pause import (
 )
 from vivarium.node.records import SandboxRecord
 from vivarium.node.request import CreateRequest, mounts_of
-from vivarium.node.snapshots import Snapshot
+from vivarium.node.snapshots import ObjectStore, Snapshot
 from vivarium.node.steps import Steps
 from vivarium.runtime.bundle import Resources
 
@@ -130,27 +130,39 @@ async def _restart(node: Node, record: SandboxRecord, image: Path, key: str) -> 
                   key, exc)  # fmt: skip
 
 
-async def start_from_snapshot(node: Node, req: CreateRequest, key: str) -> SandboxRecord:
+async def start_from_snapshot(node: Node, req: CreateRequest, key: str,
+                              source: ObjectStore | None = None) -> SandboxRecord:  # fmt: skip
     """A new sandbox restored from the snapshot `key`: the source's memory, processes, files and
     resources; the request's id, token, environment and timeout. The snapshot stays as it was
-    (several may start from it at once, and deleting it waits for them)."""
+    (several may start from it at once, and deleting it waits for them). `source`: another
+    node's part of the store, which holds it (its node is draining or lost): it is fetched,
+    and this node's copy dropped once the sandboxes starting from it have started."""
     timeout_s = node.timeout(req.timeout_s)
-    with node.snapshot_in_use(key):
-        version = node.rt().probe.runsc_version
-        snapshot = await load_snapshot(node, key, version)
-        origin = SandboxRecord.from_json(snapshot.record)
-        # envd keeps the source's variables (they are in the checkpoint); the request's add to
-        # them. Its volume mounts are in the checkpoint too: the same volumes go in the hub.
-        req = replace(req, env_vars={**origin.env_vars, **(req.env_vars or {})},
-                      volume_mounts=mounts_of(origin))  # fmt: skip
-        template = await node.template_build(origin.template, origin.build_id)
-        resources = Resources(origin.memory_mb, origin.cpus, origin.pids, origin.disk_mb)
-        steps = Steps(f"create from snapshot {key}")
-        # A filesystem-only snapshot: the template afresh, with the source's files laid over it.
-        files = snapshot.checkpoint if snapshot.mode == file_snapshots.MODE else None
-        image = template.checkpoint if files is not None else snapshot.checkpoint
-        try:
-            return await node.restore_in_turn(req, template, image, resources, timeout_s, steps,
-                                              files=files)  # fmt: skip
-        finally:
-            await asyncio.to_thread(node.snapshots.release, snapshot)
+    try:
+        with node.snapshot_in_use(key):
+            return await _start(node, req, key, source, timeout_s)
+    finally:
+        if source is not None:
+            node.drop_copy(key)
+
+
+async def _start(node: Node, req: CreateRequest, key: str, source: ObjectStore | None,
+                 timeout_s: int) -> SandboxRecord:  # fmt: skip
+    version = node.rt().probe.runsc_version
+    snapshot = await load_snapshot(node, key, version, source)
+    origin = SandboxRecord.from_json(snapshot.record)
+    # envd keeps the source's variables (they are in the checkpoint); the request's add to
+    # them. Its volume mounts are in the checkpoint too: the same volumes go in the hub.
+    req = replace(req, env_vars={**origin.env_vars, **(req.env_vars or {})},
+                  volume_mounts=mounts_of(origin))  # fmt: skip
+    template = await node.template_build(origin.template, origin.build_id)
+    resources = Resources(origin.memory_mb, origin.cpus, origin.pids, origin.disk_mb)
+    steps = Steps(f"create from snapshot {key}")
+    # A filesystem-only snapshot: the template afresh, with the source's files laid over it.
+    files = snapshot.checkpoint if snapshot.mode == file_snapshots.MODE else None
+    image = template.checkpoint if files is not None else snapshot.checkpoint
+    try:
+        return await node.restore_in_turn(req, template, image, resources, timeout_s, steps,
+                                          files=files)  # fmt: skip
+    finally:
+        await asyncio.to_thread(node.snapshots.release, snapshot)

@@ -1,11 +1,14 @@
-"""A cluster's team template builds, shared through the object store: the node that builds one
-publishes it, and any other node fetches it the first time a sandbox needs it there (a create,
-a resume, a snapshot's start, a build on top of it), then keeps it like its own.
+"""A cluster's template builds, shared through the object store: the node that builds a team
+template publishes it, as a node publishes a built-in template's build the first time it pauses
+or snapshots a sandbox on it (each host builds its own); any other node fetches a build the
+first time a sandbox needs it there (a create, a resume, a snapshot's start, a build on top of
+it), then keeps it like its own.
 
 Layout under `<VIVARIUM_SNAPSHOT_URL>/templates/<template id>/<build id>/`
 (Settings.template_share_url):
-- `build.tar.zst`: the build directory (manifest, spec, checkpoint, the sparse rootfs image)
-  as GNU tar writes it with --sparse, so that an image of gigabytes costs what was written;
+- `build.tar.zst`: the build directory (manifest, spec, checkpoint, the rootfs: a team
+  template's sparse image, with --sparse so that it costs what was written, or a built-in
+  template's tree);
 - `manifest.json`, written last: the archive's SHA-256 and size. A build without it is not
   there yet (or was cut short) and is never read.
 
@@ -34,7 +37,9 @@ log = logging.getLogger(__name__)
 
 ARCHIVE = "build.tar.zst"
 MANIFEST = "manifest.json"
-MEMBERS = ("manifest.json", "spec.json", "checkpoint", ROOTFS_IMAGE)
+MEMBERS = ("manifest.json", "spec.json", "checkpoint")  # and the rootfs: image or tree
+# Owners by number, extended attributes (file capabilities) and holes kept.
+TAR = ["tar", "--zstd", "--sparse", "--numeric-owner", "--xattrs", "--xattrs-include=*"]
 TAR_TIMEOUT_S = 1800.0
 HINT = "check VIVARIUM_SNAPSHOT_URL and the object store; the build is kept where it was made"
 
@@ -44,13 +49,27 @@ class TemplateShare:
         from vivarium.node.snapshot_s3 import S3Store  # boto3 is loaded only when configured
 
         self.objects = S3Store(url, endpoint_url)
-        self._fetching: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._turns: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # per build
+        self._shared: set[str] = set()  # builds known to be in the store
 
     @staticmethod
     def _key(name: str, build_id: str, member: str = "") -> str:
         return "/".join(p for p in (name, build_id, member) if p)
 
     # -- the building node -----------------------------------------------------------------
+
+    async def share(self, template: Template) -> None:
+        """The build is in the store, published now if it is not (once per build: a pause or
+        snapshot of a sandbox on a built-in template's build, which another node resumes on
+        that build). RuntimeFailure if it cannot be."""
+        key = f"{template.name}/{template.build_id}"
+        if key in self._shared:
+            return
+        async with self._turns[key]:
+            if key not in self._shared:
+                size = await asyncio.to_thread(self.publish, template)
+                log.info("build %s of template %s is in the store (%d MiB)",
+                         template.build_id, template.name, size >> 20)  # fmt: skip
 
     def publish(self, template: Template) -> int:
         """Store the build for the other nodes (blocking); returns the archive's size. Done
@@ -59,27 +78,37 @@ class TemplateShare:
 
         name, build_id = template.name, template.build_id
         try:
-            if (stored := self.objects.read(self._key(name, build_id, MANIFEST))) is not None:
-                return int(json.loads(stored).get("size", 0))
-            archive = template.build_dir.parent / f".{build_id}.{os.getpid()}.tar.zst"
+            if (stored := self.objects.read(self._key(name, build_id, MANIFEST))) is None:
+                size = self._upload(template)
+            else:
+                size = int(json.loads(stored).get("size", 0))
+        except (*S3_ERRORS, OSError, ValueError) as exc:
+            raise RuntimeFailure(f"storing build {build_id} of template {name!r} in "
+                                 f"{self.objects.url} failed: {exc}", HINT) from None  # fmt: skip
+        self._shared.add(f"{name}/{build_id}")
+        return size
+
+    def _upload(self, template: Template) -> int:
+        name, build_id = template.name, template.build_id
+        archive = template.build_dir.parent / f".{build_id}.{os.getpid()}.tar.zst"
+        image = (template.build_dir / ROOTFS_IMAGE).exists()
+        if image:
             # Read-only while it is read: everything the build wrote is on the image, and
             # ext4's lazy inode-table initialisation stops writing to it. Sandboxes never
             # write there (their root layer is runsc's overlay).
             run_sync(["mount", "-o", "remount,ro", str(template.rootfs)])
-            try:
-                pack = ["tar", "--sparse", "--zstd", "-cf", str(archive),
-                        "-C", str(template.build_dir), *MEMBERS]  # fmt: skip
-                run_sync(pack, timeout=TAR_TIMEOUT_S)
-                digest, size = _sha256(archive), archive.stat().st_size
-                self.objects.upload(self._key(name, build_id, ARCHIVE), archive)
-            finally:
-                archive.unlink(missing_ok=True)
+        try:
+            rootfs = ROOTFS_IMAGE if image else "rootfs"
+            run_sync([*TAR, "-cf", str(archive), "-C", str(template.build_dir), *MEMBERS, rootfs],
+                     timeout=TAR_TIMEOUT_S)  # fmt: skip
+            digest, size = _sha256(archive), archive.stat().st_size
+            self.objects.upload(self._key(name, build_id, ARCHIVE), archive)
+        finally:
+            archive.unlink(missing_ok=True)
+            if image:
                 run_sync(["mount", "-o", "remount,rw", str(template.rootfs)], check=False)
-            info = {"sha256": digest, "size": size, "build_id": build_id}
-            self.objects.write(self._key(name, build_id, MANIFEST), json.dumps(info).encode())
-        except (*S3_ERRORS, OSError) as exc:
-            raise RuntimeFailure(f"storing build {build_id} of template {name!r} in "
-                                 f"{self.objects.url} failed: {exc}", HINT) from None  # fmt: skip
+        info = {"sha256": digest, "size": size, "build_id": build_id}
+        self.objects.write(self._key(name, build_id, MANIFEST), json.dumps(info).encode())
         return size
 
     def delete(self, name: str) -> None:
@@ -98,7 +127,7 @@ class TemplateShare:
     async def fetch(self, store: TemplateStore, name: str, build_id: str) -> Template:
         """The build, fetched into `store` unless it is there already (one fetch at a time per
         build; the others wait for it). NotFound if the store has no such build."""
-        async with self._fetching[f"{name}/{build_id}"]:
+        async with self._turns[f"{name}/{build_id}"]:
             try:
                 return store.build(name, build_id)
             except NotFound:
@@ -106,6 +135,7 @@ class TemplateShare:
             log.info("fetching build %s of template %s from %s", build_id, name,
                      self.objects.url)  # fmt: skip
             await asyncio.to_thread(self._fetch, store, name, build_id)
+            self._shared.add(f"{name}/{build_id}")
             template = store.build(name, build_id)
             log.info("build %s of template %s is here (%d MiB)", build_id, name,
                      template.manifest.get("rootfs_bytes", 0) >> 20)  # fmt: skip
@@ -132,8 +162,7 @@ class TemplateShare:
                 )  # fmt: skip
             disk.discard(partial)
             partial.mkdir()
-            run_sync(["tar", "--zstd", "-xf", str(archive), "-C", str(partial)],
-                     timeout=TAR_TIMEOUT_S)  # fmt: skip
+            run_sync([*TAR, "-xf", str(archive), "-C", str(partial)], timeout=TAR_TIMEOUT_S)
             manifest = json.loads((partial / "manifest.json").read_text())
             if sha256_dir(partial / "checkpoint") != manifest.get("checkpoint_sha256"):
                 raise RuntimeFailure(
@@ -143,7 +172,8 @@ class TemplateShare:
             final = builds / build_id
             _relocate(partial, final)
             partial.rename(final)
-            disk.mount(final / ROOTFS_IMAGE, final / "rootfs")
+            if (final / ROOTFS_IMAGE).exists():
+                disk.mount(final / ROOTFS_IMAGE, final / "rootfs")
         except (*S3_ERRORS, OSError, ValueError) as exc:
             raise RuntimeFailure(f"fetching build {build_id} of template {name!r} from "
                                  f"{self.objects.url} failed: {exc}", HINT) from None  # fmt: skip
