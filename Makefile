@@ -9,13 +9,14 @@ export UV_PYTHON := $(shell command -v $(PYTHON))
 # dnsmasq-base: the egress tests answer DNS for their fake internet with it.
 # libnss-myhostname: `*.localhost` resolves to loopback for every program, so the `<port>-<id>.
 # localhost:3001` hosts of get_host() work with no DNS set up.
-# zstd: a cluster's nodes share team template builds as tar --zstd archives.
+# zstd: a cluster's nodes share template builds as tar --zstd archives (libcap2-bin: the
+# test of that sets a file capability with setcap).
 # skopeo, umoci: templates `from_image` pull and unpack OCI images with them; patchelf points
 # our guest's own Python at its own libraries in them. docker-registry, busybox-static,
 # bash-static: the test suite pushes images it makes to a registry of its own on loopback.
 # runsc comes from bookworm-backports (scripts/apt-backports.sh pins it there): the 2022 release
 # in bookworm itself cannot pause servers or open connections, and vivarium refuses it.
-APT_PACKAGES := debootstrap iproute2 iptables util-linux e2fsprogs zstd gcc libc6-dev curl postgresql dnsmasq-base libnss-myhostname skopeo umoci patchelf docker-registry busybox-static bash-static
+APT_PACKAGES := debootstrap iproute2 iptables util-linux e2fsprogs zstd libcap2-bin gcc libc6-dev curl postgresql dnsmasq-base libnss-myhostname skopeo umoci patchelf docker-registry busybox-static bash-static
 RUNSC_MIN := 20240729
 DEPS_STAMP := .venv/.deps-$(shell cat pyproject.toml uv.lock | sha1sum | cut -c1-12)
 

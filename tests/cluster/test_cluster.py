@@ -334,7 +334,7 @@ def test_a_team_template_built_on_one_node_starts_on_another(cluster: Cluster) -
     s3 = boto3.client("s3", endpoint_url=cluster.s3, **S3_ARGS)
     stored = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"cluster/templates/{template_id}/")
     assert [o["Key"].rsplit("/", 1)[-1] for o in stored.get("Contents", [])] == [
-        "build.tar.zst", "manifest.json"]  # fmt: skip
+        "archive.tar.zst", "manifest.json"]  # fmt: skip
     made: list[Sandbox] = []
     with drained(cluster, builder):
         with ThreadPoolExecutor(2) as pool:
@@ -400,18 +400,24 @@ def test_a_lost_nodes_paused_sandbox_resumes_on_another_node_with_its_memory(
             running = Sandbox.create(**cluster.opts())
             lifecycle = {"on_timeout": "pause", "auto_resume": True}
             woken = Sandbox.create(**cluster.opts(), lifecycle=lifecycle)
+            old = Sandbox.create(**cluster.opts())
         finally:
             for node in others:
                 http.post(f"/nodes/{node}/undrain").raise_for_status()
     assert cluster.node_of(running.sandbox_id) == cluster.node_of(woken.sandbox_id) == home
     woken.files.write("/home/user/woken", "by traffic")
     woken.beta_pause()
+    old.beta_pause()
     sbx.files.write("/home/user/kept", "files survive")
     start_counter(sbx)
     time.sleep(1.0)
     before = int(sbx.files.read("/tmp/n"))
     sbx.beta_pause()
     cluster.nodes[home].kill()  # -9: its host is gone as far as the cluster knows
+    # One paused sandbox's snapshot past VIVARIUM_SNAPSHOT_MAX_AGE: with its node lost, the
+    # node standing in for it applies the retention.
+    cluster.sql(f"update snapshots set created_at = created_at - 31 * 86400 "
+                f"where sandbox_id = '{old.sandbox_id}'")  # fmt: skip
     try:
         deadline = time.monotonic() + 90
         reason = ""
@@ -440,6 +446,16 @@ def test_a_lost_nodes_paused_sandbox_resumes_on_another_node_with_its_memory(
         assert cluster.node_of(woken.sandbox_id) not in (home, "")
         assert woken.files.read("/home/user/woken") == "by traffic"
         woken.kill()
+        query = f"select state, end_reason from sandboxes where id = '{old.sandbox_id}'"
+        deadline = time.monotonic() + CLUSTER_SWEEP_S + 30
+        while cluster.sql(query) != [["killed", "snapshot expired"]]:
+            assert time.monotonic() < deadline, (cluster.sql(query), cluster.logs())
+            time.sleep(1.0)
+        s3 = boto3.client("s3", endpoint_url=cluster.s3, **S3_ARGS)
+        under = f"cluster/nodes/{home}/{old.sandbox_id}/"
+        while s3.list_objects_v2(Bucket=BUCKET, Prefix=under).get("Contents"):  # in background
+            assert time.monotonic() < deadline, f"{under} is still there"
+            time.sleep(1.0)
     finally:
         cluster.nodes[home].start()
     # Back, the node gives up what the cluster gave up: the sandbox that ran there is gone.

@@ -27,6 +27,7 @@ from vivarium.api.events import EventLog, actor, ended_type
 from vivarium.api.templates import TemplateCatalog
 from vivarium.api.volumes import VolumeCatalog
 from vivarium.cluster import moves, secret
+from vivarium.cluster.directory import Directory
 from vivarium.config import Settings
 from vivarium.errors import (
     CapacityExhausted,
@@ -92,6 +93,7 @@ class ControlPlane:
         self.volumes = VolumeCatalog(self)
         self.templates = TemplateCatalog(self)
         self.events = EventLog(self.engine, settings.webhook_url, settings.webhook_secret)
+        self.directory = Directory(self.engine)  # the cluster's nodes (lost ones' stand-ins)
         clustered = settings.role == "node"
         self.membership = nodes.Membership(
             self.engine, node, self.node_id,
@@ -203,7 +205,8 @@ class ControlPlane:
 
     async def _sweep_cluster(self) -> None:
         """A cluster's node: give_up_abandoned every CLUSTER_SWEEP_S (a sandbox moves when
-        its node drains or is lost), and drop copies of templates deleted meanwhile."""
+        its node drains or is lost), drop copies of templates deleted meanwhile, and apply
+        snapshot retention to lost nodes' paused sandboxes."""
         while True:
             await asyncio.sleep(CLUSTER_SWEEP_S)
             try:
@@ -214,6 +217,10 @@ class ControlPlane:
                 await self.templates.drop_deleted_copies()
             except Exception:
                 log.exception("could not drop copies of deleted templates")
+            try:
+                await self._expire_lost_nodes_snapshots()
+            except Exception:
+                log.exception("snapshot retention for lost nodes failed")
 
     async def _expire_snapshots(self) -> None:
         """Retention: delete paused sandboxes whose snapshot is older than the maximum age."""
@@ -224,16 +231,36 @@ class ControlPlane:
                 cutoff = time.time() - max_age
                 for sandbox_id in await store.snapshots_older_than(self.engine, self.node_id,
                                                                    cutoff):  # fmt: skip
-                    async with self._sandbox_locks[sandbox_id]:
-                        if not await store.transition(self.engine, sandbox_id, ["paused"],
-                                                      "killed", ended_at=time.time(),
-                                                      end_reason="snapshot expired"):  # fmt: skip
-                            continue
-                        self.node.delete_snapshot(sandbox_id)
-                        await store.drop_snapshot(self.engine, sandbox_id)
-                        log.info("snapshot of %s expired and was deleted", sandbox_id)
+                    await self._expire(sandbox_id)
             except Exception:
                 log.exception("snapshot retention pass failed")
+
+    async def _expire(self, sandbox_id: str, paused_on: str = "") -> None:
+        """The paused sandbox ends and its snapshot goes (`paused_on`: from that node's part
+        of the store)."""
+        async with self._sandbox_locks[sandbox_id]:
+            expired = await store.transition(
+                self.engine, sandbox_id, ["paused"], "killed", ended_at=time.time(),
+                end_reason="snapshot expired",
+            )  # fmt: skip
+            if not expired:
+                return
+            self.node.delete_snapshot(sandbox_id, paused_on)
+            await store.drop_snapshot(self.engine, sandbox_id)
+            log.info("snapshot of %s expired and was deleted", sandbox_id)
+
+    async def _expire_lost_nodes_snapshots(self) -> None:
+        """A cluster's node: retention for the paused sandboxes of lost nodes too (their own
+        node's timer is gone), each applied by the node that stands in for it."""
+        cutoff = time.time() - self.settings.snapshot_max_age_s
+        now = await nodes.catalog_time(self.engine)
+        for row in await nodes.list_nodes(self.engine):
+            if row["id"] == self.node_id or nodes.status(row, now) != "unhealthy":
+                continue
+            for sandbox_id in await store.snapshots_older_than(self.engine, row["id"], cutoff):
+                stand_in = await self.directory.stand_in(sandbox_id)
+                if stand_in is not None and stand_in["id"] == self.node_id:
+                    await self._expire(sandbox_id, paused_on=row["id"])
 
     def _node_ended(self, sandbox_id: str, reason: str) -> None:
         self._background(self._ended(sandbox_id, reason))
