@@ -3,10 +3,12 @@ on loopback (its data lives in memory, so a restart empties it)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +57,16 @@ class MotoServer:
 def keys(s3: Any, bucket: str, prefix: str) -> list[str]:
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+@contextlib.contextmanager
+def bucket_server(port: int, bucket: str, host: str = "127.0.0.1") -> Iterator[MotoServer]:
+    """moto's S3 server with one empty bucket, stopped afterwards."""
+    server = MotoServer(port, host=host)
+    server.start()
+    try:
+        server.client().create_bucket(Bucket=bucket)
+        yield server
+    finally:
+        if server.proc is not None:
+            server.stop()

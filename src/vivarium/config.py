@@ -361,11 +361,20 @@ class Settings:
 
     @property
     def template_share_url(self) -> str:
-        """Where a cluster's nodes share their team template builds (node/template_share.py);
-        empty on one host, where they never leave it."""
+        """Where a cluster's nodes share template builds (node/template_share.py); empty on
+        one host, where they never leave it."""
+        return self._shared("templates")
+
+    @property
+    def volume_share_url(self) -> str:
+        """Where a cluster's volumes go between nodes (node/volume_share.py); empty on one
+        host."""
+        return self._shared("volumes")
+
+    def _shared(self, part: str) -> str:
         if not self.snapshot_url or self.role == "all":
             return ""
-        return f"{self.snapshot_url.rstrip('/')}/templates"
+        return f"{self.snapshot_url.rstrip('/')}/{part}"
 
     def cluster_client_tls(self) -> ssl.SSLContext:
         """How the API replicas and the proxy verify nodes that serve TLS."""

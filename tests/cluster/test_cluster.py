@@ -17,7 +17,7 @@ from typing import Any
 import boto3
 import httpx
 import pytest
-from e2b import Sandbox, Template
+from e2b import Sandbox, Template, Volume
 
 from tests.cluster.support import (
     API_PORT,
@@ -32,7 +32,7 @@ from tests.cluster.support import (
     node_part,
 )
 from tests.postgres import Postgres, postgres
-from tests.s3server import CREDENTIALS, MotoServer
+from tests.s3server import CREDENTIALS, bucket_server
 from vivarium.api.control import CLUSTER_SWEEP_S
 from vivarium.cluster.directory import NODES_TTL_S
 from vivarium.cluster.secret import HEADER
@@ -102,6 +102,8 @@ def cluster() -> Iterator[Cluster]:
                       VIVARIUM_NODE_URL=f"https://{at}:{API_PORT}",
                       VIVARIUM_NODE_PROXY_URL=f"https://{at}:{PROXY_PORT}")  # fmt: skip
         trust = {"cluster_ca_file": str(ca)}
+        for node in nodes.values():  # nodes reach each other too (a volume's hand-over)
+            node.env["VIVARIUM_CLUSTER_CA_FILE"] = str(ca)
         apis = [front_part("api", fronts[0], pg.url, **trust),
                 front_part("api", fronts[1], pg.url, **trust)]  # fmt: skip
         proxy = front_part("proxy", fronts[2], pg.url, **trust)
@@ -125,13 +127,8 @@ def node_settings(s3_endpoint: str) -> dict[str, str]:
 @contextlib.contextmanager
 def s3_store() -> Iterator[str]:
     """moto's S3 server on the backbone (where every host reaches it), with the bucket."""
-    server = MotoServer(S3_PORT, host=GATEWAY)
-    server.start()
-    try:
-        server.client().create_bucket(Bucket=BUCKET)
+    with bucket_server(S3_PORT, BUCKET, host=GATEWAY) as server:
         yield server.endpoint
-    finally:
-        server.stop()
 
 
 def _wait_ready(cluster: Cluster, count: int, timeout: float = 60.0) -> None:
@@ -360,6 +357,41 @@ def test_a_team_template_built_on_one_node_starts_on_another(cluster: Cluster) -
         time.sleep(1.0)
 
 
+def test_a_volume_moves_when_its_node_drains(cluster: Cluster) -> None:
+    """Handed over by its draining node once no sandbox there runs with it: stored, then
+    fetched by the node of the next sandbox that mounts it; its files API follows it."""
+    volume = Volume.create(f"course-{secrets.token_hex(3)}", **cluster.opts())
+    mounts = {"/mnt/data": volume}
+    sbx = Sandbox.create(volume_mounts=mounts, **cluster.opts())
+    home = cluster.node_of(sbx.sandbox_id)
+    sbx.files.write("/mnt/data/lesson.txt", "written on the first node")
+    try:
+        with drained(cluster, home), cluster.http(1) as http:
+            body = {"templateID": "base", "volumeMounts": [{"name": volume.name,
+                                                            "path": "/mnt/data"}]}  # fmt: skip
+            refused = http.post("/sandboxes", json=body)
+            assert refused.status_code == 409, refused.text
+            assert "in use by sandbox" in refused.json()["message"]
+            sbx.kill()
+            moved = Sandbox.create(volume_mounts=mounts, **cluster.opts(1))
+            try:
+                node = cluster.node_of(moved.sandbox_id)
+                assert node != home
+                assert moved.files.read("/mnt/data/lesson.txt") == "written on the first node"
+                moved.files.write("/mnt/data/second.txt", "and on the second")
+            finally:
+                moved.kill()
+        assert cluster.sql(f"select node_id from volumes where id = '{volume.volume_id}'") == [
+            [node]]  # fmt: skip
+        assert not (cluster.nodes[home].state_dir / "volumes" / volume.volume_id).exists()
+        files = Volume.connect(volume.volume_id, **cluster.opts())
+        on_api = cluster.apis[0].api_url  # the files API: the cluster's, routed to the node
+        assert files.read_file("/second.txt", api_url=on_api) == "and on the second"
+    finally:
+        sbx.kill()
+        Volume.destroy(volume.volume_id, **cluster.opts())
+
+
 def test_a_paused_sandbox_of_a_draining_node_resumes_on_another(cluster: Cluster) -> None:
     sbx = Sandbox.create(**cluster.opts())
     home = cluster.node_of(sbx.sandbox_id)
@@ -401,6 +433,8 @@ def test_a_lost_nodes_paused_sandbox_resumes_on_another_node_with_its_memory(
             lifecycle = {"on_timeout": "pause", "auto_resume": True}
             woken = Sandbox.create(**cluster.opts(), lifecycle=lifecycle)
             old = Sandbox.create(**cluster.opts())
+            volume = Volume.create(f"lost-{secrets.token_hex(3)}", **cluster.opts())
+            writer = Sandbox.create(volume_mounts={"/mnt/data": volume}, **cluster.opts())
         finally:
             for node in others:
                 http.post(f"/nodes/{node}/undrain").raise_for_status()
@@ -408,6 +442,15 @@ def test_a_lost_nodes_paused_sandbox_resumes_on_another_node_with_its_memory(
     woken.files.write("/home/user/woken", "by traffic")
     woken.beta_pause()
     old.beta_pause()
+    assert cluster.node_of(writer.sandbox_id) == home
+    writer.files.write("/mnt/data/kept.txt", "stored by the node's sweep")
+    writer.kill()
+    s3 = boto3.client("s3", endpoint_url=cluster.s3, **S3_ARGS)
+    manifest = f"cluster/volumes/{volume.volume_id}/manifest.json"
+    deadline = time.monotonic() + CLUSTER_SWEEP_S + 30
+    while not s3.list_objects_v2(Bucket=BUCKET, Prefix=manifest).get("Contents"):
+        assert time.monotonic() < deadline, f"{manifest} was not stored\n{cluster.logs()}"
+        time.sleep(1.0)
     sbx.files.write("/home/user/kept", "files survive")
     start_counter(sbx)
     time.sleep(1.0)
@@ -446,22 +489,29 @@ def test_a_lost_nodes_paused_sandbox_resumes_on_another_node_with_its_memory(
         assert cluster.node_of(woken.sandbox_id) not in (home, "")
         assert woken.files.read("/home/user/woken") == "by traffic"
         woken.kill()
+        # The volume: taken over by one node from what the lost node stored.
+        reader = Sandbox.create(volume_mounts={"/mnt/data": volume}, **cluster.opts(1))
+        assert cluster.node_of(reader.sandbox_id) != home
+        assert reader.files.read("/mnt/data/kept.txt") == "stored by the node's sweep"
+        reader.kill()
         query = f"select state, end_reason from sandboxes where id = '{old.sandbox_id}'"
         deadline = time.monotonic() + CLUSTER_SWEEP_S + 30
         while cluster.sql(query) != [["killed", "snapshot expired"]]:
             assert time.monotonic() < deadline, (cluster.sql(query), cluster.logs())
             time.sleep(1.0)
-        s3 = boto3.client("s3", endpoint_url=cluster.s3, **S3_ARGS)
         under = f"cluster/nodes/{home}/{old.sandbox_id}/"
         while s3.list_objects_v2(Bucket=BUCKET, Prefix=under).get("Contents"):  # in background
             assert time.monotonic() < deadline, f"{under} is still there"
             time.sleep(1.0)
     finally:
         cluster.nodes[home].start()
-    # Back, the node gives up what the cluster gave up: the sandbox that ran there is gone.
+    # Back, the node gives up what the cluster gave up: the sandbox that ran there is gone,
+    # and so is its copy of the volume another node took over.
     with cluster.http() as http:
         gone = http.get(f"/sandboxes/{running.sandbox_id}")
         assert gone.status_code == 404, (gone.text, cluster.logs())
+    assert not (cluster.nodes[home].state_dir / "volumes" / volume.volume_id).exists()
+    Volume.destroy(volume.volume_id, **cluster.opts())
 
 
 def test_a_nodes_api_answers_only_the_cluster(cluster: Cluster) -> None:
@@ -473,6 +523,9 @@ def test_a_nodes_api_answers_only_the_cluster(cluster: Cluster) -> None:
         assert "cluster" in answer.json()["message"]
     with cluster.http() as http:  # the same request through an API replica
         assert http.get("/sandboxes").status_code == 200
+        # What nodes ask each other is not the public API's: a replica never forwards it.
+        handover = http.post("/cluster/volumes/v0000000000000000000/handover", json={"to": "x"})
+        assert handover.status_code == 404, handover.text
 
 
 def test_a_sandbox_reaches_no_part_of_the_cluster(cluster: Cluster) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.s3server import CREDENTIALS, MotoServer
+from tests.s3server import CREDENTIALS, bucket_server
 from vivarium.errors import NotFound, RuntimeFailure
 from vivarium.node.shelf import ARCHIVE
 from vivarium.node.template_share import TemplateShare
@@ -30,13 +30,8 @@ BUCKET = "vivarium-templates"
 @pytest.fixture(scope="module")
 def share() -> Iterator[TemplateShare]:
     os.environ.update(CREDENTIALS)
-    server = MotoServer(S3_PORT)
-    server.start()
-    try:
-        server.client().create_bucket(Bucket=BUCKET)
+    with bucket_server(S3_PORT, BUCKET) as server:
         yield TemplateShare(f"s3://{BUCKET}/cluster/templates", server.endpoint)
-    finally:
-        server.stop()
 
 
 def _build(store: TemplateStore, name: str, build_id: str, *, image: bool) -> Template:

@@ -205,8 +205,8 @@ class ControlPlane:
 
     async def _sweep_cluster(self) -> None:
         """A cluster's node: give_up_abandoned every CLUSTER_SWEEP_S (a sandbox moves when
-        its node drains or is lost), drop copies of templates deleted meanwhile, and apply
-        snapshot retention to lost nodes' paused sandboxes."""
+        its node drains or is lost), drop copies of templates deleted meanwhile, apply
+        snapshot retention to lost nodes' paused sandboxes, store volumes that changed."""
         while True:
             await asyncio.sleep(CLUSTER_SWEEP_S)
             try:
@@ -221,6 +221,10 @@ class ControlPlane:
                 await self._expire_lost_nodes_snapshots()
             except Exception:
                 log.exception("snapshot retention for lost nodes failed")
+            try:
+                await self.volumes.sweep()
+            except Exception:
+                log.exception("could not store or drop volumes")
 
     async def _expire_snapshots(self) -> None:
         """Retention: delete paused sandboxes whose snapshot is older than the maximum age."""
@@ -331,6 +335,8 @@ class ControlPlane:
                     "a sandbox started from a snapshot mounts the volumes its source mounted",
                     "leave volumeMounts out",
                 )
+            for mount in saved["volume_mounts"]:  # in a cluster, moved here if they must
+                await self.volumes.here(mount["volume_id"])
             row = self._new_row(team, new, saved["template_id"], "", saved["volume_mounts"])
             await self._reserve(team, [row])
             build = saved["build_key"]
@@ -543,6 +549,8 @@ class ControlPlane:
         # fetched from that node's part of the shared store, and this node's from the
         # reservation on (the lost node's sandboxes that are starting are ended).
         paused_on = row["node_id"]
+        for mount in row["volume_mounts"]:  # in a cluster, moved here if they must
+            await self.volumes.here(mount["volume_id"])
         async with self._team_locks[team["id"]]:
             reserved = await store.resume_reservation(self.engine, team, sandbox_id,
                                                       self.node_id)  # fmt: skip

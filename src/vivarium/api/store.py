@@ -306,6 +306,16 @@ async def drop_volume(engine: AsyncEngine, volume_id: str) -> None:
         await conn.execute(delete(volumes).where(volumes.c.id == volume_id))
 
 
+async def move_volume(engine: AsyncEngine, volume_id: str, was: str, to: str) -> bool:
+    """The volume is node `to`'s now, if it still was node `was`'s."""
+    async with engine.begin() as conn:
+        moved = await conn.execute(
+            update(volumes).where(volumes.c.id == volume_id, volumes.c.node_id == was)
+            .values(node_id=to)
+        )  # fmt: skip
+    return bool(moved.rowcount)
+
+
 async def node_volumes(engine: AsyncEngine, node_id: str) -> list[Row]:
     async with engine.connect() as conn:
         result = await conn.execute(select(volumes).where(volumes.c.node_id == node_id))

@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from vivarium.api import shapes
 from vivarium.api.control import ControlPlane
+from vivarium.api.volumes import HANDOVER
 from vivarium.errors import InvalidArgument, VivariumError
 from vivarium.httpjson import guarded, json_body, typed
 from vivarium.node.volume_files import VolumeFiles
@@ -151,8 +152,21 @@ def routes(control: ControlPlane, authed: Authed) -> list[Route]:
             raise
         return JSONResponse(entry, status_code=201)
 
+    @guarded
+    async def hand_over(request: Request) -> Response:
+        """Another node takes this node's volume (api/volumes.py). Only a cluster's node has
+        this route, and its API answers only the cluster secret; the cluster's API never
+        forwards it."""
+        to = typed(await json_body(request), "to", str)
+        if not to:
+            raise InvalidArgument("to (the node taking the volume) is required")
+        await catalog.hand_over(str(request.path_params["volume_id"]), to)
+        return JSONResponse({"volumeID": request.path_params["volume_id"], "nodeID": to})
+
     content = "/volumecontent/{volume_id}"
+    cluster = [Route(HANDOVER, hand_over, methods=["POST"])]
     return [
+        *(cluster if control.settings.role == "node" else []),
         Route("/volumes", authed(create), methods=["POST"]),
         Route("/volumes", authed(list_volumes), methods=["GET"]),
         Route("/volumes/{volume_id}", authed(get), methods=["GET"]),

@@ -1,30 +1,54 @@
 """A team's volumes in the catalog: names, limits, who mounts them; the node keeps the files
 (node/volumes.py). A volume is deleted only when no sandbox that is not yet killed mounts it (a
 paused one would lose it at its resume), and its content API takes a bearer token derived from
-the server's seed, never stored."""
+the server's seed, never stored.
+
+In a cluster a volume is on one node at a time, the one its row names, and moves when it is
+needed while that node is draining or lost (`here`): a draining node hands it over (stored
+first, then the row moved, then its copy removed) unless a sandbox there runs with it; a lost
+node's is taken from what it last stored (its sweep stores changed volumes every
+CLUSTER_SWEEP_S, volumes in use every PUBLISH_EVERY_S). A node that finds a volume of its own
+moved away drops its copy. One node moves a volume at a time: a node under `_moving`, and the
+catalog's conditional update across nodes.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
+from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
+import httpx
+
 from vivarium.api import keys, store
+from vivarium.cluster import secret
 from vivarium.errors import (
     CapacityExhausted,
     Conflict,
     InvalidArgument,
+    NodeUnavailable,
     NotFound,
+    RuntimeFailure,
     Unauthenticated,
 )
+from vivarium.node.shelf import ShelfError
 from vivarium.node.volume_files import VolumeFiles
 from vivarium.node.volumes import VolumeMount, check_mounts, check_name, new_volume_id
 
 if TYPE_CHECKING:
     from vivarium.api.control import ControlPlane
 
+log = logging.getLogger(__name__)
+
 Row = dict[str, Any]
+
+
+HANDOVER = "/cluster/volumes/{volume_id}/handover"  # a node's API, for other nodes only
+PUBLISH_EVERY_S = 300.0  # a volume a sandbox runs with is stored at most this often
+HINT = "check VIVARIUM_SNAPSHOT_URL and the object store; the volume stays where it was"
 
 
 class VolumeCatalog:
@@ -32,6 +56,7 @@ class VolumeCatalog:
         self.control = control
         self.engine = control.engine
         self.node = control.node
+        self._moving: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def token(self, volume_id: str) -> str:
         return keys.volume_token(self.control.seed, volume_id)
@@ -49,12 +74,13 @@ class VolumeCatalog:
                 raise Conflict(f"volume {name!r} already exists")
             row = {"id": new_volume_id(), "team_id": team["id"], "name": name,
                    "node_id": self.control.node_id, "created_at": time.time()}  # fmt: skip
-            await asyncio.to_thread(self.node.volumes.create, row["id"])
-            try:
-                await store.insert_volume(self.engine, row)
-            except BaseException:
-                await asyncio.to_thread(self.node.volumes.delete, row["id"])
-                raise
+            async with self._moving[row["id"]]:  # the sweep leaves it alone until it is a row
+                await asyncio.to_thread(self.node.volumes.create, row["id"])
+                try:
+                    await store.insert_volume(self.engine, row)
+                except BaseException:
+                    await asyncio.to_thread(self.node.volumes.delete, row["id"])
+                    raise
         return row
 
     async def get(self, team: Row, volume_id: str) -> Row:
@@ -81,6 +107,8 @@ class VolumeCatalog:
                                "delete those snapshots first")  # fmt: skip
             await store.drop_volume(self.engine, row["id"])
             await asyncio.to_thread(self.node.volumes.delete, row["id"])
+            if (share := self.node.volume_share) is not None:  # on a lost node: its sweep
+                await asyncio.to_thread(share.delete, row["id"])  # drops its copy when back
 
     async def reconcile(self) -> None:
         """After a restart: volumes on the node that the catalog does not know (a crash between
@@ -99,6 +127,8 @@ class VolumeCatalog:
                 raise NotFound(f"volume {name!r} not found", "create it first: Volume.create")
             mounts.append(VolumeMount(name, path, row["id"]))
         check_mounts(mounts)
+        for mount in mounts:
+            await self.here(mount.volume_id)
         return mounts
 
     async def files(self, volume_id: str, authorization: str) -> VolumeFiles:
@@ -113,7 +143,140 @@ class VolumeCatalog:
             raise NotFound(f"volume {volume_id!r} not found")
         if not hmac.compare_digest(token.strip(), self.token(row["id"])):
             raise Unauthenticated("invalid volume token for this volume")
+        await self.here(row["id"])
         return VolumeFiles(self.node.volumes.data(row["id"]))
+
+    # -- a cluster's volumes move between nodes ------------------------------------------------
+
+    async def here(self, volume_id: str) -> None:
+        """In a cluster, the volume on this node (before a sandbox mounts it or its files are
+        used): moved here if its node is draining or lost."""
+        share = self.node.volume_share
+        if share is None:
+            return
+        async with self._moving[volume_id]:
+            row = await store.get_volume(self.engine, volume_id)
+            if row is None:
+                raise NotFound(f"volume {volume_id!r} not found")
+            if row["node_id"] != self.control.node_id:
+                await self._bring(row)
+            elif await asyncio.to_thread(self.node.volumes.present, volume_id):
+                return
+            try:  # here by the catalog: moved here now, or before and its fetch cut short
+                fetched = await asyncio.to_thread(share.fetch, volume_id)
+            except ShelfError as exc:
+                raise RuntimeFailure(f"volume {row['name']!r} could not be fetched: {exc}",
+                                     HINT) from None  # fmt: skip
+            if not fetched:
+                raise RuntimeFailure(f"volume {row['name']!r} is on this node by the catalog, "
+                                     "and neither here nor stored", HINT)  # fmt: skip
+            log.info("volume %s (%s) is here now", volume_id, row["name"])
+
+    async def _bring(self, row: Row) -> None:
+        """The row moved to this node, from a draining node (which stored the volume) or a
+        lost one (whose last stored copy is all there is)."""
+        home, name = row["node_id"], row["name"]
+        status = await self.control.directory.status(home)
+        if status == "ready":
+            raise Conflict(f"volume {name!r} is on node {home}",
+                           "send requests through the cluster's API")  # fmt: skip
+        if status == "draining":
+            await self._handed_over(home, row)
+            return
+        share = self.node.volume_share
+        assert share is not None
+        try:
+            stored = await asyncio.to_thread(share.stored, row["id"])
+        except ShelfError as exc:
+            raise RuntimeFailure(f"volume {name!r} could not be looked up: {exc}", HINT) from None
+        if not stored:
+            raise NodeUnavailable(f"volume {name!r} is on node {home}, which is lost, and was "
+                                  "never stored", "it comes back with that node")  # fmt: skip
+        if not await store.move_volume(self.engine, row["id"], home, self.control.node_id):
+            raise Conflict(f"volume {name!r} moved meanwhile", "retry")
+        log.warning("volume %s (%s) of lost node %s taken over from its last stored copy: what "
+                    "was written there since is not in it", row["id"], name, home)  # fmt: skip
+
+    async def _handed_over(self, home: str, row: Row) -> None:
+        node = await self.control.directory.node(home)
+        assert node is not None
+        settings = self.control.settings
+        url = node["address"].rstrip("/") + HANDOVER.format(volume_id=row["id"])
+        async with httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=5.0), trust_env=False,
+                                     verify=settings.cluster_client_tls()) as http:  # fmt: skip
+            try:
+                headers = {secret.HEADER: settings.cluster_secret}
+                answer = await http.post(url, json={"to": self.control.node_id}, headers=headers)
+            except httpx.HTTPError as exc:
+                raise NodeUnavailable(f"node {home}, which has volume {row['name']!r}, did not "
+                                      f"hand it over: {exc!r}", "retry") from None  # fmt: skip
+        if answer.status_code != 200:
+            try:
+                message = str(answer.json()["message"])
+            except (ValueError, KeyError, TypeError):
+                message = f"node {home} answered {answer.status_code}"
+            raise Conflict(message, "retry once the volume is free")
+
+    async def hand_over(self, volume_id: str, to: str) -> None:
+        """This (draining) node's volume to node `to`: stored, the row moved, the copy here
+        removed; refused while a sandbox here runs with it."""
+        share = self.node.volume_share
+        if share is None:
+            raise NotFound(f"volume {volume_id!r} not found")
+        async with self._moving[volume_id]:
+            row = await store.get_volume(self.engine, volume_id)
+            if row is None or row["node_id"] != self.control.node_id:
+                raise NotFound(f"volume {volume_id!r} is not on node {self.control.node_id}")
+            users = self._running_with(volume_id)
+            if users:
+                raise Conflict(f"volume {row['name']!r} is in use by sandbox "
+                               f"{', '.join(users)} on node {self.control.node_id}",
+                               "pause or kill it, or wait until it ends")  # fmt: skip
+            await self._store(volume_id)
+            if not await store.move_volume(self.engine, volume_id, self.control.node_id, to):
+                raise Conflict(f"volume {row['name']!r} moved meanwhile", "retry")
+            await asyncio.to_thread(self.node.volumes.delete, volume_id)
+        log.info("volume %s (%s) handed over to node %s", volume_id, row["name"], to)
+
+    async def _store(self, volume_id: str) -> None:
+        """The volume stored, if it changed since it last was."""
+        share = self.node.volume_share
+        assert share is not None
+        try:
+            if await asyncio.to_thread(share.changed, volume_id):
+                size = await asyncio.to_thread(share.publish, volume_id)
+                log.info("volume %s stored (%d MiB)", volume_id, size >> 20)
+        except (ShelfError, OSError) as exc:
+            raise RuntimeFailure(f"volume {volume_id} could not be stored: {exc}", HINT) from None
+
+    def _running_with(self, volume_id: str) -> list[str]:
+        return sorted(r.sandbox_id for r in self.node.sandboxes.values()
+                      if any(m.get("volume_id") == volume_id for m in r.volumes))  # fmt: skip
+
+    async def sweep(self) -> None:
+        """A cluster's node: store what changed, and drop copies of volumes that moved away
+        (taken over while this node was lost) or were deleted meanwhile."""
+        share = self.node.volume_share
+        if share is None:
+            return
+        mine = {r["id"] for r in await store.node_volumes(self.engine, self.control.node_id)}
+        for volume_id in await asyncio.to_thread(self.node.volumes.ids):
+            async with self._moving[volume_id]:
+                busy = self._running_with(volume_id)
+                if volume_id not in mine:
+                    if not busy:
+                        log.warning("dropping this node's copy of volume %s: the cluster moved "
+                                    "or deleted it", volume_id)  # fmt: skip
+                        await asyncio.to_thread(self.node.volumes.delete, volume_id)
+                    continue
+                last = await asyncio.to_thread(share.last_stored, volume_id)
+                if busy and last is not None and time.time() - last["at"] < PUBLISH_EVERY_S:
+                    continue
+                if await asyncio.to_thread(self.node.volumes.present, volume_id):
+                    try:
+                        await self._store(volume_id)
+                    except RuntimeFailure as exc:
+                        log.warning("%s", exc)
 
 
 def mounts_request(data: Any) -> tuple[tuple[str, str], ...]:

@@ -3,9 +3,10 @@ node that should answer it, with the caller's key and the cluster secret.
 
 - A create is placed (placement.py) and tried node after node while nodes refuse it (draining,
   full, unreachable before it was sent). A create from a team's snapshot goes to the node that
-  took it (while it is ready), one mounting a volume to the node that keeps it, and one from a
-  team's template to any node with the runsc of the node that built it (a build or snapshot is
-  fetched from the object store where it is missing).
+  took it and one mounting a volume to the node that keeps it, while that node is ready (else
+  elsewhere, where it is fetched or the volume moved: api/volumes.py), and one from a team's
+  template to any node with the runsc of the node that built it (the build is fetched where it
+  is missing).
 - A request that names a sandbox, snapshot, template or volume goes to the node the catalog
   says holds it.
 - Anything else (listings, keys, teams, nodes, events: the catalog's business) goes to the first
@@ -79,6 +80,9 @@ class Router:
         try:
             if request.url.path == "/health":
                 return JSONResponse({"status": "ok"})
+            if request.url.path.startswith("/cluster/"):  # between nodes only
+                return JSONResponse({"code": 404, "message": f"{request.url.path} was not "
+                                     "found on this server"}, 404)  # fmt: skip
             target = await self._target(request)
             if target.place:
                 body = await _small_body(request)
@@ -117,7 +121,12 @@ class Router:
             owner = await self.directory.owner("snapshot", object_id)
         if owner is None and kind == "template":  # by name: the caller's own
             owner = await self._named_template(request, object_id)
-        return Target(node_id=owner) if owner is not None and await self._alive(owner) else Target()
+        if owner is not None and await self._alive(owner):
+            return Target(node_id=owner)
+        if owner is not None and kind == "volume":  # its node is lost: one node takes it over
+            stand_in = await self.directory.stand_in(object_id)
+            return Target(node_id=stand_in["id"] if stand_in else None)
+        return Target()
 
     async def _named_template(self, request: Request, name: str) -> str | None:
         """The node holding the caller's template or snapshot of that name (a delete by name)."""
@@ -153,15 +162,20 @@ class Router:
         if isinstance(wanted, str) and wanted:
             engine, name = self.directory.engine, wanted.split(":", 1)[0]
             # A snapshot on its node, where its files are (on another that restores what that
-            # node made while it is draining or lost: it fetches the snapshot, unless the
-            # snapshot mounts volumes, which stay on their node); a team template on any node
-            # that restores what its builder built (the others fetch the build).
+            # node made while it is draining or lost: it fetches the snapshot); a team
+            # template on any node that restores what its builder built (the others fetch the
+            # build); volumes as _volume_home says.
             snapshot = await store.team_snapshot(engine, team["id"], wanted)
             if snapshot is not None:
                 home = snapshot["node_id"]
-                elsewhere = not snapshot["volume_mounts"] and not await self._ready(home)
-                within(await self.directory.alike(home) or frozenset() if elsewhere
-                       else frozenset({home}))  # fmt: skip
+                ready = await self._ready(home)
+                within(
+                    frozenset({home}) if ready else await self.directory.alike(home) or frozenset()
+                )
+                for mount in snapshot["volume_mounts"]:
+                    volume = await store.get_volume(engine, mount["volume_id"])
+                    if volume is not None:
+                        within(await self._volume_home(volume))
             template = await store.team_template(engine, team["id"], name)
             if template is not None and (alike := await self.directory.alike(template["node_id"])):
                 within(alike)
@@ -169,9 +183,17 @@ class Router:
             if isinstance(mount, dict) and isinstance(mount.get("name"), str):
                 volume = await store.team_volume(self.directory.engine, team["id"],
                                                  name=mount["name"])  # fmt: skip
-                if volume is not None:  # on its node: volumes are node-local
-                    within(frozenset({volume["node_id"]}))
+                if volume is not None:
+                    within(await self._volume_home(volume))
         return bound
+
+    async def _volume_home(self, volume: Row) -> frozenset[str]:
+        """Where a sandbox mounting the volume may start: its node while it is ready, else the
+        one node that takes it over (the same from every replica)."""
+        if await self._ready(volume["node_id"]):
+            return frozenset({volume["node_id"]})
+        stand_in = await self.directory.stand_in(volume["id"])
+        return frozenset({stand_in["id"]}) if stand_in else frozenset()
 
     async def _alive(self, node_id: str) -> bool:
         return await self.directory.status(node_id) in ("ready", "draining")

@@ -68,6 +68,7 @@ from vivarium.node.steps import Steps
 from vivarium.node.team_snapshots import snapshot_sandbox, start_from_snapshot
 from vivarium.node.template_builds import BUILD_EGRESS, TemplateBuilds
 from vivarium.node.template_share import TemplateShare
+from vivarium.node.volume_share import VolumeShare
 from vivarium.node.volumes import VolumeMount, VolumeStore, check_mounts
 from vivarium.node.warm import WarmPool
 from vivarium.proc import Result
@@ -131,6 +132,9 @@ class Node:
                                         settings.egress_ca_file)  # fmt: skip
         self.egress_dns = EgressDNS(self._egress_of, settings.egress_allow, settings.egress_dns)
         self.volumes = VolumeStore(settings.volumes_dir, settings.volume_size_mb)
+        volume_url = settings.volume_share_url
+        self.volume_share = (VolumeShare(volume_url, settings.s3_endpoint_url, self.volumes)
+                             if volume_url else None)  # fmt: skip
         self.history = MetricsHistory(settings.metrics_retention_s, self.records.container_dir)
         self._sampler: asyncio.Task[None] | None = None
         self.disks = DiskPool(settings.state_dir / "disks", settings.default_disk_mb,

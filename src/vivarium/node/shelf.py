@@ -13,9 +13,11 @@ the store or the disk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +44,34 @@ class Shelf:
     def put(self, key: str, directory: Path, members: list[str], info: dict[str, Any]) -> int:
         """Store `members` of `directory` under `key` (replacing what was there); returns the
         archive's size."""
+        with self.packed(directory, members) as archive:
+            return self.upload(key, archive, info)
+
+    @contextlib.contextmanager
+    def packed(self, directory: Path, members: list[str]) -> Iterator[Path]:
+        """`members` of `directory` in an archive beside it, removed afterwards (what must not
+        change while it is read need not wait for the upload)."""
         archive = directory.parent / f".{directory.name}.{os.getpid()}.tar.zst"
         try:
             run_sync([*TAR, "-cf", str(archive), "-C", str(directory), *members],
                      timeout=TAR_TIMEOUT_S)  # fmt: skip
-            size = archive.stat().st_size
-            manifest = {**info, "sha256": _sha256(archive), "size": size}
-            self._call(self.objects.upload, f"{key}/{ARCHIVE}", archive)
-            self._call(self.objects.write, f"{key}/{MANIFEST}", json.dumps(manifest).encode())
-        except ShelfError:
-            raise
         except Exception as exc:  # tar, the disk
-            raise ShelfError(f"storing {key} in {self.url} failed: {exc}") from None
+            archive.unlink(missing_ok=True)
+            raise ShelfError(f"packing {directory} failed: {exc}") from None
+        try:
+            yield archive
         finally:
             archive.unlink(missing_ok=True)
+
+    def upload(self, key: str, archive: Path, info: dict[str, Any]) -> int:
+        """A packed archive stored under `key`, its manifest last; returns its size."""
+        try:
+            size = archive.stat().st_size
+            manifest = {**info, "sha256": _sha256(archive), "size": size}
+        except OSError as exc:
+            raise ShelfError(f"reading {archive} failed: {exc}") from None
+        self._call(self.objects.upload, f"{key}/{ARCHIVE}", archive)
+        self._call(self.objects.write, f"{key}/{MANIFEST}", json.dumps(manifest).encode())
         return size
 
     def manifest(self, key: str) -> dict[str, Any] | None:

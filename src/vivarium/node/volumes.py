@@ -132,6 +132,13 @@ class VolumeStore:
             raise NotFound(f"volume {volume_id!r} not found on this node")
         return path
 
+    def present(self, volume_id: str) -> bool:
+        """Whether the volume is here, mounted."""
+        return os.path.ismount(self._dir(volume_id) / FS)
+
+    def mount(self, volume_id: str) -> None:
+        self._mount(self._dir(volume_id))
+
     def create(self, volume_id: str) -> None:
         directory = self._dir(volume_id)
         directory.mkdir(mode=0o700, parents=True)
@@ -165,9 +172,13 @@ class VolumeStore:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         count = 0
         for directory in self.root.iterdir():
-            if not (directory / IMAGE).exists():
+            if not valid_volume_id(directory.name) or not (directory / IMAGE).exists():
+                # Half-made, or what a fetch or store a crash cut short left (volume_share.py).
                 log.warning("removing half-made volume %s", directory.name)
-                shutil.rmtree(directory, ignore_errors=True)
+                if directory.is_dir():
+                    shutil.rmtree(directory, ignore_errors=True)
+                else:
+                    directory.unlink(missing_ok=True)
                 continue
             count += 1
             if not os.path.ismount(directory / FS):
