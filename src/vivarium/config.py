@@ -153,6 +153,10 @@ class Settings:
     # The CA that signed the nodes' certificates (nodes with VIVARIUM_TLS_CERT are reached over
     # TLS): the API replicas and the proxy verify them with it; empty: the host's store.
     cluster_ca_file: Path | None = None
+    # How often a cluster's node compares what it holds with the catalog (what the cluster gave
+    # up, copies of templates and volumes that went elsewhere), stores changed volumes and
+    # applies retention to lost nodes' paused sandboxes.
+    cluster_sweep_s: float = 30.0
     # Destinations a sandbox with internet access may reach even though they are private
     # or host addresses (an internal package mirror, say). Empty by default.
     egress_allow: tuple[str, ...] = field(default_factory=tuple)
@@ -227,6 +231,7 @@ class Settings:
             node_url=_env("NODE_URL", ""),
             node_proxy_url=_env("NODE_PROXY_URL", ""),
             cluster_ca_file=Path(f) if (f := _env("CLUSTER_CA_FILE", "")) else None,
+            cluster_sweep_s=float(max(1, _env_int("CLUSTER_SWEEP_S", 30))),
             egress_allow=_env_list("EGRESS_ALLOW"),
             egress_dns=_env_list("EGRESS_DNS"),
             egress_ca_file=Path(f) if (f := _env("EGRESS_CA_FILE", "")) else None,

@@ -4,10 +4,12 @@ a network namespace of its own, over a real PostgreSQL, driven by the official c
 from __future__ import annotations
 
 import contextlib
+import http.client as http_client
 import secrets
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +25,7 @@ from tests.cluster.support import (
     API_PORT,
     GATEWAY,
     PROXY_PORT,
+    SECRET,
     Host,
     Part,
     admin_key,
@@ -33,7 +36,6 @@ from tests.cluster.support import (
 )
 from tests.postgres import Postgres, postgres
 from tests.s3server import CREDENTIALS, bucket_server
-from vivarium.api.control import CLUSTER_SWEEP_S
 from vivarium.cluster.directory import NODES_TTL_S
 from vivarium.cluster.secret import HEADER
 
@@ -42,6 +44,7 @@ BUCKET = "vivarium-cluster"
 S3_ARGS = {"region_name": "us-east-1", "aws_access_key_id": "test",
            "aws_secret_access_key": "test"}  # fmt: skip
 S3_PORT = 9311
+SWEEP_S = 5  # VIVARIUM_CLUSTER_SWEEP_S of the test cluster's nodes
 
 
 @dataclass
@@ -121,7 +124,7 @@ def cluster() -> Iterator[Cluster]:
 
 def node_settings(s3_endpoint: str) -> dict[str, str]:
     return {"team_max_sandboxes": "100", "snapshot_url": f"s3://{BUCKET}/cluster",
-            "s3_endpoint_url": s3_endpoint}  # fmt: skip
+            "s3_endpoint_url": s3_endpoint, "cluster_sweep_s": str(SWEEP_S)}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -351,7 +354,7 @@ def test_a_team_template_built_on_one_node_starts_on_another(cluster: Cluster) -
         http.delete(f"/templates/{template_id}").raise_for_status()
     stored = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"cluster/templates/{template_id}/")
     assert not stored.get("Contents")
-    deadline = time.monotonic() + CLUSTER_SWEEP_S + 30
+    deadline = time.monotonic() + SWEEP_S + 30
     while any(c.exists() for c in copies):  # each node's next sweep
         assert time.monotonic() < deadline, f"copies left: {copies}\n{cluster.logs()}"
         time.sleep(1.0)
@@ -407,7 +410,7 @@ def test_a_paused_sandbox_of_a_draining_node_resumes_on_another(cluster: Cluster
             time.sleep(1.0)
             assert int(resumed.files.read("/tmp/n")) > first
             # The node it left drops its copy of the snapshot (its next sweep).
-            deadline = time.monotonic() + CLUSTER_SWEEP_S + 30
+            deadline = time.monotonic() + SWEEP_S + 30
             held = cluster.nodes[home].state_dir / "snapshots" / sbx.sandbox_id
             while held.exists():
                 assert time.monotonic() < deadline, f"{held} is still there"
@@ -447,7 +450,7 @@ def test_a_lost_nodes_paused_sandbox_resumes_on_another_node_with_its_memory(
     writer.kill()
     s3 = boto3.client("s3", endpoint_url=cluster.s3, **S3_ARGS)
     manifest = f"cluster/volumes/{volume.volume_id}/manifest.json"
-    deadline = time.monotonic() + CLUSTER_SWEEP_S + 30
+    deadline = time.monotonic() + SWEEP_S + 30
     while not s3.list_objects_v2(Bucket=BUCKET, Prefix=manifest).get("Contents"):
         assert time.monotonic() < deadline, f"{manifest} was not stored\n{cluster.logs()}"
         time.sleep(1.0)
@@ -495,7 +498,7 @@ def test_a_lost_nodes_paused_sandbox_resumes_on_another_node_with_its_memory(
         assert reader.files.read("/mnt/data/kept.txt") == "stored by the node's sweep"
         reader.kill()
         query = f"select state, end_reason from sandboxes where id = '{old.sandbox_id}'"
-        deadline = time.monotonic() + CLUSTER_SWEEP_S + 30
+        deadline = time.monotonic() + SWEEP_S + 30
         while cluster.sql(query) != [["killed", "snapshot expired"]]:
             assert time.monotonic() < deadline, (cluster.sql(query), cluster.logs())
             time.sleep(1.0)
@@ -523,9 +526,18 @@ def test_a_nodes_api_answers_only_the_cluster(cluster: Cluster) -> None:
         assert "cluster" in answer.json()["message"]
     with cluster.http() as http:  # the same request through an API replica
         assert http.get("/sandboxes").status_code == 200
-        # What nodes ask each other is not the public API's: a replica never forwards it.
-        handover = http.post("/cluster/volumes/v0000000000000000000/handover", json={"to": "x"})
-        assert handover.status_code == 404, handover.text
+        # What nodes ask each other is not the public API's: a replica never forwards it, by
+        # any spelling of its path, and a node wants more than the secret the replica adds.
+        handover = "/cluster/volumes/v0000000000000000000/handover"
+        assert http.post(handover, json={"to": "x"}).status_code == 404
+        api = urllib.parse.urlsplit(cluster.apis[0].api_url)
+        raw = http_client.HTTPConnection(api.hostname, api.port, timeout=30)
+        headers = {"X-API-Key": cluster.key, "Content-Type": "application/json"}
+        raw.request("POST", "/sandboxes/.." + handover, body=b'{"to": "x"}', headers=headers)
+        assert raw.getresponse().status == 404
+        raw.close()
+    answer = httpx.post(node.api_url + handover, json={"to": "x"}, headers={HEADER: SECRET})
+    assert answer.status_code == 404, answer.text
 
 
 def test_a_sandbox_reaches_no_part_of_the_cluster(cluster: Cluster) -> None:

@@ -25,13 +25,14 @@ from vivarium.templates.store import Template, TemplateStore, sha256_dir
 
 S3_PORT = 5131
 BUCKET = "vivarium-templates"
+KEY = b"the cluster's signing key"
 
 
 @pytest.fixture(scope="module")
 def share() -> Iterator[TemplateShare]:
     os.environ.update(CREDENTIALS)
     with bucket_server(S3_PORT, BUCKET) as server:
-        yield TemplateShare(f"s3://{BUCKET}/cluster/templates", server.endpoint)
+        yield TemplateShare(f"s3://{BUCKET}/cluster/templates", server.endpoint, KEY)
 
 
 def _build(store: TemplateStore, name: str, build_id: str, *, image: bool) -> Template:
@@ -94,7 +95,9 @@ def test_a_build_goes_up_once_and_comes_back_whole_on_another_node(
         asyncio.run(share.fetch(TemplateStore(tmp_path / "c"), name, "b1"))
 
 
-def test_a_corrupt_copy_is_refused_and_leaves_nothing(share: TemplateShare, tmp_path: Path) -> None:
+def test_a_corrupt_or_foreign_copy_is_refused_and_leaves_nothing(
+    share: TemplateShare, tmp_path: Path
+) -> None:
     here, there = TemplateStore(tmp_path / "a"), TemplateStore(tmp_path / "b")
     made = _build(here, "corrupt", "b1", image=False)
     share.publish(made)
@@ -103,5 +106,12 @@ def test_a_corrupt_copy_is_refused_and_leaves_nothing(share: TemplateShare, tmp_
         with pytest.raises(RuntimeFailure, match="corrupt"):
             asyncio.run(share.fetch(there, "corrupt", "b1"))
         assert list(there.builds_dir("corrupt").iterdir()) == []
+        # Stored by whoever can write to the bucket, without the cluster secret: refused.
+        other = TemplateShare(share.shelf.url, share.shelf.objects.endpoint_url, b"another key")
+        other.publish(_build(TemplateStore(tmp_path / "c"), "foreign", "b1", image=False))
+        with pytest.raises(RuntimeFailure, match="not stored by a node of this cluster"):
+            asyncio.run(share.fetch(there, "foreign", "b1"))
+        assert list(there.builds_dir("foreign").iterdir()) == []
     finally:
         share.delete("corrupt")
+        share.delete("foreign")

@@ -33,7 +33,7 @@ def nodes(endpoint: str, tmp_path: Path) -> Iterator[tuple[VolumeShare, VolumeSh
     for name in ("a", "b"):
         volumes = VolumeStore(tmp_path / name, 64)
         volumes.root.mkdir()
-        made.append(VolumeShare(f"s3://{BUCKET}/cluster/volumes", endpoint, volumes))
+        made.append(VolumeShare(f"s3://{BUCKET}/cluster/volumes", endpoint, b"key", volumes))
     yield made[0], made[1]
     for share in made:
         for volume_id in share.volumes.ids():

@@ -56,7 +56,6 @@ DISK_MB = 0  # the root filesystem lives in the sandbox's memory (overlay), not 
 MIN_REFRESH_S = 15
 T = TypeVar("T")
 MAX_FORKS = 20  # children of one fork, as E2B's client allows
-CLUSTER_SWEEP_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -135,6 +134,7 @@ class ControlPlane:
             self._periodic.append(loop.create_task(self._expire_snapshots()))
         if self.settings.role == "node":
             self._periodic.append(loop.create_task(self._sweep_cluster()))
+            self._background(self.templates.share_builds_here())
         return first_key
 
     async def _warm_up(self) -> None:
@@ -204,11 +204,11 @@ class ControlPlane:
                 self.node.delete_snapshot(sandbox_id)
 
     async def _sweep_cluster(self) -> None:
-        """A cluster's node: give_up_abandoned every CLUSTER_SWEEP_S (a sandbox moves when
+        """A cluster's node: give_up_abandoned every cluster_sweep_s (a sandbox moves when
         its node drains or is lost), drop copies of templates deleted meanwhile, apply
         snapshot retention to lost nodes' paused sandboxes, store volumes that changed."""
         while True:
-            await asyncio.sleep(CLUSTER_SWEEP_S)
+            await asyncio.sleep(self.settings.cluster_sweep_s)
             try:
                 await self.give_up_abandoned()
             except Exception:
@@ -256,6 +256,8 @@ class ControlPlane:
     async def _expire_lost_nodes_snapshots(self) -> None:
         """A cluster's node: retention for the paused sandboxes of lost nodes too (their own
         node's timer is gone), each applied by the node that stands in for it."""
+        if self.settings.snapshot_max_age_s <= 0:  # kept until killed
+            return
         cutoff = time.time() - self.settings.snapshot_max_age_s
         now = await nodes.catalog_time(self.engine)
         for row in await nodes.list_nodes(self.engine):

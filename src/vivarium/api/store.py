@@ -349,6 +349,14 @@ async def sandboxes_mounting(engine: AsyncEngine, team_id: str, volume_id: str) 
     return await _ids_mounting(engine, query, volume_id)
 
 
+async def live_mounting_on(engine: AsyncEngine, node_id: str, volume_id: str) -> list[str]:
+    """Sandboxes starting, running or being paused on the node that mount the volume."""
+    query = select(sandboxes.c.id, sandboxes.c.volume_mounts).where(
+        sandboxes.c.node_id == node_id, sandboxes.c.state.in_(("starting", "running", "pausing"))
+    )
+    return await _ids_mounting(engine, query, volume_id)
+
+
 async def _ids_mounting(engine: AsyncEngine, query: Any, volume_id: str) -> list[str]:
     """The ids of `query`'s rows (id, volume_mounts) whose mounts name the volume (filtered
     here: JSON queries differ between SQLite and PostgreSQL)."""

@@ -325,3 +325,27 @@ class TemplateCatalog:
                 continue
             log.info("dropping this node's copy of template %s: it was deleted", template_id)
             await asyncio.to_thread(self.node.builds.remove_template, template_id, builds=True)
+
+    async def share_builds_here(self) -> None:
+        """A cluster's node, at start: its team templates' builds in the store, where those
+        made before it was a node of a cluster that shares them are not (other nodes fetch
+        them from there)."""
+        share = self.node.template_share
+        if share is None:
+            return
+        store_ = self.node.templates
+        found = await asyncio.to_thread(
+            lambda: sorted(p.parent.parent.name + "/" + p.parent.name for p in
+                           store_.root.glob("*/builds/*/manifest.json"))
+            if store_.root.is_dir() else []
+        )  # fmt: skip
+        for key in found:
+            name, build_id = key.split("/")
+            if name in RECIPES:  # shared when a sandbox on them is first paused
+                continue
+            try:
+                template = await asyncio.to_thread(store_.build, name, build_id)
+                await share.share(template)
+            except Exception as exc:
+                log.warning("build %s of template %s is not in the store: %s", build_id, name,
+                            exc)  # fmt: skip

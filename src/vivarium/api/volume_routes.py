@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -17,7 +18,8 @@ from starlette.routing import Route
 from vivarium.api import shapes
 from vivarium.api.control import ControlPlane
 from vivarium.api.volumes import HANDOVER
-from vivarium.errors import InvalidArgument, VivariumError
+from vivarium.cluster import secret
+from vivarium.errors import InvalidArgument, NotFound, VivariumError
 from vivarium.httpjson import guarded, json_body, typed
 from vivarium.node.volume_files import VolumeFiles
 
@@ -152,11 +154,26 @@ def routes(control: ControlPlane, authed: Authed) -> list[Route]:
             raise
         return JSONResponse(entry, status_code=201)
 
+    def writes(handler: Callable[[Request], Awaitable[Response]]) -> Callable[..., Any]:
+        """A route that changes the volume: in a cluster, not handed to another node while it
+        runs (api/volumes.py)."""
+
+        async def endpoint(request: Request) -> Response:
+            async with catalog.writing(str(request.path_params["volume_id"])):
+                return await handler(request)
+
+        return endpoint
+
+    credential = secret.node_credential(control.settings.cluster_secret)
+
     @guarded
     async def hand_over(request: Request) -> Response:
         """Another node takes this node's volume (api/volumes.py). Only a cluster's node has
-        this route, and its API answers only the cluster secret; the cluster's API never
-        forwards it."""
+        this route, and it answers only another node (the cluster's API never passes on the
+        credential nodes send each other)."""
+        sent = request.headers.get(secret.NODE_HEADER, "")
+        if not hmac.compare_digest(sent.encode(), credential.encode()):
+            raise NotFound(f"{request.url.path} was not found on this server")
         to = typed(await json_body(request), "to", str)
         if not to:
             raise InvalidArgument("to (the node taking the volume) is required")
@@ -172,10 +189,10 @@ def routes(control: ControlPlane, authed: Authed) -> list[Route]:
         Route("/volumes/{volume_id}", authed(get), methods=["GET"]),
         Route("/volumes/{volume_id}", authed(delete), methods=["DELETE"]),
         Route(content + "/path", stat, methods=["GET"]),
-        Route(content + "/path", remove, methods=["DELETE"]),
-        Route(content + "/path", update, methods=["PATCH"]),
+        Route(content + "/path", writes(remove), methods=["DELETE"]),
+        Route(content + "/path", writes(update), methods=["PATCH"]),
         Route(content + "/dir", list_dir, methods=["GET"]),
-        Route(content + "/dir", make_dir, methods=["POST"]),
+        Route(content + "/dir", writes(make_dir), methods=["POST"]),
         Route(content + "/file", read, methods=["GET"]),
-        Route(content + "/file", write, methods=["PUT"]),
+        Route(content + "/file", writes(write), methods=["PUT"]),
     ]

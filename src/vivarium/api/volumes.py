@@ -3,22 +3,25 @@
 paused one would lose it at its resume), and its content API takes a bearer token derived from
 the server's seed, never stored.
 
-In a cluster a volume is on one node at a time, the one its row names, and moves when it is
-needed while that node is draining or lost (`here`): a draining node hands it over (stored
-first, then the row moved, then its copy removed) unless a sandbox there runs with it; a lost
+In a cluster a volume is on one node at a time, the one its row names, and moves when another
+node needs it (`here`; the cluster's API sends creates that mount it to its node while that node
+is ready): its node hands it over (stored first, then the row moved, then its copy removed)
+unless a sandbox there starts or runs with it or a write of its files is under way; a lost
 node's is taken from what it last stored (its sweep stores changed volumes every
-CLUSTER_SWEEP_S, volumes in use every PUBLISH_EVERY_S). A node that finds a volume of its own
-moved away drops its copy. One node moves a volume at a time: a node under `_moving`, and the
-catalog's conditional update across nodes.
+VIVARIUM_CLUSTER_SWEEP_S, volumes in use every PUBLISH_EVERY_S). A node that finds a copy of a
+volume no longer its own drops it. One node moves a volume at a time: on a node under
+`_moving`, across nodes by the catalog's conditional update.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -57,6 +60,7 @@ class VolumeCatalog:
         self.engine = control.engine
         self.node = control.node
         self._moving: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._writers: Counter[str] = Counter()  # writes through the files API under way
 
     def token(self, volume_id: str) -> str:
         return keys.volume_token(self.control.seed, volume_id)
@@ -105,10 +109,11 @@ class VolumeCatalog:
                 raise Conflict(f"volume {row['name']!r} is mounted by the sandboxes of snapshot "
                                f"{', '.join(sorted(snapshots))}",
                                "delete those snapshots first")  # fmt: skip
-            await store.drop_volume(self.engine, row["id"])
-            await asyncio.to_thread(self.node.volumes.delete, row["id"])
-            if (share := self.node.volume_share) is not None:  # on a lost node: its sweep
-                await asyncio.to_thread(share.delete, row["id"])  # drops its copy when back
+            async with self._moving[row["id"]]:  # not while it is stored or moved
+                await store.drop_volume(self.engine, row["id"])
+                await asyncio.to_thread(self.node.volumes.delete, row["id"])
+                if (share := self.node.volume_share) is not None:  # a lost node's copy: its
+                    await asyncio.to_thread(share.delete, row["id"])  # sweep drops it when back
 
     async def reconcile(self) -> None:
         """After a restart: volumes on the node that the catalog does not know (a crash between
@@ -148,12 +153,28 @@ class VolumeCatalog:
 
     # -- a cluster's volumes move between nodes ------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def writing(self, volume_id: str) -> AsyncIterator[None]:
+        """A write through the files API under way: the volume is not handed over meanwhile."""
+        self._writers[volume_id] += 1
+        try:
+            yield
+        finally:
+            self._writers[volume_id] -= 1
+            if not self._writers[volume_id]:
+                del self._writers[volume_id]
+
     async def here(self, volume_id: str) -> None:
         """In a cluster, the volume on this node (before a sandbox mounts it or its files are
-        used): moved here if its node is draining or lost."""
+        used): moved here if another node has it."""
         share = self.node.volume_share
         if share is None:
             return
+        row = await store.get_volume(self.engine, volume_id)
+        if row is None:
+            raise NotFound(f"volume {volume_id!r} not found")
+        if row["node_id"] == self.control.node_id and self.node.volumes.present(volume_id):
+            return  # the usual case: no lock, which a store of it in progress holds
         async with self._moving[volume_id]:
             row = await store.get_volume(self.engine, volume_id)
             if row is None:
@@ -161,6 +182,9 @@ class VolumeCatalog:
             if row["node_id"] != self.control.node_id:
                 await self._bring(row)
             elif await asyncio.to_thread(self.node.volumes.present, volume_id):
+                return
+            elif await asyncio.to_thread(self.node.volumes.mountable, volume_id):
+                await asyncio.to_thread(self.node.volumes.mount, volume_id)
                 return
             try:  # here by the catalog: moved here now, or before and its fetch cut short
                 fetched = await asyncio.to_thread(share.fetch, volume_id)
@@ -173,66 +197,78 @@ class VolumeCatalog:
             log.info("volume %s (%s) is here now", volume_id, row["name"])
 
     async def _bring(self, row: Row) -> None:
-        """The row moved to this node, from a draining node (which stored the volume) or a
-        lost one (whose last stored copy is all there is)."""
-        home, name = row["node_id"], row["name"]
-        status = await self.control.directory.status(home)
-        if status == "ready":
-            raise Conflict(f"volume {name!r} is on node {home}",
-                           "send requests through the cluster's API")  # fmt: skip
-        if status == "draining":
+        """The row moved to this node: handed over by its node if that node answers (it stores
+        the volume first), else taken over from what it last stored (its node is lost). Any
+        copy left here from before is stale: dropped first."""
+        home, name, volume_id = row["node_id"], row["name"], row["id"]
+        if self._running_with(volume_id):
+            raise Conflict(f"volume {name!r} is on node {home}, and an old copy of it is in use "
+                           "here", "retry once the sandboxes using it here have ended")  # fmt: skip
+        await asyncio.to_thread(self.node.volumes.delete, volume_id)
+        if await self.control.directory.status(home) in ("ready", "draining"):
             await self._handed_over(home, row)
             return
         share = self.node.volume_share
         assert share is not None
         try:
-            stored = await asyncio.to_thread(share.stored, row["id"])
+            stored = await asyncio.to_thread(share.stored, volume_id)
         except ShelfError as exc:
             raise RuntimeFailure(f"volume {name!r} could not be looked up: {exc}", HINT) from None
         if not stored:
             raise NodeUnavailable(f"volume {name!r} is on node {home}, which is lost, and was "
                                   "never stored", "it comes back with that node")  # fmt: skip
-        if not await store.move_volume(self.engine, row["id"], home, self.control.node_id):
+        if not await store.move_volume(self.engine, volume_id, home, self.control.node_id):
             raise Conflict(f"volume {name!r} moved meanwhile", "retry")
         log.warning("volume %s (%s) of lost node %s taken over from its last stored copy: what "
-                    "was written there since is not in it", row["id"], name, home)  # fmt: skip
+                    "was written there since is not in it", volume_id, name, home)  # fmt: skip
 
     async def _handed_over(self, home: str, row: Row) -> None:
         node = await self.control.directory.node(home)
         assert node is not None
         settings = self.control.settings
         url = node["address"].rstrip("/") + HANDOVER.format(volume_id=row["id"])
+        headers = {secret.HEADER: settings.cluster_secret,
+                   secret.NODE_HEADER: secret.node_credential(settings.cluster_secret)}  # fmt: skip
         async with httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=5.0), trust_env=False,
                                      verify=settings.cluster_client_tls()) as http:  # fmt: skip
             try:
-                headers = {secret.HEADER: settings.cluster_secret}
                 answer = await http.post(url, json={"to": self.control.node_id}, headers=headers)
             except httpx.HTTPError as exc:
                 raise NodeUnavailable(f"node {home}, which has volume {row['name']!r}, did not "
                                       f"hand it over: {exc!r}", "retry") from None  # fmt: skip
-        if answer.status_code != 200:
-            try:
-                message = str(answer.json()["message"])
-            except (ValueError, KeyError, TypeError):
-                message = f"node {home} answered {answer.status_code}"
+        if answer.status_code == 200:
+            return
+        try:
+            message = str(answer.json()["message"])
+        except (ValueError, KeyError, TypeError):
+            message = f"node {home} answered {answer.status_code}"
+        if answer.status_code == 409:
             raise Conflict(message, "retry once the volume is free")
+        raise NodeUnavailable(f"node {home} did not hand over volume {row['name']!r}: {message}",
+                              "see that node's log")  # fmt: skip
 
     async def hand_over(self, volume_id: str, to: str) -> None:
-        """This (draining) node's volume to node `to`: stored, the row moved, the copy here
-        removed; refused while a sandbox here runs with it."""
+        """This node's volume to node `to` (another ready node): stored, the row moved, the
+        copy here removed; refused while a sandbox here starts or runs with it, or a write
+        through the files API is under way."""
         share = self.node.volume_share
         if share is None:
             raise NotFound(f"volume {volume_id!r} not found")
+        if to == self.control.node_id or await self.control.directory.status(to) != "ready":
+            raise InvalidArgument(f"node {to!r} is not another ready node")
         async with self._moving[volume_id]:
             row = await store.get_volume(self.engine, volume_id)
             if row is None or row["node_id"] != self.control.node_id:
                 raise NotFound(f"volume {volume_id!r} is not on node {self.control.node_id}")
-            users = self._running_with(volume_id)
-            if users:
-                raise Conflict(f"volume {row['name']!r} is in use by sandbox "
-                               f"{', '.join(users)} on node {self.control.node_id}",
-                               "pause or kill it, or wait until it ends")  # fmt: skip
-            await self._store(volume_id)
+            users = sorted({*self._running_with(volume_id), *await store.live_mounting_on(
+                self.engine, self.control.node_id, volume_id)})  # fmt: skip
+            if users or self._writers[volume_id]:
+                who = f"sandbox {', '.join(users)}" if users else "a write of its files"
+                raise Conflict(f"volume {row['name']!r} is in use by {who} on node "
+                               f"{self.control.node_id}", "pause or kill it, or wait until it "
+                               "ends")  # fmt: skip
+            if await asyncio.to_thread(self.node.volumes.present, volume_id):
+                await self._store(volume_id)
             if not await store.move_volume(self.engine, volume_id, self.control.node_id, to):
                 raise Conflict(f"volume {row['name']!r} moved meanwhile", "retry")
             await asyncio.to_thread(self.node.volumes.delete, volume_id)
@@ -259,12 +295,12 @@ class VolumeCatalog:
         share = self.node.volume_share
         if share is None:
             return
-        mine = {r["id"] for r in await store.node_volumes(self.engine, self.control.node_id)}
         for volume_id in await asyncio.to_thread(self.node.volumes.ids):
             async with self._moving[volume_id]:
+                row = await store.get_volume(self.engine, volume_id)
                 busy = self._running_with(volume_id)
-                if volume_id not in mine:
-                    if not busy:
+                if row is None or row["node_id"] != self.control.node_id:
+                    if not busy and not self._writers[volume_id]:
                         log.warning("dropping this node's copy of volume %s: the cluster moved "
                                     "or deleted it", volume_id)  # fmt: skip
                         await asyncio.to_thread(self.node.volumes.delete, volume_id)

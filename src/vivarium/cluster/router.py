@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,7 @@ from vivarium.api import store
 from vivarium.api.store import Row
 from vivarium.cluster.directory import Directory
 from vivarium.cluster.placement import Placement
-from vivarium.cluster.secret import HEADER, REFUSED
+from vivarium.cluster.secret import HEADER, NODE_HEADER, REFUSED
 from vivarium.errors import InvalidArgument, NodeUnavailable, UpstreamFailed, VivariumError
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ MAX_CREATE_BODY = 1 << 20
 # must not get to choose. Host passes: the node answers with links to where the client is.
 DROPPED = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                      "te", "trailer", "transfer-encoding", "upgrade", "x-forwarded-for",
-                     "x-forwarded-proto", HEADER})  # fmt: skip
+                     "x-forwarded-proto", HEADER, NODE_HEADER})  # fmt: skip
 # What a node answers when another node should be tried: it takes no new sandboxes.
 RETRY_CODES = frozenset({"node_unavailable", "node_full", "host_not_ready"})
 # The path segment after which a request names an object a node holds.
@@ -80,7 +81,7 @@ class Router:
         try:
             if request.url.path == "/health":
                 return JSONResponse({"status": "ok"})
-            if request.url.path.startswith("/cluster/"):  # between nodes only
+            if _for_nodes(request):
                 return JSONResponse({"code": 404, "message": f"{request.url.path} was not "
                                      "found on this server"}, 404)  # fmt: skip
             target = await self._target(request)
@@ -168,17 +169,17 @@ class Router:
             snapshot = await store.team_snapshot(engine, team["id"], wanted)
             if snapshot is not None:
                 home = snapshot["node_id"]
-                ready = await self._ready(home)
-                within(
-                    frozenset({home}) if ready else await self.directory.alike(home) or frozenset()
-                )
-                for mount in snapshot["volume_mounts"]:
+                alike = await self.directory.alike(home) or frozenset({home})
+                nodes = frozenset({home}) if await self._ready(home) else alike
+                for mount in snapshot["volume_mounts"]:  # where its volumes are, if they moved
                     volume = await store.get_volume(engine, mount["volume_id"])
                     if volume is not None:
-                        within(await self._volume_home(volume))
+                        there = await self._volume_home(volume)
+                        nodes = nodes & there or alike & there
+                within(nodes)
             template = await store.team_template(engine, team["id"], name)
-            if template is not None and (alike := await self.directory.alike(template["node_id"])):
-                within(alike)
+            if template is not None and (same := await self.directory.alike(template["node_id"])):
+                within(same)
         for mount in data.get("volumeMounts") or []:
             if isinstance(mount, dict) and isinstance(mount.get("name"), str):
                 volume = await store.team_volume(self.directory.engine, team["id"],
@@ -309,6 +310,14 @@ async def _small_body(request: Request) -> bytes:
         if len(body) > MAX_CREATE_BODY:
             raise too_large
     return body
+
+
+def _for_nodes(request: Request) -> bool:
+    """Whether the request names a route for nodes only, or could reach one: a path with dot
+    segments (httpx resolves them before sending)."""
+    raw = urllib.parse.unquote((request.scope.get("raw_path") or b"").decode("latin-1"))
+    segments = raw.split("/") + request.url.path.split("/")
+    return request.url.path.startswith("/cluster/") or any(s in (".", "..") for s in segments)
 
 
 def _is_create(request: Request) -> bool:

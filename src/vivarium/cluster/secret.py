@@ -14,6 +14,21 @@ HEADER = "x-vivarium-cluster-secret"
 REFUSED = "x-vivarium-cluster-refused"  # on a node's 401: the secret was missing or wrong
 
 
+NODE_HEADER = "x-vivarium-node"  # what nodes send only each other; the API never passes it on
+
+
+def node_credential(secret: str) -> str:
+    """What a node proves itself with to another node's routes for nodes (a volume's hand-over):
+    the cluster's API adds the cluster secret to what it forwards, never this."""
+    return hmac.new(secret.encode(), b"vivarium node to node", hashlib.sha256).hexdigest()
+
+
+def signing_key(secret: str) -> bytes:
+    """What the nodes sign what they store for each other with (node/shelf.py): whoever can
+    write to the bucket but lacks the secret cannot hand a node a build or volume to mount."""
+    return hmac.new(secret.encode(), b"vivarium shelf signature", hashlib.sha256).digest()
+
+
 def check_value(secret: str) -> str:
     """What the registry keeps of a node's secret: whether two nodes share one, never it."""
     return hmac.new(secret.encode(), b"vivarium cluster secret check", hashlib.sha256).hexdigest()

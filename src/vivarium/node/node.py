@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vivarium import statedir
+from vivarium.cluster import secret
 from vivarium.config import Settings
 from vivarium.errors import (
     Conflict,
@@ -106,9 +107,10 @@ class Node:
         statedir.prepare(settings.state_dir)  # before anything is made in it
         self.templates = TemplateStore(settings.templates_root)
         share_url = settings.template_share_url
-        self.template_share = (
-            TemplateShare(share_url, settings.s3_endpoint_url) if share_url else None
-        )
+        # What nodes store for each other is signed with a key from the cluster secret.
+        signing_key = secret.signing_key(settings.cluster_secret)
+        self.template_share = (TemplateShare(share_url, settings.s3_endpoint_url, signing_key)
+                               if share_url else None)  # fmt: skip
         self.records = RecordStore(settings.sandboxes_dir)
         self.snapshots = SnapshotStore(
             settings.state_dir / "snapshots",
@@ -133,8 +135,8 @@ class Node:
         self.egress_dns = EgressDNS(self._egress_of, settings.egress_allow, settings.egress_dns)
         self.volumes = VolumeStore(settings.volumes_dir, settings.volume_size_mb)
         volume_url = settings.volume_share_url
-        self.volume_share = (VolumeShare(volume_url, settings.s3_endpoint_url, self.volumes)
-                             if volume_url else None)  # fmt: skip
+        self.volume_share = (VolumeShare(volume_url, settings.s3_endpoint_url, signing_key,
+                                         self.volumes) if volume_url else None)  # fmt: skip
         self.history = MetricsHistory(settings.metrics_retention_s, self.records.container_dir)
         self._sampler: asyncio.Task[None] | None = None
         self.disks = DiskPool(settings.state_dir / "disks", settings.default_disk_mb,

@@ -4,8 +4,9 @@ template builds (template_share.py) and volumes (volume_share.py).
 Under `<url>/<key>/`:
 - `archive.tar.zst`: GNU tar's archive of the directory's members (owners by number, extended
   attributes such as file capabilities, and holes: a sparse image costs what was written);
-- `manifest.json`, written last: the archive's SHA-256 and size, and what the caller adds. A key
-  without one holds nothing (a put cut short) and is never read.
+- `manifest.json`, written last: the archive's SHA-256 and size, and what the caller adds,
+  signed with a key derived from the cluster secret (a node mounts what it fetches: only the
+  cluster's nodes may write it). A key without one holds nothing (a put cut short).
 
 Every call blocks (the node runs them in threads) and raises ShelfError for whatever failed,
 the store or the disk.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import os
 from collections.abc import Iterator
@@ -35,11 +37,17 @@ class ShelfError(Exception):
 
 
 class Shelf:
-    def __init__(self, url: str, endpoint_url: str = "") -> None:
+    def __init__(self, url: str, endpoint_url: str, signing_key: bytes) -> None:
         from vivarium.node.snapshot_s3 import S3Store  # boto3 is loaded only when configured
 
         self.objects = S3Store(url, endpoint_url)
         self.url = self.objects.url
+        self._key = signing_key
+
+    def _signature(self, manifest: dict[str, Any]) -> str:
+        body = json.dumps({k: v for k, v in manifest.items() if k != "signature"},
+                          sort_keys=True).encode()  # fmt: skip
+        return hmac.new(self._key, body, hashlib.sha256).hexdigest()
 
     def put(self, key: str, directory: Path, members: list[str], info: dict[str, Any]) -> int:
         """Store `members` of `directory` under `key` (replacing what was there); returns the
@@ -68,6 +76,7 @@ class Shelf:
         try:
             size = archive.stat().st_size
             manifest = {**info, "sha256": _sha256(archive), "size": size}
+            manifest["signature"] = self._signature(manifest)
         except OSError as exc:
             raise ShelfError(f"reading {archive} failed: {exc}") from None
         self._call(self.objects.upload, f"{key}/{ARCHIVE}", archive)
@@ -84,6 +93,9 @@ class Shelf:
                 raise ValueError("not an object")
         except ValueError as exc:
             raise ShelfError(f"{self.url}/{key}/{MANIFEST} is unreadable: {exc}") from None
+        if not hmac.compare_digest(str(data.get("signature", "")), self._signature(data)):
+            raise ShelfError(f"{self.url}/{key} was not stored by a node of this cluster (its "
+                             "signature does not match this cluster secret)")  # fmt: skip
         return data
 
     def get(self, key: str, into: Path) -> dict[str, Any] | None:
@@ -118,7 +130,7 @@ class Shelf:
 
         try:
             return method(*args)
-        except (*S3_ERRORS, SnapshotStoreUnavailable) as exc:
+        except (*S3_ERRORS, SnapshotStoreUnavailable, OSError) as exc:
             raise ShelfError(f"{self.url} failed: {exc}") from None
 
 

@@ -30,8 +30,8 @@ HINT = "check VIVARIUM_SNAPSHOT_URL and the object store; the build is kept wher
 
 
 class TemplateShare:
-    def __init__(self, url: str, endpoint_url: str = "") -> None:
-        self.shelf = Shelf(url, endpoint_url)
+    def __init__(self, url: str, endpoint_url: str, signing_key: bytes) -> None:
+        self.shelf = Shelf(url, endpoint_url, signing_key)
         self._turns: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # per build
         self._shared: set[str] = set()  # builds known to be in the store
 
@@ -115,16 +115,21 @@ class TemplateShare:
             if sha256_dir(partial / "checkpoint") != manifest.get("checkpoint_sha256"):
                 raise ShelfError(f"the checkpoint of build {build_id} is corrupt")
             _relocate(partial, final)
+            # A build is there once its manifest is (TemplateStore.build): put in place last,
+            # after its rootfs is mounted.
+            (partial / "manifest.json").rename(partial / "manifest.fetched")
+            disk.discard(final)  # a fetch a crash cut short after this point
             partial.rename(final)
-        except (ShelfError, OSError, ValueError) as exc:
+            if (final / ROOTFS_IMAGE).exists():
+                disk.mount(final / ROOTFS_IMAGE, final / "rootfs")
+            (final / "manifest.fetched").rename(final / "manifest.json")
+        except BaseException as exc:
             disk.discard(partial)
-            raise RuntimeFailure(f"build {build_id} of template {name!r} could not be fetched: "
-                                 f"{exc}", HINT) from None  # fmt: skip
-        except BaseException:
-            disk.discard(partial)
+            disk.discard(final)
+            if isinstance(exc, (ShelfError, OSError, ValueError)):
+                raise RuntimeFailure(f"build {build_id} of template {name!r} could not be "
+                                     f"fetched: {exc}", HINT) from None  # fmt: skip
             raise
-        if (final / ROOTFS_IMAGE).exists():
-            disk.mount(final / ROOTFS_IMAGE, final / "rootfs")
 
 
 def _relocate(build_dir: Path, final: Path) -> None:

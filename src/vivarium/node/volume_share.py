@@ -4,7 +4,7 @@
 A volume lives on one node at a time, the one the catalog names (api/volumes.py decides when it
 moves). Its node stores it when it changed since it was last stored (its sweep), and before it
 hands it to another node; the node it moves to fetches that copy. The image is frozen
-(`fsfreeze`) while it is packed, so the copy is the file system as one moment left it, even
+(`fsfreeze`) while it is copied, so the copy is the file system as one moment left it, even
 with sandboxes writing to it (their writes wait for that moment).
 
 Whether it changed since it was last stored is told first by the image file (what a sandbox
@@ -36,8 +36,9 @@ PUBLISHED = "published"  # beside the image: what it was when last stored
 
 
 class VolumeShare:
-    def __init__(self, url: str, endpoint_url: str, volumes: VolumeStore) -> None:
-        self.shelf = Shelf(url, endpoint_url)
+    def __init__(self, url: str, endpoint_url: str, signing_key: bytes,
+                 volumes: VolumeStore) -> None:  # fmt: skip
+        self.shelf = Shelf(url, endpoint_url, signing_key)
         self.volumes = volumes
 
     def _dir(self, volume_id: str) -> Path:
@@ -75,11 +76,19 @@ class VolumeShare:
     def publish(self, volume_id: str) -> int:
         """Store the volume as it is now (blocking); returns the archive's size."""
         directory = self._dir(volume_id)
-        with contextlib.ExitStack() as stack:
+        copy = directory.with_name(f".{volume_id}.storing")
+        disk.discard(copy)
+        copy.mkdir()
+        try:
+            # Frozen only while the image is copied (holes kept: what was written is read once),
+            # not while it is compressed and uploaded.
             with _frozen(directory / FS):
                 stamp, files = _stamp(directory), _files(directory)
-                archive = stack.enter_context(self.shelf.packed(directory, [IMAGE]))
-            size = self.shelf.upload(volume_id, archive, {})
+                run_sync(["cp", "--sparse=always", str(directory / IMAGE), str(copy / IMAGE)],
+                         timeout=1800.0)  # fmt: skip
+            size = self.shelf.put(volume_id, copy, [IMAGE], {})
+        finally:
+            disk.discard(copy)
         self._mark(directory, stamp, files, time.time())
         return size
 

@@ -136,6 +136,10 @@ class VolumeStore:
         """Whether the volume is here, mounted."""
         return os.path.ismount(self._dir(volume_id) / FS)
 
+    def mountable(self, volume_id: str) -> bool:
+        """Whether the volume is here but not mounted (a mount that failed at start)."""
+        return (self._dir(volume_id) / IMAGE).exists() and not self.present(volume_id)
+
     def mount(self, volume_id: str) -> None:
         self._mount(self._dir(volume_id))
 
@@ -181,6 +185,8 @@ class VolumeStore:
                     directory.unlink(missing_ok=True)
                 continue
             count += 1
+            # A node that ended while storing the volume left it frozen (volume_share.py).
+            run_sync(["fsfreeze", "--unfreeze", str(directory / FS)], check=False)
             if not os.path.ismount(directory / FS):
                 try:
                     self._mount(directory)
