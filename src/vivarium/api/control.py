@@ -207,24 +207,17 @@ class ControlPlane:
         """A cluster's node: give_up_abandoned every cluster_sweep_s (a sandbox moves when
         its node drains or is lost), drop copies of templates deleted meanwhile, apply
         snapshot retention to lost nodes' paused sandboxes, store volumes that changed."""
+        passes = ((self.give_up_abandoned, "comparing this node's sandboxes with the catalog"),
+                  (self.templates.drop_deleted_copies, "dropping copies of deleted templates"),
+                  (self._expire_lost_nodes_snapshots, "retention for lost nodes' snapshots"),
+                  (self.volumes.sweep, "storing or dropping volumes"))  # fmt: skip
         while True:
             await asyncio.sleep(self.settings.cluster_sweep_s)
-            try:
-                await self.give_up_abandoned()
-            except Exception:
-                log.exception("could not compare this node's sandboxes with the catalog")
-            try:
-                await self.templates.drop_deleted_copies()
-            except Exception:
-                log.exception("could not drop copies of deleted templates")
-            try:
-                await self._expire_lost_nodes_snapshots()
-            except Exception:
-                log.exception("snapshot retention for lost nodes failed")
-            try:
-                await self.volumes.sweep()
-            except Exception:
-                log.exception("could not store or drop volumes")
+            for run, what in passes:  # each on its own: one failing stops none of the others
+                try:
+                    await run()
+                except Exception:
+                    log.exception("%s failed", what)
 
     async def _expire_snapshots(self) -> None:
         """Retention: delete paused sandboxes whose snapshot is older than the maximum age."""

@@ -125,15 +125,17 @@ class VolumeCatalog:
 
     async def resolve(self, team: Row, asked: tuple[tuple[str, str], ...]) -> list[VolumeMount]:
         """The team's volumes a create names, as (name, path) pairs."""
-        mounts = []
+        mounts: list[VolumeMount] = []
+        rows: list[Row] = []
         for name, path in asked:
             row = await store.team_volume(self.engine, team["id"], name=name)
             if row is None:
                 raise NotFound(f"volume {name!r} not found", "create it first: Volume.create")
             mounts.append(VolumeMount(name, path, row["id"]))
+            rows.append(row)
         check_mounts(mounts)
-        for mount in mounts:
-            await self.here(mount.volume_id)
+        for volume in rows:
+            await self.here(volume["id"], volume)
         return mounts
 
     async def files(self, volume_id: str, authorization: str) -> VolumeFiles:
@@ -148,7 +150,7 @@ class VolumeCatalog:
             raise NotFound(f"volume {volume_id!r} not found")
         if not hmac.compare_digest(token.strip(), self.token(row["id"])):
             raise Unauthenticated("invalid volume token for this volume")
-        await self.here(row["id"])
+        await self.here(row["id"], row)
         return VolumeFiles(self.node.volumes.data(row["id"]))
 
     # -- a cluster's volumes move between nodes ------------------------------------------------
@@ -164,13 +166,13 @@ class VolumeCatalog:
             if not self._writers[volume_id]:
                 del self._writers[volume_id]
 
-    async def here(self, volume_id: str) -> None:
+    async def here(self, volume_id: str, row: Row | None = None) -> None:
         """In a cluster, the volume on this node (before a sandbox mounts it or its files are
-        used): moved here if another node has it."""
+        used): moved here if another node has it. `row`: its catalog row, if just read."""
         share = self.node.volume_share
         if share is None:
             return
-        row = await store.get_volume(self.engine, volume_id)
+        row = row or await store.get_volume(self.engine, volume_id)
         if row is None:
             raise NotFound(f"volume {volume_id!r} not found")
         if row["node_id"] == self.control.node_id and self.node.volumes.present(volume_id):

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +122,8 @@ class Node:
         self._other_stores: dict[str, ObjectStore | None] = {}  # other nodes' parts (_store_of)
         # Snapshots sandboxes are being started from: deleting one waits until they are.
         self._snapshot_users: Counter[str] = Counter()
-        self._deleted_in_use: set[str] = set()
-        self._copies_in_use: set[str] = set()  # fetched copies to drop (drop_copy)
+        # What to do with one once the last of them has started: delete it, or drop a copy.
+        self._after_use: dict[str, Callable[[], None]] = {}
         self._collecting: asyncio.Task[None] | None = None
         self.pool = SlotPool(
             settings.slot_prefix, settings.slot_cidr, settings.egress_allow,
@@ -332,15 +333,12 @@ class Node:
             not valid_sandbox_id(req.sandbox_id) or req.sandbox_id in self.sandboxes
         ):
             raise InvalidArgument(f"sandbox id {req.sandbox_id!r} is invalid or in use")
-        try:
-            template: Template | None = self.templates.get(req.template)
-        except NotFound:  # a team template built on another node, maybe
-            if not req.build_id:
-                raise
-            template = None
-        if req.build_id and (template is None or req.build_id != template.build_id):
+        # A named build (what the control plane asks for, its current one verified already)
+        # may be another node's, fetched; without one, the template's current build.
+        if req.build_id:
             template = await self.template_build(req.template, req.build_id)
-        assert template is not None
+        else:
+            template = self.templates.get(req.template)
         self._check_built_here(template)
         self.check_volumes(template, req.volume_mounts)
         usual = self.default_resources(template)
@@ -711,7 +709,7 @@ class Node:
         other = self._store_of(paused_on)
         if other is None:
             if self._snapshot_users[key]:
-                self._deleted_in_use.add(key)
+                self._after_use[key] = partial(self.delete_snapshot, key)
                 return
             self.snapshots.delete_local(key)
             if self.snapshots.remote is None or key.startswith(FORK_PREFIX):  # local only
@@ -723,8 +721,8 @@ class Node:
     def drop_copy(self, key: str) -> None:
         """This node's copy of another node's snapshot, once no sandbox is starting from it
         (that node keeps the snapshot)."""
-        if self._snapshot_users[key]:
-            self._copies_in_use.add(key)
+        if self._snapshot_users[key]:  # a delete already due covers it
+            self._after_use.setdefault(key, partial(self.snapshots.delete_local, key))
         else:
             self.snapshots.delete_local(key)
 
@@ -752,12 +750,8 @@ class Node:
             self._snapshot_users[key] -= 1
             if not self._snapshot_users[key]:
                 del self._snapshot_users[key]
-                if key in self._deleted_in_use:
-                    self._deleted_in_use.discard(key)
-                    self.delete_snapshot(key)
-                if key in self._copies_in_use:
-                    self._copies_in_use.discard(key)
-                    self.snapshots.delete_local(key)
+                if (then := self._after_use.pop(key, None)) is not None:
+                    then()
 
     # -- snapshots of running sandboxes (team_snapshots.py) ----------------------------------
 

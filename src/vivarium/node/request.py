@@ -14,7 +14,7 @@ ON_TIMEOUT = ("kill", "pause")
 @dataclass(frozen=True)
 class CreateRequest:
     template: str = "base"
-    build_id: str | None = None  # a build of it other than the current one (a team's tag)
+    build_id: str | None = None  # the build to start from (None: the current one)
     sandbox_id: str | None = None  # chosen by the control plane; else the node picks one
     access_token: str | None = None  # envd then requires it (X-Access-Token)
     on_timeout: str = "kill"

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vivarium.node.shelf import Shelf, ShelfError
-from vivarium.node.volumes import DATA, FS, IMAGE, VolumeStore
+from vivarium.node.volumes import DATA, FS, IMAGE, STORING, VolumeStore
 from vivarium.proc import run_sync
 from vivarium.runtime import disk
 
@@ -76,7 +76,7 @@ class VolumeShare:
     def publish(self, volume_id: str) -> int:
         """Store the volume as it is now (blocking); returns the archive's size."""
         directory = self._dir(volume_id)
-        copy = directory.with_name(f".{volume_id}.storing")
+        copy = directory.with_name(f".{volume_id}{STORING}")
         disk.discard(copy)
         copy.mkdir()
         try:

@@ -40,6 +40,7 @@ IMAGE = "volume.img"
 FS = "fs"
 DATA = "data"
 HUB = "volumes"  # below the container's disk
+STORING = ".storing"  # `.<id>.storing`: a copy of the volume being stored (volume_share.py)
 # The sandbox's default user owns a new volume's root, so that code running as `user` can write.
 OWNER_UID = OWNER_GID = 1000
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -175,18 +176,20 @@ class VolumeStore:
         Half-made volumes (no image) are removed."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         count = 0
-        for directory in self.root.iterdir():
+        for directory in sorted(self.root.iterdir()):  # `.<id>.storing` before `<id>`
             if not valid_volume_id(directory.name) or not (directory / IMAGE).exists():
                 # Half-made, or what a fetch or store a crash cut short left (volume_share.py).
                 log.warning("removing half-made volume %s", directory.name)
+                if directory.name.endswith(STORING):  # it may have been left frozen
+                    run_sync(["fsfreeze", "--unfreeze",
+                              str(self.root / directory.name[1 : -len(STORING)] / FS)],
+                             check=False)  # fmt: skip
                 if directory.is_dir():
                     shutil.rmtree(directory, ignore_errors=True)
                 else:
                     directory.unlink(missing_ok=True)
                 continue
             count += 1
-            # A node that ended while storing the volume left it frozen (volume_share.py).
-            run_sync(["fsfreeze", "--unfreeze", str(directory / FS)], check=False)
             if not os.path.ismount(directory / FS):
                 try:
                     self._mount(directory)
