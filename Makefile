@@ -34,7 +34,7 @@ test: template lint old-clients dashboard browser
 bench: template
 	$(BIN)/python bench/run.py
 
-# The cluster's tiers (2 nodes, an API replica, the proxy in network namespaces): about 3 minutes.
+# The cluster's tiers (2 nodes, an API replica, the proxy in network namespaces): about 4 minutes.
 bench-cluster: template
 	$(BIN)/python bench/cluster.py
 

@@ -207,6 +207,8 @@ async def run_lines(args: Sequence[str], *, tail: int = 20) -> AsyncGenerator[st
             deliver(None)
         except (RuntimeError, concurrent.futures.CancelledError):
             return  # the loop is gone
+        finally:
+            proc.stdout.close()  # the pump alone reads it: closed here, never under a read
 
     threading.Thread(target=pump, daemon=True, name="vivarium-lines").start()
     last: list[str] = []
