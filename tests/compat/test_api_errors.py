@@ -55,6 +55,16 @@ def test_create_validation(api: httpx.Client) -> None:
     _error(api.post(post, json={"templateID": "base", "timeout": 10**9}), 400)
     _error(api.post(post, json={"templateID": "base", "metadata": {"a": 1}}), 400)
     _error(api.post(post, json={"templateID": "base", "envVars": "FOO=bar"}), 400)
+    # Variables every later process would inherit: refused now, not at every command's start.
+    for env in ({"A": "x\0y"}, {"A=B": "c"}, {"": "c"}, {"BIG": "x" * (65 << 10)}):
+        assert "envVars" in _error(api.post(post, json={"templateID": "base", "envVars": env}),
+                                   400)  # fmt: skip
+    deep = b"[" * 100_000 + b"]" * 100_000  # nested past Python's recursion limit
+    assert "JSON" in _error(api.post(post, content=deep), 400)
+    assert "over" in _error(api.post(post, content=b" " * (2 << 20)), 400)
+    many = [{"name": f"v{i}", "path": f"/mnt/{i}"} for i in range(10_000)]
+    assert "at most 16" in _error(api.post(post, json={"templateID": "base",
+                                                       "volumeMounts": many}), 400)  # fmt: skip
     _error(api.post(post, json={"templateID": 42}), 400)
     assert "not found" in _error(api.post(post, json={"templateID": "nope"}), 404)
     _error(api.post(post, json={"templateID": "base", "volumeMounts": [{"name": "v"}]}), 400)
@@ -71,6 +81,9 @@ def test_routes_and_queries(api: httpx.Client, running: str) -> None:
     _error(api.put("/v2/sandboxes"), 405)
     _error(api.get("/v2/sandboxes", params={"limit": "0"}), 400)
     _error(api.get("/v2/sandboxes", params={"limit": "many"}), 400)
+    _error(api.get("/v2/sandboxes", params={"limit": "²"}), 400)  # a digit to str.isdigit
+    _error(api.get("/events", params={"after": "9" * 5000}), 400)
+    _error(api.get(f"/sandboxes/{running}/metrics", params={"start": "²"}), 400)
     _error(api.get("/v2/sandboxes", params={"state": "exploded"}), 400)
     _error(api.get("/v2/sandboxes", params={"nextToken": "%%%"}), 400)
     _error(api.get("/v2/sandboxes", params={"startedAfter": "yesterday"}), 400)

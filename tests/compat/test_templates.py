@@ -19,6 +19,9 @@ from e2b.template.utils import calculate_files_hash
 
 from tests.compat.conftest import Compat
 from tests.integration.support import VIVARIUM
+from vivarium.runtime.bundle import cgroup_path
+from vivarium.runtime.cgroups import CGROUP_ROOT
+from vivarium.runtime.memory_guard import headroom
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -58,7 +61,7 @@ def built(compat: Compat, context: Path) -> Iterator[tuple[str, list[LogEntry]]]
     )
     logs: list[LogEntry] = []
     try:
-        Template.build(template, name, on_build_logs=logs.append)
+        Template.build(template, name, on_build_logs=logs.append, cpu_count=2, memory_mb=768)
         yield name, logs
     finally:
         with compat.admin() as http:
@@ -90,7 +93,18 @@ def test_a_template_built_with_the_sdk_starts_with_its_files_settings_and_server
         marks = {s.files.read("/tmp/started").strip() for s in (first, second)}
         assert len(marks) == 1 and marks.pop().isdigit()
         assert second.commands.run("curl -s localhost:8000/sub/deep.txt").stdout == "deep file\n"
-        assert first.get_info().template_id == template_id
+        info = first.get_info()
+        assert info.template_id == template_id
+        # The build's sizes are its sandboxes': the node gave them, and holds the sandbox to
+        # its 768 MiB (the hard limit sits the guard's headroom above; memory_guard.py).
+        assert (info.cpu_count, info.memory_mb) == (2, 768)
+        with compat.server.client() as node:
+            record = node.get(first.sandbox_id)
+        assert (record["cpus"], record["memory_mb"]) == (2.0, 768)
+        rel = cgroup_path(record["container_id"]).lstrip("/")
+        v1 = CGROUP_ROOT / "memory" / rel / "memory.limit_in_bytes"
+        hard = v1 if v1.exists() else CGROUP_ROOT / rel / "memory.max"
+        assert int(hard.read_text()) == (768 << 20) + headroom(768 << 20)
     finally:
         first.kill()
         second.kill()
@@ -391,9 +405,14 @@ def test_bad_build_requests(compat: Compat) -> None:
             assert words in response.json()["message"], response.text
         link = http.get(f"/templates/{tid}/files/{'0' * 64}")
         assert link.status_code == 201 and link.json()["present"] is False
-        forged = link.json()["url"].replace("token=", "token=0")
+        url = link.json()["url"]
+        forged = url.replace("token=", "token=0")
         assert httpx.put(forged, content=b"x").status_code == 401
+        extended = url.replace("expires=", "expires=9")  # the expiry is signed too
+        assert httpx.put(extended, content=b"x").status_code == 401
         assert http.get(f"/templates/{tid}/files/not-a-hash").status_code == 400
         assert http.get(f"/templates/{tid}/builds/{uuid.uuid4()}/status").status_code == 404
         assert http.get("/templates/nobody-has-this/builds/x/status").status_code == 404
         assert http.delete(f"/templates/{tid}").status_code == 204
+        # A link outlives nothing: the deleted template's files would be kept for nobody.
+        assert httpx.put(url, content=b"x").status_code == 404

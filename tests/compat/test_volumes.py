@@ -189,6 +189,11 @@ def test_bad_volume_requests(compat: Compat, volume: Volume) -> None:
         with httpx.Client(base_url=compat.api_url) as http:
             answer = http.get(f"/volumecontent/{volume.volume_id}/dir", params={"path": "/"})
             assert answer.status_code == 401 and answer.json()["code"] == 401
+            # Not a word of whether an id exists to one without its token; any token is bytes.
+            for volume_id in (volume.volume_id, "vol-nobody-has-this"):
+                answer = http.get(f"/volumecontent/{volume_id}/dir", params={"path": "/"},
+                                  headers={"Authorization": "Bearer é".encode()})  # fmt: skip
+                assert answer.status_code == 401 and answer.json()["code"] == 401
             for bad in ("/../etc", "/a\0b"):
                 answer = http.get(f"/volumecontent/{volume.volume_id}/path",
                                   params={"path": bad},

@@ -3,6 +3,7 @@ runs (templates/build_request.py), the build log, the rootfs image mounted again
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import subprocess
@@ -157,12 +158,23 @@ def test_image_names_go_to_the_mirror_unless_they_name_a_registry() -> None:
         assert json.loads(path.read_text()) == {"auths": {"127.0.0.1:3132": {"auth": "dTpw"}}}
     assert not path.exists()
     # Pulls run on the host: its loopback and private networks only through the operator.
-    mirror.check_host(reference)
-    Registry().check_host("docker://docker.io/library/python")
+    asyncio.run(mirror.check_host(reference))
+
+    async def public(name: str) -> list[str]:
+        return ["151.101.0.1"]
+
+    asyncio.run(Registry().check_host("docker://docker.io/library/python", public))
     for private in ("docker://127.0.0.1:5000/x", "docker://10.1.2.3/x", "docker://localhost/x",
-                    "docker://[::1]:5000/x", "docker://169.254.169.254/x"):  # fmt: skip
+                    "docker://[::1]:5000/x", "docker://169.254.169.254/x",
+                    "docker://127.1/x"):  # fmt: skip
         with pytest.raises(InvalidArgument, match="operator"):
-            Registry().check_host(private)
+            asyncio.run(Registry().check_host(private))
+
+    async def rebound(name: str) -> list[str]:  # a public-looking name for a private address
+        return ["151.101.0.1", "10.0.0.5"]
+
+    with pytest.raises(InvalidArgument, match=r"\(registry.example is 10.0.0.5\)"):
+        asyncio.run(Registry().check_host("docker://registry.example/x", rebound))
     for bad in ("Python", "a b", "../x", "-flag", ""):
         with pytest.raises(InvalidArgument):
             mirror.reference(bad)

@@ -75,6 +75,15 @@ class NewSandbox:
     auto_pause_memory: bool = True  # False: an auto-pause keeps the files only
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """What a sandbox gets, as E2B counts it: a team template's (`cpuCount`, `memoryMB` of its
+    build), a fork's parent's, else the node's defaults."""
+
+    cpu_count: int
+    memory_mb: int
+
+
 class ControlPlane:
     def __init__(self, settings: Settings, node: Node) -> None:
         self.settings = settings
@@ -343,36 +352,47 @@ class ControlPlane:
                 # maybe from the remote store): nobody else will.
                 self.node.delete_snapshot(build)
             return started
-        template = await self._template_for(team, new.template)
+        template, sizes = await self._template_for(team, new.template)
         mounts = await self.volumes.resolve(team, new.volume_mounts)
         row = self._new_row(team, new, template.name, template.build_id,
-                            [m.to_json() for m in mounts])  # fmt: skip
+                            [m.to_json() for m in mounts], sizes)  # fmt: skip
         await self._reserve(team, [row])
         return await self._start(
-            row, new, self.node.create, actor(team), f"from template {template.name}"
+            row,
+            new,
+            self.node.create,
+            actor(team),
+            f"from template {template.name}",
+            sizes=sizes,
         )
 
-    async def _template_for(self, team: Row, wanted: str) -> Template:
+    async def _template_for(self, team: Row, wanted: str) -> tuple[Template, Sizes | None]:
         """The build a create starts from: one of the team's own templates (by id, name or
-        name:tag), else one of the operator's; never another team's."""
+        name:tag), with the sizes its sandboxes get, else one of the operator's (the node's
+        sizes); never another team's."""
         if wanted in RECIPES:  # no team template has a built-in's name: no catalog query
-            return self.node.templates.get(wanted)
+            return self.node.templates.get(wanted), None
         resolved = await self.templates.resolve(team, wanted)
         if resolved is not None:
             row, build_id = resolved
-            return await self.node.template_build(row["id"], build_id)
+            sizes = Sizes(int(row["cpu_count"]), int(row["memory_mb"]))
+            return await self.node.template_build(row["id"], build_id), sizes
         if await self.templates.foreign(team, wanted):
             raise NotFound(f"template {wanted!r} not found")
-        return self.node.templates.get(wanted)  # NotFound for unknown templates
+        return self.node.templates.get(wanted), None  # NotFound for unknown templates
 
     def _new_row(self, team: Row, new: NewSandbox, template_id: str, build_id: str,
-                 volume_mounts: list[dict[str, str]]) -> Row:  # fmt: skip
+                 volume_mounts: list[dict[str, str]],
+                 sizes: Sizes | None = None) -> Row:  # fmt: skip
+        """The catalog's row of a sandbox about to start; `sizes` when they are not the node's
+        (what placement counts until the node says what it gave)."""
         now = time.time()
+        sizes = sizes or Sizes(self.default_cpu_count, self.settings.default_memory_mb)
         return {
             "id": new_sandbox_id(), "team_id": team["id"], "template_id": template_id,
             "build_id": build_id, "node_id": self.node_id, "state": "starting",
-            "metadata": new.metadata, "cpu_count": self.default_cpu_count,
-            "memory_mb": self.settings.default_memory_mb, "disk_mb": DISK_MB,
+            "metadata": new.metadata, "cpu_count": sizes.cpu_count,
+            "memory_mb": sizes.memory_mb, "disk_mb": DISK_MB,
             "auto_pause": new.auto_pause, "auto_resume": new.auto_resume,
             "allow_internet": new.egress.internet, "egress": new.egress.to_json(),
             "secure": new.secure, "public_traffic": new.public_traffic,
@@ -393,10 +413,13 @@ class ControlPlane:
 
     async def _start(
         self, row: Row, new: NewSandbox, start: Callable[[CreateRequest], Awaitable[SandboxRecord]],
-        who: str, how: str,
+        who: str, how: str, *, sizes: Sizes | None = None,
     ) -> Row:  # fmt: skip
-        """Start the reserved sandbox `row` on the node; its row ends if that fails."""
+        """Start the reserved sandbox `row` on the node, with `sizes` (else the node's own);
+        its row ends if that fails."""
         request = CreateRequest(
+            memory_mb=sizes.memory_mb if sizes else None,
+            cpus=float(sizes.cpu_count) if sizes else None,
             template=row["template_id"], build_id=row["build_id"] or None,
             sandbox_id=row["id"], access_token=self.envd_token(row),
             timeout_s=new.timeout_s, metadata=new.metadata, env_vars=new.env_vars,
@@ -660,8 +683,9 @@ class ControlPlane:
                          auto_resume=parent["auto_resume"],
                          egress=rules_of(parent),
                          public_traffic=parent["public_traffic"])  # fmt: skip
+        sizes = Sizes(parent["cpu_count"], parent["memory_mb"])  # a fork's: its parent's
         rows = [self._new_row(team, new, parent["template_id"], parent["build_id"],
-                              parent["volume_mounts"]) for _ in range(count)]  # fmt: skip
+                              parent["volume_mounts"], sizes) for _ in range(count)]  # fmt: skip
         await self._reserve(team, rows)
         key = new_fork_key()
         try:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 QUEUE = 10_000
+ACTOR_CHARS = 200  # the catalog's column
 RETRIES = 6
 BACKOFF_S = (0.5, 1, 2, 4, 8, 16)  # before each retry
 TIMEOUT_S = 10.0
@@ -49,7 +50,7 @@ def signature(secret: str, body: bytes) -> str:
 def actor(team: Row | None) -> str:
     """Who called: the API key's name, when the call came with one."""
     if team is not None and team.get("key_name"):
-        return f"key:{team['key_name']}"
+        return f"key:{team['key_name']}"[:ACTOR_CHARS]
     return "api"
 
 

@@ -38,6 +38,8 @@ def traffic_token(seed: bytes, sandbox_id: str) -> str:
     return hmac.new(seed, f"traffic:{sandbox_id}".encode(), hashlib.sha256).hexdigest()
 
 
-def upload_token(seed: bytes, template_id: str, files_hash: str) -> str:
-    """The signature of a template's file-upload URL (the client PUTs there with no API key)."""
-    return hmac.new(seed, f"upload:{template_id}:{files_hash}".encode(), hashlib.sha256).hexdigest()
+def upload_token(seed: bytes, template_id: str, files_hash: str, expires: int) -> str:
+    """The signature of a template's file-upload URL (the client PUTs there with no API key),
+    good until `expires` (unix seconds)."""
+    message = f"upload:{template_id}:{files_hash}:{expires}".encode()
+    return hmac.new(seed, message, hashlib.sha256).hexdigest()

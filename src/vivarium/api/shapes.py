@@ -15,7 +15,7 @@ from vivarium.api import nodes
 from vivarium.api.control import NewSandbox, rules_of
 from vivarium.api.volumes import mounts_request
 from vivarium.errors import InvalidArgument
-from vivarium.httpjson import str_map, typed
+from vivarium.httpjson import env_map, str_map, typed, whole_number
 from vivarium.network import egress
 from vivarium.network.egress import Egress
 
@@ -72,7 +72,7 @@ def new_sandbox(data: dict[str, Any], default_timeout: int, *, v1: bool) -> NewS
         template=template,
         timeout_s=timeout,
         metadata=metadata,
-        env_vars=str_map(data, "envVars"),
+        env_vars=env_map(data, "envVars"),
         auto_pause=auto_pause,
         auto_resume=auto_resume,
         egress=rules,
@@ -118,20 +118,17 @@ def list_query(params: Any) -> tuple[list[str], dict[str, str], int, str | None]
 
 def paging(params: Any) -> tuple[int, str | None]:
     """(limit, next token) of a paged list's query."""
-    raw_limit = params.get("limit") or str(MAX_LIMIT)
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+    limit = whole_number(params.get("limit"), "limit", MAX_LIMIT, MAX_LIMIT)
+    if limit < 1:
         raise InvalidArgument(f"limit must be 1..{MAX_LIMIT}")
-    return int(raw_limit), params.get("nextToken") or None
+    return limit, params.get("nextToken") or None
 
 
 def event_query(params: Any) -> tuple[int, int]:
     """(after id, limit) of an events query: `after` is the last id already read."""
-    raw_after, raw_limit = params.get("after") or "0", params.get("limit") or str(MAX_LIMIT)
-    if not raw_after.isdigit() or int(raw_after) >= 2**63:
-        raise InvalidArgument("after must be an event id (a whole number)")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
-        raise InvalidArgument(f"limit must be 1..{MAX_LIMIT}")
-    return int(raw_after), int(raw_limit)
+    after = whole_number(params.get("after"), "after (an event id)", 0)
+    limit, _ = paging(params)
+    return after, limit
 
 
 MAX_METRIC_IDS = 100
@@ -152,12 +149,7 @@ def time_range(params: Any) -> tuple[int | None, int | None]:
     bounds: list[int | None] = []
     for name in ("start", "end"):
         raw = params.get(name)
-        if raw is None or raw == "":
-            bounds.append(None)
-        elif raw.isdigit():
-            bounds.append(int(raw))
-        else:
-            raise InvalidArgument(f"{name} must be a unix time in seconds, not {raw!r}")
+        bounds.append(None if raw in (None, "") else whole_number(raw, f"{name} (unix seconds)", 0))
     start, end = bounds
     if start is not None and end is not None and start > end:
         raise InvalidArgument(f"start ({start}) is after end ({end})")

@@ -374,6 +374,16 @@ async def insert_team_template(engine: AsyncEngine, row: Row) -> None:
         await conn.execute(insert(team_templates).values(**row))
 
 
+async def size_team_template(engine: AsyncEngine, template_id: str, cpu_count: int,
+                             memory_mb: int) -> None:  # fmt: skip
+    """What the template's sandboxes get from now on (a build that names new sizes)."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(team_templates).where(team_templates.c.id == template_id)
+            .values(cpu_count=cpu_count, memory_mb=memory_mb)
+        )  # fmt: skip
+
+
 async def team_template(engine: AsyncEngine, team_id: str, id_or_name: str) -> Row | None:
     query = select(team_templates).where(
         team_templates.c.team_id == team_id,

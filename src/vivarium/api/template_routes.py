@@ -16,19 +16,14 @@ from vivarium.api import shapes
 from vivarium.api.templates import MAX_LOG_PAGE, TemplateCatalog
 from vivarium.errors import InvalidArgument
 from vivarium.guest.envd import ENVD_VERSION
-from vivarium.httpjson import guarded, json_body
+from vivarium.httpjson import guarded, json_body, whole_number
 
 Row = dict[str, Any]
 Authed = Callable[[Callable[[Request, Row], Awaitable[Response]]], Callable[..., Any]]
 
 
 def _count(request: Request, name: str, default: int) -> int:
-    raw = request.query_params.get(name)
-    if raw in (None, ""):
-        return default
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
-        raise InvalidArgument(f"{name} must be a whole number, not {raw!r}")
-    return int(raw)
+    return whole_number(request.query_params.get(name), name, default, 10**9)
 
 
 def template_shape(row: Row, envd_version: str) -> Row:
@@ -65,17 +60,17 @@ def routes(catalog: TemplateCatalog, authed: Authed) -> list[Route]:
         template_id, present = await catalog.file_link(team, tid(request), files_hash)
         body: Row = {"present": present}
         if not present:
-            token = catalog.upload_token(template_id, files_hash)
+            url = request.url_for("upload", template_id=template_id, hash=files_hash)
             body["url"] = str(
-                request.url_for(
-                    "upload", template_id=template_id, hash=files_hash
-                ).include_query_params(token=token)
+                url.include_query_params(**catalog.upload_link(template_id, files_hash))
             )
         return JSONResponse(body, status_code=201)
 
     async def upload(request: Request) -> Response:
+        query = request.query_params
         await catalog.upload(tid(request), str(request.path_params["hash"]),
-                             request.query_params.get("token", ""), request.stream())  # fmt: skip
+                             query.get("token", ""), query.get("expires", ""),
+                             request.stream())  # fmt: skip
         return Response(status_code=201)
 
     async def start(request: Request, team: Row) -> Response:

@@ -28,8 +28,10 @@ from vivarium.errors import (
     Unauthenticated,
     VivariumError,
 )
+from vivarium.httpjson import whole_number
 from vivarium.node.records import ID_ALPHABET
 from vivarium.node.template_builds import IMAGE_BASE
+from vivarium.runtime.bundle import MAX_CPUS, MAX_MEMORY_MB, MIN_MEMORY_MB
 from vivarium.templates import build_request
 from vivarium.templates.build_log import BuildLog
 from vivarium.templates.recipe import RECIPES
@@ -42,9 +44,13 @@ Row = dict[str, Any]
 log = logging.getLogger(__name__)
 
 DEFAULT_TAG = "default"
-TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 MAX_BUILDS_PER_TEAM = 2  # running or waiting at once
 MAX_UPLOAD = 2 << 30
+# Every COPY step's archive is kept for the template's life (a rebuild skips uploads the
+# template has): bounded, so one team cannot fill the node's disk through one template.
+MAX_TEMPLATE_FILES = 8 << 30
+UPLOAD_LINK_S = 3600
 MAX_LOG_PAGE = 100
 
 
@@ -127,9 +133,11 @@ class TemplateCatalog:
         check_name(name)
         tags = check_tags(body.get("tags") or ([tag] if tag else [DEFAULT_TAG]))
         cpu, memory = body.get("cpuCount"), body.get("memoryMB")
-        for key, value, top in (("cpuCount", cpu, 64), ("memoryMB", memory, 1 << 20)):
+        for key, value, top in (("cpuCount", cpu, MAX_CPUS), ("memoryMB", memory, MAX_MEMORY_MB)):
             if value is not None and (type(value) is not int or not 1 <= value <= top):
                 raise InvalidArgument(f"{key} must be a whole number from 1 to {top}")
+        if memory is not None:  # E2B takes 128: here the sentry alone uses ~110 MiB of it
+            memory = max(memory, MIN_MEMORY_MB)
         now = time.time()
         async with self.control.team_lock(team["id"]):
             row = await store.team_template(self.engine, team["id"], name)
@@ -140,6 +148,11 @@ class TemplateCatalog:
                        "memory_mb": memory or self.control.settings.default_memory_mb,
                        "created_at": now, "updated_at": now}  # fmt: skip
                 await store.insert_team_template(self.engine, row)
+            elif cpu is not None or memory is not None:  # the sizes its sandboxes get now
+                row = {**row, "cpu_count": cpu or row["cpu_count"],
+                       "memory_mb": memory or row["memory_mb"]}  # fmt: skip
+                await store.size_team_template(self.engine, row["id"], row["cpu_count"],
+                                               row["memory_mb"])  # fmt: skip
             build = {"id": str(uuid.uuid4()), "template_id": row["id"], "status": "waiting",
                      "reason": None, "step": None, "tags": tags, "created_at": now,
                      "finished_at": None}  # fmt: skip
@@ -163,8 +176,11 @@ class TemplateCatalog:
             raise NotFound(f"build {build_id!r} of template {template_id!r} was not found")
         return row, build
 
-    def upload_token(self, template_id: str, files_hash: str) -> str:
-        return keys.upload_token(self.control.seed, template_id, files_hash)
+    def upload_link(self, template_id: str, files_hash: str) -> dict[str, str]:
+        """The query of a signed upload URL: `token` and `expires`."""
+        expires = int(time.time()) + UPLOAD_LINK_S
+        token = keys.upload_token(self.control.seed, template_id, files_hash, expires)
+        return {"token": token, "expires": str(expires)}
 
     async def file_link(self, team: Row, template_id: str, files_hash: str) -> tuple[str, bool]:
         row = await self.template(team, template_id)
@@ -172,17 +188,27 @@ class TemplateCatalog:
             raise InvalidArgument("the files hash must be 64 hexadecimal digits")
         return row["id"], self.node.builds.has_file(row["id"], files_hash)
 
-    async def upload(self, template_id: str, files_hash: str, token: str,
+    async def upload(self, template_id: str, files_hash: str, token: str, expires_raw: str,
                      chunks: AsyncIterator[bytes]) -> None:  # fmt: skip
         if not build_request.FILES_HASH_RE.match(files_hash):
             raise InvalidArgument("the files hash must be 64 hexadecimal digits")
-        expected = self.upload_token(template_id, files_hash)
+        new_link = "ask for a new one (GET /templates/{id}/files/{hash})"
+        expires = whole_number(expires_raw, "expires", 0)
+        expected = keys.upload_token(self.control.seed, template_id, files_hash, expires)
         if not hmac.compare_digest(token.encode(errors="replace"), expected.encode()):
-            raise Unauthenticated(
-                "the upload URL's signature does not match",
-                "ask for a new one (GET /templates/{id}/files/{hash})",
+            raise Unauthenticated("the upload URL's signature does not match", new_link)
+        if expires < time.time():
+            raise Unauthenticated("the upload URL has expired", new_link)
+        # The files of a template deleted since the link was given would be kept for nothing.
+        if await store.template_owner(self.engine, template_id) is None:
+            raise NotFound(f"template {template_id!r} was not found")
+        room = MAX_TEMPLATE_FILES - self.node.builds.files_size(template_id)
+        if room <= 0:
+            raise InvalidArgument(
+                f"the template's uploaded files are over {MAX_TEMPLATE_FILES >> 30} GiB",
+                "delete the template (its files go with it) and build it again",
             )
-        await self.node.builds.save_file(template_id, files_hash, chunks, MAX_UPLOAD)
+        await self.node.builds.save_file(template_id, files_hash, chunks, min(MAX_UPLOAD, room))
 
     async def start(self, team: Row, template_id: str, build_id: str,
                     body: dict[str, Any]) -> None:  # fmt: skip

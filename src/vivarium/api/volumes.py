@@ -39,7 +39,13 @@ from vivarium.errors import (
 )
 from vivarium.node.shelf import ShelfError
 from vivarium.node.volume_files import VolumeFiles
-from vivarium.node.volumes import VolumeMount, check_mounts, check_name, new_volume_id
+from vivarium.node.volumes import (
+    MAX_MOUNTS,
+    VolumeMount,
+    check_mounts,
+    check_name,
+    new_volume_id,
+)
 
 if TYPE_CHECKING:
     from vivarium.api.control import ControlPlane
@@ -145,11 +151,14 @@ class VolumeCatalog:
             raise Unauthenticated(
                 "missing volume token", "send it as Authorization: Bearer <the volume's token>"
             )
+        # The token is checked before the volume is looked up: an unknown id and a wrong token
+        # get the same answer, so no one without a token learns which ids exist. Compared as
+        # bytes: compare_digest refuses non-ASCII strings.
+        if not hmac.compare_digest(token.strip().encode(), self.token(volume_id).encode()):
+            raise Unauthenticated("invalid volume token for this volume")
         row = await store.get_volume(self.engine, volume_id)
         if row is None:
             raise NotFound(f"volume {volume_id!r} not found")
-        if not hmac.compare_digest(token.strip(), self.token(row["id"])):
-            raise Unauthenticated("invalid volume token for this volume")
         await self.here(row["id"], row)
         return VolumeFiles(self.node.volumes.data(row["id"]))
 
@@ -323,6 +332,8 @@ def mounts_request(data: Any) -> tuple[tuple[str, str], ...]:
         return ()
     if not isinstance(data, list):
         raise InvalidArgument("volumeMounts must be a list of {name, path}")
+    if len(data) > MAX_MOUNTS:  # before any is looked up in the catalog
+        raise InvalidArgument(f"at most {MAX_MOUNTS} volume mounts per sandbox")
     out = []
     for item in data:
         if not (isinstance(item, dict) and isinstance(item.get("name"), str)

@@ -105,11 +105,9 @@ def template() -> None:
 )
 @click.option("--start-cmd", help="Started at build time; running in every sandbox.")
 @click.option("--ready-cmd", help="Polled until it succeeds, before the checkpoint.")
-@click.option("--cpu", type=int, help="vCPUs, recorded with the build (sandboxes get the node's).")
+@click.option("--cpu", type=int, help="vCPUs of its sandboxes (default: the node's).")
 @click.option(
-    "--memory-mb",
-    type=int,
-    help="Memory in MiB, recorded with the build (sandboxes get the node's).",
+    "--memory-mb", type=int, help="Memory of its sandboxes, in MiB (default: the node's)."
 )
 def template_build(name: str, force: bool, dockerfile: Path | None, context: Path | None,
                    start_cmd: str | None, ready_cmd: str | None, cpu: int | None,

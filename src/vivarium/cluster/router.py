@@ -38,10 +38,10 @@ from vivarium.cluster.directory import Directory
 from vivarium.cluster.placement import Placement
 from vivarium.cluster.secret import HEADER, NODE_HEADER, REFUSED
 from vivarium.errors import InvalidArgument, NodeUnavailable, UpstreamFailed, VivariumError
+from vivarium.httpjson import parse_json, small_body
 
 log = logging.getLogger(__name__)
 
-MAX_CREATE_BODY = 1 << 20
 # Hop-by-hop headers (RFC 9110 §7.6.1), what the router sets itself, and the secret a caller
 # must not get to choose. Host passes: the node answers with links to where the client is.
 DROPPED = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
@@ -86,7 +86,7 @@ class Router:
                                      "found on this server"}, 404)  # fmt: skip
             target = await self._target(request)
             if target.place:
-                body = await _small_body(request)
+                body = await small_body(request)  # read whole: it may go to several nodes
                 return await self._placed(request, body, await self._bound(request, body))
             node = await self._node(target.node_id)
             if request.url.path.startswith("/nodes/"):  # a drain: this replica knows at once
@@ -94,6 +94,10 @@ class Router:
             return await self._forward(request, node, request.stream())
         except VivariumError as exc:
             return JSONResponse(exc.to_json(), exc.http_status)
+        except Exception:
+            log.exception("unexpected error routing %s %s", request.method, request.url.path)
+            return JSONResponse({"code": 500, "message": "internal error; see the server log"},
+                                status_code=500)  # fmt: skip
 
     async def _target(self, request: Request) -> Target:
         if _is_create(request):
@@ -145,8 +149,8 @@ class Router:
         """The nodes a create may go to: those holding what it names, or able to fetch it
         (None: any node)."""
         try:
-            data = json.loads(body or b"{}")
-        except ValueError:
+            data = parse_json(body or b"{}")
+        except InvalidArgument:
             return None  # the node answers why
         if not isinstance(data, dict):
             return None
@@ -180,7 +184,8 @@ class Router:
             template = await store.team_template(engine, team["id"], name)
             if template is not None and (same := await self.directory.alike(template["node_id"])):
                 within(same)
-        for mount in data.get("volumeMounts") or []:
+        mounts = data.get("volumeMounts")
+        for mount in mounts if isinstance(mounts, list) else []:
             if isinstance(mount, dict) and isinstance(mount.get("name"), str):
                 volume = await store.team_volume(self.directory.engine, team["id"],
                                                  name=mount["name"])  # fmt: skip
@@ -297,19 +302,6 @@ def _failed(node: Row, request: Request, exc: Exception) -> UpstreamFailed:
         f"({exc!r}); it may have acted on it",
         "look before retrying (a create may have made a sandbox: list them)",
     )
-
-
-async def _small_body(request: Request) -> bytes:
-    """A create's body, read whole (it may be sent to several nodes), up to MAX_CREATE_BODY."""
-    too_large = InvalidArgument(f"request body over {MAX_CREATE_BODY} bytes")
-    if int(request.headers.get("content-length") or 0) > MAX_CREATE_BODY:
-        raise too_large
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_CREATE_BODY:
-            raise too_large
-    return body
 
 
 def _for_nodes(request: Request) -> bool:

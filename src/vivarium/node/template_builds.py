@@ -57,6 +57,15 @@ class TemplateBuilds:
     def files(self, template_id: str) -> Path:
         return self.files_root / validate_name(template_id)
 
+    def files_size(self, template_id: str) -> int:
+        """What the template's uploaded files take (unfinished uploads included)."""
+        total = 0
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.files(template_id)) as it:
+            for entry in it:
+                with contextlib.suppress(FileNotFoundError):  # an upload that just failed
+                    total += entry.stat().st_size
+        return total
+
     def has_file(self, template_id: str, files_hash: str) -> bool:
         return (self.files(template_id) / files_hash).is_file()
 

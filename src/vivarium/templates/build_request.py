@@ -21,7 +21,7 @@ STEP_TYPES = ("COPY", "ENV", "RUN", "WORKDIR", "USER")
 MAX_STEPS = 400  # a layer each: overlayfs stacks 500 at most
 MAX_ARG_BYTES = 64 << 10
 MAX_READY_S = 3600
-FILES_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+FILES_HASH_RE = re.compile(r"^[0-9a-f]{64}\Z")
 # Build steps are named for the client by where its stack traces are: "base" for the `from_*`
 # call, "1".."N" for the steps, "finalize" for the start and ready commands.
 BASE_STEP = "base"

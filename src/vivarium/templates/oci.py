@@ -18,9 +18,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +29,9 @@ from vivarium.errors import InvalidArgument, RuntimeFailure
 from vivarium.proc import run, run_lines
 
 PULL_TIMEOUT_S = 1800.0
-_REFERENCE = re.compile(r"^[a-z0-9][a-z0-9._:/@-]{0,254}$")
+_REFERENCE = re.compile(r"^[a-z0-9][a-z0-9._:/@-]{0,254}\Z")
 _pulling: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # per digest
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 _OPERATOR = "ask the operator to set VIVARIUM_REGISTRY_MIRROR or VIVARIUM_REGISTRY_INSECURE"
 
 
@@ -60,22 +61,23 @@ class Registry:
     def host(self, reference: str) -> str:
         return reference.removeprefix("docker://").split("/", 1)[0]
 
-    def check_host(self, reference: str) -> None:
+    async def check_host(self, reference: str, resolve: Resolve | None = None) -> None:
         """Pulls run on the host, outside any sandbox's egress rules: a team may name public
         registries, and the operator's own (the mirror, the insecure list), but not the host's
-        loopback or a private address that could probe the operator's network."""
+        loopback or a private address that could probe the operator's network, by address or
+        by a name that resolves to one. (skopeo resolves the name again: a DNS server of the
+        team's that answers differently the second time is not stopped by this.)"""
         host = self.host(reference)
         if host == self.mirror or host in self.insecure:
             return
         name = host.rsplit(":", 1)[0].strip("[]")
-        try:
-            address = ipaddress.ip_address(name)
-        except ValueError:
-            if name == "localhost" or name.endswith(".localhost"):
-                raise InvalidArgument(f"registry {host!r} is this host", _OPERATOR) from None
-            return
-        if not address.is_global:
-            raise InvalidArgument(f"registry {host!r} is not a public address", _OPERATOR)
+        if name == "localhost" or name.endswith(".localhost"):
+            raise InvalidArgument(f"registry {host!r} is this host", _OPERATOR)
+        for address in await (resolve or addresses)(name):
+            if not ipaddress.ip_address(address).is_global:
+                seen = "" if address == name else f" ({name} is {address})"
+                raise InvalidArgument(f"registry {host!r} is not a public address{seen}",
+                                      _OPERATOR)  # fmt: skip
 
     def flags(self, reference: str, prefix: str = "", authfile: Path | None = None) -> list[str]:
         """skopeo's flags for the registry: `prefix` "src-" for a copy's source. Credentials go
@@ -103,6 +105,24 @@ class Registry:
             yield path
 
 
+Resolve = Callable[[str], Awaitable[list[str]]]
+
+
+async def addresses(name: str) -> list[str]:
+    """The addresses a registry's name stands for; none if it does not resolve (the pull then
+    fails and says so)."""
+    try:
+        ipaddress.ip_address(name)
+        return [name]
+    except ValueError:
+        pass
+    try:
+        found = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return []
+    return sorted({str(sockaddr[0]) for *_, sockaddr in found})
+
+
 @dataclass(frozen=True)
 class Image:
     reference: str
@@ -116,7 +136,7 @@ class Image:
 async def inspect(registry: Registry, image: str, authfile: Path | None) -> tuple[str, str]:
     """(reference, manifest digest); a registry that refuses says so, naming the image."""
     reference = registry.reference(image)
-    registry.check_host(reference)
+    await registry.check_host(reference)
     res = await run(["skopeo", "inspect", *registry.flags(reference, authfile=authfile),
                      "--format", "{{.Digest}}", reference], check=False, timeout=120)  # fmt: skip
     digest = res.stdout.strip()

@@ -20,7 +20,7 @@ from typing import Any
 
 from vivarium.errors import InvalidArgument, NotFound, RuntimeFailure
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
 
 
 @dataclass(frozen=True)

@@ -264,7 +264,7 @@ async def unknown_method(request: Request) -> Response:
 def timeout_s(request: Request) -> float | None:
     """The client's deadline (`Connect-Timeout-Ms`), if it sent one."""
     raw = request.headers.get("connect-timeout-ms", "")
-    return int(raw) / 1000 if raw.isdigit() else None
+    return int(raw[:19]) / 1000 if raw.isascii() and raw.isdigit() else None
 
 
 def keepalive_interval(request: Request) -> float:

@@ -356,7 +356,7 @@ class Registry:
             raise ConnectError("invalid_argument", "process selector needs a pid or a tag")
         if "pid" in selector:
             pid = selector["pid"]
-            if isinstance(pid, str) and pid.isdigit():
+            if isinstance(pid, str) and pid.isascii() and pid.isdigit() and len(pid) < 19:
                 pid = int(pid)
             if not isinstance(pid, int) or isinstance(pid, bool):
                 raise ConnectError("invalid_argument", "pid must be an integer")

@@ -29,14 +29,14 @@ from .state import EnvdState
 
 MAX_METADATA_KEY = 255 - len(METADATA_XATTR_PREFIX)  # the kernel's xattr name limit
 MAX_METADATA_TOTAL = 4096  # what fits in one ext4 block, as envd enforces
-_PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
+_PRINTABLE = re.compile(r"^[\x20-\x7e]*\Z")
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 # Uploads write into `.<name>.<12 hex>.envd-<new|old>` next to the target and rename it into
 # place, so readers never see half a file. The naming lives here, with the writer; watch.py
 # imports it to hide these names and report the rename as the CREATE (+ WRITE) or WRITE a plain
 # write would have produced; new/old says whether the target existed.
-UPLOAD_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{12}\.envd-(?P<kind>new|old)$")
+UPLOAD_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{12}\.envd-(?P<kind>new|old)\Z")
 
 
 def _upload_temp_name(name: str, replaces: bool) -> str:

@@ -21,7 +21,7 @@ from .languages import ALIASES, LANGUAGES
 
 KERNEL_SPECS = str(Path(__file__).resolve().parent / "kernels")
 IPC_DIR = os.environ.get("VIVARIUM_RUN_DIR", "/run/vivarium/interpreter")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 POLL_S = 0.5
 # Characters of output one cell may stream (the rest is dropped): above the Python kernel's own
 # cap (launch_kernel.py), which drops what is past it before it becomes a message.
