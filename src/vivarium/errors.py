@@ -8,6 +8,9 @@ class VivariumError(Exception):
 
     code = "internal"
     http_status = 500
+    # The official clients resend a 429, 502, 503 or 504 by themselves unless told not to:
+    # False for an error that a retry within seconds cannot fix, or that may repeat an action.
+    retry: bool | None = None
 
     def __init__(self, message: str, hint: str = "") -> None:
         super().__init__(message)
@@ -21,6 +24,9 @@ class VivariumError(Exception):
         body: dict[str, object] = {"code": self.http_status, "message": str(self)}
         body["error_code"] = self.code
         return body
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry is None else {"Should-Retry": str(self.retry).lower()}
 
 
 class ConfigError(VivariumError):
@@ -77,18 +83,21 @@ class HostNotReady(VivariumError):
 
     code = "host_not_ready"
     http_status = 503
+    retry: bool | None = False
 
 
 class NodeUnavailable(HostNotReady):
     """The node takes no new sandboxes (drained by the operator, or its heartbeat stopped)."""
 
     code = "node_unavailable"
+    retry = None  # another node, or this one back, may take it
 
 
 class CatalogUnavailable(HostNotReady):
     """The database (VIVARIUM_DATABASE_URL) cannot be reached: nothing was changed."""
 
     code = "catalog_unavailable"
+    retry = None  # it recovers by itself
 
 
 class InsufficientStorage(HostNotReady):
@@ -103,6 +112,7 @@ class UpstreamFailed(VivariumError):
 
     code = "node_failed"
     http_status = 502
+    retry = False  # the node may have acted on it: a create sent again could make two
 
 
 class RuntimeFailure(VivariumError):

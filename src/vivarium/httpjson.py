@@ -20,7 +20,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def error_response(exc: VivariumError) -> JSONResponse:
-    return JSONResponse(exc.to_json(), status_code=exc.http_status)
+    return JSONResponse(exc.to_json(), status_code=exc.http_status, headers=exc.headers())
 
 
 def guarded(handler: Handler) -> Handler:

@@ -70,6 +70,12 @@ def test_create_validation(api: httpx.Client) -> None:
     _error(api.post(post, json={"templateID": "base", "volumeMounts": [{"name": "v"}]}), 400)
     mcp = {"templateID": "base", "mcp": {"github": {}}}  # MCP gateways are not built (yet)
     assert "MCP gateways" in _error(api.post(post, json=mcp), 400)
+    # Nor these: refused, rather than a sandbox that silently lacks them.
+    for unsupported in ({"network": {"httpsPorts": [8443]}},
+                        {"network": {"maskRequestHost": "localhost:${PORT}"}},
+                        {"iam": {"tokens": [{"name": "gh"}]}}):  # fmt: skip
+        body = {"templateID": "base", **unsupported}
+        assert "not supported" in _error(api.post(post, json=body), 400)
     # Only a sandbox that pauses at its timeout can be resumed by traffic (as the client checks).
     assert "autoPause" in _error(
         api.post(post, json={"templateID": "base", "autoResume": {"enabled": True}}), 400

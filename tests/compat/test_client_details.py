@@ -3,12 +3,14 @@ each found by driving the client as a new user would (docs/compatibility.md, "De
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -305,3 +307,29 @@ def test_a_sandbox_paused_by_another_client_says_so_and_how_to_resume(
         is_sandbox_error, _, message = seen[call]
         assert is_sandbox_error, (call, seen[call])
         assert "is paused" in message and "Sandbox.connect(" in message, (call, seen[call])
+
+
+# --- the Idempotency-Key of a create -------------------------------------------------------------
+
+
+def test_a_create_sent_again_with_its_idempotency_key_gets_the_same_sandbox(
+    compat: Compat,
+) -> None:
+    # The client resends a create whose answer it lost (a 502 on the way, a timeout): with a
+    # key, resends, even concurrent ones, make one sandbox.
+    key = f"lesson-{uuid.uuid4()}"
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        made = list(pool.map(lambda _: Sandbox.create(timeout=60, idempotency_key=key), range(3)))
+    try:
+        assert len({s.sandbox_id for s in made}) == 1
+        assert made[0].commands.run("echo one").stdout == "one\n"  # its tokens work from each
+        assert made[2].commands.run("echo same").stdout == "same\n"
+        other = Sandbox.create(timeout=60, idempotency_key=f"lesson-{uuid.uuid4()}")
+        assert other.sandbox_id != made[0].sandbox_id
+        other.kill()
+    finally:
+        made[0].kill()
+    with compat.admin() as http:
+        bad = http.post("/sandboxes", json={"templateID": "base"},
+                        headers={"Idempotency-Key": "Not_Allowed"})  # fmt: skip
+        assert bad.status_code == 400 and "Idempotency-Key" in bad.json()["message"]

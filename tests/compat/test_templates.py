@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2b import BuildException, Sandbox, Template, wait_for_port
+from e2b import BuildException, Sandbox, SandboxQuery, Template, wait_for_port
 from e2b.template.logger import LogEntry
 from e2b.template.utils import calculate_files_hash
 
@@ -98,6 +98,12 @@ def test_a_template_built_with_the_sdk_starts_with_its_files_settings_and_server
         # The build's sizes are its sandboxes': the node gave them, and holds the sandbox to
         # its 768 MiB (the hard limit sits the guard's headroom above; memory_guard.py).
         assert (info.cpu_count, info.memory_mb) == (2, 768)
+        # Named as the team knows it, and found by that name.
+        assert info.name == name
+        listed = Sandbox.list(query=SandboxQuery(template=name)).next_items()
+        assert {s.sandbox_id for s in listed} == {first.sandbox_id, second.sandbox_id}
+        from_base = Sandbox.list(query=SandboxQuery(template="base")).next_items()
+        assert first.sandbox_id not in {s.sandbox_id for s in from_base}
         with compat.server.client() as node:
             record = node.get(first.sandbox_id)
         assert (record["cpus"], record["memory_mb"]) == (2.0, 768)

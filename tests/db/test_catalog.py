@@ -38,7 +38,7 @@ async def test_migrations_build_exactly_the_declared_schema(engine: AsyncEngine)
     async with engine.connect() as conn:
         assert await conn.run_sync(diff) == []
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
-    assert version == "0010"
+    assert version == "0011"
 
 
 async def test_keys_are_stored_hashed_and_resolve_their_team(engine: AsyncEngine) -> None:

@@ -234,7 +234,8 @@ def test_proxy_errors_are_json() -> None:
             assert r.json() == {"code": 502, "message": "The sandbox unknown was not found"}
             r = await c.get("/", headers=routing("ia", closed_port))
             assert r.status_code == 502 and r.json()["code"] == 502
-            assert f"running but port {closed_port} is not open" in r.json()["message"]
+            message = r.json()["message"]  # the words the official client looks for
+            assert f"running but port is not open: {closed_port} refused" in message
             r = await c.get("/anything")
             assert r.status_code == 400 and "E2b-Sandbox-Id" in r.json()["message"]
             r = await c.get("/", headers={"E2b-Sandbox-Id": "ia"})

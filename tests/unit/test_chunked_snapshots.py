@@ -139,3 +139,16 @@ def test_a_start_removes_what_a_crashed_commit_left_and_survives_a_broken_manife
     assert not (tmp_path / key / "checkpoint").exists()
     assert (tmp_path / broken / "checkpoint").exists()  # left for inspection
     assert _restored(store, key) == _image(10)
+
+
+@pytest.mark.parametrize("dedup", [True, False])
+def test_a_start_puts_back_a_snapshot_a_crash_left_between_its_replacements_renames(
+    tmp_path: Path, dedup: bool
+) -> None:
+    store = SnapshotStore(tmp_path, dedup=dedup)
+    key = new_sandbox_id()
+    _commit(store, key, _image(11))
+    # A crash after the previous snapshot was moved aside and before the new one took its place.
+    (tmp_path / key).rename(tmp_path / f".old-{key}-0123abcd")
+    SnapshotStore(tmp_path, dedup=dedup).sweep_staging()  # what a start does
+    assert store.held(key) and _restored(store, key) == _image(11)

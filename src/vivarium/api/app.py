@@ -90,7 +90,9 @@ def create_app(control: ControlPlane) -> Starlette:
         return await _create(request, team, v1=False)
 
     async def _create(request: Request, team: Row, *, v1: bool) -> Response:
-        new = shapes.new_sandbox(await json_body(request), default_timeout, v1=v1)
+        key = request.headers.get("idempotency-key")
+        new = shapes.new_sandbox(await json_body(request), default_timeout, v1=v1,
+                                 idempotency_key=key)  # fmt: skip
         row = await control.create(team, new)
         return JSONResponse(sandbox_body(row), 201)
 
@@ -98,16 +100,21 @@ def create_app(control: ControlPlane) -> Starlette:
         states, metadata, limit, token = shapes.list_query(request.query_params)
         rows = await control.list_sandboxes(team, states)
         rows = [r for r in rows if shapes.matches(r, metadata)]
-        template = request.query_params.get("template")
-        if template:
-            rows = [r for r in rows if r["template_id"] == template]
+        names = await control.templates.names(team)
+        if template := request.query_params.get("template"):  # an id, or a name (any tag)
+            name = template.split(":", 1)[0]
+            rows = [
+                r
+                for r in rows
+                if template == r["template_id"] or name == names.get(r["template_id"])
+            ]
         if after := request.query_params.get("startedAfter"):
             since = shapes.parse_time(after, "startedAfter")
             rows = [r for r in rows if r["started_at"] >= since]
         ascending = request.query_params.get("order") == "asc"
         chunk, next_token = shapes.page(rows, limit, token, ascending=ascending)
         headers = {"x-next-token": next_token} if next_token else {}
-        return JSONResponse([shapes.listed(r, client_id) for r in chunk], headers=headers)
+        return JSONResponse([shapes.listed(r, client_id, names) for r in chunk], headers=headers)
 
     async def list_v1(request: Request, team: Row) -> Response:
         _, metadata, _, _ = shapes.list_query({"metadata": request.query_params.get("metadata")})
@@ -117,9 +124,9 @@ def create_app(control: ControlPlane) -> Starlette:
 
     async def get_sandbox(request: Request, team: Row) -> Response:
         row = await control.get(team, sid(request))
-        return JSONResponse(
-            shapes.detail(row, control.envd_token(row), client_id, control.settings.sandbox_domain)
-        )
+        names = await control.templates.names(team)
+        return JSONResponse(shapes.detail(row, control.envd_token(row), client_id,
+                                          control.settings.sandbox_domain, names))  # fmt: skip
 
     async def kill(request: Request, team: Row) -> Response:
         await control.kill(team, sid(request))

@@ -56,6 +56,7 @@ DISK_MB = 0  # the root filesystem lives in the sandbox's memory (overlay), not 
 MIN_REFRESH_S = 15
 T = TypeVar("T")
 MAX_FORKS = 20  # children of one fork, as E2B's client allows
+KEYED_CREATE_WAIT_S = 120.0  # a create with a key in use waits this long for the first one
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class NewSandbox:
     public_traffic: bool = True  # False: its ports need its traffic token
     volume_mounts: tuple[tuple[str, str], ...] = ()  # (volume name, path), as asked
     auto_pause_memory: bool = True  # False: an auto-pause keeps the files only
+    idempotency_key: str | None = None  # a retried create with it gets the same sandbox
 
 
 @dataclass(frozen=True)
@@ -342,7 +344,8 @@ class ControlPlane:
             for mount in saved["volume_mounts"]:  # in a cluster, moved here if they must
                 await self.volumes.here(mount["volume_id"])
             row = self._new_row(team, new, saved["template_id"], "", saved["volume_mounts"])
-            await self._reserve(team, [row])
+            if (earlier := await self._reserve(team, [row])) is not None:
+                return earlier
             build = saved["build_key"]
             start = partial(self.node.create_from_snapshot, key=build, made_on=saved["node_id"])
             started = await self._start(row, new, start,
@@ -356,7 +359,8 @@ class ControlPlane:
         mounts = await self.volumes.resolve(team, new.volume_mounts)
         row = self._new_row(team, new, template.name, template.build_id,
                             [m.to_json() for m in mounts], sizes)  # fmt: skip
-        await self._reserve(team, [row])
+        if (earlier := await self._reserve(team, [row])) is not None:
+            return earlier
         return await self._start(
             row,
             new,
@@ -399,6 +403,7 @@ class ControlPlane:
             "envd_version": ENVD_VERSION, "started_at": now,
             "end_at": now + new.timeout_s, "created_at": now, "ended_at": None,
             "end_reason": None, "volume_mounts": volume_mounts,
+            "idempotency_key": new.idempotency_key,
         }  # fmt: skip
 
     def team_lock(self, team_id: str) -> asyncio.Lock:
@@ -406,10 +411,31 @@ class ControlPlane:
         users, so a volume is never deleted under a sandbox that is about to mount it."""
         return self._team_locks[team_id]
 
-    async def _reserve(self, team: Row, rows: list[Row]) -> None:
+    async def _reserve(self, team: Row, rows: list[Row]) -> Row | None:
+        """Reserve the rows against the team's limit; None, or the sandbox an earlier create
+        with the same idempotency key made (then nothing is reserved)."""
         async with self.team_lock(team["id"]):
-            if not await store.reserve_sandboxes(self.engine, team, rows):
+            reserved = await store.reserve_sandboxes(self.engine, team, rows)
+        if isinstance(reserved, bool):
+            if not reserved:
                 raise _limit_reached(team)
+            return None
+        return await self._made_with_key(reserved)
+
+    async def _made_with_key(self, row: Row) -> Row:
+        """The sandbox an earlier create with the same key made, once that create is done (a
+        client resends a create whose answer it lost while the first one still runs)."""
+        deadline = time.monotonic() + KEYED_CREATE_WAIT_S
+        while row["state"] == "starting" and time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            row = await store.get_sandbox(self.engine, row["id"]) or row
+        if row["state"] == "starting":
+            raise Conflict("a create with this Idempotency-Key is still under way",
+                           "ask again in a moment: it answers with that sandbox")  # fmt: skip
+        if row["state"] == "killed" and row["idempotency_key"] is None:  # that create failed
+            raise Conflict(f"the create with this Idempotency-Key failed: {row['end_reason']}",
+                           "create again: the key is free")  # fmt: skip
+        return row
 
     async def _start(
         self, row: Row, new: NewSandbox, start: Callable[[CreateRequest], Awaitable[SandboxRecord]],
@@ -430,7 +456,9 @@ class ControlPlane:
         try:
             record = await start(request)
         except BaseException as exc:
-            await store.end_sandbox(self.engine, row["id"], f"create failed: {exc}")
+            # Its key is free again: a create that failed is sent again to make one.
+            await store.end_sandbox(self.engine, row["id"], f"create failed: {exc}",
+                                    idempotency_key=None)  # fmt: skip
             raise
         # The clock starts when the sandbox is ready, as in E2B: start time is not charged.
         started = time.time()
@@ -477,6 +505,13 @@ class ControlPlane:
                 raise Conflict(f"sandbox {sandbox_id!r} is {row['state']}, not running")
             try:
                 snapshot = await self.node.pause(sandbox_id, memory=memory)
+            except NotFound:
+                if self.node.snapshots.held(sandbox_id):
+                    # Paused at its timeout while this pause waited for the node: the
+                    # auto-pause records it (the row goes from pausing to paused).
+                    raise Conflict(f"sandbox {sandbox_id!r} was paused meanwhile") from None
+                await store.end_sandbox(self.engine, sandbox_id, "lost while pausing")
+                raise
             except BaseException:
                 if sandbox_id in self.node.sandboxes:
                     await store.transition(self.engine, sandbox_id, ["pausing"], "running")

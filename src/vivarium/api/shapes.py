@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import time
 import urllib.parse
 from datetime import UTC, datetime
@@ -23,6 +24,9 @@ Row = dict[str, Any]
 MAX_METADATA = 64  # entries; E2B does not publish one, this keeps rows small
 MAX_LIMIT = 100
 STATES = ("running", "paused")
+# The catalog's states in between, as E2B's two (the clients refuse any other): a pause under
+# way is paused, a start or resume under way is running.
+WIRE_STATES = {"pausing": "paused", "starting": "running"}
 
 
 def rfc3339(ts: float) -> str:
@@ -43,7 +47,14 @@ def parse_time(value: str, what: str) -> float:
 # -- requests ----------------------------------------------------------------------------------
 
 
-def new_sandbox(data: dict[str, Any], default_timeout: int, *, v1: bool) -> NewSandbox:
+IDEMPOTENCY_KEY = re.compile(r"[a-z0-9-]{1,255}")  # what the clients allow
+
+
+def new_sandbox(data: dict[str, Any], default_timeout: int, *, v1: bool,
+                idempotency_key: str | None = None) -> NewSandbox:  # fmt: skip
+    """A create's body; `idempotency_key`, its Idempotency-Key header."""
+    if idempotency_key is not None and not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+        raise InvalidArgument("Idempotency-Key must be 1-255 lowercase letters, digits or '-'")
     template = typed(data, "templateID", str)
     if not template:
         raise InvalidArgument("templateID is required")
@@ -52,7 +63,10 @@ def new_sandbox(data: dict[str, Any], default_timeout: int, *, v1: bool) -> NewS
     if len(metadata) > MAX_METADATA:
         raise InvalidArgument(f"metadata has more than {MAX_METADATA} entries")
     _unsupported(data, "mcp", "MCP gateways")
+    _unsupported(data, "iam", "IAM credentials (iam)")
     network = typed(data, "network", dict, {})
+    _unsupported(network, "httpsPorts", "TLS to a sandbox's ports (network.httpsPorts)")
+    _unsupported(network, "maskRequestHost", "Host rewriting (network.maskRequestHost)")
     rules = egress.parse(network, typed(data, "allow_internet_access", bool, True), "network")
     public_traffic = typed(network, "allowPublicTraffic", bool, True)
     secure = typed(data, "secure", bool, True) if v1 else True
@@ -81,6 +95,7 @@ def new_sandbox(data: dict[str, Any], default_timeout: int, *, v1: bool) -> NewS
         public_traffic=public_traffic,
         volume_mounts=mounts_request(data.get("volumeMounts")),
         auto_pause_memory=auto_pause_memory,
+        idempotency_key=idempotency_key,
     )
 
 
@@ -103,7 +118,7 @@ def fork_request(data: dict[str, Any], default_timeout: int) -> tuple[int, int]:
 
 def _unsupported(data: dict[str, Any], key: str, what: str) -> None:
     if data.get(key):
-        raise InvalidArgument(f"{what} are not supported by this server")
+        raise InvalidArgument(f"{what}: not supported by this server")
 
 
 def list_query(params: Any) -> tuple[list[str], dict[str, str], int, str | None]:
@@ -112,7 +127,9 @@ def list_query(params: Any) -> tuple[list[str], dict[str, str], int, str | None]
     for state in states:
         if state not in STATES:
             raise InvalidArgument(f"unknown state {state!r}", "use running or paused")
-    metadata = dict(urllib.parse.parse_qsl(params.get("metadata") or "", keep_blank_values=True))
+    # The clients quote each key and value, then encode the whole as one parameter: twice.
+    pairs = urllib.parse.parse_qsl(params.get("metadata") or "", keep_blank_values=True)
+    metadata = {urllib.parse.unquote(k): urllib.parse.unquote(v) for k, v in pairs}
     return states, metadata, *paging(params)
 
 
@@ -193,20 +210,24 @@ def sandbox(row: Row, token: str | None, client_id: str, traffic: str | None,
             "envdAccessToken": token, "trafficAccessToken": traffic, "domain": domain}  # fmt: skip
 
 
-def listed(row: Row, client_id: str) -> Row:
-    """`ListedSandbox`."""
-    return {"templateID": row["template_id"], "alias": row["template_id"], "sandboxID": row["id"],
+def listed(row: Row, client_id: str, names: dict[str, str] | None = None) -> Row:
+    """`ListedSandbox`; `names`: the team's templates' names by id (`alias`, the client's
+    `SandboxInfo.name`)."""
+    alias = (names or {}).get(row["template_id"], row["template_id"])
+    return {"templateID": row["template_id"], "alias": alias, "sandboxID": row["id"],
             "clientID": client_id, "startedAt": rfc3339(row["started_at"]),
             "endAt": rfc3339(row["end_at"]), "cpuCount": row["cpu_count"],
-            "memoryMB": row["memory_mb"], "diskSizeMB": row["disk_mb"], "state": row["state"],
+            "memoryMB": row["memory_mb"], "diskSizeMB": row["disk_mb"],
+            "state": WIRE_STATES.get(row["state"], row["state"]),
             "envdVersion": row["envd_version"], "metadata": row["metadata"],
             "volumeMounts": [{"name": m["name"], "path": m["path"]}
                              for m in row["volume_mounts"]]}  # fmt: skip
 
 
-def detail(row: Row, token: str | None, client_id: str, domain: str) -> Row:
+def detail(row: Row, token: str | None, client_id: str, domain: str,
+           names: dict[str, str] | None = None) -> Row:  # fmt: skip
     """`SandboxDetail`."""
-    return {**listed(row, client_id), "envdAccessToken": token, "domain": domain,
+    return {**listed(row, client_id, names), "envdAccessToken": token, "domain": domain,
             "allowInternetAccess": row["allow_internet"],
             "network": {**rules_of(row).wire(), "allowPublicTraffic": row["public_traffic"]},
             "lifecycle": {"autoResume": row["auto_resume"],

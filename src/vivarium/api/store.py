@@ -107,9 +107,23 @@ async def team_for_key(engine: AsyncEngine, key: str) -> Row | None:
 # -- sandboxes -----------------------------------------------------------------------------
 
 
-async def reserve_sandboxes(engine: AsyncEngine, team: Row, rows: list[Row]) -> bool:
-    """Insert `starting` rows, all or none: none if the team would run more than its maximum."""
+KEY_TTL_S = 24 * 3600  # how long a create's Idempotency-Key stands for its sandbox
+
+
+async def reserve_sandboxes(engine: AsyncEngine, team: Row, rows: list[Row]) -> Row | bool:
+    """Insert `starting` rows, all or none: none (False) if the team would run more than its
+    maximum. A row with an `idempotency_key` the team used in the last KEY_TTL_S is not
+    inserted: the sandbox made with it is returned instead (decided under the team's lock, so
+    two creates with one key make one sandbox)."""
     async with engine.begin() as conn:
+        await _lock_team(conn, team)
+        for key in {r["idempotency_key"] for r in rows if r.get("idempotency_key")}:
+            query = select(sandboxes).where(
+                sandboxes.c.team_id == team["id"], sandboxes.c.idempotency_key == key,
+                sandboxes.c.created_at >= time.time() - KEY_TTL_S,
+            )  # fmt: skip
+            if (earlier := first_row(await conn.execute(query))) is not None:
+                return earlier
         if not await _has_room(conn, team, len(rows)):
             return False
         for row in rows:
@@ -117,10 +131,15 @@ async def reserve_sandboxes(engine: AsyncEngine, team: Row, rows: list[Row]) -> 
     return True
 
 
-async def _has_room(conn: AsyncConnection, team: Row, more: int = 1) -> bool:
-    """Whether the team may start `more` sandboxes. The team row is locked for the rest of the
-    transaction (PostgreSQL), so concurrent starts cannot both slip under the limit."""
+async def _lock_team(conn: AsyncConnection, team: Row) -> None:
+    """The team row, locked for the rest of the transaction (PostgreSQL): concurrent starts
+    of one team are decided one after another."""
     await conn.execute(select(teams.c.id).where(teams.c.id == team["id"]).with_for_update())
+
+
+async def _has_room(conn: AsyncConnection, team: Row, more: int = 1) -> bool:
+    """Whether the team may start `more` sandboxes (the team row locked: _lock_team)."""
+    await _lock_team(conn, team)
     return await _live_count(conn, team["id"]) + more <= int(team["max_sandboxes"])
 
 
@@ -152,13 +171,15 @@ async def update_sandbox(engine: AsyncEngine, sandbox_id: str, **values: Any) ->
         await conn.execute(update(sandboxes).where(sandboxes.c.id == sandbox_id).values(**values))
 
 
-async def end_sandbox(engine: AsyncEngine, sandbox_id: str, reason: str) -> None:
-    """Mark it killed (if it was not already): kept for logs, never listed."""
+async def end_sandbox(engine: AsyncEngine, sandbox_id: str, reason: str,
+                      **also: Any) -> None:  # fmt: skip
+    """Mark it killed (if it was not already): kept for logs, never listed. `also`: other
+    columns to set with it."""
     async with engine.begin() as conn:
         await conn.execute(
             update(sandboxes)
             .where(sandboxes.c.id == sandbox_id, sandboxes.c.state != "killed")
-            .values(state="killed", ended_at=time.time(), end_reason=reason)
+            .values(state="killed", ended_at=time.time(), end_reason=reason, **also)
         )
 
 

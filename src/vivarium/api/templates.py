@@ -115,6 +115,11 @@ class TemplateCatalog:
                            "wait for its build, or see why it failed")  # fmt: skip
         return row, build_id
 
+    async def names(self, team: Row) -> dict[str, str]:
+        """The team's templates' names by id."""
+        return {r["id"]: r["name"] for r in await store.list_team_templates(self.engine,
+                                                                           team["id"])}  # fmt: skip
+
     async def foreign(self, team: Row, template_id: str) -> bool:
         """Whether the id is another team's template (never created from, never listed)."""
         owner = await store.template_owner(self.engine, template_id)

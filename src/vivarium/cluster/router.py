@@ -38,7 +38,7 @@ from vivarium.cluster.directory import Directory
 from vivarium.cluster.placement import Placement
 from vivarium.cluster.secret import HEADER, NODE_HEADER, REFUSED
 from vivarium.errors import InvalidArgument, NodeUnavailable, UpstreamFailed, VivariumError
-from vivarium.httpjson import parse_json, small_body
+from vivarium.httpjson import error_response, parse_json, small_body
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Router:
                 self.directory.forget_nodes()
             return await self._forward(request, node, request.stream())
         except VivariumError as exc:
-            return JSONResponse(exc.to_json(), exc.http_status)
+            return error_response(exc)
         except Exception:
             log.exception("unexpected error routing %s %s", request.method, request.url.path)
             return JSONResponse({"code": 500, "message": "internal error; see the server log"},
@@ -234,7 +234,7 @@ class Router:
                 try:
                     response = await self._forward(request, node, body, buffered=True)
                 except NodeUnreachable as exc:
-                    refused = JSONResponse(exc.to_json(), exc.http_status)
+                    refused = error_response(exc)
                     continue
             if not _refused(response):
                 return response

@@ -9,11 +9,12 @@ restored from its own checkpoint), and a failed resume leaves the snapshot as it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 from vivarium.errors import CannotSave, Conflict, RuntimeFailure
 from vivarium.network import firewall, handshakes
@@ -49,13 +50,21 @@ async def pause_sandbox(node: Node, record: SandboxRecord, *, memory: bool = Tru
     if not memory:
         return await _pause_files(node, record)
     staging = await checkpoint_sandbox(node, record, record.sandbox_id, "pausing")
+    sealing = asyncio.ensure_future(seal(node, record, record.sandbox_id, staging))
     try:
-        snapshot = await seal(node, record, record.sandbox_id, staging)
-    except Exception as exc:  # the checkpoint is whole: the sandbox goes on from it
-        await _put_back(node, record, staging, exc, "pausing")
-    except BaseException:
-        await asyncio.to_thread(node.snapshots.discard, staging)
+        snapshot = await asyncio.shield(sealing)
+    except asyncio.CancelledError:
+        # The node is stopping. The checkpoint stopped the sandbox: the commit, running on in
+        # its thread, must finish (on this disk alone if the store failed it), or the sandbox
+        # is lost. The next start finds it paused.
+        await asyncio.wait({sealing})
+        if sealing.exception() is not None:
+            with contextlib.suppress(Exception):
+                await seal(node, record, record.sandbox_id, staging, remote=False)
+        await node.destroy(record)
         raise
+    except Exception as exc:  # the checkpoint is whole: the sandbox goes on from it
+        return await _put_back(node, record, staging, exc, "pausing")
     await node.destroy(record)  # the checkpoint stopped it: free the slot and container
     log.info("sandbox %s paused (%d MiB image, %.1f MiB stored anew)", record.sandbox_id,
              snapshot.size >> 20, snapshot.stored / (1 << 20))  # fmt: skip
@@ -65,11 +74,20 @@ async def pause_sandbox(node: Node, record: SandboxRecord, *, memory: bool = Tru
 async def _pause_files(node: Node, record: SandboxRecord) -> Snapshot:
     """Keep only the sandbox's files as its snapshot, then stop it. If saving them fails it
     keeps running, unchanged."""
-    staging = await capture_files(node, record, record.sandbox_id)
+    # No request through the proxy from here on: a file written after the capture would be
+    # acknowledged, then dropped with the sandbox.
+    record.state = "pausing"
+    node.tell_destroyed(record.sandbox_id)
     try:
-        snapshot = await seal(node, record, record.sandbox_id, staging, mode=file_snapshots.MODE)
+        staging = await capture_files(node, record, record.sandbox_id)
+        try:
+            snapshot = await seal(node, record, record.sandbox_id, staging,
+                                  mode=file_snapshots.MODE)  # fmt: skip
+        except BaseException:
+            await asyncio.to_thread(node.snapshots.discard, staging)
+            raise
     except BaseException:
-        await asyncio.to_thread(node.snapshots.discard, staging)
+        record.state = "running"
         raise
     await node.destroy(record)
     log.info("sandbox %s paused, files only (%d MiB)", record.sandbox_id, snapshot.size >> 20)
@@ -118,6 +136,8 @@ async def checkpoint_sandbox(
         await asyncio.to_thread(node.snapshots.discard, staging)
         if await asyncio.shield(_thaw(node, record, slot)):
             record.state = "running"
+            if isinstance(exc, asyncio.CancelledError):  # running as before: the stop goes on
+                raise
             if isinstance(exc, CheckpointFailed):
                 hint = "; ".join(filter(None, ["it keeps running, unchanged", exc.hint]))
                 raise CannotSave(f"sandbox {sandbox_id} could not be saved: {exc.message}",
@@ -195,7 +215,13 @@ async def resume_sandbox(
             await asyncio.to_thread(node.snapshots.release, snapshot)
         if reboot and snapshot.mode != file_snapshots.MODE:
             steps = Steps(f"reboot of {sandbox_id}")
-            await _pause_files(node, restored)
+            try:
+                await _pause_files(node, restored)
+            except BaseException:
+                # Its files could not be taken: the full snapshot is still whole, and the
+                # sandbox stays paused on it (not running, which the catalog would not know).
+                await asyncio.shield(node.destroy(restored))
+                raise
             snapshot = await load_snapshot(node, sandbox_id, runtime.probe.runsc_version)
             try:
                 restored = await _restore_record(node, record, snapshot, timeout_s, steps)
@@ -274,18 +300,26 @@ async def _checkpoint(
 
 async def _put_back(
     node: Node, record: SandboxRecord, staging: Path, exc: Exception, doing: str
-) -> NoReturn:
+) -> Snapshot:
     """The checkpoint stopped the sandbox and is whole in `staging`, but sealing it failed (the
     remote store refused it, the disk filled): restore the sandbox from it, so that the pause
     fails with the sandbox running as before (same id, memory, files), and no snapshot is kept
-    anywhere."""
+    anywhere. If it cannot be restored either, the checkpoint is its last copy: kept on this
+    node's disk alone, it is the sandbox's snapshot after all (returned: the pause happened)."""
     try:
         await start_again(node, record, staging / "checkpoint", doing)
     except RuntimeFailure as err:
-        raise RuntimeFailure(f"{doing} sandbox {record.sandbox_id} failed: {exc}",
-                             err.hint) from None  # fmt: skip
-    finally:
-        await asyncio.to_thread(node.snapshots.discard, staging)
+        try:
+            snapshot = await seal(node, record, record.sandbox_id, staging, remote=False)
+        except Exception:
+            await asyncio.to_thread(node.snapshots.discard, staging)
+            raise RuntimeFailure(f"{doing} sandbox {record.sandbox_id} failed: {exc}",
+                                 err.hint) from None  # fmt: skip
+        log.warning("%s %s: the snapshot could not be stored (%s) nor the sandbox restored "
+                    "(%s); it is paused with its snapshot on this node's disk only", doing,
+                    record.sandbox_id, exc, err)  # fmt: skip
+        return snapshot
+    await asyncio.to_thread(node.snapshots.discard, staging)
     log.warning("%s %s failed (%s); it was restored and keeps running", doing,
                 record.sandbox_id, exc)  # fmt: skip
     raise RuntimeFailure(f"{doing} sandbox {record.sandbox_id} failed: {exc}",

@@ -535,6 +535,12 @@ class SnapshotStore:
         snapshots (a fork that a crash cut short has no children left to start)."""
         for path in [*self.root.glob(".tmp-*"), *self.root.glob(f"{FORK_PREFIX}*")]:
             shutil.rmtree(path, ignore_errors=True)
+        for path in self.root.glob(".old-*"):
+            sandbox_id = path.name[len(".old-") :].rsplit("-", 1)[0]
+            if (self.root / sandbox_id).exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:  # crashed between the two renames: the previous snapshot is still the one
+                path.rename(self.root / sandbox_id)
         if not self.chunks.root.is_dir():
             return  # never deduplicated here: nothing below to look for in each manifest
         self.chunks.sweep()
@@ -545,12 +551,6 @@ class SnapshotStore:
                 continue
             if chunked:
                 shutil.rmtree(image, ignore_errors=True)
-        for path in self.root.glob(".old-*"):
-            sandbox_id = path.name[len(".old-") :].rsplit("-", 1)[0]
-            if (self.root / sandbox_id).exists():
-                shutil.rmtree(path, ignore_errors=True)
-            else:  # crashed between the two renames: the previous snapshot is still the one
-                path.rename(self.root / sandbox_id)
 
 
 def _check_room(root: Path, size: int, sandbox_id: str) -> None:

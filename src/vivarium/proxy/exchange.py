@@ -95,9 +95,11 @@ class Exchange:
         try:
             self.conn = await (self.pool.connect(key) if fresh else self.pool.acquire(key))
         except ConnectFailed as e:
-            where = f"The sandbox {key.sandbox_id} is running but port {key.port}"
+            # E2B's words: the clients look for "port is not open" to tell this from a
+            # sandbox that is gone.
+            where = f"The sandbox {key.sandbox_id} is running but port is not open: {key.port}"
             if e.reason == "refused":
-                message = f"{where} is not open"
+                message = f"{where} refused the connection"
             elif e.reason == "timeout":
                 message = f"{where} did not accept a connection in {self.pool.connect_timeout:g} s"
             else:

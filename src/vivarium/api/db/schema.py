@@ -75,7 +75,10 @@ sandboxes = Table(
     Column("end_reason", Text, nullable=True),
     # [{"name", "path", "volume_id"}]: the team's volumes it mounts (kept for its snapshots).
     Column("volume_mounts", JSON, nullable=False, default=list),
+    # The Idempotency-Key of its create: a create with the same key gets this sandbox.
+    Column("idempotency_key", String(255), nullable=True),
     Index("ix_sandboxes_team_state", "team_id", "state"),
+    Index("ix_sandboxes_team_key", "team_id", "idempotency_key"),
 )
 
 # The latest snapshot of each paused sandbox (its node keeps the files).
