@@ -6,8 +6,10 @@ deletes the objects."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -253,3 +255,35 @@ def test_an_unreachable_store_refuses_the_pause_and_the_start(
     assert [k for k in _keys(s3, sbx.sandbox_id) if k.endswith("/manifest.json")]
     assert Sandbox.kill(sbx.sandbox_id, **opts)
     _wait_for(lambda: _keys(s3, sbx.sandbox_id) == [])
+
+
+def test_a_pause_a_crash_cut_short_after_its_checkpoint_is_sealed_at_the_next_start(
+    server: Server, s3: Any
+) -> None:
+    # The checkpoint stops the sandbox: from its end until the snapshot is sealed, the
+    # checkpoint is the sandbox's only copy. A node killed then seals it when it starts again.
+    opts = _opts(server)
+    sbx = Sandbox.create(timeout=300, **opts)
+    sbx.files.write("/home/user/work.txt", "written before the crash")
+    sbx.commands.run("head -c 10M /dev/urandom > /home/user/big.bin")  # a seal that takes time
+    _start_counter(sbx)
+    staging = server.state_dir / "snapshots"
+
+    def pause() -> None:
+        with contextlib.suppress(Exception):  # its server dies under it
+            sbx.pause()
+
+    pausing = threading.Thread(target=pause, daemon=True)
+    pausing.start()
+    _wait_for(lambda: bool(list(staging.glob(f".tmp-{sbx.sandbox_id}-*/checkpointed.json"))), 120)
+    server.stop(signal.SIGKILL)
+    pausing.join(60)
+    server.start()
+    listed = {s.sandbox_id: s.state for s in Sandbox.list(**opts).next_items()}
+    assert listed.get(sbx.sandbox_id) == SandboxState.PAUSED, listed
+    back = Sandbox.connect(sbx.sandbox_id, timeout=300, **opts)
+    assert back.files.read("/home/user/work.txt") == "written before the crash"
+    resumed = _count(back)  # the same process, with its memory
+    assert resumed >= 3
+    _wait_for(lambda: _count(back) > resumed)
+    assert Sandbox.kill(sbx.sandbox_id, **opts)

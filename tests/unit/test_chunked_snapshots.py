@@ -152,3 +152,23 @@ def test_a_start_puts_back_a_snapshot_a_crash_left_between_its_replacements_rena
     (tmp_path / key).rename(tmp_path / f".old-{key}-0123abcd")
     SnapshotStore(tmp_path, dedup=dedup).sweep_staging()  # what a start does
     assert store.held(key) and _restored(store, key) == _image(11)
+
+
+@pytest.mark.parametrize("dedup", [True, False])
+def test_a_start_seals_a_pause_checkpoint_a_crash_left_unsealed(
+    tmp_path: Path, dedup: bool
+) -> None:
+    store = SnapshotStore(tmp_path, dedup=dedup)
+    paused, unfinished = new_sandbox_id(), new_sandbox_id()
+    for key, marked in ((paused, True), (unfinished, False)):
+        staging = store.staging(key)
+        (staging / "checkpoint").mkdir()
+        for name, data in _image(12).items():
+            (staging / "checkpoint" / name).write_bytes(data)
+        if marked:  # runsc's checkpoint ended (and stopped the sandbox); the node died then
+            store.mark_checkpointed(staging, {"sandbox_id": key}, RUNSC)
+    SnapshotStore(tmp_path, dedup=dedup).sweep_staging()  # what a start does
+    assert store.held(paused) and _restored(store, paused) == _image(12)
+    assert not (tmp_path / paused / "checkpointed.json").exists()
+    # A checkpoint not known to be whole is never taken for a snapshot.
+    assert not store.held(unfinished) and not list(tmp_path.glob(".tmp-*"))

@@ -22,11 +22,19 @@ class FakeSnapshots:
     def discard(self, staging: Path) -> None:
         self.discarded.append(staging)
 
+    def mark_checkpointed(self, staging: Path, record: Any, runsc_version: str) -> None:
+        pass
+
 
 class FakeNode:
     def __init__(self) -> None:
         self.snapshots = FakeSnapshots()
         self.destroyed: list[Any] = []
+
+        self.records = type("Records", (), {"drop": lambda self, container_id: None})()
+
+    def rt(self) -> Any:
+        return type("Runtime", (), {"probe": type("Probe", (), {"runsc_version": "test"})})
 
     async def destroy(self, record: Any) -> None:
         self.destroyed.append(record)
@@ -34,6 +42,10 @@ class FakeNode:
 
 class Record:
     sandbox_id = "isbx"
+    container_id = "isbx-000000"
+
+    def to_json(self) -> dict[str, str]:
+        return {"sandbox_id": self.sandbox_id}
 
 
 def _seals(monkeypatch: pytest.MonkeyPatch, *results: object, delay: float = 0.0) -> list[bool]:

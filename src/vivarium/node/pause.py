@@ -50,7 +50,7 @@ async def pause_sandbox(node: Node, record: SandboxRecord, *, memory: bool = Tru
     if not memory:
         return await _pause_files(node, record)
     staging = await checkpoint_sandbox(node, record, record.sandbox_id, "pausing")
-    sealing = asyncio.ensure_future(seal(node, record, record.sandbox_id, staging))
+    sealing = asyncio.ensure_future(_mark_and_seal(node, record, staging))
     try:
         snapshot = await asyncio.shield(sealing)
     except asyncio.CancelledError:
@@ -163,6 +163,17 @@ async def seal(
     version = node.rt().probe.runsc_version
     return await asyncio.to_thread(node.snapshots.commit, key, staging, record.to_json(), version,
                                    remote=remote, mode=mode)  # fmt: skip
+
+
+async def _mark_and_seal(node: Node, record: SandboxRecord, staging: Path) -> Snapshot:
+    """Seal a pause's checkpoint, marked first as whole: a crash before the seal is done
+    leaves it for the next start to seal (SnapshotStore.sweep_staging)."""
+    await asyncio.to_thread(node.snapshots.mark_checkpointed, staging, record.to_json(),
+                            node.rt().probe.runsc_version)  # fmt: skip
+    # Its container is no longer one to adopt: runsc would call it running after a `runsc
+    # resume`, with nothing running inside (seen after a crash here).
+    node.records.drop(record.container_id)
+    return await seal(node, record, record.sandbox_id, staging)
 
 
 async def start_again(node: Node, record: SandboxRecord, image: Path, doing: str) -> SandboxRecord:

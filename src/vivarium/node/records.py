@@ -105,6 +105,11 @@ class RecordStore:
         # power loss ends anyway (the restart after one finds it gone, readable record or not).
         write_private(directory / "record.json", json.dumps(record.to_json()), durable=False)
 
+    def drop(self, container_id: str) -> None:
+        """The incarnation is no longer one to adopt at a start (stopped, or stopped by its
+        checkpoint); its directory goes with its container."""
+        (self.container_dir(container_id) / "record.json").unlink(missing_ok=True)
+
     def load_all(self) -> tuple[list[SandboxRecord], list[Path]]:
         """Readable records, and directories holding none (left by a crash mid-create)."""
         records: list[SandboxRecord] = []

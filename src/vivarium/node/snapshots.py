@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 
 TEAM_PREFIX = "s"
 FORK_PREFIX = "fork_"  # `_` is in no sandbox or snapshot id: the sweep below cannot take one
+# In a pause's staging directory: runsc's checkpoint there is whole (and stopped the sandbox),
+# with the record to seal it with. A start after a crash seals it rather than removing it.
+CHECKPOINTED = "checkpointed.json"
 CHUNKS = "chunks"  # the chunk store's directory: no key starts with `c`
 ROOM_HEADROOM = 64 << 20  # kept free beyond a rebuilt image
 
@@ -259,7 +262,9 @@ class SnapshotStore:
             fsync_tree(staging)
             if self.remote is not None and remote:
                 self.remote.put(sandbox_id, staging, manifest, self.chunks)
-            return self._replace(sandbox_id, staging, manifest)
+            snapshot = self._replace(sandbox_id, staging, manifest)
+            (snapshot.path / CHECKPOINTED).unlink(missing_ok=True)  # sealed: no longer needed
+            return snapshot
         build = f"{record.get('template')}/{record.get('build_id')}"
         with self.chunks.adding() as adding:  # pinned until the manifest naming them is written
             roots: dict[str, tuple[Recipe, int]] = {}
@@ -299,6 +304,7 @@ class SnapshotStore:
             snapshot = self._replace(sandbox_id, staging, manifest)
         # Only now: until the snapshot is in place, a failure restores the sandbox from it.
         shutil.rmtree(snapshot.path / "checkpoint", ignore_errors=True)
+        (snapshot.path / CHECKPOINTED).unlink(missing_ok=True)
         return snapshot
 
     def _replace(self, sandbox_id: str, staging: Path, manifest: dict[str, Any]) -> Snapshot:
@@ -530,27 +536,58 @@ class SnapshotStore:
     def discard(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
+    def mark_checkpointed(self, staging: Path, record: dict[str, Any],
+                          runsc_version: str) -> None:  # fmt: skip
+        """The pause's checkpoint in `staging` is whole: from now on it is the sandbox's only
+        copy (the checkpoint stopped it), which a start after a crash seals."""
+        marker = staging / CHECKPOINTED
+        marker.write_text(json.dumps({"record": record, "runsc_version": runsc_version}))
+        fsync_path(marker)
+        fsync_path(staging)
+
     def sweep_staging(self) -> None:
-        """Temporary directories left by a crash mid-pause (never a valid snapshot), and forks'
-        snapshots (a fork that a crash cut short has no children left to start)."""
+        """Temporary directories left by a crash (never a valid snapshot), but for a pause's
+        whole checkpoint, which is sealed as the sandbox's snapshot (it is its only copy); and
+        forks' snapshots (a fork that a crash cut short has no children left to start)."""
+        checkpointed = []
         for path in [*self.root.glob(".tmp-*"), *self.root.glob(f"{FORK_PREFIX}*")]:
-            shutil.rmtree(path, ignore_errors=True)
+            if (path / CHECKPOINTED).is_file() and path.name.startswith(f".tmp-{SANDBOX_PREFIX}"):
+                checkpointed.append(path)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
         for path in self.root.glob(".old-*"):
             sandbox_id = path.name[len(".old-") :].rsplit("-", 1)[0]
             if (self.root / sandbox_id).exists():
                 shutil.rmtree(path, ignore_errors=True)
             else:  # crashed between the two renames: the previous snapshot is still the one
                 path.rename(self.root / sandbox_id)
-        if not self.chunks.root.is_dir():
-            return  # never deduplicated here: nothing below to look for in each manifest
-        self.chunks.sweep()
-        for image in self.root.glob(f"{SANDBOX_PREFIX}*/checkpoint"):  # a commit cut short
+        if self.chunks.root.is_dir():  # else never deduplicated here: nothing to look for
+            self.chunks.sweep()
+            for image in self.root.glob(f"{SANDBOX_PREFIX}*/checkpoint"):  # a commit cut short
+                try:
+                    chunked = "files" in json.loads((image.parent / "manifest.json").read_text())
+                except Exception:  # not a sealed snapshot: left as it is, refused when loaded
+                    continue
+                if chunked:
+                    shutil.rmtree(image, ignore_errors=True)
+        for staging in checkpointed:
+            self._seal_after_crash(staging)
+
+    def _seal_after_crash(self, staging: Path) -> None:
+        sandbox_id = staging.name.removeprefix(".tmp-").rsplit("-", 1)[0]
+        try:
+            marked = json.loads((staging / CHECKPOINTED).read_text())
+            args = (sandbox_id, staging, marked["record"], marked["runsc_version"])
             try:
-                chunked = "files" in json.loads((image.parent / "manifest.json").read_text())
-            except Exception:  # not a sealed snapshot: left as it is, and refused when loaded
-                continue
-            if chunked:
-                shutil.rmtree(image, ignore_errors=True)
+                snapshot = self.commit(*args)
+            except SnapshotNotStored:  # the remote store refused it: this disk keeps it
+                snapshot = self.commit(*args, remote=False)
+        except Exception:  # left as it is (tried again at the next start): its last copy
+            log.exception("the checkpoint of %s that a crash interrupted could not be sealed "
+                          "(left in %s)", sandbox_id, staging)  # fmt: skip
+            return
+        log.warning("sealed the snapshot of %s, whose pause a crash interrupted (%s)",
+                    sandbox_id, snapshot.path)  # fmt: skip
 
 
 def _check_room(root: Path, size: int, sandbox_id: str) -> None:
