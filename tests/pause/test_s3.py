@@ -10,6 +10,7 @@ import contextlib
 import json
 import shutil
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -281,6 +282,9 @@ def test_a_pause_a_crash_cut_short_after_its_checkpoint_is_sealed_at_the_next_st
     server.start()
     listed = {s.sandbox_id: s.state for s in Sandbox.list(**opts).next_items()}
     assert listed.get(sbx.sandbox_id) == SandboxState.PAUSED, listed
+    with contextlib.closing(sqlite3.connect(server.state_dir / "vivarium.db")) as catalog:
+        query = "select count(*) from snapshots where sandbox_id = ?"  # what retention reads
+        assert catalog.execute(query, (sbx.sandbox_id,)).fetchone() == (1,)
     back = Sandbox.connect(sbx.sandbox_id, timeout=300, **opts)
     assert back.files.read("/home/user/work.txt") == "written before the crash"
     resumed = _count(back)  # the same process, with its memory

@@ -179,6 +179,10 @@ class ControlPlane:
             if row["id"] in running:
                 if row["state"] != "running":  # a pause or resume cut short by the restart
                     await store.transition(self.engine, row["id"], [row["state"]], "running")
+            elif row["state"] != "starting" and (
+                snapshot := await asyncio.to_thread(self.node.snapshots.local, row["id"])
+            ):  # a pause the restart cut short after its checkpoint (this start sealed it)
+                await self._record_pause(row["id"], snapshot, "restart")
             elif await asyncio.to_thread(self.node.snapshots.exists, row["id"]):  # maybe S3
                 await store.transition(self.engine, row["id"], [row["state"]], "paused")
             else:

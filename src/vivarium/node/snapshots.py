@@ -497,6 +497,14 @@ class SnapshotStore:
         fsync_path(self.root)
         return final
 
+    def local(self, sandbox_id: str) -> Snapshot | None:
+        """The sealed snapshot on this disk as its manifest describes it (not verified)."""
+        path = self.root / sandbox_id
+        try:
+            return Snapshot(sandbox_id, path, json.loads((path / "manifest.json").read_text()))
+        except (OSError, ValueError):
+            return None
+
     def held(self, sandbox_id: str) -> bool:
         """Whether this host holds the sandbox's snapshot (no remote call: cheap enough for the
         proxy to ask on every request for a sandbox that is not running)."""
