@@ -100,7 +100,7 @@ def create_app(control: ControlPlane) -> Starlette:
         states, metadata, limit, token = shapes.list_query(request.query_params)
         rows = await control.list_sandboxes(team, states)
         rows = [r for r in rows if shapes.matches(r, metadata)]
-        names = await control.templates.names(team)
+        names = await control.templates.names(team, rows)
         if template := request.query_params.get("template"):  # an id, or a name (any tag)
             name = template.split(":", 1)[0]
             rows = [
@@ -124,7 +124,7 @@ def create_app(control: ControlPlane) -> Starlette:
 
     async def get_sandbox(request: Request, team: Row) -> Response:
         row = await control.get(team, sid(request))
-        names = await control.templates.names(team)
+        names = await control.templates.names(team, [row])
         return JSONResponse(shapes.detail(row, control.envd_token(row), client_id,
                                           control.settings.sandbox_domain, names))  # fmt: skip
 

@@ -138,8 +138,7 @@ async def _lock_team(conn: AsyncConnection, team: Row) -> None:
 
 
 async def _has_room(conn: AsyncConnection, team: Row, more: int = 1) -> bool:
-    """Whether the team may start `more` sandboxes (the team row locked: _lock_team)."""
-    await _lock_team(conn, team)
+    """Whether the team may start `more` sandboxes; the caller holds _lock_team."""
     return await _live_count(conn, team["id"]) + more <= int(team["max_sandboxes"])
 
 
@@ -224,6 +223,7 @@ async def resume_reservation(engine: AsyncEngine, team: Row, sandbox_id: str,
     maximum already."""
     async with engine.begin() as conn:
         paused = sandboxes.c.id == sandbox_id, sandboxes.c.state == "paused"
+        await _lock_team(conn, team)
         if not await _has_room(conn, team):
             found = await conn.execute(select(sandboxes.c.id).where(*paused))
             return False if found.first() else None

@@ -115,10 +115,13 @@ class TemplateCatalog:
                            "wait for its build, or see why it failed")  # fmt: skip
         return row, build_id
 
-    async def names(self, team: Row) -> dict[str, str]:
-        """The team's templates' names by id."""
-        return {r["id"]: r["name"] for r in await store.list_team_templates(self.engine,
-                                                                           team["id"])}  # fmt: skip
+    async def names(self, team: Row, sandboxes: list[Row]) -> dict[str, str]:
+        """The team's templates' names by id, for the sandboxes' (no catalog query when all
+        are from built-in templates, as most are)."""
+        if all(s["template_id"] in RECIPES for s in sandboxes):
+            return {}
+        rows = await store.list_team_templates(self.engine, team["id"])
+        return {r["id"]: r["name"] for r in rows}
 
     async def foreign(self, team: Row, template_id: str) -> bool:
         """Whether the id is another team's template (never created from, never listed)."""

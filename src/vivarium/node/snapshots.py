@@ -262,9 +262,7 @@ class SnapshotStore:
             fsync_tree(staging)
             if self.remote is not None and remote:
                 self.remote.put(sandbox_id, staging, manifest, self.chunks)
-            snapshot = self._replace(sandbox_id, staging, manifest)
-            (snapshot.path / CHECKPOINTED).unlink(missing_ok=True)  # sealed: no longer needed
-            return snapshot
+            return self._replace(sandbox_id, staging, manifest)
         build = f"{record.get('template')}/{record.get('build_id')}"
         with self.chunks.adding() as adding:  # pinned until the manifest naming them is written
             roots: dict[str, tuple[Recipe, int]] = {}
@@ -304,7 +302,6 @@ class SnapshotStore:
             snapshot = self._replace(sandbox_id, staging, manifest)
         # Only now: until the snapshot is in place, a failure restores the sandbox from it.
         shutil.rmtree(snapshot.path / "checkpoint", ignore_errors=True)
-        (snapshot.path / CHECKPOINTED).unlink(missing_ok=True)
         return snapshot
 
     def _replace(self, sandbox_id: str, staging: Path, manifest: dict[str, Any]) -> Snapshot:
@@ -316,6 +313,7 @@ class SnapshotStore:
             final.rename(old)
         staging.rename(final)
         fsync_path(self.root)
+        (final / CHECKPOINTED).unlink(missing_ok=True)  # sealed: the mark has served
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
             self.may_hold_unnamed_chunks = True
