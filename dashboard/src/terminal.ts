@@ -7,6 +7,8 @@ import "@xterm/xterm/css/xterm.css";
 
 import { type Envd, EnvdError, encoder, fromBase64, toBase64 } from "./envd";
 
+const START_ATTEMPTS = 3; // the shell's start, tried again while nothing has started
+
 export interface Shell {
   close(): void;
 }
@@ -81,23 +83,33 @@ export function openShell(el: HTMLElement, envd: Envd, onEnd: (reason: { exited:
     pty: { size: { cols: term.cols, rows: term.rows } },
   };
   void (async () => {
-    try {
-      for await (const message of envd.stream("process.Process/Start", start, abort.signal)) {
-        const event = message.event as Record<string, Record<string, unknown>> | undefined;
-        if (event?.start) {
-          pid = Number(event.start.pid);
-          term.focus();
-          void flush();
-        } else if (event?.data?.pty) {
-          term.write(fromBase64(String(event.data.pty)));
-        } else if (event?.end) {
-          finish({ exited: true });
-          return;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        for await (const message of envd.stream("process.Process/Start", start, abort.signal)) {
+          const event = message.event as Record<string, Record<string, unknown>> | undefined;
+          if (event?.start) {
+            pid = Number(event.start.pid);
+            term.focus();
+            void flush();
+          } else if (event?.data?.pty) {
+            term.write(fromBase64(String(event.data.pty)));
+          } else if (event?.end) {
+            finish({ exited: true });
+            return;
+          }
         }
+        finish({ exited: false, error: "the terminal's stream ended" });
+        return;
+      } catch (error) {
+        // A sandbox resumed a moment ago may drop the first connection: nothing started
+        // yet, so starting again loses nothing.
+        if (!closed && pid === null && attempt < START_ATTEMPTS) {
+          await new Promise((resolve) => setTimeout(resolve, 1000));
+          continue;
+        }
+        if (!closed) finish({ exited: false, error: error instanceof EnvdError ? error.message : String(error) });
+        return;
       }
-      finish({ exited: false, error: "the terminal's stream ended" });
-    } catch (error) {
-      if (!closed) finish({ exited: false, error: error instanceof EnvdError ? error.message : String(error) });
     }
   })();
 
